@@ -1,0 +1,401 @@
+"""The connector agent: runs the flows in its config, in either direction or both.
+
+Capture side, per flow with a ``source``::
+
+    source.read(cursor) ─► envelopes ─► Outbox.capture(cursor, envelopes)   (one transaction, I1)
+
+Relay, one per agent::
+
+    Outbox.peek ─► JetStream.publish_many (Nats-Msg-Id = envelope.id) ─► Outbox.remove(acked)  (I3)
+
+Apply side, per flow with a ``sink``::
+
+    fetch ─► decode ─► Inbox.seen? ─► Sink.apply (version guard) ─► Inbox.record ─► ack   (I4, I5)
+
+Guarantees: nothing is acked before it is durable; a malformed or refused message is
+dead-lettered with its reason and then termed, and the flow keeps going (I6); events whose origin
+is this agent's own system are never applied back to it (I7). Every loop is an actor under one
+supervisor: a crash restarts that loop with backoff, the others keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from mesh.actors import Backoff, Supervisor
+from mesh.adapters import Applied, Sink, SinkRecord, Source
+from mesh.config import AgentConfig, FlowConfig, SinkConfig, SourceConfig
+from mesh.envelope import (
+    Envelope,
+    decode,
+    decode_payload,
+    encode,
+    encode_payload,
+    envelope_id,
+    now_ms,
+)
+from mesh.errors import DecodeError, MeshError, PermanentError, RetryableError, TransportError
+from mesh.metrics import Metrics
+from mesh.store import Inbox, InboxEntry, Outbox
+from mesh.transport import Delivery, JetStream, OutMessage, dlq_subject, event_subject
+
+__all__ = ["ConnectorAgent", "open_sink", "open_source"]
+
+log = logging.getLogger(__name__)
+
+
+def open_source(cfg: SourceConfig) -> Source:
+    """The Source adapter for a source config."""
+    from adapters.sql.sqlite import SqliteSource
+
+    return SqliteSource(cfg)
+
+
+def open_sink(cfg: SinkConfig) -> Sink:
+    """The Sink adapter for a sink config."""
+    from adapters.sql.sqlite import SqliteSink
+
+    return SqliteSink(cfg)
+
+
+def _row_of(env: Envelope) -> dict[str, Any]:
+    """The row carried by an envelope; a delete may carry only its key columns, or nothing."""
+    if env.is_delete and bytes(env.payload) in (b"", b"\xc0"):
+        return {}
+    return decode_payload(env)
+
+
+class NatsLink:
+    """Connects (retrying forever), ensures the streams, then holds the connection open."""
+
+    def __init__(self, cfg: AgentConfig, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._js: JetStream | None = None
+        self._ready = anyio.Event()
+
+    async def wait(self) -> JetStream:
+        await self._ready.wait()
+        assert self._js is not None
+        return self._js
+
+    @property
+    def current(self) -> JetStream | None:
+        return self._js
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        task_status.started()  # capture must not wait for the broker
+        backoff = Backoff(base=0.25, cap=5.0)
+        attempt = 0
+        while True:
+            js = JetStream(self.cfg.nats, name=self.cfg.agent.name)
+            try:
+                await js.connect()
+                await js.ensure_streams(self.cfg.streams)
+            except TransportError as exc:
+                await js.aclose()
+                delay = backoff.delay(attempt)
+                attempt += 1
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning("nats not reachable (%s); retrying every few seconds", exc)
+                await anyio.sleep(delay)
+                continue
+            break
+        log.info("connected to %s", self.cfg.nats.servers)
+        try:
+            self._js = js
+            self._ready.set()
+            while True:
+                self.metrics.nats_connected.set(1 if js.is_connected else 0)
+                await anyio.sleep(1)
+        finally:
+            self.metrics.nats_connected.set(0)
+            await js.aclose()
+
+
+class Capture:
+    """source → outbox, committing each batch's envelopes with its cursor (I1)."""
+
+    def __init__(self, agent: ConnectorAgent, flow: FlowConfig) -> None:
+        assert flow.source is not None
+        self.agent = agent
+        self.flow = flow
+        self.source_cfg = flow.source
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        outbox = self.agent.outbox
+        system = self.agent.cfg.agent.system
+        flow, entity = self.flow.name, self.flow.entity
+        captured = self.agent.metrics.captured.labels(flow)
+        async with open_source(self.source_cfg) as source:
+            task_status.started()
+            cursor = await outbox.cursor(flow)
+            while True:
+                batch = await source.read(cursor, self.source_cfg.batch_size)
+                now = now_ms()
+                items = []
+                for ch in batch.changes:
+                    event = "deleted" if ch.deleted else "upserted"
+                    eid = envelope_id(flow, system, ch.key, ch.version)
+                    env = Envelope(
+                        id=eid,
+                        kind=f"{entity}.{event}",
+                        schema=f"{entity}/row",
+                        flow=flow,
+                        key=ch.key,
+                        version=ch.version,
+                        origin=system,
+                        occurred_at=ch.occurred_at or now,
+                        correlation_id=eid,
+                        payload=encode_payload(ch.row),
+                    )
+                    items.append((eid, event_subject(entity, event, system), encode(env)))
+                await outbox.capture(flow, batch.cursor, items)
+                captured.inc(len(items))
+                cursor = batch.cursor
+                await source.committed(cursor)
+
+
+class Relay:
+    """outbox → JetStream; a row leaves the outbox only after its PubAck (I3)."""
+
+    def __init__(self, agent: ConnectorAgent) -> None:
+        self.agent = agent
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        js = await self.agent.link.wait()
+        cfg = self.agent.cfg.relay
+        outbox = self.agent.outbox
+        metrics = self.agent.metrics
+        backoff = Backoff(base=0.1, cap=5.0)
+        failures = 0
+        while True:
+            rows = await outbox.peek(cfg.batch_size)
+            if not rows:
+                await outbox.wait_for_rows(cfg.idle_interval)
+                continue
+            messages = [OutMessage(r.subject, r.data, r.id) for r in rows]
+            acked = await js.publish_many(messages, cfg.window)
+            done = [r for r, ok in zip(rows, acked, strict=True) if ok]
+            await outbox.remove([r.seq for r in done])
+            counts: dict[str, int] = {}
+            for r in done:
+                counts[r.flow] = counts.get(r.flow, 0) + 1
+            for flow, n in counts.items():
+                metrics.published.labels(flow).inc(n)
+            missed = len(rows) - len(done)
+            if missed:
+                metrics.publish_failures.inc(missed)
+                delay = backoff.delay(failures)
+                failures += 1
+                log.warning("%d of %d publishes unacknowledged; retrying in %.1fs", missed, len(rows), delay)
+                await anyio.sleep(delay)
+            else:
+                failures = 0
+
+
+class Apply:
+    """consumer → inbox → sink → inbox → ack (I4, I5, I6, I7)."""
+
+    def __init__(self, agent: ConnectorAgent, flow: FlowConfig) -> None:
+        assert flow.sink is not None
+        self.agent = agent
+        self.flow = flow
+        self.sink_cfg = flow.sink
+        self.system = agent.cfg.agent.system
+        self.durable = f"{flow.name}-{self.system}"
+        self.metrics = agent.metrics
+
+    def _accepts(self, origin: str) -> bool:
+        if origin == self.system:
+            return False  # I7: never write a change back to the system it came from
+        allowed = self.flow.accept_origins
+        return allowed is None or origin in allowed
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        ccfg = self.flow.consumer
+        async with open_sink(self.sink_cfg) as sink:
+            task_status.started()
+            js = await self.agent.link.wait()
+            consumer = await js.pull_consumer(
+                durable=self.durable,
+                filter_subject=f"evt.{self.flow.entity}.>",
+                ack_wait=ccfg.ack_wait,
+                max_deliver=ccfg.max_deliver,
+                max_ack_pending=ccfg.max_ack_pending,
+            )
+            self.agent.consumers[self.flow.name] = consumer
+            log.info("flow %s: consuming as %s", self.flow.name, self.durable)
+            while True:
+                deliveries = await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout)
+                if deliveries:
+                    await self.handle(js, sink, deliveries)
+
+    async def handle(self, js: JetStream, sink: Sink, deliveries: Sequence[Delivery]) -> None:
+        flow = self.flow.name
+        handled = self.metrics.handled
+        inbox = self.agent.inbox
+        decoded: list[tuple[Delivery, Envelope]] = []
+        for d in deliveries:
+            try:
+                decoded.append((d, decode(d.data)))
+            except DecodeError as exc:
+                await self.dead_letter(js, d, None, exc)
+
+        seen = await inbox.seen([e.id for _, e in decoded])
+        todo: list[tuple[Delivery, Envelope, SinkRecord]] = []
+        skip_entries: list[InboxEntry] = []
+        skip_acks: list[Delivery] = []
+        batch_ids: set[str] = set()
+        for d, env in decoded:
+            if env.id in seen or env.id in batch_ids:
+                handled.labels(flow, "duplicate").inc()
+                skip_acks.append(d)
+                continue
+            batch_ids.add(env.id)
+            if not self._accepts(env.origin):
+                handled.labels(flow, "echo").inc()
+                skip_entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
+                skip_acks.append(d)
+                continue
+            try:
+                row = _row_of(env)
+            except DecodeError as exc:
+                await self.dead_letter(js, d, env, exc)
+                continue
+            todo.append(
+                (d, env, SinkRecord(
+                    id=env.id, key=env.key, version=env.version, deleted=env.is_delete,
+                    row=row, origin=env.origin,
+                ))
+            )  # fmt: skip
+
+        entries = list(skip_entries)
+        acks = list(skip_acks)
+        if todo:
+            try:
+                outcomes: Sequence[Applied | Exception] = await sink.apply([t[2] for t in todo])
+            except RetryableError as exc:
+                await self.retry_later(js, todo, exc)
+                outcomes = []
+                todo = []
+            now = now_ms()
+            latency = self.metrics.latency.labels(flow)
+            for (d, env, _), outcome in zip(todo, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    await self.dead_letter(js, d, env, outcome)
+                    continue
+                handled.labels(flow, outcome.value).inc()
+                entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
+                acks.append(d)
+                if outcome is Applied.APPLIED:
+                    latency.observe(max(0, now - env.occurred_at) / 1000)
+        # The sink's writes are durable; record them, then ack (I4).
+        await inbox.record(entries)
+        for d in acks:
+            await d.ack()
+
+    async def retry_later(
+        self, js: JetStream, todo: Sequence[tuple[Delivery, Envelope, Any]], exc: MeshError
+    ) -> None:
+        backoff = self.flow.consumer.backoff or [1.0]
+        log.warning("flow %s: sink unavailable (%s); %d messages will be retried", self.flow.name, exc, len(todo))
+        for d, env, _ in todo:
+            if d.num_delivered >= self.flow.consumer.max_deliver:
+                await self.dead_letter(js, d, env, exc)
+            else:
+                self.metrics.retries.labels(self.flow.name).inc()
+                await d.nak(delay=backoff[min(d.num_delivered - 1, len(backoff) - 1)])
+
+    async def dead_letter(
+        self, js: JetStream, d: Delivery, env: Envelope | None, exc: Exception
+    ) -> None:
+        """Copy the message to the DLQ with its reason, record it, then term it (I6)."""
+        reason = str(exc) or type(exc).__name__
+        error = type(exc).__name__
+        log.error(
+            "flow %s: dead-lettering %s (stream seq %d, delivery %d): %s",
+            self.flow.name, env.id if env else "<undecodable>", d.stream_seq, d.num_delivered, reason,
+        )  # fmt: skip
+        headers = {
+            **{k: v for k, v in d.headers.items() if not k.startswith("Nats-")},
+            "Mesh-Original-Subject": d.subject,
+            "Mesh-Original-Stream-Seq": str(d.stream_seq),
+            "Mesh-Original-Msg-Id": d.headers.get("Nats-Msg-Id", ""),
+            "Mesh-Reason": reason[:1000],
+            "Mesh-Error-Class": error,
+            "Mesh-Permanent": "true" if isinstance(exc, PermanentError) else "false",
+            "Mesh-Attempts": str(d.num_delivered),
+            "Mesh-Flow": self.flow.name,
+            "Mesh-Agent": self.agent.cfg.agent.name,
+        }
+        msg_id = f"dlq-{self.durable}-{d.stream_seq}"
+        await js.publish(OutMessage(dlq_subject(self.flow.name), d.data, msg_id, headers))
+        self.metrics.dead_lettered.labels(self.flow.name, error).inc()
+        self.metrics.handled.labels(self.flow.name, "dead_lettered").inc()
+        # Not recorded in the inbox: a replay of the fixed message must still apply.
+        await d.term()
+
+
+class ConnectorAgent:
+    """One agent process: its stores, its NATS link, and an actor per flow direction."""
+
+    def __init__(self, cfg: AgentConfig, *, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        state = Path(cfg.agent.state_dir)
+        self.outbox = Outbox(state / "outbox.db")
+        self.inbox = Inbox(state / "inbox.db")
+        self.link = NatsLink(cfg, self.metrics)
+        self.consumers: dict[str, Any] = {}
+        self.supervisor: Supervisor | None = None
+        self.started_at = time.time()
+
+    def __repr__(self) -> str:
+        return f"<ConnectorAgent {self.cfg.agent.name} flows={[f.name for f in self.cfg.flows]}>"
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. Signals ``task_status`` once every actor has started."""
+        Path(self.cfg.agent.state_dir).mkdir(parents=True, exist_ok=True)
+        restarts = self.metrics.actor_restarts
+        async with (
+            self.outbox,
+            self.inbox,
+            Supervisor(self.cfg.agent.name, on_restart=lambda a: restarts.labels(a).inc()) as sup,
+        ):
+            self.supervisor = sup
+            await sup.start("nats", self.link.run)
+            sources = [f for f in self.cfg.flows if f.source is not None]
+            for flow in sources:
+                await sup.start(f"capture:{flow.name}", Capture(self, flow).run)
+            if sources:
+                await sup.start("relay", Relay(self).run)
+            for flow in self.cfg.flows:
+                if flow.sink is not None:
+                    await sup.start(f"apply:{flow.name}", Apply(self, flow).run)
+            await sup.start("gauges", self._gauges)
+            log.info("agent %s running %d flow(s)", self.cfg.agent.name, len(self.cfg.flows))
+            task_status.started()
+
+    async def _gauges(self, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            depth, age = await self.outbox.stats()
+            self.metrics.outbox_depth.set(depth)
+            self.metrics.outbox_age.set(age)
+            js = self.link.current
+            if js is not None and js.is_connected:
+                for name, consumer in list(self.consumers.items()):
+                    try:
+                        self.metrics.consumer_pending.labels(name).set(await consumer.pending())
+                    except TransportError:
+                        pass
+            await anyio.sleep(1)

@@ -1,0 +1,148 @@
+"""The two interfaces every adapter implements: Source (capture) and Sink (apply).
+
+A **Source** reads a system's changes after an opaque cursor. It is *at-least-once and
+resumable*: the connector stores the returned cursor in the same SQLite transaction as the
+envelopes it made from the changes (I1), and after a crash asks again from the last stored
+cursor, so the same changes come back with the same versions and therefore the same ids (I2).
+
+A **Sink** applies records to a system *idempotently with a version guard*: a record whose
+version is not newer than what the target holds for that key is skipped, never applied (I4, I5).
+Sinks apply a whole batch in one transaction of the target where the system allows it.
+
+Both are async context managers built on one idempotent ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+
+__all__ = ["Applied", "Change", "ChangeBatch", "Sink", "SinkRecord", "Source"]
+
+
+class Change(msgspec.Struct, frozen=True, kw_only=True):
+    """One captured change of one entity.
+
+    ``version`` grows with every change of the same key (it need not be contiguous). ``row`` is
+    the full row after the change; for a delete it holds at least the key column.
+    """
+
+    key: str
+    version: int
+    deleted: bool = False
+    row: dict[str, Any] = msgspec.field(default_factory=dict)
+    occurred_at: int = 0
+    """Milliseconds since the epoch when the change happened (0: unknown, use capture time)."""
+
+
+class ChangeBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Changes in capture order plus the cursor that resumes right after the last of them."""
+
+    changes: list[Change]
+    cursor: str
+
+
+class SinkRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One change to apply, as the sink sees it (decoded from an envelope)."""
+
+    id: str
+    key: str
+    version: int
+    deleted: bool
+    row: dict[str, Any]
+    origin: str
+
+
+class Applied(enum.Enum):
+    """What a sink did with one record."""
+
+    APPLIED = "applied"
+    """Written to the target (insert, update or delete took effect)."""
+    STALE = "stale"
+    """Skipped by the version guard: the target already holds this version or a newer one."""
+
+
+class Source(abc.ABC):
+    """Reads one system's changes, resumable from a cursor. At-least-once."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect and prepare (install change capture if configured).
+
+        Raises:
+            SystemUnavailable: the system cannot be reached now.
+            ConfigError: the table or columns named in the config do not exist.
+        """
+
+    @abc.abstractmethod
+    async def read(self, cursor: str | None, limit: int) -> ChangeBatch:
+        """Return up to ``limit`` changes after ``cursor`` (``None``: from the beginning).
+
+        Blocks until at least one change exists and is cancellable while it waits; it never
+        returns an empty batch.
+
+        Raises:
+            SystemUnavailable: the system went away; the caller retries later from the same cursor.
+        """
+
+    async def committed(self, cursor: str) -> None:  # noqa: B027 - optional hook
+        """Everything up to ``cursor`` is durable in the outbox; the source may prune it."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""
+
+
+class Sink(abc.ABC):
+    """Applies changes to one system, idempotently and with a per-key version guard."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect and prepare (create the version-guard table if needed).
+
+        Raises:
+            SystemUnavailable: the system cannot be reached now.
+            ConfigError: the target table does not exist and may not be created.
+        """
+
+    @abc.abstractmethod
+    async def apply(self, records: Sequence[SinkRecord]) -> list[Applied | Exception]:
+        """Apply ``records`` in order, returning one outcome per record.
+
+        A record the target refuses yields a :class:`~mesh.errors.RejectedRecord` in its slot
+        while the others still apply. The whole batch is durable in the target when this returns.
+
+        Raises:
+            SystemUnavailable: nothing was applied; the caller retries the batch later.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""

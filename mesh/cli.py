@@ -1,0 +1,132 @@
+"""``meshctl``: the operator's command line.
+
+Errors the operator can fix (bad config, missing broker) print one clear line and exit 2;
+they never print a stack trace.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mesh.errors import ConfigError, MeshError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="meshctl",
+    help="Operate the connector mesh: run agents, check configs, start the dev stack, benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+agent_app = typer.Typer(help="Run and inspect connector agents.", no_args_is_help=True)
+config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
+dev_app = typer.Typer(help="The embedded development stack.", no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
+app.add_typer(config_app, name="config")
+app.add_typer(dev_app, name="dev")
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)
+]
+
+
+def _fail(exc: MeshError) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from importlib.metadata import version as v
+
+    typer.echo(v("connector-mesh"))
+
+
+@agent_app.command("run")
+def agent_run(config: ConfigOpt) -> None:
+    """Run a connector agent until SIGTERM or Ctrl-C."""
+    from mesh.config import load_agent_config
+    from mesh.logs import setup_logging
+    from mesh.runner import run_agent_process
+
+    try:
+        cfg = load_agent_config(config)
+    except ConfigError as exc:
+        _fail(exc)
+        return
+    setup_logging(cfg.log_level)
+    try:
+        run_agent_process(cfg)
+    except MeshError as exc:
+        _fail(exc)
+
+
+@config_app.command("check")
+def config_check(files: Annotated[list[Path], typer.Argument(help="Agent config files.")]) -> None:
+    """Validate agent config files; print every problem with its file and field path."""
+    from mesh.config import load_agent_config
+
+    bad = 0
+    for file in files:
+        try:
+            cfg = load_agent_config(file)
+        except ConfigError as exc:
+            typer.secho(f"{exc}", fg=typer.colors.RED, err=True)
+            bad += 1
+        else:
+            typer.echo(f"{file}: ok (agent {cfg.agent.name}, {len(cfg.flows)} flow(s))")
+    if bad:
+        raise typer.Exit(2)
+
+
+@dev_app.command("up")
+def dev_up(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where the broker store, demo databases and agent state go "
+                     "(default: a new temporary directory, kept on exit)."),
+    ] = None,
+    records: Annotated[int, typer.Option(help="Customers the demo load inserts first.")] = 1000,
+    rate: Annotated[float, typer.Option(help="Demo changes per second after the first load.")] = 50.0,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop by itself after this many seconds.")
+    ] = None,
+) -> None:
+    """Start nats-server, an on-prem ERP agent, a cloud agent and a demo load; Ctrl-C stops all."""
+    from mesh.dev import run_dev_stack
+
+    try:
+        code = run_dev_stack(data_dir=data_dir, records=records, rate=rate, duration=duration)
+    except MeshError as exc:
+        _fail(exc)
+        return
+    raise typer.Exit(code)
+
+
+@app.command()
+def bench(
+    events: Annotated[int, typer.Option(help="Backlog size for the drain test.")] = 50_000,
+    rate: Annotated[int, typer.Option(help="Paced rate for the latency test (events/s).")] = 1000,
+    seconds: Annotated[float, typer.Option(help="Duration of the paced latency test.")] = 10.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write results here.")] = None,
+) -> None:
+    """Benchmark the mesh path against raw nats-py in the same run (not a test)."""
+    from mesh.bench import run_bench
+
+    try:
+        run_bench(events=events, rate=rate, seconds=seconds, json_out=json_out)
+    except MeshError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

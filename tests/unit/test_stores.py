@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mesh.errors import StopError
+from mesh.store import Inbox, InboxEntry, Outbox
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_capture_commits_rows_and_cursor_together(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with Outbox(path) as ob:
+        assert await ob.cursor("f") is None
+        added = await ob.capture("f", "10", [("a", "evt.c.upserted.erp", b"A"), ("b", "s", b"B")])
+        assert added == 2
+        assert await ob.cursor("f") == "10"
+        # the same ids again (a re-read after a crash) keep one row each
+        assert await ob.capture("f", "11", [("b", "s", b"B"), ("c", "s", b"C")]) == 1
+        rows = await ob.peek(10)
+        assert [r.id for r in rows] == ["a", "b", "c"]
+        assert rows[0].subject == "evt.c.upserted.erp" and rows[0].data == b"A"
+    # durable across reopen, in order
+    async with Outbox(path) as ob:
+        assert await ob.cursor("f") == "11"
+        assert [r.id for r in await ob.peek(2)] == ["a", "b"]
+        depth, age = await ob.stats()
+        assert depth == 3 and age >= 0
+
+
+async def test_failed_capture_moves_neither_rows_nor_cursor(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db") as ob:
+        await ob.capture("f", "1", [("a", "s", b"A")])
+        with pytest.raises(StopError, match="NOT NULL"):
+            # a NULL subject violates NOT NULL half-way through the batch
+            await ob.capture("f", "2", [("b", "s", b"B"), ("c", None, b"C")])  # type: ignore[list-item]
+        assert await ob.cursor("f") == "1"
+        assert [r.id for r in await ob.peek(10)] == ["a"]
+
+
+async def test_remove_only_named_rows_and_wakeup(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db") as ob:
+        await ob.capture("f", "1", [(str(i), "s", b"x") for i in range(1200)])
+        rows = await ob.peek(2000)
+        await ob.remove([r.seq for r in rows if int(r.id) % 2 == 0])
+        left = await ob.peek(2000)
+        assert len(left) == 600 and all(int(r.id) % 2 == 1 for r in left)
+
+        got: list[float] = []
+
+        async def waiter() -> None:
+            start = anyio.current_time()
+            await ob.wait_for_rows(5)
+            got.append(anyio.current_time() - start)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.sleep(0.05)
+            await ob.capture("f", "2", [("new", "s", b"x")])
+        assert got and got[0] < 4
+
+
+async def test_inbox_seen_record_prune(tmp_path: Path) -> None:
+    async with Inbox(tmp_path / "inbox.db") as ib:
+        ids = [f"id-{i}" for i in range(1500)]
+        assert await ib.seen(ids) == set()
+        await ib.record([InboxEntry(i, "f", i, 1, "applied") for i in ids[:700]])
+        await ib.record([InboxEntry(ids[0], "f", ids[0], 1, "applied")])  # idempotent
+        assert await ib.seen(ids) == set(ids[:700])
+        assert await ib.count() == 700
+        assert await ib.prune(older_than=3600) == 0
+        assert await ib.prune(older_than=-1) == 700
+        assert await ib.seen(ids) == set()
