@@ -20,6 +20,7 @@ supervisor: a crash restarts that loop with backoff, the others keep running.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -42,11 +43,12 @@ from mesh.envelope import (
     now_ms,
 )
 from mesh.errors import DecodeError, MeshError, PermanentError, RetryableError, TransportError
+from mesh.faults import crash_point
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
 from mesh.transport import Delivery, JetStream, OutMessage, dlq_subject, event_subject
 
-__all__ = ["ConnectorAgent", "open_sink", "open_source"]
+__all__ = ["Apply", "Capture", "ConnectorAgent", "NatsLink", "Relay", "open_sink", "open_source"]
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,9 @@ class Capture:
                         payload=encode_payload(ch.row),
                     )
                     items.append((eid, event_subject(entity, event, system), encode(env)))
+                crash_point("capture.before_commit")
                 await outbox.capture(flow, batch.cursor, items)
+                crash_point("capture.after_commit")
                 captured.inc(len(items))
                 cursor = batch.cursor
                 await source.committed(cursor)
@@ -184,6 +188,7 @@ class Relay:
                 continue
             messages = [OutMessage(r.subject, r.data, r.id) for r in rows]
             acked = await js.publish_many(messages, cfg.window)
+            crash_point("relay.after_publish")
             done = [r for r, ok in zip(rows, acked, strict=True) if ok]
             await outbox.remove([r.seq for r in done])
             counts: dict[str, int] = {}
@@ -299,7 +304,9 @@ class Apply:
                 if outcome is Applied.APPLIED:
                     latency.observe(max(0, now - env.occurred_at) / 1000)
         # The sink's writes are durable; record them, then ack (I4).
+        crash_point("apply.after_sink")
         await inbox.record(entries)
+        crash_point("apply.after_inbox")
         for d in acks:
             await d.ack()
 
@@ -307,7 +314,9 @@ class Apply:
         self, js: JetStream, todo: Sequence[tuple[Delivery, Envelope, Any]], exc: MeshError
     ) -> None:
         backoff = self.flow.consumer.backoff or [1.0]
-        log.warning("flow %s: sink unavailable (%s); %d messages will be retried", self.flow.name, exc, len(todo))
+        log.warning(
+            "flow %s: sink unavailable (%s); %d messages will be retried", self.flow.name, exc, len(todo)
+        )
         for d, env, _ in todo:
             if d.num_delivered >= self.flow.consumer.max_deliver:
                 await self.dead_letter(js, d, env, exc)
@@ -315,9 +324,7 @@ class Apply:
                 self.metrics.retries.labels(self.flow.name).inc()
                 await d.nak(delay=backoff[min(d.num_delivered - 1, len(backoff) - 1)])
 
-    async def dead_letter(
-        self, js: JetStream, d: Delivery, env: Envelope | None, exc: Exception
-    ) -> None:
+    async def dead_letter(self, js: JetStream, d: Delivery, env: Envelope | None, exc: Exception) -> None:
         """Copy the message to the DLQ with its reason, record it, then term it (I6)."""
         reason = str(exc) or type(exc).__name__
         error = type(exc).__name__
@@ -364,7 +371,7 @@ class ConnectorAgent:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Signals ``task_status`` once every actor has started."""
-        Path(self.cfg.agent.state_dir).mkdir(parents=True, exist_ok=True)
+        await anyio.Path(self.cfg.agent.state_dir).mkdir(parents=True, exist_ok=True)
         restarts = self.metrics.actor_restarts
         async with (
             self.outbox,
@@ -394,8 +401,6 @@ class ConnectorAgent:
             js = self.link.current
             if js is not None and js.is_connected:
                 for name, consumer in list(self.consumers.items()):
-                    try:
+                    with contextlib.suppress(TransportError):
                         self.metrics.consumer_pending.labels(name).set(await consumer.pending())
-                    except TransportError:
-                        pass
             await anyio.sleep(1)

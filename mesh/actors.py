@@ -139,7 +139,7 @@ class Supervisor:
             began = anyio.current_time()
             state.running = True
             try:
-                await actor(status)  # type: ignore[arg-type]
+                await actor(status)
                 log.info("%s/%s finished", self.name, name)
                 return
             except StopError as exc:

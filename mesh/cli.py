@@ -40,8 +40,8 @@ def _fail(exc: MeshError) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
-def version() -> None:
+@app.command("version")
+def _version() -> None:
     """Print the version."""
     from importlib.metadata import version as v
 
@@ -49,7 +49,7 @@ def version() -> None:
 
 
 @agent_app.command("run")
-def agent_run(config: ConfigOpt) -> None:
+def _agent_run(config: ConfigOpt) -> None:
     """Run a connector agent until SIGTERM or Ctrl-C."""
     from mesh.config import load_agent_config
     from mesh.logs import setup_logging
@@ -68,7 +68,7 @@ def agent_run(config: ConfigOpt) -> None:
 
 
 @config_app.command("check")
-def config_check(files: Annotated[list[Path], typer.Argument(help="Agent config files.")]) -> None:
+def _config_check(files: Annotated[list[Path], typer.Argument(help="Agent config files.")]) -> None:
     """Validate agent config files; print every problem with its file and field path."""
     from mesh.config import load_agent_config
 
@@ -86,17 +86,17 @@ def config_check(files: Annotated[list[Path], typer.Argument(help="Agent config 
 
 
 @dev_app.command("up")
-def dev_up(
+def _dev_up(
     data_dir: Annotated[
         Path | None,
-        typer.Option(help="Where the broker store, demo databases and agent state go "
-                     "(default: a new temporary directory, kept on exit)."),
+        typer.Option(
+            help="Where the broker store, demo databases and agent state go "
+            "(default: a new temporary directory, kept on exit)."
+        ),
     ] = None,
     records: Annotated[int, typer.Option(help="Customers the demo load inserts first.")] = 1000,
     rate: Annotated[float, typer.Option(help="Demo changes per second after the first load.")] = 50.0,
-    duration: Annotated[
-        float | None, typer.Option(help="Stop by itself after this many seconds.")
-    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop by itself after this many seconds.")] = None,
 ) -> None:
     """Start nats-server, an on-prem ERP agent, a cloud agent and a demo load; Ctrl-C stops all."""
     from mesh.dev import run_dev_stack
@@ -109,8 +109,8 @@ def dev_up(
     raise typer.Exit(code)
 
 
-@app.command()
-def bench(
+@app.command("bench")
+def _bench(
     events: Annotated[int, typer.Option(help="Backlog size for the drain test.")] = 50_000,
     rate: Annotated[int, typer.Option(help="Paced rate for the latency test (events/s).")] = 1000,
     seconds: Annotated[float, typer.Option(help="Duration of the paced latency test.")] = 10.0,
@@ -127,6 +127,6 @@ def bench(
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="meshctl")
     except KeyboardInterrupt:
         sys.exit(130)

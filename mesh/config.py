@@ -44,7 +44,7 @@ class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
-class AgentSection(_Config):
+class AgentSection(_Config, frozen=True):
     name: Token
     """Unique name of this agent; also its NATS client name."""
     system: Token
@@ -56,7 +56,7 @@ class AgentSection(_Config):
     metrics_host: str = "127.0.0.1"
 
 
-class NatsConfig(_Config):
+class NatsConfig(_Config, frozen=True):
     servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     user: str | None = None
     password_env: str | None = None
@@ -66,7 +66,7 @@ class NatsConfig(_Config):
     """Bound on every publish acknowledgement and JetStream API call."""
 
 
-class StreamsConfig(_Config):
+class StreamsConfig(_Config, frozen=True):
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     duplicate_window: PositiveFloat = 120.0
     """Seconds during which JetStream drops a republished Nats-Msg-Id."""
@@ -75,7 +75,7 @@ class StreamsConfig(_Config):
     storage: Literal["file", "memory"] = "file"
 
 
-class RelayConfig(_Config):
+class RelayConfig(_Config, frozen=True):
     batch_size: PositiveInt = 1000
     """Outbox rows read per round."""
     window: PositiveInt = 256
@@ -84,7 +84,7 @@ class RelayConfig(_Config):
     """Longest the relay sleeps when the outbox is empty before it looks again."""
 
 
-class ConsumerConfig(_Config):
+class ConsumerConfig(_Config, frozen=True):
     batch_size: PositiveInt = 500
     max_deliver: PositiveInt = 10
     ack_wait: PositiveFloat = 30.0
@@ -94,7 +94,7 @@ class ConsumerConfig(_Config):
     """Delays between redeliveries of a retryable failure (the last repeats)."""
 
 
-class SqliteSourceConfig(_Config, tag="sqlite", tag_field="adapter"):
+class SqliteSourceConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"):
     path: str
     table: Token
     key: Token
@@ -111,7 +111,7 @@ class SqliteSourceConfig(_Config, tag="sqlite", tag_field="adapter"):
     """``changes`` mode: create the change table and triggers when missing."""
 
 
-class SqliteSinkConfig(_Config, tag="sqlite", tag_field="adapter"):
+class SqliteSinkConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"):
     path: str
     table: Token
     key: Token
@@ -124,7 +124,7 @@ SourceConfig = SqliteSourceConfig
 SinkConfig = SqliteSinkConfig
 
 
-class FlowConfig(_Config):
+class FlowConfig(_Config, frozen=True):
     name: Token
     entity: Token
     """The canonical entity the flow carries (``customer``): names the subjects."""
@@ -135,7 +135,7 @@ class FlowConfig(_Config):
     """Sink side: origins whose events this flow applies (default: every origin but our own)."""
 
 
-class AgentConfig(_Config):
+class AgentConfig(_Config, frozen=True):
     agent: AgentSection
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
@@ -169,7 +169,7 @@ def _check(cfg: AgentConfig, source: str) -> None:
             fail(f"flows[{i}]", "a flow needs a [source], a [sink] or both")
         src = flow.source
         if src is not None and src.mode == "cursor" and src.cursor_column is None:
-            fail(f"flows[{i}].source.cursor_column", "required when mode = \"cursor\"")
+            fail(f"flows[{i}].source.cursor_column", 'required when mode = "cursor"')
     if not cfg.nats.servers:
         fail("nats.servers", "expected at least one server URL")
 

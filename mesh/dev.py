@@ -45,7 +45,7 @@ _NAMES = ["Alfreds", "Ana Trujillo", "Antonio Moreno", "Around the Horn", "Bergl
           "Blondel", "Bolido", "Bon app'", "Bottom-Dollar", "Cactus", "Centro comercial"]  # fmt: skip
 
 
-def agent_toml(
+def _agent_toml(
     *, name: str, system: str, state_dir: Path, nats_url: str, metrics_port: int, flow: str
 ) -> str:
     return f"""\
@@ -217,9 +217,7 @@ def _in_sync(erp: Path, crm: Path) -> bool:
         return a.execute(q).fetchall() == b.execute(q).fetchall()
 
 
-def run_dev_stack(
-    *, data_dir: Path | None, records: int, rate: float, duration: float | None
-) -> int:
+def run_dev_stack(*, data_dir: Path | None, records: int, rate: float, duration: float | None) -> int:
     """Run the stack until a signal (or ``duration``); returns the process exit code."""
     root = Path(data_dir or tempfile.mkdtemp(prefix="mesh-dev-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -240,7 +238,7 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
     for name, system, flow in (("erp-agent", "erp", ERP_FLOW), ("cloud-agent", "crm", CRM_FLOW)):
         port = free_port()
         cfg = root / f"{name}.toml"
-        cfg.write_text(agent_toml(
+        cfg.write_text(_agent_toml(
             name=name, system=system, state_dir=root / "state" / name, nats_url=nats.url,
             metrics_port=port, flow=flow,
         ))  # fmt: skip

@@ -48,9 +48,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.outbox_depth = Gauge(
-            "mesh_outbox_depth_messages", "Envelopes waiting in the outbox", registry=r
-        )
+        self.outbox_depth = Gauge("mesh_outbox_depth_messages", "Envelopes waiting in the outbox", registry=r)
         self.outbox_age = Gauge(
             "mesh_outbox_oldest_age_seconds", "Age of the oldest envelope in the outbox", registry=r
         )

@@ -18,6 +18,7 @@ Foreign exceptions (nats-py's) are translated to :class:`~mesh.errors.TransportE
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -242,7 +243,9 @@ class JetStream:
                 reconnected_cb=on_reconnect,
             )
         except _NATS_ERRORS as exc:
-            raise TransportError(f"cannot connect to {self.cfg.servers}: {exc or type(exc).__name__}") from exc
+            raise TransportError(
+                f"cannot connect to {self.cfg.servers}: {exc or type(exc).__name__}"
+            ) from exc
         # Once connected, never give up reconnecting (the default stops after ~2 minutes).
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=self.cfg.request_timeout)
@@ -255,10 +258,8 @@ class JetStream:
         if nc is None or nc.is_closed:
             return
         with anyio.move_on_after(5, shield=True):
-            try:
+            with contextlib.suppress(*_NATS_ERRORS):
                 await nc.close()
-            except _NATS_ERRORS:
-                pass
 
     @property
     def js(self) -> JetStreamContext:

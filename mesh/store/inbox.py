@@ -76,7 +76,9 @@ class Inbox:
     async def aclose(self) -> None:
         db, self._db = self._db, None
         if db is not None:
-            await db.close()
+            # Shielded: an abandoned aiosqlite worker would later call into a closed event loop.
+            with anyio.CancelScope(shield=True):
+                await db.close()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -90,9 +92,7 @@ class Inbox:
             for i in range(0, len(ids), _CHUNK):
                 part = ids[i : i + _CHUNK]
                 marks = ",".join("?" * len(part))
-                async with self.db.execute(
-                    f"SELECT id FROM inbox WHERE id IN ({marks})", part
-                ) as cur:
+                async with self.db.execute(f"SELECT id FROM inbox WHERE id IN ({marks})", part) as cur:
                     found.update(r[0] for r in await cur.fetchall())
         return found
 

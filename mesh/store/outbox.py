@@ -86,7 +86,9 @@ class Outbox:
     async def aclose(self) -> None:
         db, self._db = self._db, None
         if db is not None:
-            await db.close()
+            # Shielded: an abandoned aiosqlite worker would later call into a closed event loop.
+            with anyio.CancelScope(shield=True):
+                await db.close()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -100,9 +102,7 @@ class Outbox:
                 row = await cur.fetchone()
         return None if row is None else str(row[0])
 
-    async def capture(
-        self, flow: str, cursor: str, items: Sequence[tuple[str, str, bytes]]
-    ) -> int:
+    async def capture(self, flow: str, cursor: str, items: Sequence[tuple[str, str, bytes]]) -> int:
         """Atomically store ``items`` (envelope id, subject, encoded envelope) and ``cursor``.
 
         Returns how many rows were new (an id already waiting is kept once).

@@ -31,7 +31,7 @@ async def test_streams_are_ensured_idempotently(nats_server: NatsServer) -> None
 async def test_publish_many_dedups_by_msg_id_and_acks_each(nats_server: NatsServer) -> None:
     async with JetStream(cfg(nats_server), name="p") as js:
         await js.ensure_streams(StreamsConfig())
-        msgs = [OutMessage(f"evt.customer.upserted.erp", f"m{i}".encode(), f"id-{i}") for i in range(500)]
+        msgs = [OutMessage("evt.customer.upserted.erp", f"m{i}".encode(), f"id-{i}") for i in range(500)]
         assert all(await js.publish_many(msgs, window=64))
         # a republish of the same ids (a relay that crashed before deleting) is absorbed
         assert all(await js.publish_many(msgs[:100], window=64))

@@ -36,21 +36,29 @@ def test_good_config_loads_and_resolves_paths_against_the_file(tmp_path: Path) -
     assert cfg.agent.name == "erp-agent"
     assert cfg.agent.state_dir == str(tmp_path / "conf" / "state")
     src = cfg.flows[0].source
-    assert src is not None and src.path == str(tmp_path / "conf" / "erp.db")
-    assert src.mode == "changes" and src.batch_size == 1000
+    assert src is not None
+    assert src.path == str(tmp_path / "conf" / "erp.db")
+    assert src.mode == "changes"
+    assert src.batch_size == 1000
     assert cfg.flows[0].consumer.max_deliver == 10
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("batch_size", 'key = "id"\nbatch_size = "lots"'), "flows[0].source.batch_size: expected `int`, got `str`"),
+        (
+            ("batch_size", 'key = "id"\nbatch_size = "lots"'),
+            "flows[0].source.batch_size: expected `int`, got `str`",
+        ),
         (("tabel", 'key = "id"\ntabel = "x"'), "flows[0].source: object contains unknown field `tabel`"),
         (("adapter", 'adapter = "oracle"'), "flows[0].source.adapter: invalid value 'oracle'"),
         (("name", 'name = "erp agent"'), "agent.name: expected `str` matching regex"),
-        (("mode", 'key = "id"\nmode = "cursor"'), "flows[0].source.cursor_column: required when mode = \"cursor\""),
+        (
+            ("mode", 'key = "id"\nmode = "cursor"'),
+            'flows[0].source.cursor_column: required when mode = "cursor"',
+        ),
         (("mode", 'key = "id"\nmode = "magic"'), "flows[0].source.mode: invalid enum value 'magic'"),
-        (("servers", 'servers = []'), "nats.servers: expected at least one server URL"),
+        (("servers", "servers = []"), "nats.servers: expected at least one server URL"),
         (("batch", 'key = "id"\nbatch_size = 0'), "flows[0].source.batch_size: expected `int` >= 1"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else "",
@@ -58,8 +66,12 @@ def test_good_config_loads_and_resolves_paths_against_the_file(tmp_path: Path) -
 def test_bad_config_names_file_field_and_expectation(change: tuple[str, str], message: str) -> None:
     field, replacement = change
     anchors = {
-        "batch_size": 'key = "id"', "tabel": 'key = "id"', "adapter": 'adapter = "sqlite"',
-        "name": 'name = "erp-agent"', "mode": 'key = "id"', "servers": 'servers = ["nats://127.0.0.1:4222"]',
+        "batch_size": 'key = "id"',
+        "tabel": 'key = "id"',
+        "adapter": 'adapter = "sqlite"',
+        "name": 'name = "erp-agent"',
+        "mode": 'key = "id"',
+        "servers": 'servers = ["nats://127.0.0.1:4222"]',
         "batch": 'key = "id"',
     }
     text = GOOD.replace(anchors[field], replacement, 1)
@@ -79,7 +91,7 @@ def test_flow_without_source_or_sink_and_duplicate_names() -> None:
     lone = '\n[[flows]]\nname = "orphans"\nentity = "customer"\n'
     with pytest.raises(ConfigError, match=r"flows\[1\]: a flow needs a \[source\], a \[sink\] or both"):
         parse_agent_config(GOOD + lone, source="a.toml")
-    dup = GOOD + GOOD[GOOD.index("[[flows]]"):]
+    dup = GOOD + GOOD[GOOD.index("[[flows]]") :]
     with pytest.raises(ConfigError, match=r"flows\[1\].name: duplicate flow name 'customers'"):
         parse_agent_config(dup, source="a.toml")
 

@@ -35,11 +35,17 @@ def test_roundtrip_keeps_every_field() -> None:
     back = decode(encode(env))
     assert back.id == env.id
     assert (back.kind, back.flow, back.key, back.version, back.origin) == (
-        "customer.upserted", "customers", "42", 7, "erp"
+        "customer.upserted",
+        "customers",
+        "42",
+        7,
+        "erp",
     )
     assert (back.correlation_id, back.causation_id, back.traceparent) == ("c-1", "c-0", "00-abc-def-01")
     assert decode_payload(back) == {"id": 42, "name": "Alfreds", "limit": 1000}
-    assert back.entity == "customer" and back.event == "upserted" and not back.is_delete
+    assert back.entity == "customer"
+    assert back.event == "upserted"
+    assert not back.is_delete
 
 
 def test_ids_are_deterministic_and_distinct() -> None:
@@ -80,7 +86,9 @@ def test_old_reader_ignores_new_fields_and_new_reader_defaults_missing_ones() ->
         Future(id="i", kind="c.upserted", flow="f", key="k", version=1, origin="o", occurred_at=0)
     )
     env = decode(data)
-    assert env.id == "i" and env.correlation_id == "" and env.is_delete is False
+    assert env.id == "i"
+    assert env.correlation_id == ""
+    assert env.is_delete is False
 
 
 @pytest.mark.parametrize(

@@ -22,13 +22,15 @@ async def test_capture_commits_rows_and_cursor_together(tmp_path: Path) -> None:
         assert await ob.capture("f", "11", [("b", "s", b"B"), ("c", "s", b"C")]) == 1
         rows = await ob.peek(10)
         assert [r.id for r in rows] == ["a", "b", "c"]
-        assert rows[0].subject == "evt.c.upserted.erp" and rows[0].data == b"A"
+        assert rows[0].subject == "evt.c.upserted.erp"
+        assert rows[0].data == b"A"
     # durable across reopen, in order
     async with Outbox(path) as ob:
         assert await ob.cursor("f") == "11"
         assert [r.id for r in await ob.peek(2)] == ["a", "b"]
         depth, age = await ob.stats()
-        assert depth == 3 and age >= 0
+        assert depth == 3
+        assert age >= 0
 
 
 async def test_failed_capture_moves_neither_rows_nor_cursor(tmp_path: Path) -> None:
@@ -47,7 +49,8 @@ async def test_remove_only_named_rows_and_wakeup(tmp_path: Path) -> None:
         rows = await ob.peek(2000)
         await ob.remove([r.seq for r in rows if int(r.id) % 2 == 0])
         left = await ob.peek(2000)
-        assert len(left) == 600 and all(int(r.id) % 2 == 1 for r in left)
+        assert len(left) == 600
+        assert all(int(r.id) % 2 == 1 for r in left)
 
         got: list[float] = []
 
@@ -60,7 +63,8 @@ async def test_remove_only_named_rows_and_wakeup(tmp_path: Path) -> None:
             tg.start_soon(waiter)
             await anyio.sleep(0.05)
             await ob.capture("f", "2", [("new", "s", b"x")])
-        assert got and got[0] < 4
+        assert got
+        assert got[0] < 4
 
 
 async def test_inbox_seen_record_prune(tmp_path: Path) -> None:

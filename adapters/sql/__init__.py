@@ -1,0 +1,3 @@
+"""SQL database adapters. Import the module of the database you need (``adapters.sql.sqlite``)."""
+
+__all__: list[str] = []

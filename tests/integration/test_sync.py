@@ -1,0 +1,180 @@
+"""End to end with in-process agents and a real nats-server: bulk sync, updates, deletes,
+a malformed message, echo suppression, and a broker that is down when the source starts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+
+import anyio
+import msgspec
+import nats
+import pytest
+
+from agents.connector import ConnectorAgent
+from mesh.broker import NatsServer
+from mesh.config import parse_agent_config
+from mesh.envelope import Envelope, encode, encode_payload, envelope_id
+from mesh.metrics import Metrics
+from tests.integration._harness import (
+    ErpLoad,
+    agent_toml,
+    assert_effect_once,
+    assert_same_rows,
+    make_crm,
+    make_erp,
+    rows,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+class Mesh:
+    def __init__(self, tmp: Path, server: NatsServer) -> None:
+        self.tmp, self.server = tmp, server
+        self.erp, self.crm = tmp / "erp.db", tmp / "crm.db"
+        make_erp(self.erp)
+        make_crm(self.crm)
+        self.load = ErpLoad(self.erp)
+        self.erp_metrics, self.crm_metrics = Metrics(), Metrics()
+
+    def agent(self, name: str) -> ConnectorAgent:
+        if name == "erp":
+            text = agent_toml(name="erp-agent", system="erp", state=self.tmp / "s-erp",
+                              url=self.server.url, source=self.erp)  # fmt: skip
+            return ConnectorAgent(parse_agent_config(text), metrics=self.erp_metrics)
+        text = agent_toml(name="crm-agent", system="crm", state=self.tmp / "s-crm",
+                          url=self.server.url, sink=self.crm)  # fmt: skip
+        return ConnectorAgent(parse_agent_config(text), metrics=self.crm_metrics)
+
+    async def wait_synced(self, timeout: float = 60) -> None:
+        with anyio.fail_after(timeout):
+            while rows(self.erp) != rows(self.crm):
+                await anyio.sleep(0.1)
+
+
+@asynccontextmanager
+async def running(*agents: ConnectorAgent) -> AsyncIterator[None]:
+    async with anyio.create_task_group() as tg:
+        for a in agents:
+            await tg.start(a.run)
+        yield
+        tg.cancel_scope.cancel()
+
+
+async def test_bulk_sync_then_updates_and_deletes(tmp_path: Path, nats_server: NatsServer) -> None:
+    mesh = Mesh(tmp_path, nats_server)
+    mesh.load.insert(10_000)
+    async with running(mesh.agent("erp"), mesh.agent("crm")):
+        await mesh.wait_synced(timeout=90)
+        assert len(rows(mesh.crm)) == 10_000
+        mesh.load.update(3000)
+        mesh.load.delete(1000)
+        mesh.load.mixed(50)
+        await mesh.wait_synced()
+    assert_same_rows(mesh.erp, mesh.crm)
+    assert_effect_once(mesh.crm)
+    assert (
+        mesh.crm_metrics.registry.get_sample_value(
+            "mesh_consumed_messages_total", {"flow": "customers", "outcome": "applied"}
+        )
+        >= 14_000
+    )
+
+
+async def test_malformed_message_is_dead_lettered_and_flow_continues(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    mesh = Mesh(tmp_path, nats_server)
+    mesh.load.insert(20)
+    async with running(mesh.agent("erp"), mesh.agent("crm")):
+        await mesh.wait_synced()
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.publish("evt.customer.upserted.erp", b"\xc1 not msgpack",
+                         headers={"Nats-Msg-Id": "garbage-1"})  # fmt: skip
+        # a well-formed envelope whose payload is not a row
+        bad = Envelope(id=envelope_id("customers", "erp", "7", 10**12), kind="customer.upserted",
+                       flow="customers", key="7", version=10**12, origin="erp", occurred_at=0,
+                       payload=msgspec.Raw(msgspec.msgpack.encode([1, 2, 3])))  # fmt: skip
+        await js.publish("evt.customer.upserted.erp", encode(bad), headers={"Nats-Msg-Id": bad.id})
+        mesh.load.insert(20)
+        await mesh.wait_synced()
+        sub = await js.pull_subscribe("dlq.customers", durable="t", stream="MESH_DLQ")
+        with anyio.fail_after(10):
+            dead = []
+            while len(dead) < 2:
+                with suppress(nats.errors.TimeoutError):
+                    dead += await sub.fetch(2, timeout=1)
+        await nc.close()
+    reasons = sorted(m.headers["Mesh-Error-Class"] for m in dead)
+    assert reasons == ["DecodeError", "DecodeError"]
+    first = next(m for m in dead if m.data == b"\xc1 not msgpack")
+    assert "not a valid envelope" in first.headers["Mesh-Reason"]
+    assert first.headers["Mesh-Original-Subject"] == "evt.customer.upserted.erp"
+    assert first.headers["Mesh-Attempts"] == "1"
+    assert first.headers["Mesh-Flow"] == "customers"
+    assert first.headers["Mesh-Agent"] == "crm-agent"
+    assert len(rows(mesh.crm)) == 40  # the bad ones changed nothing, the good ones all applied
+    assert (
+        mesh.crm_metrics.registry.get_sample_value(
+            "mesh_dead_lettered_messages_total", {"flow": "customers", "error": "DecodeError"}
+        )
+        == 2
+    )
+
+
+async def test_own_origin_is_never_applied_back(tmp_path: Path, nats_server: NatsServer) -> None:
+    mesh = Mesh(tmp_path, nats_server)
+    async with running(mesh.agent("crm")):
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        for origin, key in (("crm", "1"), ("erp", "2")):
+            env = Envelope(id=envelope_id("customers", origin, key, 1), kind="customer.upserted",
+                           flow="customers", key=key, version=1, origin=origin, occurred_at=0,
+                           payload=encode_payload({"id": int(key), "name": f"from {origin}",
+                                                   "credit_limit_cents": 0}))  # fmt: skip
+            await js.publish(f"evt.customer.upserted.{origin}", encode(env),
+                             headers={"Nats-Msg-Id": env.id})  # fmt: skip
+        await nc.close()
+        with anyio.fail_after(10):
+            while len(rows(mesh.crm)) < 1:
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.5)
+    assert [r[:2] for r in rows(mesh.crm)] == [(2, "from erp")]
+    assert (
+        mesh.crm_metrics.registry.get_sample_value(
+            "mesh_consumed_messages_total", {"flow": "customers", "outcome": "echo"}
+        )
+        == 1
+    )
+
+
+async def test_outbox_buffers_while_broker_down_then_drains(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats")  # not started yet
+    mesh = Mesh(tmp_path, server)
+    erp = mesh.agent("erp")
+    async with anyio.create_task_group() as tg:
+        await tg.start(erp.run)
+        mesh.load.insert(300)
+        mesh.load.update(100)
+        mesh.load.delete(50)
+        with anyio.fail_after(20):
+            while (await erp.outbox.stats())[0] < 450:
+                await anyio.sleep(0.05)
+        assert not mesh.erp_metrics.registry.get_sample_value(
+            "mesh_published_messages_total", {"flow": "customers"}
+        )
+        await anyio.to_thread.run_sync(server.start)
+        try:
+            await tg.start(mesh.agent("crm").run)
+            await mesh.wait_synced(timeout=60)
+            with anyio.fail_after(10):
+                while (await erp.outbox.stats())[0]:
+                    await anyio.sleep(0.05)
+        finally:
+            tg.cancel_scope.cancel()
+            server.stop()
+    assert_same_rows(mesh.erp, mesh.crm)
+    assert_effect_once(mesh.crm)
