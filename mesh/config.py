@@ -106,7 +106,8 @@ class SqliteSourceConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"
     """``cursor`` mode: an integer column that grows with every change of a row (defaults to
     ``cursor_column``)."""
     batch_size: PositiveInt = 1000
-    poll_interval: PositiveFloat = 0.2
+    poll_interval: PositiveFloat = 0.05
+    """Seconds between looks at the table when there was nothing new (bounds added latency)."""
     install_triggers: bool = True
     """``changes`` mode: create the change table and triggers when missing."""
 

@@ -278,12 +278,16 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
             conn.close()
 
     async def report() -> None:
+        previous: dict[str, float] = {}
         while True:
             await anyio.sleep(2)
             m_erp, m_cloud = _scrape(erp.metrics_url), _scrape(cloud.metrics_url)
             applied = m_cloud.get("mesh_consumed_messages_total", 0)
-            p50 = _quantile(m_cloud, "mesh_end_to_end_latency_seconds", 0.5)
-            p99 = _quantile(m_cloud, "mesh_end_to_end_latency_seconds", 0.99)
+            # Latency over the last interval only: the histogram minus the previous scrape.
+            window = {k: v - previous.get(k, 0.0) for k, v in m_cloud.items()}
+            previous = m_cloud
+            p50 = _quantile(window, "mesh_end_to_end_latency_seconds", 0.5)
+            p99 = _quantile(window, "mesh_end_to_end_latency_seconds", 0.99)
             lat = f"p50<={p50 * 1000:.0f}ms p99<={p99 * 1000:.0f}ms" if p50 and p99 else "n/a"
             alive = "".join("+" if a.alive() else "!" for a in agents)
             print(

@@ -1,0 +1,63 @@
+"""`meshctl dev up` as a user runs it: it syncs, reports, and stops everything it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmd and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def _dev_up(data: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mesh", "dev", "up", "--data-dir", str(data), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_dev_up_syncs_and_exits_cleanly(tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    proc = _dev_up(data, "--duration", "6", "--records", "500", "--rate", "100")
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "ERP and CRM in sync: yes" in out
+    assert "applied=" in out and "outbox=" in out and "latency" in out
+    assert f"metrics http://127.0.0.1:" in out
+    assert not _processes_mentioning(str(data)), "dev up left processes behind"
+
+
+def test_sigterm_stops_everything_within_10s(tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    proc = _dev_up(data, "--records", "200", "--rate", "200")
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if "applied=" in line:  # the first status line: everything is up
+            break
+        assert time.monotonic() < deadline, "no status line within 60 s"
+    assert _processes_mentioning(str(data)), "expected nats-server and agents to be running"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=15)
+    took = time.monotonic() - started
+    assert took < 10, f"dev up took {took:.1f}s to stop"
+    assert "stopped" in rest
+    assert not _processes_mentioning(str(data)), "dev up left processes behind"
