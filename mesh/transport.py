@@ -18,6 +18,7 @@ Foreign exceptions (nats-py's) are translated to :class:`~mesh.errors.TransportE
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -178,6 +179,7 @@ class JetStream:
         self.name = name
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._windowed: dict[int, JetStreamContext] = {}
         self.connected = anyio.Event()
         self.reconnects = 0
 
@@ -255,6 +257,7 @@ class JetStream:
         """Flush and close the connection (and nats-py's tasks). Idempotent."""
         nc, self._nc = self._nc, None
         self._js = None
+        self._windowed.clear()
         if nc is None or nc.is_closed:
             return
         with anyio.move_on_after(5, shield=True):
@@ -310,28 +313,48 @@ class JetStream:
     async def publish_many(self, messages: Sequence[OutMessage], window: int) -> list[bool]:
         """Publish with at most ``window`` unacknowledged at a time; True where PubAck arrived.
 
-        Never raises for a single failed message: the caller keeps the unacked ones and retries.
+        Acks arrive on one wildcard subscription (nats-py's ``publish_async``) instead of one
+        request per message. nats-py can leave such a future unresolved forever (nats.py #985),
+        so every ack is bounded: a publish stalled longer than ``request_timeout`` for a window
+        slot, or an ack not back within ``request_timeout`` of the last send, counts as not
+        acked. Never raises for a failed message: the caller keeps the unacked ones and retries.
         """
-        results = [False] * len(messages)
-        limiter = anyio.Semaphore(window)
-
-        async def one(i: int) -> None:
-            try:
-                await self.publish(messages[i])
-                results[i] = True
-            except TransportError as exc:
-                log.debug("publish %s failed: %s", messages[i].msg_id, exc)
-            finally:
-                limiter.release()
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(messages)):
-                await limiter.acquire()
+        if not messages:
+            return []
+        js = self._window_js(window)
+        timeout = self.cfg.request_timeout
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for m in messages:
                 if not self.is_connected:
-                    limiter.release()
                     break
-                tg.start_soon(one, i)
+                headers = {"Nats-Msg-Id": m.msg_id, "Content-Type": CONTENT_TYPE, **m.headers}
+                try:
+                    fut = await js.publish_async(m.subject, m.data, wait_stall=timeout, headers=headers)
+                except _NATS_ERRORS as exc:
+                    log.debug("publish %s not sent: %s", m.msg_id, exc)
+                    break
+                futures.append(fut)
+            with anyio.move_on_after(timeout):
+                for fut in futures:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(fut)
+        finally:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()  # releases its window slot in nats-py
+        results = [False] * len(messages)
+        for i, fut in enumerate(futures):
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                results[i] = True
         return results
+
+    def _window_js(self, window: int) -> JetStreamContext:
+        js = self._windowed.get(window)
+        if js is None:
+            js = self.nc.jetstream(timeout=self.cfg.request_timeout, publish_async_max_pending=window)
+            self._windowed[window] = js
+        return js
 
     async def pull_consumer(
         self,

@@ -6,25 +6,17 @@ Public through :mod:`adapters.sql.sqlite`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
-import aiosqlite
+import anyio
+import anyio.from_thread
+import anyio.to_thread
 import msgspec
 
-from adapters.sql._sqlite_common import (
-    close_quietly,
-    connect,
-    fetchall,
-    find_column,
-    immediate_transaction,
-    is_record_error,
-    is_unique_key,
-    quote,
-    run,
-    table_columns,
-    translate,
-)
+from adapters.sql._sqlite_common import Column, find_column, is_record_error, quote, translate
 from mesh.adapters import Applied, Sink, SinkRecord
 from mesh.config import SqliteSinkConfig
 from mesh.errors import ConfigError, RejectedRecord
@@ -36,17 +28,18 @@ _VERSIONS_DDL = (
     f"CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (tbl TEXT, key TEXT, "
     "version INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (tbl, key))"
 )
-_STORED_VERSION = f"SELECT version FROM {VERSIONS_TABLE} WHERE tbl = ? AND key = ?"
 _STORE_VERSION = (
     f"INSERT INTO {VERSIONS_TABLE} (tbl, key, version, deleted) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, deleted = excluded.deleted"
 )
+_CHUNK = 500  # keys per version look-up (well under SQLite's bound-parameter limit)
 _INT64 = range(-(2**63), 2**63)
 _JSON = msgspec.json.Encoder()
+_T = TypeVar("_T")
 
 
 class _Target(NamedTuple):
-    """The target table as this transaction sees it."""
+    """The target table's shape."""
 
     columns: dict[str, str]  # lower-cased name -> declared name
     key: str
@@ -73,12 +66,20 @@ class SqliteSink(Sink):
     With ``create_table`` the table is created from the first upserted row (the key column as
     PRIMARY KEY, types from the values); otherwise a missing table is a
     :class:`~mesh.errors.ConfigError` at :meth:`open`.
+
+    All database work runs on a plain ``sqlite3`` connection in a worker thread, one thread hop
+    per :meth:`open`, :meth:`apply` and :meth:`aclose`, serialised by a per-sink limiter.
     """
 
     def __init__(self, config: SqliteSinkConfig) -> None:
         self._config = config
-        self._conn: aiosqlite.Connection | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        # The target's shape, valid while the database's schema_version equals _schema.
+        self._target: _Target | None = None
+        self._schema: int | None = None
         self._upserts: dict[tuple[str, ...], str] = {}
+        self._lookups: dict[int, str] = {}
         self._applied = self._stale = self._rejected = 0
 
     def __repr__(self) -> str:
@@ -87,6 +88,12 @@ class SqliteSink(Sink):
             f"<SqliteSink {self._config.table} applied={self._applied} stale={self._stale} "
             f"rejected={self._rejected}{state}>"
         )
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        # Not abandoned on cancellation: once ``fn`` has started, this await returns only after
+        # it has finished in its thread, so a batch always commits or rolls back there (and the
+        # connection is never used by two threads at once).
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def open(self) -> None:
         """Connect (WAL), check the target table and create the version-guard table.
@@ -98,25 +105,45 @@ class SqliteSink(Sink):
         """
         if self._conn is not None:
             return
-        cfg = self._config
-        conn = await connect(cfg.path, create=cfg.create_table, busy_timeout=cfg.busy_timeout)
         try:
-            await self._target(conn)
-            await run(conn, "PRAGMA journal_mode = WAL")
-            await run(conn, "PRAGMA synchronous = FULL")
-            await run(conn, _VERSIONS_DDL)
+            self._conn = await self._in_thread(self._open)
         except sqlite3.Error as exc:
-            await close_quietly(conn)
-            raise translate(exc, cfg.path) from exc
-        except BaseException:
-            await close_quietly(conn)
-            raise
-        self._conn = conn
+            raise translate(exc, self._config.path) from exc
 
-    async def _target(self, conn: aiosqlite.Connection) -> _Target | None:
-        """The target table's shape; None if it is missing and may be created."""
+    def _open(self) -> sqlite3.Connection:
         cfg = self._config
-        columns = await table_columns(conn, cfg.table)
+        file = Path(cfg.path)
+        if not cfg.create_table and not file.exists():
+            raise ConfigError("SQLite database file does not exist", source=cfg.path)
+        uri = file.absolute().as_uri() + ("?mode=rwc" if cfg.create_table else "?mode=rw")
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {max(0, round(cfg.busy_timeout * 1000))}")
+            self._schema = None
+            self._shape(conn)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(_VERSIONS_DDL)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _shape(self, conn: sqlite3.Connection) -> _Target | None:
+        """The target table's shape; None if it is missing and may be created.
+
+        Re-read only when the schema changed: ``PRAGMA schema_version`` is a header read, while
+        the table and index inspection costs several queries.
+        """
+        (version,) = conn.execute("PRAGMA schema_version").fetchone()
+        if version != self._schema:
+            self._target = self._read_target(conn)
+            self._schema = version
+        return self._target
+
+    def _read_target(self, conn: sqlite3.Connection) -> _Target | None:
+        cfg = self._config
+        columns = _table_columns(conn, cfg.table)
         if not columns:
             if cfg.create_table:
                 return None
@@ -127,7 +154,7 @@ class SqliteSink(Sink):
         key = find_column(columns, cfg.key)
         if key is None:
             raise ConfigError(f"table {cfg.table!r} has no column {cfg.key!r}", source=cfg.path)
-        if not await is_unique_key(conn, cfg.table, key):
+        if not _is_unique_key(conn, cfg.table, key, columns):
             raise ConfigError(
                 f"key column {key.name!r} of table {cfg.table!r} is neither its primary key nor UNIQUE",
                 source=cfg.path,
@@ -146,14 +173,8 @@ class SqliteSink(Sink):
             return []
         if self._conn is None:
             raise RuntimeError(f"{self!r} is not open")
-        conn = self._conn
-        outcomes: list[Applied | Exception] = []
         try:
-            async with immediate_transaction(conn):
-                target = await self._target(conn)
-                for record in records:
-                    outcome, target = await self._apply_one(conn, record, target)
-                    outcomes.append(outcome)
+            outcomes = await self._in_thread(self._apply_batch, self._conn, records)
         except sqlite3.Error as exc:
             raise translate(exc, self._config.path) from exc
         self._applied += sum(1 for o in outcomes if o is Applied.APPLIED)
@@ -161,14 +182,55 @@ class SqliteSink(Sink):
         self._rejected += sum(1 for o in outcomes if isinstance(o, Exception))
         return outcomes
 
-    async def _apply_one(
-        self, conn: aiosqlite.Connection, record: SinkRecord, target: _Target | None
+    def _apply_batch(
+        self, conn: sqlite3.Connection, records: Sequence[SinkRecord]
+    ) -> list[Applied | Exception]:
+        """The whole batch, in the worker thread: ``BEGIN IMMEDIATE`` ... ``COMMIT``."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            target = self._shape(conn)
+            versions = self._stored_versions(conn, records)
+            outcomes: list[Applied | Exception] = []
+            for record in records:
+                outcome, target = self._apply_one(conn, record, target, versions)
+                outcomes.append(outcome)
+            # Cancelled while the batch ran: roll it back rather than commit behind the back of
+            # a caller that will not see the outcomes.
+            anyio.from_thread.check_cancelled()
+            conn.execute("COMMIT")
+        except BaseException:
+            self._schema = None  # the batch may have created the table: re-read the shape
+            with suppress(sqlite3.Error):  # "no transaction is active"
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    def _stored_versions(self, conn: sqlite3.Connection, records: Sequence[SinkRecord]) -> dict[str, int]:
+        """The guard's stored version of every key in the batch that has one."""
+        keys = list(dict.fromkeys(r.key for r in records))
+        versions: dict[str, int] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            # Pad to a few fixed sizes (NULL matches nothing) so the statements stay cached.
+            size = _CHUNK if len(chunk) > _CHUNK // 2 else 1 << (len(chunk) - 1).bit_length()
+            sql = self._lookups.get(size)
+            if sql is None:
+                sql = self._lookups[size] = (
+                    f"SELECT key, version FROM {VERSIONS_TABLE} "
+                    f"WHERE tbl = ? AND key IN ({', '.join('?' * size)})"
+                )
+            params = [self._config.table, *chunk] + [None] * (size - len(chunk))
+            versions.update(conn.execute(sql, params).fetchall())
+        return versions
+
+    def _apply_one(
+        self, conn: sqlite3.Connection, record: SinkRecord, target: _Target | None, versions: dict[str, int]
     ) -> tuple[Applied | Exception, _Target | None]:
         table = self._config.table
         if record.version not in _INT64:
             return RejectedRecord(f"{table} key {record.key!r}: version out of range"), target
-        stored = await fetchall(conn, _STORED_VERSION, (table, record.key))
-        if stored and stored[0][0] >= record.version:
+        stored = versions.get(record.key)
+        if stored is not None and stored >= record.version:
             return Applied.STALE, target
         values: dict[str, Any] = {}
         if not record.deleted:
@@ -177,35 +239,35 @@ class SqliteSink(Sink):
             except RejectedRecord as exc:
                 return RejectedRecord(f"{table} key {record.key!r}: {exc}"), target
         created = False
-        await run(conn, "SAVEPOINT mesh_record")
+        conn.execute("SAVEPOINT mesh_record")
         try:
             if record.deleted:
                 if target is not None:
                     # A bound value has no affinity, so SQLite compares it under the key
                     # column's affinity: "42" matches an INTEGER 42, 42 matches a TEXT '42'.
-                    await run(
-                        conn,
-                        f"DELETE FROM {quote(table)} WHERE {quote(target.key)} = ?",
-                        (record.key,),
-                    )
+                    conn.execute(f"DELETE FROM {quote(table)} WHERE {quote(target.key)} = ?", (record.key,))
             else:
                 if target is None:
-                    await run(conn, _create_table_sql(table, self._config.key, values))
+                    conn.execute(_create_table_sql(table, self._config.key, values))
                     created = True
-                    target = await self._target(conn)
+                    target = self._shape(conn)
                     assert target is not None
-                await self._upsert(conn, target, values)
-            await run(conn, _STORE_VERSION, (table, record.key, record.version, int(record.deleted)))
-            await run(conn, "RELEASE mesh_record")
+                self._upsert(conn, target, values)
+            conn.execute(_STORE_VERSION, (table, record.key, record.version, int(record.deleted)))
+            conn.execute("RELEASE mesh_record")
         except sqlite3.Error as exc:
             if not is_record_error(exc):
                 raise  # the whole batch rolls back
-            await run(conn, "ROLLBACK TO mesh_record")
-            await run(conn, "RELEASE mesh_record")
-            return RejectedRecord(f"{table} key {record.key!r}: {exc}"), None if created else target
+            conn.execute("ROLLBACK TO mesh_record")
+            conn.execute("RELEASE mesh_record")
+            if created:
+                self._schema = None  # the creation was rolled back with the record
+                target = None
+            return RejectedRecord(f"{table} key {record.key!r}: {exc}"), target
+        versions[record.key] = record.version  # a later record of this key sees this version
         return Applied.APPLIED, target
 
-    async def _upsert(self, conn: aiosqlite.Connection, target: _Target, values: dict[str, Any]) -> None:
+    def _upsert(self, conn: sqlite3.Connection, target: _Target, values: dict[str, Any]) -> None:
         names: list[str] = []
         params: list[Any] = []
         for name, value in values.items():
@@ -229,13 +291,36 @@ class SqliteSink(Sink):
                 f"ON CONFLICT ({quote(target.key)}) {action}"
             )
             self._upserts[cache_key] = sql
-        await run(conn, sql, params)
+        conn.execute(sql, params)
 
     async def aclose(self) -> None:
         """Close the connection. Idempotent; the sink may be opened again."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            await close_quietly(conn)
+            with anyio.CancelScope(shield=True), suppress(sqlite3.Error):
+                await self._in_thread(conn.close)
+
+
+def _table_columns(conn: sqlite3.Connection, table: str) -> list[Column]:
+    """Columns of ``table`` in declaration order; empty when the table does not exist."""
+    rows = conn.execute(
+        'SELECT name, type, "notnull", pk FROM pragma_table_info(?) ORDER BY cid', (table,)
+    ).fetchall()
+    return [Column(str(n), str(t or ""), bool(nn), int(pk)) for n, t, nn, pk in rows]
+
+
+def _is_unique_key(conn: sqlite3.Connection, table: str, column: Column, columns: list[Column]) -> bool:
+    """Whether ``column`` alone is the primary key of ``table`` or has a full unique index."""
+    if column.pk and sum(1 for c in columns if c.pk) == 1:
+        return True
+    indexes = conn.execute(
+        'SELECT name FROM pragma_index_list(?) WHERE "unique" AND NOT partial', (table,)
+    ).fetchall()
+    for (index,) in indexes:
+        cols = conn.execute("SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,)).fetchall()
+        if len(cols) == 1 and str(cols[0][0]).lower() == column.name.lower():
+            return True
+    return False
 
 
 def _row_values(row: dict[str, Any], key: str) -> dict[str, Any]:

@@ -178,3 +178,72 @@ async def test_outbox_buffers_while_broker_down_then_drains(tmp_path: Path) -> N
             server.stop()
     assert_same_rows(mesh.erp, mesh.crm)
     assert_effect_once(mesh.crm)
+
+
+async def test_one_agent_runs_both_directions(tmp_path: Path, nats_server: NatsServer) -> None:
+    """ERP owns customers (ERP -> CRM); CRM owns products (CRM -> ERP); each agent captures one
+    flow and applies the other, and neither echoes the other's changes back."""
+    import sqlite3
+
+    erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
+    make_erp(erp)
+    make_crm(crm)
+    for db in (erp, crm):
+        with sqlite3.connect(db) as c:
+            c.execute("CREATE TABLE products (sku TEXT PRIMARY KEY, title TEXT, price_cents INTEGER)")
+
+    def config(name: str, system: str, db: Path, capture: str, apply: str) -> str:
+        return f"""
+[agent]
+name = "{name}"
+system = "{system}"
+state_dir = "{tmp_path / name}"
+[nats]
+servers = ["{nats_server.url}"]
+[[flows]]
+name = "{capture}"
+entity = "{capture[:-1]}"
+[flows.source]
+adapter = "sqlite"
+path = "{db}"
+table = "{capture}"
+key = "{"id" if capture == "customers" else "sku"}"
+poll_interval = 0.02
+[[flows]]
+name = "{apply}"
+entity = "{apply[:-1]}"
+[flows.consumer]
+fetch_timeout = 0.2
+[flows.sink]
+adapter = "sqlite"
+path = "{db}"
+table = "{apply}"
+key = "{"id" if apply == "customers" else "sku"}"
+"""
+
+    a = ConnectorAgent(parse_agent_config(config("erp-agent", "erp", erp, "customers", "products")))
+    b = ConnectorAgent(parse_agent_config(config("crm-agent", "crm", crm, "products", "customers")))
+    ErpLoad(erp).insert(100)
+    with sqlite3.connect(crm) as c:
+        c.executemany(
+            "INSERT INTO products VALUES (?, ?, ?)", [(f"SKU-{i}", f"Widget {i}", i * 100) for i in range(50)]
+        )
+
+    def table(db: Path, name: str) -> list[tuple[object, ...]]:
+        with sqlite3.connect(db) as c:
+            return c.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
+
+    async with running(a, b):
+        with anyio.fail_after(30):
+            while table(erp, "customers") != table(crm, "customers") or table(erp, "products") != table(
+                crm, "products"
+            ):
+                await anyio.sleep(0.1)
+        await anyio.sleep(1)  # anything echoed back would arrive now
+    assert len(table(crm, "customers")) == 100
+    assert len(table(erp, "products")) == 50
+    # Nothing was captured again from the applied side: the stream holds each change once.
+    nc = await nats.connect(nats_server.url)
+    info = await nc.jetstream().stream_info("MESH_EVENTS")
+    await nc.close()
+    assert info.state.messages == 150

@@ -481,3 +481,88 @@ async def test_create_table_skips_a_rejected_first_row(tmp_path: Path) -> None:
         assert isinstance(out[0], RejectedRecord)
         assert out[1] is Applied.APPLIED
     assert rows(db, "SELECT name FROM pragma_table_info('customers')") == [("id",), ("name",)]
+
+
+async def test_repeated_keys_in_one_batch_see_the_versions_applied_before_them(tmp_path: Path) -> None:
+    db = tmp_path / "erp.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        assert await sink.apply([rec(2, 5, {"id": 2, "name": "stored"})]) == [Applied.APPLIED]
+        out = await sink.apply(
+            [
+                rec(1, 2, {"id": 1, "name": "v2"}),
+                rec(1, 1, {"id": 1, "name": "v1"}),  # older than the v2 just applied
+                rec(1, 4, {"id": 1, "name": "v4"}),
+                rec(1, 4, {"id": 1, "name": "v4 again"}),
+                rec(1, 3, {"id": 1, "name": "v3"}),
+                rec(1, 5, {"id": 1, "name": None}),  # refused: does not move the guard
+                rec(1, 5, deleted=True),
+                rec(1, 5, {"id": 1, "name": "v5"}),  # the tombstone holds
+                rec(2, 4, {"id": 2, "name": "old"}),
+                rec(2, 7, {"id": 2, "name": "v7"}),
+                rec(2, 6, {"id": 2, "name": "v6"}),
+            ]
+        )
+        S, A = Applied.STALE, Applied.APPLIED
+        assert out[:5] == [A, S, A, S, S]
+        assert isinstance(out[5], RejectedRecord)
+        assert out[6:] == [A, S, S, A, S]
+        assert repr(sink) == "<SqliteSink customers applied=5 stale=6 rejected=1>"
+    assert rows(db, "SELECT id, name FROM customers") == [(2, "v7")]
+    assert rows(db, "SELECT op, id, name FROM write_log") == [
+        ("INSERT", 2, "stored"), ("INSERT", 1, "v2"), ("UPDATE", 1, "v4"), ("DELETE", 1, "v4"),
+        ("UPDATE", 2, "v7"),
+    ]  # fmt: skip
+    assert rows(db, "SELECT key, version, deleted FROM _mesh_versions ORDER BY key") == [
+        ("1", 5, 1), ("2", 7, 0),
+    ]  # fmt: skip
+
+
+async def test_a_batch_larger_than_one_version_lookup(tmp_path: Path) -> None:
+    db = tmp_path / "erp.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        first = [rec(k, 2, {"id": k, "name": f"n{k}"}) for k in range(0, 1300, 2)]
+        assert await sink.apply(first) == [Applied.APPLIED] * len(first)
+        batch = [rec(k, 2 + k % 3 // 2, {"id": k, "name": f"m{k}"}) for k in range(1300)]
+        out = await sink.apply(batch)
+        # odd keys are new; even keys apply only where the version moved past 2
+        expected = [Applied.APPLIED if k % 2 or k % 3 == 2 else Applied.STALE for k in range(1300)]
+        assert out == expected
+    assert rows(db, "SELECT count(*), sum(name LIKE 'm%') FROM customers") == [
+        (1300, sum(1 for o in expected if o is Applied.APPLIED))
+    ]
+
+
+async def test_sink_follows_schema_changes_between_batches(tmp_path: Path) -> None:
+    db = tmp_path / "erp.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        assert await sink.apply([rec(1, 1, {"id": 1, "name": "a", "tier": "gold"})]) == [Applied.APPLIED]
+        sql(db, "ALTER TABLE customers ADD COLUMN tier TEXT")
+        assert await sink.apply([rec(1, 2, {"id": 1, "name": "a", "tier": "gold"})]) == [Applied.APPLIED]
+        assert rows(db, "SELECT id, tier FROM customers") == [(1, "gold")]
+        sql(db, "DROP TABLE customers")
+        with pytest.raises(ConfigError, match="does not exist"):
+            await sink.apply([rec(2, 1, {"id": 2, "name": "b"})])
+        sql(db, "CREATE TABLE customers (ID TEXT UNIQUE, Name TEXT)")
+        assert await sink.apply([rec(2, 1, {"id": 2, "name": "b"})]) == [Applied.APPLIED]
+    assert rows(db, "SELECT ID, Name FROM customers") == [("2", "b")]
+
+
+async def test_cancelled_batch_is_rolled_back_and_the_sink_stays_usable(tmp_path: Path) -> None:
+    db = tmp_path / "erp.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        # a slow row, through a function only the sink's connection knows
+        assert isinstance(sink._conn, sqlite3.Connection)
+        sink._conn.create_function("pause", 1, lambda s: time.sleep(s))
+        sql(db, "CREATE TRIGGER slow AFTER INSERT ON customers BEGIN SELECT pause(0.3); END")
+        batch = [rec(1, 1, {"id": 1, "name": "a"}), rec(2, 1, {"id": 2, "name": "b"})]
+        with anyio.move_on_after(0.1) as scope:
+            await sink.apply(batch)
+        assert scope.cancelled_caught
+        assert rows(db, "SELECT count(*) FROM _mesh_versions") == [(0,)]
+        sql(db, "DROP TRIGGER slow")
+        assert await sink.apply(batch) == [Applied.APPLIED, Applied.APPLIED]
+    assert rows(db, "SELECT id FROM customers ORDER BY id") == [(1,), (2,)]
