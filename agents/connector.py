@@ -394,7 +394,13 @@ class ConnectorAgent:
 
     async def _gauges(self, task_status: TaskStatus[None]) -> None:
         task_status.started()
+        next_prune = 0.0
         while True:
+            if anyio.current_time() >= next_prune:
+                pruned = await self.inbox.prune(self.cfg.agent.inbox_retention)
+                if pruned:
+                    log.info("inbox: forgot %d ids older than the retention", pruned)
+                next_prune = anyio.current_time() + 3600
             depth, age = await self.outbox.stats()
             self.metrics.outbox_depth.set(depth)
             self.metrics.outbox_age.set(age)

@@ -18,6 +18,7 @@ import msgspec
 from mesh.errors import ConfigError
 
 __all__ = [
+    "ADAPTERS",
     "AgentConfig",
     "AgentSection",
     "ConsumerConfig",
@@ -54,6 +55,9 @@ class AgentSection(_Config, frozen=True):
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     """Serve Prometheus metrics on 127.0.0.1:PORT (0 picks a free port); none when unset."""
     metrics_host: str = "127.0.0.1"
+    inbox_retention: PositiveFloat = 14 * 24 * 3600.0
+    """Seconds the inbox remembers applied ids. Keep it longer than MESH_EVENTS' max_age; older
+    redeliveries are still stopped by the sinks' version guards."""
 
 
 class NatsConfig(_Config, frozen=True):
@@ -123,6 +127,7 @@ class SqliteSinkConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"):
 
 SourceConfig = SqliteSourceConfig
 SinkConfig = SqliteSinkConfig
+ADAPTERS = ("sqlite",)
 
 
 class FlowConfig(_Config, frozen=True):
@@ -154,7 +159,10 @@ def _split_validation_message(message: str) -> tuple[str, str]:
     if match is None:
         return "", message[:1].lower() + message[1:]
     text = message[: match.start()]
-    return match.group("path"), text[:1].lower() + text[1:]
+    path = match.group("path")
+    if path.endswith(".adapter") and text.startswith("Invalid value"):
+        text += f" (expected one of: {', '.join(ADAPTERS)})"
+    return path, text[:1].lower() + text[1:]
 
 
 def _check(cfg: AgentConfig, source: str) -> None:
