@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from mesh.actors import Backoff, Supervisor
@@ -42,7 +43,7 @@ from mesh.envelope import (
     envelope_id,
     now_ms,
 )
-from mesh.errors import DecodeError, MeshError, PermanentError, RetryableError, TransportError
+from mesh.errors import DecodeError, PermanentError, RetryableError, TransportError
 from mesh.faults import crash_point
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
@@ -75,7 +76,11 @@ def _row_of(env: Envelope) -> dict[str, Any]:
 
 
 class NatsLink:
-    """Connects (retrying forever), ensures the streams, then holds the connection open."""
+    """Connects (retrying forever) and ensures the streams; the agent closes it last.
+
+    The connection outlives every actor: it is closed by :meth:`aclose` only after the
+    supervisor has stopped, so in-flight batches can still ack or nak during a graceful stop.
+    """
 
     def __init__(self, cfg: AgentConfig, metrics: Metrics) -> None:
         self.cfg = cfg
@@ -94,32 +99,39 @@ class NatsLink:
 
     async def run(self, task_status: TaskStatus[None]) -> None:
         task_status.started()  # capture must not wait for the broker
-        backoff = Backoff(base=0.25, cap=5.0)
-        attempt = 0
-        while True:
-            js = JetStream(self.cfg.nats, name=self.cfg.agent.name)
-            try:
-                await js.connect()
-                await js.ensure_streams(self.cfg.streams)
-            except TransportError as exc:
-                await js.aclose()
-                delay = backoff.delay(attempt)
-                attempt += 1
-                if attempt == 1 or attempt % 20 == 0:
-                    log.warning("nats not reachable (%s); retrying every few seconds", exc)
-                await anyio.sleep(delay)
-                continue
-            break
-        log.info("connected to %s", self.cfg.nats.servers)
-        try:
+        if self._js is None:
+            backoff = Backoff(base=0.25, cap=5.0)
+            attempt = 0
+            while True:
+                js = JetStream(self.cfg.nats, name=self.cfg.agent.name)
+                try:
+                    await js.connect()
+                    await js.ensure_streams(self.cfg.streams)
+                except TransportError as exc:
+                    await js.aclose()
+                    delay = backoff.delay(attempt)
+                    attempt += 1
+                    if attempt == 1 or attempt % 20 == 0:
+                        log.warning("nats not reachable (%s); retrying every few seconds", exc)
+                    await anyio.sleep(delay)
+                    continue
+                except BaseException:
+                    await js.aclose()
+                    raise
+                break
+            log.info("connected to %s", self.cfg.nats.servers)
             self._js = js
             self._ready.set()
-            while True:
-                self.metrics.nats_connected.set(1 if js.is_connected else 0)
-                await anyio.sleep(1)
-        finally:
-            self.metrics.nats_connected.set(0)
-            await js.aclose()
+        while True:
+            self.metrics.nats_connected.set(1 if self._js.is_connected else 0)
+            await anyio.sleep(1)
+
+    async def aclose(self) -> None:
+        js, self._js = self._js, None
+        self.metrics.nats_connected.set(0)
+        if js is not None:
+            with anyio.CancelScope(shield=True):
+                await js.aclose()
 
 
 class Capture:
@@ -136,10 +148,23 @@ class Capture:
         system = self.agent.cfg.agent.system
         flow, entity = self.flow.name, self.flow.entity
         captured = self.agent.metrics.captured.labels(flow)
+        max_bytes = self.agent.cfg.agent.outbox_max_bytes
+        paused = self.agent.metrics.capture_paused.labels(flow)
         async with open_source(self.source_cfg) as source:
             task_status.started()
             cursor = await outbox.cursor(flow)
             while True:
+                if outbox.nbytes >= max_bytes:
+                    # Bounded disk: stop reading; the source keeps its changes until we resume.
+                    log.warning(
+                        "flow %s: outbox holds %d bytes (outbox_max_bytes %d); capture paused until "
+                        "the relay drains it",
+                        flow, outbox.nbytes, max_bytes,
+                    )  # fmt: skip
+                    paused.set(1)
+                    await outbox.wait_below(max_bytes)
+                    paused.set(0)
+                    log.info("flow %s: capture resumed", flow)
                 batch = await source.read(cursor, self.source_cfg.batch_size)
                 now = now_ms()
                 items = []
@@ -160,7 +185,8 @@ class Capture:
                     )
                     items.append((eid, event_subject(entity, event, system), encode(env)))
                 crash_point("capture.before_commit")
-                await outbox.capture(flow, batch.cursor, items)
+                with anyio.CancelScope(shield=True):  # one short transaction: let it finish
+                    await outbox.capture(flow, batch.cursor, items)
                 crash_point("capture.after_commit")
                 captured.inc(len(items))
                 cursor = batch.cursor
@@ -187,10 +213,11 @@ class Relay:
                 await outbox.wait_for_rows(cfg.idle_interval)
                 continue
             messages = [OutMessage(r.subject, r.data, r.id) for r in rows]
-            acked = await js.publish_many(messages, cfg.window)
-            crash_point("relay.after_publish")
-            done = [r for r, ok in zip(rows, acked, strict=True) if ok]
-            await outbox.remove([r.seq for r in done])
+            with self.agent.inflight():  # finish the round (bounded) even during shutdown
+                acked = await js.publish_many(messages, cfg.window)
+                crash_point("relay.after_publish")
+                done = [r for r, ok in zip(rows, acked, strict=True) if ok]
+                await outbox.remove(done)
             counts: dict[str, int] = {}
             for r in done:
                 counts[r.flow] = counts.get(r.flow, 0) + 1
@@ -240,41 +267,50 @@ class Apply:
             self.agent.consumers[self.flow.name] = consumer
             log.info("flow %s: consuming as %s", self.flow.name, self.durable)
             while True:
-                deliveries = await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout)
-                if deliveries:
-                    await self.handle(js, sink, deliveries)
+                await anyio.lowlevel.checkpoint()  # where a stop takes effect, between batches
+                # A fetch and the batch it returns are finished even if a stop begins meanwhile
+                # (bounded by the grace period): messages the server handed us are never left
+                # unacked. Whatever is still unsettled at the deadline is released (nak'ed), so
+                # another replica or the next start gets it at once instead of after ack_wait.
+                batch = _Batch([])
+                with self.agent.inflight():
+                    batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout))
+                    if batch.deliveries:
+                        await self.handle(js, sink, batch)
+                with anyio.CancelScope(shield=True):
+                    await batch.release()
 
-    async def handle(self, js: JetStream, sink: Sink, deliveries: Sequence[Delivery]) -> None:
+    async def handle(self, js: JetStream, sink: Sink, batch: _Batch) -> None:
         flow = self.flow.name
         handled = self.metrics.handled
         inbox = self.agent.inbox
         decoded: list[tuple[Delivery, Envelope]] = []
-        for d in deliveries:
+        for d in batch.deliveries:
             try:
                 decoded.append((d, decode(d.data)))
             except DecodeError as exc:
-                await self.dead_letter(js, d, None, exc)
+                await self.fail(js, batch, d, None, exc)
 
         seen = await inbox.seen([e.id for _, e in decoded])
         todo: list[tuple[Delivery, Envelope, SinkRecord]] = []
-        skip_entries: list[InboxEntry] = []
-        skip_acks: list[Delivery] = []
+        entries: list[InboxEntry] = []
+        acks: list[Delivery] = []
         batch_ids: set[str] = set()
         for d, env in decoded:
             if env.id in seen or env.id in batch_ids:
                 handled.labels(flow, "duplicate").inc()
-                skip_acks.append(d)
+                acks.append(d)
                 continue
             batch_ids.add(env.id)
             if not self._accepts(env.origin):
                 handled.labels(flow, "echo").inc()
-                skip_entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
-                skip_acks.append(d)
+                entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
+                acks.append(d)
                 continue
             try:
                 row = _row_of(env)
             except DecodeError as exc:
-                await self.dead_letter(js, d, env, exc)
+                await self.fail(js, batch, d, env, exc)
                 continue
             todo.append(
                 (d, env, SinkRecord(
@@ -283,49 +319,47 @@ class Apply:
                 ))
             )  # fmt: skip
 
-        entries = list(skip_entries)
-        acks = list(skip_acks)
+        outcomes: Sequence[Applied | Exception] = []
         if todo:
             try:
-                outcomes: Sequence[Applied | Exception] = await sink.apply([t[2] for t in todo])
+                outcomes = await sink.apply([t[2] for t in todo])
             except RetryableError as exc:
-                await self.retry_later(js, todo, exc)
-                outcomes = []
+                log.warning("flow %s: sink unavailable (%s); %d messages wait", flow, exc, len(todo))
+                for d, env, _ in todo:
+                    await self.fail(js, batch, d, env, exc)
                 todo = []
-            now = now_ms()
-            latency = self.metrics.latency.labels(flow)
-            for (d, env, _), outcome in zip(todo, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    await self.dead_letter(js, d, env, outcome)
-                    continue
-                handled.labels(flow, outcome.value).inc()
-                entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
-                acks.append(d)
-                if outcome is Applied.APPLIED:
-                    latency.observe(max(0, now - env.occurred_at) / 1000)
+        now = now_ms()
+        latency = self.metrics.latency.labels(flow)
+        for (d, env, _), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                await self.fail(js, batch, d, env, outcome)
+                continue
+            handled.labels(flow, outcome.value).inc()
+            entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
+            acks.append(d)
+            if outcome is Applied.APPLIED:
+                latency.observe(max(0, now - env.occurred_at) / 1000)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
         await inbox.record(entries)
         crash_point("apply.after_inbox")
         for d in acks:
-            await d.ack()
+            await batch.ack(d)
 
-    async def retry_later(
-        self, js: JetStream, todo: Sequence[tuple[Delivery, Envelope, Any]], exc: MeshError
+    async def fail(
+        self, js: JetStream, batch: _Batch, d: Delivery, env: Envelope | None, exc: Exception
     ) -> None:
-        backoff = self.flow.consumer.backoff or [1.0]
-        log.warning(
-            "flow %s: sink unavailable (%s); %d messages will be retried", self.flow.name, exc, len(todo)
-        )
-        for d, env, _ in todo:
-            if d.num_delivered >= self.flow.consumer.max_deliver:
-                await self.dead_letter(js, d, env, exc)
-            else:
-                self.metrics.retries.labels(self.flow.name).inc()
-                await d.nak(delay=backoff[min(d.num_delivered - 1, len(backoff) - 1)])
+        """Retry later (delayed nak) or dead-letter, by the flow's retry policy (I6)."""
+        policy = self.flow.retry
+        if policy.action(exc) == "retry" and d.num_delivered < self.flow.consumer.max_deliver:
+            self.metrics.retries.labels(self.flow.name).inc()
+            await batch.nak(d, policy.delay(d.num_delivered))
+            return
+        await self.dead_letter(js, d, env, exc)
+        await batch.term(d)
 
     async def dead_letter(self, js: JetStream, d: Delivery, env: Envelope | None, exc: Exception) -> None:
-        """Copy the message to the DLQ with its reason, record it, then term it (I6)."""
+        """Copy the message to the DLQ with its reason; the caller then terms it (I6)."""
         reason = str(exc) or type(exc).__name__
         error = type(exc).__name__
         log.error(
@@ -345,11 +379,41 @@ class Apply:
             "Mesh-Agent": self.agent.cfg.agent.name,
         }
         msg_id = f"dlq-{self.durable}-{d.stream_seq}"
+        # Written (and acknowledged) before the original is termed: nothing is dropped silently.
         await js.publish(OutMessage(dlq_subject(self.flow.name), d.data, msg_id, headers))
         self.metrics.dead_lettered.labels(self.flow.name, error).inc()
         self.metrics.handled.labels(self.flow.name, "dead_lettered").inc()
         # Not recorded in the inbox: a replay of the fixed message must still apply.
+
+
+class _Batch:
+    """The deliveries of one fetch and which of them are settled (acked, nak'ed or termed)."""
+
+    def __init__(self, deliveries: Sequence[Delivery]) -> None:
+        self.deliveries = deliveries
+        self._open = {id(d): d for d in deliveries}
+
+    async def ack(self, d: Delivery) -> None:
+        await d.ack()
+        self._open.pop(id(d), None)
+
+    async def nak(self, d: Delivery, delay: float | None = None) -> None:
+        await d.nak(delay=delay)
+        self._open.pop(id(d), None)
+
+    async def term(self, d: Delivery) -> None:
         await d.term()
+        self._open.pop(id(d), None)
+
+    async def release(self) -> None:
+        """Nak (without delay) whatever is still unsettled, best effort and bounded."""
+        if not self._open:
+            return
+        log.info("releasing %d unsettled messages for immediate redelivery", len(self._open))
+        with anyio.move_on_after(2):
+            for d in list(self._open.values()):
+                with contextlib.suppress(TransportError):
+                    await self.nak(d)
 
 
 class ConnectorAgent:
@@ -365,6 +429,39 @@ class ConnectorAgent:
         self.consumers: dict[str, Any] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
+        self._inflight: set[anyio.CancelScope] = set()
+        self._stop_deadline: float | None = None
+
+    @contextlib.contextmanager
+    def inflight(self) -> Iterator[anyio.CancelScope]:
+        """A shielded scope for one unit of in-flight work (a sink batch, a relay round).
+
+        Shutdown does not interrupt it at once: :meth:`stop` gives it ``shutdown_grace``
+        seconds to finish, then cancels it (what it held is then released or redone).
+        """
+        scope = anyio.CancelScope(shield=True)
+        if self._stop_deadline is not None:
+            scope.deadline = self._stop_deadline
+        self._inflight.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._inflight.discard(scope)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_deadline is not None
+
+    def stop(self) -> None:
+        """Begin a graceful stop: in-flight work gets ``shutdown_grace`` seconds, then ``run``
+        returns. Idempotent."""
+        if self._stop_deadline is None:
+            self._stop_deadline = anyio.current_time() + self.cfg.agent.shutdown_grace
+            for scope in self._inflight:
+                scope.deadline = min(scope.deadline, self._stop_deadline)
+        if self.supervisor is not None:
+            self.supervisor.cancel()
 
     def __repr__(self) -> str:
         return f"<ConnectorAgent {self.cfg.agent.name} flows={[f.name for f in self.cfg.flows]}>"
@@ -376,9 +473,12 @@ class ConnectorAgent:
         async with (
             self.outbox,
             self.inbox,
+            contextlib.aclosing(self.link),  # closed after every actor has stopped
             Supervisor(self.cfg.agent.name, on_restart=lambda a: restarts.labels(a).inc()) as sup,
         ):
             self.supervisor = sup
+            if self.stopping:
+                sup.cancel()
             await sup.start("nats", self.link.run)
             sources = [f for f in self.cfg.flows if f.source is not None]
             for flow in sources:
@@ -394,7 +494,7 @@ class ConnectorAgent:
 
     async def _gauges(self, task_status: TaskStatus[None]) -> None:
         task_status.started()
-        next_prune = 0.0
+        next_prune = next_warning = 0.0
         while True:
             if anyio.current_time() >= next_prune:
                 pruned = await self.inbox.prune(self.cfg.agent.inbox_retention)
@@ -404,6 +504,18 @@ class ConnectorAgent:
             depth, age = await self.outbox.stats()
             self.metrics.outbox_depth.set(depth)
             self.metrics.outbox_age.set(age)
+            self.metrics.outbox_bytes.set(self.outbox.nbytes)
+            a = self.cfg.agent
+            over = depth > a.outbox_warn_depth or age > a.outbox_warn_age
+            self.metrics.outbox_over_threshold.set(1 if over else 0)
+            if over and anyio.current_time() >= next_warning:
+                log.warning(
+                    "outbox backlog: %d envelopes (%.1f MB), oldest %.0fs old (warn at %d / %.0fs); "
+                    "is NATS reachable? link %s",
+                    depth, self.outbox.nbytes / 1e6, age, a.outbox_warn_depth, a.outbox_warn_age,
+                    "up" if self.link.current and self.link.current.is_connected else "down",
+                )  # fmt: skip
+                next_warning = anyio.current_time() + 60
             js = self.link.current
             if js is not None and js.is_connected:
                 for name, consumer in list(self.consumers.items()):

@@ -115,12 +115,18 @@ def _bench(
     rate: Annotated[int, typer.Option(help="Paced rate for the latency test (events/s).")] = 1000,
     seconds: Annotated[float, typer.Option(help="Duration of the paced latency test.")] = 10.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write results here.")] = None,
+    outage: Annotated[
+        bool, typer.Option("--outage", help="Measure the offline edge instead: outage per GiB, drain after.")
+    ] = False,
 ) -> None:
     """Benchmark the mesh path against raw nats-py in the same run (not a test)."""
-    from mesh.bench import run_bench
+    from mesh.bench import run_bench, run_outage_bench
 
     try:
-        run_bench(events=events, rate=rate, seconds=seconds, json_out=json_out)
+        if outage:
+            run_outage_bench(events=events, json_out=json_out)
+        else:
+            run_bench(events=events, rate=rate, seconds=seconds, json_out=json_out)
     except MeshError as exc:
         _fail(exc)
 

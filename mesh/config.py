@@ -8,6 +8,7 @@ a config means the same thing whatever the working directory.
 
 from __future__ import annotations
 
+import random
 import re
 import tomllib
 from pathlib import Path
@@ -15,16 +16,19 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from mesh.errors import ConfigError
+from mesh import errors as _errors
+from mesh.errors import ConfigError, RetryableError
 
 __all__ = [
     "ADAPTERS",
     "AgentConfig",
     "AgentSection",
     "ConsumerConfig",
+    "ErrorAction",
     "FlowConfig",
     "NatsConfig",
     "RelayConfig",
+    "RetryConfig",
     "SinkConfig",
     "SourceConfig",
     "SqliteSinkConfig",
@@ -55,6 +59,15 @@ class AgentSection(_Config, frozen=True):
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     """Serve Prometheus metrics on 127.0.0.1:PORT (0 picks a free port); none when unset."""
     metrics_host: str = "127.0.0.1"
+    shutdown_grace: PositiveFloat = 10.0
+    """On SIGTERM, seconds in-flight batches get to finish before they are released (nak'ed)."""
+    outbox_max_bytes: PositiveInt = 1 << 30
+    """Capture pauses while the outbox holds this many bytes of envelopes (the source keeps
+    its changes meanwhile); default 1 GiB."""
+    outbox_warn_depth: PositiveInt = 100_000
+    """Log a warning while more envelopes than this wait in the outbox."""
+    outbox_warn_age: PositiveFloat = 300.0
+    """Log a warning while the oldest envelope in the outbox is older than this (seconds)."""
     inbox_retention: PositiveFloat = 14 * 24 * 3600.0
     """Seconds the inbox remembers applied ids. Keep it longer than MESH_EVENTS' max_age; older
     redeliveries are still stopped by the sinks' version guards."""
@@ -94,8 +107,40 @@ class ConsumerConfig(_Config, frozen=True):
     ack_wait: PositiveFloat = 30.0
     max_ack_pending: PositiveInt = 20_000
     fetch_timeout: PositiveFloat = 1.0
-    backoff: list[float] = msgspec.field(default_factory=lambda: [0.5, 2.0, 10.0, 30.0])
-    """Delays between redeliveries of a retryable failure (the last repeats)."""
+
+
+ErrorAction = Literal["retry", "dead_letter"]
+
+
+class RetryConfig(_Config, frozen=True):
+    """How a flow's sink side treats failures (I6).
+
+    A failed message is nak'ed with an exponential delay (``initial_delay * multiplier**n``,
+    capped at ``max_delay``, +/- ``jitter``) until the server has delivered it
+    ``consumer.max_deliver`` times; then, or at once for an error whose action is
+    ``dead_letter``, it goes to the dead-letter stream and the flow moves on. By default
+    retryable errors (SystemUnavailable, TransportError) retry and permanent ones (DecodeError,
+    RejectedRecord) are dead-lettered; ``errors`` overrides that per error class, e.g.
+    ``RejectedRecord = "retry"`` when a foreign-key miss resolves once the parent arrives.
+    """
+
+    initial_delay: PositiveFloat = 0.5
+    max_delay: PositiveFloat = 60.0
+    multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+    errors: dict[str, ErrorAction] = msgspec.field(default_factory=dict)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before delivery ``attempt + 1`` (``attempt`` counts from 1)."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** min(max(attempt - 1, 0), 64))
+        return max(0.0, base * (1 + self.jitter * (2 * random.random() - 1)))
+
+    def action(self, exc: BaseException) -> ErrorAction:
+        """``retry`` or ``dead_letter`` for ``exc``: the most specific configured class wins."""
+        for cls in type(exc).__mro__:
+            if cls.__name__ in self.errors:
+                return self.errors[cls.__name__]
+        return "retry" if isinstance(exc, RetryableError) else "dead_letter"
 
 
 class SqliteSourceConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"):
@@ -137,6 +182,7 @@ class FlowConfig(_Config, frozen=True):
     source: SourceConfig | None = None
     sink: SinkConfig | None = None
     consumer: ConsumerConfig = msgspec.field(default_factory=ConsumerConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     accept_origins: list[Token] | None = None
     """Sink side: origins whose events this flow applies (default: every origin but our own)."""
 
@@ -149,6 +195,12 @@ class AgentConfig(_Config, frozen=True):
     flows: list[FlowConfig] = msgspec.field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+
+_ERROR_CLASSES = {
+    name
+    for name in _errors.__all__
+    if isinstance(getattr(_errors, name), type) and issubclass(getattr(_errors, name), _errors.MeshError)
+}
 
 _PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
@@ -176,6 +228,12 @@ def _check(cfg: AgentConfig, source: str) -> None:
         seen.add(flow.name)
         if flow.source is None and flow.sink is None:
             fail(f"flows[{i}]", "a flow needs a [source], a [sink] or both")
+        for name in flow.retry.errors:
+            if name not in _ERROR_CLASSES:
+                fail(
+                    f"flows[{i}].retry.errors.{name}",
+                    f"unknown error class (expected one of: {', '.join(sorted(_ERROR_CLASSES))})",
+                )
         src = flow.source
         if src is not None and src.mode == "cursor" and src.cursor_column is None:
             fail(f"flows[{i}].source.cursor_column", 'required when mode = "cursor"')

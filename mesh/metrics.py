@@ -49,6 +49,20 @@ class Metrics:
             registry=r,
         )
         self.outbox_depth = Gauge("mesh_outbox_depth_messages", "Envelopes waiting in the outbox", registry=r)
+        self.outbox_bytes = Gauge(
+            "mesh_outbox_size_bytes", "Bytes of envelopes waiting in the outbox", registry=r
+        )
+        self.outbox_over_threshold = Gauge(
+            "mesh_outbox_over_threshold",
+            "1 while the outbox depth or oldest age passes its warning threshold",
+            registry=r,
+        )
+        self.capture_paused = Gauge(
+            "mesh_capture_paused",
+            "1 while a flow's capture waits because the outbox reached outbox_max_bytes",
+            ["flow"],
+            registry=r,
+        )
         self.outbox_age = Gauge(
             "mesh_outbox_oldest_age_seconds", "Age of the oldest envelope in the outbox", registry=r
         )

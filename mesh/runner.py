@@ -11,6 +11,7 @@ import signal
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from mesh.config import AgentConfig
 from mesh.metrics import Metrics
@@ -37,14 +38,25 @@ async def _main(cfg: AgentConfig) -> None:
         server, port = serve_metrics(metrics, cfg.agent.metrics_host, cfg.agent.metrics_port)
         log.info("metrics on http://%s:%d/metrics", cfg.agent.metrics_host, port)
     agent = ConnectorAgent(cfg, metrics=metrics)
+
+    async def run_then_end(tg: anyio.abc.TaskGroup) -> None:
+        await agent.run()
+        tg.cancel_scope.cancel()  # the agent is done: stop listening for signals
+
     try:
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await tg.start(agent.run)
+                tg.start_soon(run_then_end, tg)
                 async for signum in signals:
-                    log.info("%s: stopping agent %s", signal.Signals(signum).name, cfg.agent.name)
-                    tg.cancel_scope.cancel()
-                    break
+                    if agent.stopping:
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        break
+                    log.info(
+                        "%s: stopping agent %s (in-flight work gets %.0fs)",
+                        signal.Signals(signum).name, cfg.agent.name, cfg.agent.shutdown_grace,
+                    )  # fmt: skip
+                    agent.stop()
     finally:
         if server is not None:
             server.shutdown()

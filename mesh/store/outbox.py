@@ -61,10 +61,14 @@ class Outbox:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         self._added = anyio.Event()
+        self._removed = anyio.Event()
         self._lock = anyio.Lock()
+        self.nbytes = 0
+        """Bytes of envelopes waiting (kept in memory; exact after open)."""
 
     def __repr__(self) -> str:
-        return f"<Outbox {self.path} {'open' if self._db else 'closed'}>"
+        state = f"bytes={self.nbytes}" if self._db else "closed"
+        return f"<Outbox {self.path} {state}>"
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -82,6 +86,9 @@ class Outbox:
         self._db = await open_store(self.path, synchronous="FULL")
         with store_errors(self.path):
             await self._db.executescript(_SCHEMA)
+            async with self._db.execute("SELECT coalesce(sum(length(data)), 0) FROM outbox") as cur:
+                row = await cur.fetchone()
+        self.nbytes = int(row[0]) if row else 0
 
     async def aclose(self) -> None:
         db, self._db = self._db, None
@@ -131,6 +138,12 @@ class Outbox:
                     with anyio.CancelScope(shield=True):
                         await db.execute("ROLLBACK")
                     raise
+        if added == len(items):
+            self.nbytes += sum(len(d) for _, _, d in items)
+        elif added:  # some ids were already waiting: count exactly
+            async with self.db.execute("SELECT coalesce(sum(length(data)), 0) FROM outbox") as cur:
+                row = await cur.fetchone()
+            self.nbytes = int(row[0]) if row else 0
         if added:
             self._added.set()
             self._added = anyio.Event()
@@ -145,10 +158,11 @@ class Outbox:
             ) as cur:
                 return [OutboxRow(*r) for r in await cur.fetchall()]
 
-    async def remove(self, seqs: Sequence[int]) -> None:
+    async def remove(self, rows: Sequence[OutboxRow]) -> None:
         """Delete rows whose PubAck the caller holds."""
-        if not seqs:
+        if not rows:
             return
+        seqs = [r.seq for r in rows]
         async with self._lock:
             with store_errors(self.path):
                 db = self.db
@@ -163,6 +177,14 @@ class Outbox:
                     with anyio.CancelScope(shield=True):
                         await db.execute("ROLLBACK")
                     raise
+        self.nbytes = max(0, self.nbytes - sum(len(r.data) for r in rows))
+        self._removed.set()
+        self._removed = anyio.Event()
+
+    async def wait_below(self, max_bytes: int) -> None:
+        """Return once fewer than ``max_bytes`` bytes of envelopes wait (the relay removed some)."""
+        while self.nbytes >= max_bytes:
+            await self._removed.wait()
 
     async def wait_for_rows(self, timeout: float) -> None:
         """Return when rows are captured in this process, or after ``timeout``."""

@@ -89,7 +89,9 @@ entity = "customer"
 batch_size = 200
 fetch_timeout = 0.2
 ack_wait = 5.0
-backoff = [0.2, 0.5]
+[flows.retry]
+initial_delay = 0.2
+max_delay = 1.0
 """
     if source is not None:
         text += f"""

@@ -247,3 +247,88 @@ key = "{"id" if apply == "customers" else "sku"}"
     info = await nc.jetstream().stream_info("MESH_EVENTS")
     await nc.close()
     assert info.state.messages == 150
+
+
+async def test_full_outbox_pauses_capture_and_loses_nothing(tmp_path: Path) -> None:
+    """Bounded disk at the edge: with the broker away, capture stops at outbox_max_bytes (the ERP
+    keeps its changes in its change table), warns, and everything flows once the broker is back."""
+    import sqlite3
+
+    server = NatsServer(tmp_path / "nats")  # not started yet
+    mesh = Mesh(tmp_path, server)
+    text = agent_toml(
+        name="erp-agent", system="erp", state=tmp_path / "s-erp", url=server.url, source=mesh.erp
+    )
+    text = text.replace("[nats]", "outbox_max_bytes = 30000\noutbox_warn_depth = 10\n[nats]", 1)
+    erp = ConnectorAgent(parse_agent_config(text), metrics=mesh.erp_metrics)
+    registry = mesh.erp_metrics.registry
+    mesh.load.insert(1000)
+    async with anyio.create_task_group() as tg:
+        await tg.start(erp.run)
+        with anyio.fail_after(20):
+            while not registry.get_sample_value("mesh_capture_paused", {"flow": "customers"}):
+                await anyio.sleep(0.05)
+        depth, _ = await erp.outbox.stats()
+        assert 0 < depth < 1000
+        assert erp.outbox.nbytes >= 30000
+        with sqlite3.connect(mesh.erp) as c:  # the rest waits at the source, not lost
+            waiting = c.execute("SELECT count(*) FROM _mesh_changes_customers").fetchone()[0]
+        assert waiting >= 1000 - depth
+        with anyio.fail_after(5):
+            while registry.get_sample_value("mesh_outbox_over_threshold") != 1:
+                await anyio.sleep(0.05)
+        await anyio.to_thread.run_sync(server.start)
+        try:
+            await tg.start(mesh.agent("crm").run)
+            await mesh.wait_synced(timeout=60)
+            assert registry.get_sample_value("mesh_capture_paused", {"flow": "customers"}) == 0
+        finally:
+            tg.cancel_scope.cancel()
+            server.stop()
+    assert_same_rows(mesh.erp, mesh.crm)
+    assert_effect_once(mesh.crm)
+
+
+async def test_poison_record_is_retried_per_policy_then_dead_lettered_without_blocking(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """A record the target refuses (a CHECK constraint) is retried as the flow's policy says
+    (here: RejectedRecord = "retry", max_deliver 3), then dead-lettered with its attempt count;
+    every other record, including later ones, applies meanwhile."""
+    import sqlite3
+
+    mesh = Mesh(tmp_path, nats_server)
+    with sqlite3.connect(mesh.crm) as c:
+        c.executescript("""
+            DROP TABLE customers;
+            CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT, country TEXT,
+                credit_limit_cents INTEGER NOT NULL CHECK (credit_limit_cents < 900000000), balance REAL);
+        """)
+    text = agent_toml(
+        name="crm-agent", system="crm", state=tmp_path / "s-crm", url=nats_server.url, sink=mesh.crm
+    )
+    text = text.replace("ack_wait = 5.0", "ack_wait = 5.0\nmax_deliver = 3")
+    text = text.replace("[flows.retry]", '[flows.retry]\nerrors = { RejectedRecord = "retry" }')
+    crm = ConnectorAgent(parse_agent_config(text), metrics=mesh.crm_metrics)
+    mesh.load.insert(300)
+    with sqlite3.connect(mesh.erp) as c:
+        poison = [r[0] for r in c.execute("SELECT id FROM customers WHERE credit_limit_cents >= 900000000")]
+    assert poison, "the seeded load should contain some refused rows"
+    async with running(mesh.agent("erp"), crm):
+        with anyio.fail_after(30):
+            while len(rows(mesh.crm)) < 300 - len(poison):
+                await anyio.sleep(0.1)
+        nc = await nats.connect(nats_server.url)
+        sub = await nc.jetstream().pull_subscribe("dlq.customers", durable="t", stream="MESH_DLQ")
+        dead: list[nats.aio.msg.Msg] = []
+        with anyio.fail_after(30):
+            while len(dead) < len(poison):
+                with suppress(nats.errors.TimeoutError):
+                    dead += await sub.fetch(len(poison), timeout=1)
+        await nc.close()
+    assert sorted(int(r[0]) for r in rows(mesh.crm)) == sorted(set(range(1, 301)) - set(poison))
+    assert {m.headers["Mesh-Attempts"] for m in dead} == {"3"}
+    assert {m.headers["Mesh-Error-Class"] for m in dead} == {"RejectedRecord"}
+    assert all("CHECK constraint failed" in m.headers["Mesh-Reason"] for m in dead)
+    retried = mesh.crm_metrics.registry.get_sample_value("mesh_retried_messages_total", {"flow": "customers"})
+    assert retried == 2 * len(poison)

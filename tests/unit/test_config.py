@@ -105,3 +105,31 @@ def test_toml_syntax_error_and_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
     with pytest.raises(ConfigError, match=rf"{missing}: cannot read config"):
         load_agent_config(missing)
+
+
+def test_retry_policy_defaults_overrides_and_delays() -> None:
+    from mesh.config import RetryConfig
+    from mesh.errors import DecodeError, RejectedRecord, SystemUnavailable, TransportError
+
+    policy = RetryConfig(initial_delay=1, multiplier=2, max_delay=5, jitter=0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]
+    assert policy.action(SystemUnavailable("x")) == "retry"
+    assert policy.action(TransportError("x")) == "retry"
+    assert policy.action(RejectedRecord("x")) == "dead_letter"
+    assert policy.action(ValueError("x")) == "dead_letter"
+    custom = RetryConfig(errors={"RejectedRecord": "retry", "SystemUnavailable": "dead_letter"})
+    assert custom.action(RejectedRecord("x")) == "retry"
+    assert custom.action(SystemUnavailable("x")) == "dead_letter"
+    assert custom.action(DecodeError("x")) == "dead_letter"
+    jittery = RetryConfig(initial_delay=10, jitter=0.2)
+    assert all(8 <= jittery.delay(1) <= 12 for _ in range(100))
+
+
+def test_retry_policy_rejects_unknown_error_class() -> None:
+    text = GOOD + '\n[flows.retry]\nerrors = { RejectedRecrod = "retry" }\n'
+    with pytest.raises(ConfigError, match=r"flows\[0\].retry.errors.RejectedRecrod: unknown error class"):
+        parse_agent_config(text, source="a.toml")
+    with pytest.raises(ConfigError, match=r"flows\[0\].retry.errors\[...\]: invalid enum value .ignore."):
+        parse_agent_config(
+            GOOD + '\n[flows.retry]\nerrors = { RejectedRecord = "ignore" }\n', source="a.toml"
+        )

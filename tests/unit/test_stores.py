@@ -47,7 +47,8 @@ async def test_remove_only_named_rows_and_wakeup(tmp_path: Path) -> None:
     async with Outbox(tmp_path / "o.db") as ob:
         await ob.capture("f", "1", [(str(i), "s", b"x") for i in range(1200)])
         rows = await ob.peek(2000)
-        await ob.remove([r.seq for r in rows if int(r.id) % 2 == 0])
+        await ob.remove([r for r in rows if int(r.id) % 2 == 0])
+        assert ob.nbytes == 600
         left = await ob.peek(2000)
         assert len(left) == 600
         assert all(int(r.id) % 2 == 1 for r in left)
