@@ -360,7 +360,7 @@ class Apply:
 
     async def dead_letter(self, js: JetStream, d: Delivery, env: Envelope | None, exc: Exception) -> None:
         """Copy the message to the DLQ with its reason; the caller then terms it (I6)."""
-        reason = str(exc) or type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line: it goes in a header
         error = type(exc).__name__
         log.error(
             "flow %s: dead-lettering %s (stream seq %d, delivery %d): %s",

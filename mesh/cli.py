@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from mesh import cli_dlq, cli_flow
 from mesh.errors import ConfigError, MeshError
 
 __all__ = ["app", "main"]
@@ -29,6 +30,8 @@ dev_app = typer.Typer(help="The embedded development stack.", no_args_is_help=Tr
 app.add_typer(agent_app, name="agent")
 app.add_typer(config_app, name="config")
 app.add_typer(dev_app, name="dev")
+app.add_typer(cli_dlq.app, name="dlq")
+app.add_typer(cli_flow.app, name="flow")
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)

@@ -1,0 +1,727 @@
+"""Operating on dead letters (``MESH_DLQ``) and replaying a flow from a point in ``MESH_EVENTS``.
+
+A dead-letter entry is the original message bytes, published to ``dlq.<flow>`` with the headers
+the sink agent added (``Mesh-Original-Subject``, ``Mesh-Original-Stream-Seq``,
+``Mesh-Original-Msg-Id``, ``Mesh-Reason``, ``Mesh-Error-Class``, ``Mesh-Permanent``,
+``Mesh-Attempts``, ``Mesh-Flow``, ``Mesh-Agent``) plus the original's own non-``Nats-`` headers.
+
+Guarantees:
+
+* **Reading never consumes.** :meth:`DeadLetters.scan` and :meth:`DeadLetters.get` read with
+  the stream's message-get API (``next_by_subj`` from a sequence, one message per request): no
+  consumer is created, nothing is acked, and a missing or empty stream reads as no entries.
+  A scan stops at the stream's last sequence as it was when the scan began.
+* **Replay is idempotent inside the duplicate window.** :meth:`DeadLetters.replay` republishes
+  an entry's original bytes to its original subject with ``Nats-Msg-Id: replay-<dlq seq>``, so
+  replaying one entry twice within the window stores it once. The entry is deleted from the DLQ
+  only after the PubAck (and not at all with ``keep``). The sink agent did not record the
+  dead-lettered envelope id in its inbox, so the replayed copy applies once; any other sink on
+  the same subject that already applied it sees a duplicate (inbox) or a stale version (guard).
+* **Flow replay moves a consumer back, never forward.** :func:`replay_flow` resets the flow's
+  durable consumer (``<flow>-<sink system>``) with the JetStream consumer-reset API
+  (nats-server 2.14+) so it redelivers from a stream sequence; the running sink agent keeps its
+  binding and passes everything through its inbox and version guard again, so nothing applies
+  twice and no old version overwrites a newer one. A start beyond the consumer's ack floor
+  would skip undelivered messages, so it is refused as a no-op.
+
+Failures are :class:`~mesh.errors.TransportError` (server unreachable or not answering) or
+:class:`DlqError` (no such entry, consumer or stream; a request the server refuses).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from mesh.config import NatsConfig
+from mesh.envelope import Envelope, decode
+from mesh.errors import DecodeError, MeshError, TransportError
+from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream
+
+__all__ = [
+    "DEFAULT_NATS_URL",
+    "DLQ_HEADERS",
+    "DeadLetters",
+    "DlqEntry",
+    "DlqError",
+    "DlqFilter",
+    "FlowReplay",
+    "ReplayOutcome",
+    "ReplayReport",
+    "connect",
+    "format_time",
+    "parse_time",
+    "replay_flow",
+    "replay_msg_id",
+]
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+"""Where the CLI connects when neither ``--server`` nor ``MESH_NATS_URL`` says otherwise."""
+
+DLQ_HEADERS = frozenset(
+    {
+        "Mesh-Original-Subject",
+        "Mesh-Original-Stream-Seq",
+        "Mesh-Original-Msg-Id",
+        "Mesh-Reason",
+        "Mesh-Error-Class",
+        "Mesh-Permanent",
+        "Mesh-Attempts",
+        "Mesh-Flow",
+        "Mesh-Agent",
+    }
+)
+"""The headers the sink agent adds when it dead-letters a message (not part of the original)."""
+
+_API = "$JS.API"
+_NO_MESSAGE = 10037
+_STREAM_NOT_FOUND = 10059
+_CONSUMER_NOT_FOUND = 10014
+_NATS_ERRORS = (nats.errors.Error, TimeoutError, OSError)
+_RELATIVE = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_RELATIVE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_FRACTION = re.compile(r"\.(\d+)")
+_ANY_DECODER = msgspec.msgpack.Decoder()
+
+
+class DlqError(MeshError):
+    """An operator request that cannot be carried out: no such entry, consumer or stream, or a
+    request the server refuses. The message says which and what to do."""
+
+
+def replay_msg_id(dlq_seq: int) -> str:
+    """The ``Nats-Msg-Id`` of the replayed copy of DLQ entry ``dlq_seq`` (deterministic, so a
+    second replay inside the duplicate window is dropped by JetStream)."""
+    return f"replay-{dlq_seq}"
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """A point in time from ISO-8601 (``2024-05-01T12:00:00Z``; naive means UTC) or from a
+    duration ago (``30s``, ``15m``, ``2h``, ``1d``, ``1w``, combinable: ``1h30m``). Always UTC.
+
+    Raises:
+        ValueError: neither form; the message shows both.
+    """
+    value = text.strip()
+    now = now or datetime.now(UTC)
+    if _RELATIVE.fullmatch(value.lower()):
+        seconds = sum(float(n) * _UNITS[u] for n, u in _RELATIVE_PART.findall(value.lower()))
+        try:
+            return now - timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches back before year 1") from None
+    try:
+        parsed = datetime.fromisoformat(_FRACTION.sub(lambda m: "." + m.group(1)[:6], value))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither an ISO-8601 time (2024-05-01T12:00:00Z) "
+            "nor a duration ago (30s, 15m, 2h, 1d, 1w)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def format_time(t: datetime) -> str:
+    """``2024-05-01T12:00:00Z`` (UTC, whole seconds)."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _server_time(text: str) -> datetime:
+    # The server writes nanoseconds; Python parses at most microseconds.
+    return parse_time(text)
+
+
+def _rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    """A NATS header block (``NATS/1.0\\r\\nKey: value\\r\\n...``); the first value of a repeated
+    key wins, like nats-py's."""
+    headers: dict[str, str] = {}
+    lines = raw.decode("utf-8", errors="replace").split("\r\n")
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        headers.setdefault(name.strip(), value.strip())
+    return headers
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class DlqEntry:
+    """One message in ``MESH_DLQ``: its DLQ sequence and time, the original bytes and all headers.
+
+    ``envelope`` is the decoded original when it is a valid envelope; otherwise
+    ``decode_error`` says why not.
+    """
+
+    seq: int
+    subject: str
+    time: datetime
+    data: bytes
+    headers: Mapping[str, str]
+    envelope: Envelope | None = None
+    decode_error: str | None = None
+
+    @classmethod
+    def of(cls, seq: int, subject: str, time: datetime, data: bytes, headers: Mapping[str, str]) -> DlqEntry:
+        """Build an entry, decoding the original envelope once (tolerating garbage)."""
+        try:
+            return cls(seq, subject, time, data, dict(headers), envelope=decode(data))
+        except DecodeError as exc:
+            return cls(seq, subject, time, data, dict(headers), decode_error=str(exc))
+
+    @property
+    def flow(self) -> str:
+        return self.headers.get("Mesh-Flow") or self.subject.removeprefix("dlq.")
+
+    @property
+    def error_class(self) -> str:
+        return self.headers.get("Mesh-Error-Class", "")
+
+    @property
+    def reason(self) -> str:
+        return self.headers.get("Mesh-Reason", "")
+
+    @property
+    def attempts(self) -> int | None:
+        return _int_or_none(self.headers.get("Mesh-Attempts"))
+
+    @property
+    def permanent(self) -> bool | None:
+        value = self.headers.get("Mesh-Permanent")
+        return None if value is None else value.lower() == "true"
+
+    @property
+    def original_subject(self) -> str:
+        return self.headers.get("Mesh-Original-Subject", "")
+
+    @property
+    def original_seq(self) -> int | None:
+        return _int_or_none(self.headers.get("Mesh-Original-Stream-Seq"))
+
+    @property
+    def original_msg_id(self) -> str:
+        return self.headers.get("Mesh-Original-Msg-Id", "")
+
+    @property
+    def agent(self) -> str:
+        return self.headers.get("Mesh-Agent", "")
+
+    def original_headers(self) -> dict[str, str]:
+        """The headers the original message carried (without the DLQ's and ``Nats-*`` ones)."""
+        return {k: v for k, v in self.headers.items() if k not in DLQ_HEADERS and not k.startswith("Nats-")}
+
+    def payload_json(self) -> Any:
+        """The envelope's payload as JSON-ready data (any msgpack value; bytes as base64, None
+        for a nil payload).
+
+        Raises:
+            DecodeError: there is no envelope, or its payload is not msgpack.
+        """
+        if self.envelope is None:
+            raise DecodeError(self.decode_error or "not an envelope")
+        try:
+            return msgspec.to_builtins(_ANY_DECODER.decode(self.envelope.payload), enc_hook=repr)
+        except (msgspec.DecodeError, TypeError) as exc:
+            raise DecodeError(f"payload is not msgpack: {exc}") from None
+
+    def summary(self) -> dict[str, Any]:
+        """The entry as JSON-ready data: DLQ facts, the envelope's identity, the reason."""
+        env = self.envelope
+        return {
+            "seq": self.seq,
+            "time": _rfc3339(self.time),
+            "flow": self.flow,
+            "error": self.error_class,
+            "permanent": self.permanent,
+            "attempts": self.attempts,
+            "agent": self.agent,
+            "original_subject": self.original_subject,
+            "original_seq": self.original_seq,
+            "original_msg_id": self.original_msg_id,
+            "reason": self.reason,
+            "envelope": None
+            if env is None
+            else {
+                "id": env.id,
+                "kind": env.kind,
+                "key": env.key,
+                "version": env.version,
+                "origin": env.origin,
+            },
+            "decode_error": self.decode_error,
+            "size": len(self.data),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DlqFilter:
+    """Which entries an operation touches. Every given criterion must hold; none means all.
+
+    ``reason`` is a case-insensitive substring of ``Mesh-Reason``; ``error`` is the error
+    class, case-insensitive; ``since``/``until`` bound the DLQ entry's time (inclusive).
+    """
+
+    flow: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return all(v is None for v in (self.flow, self.reason, self.error, self.since, self.until))
+
+    def matches(self, entry: DlqEntry) -> bool:
+        if self.flow is not None and entry.flow != self.flow:
+            return False
+        if self.reason is not None and self.reason.lower() not in entry.reason.lower():
+            return False
+        if self.error is not None and entry.error_class.lower() != self.error.lower():
+            return False
+        if self.since is not None and entry.time < self.since:
+            return False
+        return not (self.until is not None and entry.time > self.until)
+
+
+class ReplayOutcome(StrEnum):
+    REPLAYED = "replayed"
+    """Stored in the target stream (a new message)."""
+    DUPLICATE = "duplicate"
+    """Acknowledged as a duplicate: an earlier replay of this entry is inside the window."""
+    FAILED = "failed"
+    """Not acknowledged (or the DLQ entry could not be deleted); the entry stays."""
+    SKIPPED = "skipped"
+    """Not replayable: no original subject (or one that would loop back into the DLQ)."""
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """Counts of one replay. ``duplicates`` are also counted in ``replayed``."""
+
+    replayed: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowReplay:
+    """What :func:`replay_flow` did to one consumer."""
+
+    consumer: str
+    stream: str
+    filter_subject: str
+    reset: bool
+    """False when nothing was changed (``note`` says why)."""
+    from_seq: int
+    """The stream sequence the next delivery is at or above (when ``reset``)."""
+    pending: int
+    """Messages the consumer has not yet delivered, after the reset."""
+    ack_pending: int
+    stream_last_seq: int
+    note: str = ""
+
+
+def connect(server: str, *, name: str = "meshctl", timeout: float = 5.0) -> JetStream:
+    """A :class:`~mesh.transport.JetStream` for one server URL (``async with`` it to connect)."""
+    return JetStream(
+        NatsConfig(servers=[server], connect_timeout=min(timeout, 2.0), request_timeout=timeout), name=name
+    )
+
+
+class _Api:
+    """Raw JetStream API requests (the message-get options nats-py does not expose), with
+    nats-py's errors translated."""
+
+    def __init__(self, js: JetStream) -> None:
+        self.js = js
+        self.timeout = js.cfg.request_timeout
+
+    async def request(self, subject: str, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps(payload).encode() if payload else b""
+        try:
+            msg = await self.js.nc.request(f"{_API}.{subject}", body, timeout=self.timeout)
+        except nats.errors.NoRespondersError:
+            raise TransportError(f"{self.js.cfg.servers[0]}: JetStream is not enabled there") from None
+        except _NATS_ERRORS as exc:
+            raise TransportError(f"NATS request {subject}: {type(exc).__name__}: {exc}") from exc
+        try:
+            resp: dict[str, Any] = json.loads(msg.data)
+        except ValueError as exc:
+            raise TransportError(f"NATS request {subject}: unreadable answer: {exc}") from None
+        return resp
+
+    async def call(self, coro: Any) -> Any:
+        """Await a nats-py call; its errors become the mesh's."""
+        try:
+            return await coro
+        except nats.js.errors.APIError as exc:
+            raise DlqError(f"JetStream refused: {exc.description or exc}") from exc
+        except _NATS_ERRORS as exc:
+            raise TransportError(f"NATS: {type(exc).__name__}: {exc or 'no answer'}") from exc
+
+
+def _error(resp: Mapping[str, Any]) -> tuple[int, str] | None:
+    err = resp.get("error")
+    if not err:
+        return None
+    return int(err.get("err_code") or 0), str(err.get("description") or err)
+
+
+async def _first_since(api: _Api, stream: str, since: datetime, subject: str) -> int | None:
+    """The sequence of the first message on ``subject`` stored at or after ``since``; None if none.
+
+    The server converts the time to int64 nanoseconds (a time after 2262 wraps around and it
+    answers with an early message), so the answer's own time is checked.
+    """
+    resp = await api.request(
+        f"STREAM.MSG.GET.{stream}", {"start_time": _rfc3339(since), "next_by_subj": subject}
+    )
+    err = _error(resp)
+    if err is not None:
+        if err[0] in (_NO_MESSAGE, _STREAM_NOT_FOUND):
+            return None
+        raise DlqError(f"stream {stream}: {err[1]}")
+    message = resp["message"]
+    if _server_time(message["time"]) < since:
+        return None
+    return int(message["seq"])
+
+
+class DeadLetters:
+    """List, show, replay and purge the entries of the dead-letter stream.
+
+    Use with a connected :class:`~mesh.transport.JetStream`; nothing here creates a consumer.
+    """
+
+    def __init__(self, js: JetStream, *, stream: str = DLQ_STREAM) -> None:
+        self.js = js
+        self.stream = stream
+        self._api = _Api(js)
+
+    def __repr__(self) -> str:
+        return f"<DeadLetters {self.stream} via {self.js!r}>"
+
+    async def bounds(self) -> tuple[int, int, int] | None:
+        """(first seq, last seq, message count) of the stream; None when it does not exist."""
+        resp = await self._api.request(f"STREAM.INFO.{self.stream}")
+        err = _error(resp)
+        if err is not None:
+            if err[0] == _STREAM_NOT_FOUND:
+                return None
+            raise DlqError(f"stream {self.stream}: {err[1]}")
+        state = resp.get("state") or {}
+        return int(state.get("first_seq", 0)), int(state.get("last_seq", 0)), int(state.get("messages", 0))
+
+    async def _get(self, request: Mapping[str, Any]) -> DlqEntry | None:
+        resp = await self._api.request(f"STREAM.MSG.GET.{self.stream}", request)
+        err = _error(resp)
+        if err is not None:
+            if err[0] in (_NO_MESSAGE, _STREAM_NOT_FOUND):
+                return None
+            raise DlqError(f"stream {self.stream}: {err[1]}")
+        m = resp["message"]
+        headers = _parse_headers(base64.b64decode(m["hdrs"])) if m.get("hdrs") else {}
+        try:
+            data = base64.b64decode(m.get("data") or "")
+        except binascii.Error as exc:
+            raise DlqError(f"stream {self.stream} seq {m.get('seq')}: unreadable payload: {exc}") from None
+        return DlqEntry.of(int(m["seq"]), str(m["subject"]), _server_time(m["time"]), data, headers)
+
+    async def get(self, seq: int) -> DlqEntry:
+        """The entry at ``seq``.
+
+        Raises:
+            DlqError: there is no such entry (or no DLQ stream).
+        """
+        if seq < 1:
+            raise DlqError(f"no DLQ entry with seq {seq} (sequences start at 1)")
+        entry = await self._get({"seq": seq})
+        if entry is None:
+            raise DlqError(f"no DLQ entry with seq {seq} in {self.stream}")
+        return entry
+
+    async def scan(
+        self, flt: DlqFilter = DlqFilter(), *, limit: int | None = None
+    ) -> AsyncIterator[DlqEntry]:
+        """The entries matching ``flt``, oldest first, up to ``limit``. Reads only."""
+        bounds = await self.bounds()
+        if bounds is None or bounds[2] == 0:
+            return
+        first, last, _ = bounds
+        subject = f"dlq.{flt.flow}" if flt.flow is not None else ">"
+        found = 0
+        seq = first
+        if flt.since is not None:
+            start = await _first_since(self._api, self.stream, flt.since, subject)
+            if start is None:
+                return
+            seq = start
+        while seq <= last and (limit is None or found < limit):
+            entry = await self._get({"seq": seq, "next_by_subj": subject})
+            if entry is None or entry.seq > last:
+                return
+            if flt.until is not None and entry.time > flt.until:
+                return
+            if flt.matches(entry):
+                found += 1
+                yield entry
+            seq = entry.seq + 1
+
+    async def select(
+        self, flt: DlqFilter = DlqFilter(), seqs: Iterable[int] = (), *, limit: int | None = None
+    ) -> list[DlqEntry]:
+        """The entries at ``seqs`` (each must exist) that match ``flt``, or, without ``seqs``,
+        every matching entry; oldest first, at most ``limit``.
+
+        Raises:
+            DlqError: one of ``seqs`` does not exist (nothing is returned then).
+        """
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return [e async for e in self.scan(flt, limit=limit)]
+        entries = [await self.get(s) for s in wanted]
+        chosen = [e for e in entries if flt.matches(e)]
+        return chosen if limit is None else chosen[:limit]
+
+    async def delete(self, seq: int) -> bool:
+        """Delete one entry; False when it was already gone."""
+        resp = await self._api.request(f"STREAM.MSG.DELETE.{self.stream}", {"seq": seq})
+        err = _error(resp)
+        if err is not None:
+            if err[0] in (_NO_MESSAGE, _STREAM_NOT_FOUND) or "not found" in err[1].lower():
+                return False
+            raise DlqError(f"delete {self.stream} seq {seq}: {err[1]}")
+        return bool(resp.get("success"))
+
+    async def purge_all(self, up_to_seq: int) -> int:
+        """Delete every entry with a sequence up to and including ``up_to_seq``; the count."""
+        resp = await self._api.request(f"STREAM.PURGE.{self.stream}", {"seq": up_to_seq + 1})
+        err = _error(resp)
+        if err is not None:
+            if err[0] == _STREAM_NOT_FOUND:
+                return 0
+            raise DlqError(f"purge {self.stream}: {err[1]}")
+        return int(resp.get("purged", 0))
+
+    async def purge(self, entries: Iterable[DlqEntry]) -> int:
+        """Delete these entries; the number actually deleted."""
+        deleted = 0
+        for e in entries:
+            deleted += await self.delete(e.seq)
+        return deleted
+
+    async def replay_one(self, entry: DlqEntry, *, keep: bool = False) -> ReplayOutcome:
+        """Republish one entry to its original subject; then (unless ``keep``) delete it."""
+        subject = entry.original_subject
+        if not subject or subject.startswith("dlq.") or subject == entry.subject:
+            return ReplayOutcome.SKIPPED
+        headers = {
+            **entry.original_headers(),
+            "Nats-Msg-Id": replay_msg_id(entry.seq),
+            "Mesh-Replay-Of": f"{self.stream}:{entry.seq}",
+        }
+        try:
+            ack = await self.js.js.publish(subject, entry.data, timeout=self._api.timeout, headers=headers)
+        except nats.js.errors.NoStreamResponseError as exc:
+            raise DlqError(f"no stream stores subject {subject}") from exc
+        except nats.js.errors.APIError as exc:
+            raise DlqError(f"publish to {subject} refused: {exc.description or exc}") from exc
+        except _NATS_ERRORS as exc:
+            raise TransportError(f"publish to {subject}: {type(exc).__name__}: {exc}") from exc
+        if not keep:
+            await self.delete(entry.seq)
+        return ReplayOutcome.DUPLICATE if ack.duplicate else ReplayOutcome.REPLAYED
+
+    async def replay(
+        self,
+        entries: Iterable[DlqEntry],
+        *,
+        keep: bool = False,
+        progress: Callable[[DlqEntry, ReplayOutcome], None] | None = None,
+    ) -> ReplayReport:
+        """Replay entries in order; count the outcomes. Never raises for one entry's failure
+        (it is counted and described in ``problems``); once the connection is lost the rest
+        count as failed without being tried."""
+        report = ReplayReport()
+        for entry in entries:
+            if not self.js.is_connected:
+                outcome = ReplayOutcome.FAILED
+                report.problems.append(f"seq {entry.seq}: not tried, the connection is lost")
+            else:
+                try:
+                    outcome = await self.replay_one(entry, keep=keep)
+                except MeshError as exc:
+                    outcome = ReplayOutcome.FAILED
+                    report.problems.append(f"seq {entry.seq}: {exc}")
+            if outcome is ReplayOutcome.SKIPPED:
+                report.skipped += 1
+                report.problems.append(f"seq {entry.seq}: skipped, no original subject to replay to")
+            elif outcome is ReplayOutcome.FAILED:
+                report.failed += 1
+            else:
+                report.replayed += 1
+                report.duplicates += outcome is ReplayOutcome.DUPLICATE
+                report.deleted += not keep
+            if progress is not None:
+                progress(entry, outcome)
+        return report
+
+
+async def _consumers(api: _Api, stream: str) -> list[Any]:
+    found: list[Any] = []
+    while True:
+        batch = await api.call(api.js.js.consumers_info(stream, offset=len(found) or None))
+        found.extend(batch)
+        if len(batch) < 256:
+            return found
+
+
+async def _find_consumer(api: _Api, stream: str, flow: str, sink_system: str | None) -> Any:
+    if sink_system is not None:
+        name = f"{flow}-{sink_system}"
+        try:
+            return await api.js.js.consumer_info(stream, name)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                raise DlqError(f"stream {stream} does not exist") from None
+            raise DlqError(
+                f"no consumer {name} on {stream}: is a sink agent of system {sink_system!r} "
+                f"running flow {flow!r}?"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            raise DlqError(f"consumer {name}: {exc.description or exc}") from exc
+        except _NATS_ERRORS as exc:
+            raise TransportError(f"consumer {name}: {type(exc).__name__}: {exc}") from exc
+    try:
+        infos = await _consumers(api, stream)
+    except DlqError as exc:
+        raise DlqError(f"stream {stream}: {exc}") from None
+    matching = [c for c in infos if c.name.startswith(f"{flow}-")]
+    if not matching:
+        known = ", ".join(sorted(c.name for c in infos)) or "none"
+        raise DlqError(
+            f"no consumer for flow {flow!r} on {stream} (expected {flow}-<sink system>; consumers: {known})"
+        )
+    if len(matching) > 1:
+        names = ", ".join(sorted(c.name for c in matching))
+        raise DlqError(f"flow {flow!r} has several consumers ({names}): choose one with --sink-system")
+    return matching[0]
+
+
+def _filter_of(info: Any) -> str:
+    cfg = info.config
+    if cfg.filter_subject:
+        return str(cfg.filter_subject)
+    subjects = getattr(cfg, "filter_subjects", None) or []
+    return str(subjects[0]) if len(subjects) == 1 else ">"
+
+
+async def replay_flow(
+    js: JetStream,
+    flow: str,
+    *,
+    sink_system: str | None = None,
+    since: datetime | None = None,
+    from_seq: int | None = None,
+    stream: str = EVENTS_STREAM,
+) -> FlowReplay:
+    """Make the durable consumer ``<flow>-<sink system>`` redeliver from ``from_seq``, or from
+    the first message on its filter at or after ``since``.
+
+    Uses the consumer-reset API (nats-server 2.14+): the consumer keeps its name, config and
+    bound subscribers; pending and redelivery counts are cleared and the next delivery is at or
+    above the start sequence. Without ``sink_system`` the flow must have exactly one consumer.
+
+    Raises:
+        DlqError: no such consumer (or several), a server without consumer reset, a bad start,
+            or the server refused the reset.
+        TransportError: the server did not answer.
+    """
+    if (since is None) == (from_seq is None):
+        raise DlqError("give exactly one of a start time (--since) or a stream sequence (--from-seq)")
+    if from_seq is not None and from_seq < 1:
+        raise DlqError(f"--from-seq must be 1 or more, got {from_seq}")
+    api = _Api(js)
+    version = js.nc.connected_server_version
+    if (version.major, version.minor) < (2, 14):
+        raise DlqError(
+            f"the server runs nats-server {version}; replaying a flow needs the consumer reset API "
+            "of nats-server 2.14 or later"
+        )
+    info = await _find_consumer(api, stream, flow, sink_system)
+    name = str(info.name)
+    filter_subject = _filter_of(info)
+    stream_info = await api.request(f"STREAM.INFO.{stream}")
+    err = _error(stream_info)
+    if err is not None:
+        raise DlqError(f"stream {stream}: {err[1]}")
+    last_seq = int((stream_info.get("state") or {}).get("last_seq", 0))
+    ack_floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+
+    def unchanged(start: int, note: str) -> FlowReplay:
+        return FlowReplay(
+            consumer=name, stream=stream, filter_subject=filter_subject, reset=False, from_seq=start,
+            pending=int(info.num_pending or 0), ack_pending=int(info.num_ack_pending or 0),
+            stream_last_seq=last_seq, note=note,
+        )  # fmt: skip
+
+    if since is not None:
+        first = await _first_since(api, stream, since, filter_subject)
+        if first is None:
+            return unchanged(
+                0, f"no message on {filter_subject} since {format_time(since)}: nothing to replay"
+            )
+        start = first
+    else:
+        assert from_seq is not None
+        start = from_seq
+    if start > ack_floor + 1:
+        return unchanged(
+            start,
+            f"{name} has acknowledged only up to stream seq {ack_floor}; messages from {start} on are "
+            "still to be delivered, and moving it forward would skip the ones before: nothing changed",
+        )
+    try:
+        result = await js.js.reset_consumer(stream, name, seq=start, timeout=api.timeout)
+    except nats.js.errors.APIError as exc:
+        raise DlqError(f"reset of consumer {name} refused: {exc.description or exc}") from exc
+    except _NATS_ERRORS as exc:
+        raise TransportError(f"reset of consumer {name}: {type(exc).__name__}: {exc or 'no answer'}") from exc
+    return FlowReplay(
+        consumer=name,
+        stream=stream,
+        filter_subject=filter_subject,
+        reset=True,
+        from_seq=int(result.reset_seq),
+        pending=int(result.info.num_pending or 0),
+        ack_pending=int(result.info.num_ack_pending or 0),
+        stream_last_seq=last_seq,
+    )
