@@ -3,6 +3,11 @@
 Used by ``meshctl dev up`` (the embedded default), the tests and the benchmarks. The server
 listens on loopback only, keeps its JetStream store in a directory the caller names, and can be
 restarted on the same port and store, SIGKILLed, or SIGSTOPped, which is what the crash tests need.
+
+With ``config_file`` the server also reads a nats-server config file (``-c``), e.g. a leaf node
+or hub config written by ``meshctl leafnode config``; the address and ports given here still win
+over the file's, while the JetStream store directory and server name are the file's (nats-server
+refuses a store directory on both), so point the file's ``store_dir`` at ``store_dir``.
 """
 
 from __future__ import annotations
@@ -62,12 +67,14 @@ class NatsServer:
         monitor_port: int | None = None,
         log_file: str | Path | None = None,
         extra_args: list[str] | None = None,
+        config_file: str | Path | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
         self.extra_args = list(extra_args or [])
+        self.config_file = Path(config_file) if config_file else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -100,10 +107,14 @@ class NatsServer:
             "-p", str(self.port),
             "-m", str(self.monitor_port),
             "-js",
-            "-sd", str(self.store_dir),
-            "-n", f"mesh-{self.port}",
-            *self.extra_args,
         ]  # fmt: skip
+        if self.config_file is not None:
+            # nats-server refuses -sd next to a file's jetstream.store_dir; the file's
+            # store_dir and server_name (leaf/hub) are kept.
+            args += ["-c", str(self.config_file)]
+        else:
+            args += ["-sd", str(self.store_dir), "-n", f"mesh-{self.port}"]
+        args += self.extra_args
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             self._proc = subprocess.Popen(

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mesh import cli_dlq, cli_flow
+from mesh import cli_dlq, cli_flow, cli_leafnode
 from mesh.errors import ConfigError, MeshError
 
 __all__ = ["app", "main"]
@@ -32,6 +32,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(dev_app, name="dev")
 app.add_typer(cli_dlq.app, name="dlq")
 app.add_typer(cli_flow.app, name="flow")
+app.add_typer(cli_leafnode.app, name="leafnode")
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)

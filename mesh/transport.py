@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -174,12 +175,15 @@ class JetStream:
     :class:`TransportError` when no server answers; once connected, nats-py reconnects forever.
     """
 
-    def __init__(self, cfg: NatsConfig, *, name: str) -> None:
+    def __init__(self, cfg: NatsConfig, *, name: str, domain: str | None = None) -> None:
         self.cfg = cfg
         self.name = name
+        self.domain = domain
+        """JetStream domain to address (``$JS.<domain>.API``); None: the server's own."""
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._windowed: dict[int, JetStreamContext] = {}
+        self._closing = False
         self.connected = anyio.Event()
         self.reconnects = 0
 
@@ -222,7 +226,8 @@ class JetStream:
                 log.warning("nats %s: %s: %s", self.name, type(exc).__name__, exc)
 
         async def on_disconnect() -> None:
-            log.warning("nats %s: disconnected", self.name)
+            if not self._closing:
+                log.warning("nats %s: disconnected", self.name)
 
         async def on_reconnect() -> None:
             self.reconnects += 1
@@ -250,11 +255,12 @@ class JetStream:
             ) from exc
         # Once connected, never give up reconnecting (the default stops after ~2 minutes).
         self._nc.options["max_reconnect_attempts"] = -1
-        self._js = self._nc.jetstream(timeout=self.cfg.request_timeout)
+        self._js = self._nc.jetstream(timeout=self.cfg.request_timeout, domain=self.domain)
         self.connected.set()
 
     async def aclose(self) -> None:
         """Flush and close the connection (and nats-py's tasks). Idempotent."""
+        self._closing = True
         nc, self._nc = self._nc, None
         self._js = None
         self._windowed.clear()
@@ -277,7 +283,11 @@ class JetStream:
         return self._nc
 
     async def ensure_streams(self, cfg: StreamsConfig) -> None:
-        """Create or update the mesh streams. Idempotent; safe from many agents at once."""
+        """Create or update the mesh streams. Idempotent; safe from many agents at once.
+
+        An update keeps the stream's ``sources`` (e.g. a hub's MESH_EVENTS sourcing from leaf
+        node domains, see :mod:`mesh.leafnode`): they are set up by the operator, not by agents.
+        """
         storage = StorageType.FILE if cfg.storage == "file" else StorageType.MEMORY
         common: dict[str, Any] = dict(
             num_replicas=cfg.replicas,
@@ -298,6 +308,9 @@ class JetStream:
                 await jsm.add_stream(sc)
             except nats.js.errors.BadRequestError:
                 # Exists with another config (err 10058): bring it to ours.
+                current = await _translate(jsm.stream_info(str(sc.name)))
+                if current.config.sources:
+                    sc = dataclasses.replace(sc, sources=current.config.sources)
                 await _translate(jsm.update_stream(sc))
             except _NATS_ERRORS as exc:
                 raise TransportError(f"ensure stream {sc.name}: {exc}") from exc
@@ -352,7 +365,9 @@ class JetStream:
     def _window_js(self, window: int) -> JetStreamContext:
         js = self._windowed.get(window)
         if js is None:
-            js = self.nc.jetstream(timeout=self.cfg.request_timeout, publish_async_max_pending=window)
+            js = self.nc.jetstream(
+                timeout=self.cfg.request_timeout, publish_async_max_pending=window, domain=self.domain
+            )
             self._windowed[window] = js
         return js
 

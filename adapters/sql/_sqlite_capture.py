@@ -11,7 +11,8 @@ Three ``AFTER`` triggers feed the change table ``_mesh_changes_<table>``::
 Guarantees: the triggers run inside the writer's own transaction, so a change is recorded if and
 only if it commits. An update that changes the key is recorded as a delete of the old key
 followed by an update of the new key. BLOB values are captured as upper-case hex text (JSON has
-no bytes). Installation is idempotent and atomic (one ``BEGIN IMMEDIATE`` transaction); when the
+no bytes); REAL values with 17 significant digits, so every double round-trips exactly.
+Installation is idempotent and atomic (one ``BEGIN IMMEDIATE`` transaction); when the
 table's columns (or the key) no longer match the installed triggers, the triggers are
 re-created and the change table, with any changes not yet read, is kept.
 
@@ -60,7 +61,13 @@ def _trigger_name(table: str, op: str) -> str:
 
 def _value(ref: str, column: str) -> str:
     col = f"{ref}.{quote(column)}"
-    return f"CASE typeof({col}) WHEN 'blob' THEN hex({col}) ELSE {col} END"
+    # json_object() prints REAL with 15 significant digits, which loses data (0.1 + 0.2 would
+    # arrive as 0.3); 17 digits round-trip every double. JSON has no infinity: send it as text.
+    real = (
+        f"CASE WHEN abs({col}) <= 1.7976931348623157e308 THEN json(printf('%!.17g', {col})) "
+        f"WHEN {col} > 0 THEN 'Infinity' ELSE '-Infinity' END"
+    )
+    return f"CASE typeof({col}) WHEN 'blob' THEN hex({col}) WHEN 'real' THEN {real} ELSE {col} END"
 
 
 def _json_row(ref: str, columns: Sequence[str]) -> str:

@@ -127,7 +127,9 @@ async def test_malformed_message_is_dead_lettered_and_flow_continues(
 
 async def test_own_origin_is_never_applied_back(tmp_path: Path, nats_server: NatsServer) -> None:
     mesh = Mesh(tmp_path, nats_server)
-    async with running(mesh.agent("crm")):
+    crm = mesh.agent("crm")
+    async with running(crm):
+        await crm.link.wait()  # the streams exist once the agent is connected
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
         for origin, key in (("crm", "1"), ("erp", "2")):

@@ -566,3 +566,23 @@ async def test_cancelled_batch_is_rolled_back_and_the_sink_stays_usable(tmp_path
         sql(db, "DROP TRIGGER slow")
         assert await sink.apply(batch) == [Applied.APPLIED, Applied.APPLIED]
     assert rows(db, "SELECT id FROM customers ORDER BY id") == [(1,), (2,)]
+
+
+async def test_real_values_round_trip_exactly(tmp_path: Path) -> None:
+    """json_object() alone keeps 15 digits; capture must keep every double exactly."""
+    import sqlite3
+
+    from adapters.sql.sqlite import SqliteSource
+    from mesh.config import SqliteSourceConfig
+
+    db = tmp_path / "erp.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE prices (id INTEGER PRIMARY KEY, amount REAL)")
+    values = [0.1 + 0.2, 123.45678901234568, 1e-300, -2.5e300, 18.0, float("inf")]
+    async with SqliteSource(SqliteSourceConfig(path=str(db), table="prices", key="id")) as src:
+        with sqlite3.connect(db) as c:
+            c.executemany("INSERT INTO prices VALUES (?, ?)", list(enumerate(values, 1)))
+        batch = await src.read(None, 100)
+    got = [ch.row["amount"] for ch in batch.changes]
+    assert got[:5] == values[:5]
+    assert got[5] == "Infinity"

@@ -1,0 +1,632 @@
+"""Chaos machinery: a seeded change load, a seeded fault schedule and its injector, and the
+reconciliation that proves a sync came through the faults exact.
+
+Everything random is drawn from the run's seed (the load from its own stream), so
+``MESH_CHAOS_SEED=<seed>`` replays the same changes and the same fault schedule (offsets, kinds,
+durations); only the system's own timing differs between runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import threading
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.broker import NatsServer
+from tests.integration._harness import (
+    AgentProcess,
+    agent_toml,
+    assert_effect_once,
+    consumer_settled,
+    make_crm,
+    make_erp,
+    rows,
+)
+
+FLOW = "customers"
+TABLE = "customers"
+SINK_DURABLE = f"{FLOW}-crm"
+EVENTS_STREAM = "MESH_EVENTS"
+DLQ_STREAM = "MESH_DLQ"
+
+# --------------------------------------------------------------------------------------------
+# Faults
+
+
+@dataclass(frozen=True)
+class FaultKind:
+    """One kind of fault. Faults on the same ``resource`` never overlap; others may."""
+
+    name: str
+    resource: str
+    min_duration: float
+    max_duration: float
+    doc: str
+    enabled: bool = True
+
+
+FAULT_KINDS: dict[str, FaultKind] = {
+    k.name: k
+    for k in (
+        FaultKind("kill_source", "source", 0.0, 1.5, "SIGKILL the source agent, restart it after <duration>"),
+        FaultKind("kill_sink", "sink", 0.0, 1.5, "SIGKILL the sink agent, restart it after <duration>"),
+        FaultKind(
+            "kill_nats",
+            "broker",
+            0.0,
+            2.0,
+            "SIGKILL nats-server, restart it (same port and store) after <duration>",
+        ),
+        FaultKind("pause_nats", "broker", 1.0, 4.0, "SIGSTOP nats-server, SIGCONT it after <duration>"),
+        FaultKind(
+            "busy_target",
+            "crm",
+            1.0,
+            4.0,
+            "hold BEGIN IMMEDIATE on the CRM database for <duration> (SQLITE_BUSY)",
+        ),
+        # TODO(leaf-node WAN cut): the leaf-node topology (on-prem leaf nats-server -> cloud hub) is
+        # being built separately. Once it exists: run the source agent against a leaf node, and
+        # implement this fault in FaultInjector._cut_wan (e.g. stop the leaf's remote or a TCP proxy
+        # on the leaf->hub link for <duration>), then set enabled=True.
+        FaultKind(
+            "cut_wan",
+            "wan",
+            2.0,
+            8.0,
+            "cut the leaf node's WAN link to the hub for <duration>",
+            enabled=False,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float
+    """Seconds after the load started."""
+    kind: str
+    duration: float
+
+    def __str__(self) -> str:
+        return f"+{self.at:6.2f}s {self.kind:<12} {self.duration:4.2f}s"
+
+
+def make_schedule(rng: random.Random, count: int, start: float, end: float) -> list[Fault]:
+    """``count`` faults between ``start`` and ``end`` seconds: every enabled kind at least once
+    (when ``count`` allows), the rest drawn at random; faults on one resource do not overlap."""
+    kinds = [k for k in FAULT_KINDS.values() if k.enabled]
+    picked = [k.name for k in kinds][:count]
+    picked += [rng.choice(kinds).name for _ in range(count - len(picked))]
+    rng.shuffle(picked)
+    drafts = sorted(
+        (
+            rng.uniform(start, end),
+            name,
+            rng.uniform(FAULT_KINDS[name].min_duration, FAULT_KINDS[name].max_duration),
+        )
+        for name in picked
+    )
+    free_at: dict[str, float] = {}
+    schedule = []
+    for at, name, duration in drafts:
+        resource = FAULT_KINDS[name].resource
+        at = max(at, free_at.get(resource, 0.0))
+        free_at[resource] = at + duration + 0.5  # let the resource breathe between faults
+        schedule.append(Fault(round(at, 2), name, round(duration, 2)))
+    return sorted(schedule, key=lambda f: f.at)
+
+
+# --------------------------------------------------------------------------------------------
+# The system under test
+
+
+def _sink_toml(text: str) -> str:
+    """The harness's sink config, plus a target that fails fast when locked and a consumer that
+    retries a busy target instead of dead-lettering it."""
+    for table, line in (
+        ("[flows.consumer]\n", "max_deliver = 1000\n"),
+        ("[flows.sink]\n", "busy_timeout = 0.2\n"),
+    ):
+        assert table in text, f"the harness config no longer has a {table.strip()} table"
+        text = text.replace(table, table + line, 1)
+    flow = tomllib.loads(text)["flows"][0]
+    assert flow["consumer"]["max_deliver"] == 1000
+    assert flow["sink"]["busy_timeout"] == 0.2
+    return text
+
+
+class Mesh:
+    """nats-server, ERP and CRM databases, the source (ERP) and sink (CRM) agent processes."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.server = NatsServer(tmp / "nats")
+        self.erp, self.crm = tmp / "erp.db", tmp / "crm.db"
+        make_erp(self.erp)
+        make_crm(self.crm)
+        self.agents: dict[str, AgentProcess] = {}
+        for role, name, system, kw in (
+            ("source", "erp-agent", "erp", {"source": self.erp}),
+            ("sink", "crm-agent", "crm", {"sink": self.crm}),
+        ):
+            text = agent_toml(name=name, system=system, state=tmp / "state" / name, url=self.server.url, **kw)  # type: ignore[arg-type]
+            if role == "sink":
+                text = _sink_toml(text)
+            cfg = tmp / f"{name}.toml"
+            cfg.write_text(text)
+            self.agents[role] = AgentProcess(cfg, tmp / f"{name}.log")
+        # Held by whoever takes an agent down on purpose, so the watchdog can tell a planned death
+        # from an agent that exited on its own.
+        self.locks = {role: threading.Lock() for role in self.agents}
+        self.unexpected_exits: list[str] = []
+        self.broker_starts = 0
+
+    @property
+    def source(self) -> AgentProcess:
+        return self.agents["source"]
+
+    @property
+    def sink(self) -> AgentProcess:
+        return self.agents["sink"]
+
+    def install_capture(self) -> None:
+        """Install the ERP change capture now, before any load, and audit it: every change the
+        triggers record is copied to ``chaos_changes`` (the capture prunes its own table), so the
+        reconciliation knows every (key, version) the source produced."""
+        import anyio
+
+        from adapters.sql.sqlite import install_change_capture
+
+        anyio.run(install_change_capture, self.erp, TABLE)
+        with closing(sqlite3.connect(self.erp, timeout=30)) as c:
+            c.executescript(AUDIT)
+
+    def start(self) -> None:
+        self.server.start()
+        self.broker_starts += 1
+        for agent in self.agents.values():
+            agent.start()
+
+    def restart_agent(self, role: str, down: float) -> None:
+        with self.locks[role]:
+            agent = self.agents[role]
+            agent.kill()
+            time.sleep(down)
+            agent.start()
+
+    def check_agents(self) -> None:
+        """Restart (and record) an agent that exited without being killed by a fault."""
+        for role, agent in self.agents.items():
+            if not self.locks[role].acquire(blocking=False):
+                continue
+            try:
+                if agent.proc is not None and not agent.alive:
+                    code = agent.proc.returncode
+                    self.unexpected_exits.append(
+                        f"{role} agent exited on its own (code {code}); see {agent.log}"
+                    )
+                    agent.start()
+            finally:
+                self.locks[role].release()
+
+    def stop(self) -> None:
+        for role, agent in self.agents.items():
+            with self.locks[role]:
+                agent.kill()
+        self.server.stop()
+
+
+AUDIT = f"""
+CREATE TABLE chaos_changes (seq INTEGER PRIMARY KEY, pk TEXT NOT NULL, op TEXT NOT NULL);
+CREATE TRIGGER chaos_audit AFTER INSERT ON _mesh_changes_{TABLE} BEGIN
+    INSERT INTO chaos_changes (seq, pk, op) VALUES (NEW.seq, NEW.pk, NEW.op);
+END;
+"""
+
+
+class FaultInjector:
+    """Runs a schedule against a :class:`Mesh`: one thread per resource, each fault at its
+    offset from ``t0``; records when each fault really started and ended, and any failure to
+    inject or undo one."""
+
+    def __init__(self, mesh: Mesh, schedule: list[Fault]) -> None:
+        self.mesh = mesh
+        self.schedule = schedule
+        self.done: list[tuple[Fault, float, float]] = []  # fault, started, ended (monotonic)
+        self.errors: list[str] = []
+        self.busy_held = 0.0
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.stop = threading.Event()
+
+    def start(self, t0: float) -> None:
+        by_resource: dict[str, list[Fault]] = {}
+        for fault in self.schedule:
+            by_resource.setdefault(FAULT_KINDS[fault.kind].resource, []).append(fault)
+        for resource, faults in by_resource.items():
+            t = threading.Thread(target=self._run, args=(t0, faults), name=f"chaos-{resource}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            self.stop.set()
+            raise AssertionError(f"fault injection did not finish within {timeout:.0f}s")
+
+    @property
+    def last_end(self) -> float:
+        return max((end for _, _, end in self.done), default=0.0)
+
+    def _run(self, t0: float, faults: list[Fault]) -> None:
+        for fault in faults:
+            if self.stop.wait(max(0.0, t0 + fault.at - time.monotonic())):
+                return
+            started = time.monotonic()
+            try:
+                self._inject(fault)
+            except Exception as exc:
+                with self._lock:
+                    self.errors.append(f"{fault}: {type(exc).__name__}: {exc}")
+            with self._lock:
+                self.done.append((fault, started, time.monotonic()))
+
+    def _inject(self, fault: Fault) -> None:
+        mesh, d = self.mesh, fault.duration
+        if fault.kind == "kill_source":
+            mesh.restart_agent("source", d)
+        elif fault.kind == "kill_sink":
+            mesh.restart_agent("sink", d)
+        elif fault.kind == "kill_nats":
+            mesh.server.kill()
+            time.sleep(d)
+            mesh.server.start(timeout=30)
+            mesh.broker_starts += 1
+        elif fault.kind == "pause_nats":
+            mesh.server.pause()
+            try:
+                time.sleep(d)
+            finally:
+                mesh.server.resume()
+        elif fault.kind == "busy_target":
+            self._hold_target(d)
+        elif fault.kind == "cut_wan":
+            self._cut_wan(d)
+        else:
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _hold_target(self, duration: float) -> None:
+        """Hold the CRM database's write lock, as another writer (a long report, a migration)
+        would: the sink's writes fail with SQLITE_BUSY after its busy_timeout."""
+        conn = sqlite3.connect(self.mesh.crm, timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            held = time.monotonic()
+            time.sleep(duration)
+            conn.execute("ROLLBACK")
+            self.busy_held += time.monotonic() - held
+        finally:
+            conn.close()
+
+    def _cut_wan(self, duration: float) -> None:
+        # TODO(leaf-node WAN cut): see FAULT_KINDS["cut_wan"].
+        raise NotImplementedError("cut_wan needs the leaf-node topology")
+
+
+def watch(mesh: Mesh, stop: threading.Event, interval: float = 0.25) -> threading.Thread:
+    """A watchdog thread: restarts (and records) agents that die on their own."""
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            mesh.check_agents()
+
+    t = threading.Thread(target=loop, name="chaos-watchdog", daemon=True)
+    t.start()
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# The load
+
+
+class ChaosLoad:
+    """Exactly ``events`` change events on the ERP customers table, in transactions of up to
+    ``batch`` statements, all decided by ``seed``: inserts, updates (a share on a small hot set,
+    so entities collect many versions), deletes, re-inserts of deleted keys (the sink must get
+    past the tombstone) and churn (insert, update and delete one key in one transaction).
+    Every statement touches exactly one row, so one statement is one change event.
+
+    The pace is bursty, also by seed: the run is cut into segments of about 3 seconds, each with
+    a random share of the events, so quiet stretches alternate with bursts of several thousand
+    events per second that build a backlog while faults hit."""
+
+    def __init__(self, db: Path, seed: int, events: int, batch: int = 200) -> None:
+        self.db = db
+        self.rng = random.Random(f"chaos-load-{seed}")
+        pace = random.Random(f"chaos-pace-{seed}")
+        self.weights = [max(0.05, pace.expovariate(1.0)) for _ in range(64)]
+        self.events = events
+        self.batch = batch
+        self.emitted = 0
+        self.by_op: Counter[str] = Counter()
+        self.live: list[int] = []
+        self._live_set: set[int] = set()
+        self.dead: list[int] = []
+        self.hot: list[int] = []
+        self.next_id = 1
+        self.error: BaseException | None = None
+
+    def _row(self, i: int, rev: int = 0) -> tuple[Any, ...]:
+        r = self.rng
+        return (
+            i,
+            f"Customer {i} \u00e9\u00df \u2603 r{rev}",
+            None if r.random() < 0.05 else f"c{i}.{rev}@example.com",
+            r.choice(["DE", "FR", "US", "GB", None]),
+            r.randrange(-(2**62), 2**62),
+            None if r.random() < 0.05 else round(r.uniform(-1e6, 1e6), 2),
+        )
+
+    def _plan(self, budget: int) -> list[tuple[str, str, tuple[Any, ...]]]:
+        """One transaction's statements: (op, sql, params)."""
+        r = self.rng
+        n = min(budget, r.randint(self.batch // 4, self.batch))
+        ins = "INSERT INTO customers VALUES (?, ?, ?, ?, ?, ?)"
+        upd = (
+            "UPDATE customers SET name = ?, email = ?, country = ?, credit_limit_cents = ?, balance = ? "
+            "WHERE id = ?"
+        )
+        dele = "DELETE FROM customers WHERE id = ?"
+        roll = r.random()
+        out: list[tuple[str, str, tuple[Any, ...]]] = []
+        if roll < 0.35 or len(self.live) < 500:
+            for _ in range(n):
+                i = self.next_id
+                self.next_id += 1
+                out.append(("insert", ins, self._row(i)))
+                self._add(i)
+                if len(self.hot) < 50 and r.random() < 0.1:
+                    self.hot.append(i)
+        elif roll < 0.80:
+            for k in range(n):
+                hot = [h for h in self.hot if h in self._live_set]
+                i = r.choice(hot) if hot and r.random() < 0.3 else r.choice(self.live)
+                _, *values = self._row(i, rev=k + 1)
+                out.append(("update", upd, (*values, i)))
+        elif roll < 0.92:
+            n = min(n, len(self.live) - 400)
+            for i in r.sample(self.live, n):
+                out.append(("delete", dele, (i,)))
+                self._remove(i)
+        elif roll < 0.96 and self.dead:
+            for i in r.sample(self.dead, min(n, len(self.dead))):
+                out.append(("reinsert", ins, self._row(i, rev=99)))
+                self.dead.remove(i)
+                self._add(i)
+        else:
+            while len(out) + 4 <= n:  # insert, update twice, delete: four events on one key
+                i = self.next_id
+                self.next_id += 1
+                out.append(("churn", ins, self._row(i)))
+                for rev in (1, 2):
+                    _, *values = self._row(i, rev)
+                    out.append(("churn", upd, (*values, i)))
+                out.append(("churn", dele, (i,)))
+                self.dead.append(i)
+            if not out:  # the budget's last few events
+                for _ in range(n):
+                    i = self.next_id
+                    self.next_id += 1
+                    out.append(("insert", ins, self._row(i)))
+                    self._add(i)
+        return out
+
+    def _add(self, i: int) -> None:
+        self.live.append(i)
+        self._live_set.add(i)
+
+    def _remove(self, i: int) -> None:
+        self._live_set.discard(i)
+        self.dead.append(i)
+
+    def due(self, fraction: float, duration: float) -> float:
+        """Seconds after the start by which ``fraction`` of the events should be out."""
+        segments = self.weights[: max(1, min(len(self.weights), round(duration / 3)))]
+        total = sum(segments)
+        length = duration / len(segments)
+        done = 0.0
+        for k, w in enumerate(segments):
+            share = w / total
+            if fraction <= done + share:
+                return (k + (fraction - done) / share) * length
+            done += share
+        return duration
+
+    def run(self, duration: float, stop: threading.Event) -> None:
+        """Emit all events, paced to take about ``duration`` seconds (or less if stopped)."""
+        try:
+            start = time.monotonic()
+            with closing(sqlite3.connect(self.db, timeout=60, isolation_level=None)) as c:
+                while self.emitted < self.events and not stop.is_set():
+                    plan = self._plan(self.events - self.emitted)
+                    self.live = [i for i in self.live if i in self._live_set]
+                    c.execute("BEGIN IMMEDIATE")
+                    for _, sql, params in plan:
+                        cur = c.execute(sql, params)
+                        assert cur.rowcount == 1, f"{sql} {params[-1]} changed {cur.rowcount} rows"
+                    c.execute("COMMIT")
+                    self.emitted += len(plan)
+                    self.by_op.update(op for op, _, _ in plan)
+                    ahead = start + self.due(self.emitted / self.events, duration) - time.monotonic()
+                    if ahead > 0:
+                        stop.wait(ahead)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# Reconciliation
+
+
+async def _jetstream_state(url: str) -> dict[str, Any]:
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        js = nc.jetstream(timeout=5)
+        dlq = await js.stream_info(DLQ_STREAM)
+        out: dict[str, Any] = {"dlq": int(dlq.state.messages), "dlq_samples": []}
+        first = int(dlq.state.first_seq or 0)
+        for seq in range(first, first + min(out["dlq"], 5)):
+            msg = await js.get_msg(DLQ_STREAM, seq)
+            headers = msg.headers or {}
+            out["dlq_samples"].append({k: v for k, v in headers.items() if k.startswith("Mesh-")})
+        events = await js.stream_info(EVENTS_STREAM)
+        out["stream_messages"] = int(events.state.messages)
+        ci = await js.consumer_info(EVENTS_STREAM, SINK_DURABLE)
+        out["consumer"] = {
+            "num_pending": ci.num_pending,
+            "num_ack_pending": ci.num_ack_pending,
+            "num_redelivered": ci.num_redelivered,
+            "delivered": ci.delivered.stream_seq if ci.delivered else None,
+            "ack_floor": ci.ack_floor.stream_seq if ci.ack_floor else None,
+        }
+        return out
+    finally:
+        await nc.close()
+
+
+def jetstream_state(url: str) -> dict[str, Any]:
+    """DLQ depth (and the first few DLQ entries' headers), stream size and the sink consumer."""
+    try:
+        return asyncio.run(_jetstream_state(url))
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+@dataclass
+class Reconciliation:
+    erp_rows: int = 0
+    crm_rows: int = 0
+    missing: list[int] = field(default_factory=list)
+    extra: list[int] = field(default_factory=list)
+    different: list[tuple[Any, Any]] = field(default_factory=list)
+    double_effects: list[tuple[str, int, int]] = field(default_factory=list)
+    effect_once_error: str | None = None
+    behind: list[tuple[str, Any, Any]] = field(default_factory=list)
+    """Entities whose version guard in the CRM is not the ERP's last change (key, ERP, CRM)."""
+    phantoms: list[tuple[str, int]] = field(default_factory=list)
+    """(key, version) applied in the CRM that the ERP never produced."""
+    applied_versions: int = 0
+    captured_events: int = 0
+    settled: bool = False
+    jetstream: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self, expected_events: int) -> list[str]:
+        out = []
+        if self.missing:
+            out.append(f"{len(self.missing)} rows missing in CRM (e.g. ids {self.missing[:10]})")
+        if self.extra:
+            out.append(f"{len(self.extra)} extra rows in CRM (e.g. ids {self.extra[:10]})")
+        if self.different:
+            out.append(f"{len(self.different)} rows differ (e.g. ERP/CRM {self.different[:3]})")
+        if self.double_effects:
+            out.append(f"{len(self.double_effects)} (key, version) applied twice: {self.double_effects[:10]}")
+        if self.effect_once_error:
+            out.append(f"effect-once/monotonic versions: {self.effect_once_error}")
+        if self.behind:
+            out.append(
+                f"{len(self.behind)} entities' CRM version guard is not at the ERP's last change "
+                f"(key, ERP (version, deleted), CRM): {self.behind[:10]}"
+            )
+        if self.phantoms:
+            out.append(
+                f"{len(self.phantoms)} versions applied that the ERP never produced: {self.phantoms[:10]}"
+            )
+        if self.captured_events != expected_events:
+            out.append(f"ERP captured {self.captured_events} change events, the load made {expected_events}")
+        dlq = self.jetstream.get("dlq")
+        if dlq != 0:
+            out.append(f"{DLQ_STREAM} holds {dlq} messages: {self.jetstream.get('dlq_samples')}")
+        if not self.settled:
+            out.append(f"consumer {SINK_DURABLE} not settled: {self.jetstream.get('consumer')}")
+        if "error" in self.jetstream:
+            out.append(f"JetStream state unreadable: {self.jetstream['error']}")
+        return out
+
+
+def reconcile(mesh: Mesh) -> Reconciliation:
+    """Compare ERP and CRM row by row and field by field; check the effect log (no (key,
+    version) twice, versions increasing), that every entity's version guard, deleted ones
+    included, is at the ERP's last change, the number of captured changes, the DLQ and the
+    consumer."""
+    rec = Reconciliation()
+    erp: dict[Any, tuple[object, ...]] = {r[0]: r for r in rows(mesh.erp)}
+    crm: dict[Any, tuple[object, ...]] = {r[0]: r for r in rows(mesh.crm)}
+    rec.erp_rows, rec.crm_rows = len(erp), len(crm)
+    rec.missing = sorted(erp.keys() - crm.keys())
+    rec.extra = sorted(crm.keys() - erp.keys())
+    rec.different = [(erp[k], crm[k]) for k in sorted(erp.keys() & crm.keys()) if erp[k] != crm[k]]
+    with closing(sqlite3.connect(mesh.erp, timeout=30)) as c:
+        rec.captured_events = c.execute("SELECT count(*) FROM chaos_changes").fetchone()[0]
+        produced = set(c.execute("SELECT pk, seq FROM chaos_changes").fetchall())
+        # SQLite takes the bare column (op) from the row holding max(seq).
+        last = {pk: (seq, int(op == "D")) for pk, seq, op in c.execute(
+            "SELECT pk, max(seq), op FROM chaos_changes GROUP BY pk")}  # fmt: skip
+    with closing(sqlite3.connect(mesh.crm, timeout=30)) as c:
+        rec.double_effects = c.execute(
+            "SELECT key, version, count(*) FROM version_log GROUP BY key, version HAVING count(*) > 1"
+        ).fetchall()
+        applied = c.execute("SELECT key, version FROM version_log").fetchall()
+        guard = {k: (v, d) for k, v, d in c.execute(
+            "SELECT key, version, deleted FROM _mesh_versions WHERE tbl = ?", (TABLE,))}  # fmt: skip
+    rec.applied_versions = len(applied)
+    rec.phantoms = sorted(set(applied) - produced)
+    rec.behind = sorted((k, v, guard.get(k)) for k, v in last.items() if guard.get(k) != v)
+    rec.behind += sorted((k, None, v) for k, v in guard.items() if k not in last)
+    try:
+        assert_effect_once(mesh.crm)
+    except AssertionError as exc:
+        rec.effect_once_error = str(exc)
+    rec.settled = consumer_settled(mesh.server.url, SINK_DURABLE)
+    rec.jetstream = jetstream_state(mesh.server.url)
+    return rec
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"<{exc}>"
+    return "\n".join(f"    {line}" for line in text[-lines:])
+
+
+def count_in_log(path: Path, *needles: str) -> int:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return 0
+    return sum(1 for line in text.splitlines() if any(n in line for n in needles))

@@ -1,0 +1,218 @@
+"""Leaf-node topology: an on-prem leaf nats-server with its own JetStream domain, connected to a
+cloud hub. The edge agent keeps capturing and publishing into the leaf while the hub is down, and
+the hub's MESH_EVENTS (which sources the leaf's) catches up once it is back.
+
+Both servers run from the files ``meshctl leafnode config`` writes, on random loopback ports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh.broker import NatsServer
+from mesh.config import NatsConfig, StreamsConfig
+from mesh.errors import ConfigError
+from mesh.leafnode import check_nats_config, edge_source_status, ensure_domain_source, ensure_edge_sourcing
+from mesh.transport import EVENTS_STREAM, JetStream, OutMessage
+from tests.integration._harness import (
+    AgentProcess,
+    ErpLoad,
+    agent_toml,
+    assert_effect_once,
+    assert_same_rows,
+    consumer_settled,
+    make_crm,
+    make_erp,
+    rows,
+    wait_until,
+)
+from tests.integration._leaf import (
+    EDGE,
+    LinkWatcher,
+    leaf_connected,
+    make_topology,
+    meshctl_leafnode,
+    outbox_depth,
+    stream_info,
+    stream_messages,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+@pytest.mark.parametrize("outage", ["wan-cut", "hub-crash"])
+def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) -> None:
+    """``wan-cut``: the link between leaf and hub drops while both servers and the cloud agent
+    stay up. ``hub-crash``: the hub is SIGKILLed and restarted on the same port and store."""
+    topo = make_topology(tmp_path)
+    hub, leaf, link = topo.hub, topo.leaf, topo.link
+    assert topo.edge_url == leaf.url  # the agents' fragment points at the local leaf
+    erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
+    make_erp(erp)
+    make_crm(crm)
+    edge_state = tmp_path / "state" / "erp-agent"
+    agents = []
+    for name, system, url, kw in (
+        ("erp-agent", "erp", topo.edge_url, {"source": erp}),
+        ("crm-agent", "crm", hub.url, {"sink": crm}),
+    ):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(agent_toml(name=name, system=system, state=tmp_path / "state" / name,
+                                  url=url, **kw))  # type: ignore[arg-type]  # fmt: skip
+        agents.append(AgentProcess(cfg, tmp_path / f"{name}.log"))
+    source, sink = agents
+    watcher = LinkWatcher(hub.url, tmp_path / "link-watch.log")
+    load = ErpLoad(erp, seed=7)
+    stop = threading.Event()
+
+    def drive() -> None:
+        while not stop.is_set():
+            load.mixed(1)
+            time.sleep(0.02)
+
+    try:
+        hub.start()
+        link.restore()
+        leaf.start()
+        wait_until(lambda: leaf_connected(hub), 15, "the leaf node to connect to the hub")
+        # Linked before any edge agent created the leaf's stream: the hub waits for it.
+        code, out, err = meshctl_leafnode("link", "--domain", EDGE, "--server", hub.url, "--wait", "0")
+        assert code == 0, err
+        assert "now sources" in out
+        assert "not active yet" in err
+        watcher.start()
+        source.start()
+        sink.start()
+        load.insert(300)
+        wait_until(lambda: rows(erp) == rows(crm), 30, "the first rows to reach the CRM through the hub")
+        code, out, err = meshctl_leafnode("link", "--domain", EDGE, "--server", hub.url, "--wait", "5")
+        assert code == 0, err
+        assert "already sources" in out  # idempotent
+        assert "source active" in out
+        # The sink agent's ensure_streams updated the hub stream: its source must have survived.
+        sources = stream_info(hub.url)["config"]["sources"]  # type: ignore[index]
+        assert [s["external"]["api"] for s in sources] == [f"$JS.{EDGE}.API"]
+
+        # --- the outage ---------------------------------------------------------------------
+        if outage == "wan-cut":
+            link.cut()
+            wait_until(lambda: not leaf_connected(hub), 10, "the hub to see the leaf gone")
+        else:
+            hub.kill()
+        before = stream_messages(leaf.url)
+        crm_before = rows(crm)
+        loader = threading.Thread(target=drive, daemon=True)
+        loader.start()
+        time.sleep(3)
+        stop.set()
+        loader.join()
+        load.insert(200)
+        # The edge kept working: everything captured went from its outbox into the leaf.
+        wait_until(lambda: outbox_depth(edge_state) == 0, 20, "the edge outbox to drain into the leaf")
+        during = stream_messages(leaf.url)
+        assert during >= before + 200, f"leaf stream grew from {before} to {during} only"
+        assert rows(crm) == crm_before, "the CRM changed during the outage"
+        assert rows(erp) != crm_before
+        assert source.alive, f"the edge agent died during the outage; see {source.log}"
+
+        # --- the link returns -----------------------------------------------------------------
+        if outage == "wan-cut":
+            link.restore()
+        else:
+            hub.start()
+        wait_until(lambda: rows(erp) == rows(crm), 45, "the CRM to catch up after the outage")
+        wait_until(lambda: consumer_settled(hub.url, "customers-crm"), 30, "the consumer to settle")
+        # Every event of the leaf is in the hub exactly once (the sourcing resumed where it was).
+        wait_until(lambda: stream_messages(hub.url) == stream_messages(leaf.url), 10, "hub == leaf")
+        assert rows(erp) == rows(crm)
+        assert source.alive, f"the edge agent died; see {source.log}"
+        assert sink.alive, f"the cloud agent died; see {sink.log}"
+        assert source.terminate() == 0
+        assert sink.terminate() == 0
+    finally:
+        stop.set()
+        watcher.stop()
+        source.kill()
+        sink.kill()
+        topo.stop()
+    assert_same_rows(erp, crm)
+    assert_effect_once(crm)
+    assert len(rows(crm)) >= 300
+
+
+@pytest.mark.anyio
+async def test_sourcing_is_idempotent_and_survives_ensure_streams(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        async with JetStream(NatsConfig(servers=[server.url], request_timeout=2.0), name="t") as js:
+            streams = StreamsConfig(duplicate_window=60)
+            assert await ensure_edge_sourcing(js, "site-a", streams=streams)  # creates the stream
+            assert not await ensure_edge_sourcing(js, "site-a")
+            assert await ensure_edge_sourcing(js, "site-b")  # a second site is added, not swapped
+            assert await ensure_domain_source(js, "site-b", filter_subject="evt.customer.>")  # replaced
+            assert not await ensure_domain_source(js, "site-b", filter_subject="evt.customer.>")
+            # An agent with other stream settings updates the stream but keeps its sources.
+            await js.ensure_streams(StreamsConfig(duplicate_window=30))
+            info = await js.js.stream_info(EVENTS_STREAM)
+            assert info.config.duplicate_window == 30
+            apis = sorted(s.external.api for s in info.config.sources or [] if s.external)
+            assert apis == ["$JS.site-a.API", "$JS.site-b.API"]
+            # The hub's own publishes still land (sources do not take the stream's subjects).
+            await js.publish(OutMessage("evt.customer.upserted.crm", b"x", "m1"))
+            status = await edge_source_status(js, "site-a")
+            assert status is not None
+            assert status.domain == "site-a"
+            assert await edge_source_status(js, "nowhere") is None
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hub", "http://hub:7422"], "--hub 'http://hub:7422': expected nats-leaf://"),
+        (["--hub", "nats-leaf://hub:70000"], "--hub 'nats-leaf://hub:70000'"),
+        (["--hub", "nats-leaf://:7422"], "no host"),
+        (["--domain", "edge.site"], "--domain 'edge.site': expected 1-64 letters"),
+        (["--domain", "hub"], "must differ from the hub's JetStream domain"),
+        (["--port", "0"], "--port 0: expected a TCP port"),
+        (["--sync-interval", "often"], "--sync-interval 'often'"),
+        (["--listen", "a b"], "--listen 'a b'"),
+    ],
+)
+def test_config_rejects_bad_input_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    base = {"--hub": "nats-leaf://hub.example.com:7422", "--domain": "edge"}
+    opts = dict(zip(args[::2], args[1::2], strict=True))
+    argv = ["config", "--store-dir", str(tmp_path / "js"), "--out", str(tmp_path / "out")]
+    for k, v in {**base, **opts}.items():
+        argv += [k, v]
+    code, out, err = meshctl_leafnode(*argv)
+    assert code == 2
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "out" / "leaf.conf").exists()
+
+
+def test_config_refuses_to_overwrite_and_files_pass_nats_server_check(tmp_path: Path) -> None:
+    argv = ["config", "--hub", "nats-leaf://hub.example.com", "--domain", "edge", "--store-dir",
+            str(tmp_path / "js"), "--out", str(tmp_path / "out")]  # fmt: skip
+    code, out, _ = meshctl_leafnode(*argv)
+    assert code == 0
+    assert "nats-leaf://hub.example.com:7422" in out
+    for name in ("leaf.conf", "hub.conf"):
+        check_nats_config(tmp_path / "out" / name)
+    leaf_conf = (tmp_path / "out" / "leaf.conf").read_text()
+    assert 'domain: "edge"' in leaf_conf
+    assert 'deny_exports: ["evt.>"' in leaf_conf
+    code, _, err = meshctl_leafnode(*argv)
+    assert code == 2
+    assert "pass --force" in err
+    assert meshctl_leafnode(*argv, "--force")[0] == 0
+    broken = tmp_path / "broken.conf"
+    broken.write_text('jetstream { sync_interval: "often" }\n')
+    with pytest.raises(ConfigError, match="nats-server refused the file"):
+        check_nats_config(broken)
