@@ -263,6 +263,7 @@ class Apply:
                 ack_wait=ccfg.ack_wait,
                 max_deliver=ccfg.max_deliver,
                 max_ack_pending=ccfg.max_ack_pending,
+                metadata={"mesh-flow": self.flow.name, "mesh-sink-system": self.system},
             )
             self.agent.consumers[self.flow.name] = consumer
             log.info("flow %s: consuming as %s", self.flow.name, self.durable)

@@ -380,6 +380,7 @@ class JetStream:
         max_deliver: int,
         max_ack_pending: int,
         stream: str = EVENTS_STREAM,
+        metadata: dict[str, str] | None = None,
     ) -> PullConsumer:
         """Create (or update to this config) a durable pull consumer and bind to it."""
         config = ConsumerConfig(
@@ -392,6 +393,7 @@ class JetStream:
             # when to give up: it dead-letters at max_deliver instead of silently dropping.
             max_deliver=max_deliver + 1,
             max_ack_pending=max_ack_pending,
+            metadata=metadata,
         )
         await _translate(self.js.add_consumer(stream, config))
         sub = await _translate(self.js.pull_subscribe_bind(durable=durable, stream=stream))
