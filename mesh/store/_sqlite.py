@@ -1,36 +1,19 @@
-"""Shared helpers for the agent's SQLite stores: opening with the right pragmas, and
-translating sqlite3 errors into the mesh's error tree."""
+"""Shared base of the agent's SQLite stores: opening with the right pragmas, one write
+transaction helper, and translating sqlite3 errors into the mesh's error tree."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
 
 import aiosqlite
+import anyio
 
 from mesh.errors import StopError, SystemUnavailable
-
-
-async def open_store(path: Path, *, synchronous: str) -> aiosqlite.Connection:
-    """Open (creating) a store in WAL mode with the given ``synchronous`` level.
-
-    Autocommit mode (``isolation_level=None``): transactions are explicit ``BEGIN IMMEDIATE``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        db = await aiosqlite.connect(path, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StopError(f"cannot open store {path}: {exc}") from exc
-    try:
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute(f"PRAGMA synchronous={synchronous}")
-        await db.execute("PRAGMA busy_timeout=10000")
-    except sqlite3.Error as exc:
-        await db.close()
-        raise StopError(f"cannot open store {path}: {exc}") from exc
-    return db
 
 
 @contextmanager
@@ -45,3 +28,92 @@ def store_errors(path: Path) -> Iterator[None]:
         raise StopError(f"store {path}: {exc}") from exc
     except sqlite3.Error as exc:
         raise StopError(f"store {path}: {exc}") from exc
+
+
+class SqliteStore:
+    """One aiosqlite connection in WAL mode; an async context manager over ``open``/``aclose``.
+
+    Writes go through :meth:`write`: one ``BEGIN IMMEDIATE`` transaction, serialised within the
+    process, committed at the end of the block or rolled back (even when cancelled).
+    """
+
+    schema = ""
+    synchronous = "FULL"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path} {'open' if self._db else 'closed'}>"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open (creating) the store and its schema.
+
+        Raises:
+            StopError: the file cannot be opened or is not a usable database.
+        """
+        await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StopError(f"cannot open store {self.path}: {exc}") from exc
+        try:
+            with store_errors(self.path):
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute(f"PRAGMA synchronous={self.synchronous}")
+                await db.execute("PRAGMA busy_timeout=10000")
+                await db.executescript(self.schema)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await db.close()
+            raise
+        self._db = db
+
+    async def aclose(self) -> None:
+        """Close the connection. Idempotent."""
+        db, self._db = self._db, None
+        if db is not None:
+            # Shielded: an abandoned aiosqlite worker would later call into a closed event loop.
+            with anyio.CancelScope(shield=True):
+                await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, f"{self!r} is not open"
+        return self._db
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: committed when the block ends, rolled back if it raises."""
+        async with self._lock:
+            with store_errors(self.path):
+                db = self.db
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    await db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await db.execute("ROLLBACK")
+                    raise
+
+    async def scalar(self, sql: str, params: tuple[object, ...] = ()) -> Any:
+        """The first column of the first row of a query (None when there is no row)."""
+        with store_errors(self.path):
+            async with self.db.execute(sql, params) as cur:
+                row = await cur.fetchone()
+        return None if row is None else row[0]

@@ -10,28 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
-import aiosqlite
-import anyio
-
-from mesh.store._sqlite import open_store, store_errors
+from mesh.store._sqlite import SqliteStore, store_errors
 
 __all__ = ["Inbox", "InboxEntry"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbox (
-    id         TEXT PRIMARY KEY,
-    flow       TEXT NOT NULL,
-    key        TEXT NOT NULL,
-    version    INTEGER NOT NULL,
-    outcome    TEXT NOT NULL,
-    applied_at INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS inbox_applied_at ON inbox (applied_at);
-"""
 
 _CHUNK = 500
 
@@ -42,48 +25,23 @@ class InboxEntry(NamedTuple):
     key: str
     version: int
     outcome: str
-    """``applied``, ``stale`` (version guard), ``echo`` (own origin) or ``dead`` (dead-lettered)."""
+    """``applied``, ``stale`` (version guard) or ``echo`` (own origin)."""
 
 
-class Inbox:
+class Inbox(SqliteStore):
     """The agent's durable record of envelopes already handled by its sinks."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._db: aiosqlite.Connection | None = None
-        self._lock = anyio.Lock()
-
-    def __repr__(self) -> str:
-        return f"<Inbox {self.path} {'open' if self._db else 'closed'}>"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def open(self) -> None:
-        self._db = await open_store(self.path, synchronous="FULL")
-        with store_errors(self.path):
-            await self._db.executescript(_SCHEMA)
-
-    async def aclose(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            # Shielded: an abandoned aiosqlite worker would later call into a closed event loop.
-            with anyio.CancelScope(shield=True):
-                await db.close()
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        assert self._db is not None, "inbox is not open"
-        return self._db
+    schema = """
+        CREATE TABLE IF NOT EXISTS inbox (
+            id         TEXT PRIMARY KEY,
+            flow       TEXT NOT NULL,
+            key        TEXT NOT NULL,
+            version    INTEGER NOT NULL,
+            outcome    TEXT NOT NULL,
+            applied_at INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS inbox_applied_at ON inbox (applied_at);
+    """
 
     async def seen(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` were already recorded."""
@@ -102,31 +60,19 @@ class Inbox:
         rows = [(*e, now) for e in entries]
         if not rows:
             return
-        async with self._lock:
-            with store_errors(self.path):
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    await self.db.executemany(
-                        "INSERT INTO inbox (id, flow, key, version, outcome, applied_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                        rows,
-                    )
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self.db.execute("ROLLBACK")
-                    raise
+        async with self.write() as db:
+            await db.executemany(
+                "INSERT INTO inbox (id, flow, key, version, outcome, applied_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                rows,
+            )
 
     async def prune(self, older_than: float) -> int:
         """Forget entries recorded more than ``older_than`` seconds ago; returns how many."""
         cutoff = int((time.time() - older_than) * 1000)
-        async with self._lock:
-            with store_errors(self.path):
-                cur = await self.db.execute("DELETE FROM inbox WHERE applied_at < ?", (cutoff,))
-                return int(cur.rowcount)
+        async with self.write() as db:
+            cur = await db.execute("DELETE FROM inbox WHERE applied_at < ?", (cutoff,))
+            return int(cur.rowcount)
 
     async def count(self) -> int:
-        with store_errors(self.path):
-            async with self.db.execute("SELECT count(*) FROM inbox") as cur:
-                row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return int(await self.scalar("SELECT count(*) FROM inbox") or 0)

@@ -16,31 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
-import aiosqlite
 import anyio
 
-from mesh.store._sqlite import open_store, store_errors
+from mesh.store._sqlite import SqliteStore, store_errors
 
 __all__ = ["Outbox", "OutboxRow"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL UNIQUE,
-    flow       TEXT NOT NULL,
-    subject    TEXT NOT NULL,
-    data       BLOB NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cursors (
-    flow       TEXT PRIMARY KEY,
-    cursor     TEXT NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-"""
 
 _CHUNK = 500  # stay well under SQLite's bound-parameter limit
 
@@ -54,15 +36,29 @@ class OutboxRow(NamedTuple):
     created_at: int
 
 
-class Outbox:
+class Outbox(SqliteStore):
     """The agent's durable queue of envelopes not yet acknowledged by JetStream."""
 
+    schema = """
+        CREATE TABLE IF NOT EXISTS outbox (
+            seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+            id         TEXT NOT NULL UNIQUE,
+            flow       TEXT NOT NULL,
+            subject    TEXT NOT NULL,
+            data       BLOB NOT NULL,
+            created_at INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS cursors (
+            flow       TEXT PRIMARY KEY,
+            cursor     TEXT NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+    """
+
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._db: aiosqlite.Connection | None = None
+        super().__init__(path)
         self._added = anyio.Event()
         self._removed = anyio.Event()
-        self._lock = anyio.Lock()
         self.nbytes = 0
         """Bytes of envelopes waiting (kept in memory; exact after open)."""
 
@@ -70,44 +66,17 @@ class Outbox:
         state = f"bytes={self.nbytes}" if self._db else "closed"
         return f"<Outbox {self.path} {state}>"
 
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def open(self) -> None:
-        self._db = await open_store(self.path, synchronous="FULL")
-        with store_errors(self.path):
-            await self._db.executescript(_SCHEMA)
-            async with self._db.execute("SELECT coalesce(sum(length(data)), 0) FROM outbox") as cur:
-                row = await cur.fetchone()
-        self.nbytes = int(row[0]) if row else 0
+        await super().open()
+        await self._count_bytes()
 
-    async def aclose(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            # Shielded: an abandoned aiosqlite worker would later call into a closed event loop.
-            with anyio.CancelScope(shield=True):
-                await db.close()
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        assert self._db is not None, "outbox is not open"
-        return self._db
+    async def _count_bytes(self) -> None:
+        self.nbytes = int(await self.scalar("SELECT coalesce(sum(length(data)), 0) FROM outbox") or 0)
 
     async def cursor(self, flow: str) -> str | None:
         """The last cursor committed for ``flow`` (None before the first capture)."""
-        with store_errors(self.path):
-            async with self.db.execute("SELECT cursor FROM cursors WHERE flow = ?", (flow,)) as cur:
-                row = await cur.fetchone()
-        return None if row is None else str(row[0])
+        value = await self.scalar("SELECT cursor FROM cursors WHERE flow = ?", (flow,))
+        return None if value is None else str(value)
 
     async def capture(self, flow: str, cursor: str, items: Sequence[tuple[str, str, bytes]]) -> int:
         """Atomically store ``items`` (envelope id, subject, encoded envelope) and ``cursor``.
@@ -115,35 +84,24 @@ class Outbox:
         Returns how many rows were new (an id already waiting is kept once).
         """
         now = time.time_ns() // 1_000_000
-        async with self._lock:
-            with store_errors(self.path):
-                db = self.db
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    before = db.total_changes
-                    await db.executemany(
-                        "INSERT INTO outbox (id, flow, subject, data, created_at)"
-                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                        [(i, flow, s, d, now) for i, s, d in items],
-                    )
-                    added = db.total_changes - before
-                    await db.execute(
-                        "INSERT INTO cursors (flow, cursor, updated_at) VALUES (?, ?, ?)"
-                        " ON CONFLICT(flow) DO UPDATE SET cursor = excluded.cursor,"
-                        " updated_at = excluded.updated_at",
-                        (flow, cursor, now),
-                    )
-                    await db.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await db.execute("ROLLBACK")
-                    raise
+        async with self.write() as db:
+            before = db.total_changes
+            await db.executemany(
+                "INSERT INTO outbox (id, flow, subject, data, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                [(i, flow, s, d, now) for i, s, d in items],
+            )
+            added = db.total_changes - before
+            await db.execute(
+                "INSERT INTO cursors (flow, cursor, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(flow) DO UPDATE SET cursor = excluded.cursor,"
+                " updated_at = excluded.updated_at",
+                (flow, cursor, now),
+            )
         if added == len(items):
             self.nbytes += sum(len(d) for _, _, d in items)
         elif added:  # some ids were already waiting: count exactly
-            async with self.db.execute("SELECT coalesce(sum(length(data)), 0) FROM outbox") as cur:
-                row = await cur.fetchone()
-            self.nbytes = int(row[0]) if row else 0
+            await self._count_bytes()
         if added:
             self._added.set()
             self._added = anyio.Event()
@@ -163,20 +121,10 @@ class Outbox:
         if not rows:
             return
         seqs = [r.seq for r in rows]
-        async with self._lock:
-            with store_errors(self.path):
-                db = self.db
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    for i in range(0, len(seqs), _CHUNK):
-                        part = seqs[i : i + _CHUNK]
-                        marks = ",".join("?" * len(part))
-                        await db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", part)
-                    await db.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await db.execute("ROLLBACK")
-                    raise
+        async with self.write() as db:
+            for i in range(0, len(seqs), _CHUNK):
+                part = seqs[i : i + _CHUNK]
+                await db.execute(f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(part))})", part)
         self.nbytes = max(0, self.nbytes - sum(len(r.data) for r in rows))
         self._removed.set()
         self._removed = anyio.Event()
