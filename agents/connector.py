@@ -34,6 +34,7 @@ from anyio.abc import TaskStatus
 from mesh.actors import Backoff, Supervisor
 from mesh.adapters import Applied, Sink, SinkRecord, Source
 from mesh.config import AgentConfig, FlowConfig, SinkConfig, SourceConfig
+from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.envelope import (
     Envelope,
     decode,
@@ -45,6 +46,7 @@ from mesh.envelope import (
 )
 from mesh.errors import DecodeError, PermanentError, RetryableError, TransportError
 from mesh.faults import crash_point
+from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
 from mesh.transport import Delivery, JetStream, OutMessage, dlq_subject, event_subject
@@ -490,8 +492,58 @@ class ConnectorAgent:
                 if flow.sink is not None:
                     await sup.start(f"apply:{flow.name}", Apply(self, flow).run)
             await sup.start("gauges", self._gauges)
+            a = self.cfg.agent
+            heartbeat = Heartbeat(
+                a.name, a.site, self.link.wait, self._heartbeat_payload,
+                state_dir=a.state_dir, interval=a.heartbeat_interval,
+            )  # fmt: skip
+            await sup.start("heartbeat", heartbeat.run)
             log.info("agent %s running %d flow(s)", self.cfg.agent.name, len(self.cfg.flows))
             task_status.started()
+
+    async def _heartbeat_payload(self) -> HeartbeatPayload:
+        """What the control plane hears every heartbeat: health, backlog per flow, errors."""
+        depth, age = await self.outbox.stats()
+        js = self.link.current
+        up = js is not None and js.is_connected
+        reg = self.metrics.registry
+        flows = []
+        for f in self.cfg.flows:
+            pending = None
+            if f.sink is not None and f.name in self.consumers and up:
+                with contextlib.suppress(TransportError):
+                    pending = await self.consumers[f.name].pending()
+            dead = metric_total(reg, "mesh_dead_lettered_messages_total", flow=f.name)
+            retried = metric_total(reg, "mesh_retried_messages_total", flow=f.name)
+            flows.append(
+                FlowReport(
+                    name=f.name,
+                    outbox_depth=depth if f.source else None,
+                    outbox_age_seconds=age if f.source else None,
+                    consumer_pending=pending,
+                    errors=int(dead + retried),
+                    dead_lettered=int(dead),
+                )
+            )
+        a = self.cfg.agent
+        problems = []
+        if not up:
+            problems.append("NATS disconnected")
+        if depth > a.outbox_warn_depth or age > a.outbox_warn_age:
+            problems.append(f"outbox backlog {depth}, oldest {age:.0f}s")
+        errors = int(
+            metric_total(reg, "mesh_actor_restarts_total")
+            + metric_total(reg, "mesh_publish_failures_total")
+            + sum(f.errors for f in flows)
+        )
+        return HeartbeatPayload(
+            health="degraded" if problems else "ok",
+            detail="; ".join(problems),
+            outbox_depth=depth,
+            outbox_age_seconds=age,
+            errors=errors,
+            flows=flows,
+        )
 
     async def _gauges(self, task_status: TaskStatus[None]) -> None:
         task_status.started()

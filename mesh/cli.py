@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mesh import cli_dlq, cli_flow, cli_leafnode
+from mesh import cli_agent_cp, cli_audit, cli_cp, cli_dlq, cli_flow, cli_leafnode
 from mesh.errors import ConfigError, MeshError
 
 __all__ = ["app", "main"]
@@ -33,6 +33,10 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(cli_dlq.app, name="dlq")
 app.add_typer(cli_flow.app, name="flow")
 app.add_typer(cli_leafnode.app, name="leafnode")
+app.add_typer(cli_cp.app, name="control-plane")
+app.add_typer(cli_audit.app, name="audit")
+# register, deregister, revoke, list, health sit beside `agent run`
+agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)

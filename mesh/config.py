@@ -55,7 +55,11 @@ class AgentSection(_Config, frozen=True):
     system: Token
     """The external system this agent fronts: the ``origin`` of what it captures (I7)."""
     state_dir: str
-    """Directory of the agent's own SQLite stores (outbox, inbox, cursors)."""
+    """Directory of the agent's own SQLite stores (outbox, inbox, cursors) and credentials."""
+    site: Token = "default"
+    """Where the agent runs (a plant, a region): shown by the control plane."""
+    heartbeat_interval: PositiveFloat = 5.0
+    """Seconds between heartbeats to the control plane (sent once the agent is registered)."""
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     """Serve Prometheus metrics on 127.0.0.1:PORT (0 picks a free port); none when unset."""
     metrics_host: str = "127.0.0.1"

@@ -46,7 +46,7 @@ _NAMES = ["Alfreds", "Ana Trujillo", "Antonio Moreno", "Around the Horn", "Bergl
 
 
 def _agent_toml(
-    *, name: str, system: str, state_dir: Path, nats_url: str, metrics_port: int, flow: str
+    *, name: str, system: str, site: str, state_dir: Path, nats_url: str, metrics_port: int, flow: str
 ) -> str:
     return f"""\
 # Written by `meshctl dev up`. Run by hand with: meshctl agent run --config {name}.toml
@@ -55,8 +55,10 @@ log_level = "info"
 [agent]
 name = "{name}"
 system = "{system}"
+site = "{site}"
 state_dir = "{state_dir}"
 metrics_port = {metrics_port}
+heartbeat_interval = 2.0
 
 [nats]
 servers = ["{nats_url}"]
@@ -92,16 +94,18 @@ key = "id"
 
 @dataclass
 class _Agent:
+    """A child process of the stack (an agent or the control plane)."""
+
     name: str
-    config: Path
+    argv: list[str]
     log: Path
-    metrics_url: str
+    metrics_url: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "agent", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "mesh", *self.argv],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
@@ -203,6 +207,19 @@ def _quantile(metrics: dict[str, float], name: str, q: float) -> float | None:
     return None
 
 
+def _health(url: str) -> str:
+    """``agents healthy 2/2`` from the control plane's /status (or why it is not known)."""
+    import json
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            doc = json.loads(resp.read())
+    except (OSError, ValueError):
+        return "control plane not answering"
+    counts = doc.get("counts", {})
+    return f"agents healthy {counts.get('healthy', 0)}/{len(doc.get('agents', []))}"
+
+
 def _count(db: Path) -> int:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
@@ -234,21 +251,44 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
     nats = NatsServer(root / "nats", log_file=root / "nats-server.log")
     print(f"mesh dev stack in {root}", flush=True)
     nats.start()
+    cp_port = free_port()
+    cp_url = f"http://127.0.0.1:{cp_port}"
+    control_plane = _Agent(
+        "control-plane",
+        ["control-plane", "run", "--nats", nats.url, "--http", f"127.0.0.1:{cp_port}", "--name", "dev-cp",
+         "--stale-after", "15", "--lost-after", "45"],
+        root / "control-plane.log",
+    )  # fmt: skip
+    control_plane.start()
     agents = []
-    for name, system, flow in (("erp-agent", "erp", ERP_FLOW), ("cloud-agent", "crm", CRM_FLOW)):
+    for name, system, site, flow in (
+        ("erp-agent", "erp", "plant-1", ERP_FLOW),
+        ("cloud-agent", "crm", "cloud", CRM_FLOW),
+    ):
         port = free_port()
         cfg = root / f"{name}.toml"
         cfg.write_text(_agent_toml(
-            name=name, system=system, state_dir=root / "state" / name, nats_url=nats.url,
+            name=name, system=system, site=site, state_dir=root / "state" / name, nats_url=nats.url,
             metrics_port=port, flow=flow,
         ))  # fmt: skip
-        agents.append(_Agent(name, cfg, root / f"{name}.log", f"http://127.0.0.1:{port}/metrics"))
-    for a in agents:
+        argv = ["agent", "run", "--config", str(cfg)]
+        agents.append(_Agent(name, argv, root / f"{name}.log", f"http://127.0.0.1:{port}/metrics"))
+    for a, site in zip(agents, ("plant-1", "cloud"), strict=True):
+        # Register with the control plane (idempotent), so heartbeats are accepted.
+        reg = await anyio.run_process(
+            [sys.executable, "-m", "mesh", "agent", "register", "--config", str(root / f"{a.name}.toml"),
+             "--site", site, "--control-plane", nats.url, "--timeout", "15"],
+            check=False,
+        )  # fmt: skip
+        if reg.returncode != 0:
+            print(f"warning: registering {a.name} failed: {reg.stderr.decode().strip()}", flush=True)
         a.start()
     erp, cloud = agents
+    children = [control_plane, *agents]
 
     print(
         f"""
+  status page   {cp_url}/   (JSON {cp_url}/status, metrics {cp_url}/metrics)
   nats-server   {nats.url}   (monitoring {nats.monitor_url}, log {nats.log_file})
   ERP (on-prem) {erp_db}  -> agent erp-agent   metrics {erp.metrics_url}
   CRM (cloud)   {crm_db}  <- agent cloud-agent metrics {cloud.metrics_url}
@@ -289,17 +329,18 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
             p50 = _quantile(window, "mesh_end_to_end_latency_seconds", 0.5)
             p99 = _quantile(window, "mesh_end_to_end_latency_seconds", 0.99)
             lat = f"p50<={p50 * 1000:.0f}ms p99<={p99 * 1000:.0f}ms" if p50 and p99 else "n/a"
-            alive = "".join("+" if a.alive() else "!" for a in agents)
+            alive = "".join("+" if a.alive() else "!" for a in children)
+            health = _health(f"{cp_url}/status")
             print(
                 f"[{time.monotonic() - started:6.0f}s] load ins={load.inserted} upd={load.updated} "
                 f"del={load.deleted} | captured={m_erp.get('mesh_captured_messages_total', 0):.0f} "
                 f"outbox={m_erp.get('mesh_outbox_depth_messages', 0):.0f} "
                 f"published={m_erp.get('mesh_published_messages_total', 0):.0f} "
                 f"applied={applied:.0f} | rows erp={_count(erp_db)} crm={_count(crm_db)} "
-                f"| latency {lat} | agents {alive}",
+                f"| latency {lat} | processes {alive} | {health}",
                 flush=True,
             )
-            for a in agents:
+            for a in children:
                 if not a.alive():
                     print(f"agent {a.name} exited; see {a.log}", file=sys.stderr, flush=True)
 
@@ -329,9 +370,9 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
                 tg.cancel_scope.cancel()
     finally:
         deadline = time.monotonic() + 6
-        for a in agents:
+        for a in children:
             a.terminate()
-        for a in agents:
+        for a in children:
             a.reap(deadline)
         nats.stop(timeout=3)
         print(f"stopped; data kept in {root}", flush=True)

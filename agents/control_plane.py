@@ -1,0 +1,432 @@
+"""The control-plane agent: agent registry, health, leader election and the HTTP status endpoint.
+
+One process is one *replica*; run several for high availability. Each replica::
+
+    HTTP (/healthz /readyz /status /metrics /)          ◄── operators, probes, Prometheus
+    NATS request/reply  <prefix>.agents|status          ◄── every replica (queue group), from its mirror
+    NATS request/reply  <prefix>.register|deregister|   ◄── the leader only (queue group)
+                        revoke|heartbeat
+    KV mesh_agents ──watch──► mirror ──► health sweep, status, metrics
+    KV mesh_leader ◄──CAS──► lease (one leader; see mesh.controlplane.lease)
+    stream MESH_AUDIT ◄── register / deregister / revoke entries (leader)
+
+Guarantees: exactly one replica serves writes at a time, as far as the lease can tell (a leader
+that cannot renew steps down before a follower may take over), and every write is a KV
+compare-and-swap besides, so an overlap cannot lose an update. Followers answer reads from their
+own mirror of KV (eventually consistent, typically within milliseconds). The HTTP endpoint comes
+up first and keeps answering while NATS is away (``/readyz`` then says 503 and why). Every loop
+is an actor under one supervisor. SIGTERM releases the lease, so a follower takes over at once.
+
+Run it with ``meshctl control-plane run`` or ``python -m agents.control_plane`` (same flags).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import anyio
+import anyio.abc
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mesh.actors import Backoff, Supervisor
+from mesh.controlplane.audit import AuditLog
+from mesh.controlplane.health import HealthTracker
+from mesh.controlplane.http import HttpServer, create_app
+from mesh.controlplane.kv import KvMirror, NatsBucket, ensure_buckets
+from mesh.controlplane.lease import LeaderLease
+from mesh.controlplane.metrics import ControlPlaneMetrics
+from mesh.controlplane.models import (
+    AGENTS_BUCKET,
+    LEADER_BUCKET,
+    READ_KINDS,
+    WRITE_KINDS,
+    Agents,
+    ControlPlaneInfo,
+    Deregister,
+    GetStatus,
+    Heartbeat,
+    ListAgents,
+    Refused,
+    Register,
+    Reply,
+    Request,
+    Revoke,
+    StatusReport,
+    decode_request,
+    encode,
+    mesh_version,
+)
+from mesh.controlplane.registry import Registry
+from mesh.controlplane.settings import ControlPlaneSettings
+from mesh.controlplane.status import StatusBuilder, flow_views
+from mesh.errors import DecodeError, TransportError
+from mesh.transport import DLQ_STREAM, JetStream
+
+__all__ = ["ControlPlane", "run_control_plane_process"]
+
+log = logging.getLogger(__name__)
+
+_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+_CONCURRENCY = 64
+
+
+class ControlPlane:
+    """One control-plane replica. ``await cp.run()`` until cancelled or :meth:`stop`."""
+
+    def __init__(self, settings: ControlPlaneSettings, *, metrics: ControlPlaneMetrics | None = None) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.prefix = settings.subject_prefix
+        self.metrics = metrics or ControlPlaneMetrics()
+        self.registry = self.metrics.registry
+        self.js = JetStream(settings.nats, name=f"control-plane:{settings.name}")
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None
+        self.buckets: dict[str, NatsBucket] = {}
+        self.mirror: KvMirror | None = None
+        self.lease: LeaderLease | None = None
+        self.builder: StatusBuilder | None = None
+        self.agent_registry: Registry | None = None
+        self.tracker = HealthTracker()
+        self.dlq_depths: dict[str, int] = {}
+        self.supervisor: Supervisor | None = None
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        role = "leader" if self.is_leader else "follower"
+        return (
+            f"<ControlPlane {self.name} {role} agents={len(self.tracker.states)} nats={self.js.is_connected}>"
+        )
+
+    @property
+    def is_leader(self) -> bool:
+        return self.lease is not None and self.lease.is_leader
+
+    @property
+    def http_url(self) -> str | None:
+        return self.http.url if self.http is not None and self.http_port is not None else None
+
+    def stop(self) -> None:
+        """Stop every actor (the lease is released on the way out). Idempotent."""
+        self._stopping = True
+        if self.supervisor is not None:
+            self.supervisor.cancel()
+
+    # --- StatusSource (HTTP) -----------------------------------------------------------------
+
+    def status(self) -> StatusReport:
+        info = ControlPlaneInfo(
+            replica=self.name,
+            leader=self.lease.leader if self.lease else None,
+            is_leader=self.is_leader,
+            nats_connected=self.js.is_connected,
+            version=mesh_version(),
+        )
+        if self.builder is None:
+            return StatusReport(
+                schema_version="mesh-cp-status/1",
+                generated_at=time.time(),
+                control_plane=info,
+                agents=[],
+                flows=[],
+                counts={"healthy": 0, "degraded": 0, "stale": 0, "lost": 0},
+            )
+        return self.builder.report(info, self.dlq_depths)
+
+    async def readiness(self) -> str | None:
+        if not self.js.is_connected:
+            return f"NATS not connected ({', '.join(self.settings.nats.servers)})"
+        if self.mirror is None or not self.mirror.synced.is_set():
+            return "KV not loaded yet"
+        try:
+            with anyio.fail_after(2):
+                await self.buckets[LEADER_BUCKET].get("leader")
+        except (TransportError, TimeoutError) as exc:
+            return f"KV not readable: {exc or 'timed out'}"
+        return None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ``started`` once connected, electing and serving requests."""
+        s = self.settings
+        token = s.http_token()
+        async with contextlib.aclosing(self.js), Supervisor(f"control-plane:{self.name}") as sup:
+            self.supervisor = sup
+            if self._stopping:
+                sup.cancel()
+            if s.http_port is not None:
+                self.http = HttpServer(create_app(self, token=token), s.http_host, s.http_port)
+                self.http_port = await sup.start("http", self.http.run)
+            await self._connect()
+            agents = self.buckets[AGENTS_BUCKET]
+            self.mirror = KvMirror(self.js, agents)
+            self.builder = StatusBuilder(self.mirror, s.health)
+            audit = AuditLog(self.js, self.name, timeout=s.nats.request_timeout)
+
+            async def append(kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
+                await audit.append(kind, who=who, target=target, what=what, detail=detail)
+
+            self.agent_registry = Registry(
+                agents,
+                replica=self.name,
+                mirror=self.mirror,
+                audit=append,
+                on_audit_failure=self.metrics.audit_failures.inc,
+            )
+            self.lease = LeaderLease(
+                self.buckets[LEADER_BUCKET],
+                self.name,
+                ttl=s.lease_ttl,
+                renew_every=s.lease_renew,
+                poll_every=min(0.5, s.lease_renew),
+                on_change=self._on_role,
+            )
+            await sup.start("mirror", self.mirror.run)
+            await sup.start("reads", self._serve_reads)
+            await sup.start("lease", self.lease.run)
+            await sup.start("writes", self._serve_writes)
+            await sup.start("sweep", self._sweep)
+            log.info(
+                "control plane %s up: NATS %s, subjects %s.*, HTTP %s",
+                self.name,
+                ", ".join(s.nats.servers),
+                self.prefix,
+                self.http_url or "off",
+            )
+            task_status.started()
+
+    async def _connect(self) -> None:
+        backoff = Backoff(base=0.25, cap=5.0)
+        attempt = 0
+        while True:
+            try:
+                if not self.js.is_connected:
+                    await self.js.connect()
+                await self.js.ensure_streams(self.settings.streams)
+                self.buckets = await ensure_buckets(
+                    self.js,
+                    replicas=self.settings.streams.replicas,
+                    memory=self.settings.streams.storage == "memory",
+                )
+                self.metrics.nats_connected.set(1)
+                return
+            except TransportError as exc:
+                delay = backoff.delay(attempt)
+                attempt += 1
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning("control plane %s: NATS not ready (%s); retrying", self.name, exc)
+                await anyio.sleep(delay)
+
+    def _on_role(self, leader: bool) -> None:
+        self.metrics.is_leader.set(1 if leader else 0)
+        self.metrics.leader_changes.inc()
+
+    # --- request/reply -------------------------------------------------------------------------
+
+    async def _subscribe(self, kinds: tuple[str, ...], group: str) -> list[tuple[str, Subscription]]:
+        subs = []
+        try:
+            for kind in kinds:
+                sub = await self.js.nc.subscribe(f"{self.prefix}.{kind}", queue=f"{self.prefix}.{group}")
+                subs.append((kind, sub))
+        except _NATS_ERRORS as exc:
+            await _unsubscribe(subs)
+            raise TransportError(f"subscribe {self.prefix}.*: {exc}") from exc
+        return subs
+
+    async def _serve_reads(self, task_status: TaskStatus[None]) -> None:
+        subs = await self._subscribe(READ_KINDS, "readers")
+        try:
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                for kind, sub in subs:
+                    tg.start_soon(self._pump, kind, sub)
+        finally:
+            await _unsubscribe(subs)
+
+    async def _serve_writes(self, task_status: TaskStatus[None]) -> None:
+        assert self.lease is not None
+        task_status.started()
+        while True:
+            await self.lease.wait(leader=True)
+            subs = await self._subscribe(WRITE_KINDS, "writers")
+            try:
+                async with anyio.create_task_group() as tg:
+                    for kind, sub in subs:
+                        tg.start_soon(self._pump, kind, sub)
+                    await self.lease.wait(leader=False)
+                    tg.cancel_scope.cancel()
+            finally:
+                await _unsubscribe(subs)
+
+    async def _pump(self, kind: str, sub: Subscription) -> None:
+        # Heartbeats and reads are independent of each other: serve up to _CONCURRENCY at once so
+        # a burst (every agent beating in the same second) is not queued behind one KV write at a
+        # time. Registry changes stay one at a time (they are CAS loops anyway).
+        if kind in ("register", "deregister", "revoke"):
+            async for msg in sub.messages:
+                await self._handle(kind, msg)
+            return
+        slots = anyio.Semaphore(_CONCURRENCY)
+
+        async def handle(msg: Msg) -> None:
+            try:
+                await self._handle(kind, msg)
+            finally:
+                slots.release()
+
+        async with anyio.create_task_group() as tg:
+            async for msg in sub.messages:
+                await slots.acquire()
+                tg.start_soon(handle, msg)
+
+    async def _handle(self, kind: str, msg: Msg) -> None:
+        began = time.perf_counter()
+        outcome = "ok"
+        reply: Reply
+        try:
+            req = decode_request(msg.data)
+            tag = req.__struct_config__.tag
+            if tag != kind:
+                reply = Refused(code="invalid", reason=f"a {tag!r} request sent to {msg.subject}")
+            else:
+                reply = await self._dispatch(req)
+        except DecodeError as exc:
+            reply = Refused(code="invalid", reason=str(exc))
+        except TransportError as exc:
+            log.warning("%s request failed: %s", kind, exc)
+            reply = Refused(code="internal", reason=f"the control plane could not reach its KV store: {exc}")
+            outcome = "error"
+        except Exception:
+            log.exception("%s request failed", kind)
+            reply = Refused(code="internal", reason="internal error (details in the control-plane log)")
+            outcome = "error"
+        if outcome == "ok" and isinstance(reply, Refused):
+            outcome = "refused"
+        self.metrics.requests.labels(kind, outcome).inc()
+        self.metrics.request_seconds.labels(kind).observe(time.perf_counter() - began)
+        if msg.reply:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await msg.respond(encode(reply))
+
+    async def _dispatch(self, req: Request) -> Reply:
+        registry, builder = self.agent_registry, self.builder
+        assert registry is not None
+        assert builder is not None
+        if isinstance(req, Heartbeat):
+            return await registry.heartbeat(req)
+        if isinstance(req, Register):
+            return await registry.register(req)
+        if isinstance(req, Deregister):
+            return await registry.deregister(req)
+        if isinstance(req, Revoke):
+            return await registry.revoke(req)
+        if isinstance(req, GetStatus):
+            return self.status()
+        assert isinstance(req, ListAgents)
+        views = builder.agents()
+        if req.name is not None:
+            views = [v for v in views if v.name == req.name]
+            if not views:
+                return Refused(code="unknown", reason=f"no agent named {req.name!r} is registered")
+        return Agents(agents=views, served_by=self.name, leader=self.lease.leader if self.lease else None)
+
+    # --- health sweep, gauges, dead-letter depths ----------------------------------------------
+
+    async def _sweep(self, task_status: TaskStatus[None]) -> None:
+        assert self.builder is not None
+        task_status.started()
+        next_dlq = 0.0
+        while True:
+            if anyio.current_time() >= next_dlq:
+                next_dlq = anyio.current_time() + max(2.0, self.settings.sweep_interval)
+                with anyio.move_on_after(2):
+                    self.dlq_depths = await self._dlq_depths()
+            self._observe()
+            await anyio.sleep(self.settings.sweep_interval)
+
+    def _observe(self) -> None:
+        assert self.builder is not None
+        m = self.metrics
+        m.nats_connected.set(1 if self.js.is_connected else 0)
+        views = self.builder.agents()
+        for t in self.tracker.update((v.name, v.health, v.reason) for v in views):
+            if t.before is None:
+                continue
+            m.transitions.labels(t.after).inc()
+            if self.is_leader:
+                level = logging.INFO if t.after == "healthy" else logging.WARNING
+                log.log(level, "agent %s: %s -> %s %s", t.name, t.before, t.after, t.reason)
+        for h in ("healthy", "degraded", "stale", "lost"):
+            m.agents.labels(h).set(sum(1 for v in views if v.health == h))
+        m.revoked.set(sum(1 for v in views if v.state == "revoked"))
+        for gauge in (m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq):
+            gauge.clear()
+        for f in flow_views(views, self.dlq_depths):
+            m.flow_backlog.labels(f.name).set(f.backlog)
+            m.flow_pending.labels(f.name).set(f.consumer_pending)
+            m.flow_lag.labels(f.name).set(f.lag_seconds)
+            m.flow_dlq.labels(f.name).set(f.dlq_depth)
+
+    async def _dlq_depths(self) -> dict[str, int]:
+        """Messages per flow in MESH_DLQ (``dlq.<flow>``); the last known on failure."""
+        try:
+            info = await self.js.js.stream_info(DLQ_STREAM, subjects_filter="dlq.>")
+        except nats.js.errors.NotFoundError:
+            return {}
+        except (*_NATS_ERRORS, TransportError) as exc:
+            log.debug("dead-letter depths: %s", exc)
+            return self.dlq_depths
+        return {subject.removeprefix("dlq."): int(n) for subject, n in (info.state.subjects or {}).items()}
+
+
+async def _unsubscribe(subs: list[tuple[str, Subscription]]) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+        for _, sub in subs:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
+
+
+async def _main(settings: ControlPlaneSettings) -> None:
+    cp = ControlPlane(settings)
+
+    async def run_then_end(tg: anyio.abc.TaskGroup) -> None:
+        await cp.run()
+        tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            tg.start_soon(run_then_end, tg)
+            async for signum in signals:
+                log.info("%s: stopping control plane %s", signal.Signals(signum).name, settings.name)
+                cp.stop()
+                break
+    log.info("control plane %s stopped", settings.name)
+
+
+def run_control_plane_process(settings: ControlPlaneSettings) -> None:
+    """Run one replica until SIGTERM/SIGINT (uvloop where available)."""
+    backend_options: dict[str, Any] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        backend_options["use_uvloop"] = True
+    except ImportError:
+        pass
+    anyio.run(_main, settings, backend="asyncio", backend_options=backend_options)
+
+
+if __name__ == "__main__":
+    from mesh.cli_cp import app
+
+    app(["run", *sys.argv[1:]], prog_name="python -m agents.control_plane")

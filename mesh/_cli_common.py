@@ -1,0 +1,104 @@
+"""Helpers shared by the control-plane commands of ``meshctl`` (agent, control-plane, audit)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, NoReturn, TypeVar
+
+import anyio
+import typer
+
+from mesh.cli_dlq import quiet_connection_logs
+from mesh.config import NatsConfig
+from mesh.controlplane.client import DEFAULT_PREFIX, ControlPlaneClient, RequestRefused
+from mesh.errors import MeshError
+from mesh.transport import JetStream
+
+_T = TypeVar("_T")
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+ControlPlaneOpt = Annotated[
+    str,
+    typer.Option(
+        "--control-plane",
+        "--nats",
+        envvar=["MESH_CONTROL_PLANE", "MESH_NATS_URL"],
+        help="NATS URL the control plane listens on (env MESH_CONTROL_PLANE, then MESH_NATS_URL).",
+    ),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the control plane to answer.")
+]
+PrefixOpt = Annotated[
+    str,
+    typer.Option(
+        "--subject-prefix", envvar="MESH_CP_PREFIX", help="Control-plane subject prefix.", hidden=True
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def fail(message: object, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def connection(url: str, timeout: float, name: str = "meshctl") -> JetStream:
+    return JetStream(
+        NatsConfig(servers=[url], connect_timeout=min(timeout, 2.0), request_timeout=timeout), name=name
+    )
+
+
+def run_with_client(
+    url: str, timeout: float, prefix: str, work: Callable[[ControlPlaneClient], Awaitable[_T]]
+) -> _T:
+    """Connect, run ``work`` with a client, close. A refusal exits 1, any other mesh error 2,
+    each with one line on stderr."""
+    quiet_connection_logs()
+
+    async def main() -> _T:
+        async with connection(url, timeout) as js:
+            return await work(ControlPlaneClient(js, prefix=prefix, timeout=timeout))
+
+    try:
+        return anyio.run(main)
+    except RequestRefused as exc:
+        fail(f"refused ({exc.code}): {exc.reason}", 1)
+    except MeshError as exc:
+        fail(exc)
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a left-aligned table (the last column is not padded)."""
+    cells = [[str(c) for c in head], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    for r in cells:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)) + "  " + r[-1])
+
+
+def ago(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return f"{max(0.0, time.time() - t):.1f}s ago"
+
+
+def timestamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_URL",
+    "ControlPlaneOpt",
+    "JsonOpt",
+    "PrefixOpt",
+    "TimeoutOpt",
+    "ago",
+    "connection",
+    "fail",
+    "run_with_client",
+    "table",
+    "timestamp",
+]

@@ -1,0 +1,197 @@
+"""Talk to the control plane over NATS request/reply (used by ``meshctl`` and the agents).
+
+Guarantees: every request is bounded by ``timeout``. While no replica serves a subject (no
+control plane running, or a leader election in progress after a failover) the client keeps
+asking until the deadline, so a request sent during a failover lands on the new leader. A refusal
+raises :class:`RequestRefused` with the control plane's code and reason; transport trouble raises
+:class:`~mesh.errors.TransportError`. Nothing is retried after the control plane has answered.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import nats.errors
+
+from mesh.controlplane.identity import Credentials, load_or_create_identity
+from mesh.controlplane.models import (
+    Agents,
+    Deregister,
+    Done,
+    GetStatus,
+    ListAgents,
+    Manifest,
+    RefusalCode,
+    Refused,
+    Register,
+    Registered,
+    Reply,
+    Request,
+    Revoke,
+    StatusReport,
+    decode_reply,
+    default_actor,
+    encode,
+    mesh_version,
+)
+from mesh.errors import PermanentError, TransportError
+from mesh.transport import JetStream
+
+__all__ = ["DEFAULT_PREFIX", "ControlPlaneClient", "RequestRefused", "register_agent"]
+
+DEFAULT_PREFIX = "mesh.cp"
+
+_R = TypeVar("_R")
+
+
+class RequestRefused(PermanentError):
+    """The control plane answered and refused: asking again the same way cannot help."""
+
+    def __init__(self, code: RefusalCode, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ControlPlaneClient:
+    """Requests to the control plane through one connected :class:`JetStream`.
+
+    ``js`` may also be a zero-argument async callable returning one (an agent's link that may
+    still be connecting).
+    """
+
+    def __init__(
+        self,
+        js: JetStream | Callable[[], Awaitable[JetStream]],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = 5.0,
+    ) -> None:
+        self._js = js
+        self.prefix = prefix
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<ControlPlaneClient {self.prefix} timeout={self.timeout}s>"
+
+    async def connection(self) -> JetStream:
+        """The connection requests go through (waiting for it when given a provider)."""
+        if isinstance(self._js, JetStream):
+            return self._js
+        return await self._js()
+
+    async def request(self, req: Request, *, timeout: float | None = None) -> Reply:
+        """Send ``req`` to ``<prefix>.<kind>`` and return the decoded reply (a Refused included).
+
+        Raises:
+            TransportError: no answer within the timeout, or no control plane serving it.
+        """
+        budget = self.timeout if timeout is None else timeout
+        subject = f"{self.prefix}.{req.__struct_config__.tag}"
+        data = encode(req)
+        deadline = anyio.current_time() + budget
+        js = await self.connection()
+        while True:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                raise TransportError(
+                    f"no control plane serves {subject} (is `meshctl control-plane run` up and "
+                    f"connected to {', '.join(js.cfg.servers)}?)"
+                )
+            try:
+                msg = await js.nc.request(subject, data, timeout=left)
+            except nats.errors.NoRespondersError:
+                await anyio.sleep(min(0.25, max(0.0, deadline - anyio.current_time())))
+                continue
+            except (nats.errors.TimeoutError, TimeoutError):
+                raise TransportError(
+                    f"the control plane did not answer {subject} within {budget:g}s"
+                ) from None
+            except (nats.errors.Error, OSError) as exc:
+                raise TransportError(f"request {subject}: {type(exc).__name__}: {exc}") from exc
+            return decode_reply(msg.data)
+
+    async def _expect(self, req: Request, kind: type[_R]) -> _R:
+        reply = await self.request(req)
+        if isinstance(reply, Refused):
+            raise RequestRefused(reply.code, reply.reason)
+        if not isinstance(reply, kind):
+            raise TransportError(f"unexpected reply to {type(req).__name__}: {type(reply).__name__}")
+        return reply
+
+    async def register(self, req: Register) -> Registered:
+        """Register (idempotent for the same identity). Raises RequestRefused."""
+        return await self._expect(req, Registered)
+
+    async def deregister(self, name: str, *, actor: str | None = None) -> Done:
+        return await self._expect(Deregister(name=name, actor=actor or default_actor()), Done)
+
+    async def revoke(self, name: str, *, reason: str = "", actor: str | None = None) -> Done:
+        return await self._expect(Revoke(name=name, reason=reason, actor=actor or default_actor()), Done)
+
+    async def agents(self, name: str | None = None) -> Agents:
+        """Every agent (or the one named; RequestRefused ``unknown`` if there is none)."""
+        return await self._expect(ListAgents(name=name), Agents)
+
+    async def status(self) -> StatusReport:
+        return await self._expect(GetStatus(), StatusReport)
+
+
+async def register_agent(
+    client: ControlPlaneClient,
+    *,
+    name: str,
+    site: str,
+    state_dir: str,
+    manifest: Manifest,
+    current: Credentials | None,
+    actor: str | None = None,
+) -> tuple[Registered, Credentials]:
+    """Register the agent whose state dir is ``state_dir`` and return the reply and the
+    credentials to keep (the current ones when the control plane issued none).
+
+    Raises:
+        RequestRefused: name taken by another identity, agent revoked, invalid request.
+        TransportError: no control plane answered.
+        ConfigError: the state dir cannot be read or written.
+    """
+    identity = load_or_create_identity(state_dir)
+    sent_credential = current.token if current is not None and current.name == name else None
+    reply = await client.register(
+        Register(
+            name=name,
+            site=site,
+            identity=identity,
+            version=mesh_version(),
+            host=socket.gethostname(),
+            manifest=manifest,
+            credential=sent_credential,
+            actor=actor or default_actor(),
+        )
+    )
+    js = await client.connection()
+    if reply.credential is None and current is not None and sent_credential is not None:
+        creds = Credentials(
+            agent_id=reply.agent_id,
+            name=name,
+            site=site,
+            token=current.token,
+            control_plane=js.cfg.servers[0],
+            registered_at=current.registered_at,
+        )
+    elif reply.credential is not None:
+        creds = Credentials(
+            agent_id=reply.agent_id,
+            name=name,
+            site=site,
+            token=reply.credential,
+            control_plane=js.cfg.servers[0],
+            registered_at=time.time(),
+        )
+    else:
+        raise TransportError("the control plane issued no credential for a new registration")
+    return reply, creds

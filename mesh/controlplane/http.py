@@ -1,0 +1,298 @@
+"""The control plane's HTTP status endpoint: Starlette routes served by an embedded uvicorn.
+
+Why Starlette + uvicorn: both are maintained by the Encode/Kludex team with frequent releases
+and very wide production use; uvicorn's default pure-Python ``h11`` protocol needs no compiler,
+and Starlette's router already answers unknown paths with 404 and wrong methods with 405 (with
+``Allow``), so this module writes no HTTP parsing or routing of its own. uvicorn runs inside the
+control plane's anyio task group (``Server.serve`` on our own bound socket); its own signal
+handling is switched off because the process owns SIGTERM/SIGINT (the approach other embedders
+such as vLLM use).
+
+Routes (GET and HEAD only)::
+
+    /               HTML dashboard: agents and flows, server-rendered, refreshes every 5 s
+    /healthz        200 {"status": "alive"} while the process serves HTTP
+    /readyz         200 {"ready": true} when NATS is connected and KV readable, else 503 + reason
+    /status         the StatusReport JSON document (schema_version mesh-cp-status/1)
+    /status/schema  JSON Schema of /status
+    /metrics        Prometheus text format (names mesh_cp_*)
+
+Guarantees: every error is a small JSON body ``{"error": ..., "status": ...}`` (404, 405, 401,
+500); a failing handler is logged with its traceback but the response never contains one.
+With a bearer token configured, every route but ``/healthz`` and ``/readyz`` (probes) requires
+``Authorization: Bearer <token>``; the token is compared in constant time and never echoed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import html
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+import uvicorn
+from anyio.abc import TaskStatus
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mesh.controlplane.models import StatusReport, status_schema
+from mesh.errors import ConfigError
+
+__all__ = ["HttpServer", "StatusSource", "create_app", "render_dashboard"]
+
+log = logging.getLogger(__name__)
+
+_PUBLIC = frozenset({"/healthz", "/readyz"})
+_json = msgspec.json.Encoder()
+
+
+class StatusSource(Protocol):
+    """What the HTTP endpoint reads; the control plane implements it (tests may fake it)."""
+
+    registry: CollectorRegistry
+
+    def status(self) -> StatusReport:
+        """The current status document (from memory; must not block)."""
+        ...
+
+    async def readiness(self) -> str | None:
+        """None when ready, else why not (one line)."""
+        ...
+
+
+def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return _json_response({"error": message, "status": status}, status, headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Turn any exception into a JSON 500 (logged with its traceback, never sent)."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.url.path)
+            return _error(500, "internal error (details in the control-plane log)")
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
+class _BearerAuth:
+    """ASGI middleware: require ``Authorization: Bearer <token>`` outside the probe routes."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _PUBLIC:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+        if not hmac.compare_digest(given, self.token):
+            response = _error(
+                401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="mesh"'}
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
+    """The ASGI application for ``source`` (optionally behind a bearer token)."""
+
+    async def dashboard(request: Request) -> Response:
+        return HTMLResponse(render_dashboard(source.status()))
+
+    async def healthz(request: Request) -> Response:
+        return _json_response({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        reason = await source.readiness()
+        if reason is None:
+            return _json_response({"ready": True})
+        return _json_response({"ready": False, "reason": reason}, 503)
+
+    async def status(request: Request) -> Response:
+        return Response(_json.encode(source.status()), media_type="application/json")
+
+    async def schema(request: Request) -> Response:
+        return _json_response(status_schema())
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(source.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail).lower())
+        return _error(exc.status_code, message, dict(exc.headers or {}))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("HTTP %s %s failed: %s", request.method, request.url.path, exc)
+        return _error(500, "internal error (details in the control-plane log)")
+
+    routes = [
+        Route(path, _guarded(fn), methods=["GET"])
+        for path, fn in (
+            ("/", dashboard),
+            ("/healthz", healthz),
+            ("/readyz", readyz),
+            ("/status", status),
+            ("/status/schema", schema),
+            ("/metrics", metrics),
+        )
+    ]
+    middleware = [Middleware(_BearerAuth, token=token)] if token else []
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )
+
+
+def _ago(t: float | None, now: float) -> str:
+    return "never" if t is None else f"{max(0.0, now - t):.1f}s ago"
+
+
+def render_dashboard(report: StatusReport) -> str:
+    """A small self-contained HTML page (no scripts): summary, agents table, flows table."""
+    e = html.escape
+    now = report.generated_at
+    cp = report.control_plane
+    colour = {"healthy": "#1a7f37", "degraded": "#9a6700", "stale": "#bc4c00", "lost": "#cf222e"}
+    agent_rows = "".join(
+        f"<tr><td>{e(a.name)}</td><td>{e(a.site)}</td><td>{e(a.host)}</td><td>{e(a.version)}</td>"
+        f'<td style="color:{colour[a.health]}"><b>{e(a.health)}</b></td><td>{e(a.state)}</td>'
+        f"<td>{_ago(a.last_heartbeat, now)}</td><td>{a.outbox_depth}</td><td>{a.errors}</td>"
+        f"<td>{e(a.reason)}</td></tr>"
+        for a in report.agents
+    )
+    flow_rows = "".join(
+        f"<tr><td>{e(f.name)}</td><td>{e(f.state)}</td><td>{e(', '.join(f.agents))}</td><td>{f.backlog}</td>"
+        f"<td>{f.consumer_pending}</td><td>{f.lag_seconds:.1f}</td><td>{f.dlq_depth}</td></tr>"
+        for f in report.flows
+    )
+    counts = " · ".join(f"{e(k)} {v}" for k, v in report.counts.items())
+    leader = e(cp.leader or "none")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>connector mesh · control plane</title>
+<style>body{{font:14px system-ui,sans-serif;margin:1.5em}}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}
+th,td{{border:1px solid #d0d7de;padding:3px 8px;text-align:left}}th{{background:#f6f8fa}}</style></head>
+<body><h1>Connector mesh</h1>
+<p>replica <b>{e(cp.replica)}</b> ({"leader" if cp.is_leader else "follower"}) · leader {leader} ·
+NATS {"connected" if cp.nats_connected else "<b>disconnected</b>"} · {stamp}</p>
+<p>{len(report.agents)} agent(s): {counts}</p>
+<h2>Agents</h2><table><tr><th>name</th><th>site</th><th>host</th><th>version</th><th>health</th>
+<th>state</th><th>last heartbeat</th><th>outbox</th><th>errors</th><th>why</th></tr>{agent_rows}</table>
+<h2>Flows</h2><table><tr><th>name</th><th>state</th><th>agents</th><th>backlog</th><th>consumer pending</th>
+<th>lag (s)</th><th>dead letters</th></tr>{flow_rows}</table>
+<p><a href="status">status JSON</a> · <a href="status/schema">schema</a> · <a href="metrics">metrics</a></p>
+</body></html>
+"""
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the process handles SIGTERM/SIGINT itself
+
+
+class HttpServer:
+    """Serves an ASGI app on ``host:port`` (0: a free port) inside the caller's task group.
+
+    ``run`` binds first (an unusable address raises :class:`~mesh.errors.ConfigError` naming
+    it), signals ``started(port)``, and on cancellation closes the listener and gives open
+    connections up to ``grace`` seconds.
+    """
+
+    def __init__(
+        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 8080, *, grace: float = 2.0
+    ) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.grace = grace
+
+    def __repr__(self) -> str:
+        return f"<HttpServer http://{self.host}:{self.port}>"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            return socket.create_server((self.host, self.port), family=family, backlog=512)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve HTTP on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+
+    async def run(self, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        sock = self._bind()
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=max(1, int(self.grace)),
+        )
+        server = _EmbeddedServer(config)
+        done = anyio.Event()
+
+        async def serve() -> None:
+            try:
+                with anyio.CancelScope(shield=True):  # it stops through should_exit, cleanly
+                    await server.serve(sockets=[sock])
+            finally:
+                done.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve)
+                try:
+                    while not server.started:
+                        if done.is_set():
+                            raise ConfigError(f"HTTP server on {self.url} stopped while starting")
+                        await anyio.sleep(0.01)
+                    log.info("control plane HTTP on %s", self.url)
+                    task_status.started(self.port)
+                    await done.wait()
+                finally:
+                    server.should_exit = True
+        finally:
+            sock.close()

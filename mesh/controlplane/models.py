@@ -1,0 +1,418 @@
+"""Control-plane messages and records: frozen msgspec Structs, JSON on the wire and in KV.
+
+Requests travel by NATS request/reply on ``<prefix>.<kind>`` (default prefix ``mesh.cp``); the
+body is one member of the :data:`Request` tagged union (``"kind"`` field) and the reply one
+member of :data:`Reply`. JSON rather than MessagePack: these messages are few and small, and an
+operator can read them with any NATS tool. Guarantees:
+
+* Every field added later gets a default, so an older agent and a newer control plane (or the
+  reverse) still understand each other; unknown fields are ignored on decode.
+* Secrets never travel back out: a registry :class:`AgentRecord` keeps only SHA-256 digests of
+  the agent's identity token and credential, and the read replies (:class:`AgentView`) carry
+  neither.
+* Encoders and decoders are built once (module level).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from mesh.errors import DecodeError
+
+__all__ = [
+    "AGENTS_BUCKET",
+    "ASSIGN_BUCKET",
+    "FLOWS_BUCKET",
+    "HEALTH_STATES",
+    "LEADER_BUCKET",
+    "READ_KINDS",
+    "STATUS_SCHEMA_VERSION",
+    "WRITE_KINDS",
+    "AgentRecord",
+    "AgentView",
+    "Agents",
+    "ControlPlaneInfo",
+    "Deregister",
+    "Done",
+    "FlowReport",
+    "FlowView",
+    "GetStatus",
+    "Health",
+    "Heartbeat",
+    "HeartbeatAck",
+    "HeartbeatPayload",
+    "HeartbeatRecord",
+    "ListAgents",
+    "Manifest",
+    "RefusalCode",
+    "Refused",
+    "Register",
+    "Registered",
+    "Reply",
+    "ReportedHealth",
+    "Request",
+    "Revoke",
+    "StatusReport",
+    "decode_reply",
+    "decode_request",
+    "default_actor",
+    "digest",
+    "encode",
+    "mesh_version",
+    "status_schema",
+]
+
+AGENTS_BUCKET = "mesh_agents"
+"""Registry (``agent.<name>``: :class:`AgentRecord`) and last heartbeats (``heartbeat.<name>``)."""
+FLOWS_BUCKET = "mesh_flows"
+"""Desired flow specs (``meshctl flow apply``; not written yet)."""
+ASSIGN_BUCKET = "mesh_assign"
+"""Which agent runs what (not written yet)."""
+LEADER_BUCKET = "mesh_leader"
+"""The control-plane leader lease (key ``leader``)."""
+
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", min_length=1, max_length=64)]
+Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=256)]
+ReportedHealth = Literal["ok", "degraded", "failing"]
+Health = Literal["healthy", "degraded", "stale", "lost"]
+HEALTH_STATES: tuple[Health, ...] = ("healthy", "degraded", "stale", "lost")
+STATUS_SCHEMA_VERSION = "mesh-cp-status/1"
+RefusalCode = Literal["invalid", "unknown", "revoked", "conflict", "unauthorized", "internal"]
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class Manifest(_Msg, frozen=True):
+    """What an agent can do: its adapter kinds and the system operations it exposes."""
+
+    adapters: list[str] = msgspec.field(default_factory=list)
+    operations: list[str] = msgspec.field(default_factory=list)
+
+
+class FlowReport(_Msg, frozen=True):
+    """One flow as its agent sees it. ``None`` means "this agent does not run that side"."""
+
+    name: str
+    state: str = "running"
+    """``running``, ``paused``, ``draining``, ``stopped`` or ``failing``."""
+    outbox_depth: int | None = None
+    """Envelopes of this flow waiting in the agent's outbox (capture side)."""
+    outbox_age_seconds: float | None = None
+    """Age of the flow's oldest unpublished envelope (capture side)."""
+    consumer_pending: int | None = None
+    """Messages the flow's durable consumer has not delivered or not had acked (sink side)."""
+    errors: int = 0
+    """Failures since the agent started (retried or dead-lettered), cumulative."""
+    dead_lettered: int = 0
+    """Messages this agent dead-lettered for the flow since it started, cumulative."""
+
+
+class HeartbeatPayload(_Msg, frozen=True):
+    """What an agent's ``collect()`` returns for each heartbeat (see :mod:`mesh.heartbeat`)."""
+
+    health: ReportedHealth = "ok"
+    """The agent's own verdict: ``degraded`` while it works but something is off (NATS away,
+    backlog over its warning threshold), ``failing`` while a flow cannot make progress."""
+    detail: str = ""
+    """Why, when ``health`` is not ``ok``."""
+    outbox_depth: int = 0
+    """Envelopes waiting in the agent's outbox (all flows)."""
+    outbox_age_seconds: float = 0.0
+    """Age of the oldest envelope in the outbox; 0 when empty."""
+    errors: int = 0
+    """Errors since the agent started (actor restarts, publish failures, failed messages)."""
+    flows: list[FlowReport] = msgspec.field(default_factory=list)
+
+
+class AgentRecord(_Msg, frozen=True):
+    """A registered agent, as stored in ``mesh_agents`` under ``agent.<name>``."""
+
+    agent_id: str
+    name: str
+    site: str
+    host: str
+    version: str
+    identity: str
+    """SHA-256 of the agent's identity token (the token itself never leaves the agent)."""
+    credential: str
+    """SHA-256 of the credential issued at registration."""
+    manifest: Manifest = msgspec.field(default_factory=Manifest)
+    registered_at: float = 0.0
+    updated_at: float = 0.0
+    state: Literal["active", "revoked"] = "active"
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+    revoke_reason: str = ""
+
+
+class HeartbeatRecord(_Msg, frozen=True):
+    """The last accepted heartbeat of an agent (``mesh_agents`` key ``heartbeat.<name>``)."""
+
+    agent_id: str
+    name: str
+    seq: int
+    received_at: float
+    """Wall-clock time the leader accepted it (replicas compare it with their own clocks)."""
+    sent_at: float
+    interval: float
+    version: str
+    payload: HeartbeatPayload
+    errors_delta: int = 0
+    """Growth of ``payload.errors`` since the previous heartbeat of the same agent id."""
+
+
+# --- requests (tagged union on "kind"; the subject is <prefix>.<kind>) -----------------------
+
+
+class _Req(_Msg, frozen=True, tag_field="kind"):
+    pass
+
+
+class Register(_Req, frozen=True, tag="register"):
+    """Register (or re-register) an agent. Answered by :class:`Registered` or :class:`Refused`."""
+
+    name: Token
+    site: Token
+    identity: Secret
+    """The agent's identity token, generated once and kept in its state dir."""
+    version: str
+    host: str
+    manifest: Manifest = msgspec.field(default_factory=Manifest)
+    credential: str | None = None
+    """The credential the agent already holds, if any: when it matches, none is reissued."""
+    actor: str = ""
+    """Who asked (operator or automation), for the audit trail."""
+
+
+class Deregister(_Req, frozen=True, tag="deregister"):
+    """Forget an agent (its name becomes free). Answered by :class:`Done` or :class:`Refused`."""
+
+    name: Token
+    actor: str = ""
+
+
+class Revoke(_Req, frozen=True, tag="revoke"):
+    """Refuse an agent from now on: heartbeats, re-registration, assignments."""
+
+    name: Token
+    reason: str = ""
+    actor: str = ""
+
+
+class Heartbeat(_Req, frozen=True, tag="heartbeat"):
+    """An agent's periodic report. Answered by :class:`HeartbeatAck` or :class:`Refused`."""
+
+    agent_id: str
+    name: Token
+    credential: str
+    seq: int
+    sent_at: float
+    interval: float
+    version: str
+    payload: HeartbeatPayload = msgspec.field(default_factory=HeartbeatPayload)
+
+
+class ListAgents(_Req, frozen=True, tag="agents"):
+    """Read: every agent (or the one named) with its health. Any replica answers."""
+
+    name: str | None = None
+
+
+class GetStatus(_Req, frozen=True, tag="status"):
+    """Read: the whole status document (``/status``). Any replica answers."""
+
+
+Request = Register | Deregister | Revoke | Heartbeat | ListAgents | GetStatus
+WRITE_KINDS = ("register", "deregister", "revoke", "heartbeat")
+"""Request kinds only the leader serves."""
+READ_KINDS = ("agents", "status")
+"""Request kinds every replica serves (from its KV mirror)."""
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+class _Rep(_Msg, frozen=True, tag_field="kind"):
+    pass
+
+
+class Registered(_Rep, frozen=True, tag="registered"):
+    agent_id: str
+    name: str
+    credential: str | None = None
+    """A new credential to store; ``None`` when the one the agent sent is still valid."""
+    created: bool = False
+    message: str = ""
+
+
+class Done(_Rep, frozen=True, tag="done"):
+    message: str = ""
+
+
+class Refused(_Rep, frozen=True, tag="refused"):
+    code: RefusalCode
+    reason: str
+
+
+class HeartbeatAck(_Rep, frozen=True, tag="heartbeat_ack"):
+    seq: int
+    leader: str = ""
+
+
+class AgentView(_Msg, frozen=True):
+    """One agent as the control plane sees it (no secrets)."""
+
+    name: str
+    agent_id: str
+    site: str
+    host: str
+    version: str
+    state: Literal["active", "revoked"]
+    """``revoked`` agents are refused; they stay listed until deregistered."""
+    health: Health
+    """``healthy``, ``degraded``, ``stale`` or ``lost`` (see :mod:`mesh.controlplane.health`)."""
+    reason: str
+    """Why the agent is not healthy (empty when it is)."""
+    registered_at: float
+    """Unix time of the first registration."""
+    last_heartbeat: float | None
+    """Unix time the last accepted heartbeat arrived; ``null`` before the first."""
+    heartbeat_age_seconds: float | None
+    reported_health: ReportedHealth | None = None
+    """The agent's own verdict in its last heartbeat."""
+    outbox_depth: int = 0
+    outbox_age_seconds: float = 0.0
+    errors: int = 0
+    """Errors the agent counted since it started (from its last heartbeat)."""
+    flows: list[FlowReport] = msgspec.field(default_factory=list)
+    manifest: Manifest = msgspec.field(default_factory=Manifest)
+
+
+class FlowView(_Msg, frozen=True):
+    """One flow across every agent that reports it, plus its dead-letter depth."""
+
+    name: str
+    state: str
+    """``running`` when every reporting agent runs it and is fresh; ``paused``, ``failing`` or
+    ``draining`` when one reports so; ``unknown`` when no fresh agent reports it."""
+    agents: list[str]
+    """Agents whose heartbeats mention the flow."""
+    backlog: int
+    """Envelopes of the flow still in outboxes (not yet acknowledged by JetStream)."""
+    consumer_pending: int
+    """Messages in JetStream the flow's sinks have not yet acknowledged."""
+    lag_seconds: float
+    """Age of the oldest envelope of the flow still in an outbox (capture-to-publish lag)."""
+    dlq_depth: int
+    """Messages in stream ``MESH_DLQ`` on subject ``dlq.<flow>``."""
+    errors: int = 0
+    dead_lettered: int = 0
+
+
+class ControlPlaneInfo(_Msg, frozen=True):
+    replica: str
+    """Name of the replica that answered."""
+    leader: str | None
+    """Name of the replica holding the lease (as this replica last saw it)."""
+    is_leader: bool
+    nats_connected: bool
+    version: str
+
+
+class StatusReport(_Rep, frozen=True, tag="status"):
+    """The ``/status`` document (schema: ``GET /status/schema``, or :func:`status_schema`)."""
+
+    schema_version: str
+    """``mesh-cp-status/1``; bumped only on incompatible changes (fields are only added)."""
+    generated_at: float
+    """Unix time the document was built."""
+    control_plane: ControlPlaneInfo
+    agents: list[AgentView]
+    flows: list[FlowView]
+    counts: dict[str, int]
+    """Agents by health: ``healthy``, ``degraded``, ``stale``, ``lost`` (always all four)."""
+
+
+class Agents(_Rep, frozen=True, tag="agents"):
+    agents: list[AgentView]
+    served_by: str = ""
+    leader: str | None = None
+
+
+Reply = Registered | Done | Refused | HeartbeatAck | Agents | StatusReport
+
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(Request)
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """JSON bytes of any control-plane Struct."""
+    return _encoder.encode(msg)
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode a request body.
+
+    Raises:
+        DecodeError: not JSON, an unknown ``kind`` or a field of the wrong type (the message
+            names the field).
+    """
+    try:
+        return _request_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"bad control-plane request: {exc}") from None
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Decode a reply body (any member of :data:`Reply`).
+
+    Raises:
+        DecodeError: not a control-plane reply.
+    """
+    try:
+        return _reply_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"bad control-plane reply: {exc}") from None
+
+
+def status_schema() -> dict[str, Any]:
+    """JSON Schema of the ``/status`` document (:class:`StatusReport`)."""
+    return msgspec.json.schema(StatusReport)
+
+
+def digest(secret: str) -> str:
+    """SHA-256 hex digest of a secret token: what the registry stores instead of the token."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mesh_version() -> str:
+    """The installed connector-mesh version (``0+unknown`` from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("connector-mesh")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def default_actor() -> str:
+    """Who is acting, for the audit trail: ``$MESH_ACTOR`` or ``user@host``."""
+    import getpass
+    import os
+
+    actor = os.environ.get("MESH_ACTOR")
+    if actor:
+        return actor
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"

@@ -1,0 +1,317 @@
+"""The agent registry: what the leader does with register, deregister, revoke and heartbeat.
+
+State lives in bucket ``mesh_agents``: ``agent.<name>`` holds the :class:`AgentRecord`,
+``heartbeat.<name>`` the last accepted :class:`HeartbeatRecord`. Guarantees:
+
+* **Registration is idempotent per identity.** The same name with the same identity token
+  returns the same agent id; the credential the agent already holds is kept (a new one is
+  issued only when the agent does not present a valid one). The same name with another
+  identity is refused (``conflict``) until an operator deregisters it.
+* **Every change is a compare-and-swap** on the record's revision, so two leaders overlapping
+  for a moment, or two requests racing, cannot lose an update; a lost race is re-read and
+  decided again.
+* **Refusals are answers, not errors**: an unknown agent, a revoked one or a bad credential
+  gets a :class:`Refused` reply naming the cause; its heartbeat is not stored.
+* Every registration, deregistration and revocation is appended to the audit stream after the
+  change is stored (an audit failure is logged and counted, the change stands).
+* Secrets are compared in constant time and stored only as SHA-256 digests.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from mesh.controlplane.kv import Bucket, Entry, KvMirror, RevisionConflict
+from mesh.controlplane.models import (
+    AgentRecord,
+    Deregister,
+    Done,
+    Heartbeat,
+    HeartbeatAck,
+    HeartbeatRecord,
+    Refused,
+    Register,
+    Registered,
+    Revoke,
+    digest,
+    encode,
+)
+from mesh.errors import TransportError
+
+__all__ = ["AuditFn", "Registry", "agent_key", "heartbeat_key"]
+
+log = logging.getLogger(__name__)
+
+AuditFn = Callable[[str, str, str, str, dict[str, str]], Awaitable[object]]
+"""``audit(kind, who, target, what, detail)``."""
+
+_record = msgspec.json.Decoder(AgentRecord)
+_heartbeat = msgspec.json.Decoder(HeartbeatRecord)
+_ATTEMPTS = 5
+
+
+def agent_key(name: str) -> str:
+    return f"agent.{name}"
+
+
+def heartbeat_key(name: str) -> str:
+    return f"heartbeat.{name}"
+
+
+def _same(secret: str, stored_digest: str) -> bool:
+    return hmac.compare_digest(digest(secret), stored_digest)
+
+
+class Registry:
+    """Leader-side registry operations on one bucket (and the replica's mirror of it)."""
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        *,
+        replica: str,
+        mirror: KvMirror | None = None,
+        audit: AuditFn | None = None,
+        on_audit_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.replica = replica
+        self.mirror = mirror
+        self._audit = audit
+        self._on_audit_failure = on_audit_failure
+
+    def __repr__(self) -> str:
+        return f"<Registry {self.bucket.name} via {self.replica}>"
+
+    async def _audit_entry(self, kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
+        if self._audit is None:
+            return
+        try:
+            await self._audit(kind, who, target, what, detail)
+        except TransportError as exc:
+            log.error("audit: %s (the %s of %s stands)", exc, kind, target)
+            if self._on_audit_failure is not None:
+                self._on_audit_failure()
+
+    def _stored(self, key: str, value: bytes, revision: int) -> None:
+        if self.mirror is not None:
+            self.mirror.apply(Entry(key, value, revision))
+
+    def _removed(self, key: str, revision: int) -> None:
+        if self.mirror is not None:
+            self.mirror.forget(key, revision)
+
+    async def _cached(self, key: str) -> Entry | None:
+        """The mirror's copy when it has one (heartbeats: hot path), else a KV read."""
+        if self.mirror is not None:
+            entry = self.mirror.get(key)
+            if entry is not None:
+                return entry
+        return await self.bucket.get(key)
+
+    async def register(self, req: Register) -> Registered | Refused:
+        key = agent_key(req.name)
+        for _ in range(_ATTEMPTS):
+            current = await self.bucket.get(key)
+            now = time.time()
+            token = secrets.token_urlsafe(32)
+            if current is None:
+                rec = AgentRecord(
+                    agent_id=uuid.uuid4().hex,
+                    name=req.name,
+                    site=req.site,
+                    host=req.host,
+                    version=req.version,
+                    identity=digest(req.identity),
+                    credential=digest(token),
+                    manifest=req.manifest,
+                    registered_at=now,
+                    updated_at=now,
+                )
+                value = encode(rec)
+                try:
+                    revision = await self.bucket.create(key, value)
+                except RevisionConflict:
+                    continue
+                self._stored(key, value, revision)
+                what = (
+                    f"registered agent {req.name} (site {req.site}, host {req.host}, version {req.version})"
+                )
+                log.info("%s by %s", what, req.actor or "unknown")
+                await self._audit_entry("register", req.actor, req.name, what, _details(rec))
+                return Registered(
+                    agent_id=rec.agent_id,
+                    name=req.name,
+                    credential=token,
+                    created=True,
+                    message=f"registered {req.name} as {rec.agent_id}",
+                )
+            rec = _record.decode(current.value)
+            if not _same(req.identity, rec.identity):
+                return Refused(
+                    code="conflict",
+                    reason=f"agent name {req.name!r} is already registered by another identity (agent id "
+                    f"{rec.agent_id}, host {rec.host}, site {rec.site}); deregister it first "
+                    f"(`meshctl agent deregister {req.name}`) or choose another name",
+                )
+            if rec.state == "revoked":
+                return Refused(
+                    code="revoked", reason=_revoked(rec) + "; deregister it before registering again"
+                )
+            keep = req.credential is not None and _same(req.credential, rec.credential)
+            new = msgspec.structs.replace(
+                rec,
+                site=req.site,
+                host=req.host,
+                version=req.version,
+                manifest=req.manifest,
+                updated_at=now,
+                credential=rec.credential if keep else digest(token),
+            )
+            value = encode(new)
+            try:
+                revision = await self.bucket.update(key, value, current.revision)
+            except RevisionConflict:
+                continue
+            self._stored(key, value, revision)
+            how = "credential kept" if keep else "new credential issued"
+            what = f"re-registered agent {req.name} (same identity, {how})"
+            log.info("%s by %s", what, req.actor or "unknown")
+            await self._audit_entry("register", req.actor, req.name, what, _details(new))
+            return Registered(
+                agent_id=rec.agent_id,
+                name=req.name,
+                credential=None if keep else token,
+                created=False,
+                message=f"{req.name} already registered as {rec.agent_id}; {how}",
+            )
+        return Refused(
+            code="internal", reason=f"registration of {req.name} kept racing other changes; try again"
+        )
+
+    async def deregister(self, req: Deregister) -> Done | Refused:
+        key = agent_key(req.name)
+        for _ in range(_ATTEMPTS):
+            current = await self.bucket.get(key)
+            if current is None:
+                return Refused(code="unknown", reason=f"no agent named {req.name!r} is registered")
+            rec = _record.decode(current.value)
+            try:
+                await self.bucket.delete(key, revision=current.revision)
+            except RevisionConflict:
+                continue
+            self._removed(key, current.revision)
+            hb = await self.bucket.get(heartbeat_key(req.name))
+            if hb is not None:
+                await self.bucket.delete(heartbeat_key(req.name))
+                self._removed(heartbeat_key(req.name), hb.revision)
+            what = f"deregistered agent {req.name} ({rec.agent_id})"
+            log.info("%s by %s", what, req.actor or "unknown")
+            await self._audit_entry("deregister", req.actor, req.name, what, _details(rec))
+            return Done(message=what)
+        return Refused(code="internal", reason=f"deregistration of {req.name} kept racing other changes")
+
+    async def revoke(self, req: Revoke) -> Done | Refused:
+        key = agent_key(req.name)
+        for _ in range(_ATTEMPTS):
+            current = await self.bucket.get(key)
+            if current is None:
+                return Refused(code="unknown", reason=f"no agent named {req.name!r} is registered")
+            rec = _record.decode(current.value)
+            if rec.state == "revoked":
+                return Done(message=f"{_revoked(rec)} (nothing to do)")
+            now = time.time()
+            new = msgspec.structs.replace(
+                rec,
+                state="revoked",
+                revoked_at=now,
+                revoked_by=req.actor or "unknown",
+                revoke_reason=req.reason,
+                updated_at=now,
+            )
+            value = encode(new)
+            try:
+                revision = await self.bucket.update(key, value, current.revision)
+            except RevisionConflict:
+                continue
+            self._stored(key, value, revision)
+            what = f"revoked agent {req.name} ({rec.agent_id})" + (f": {req.reason}" if req.reason else "")
+            log.warning("%s by %s", what, req.actor or "unknown")
+            await self._audit_entry(
+                "revoke", req.actor, req.name, what, {**_details(rec), "reason": req.reason}
+            )
+            return Done(message=what)
+        return Refused(code="internal", reason=f"revocation of {req.name} kept racing other changes")
+
+    async def heartbeat(self, req: Heartbeat) -> HeartbeatAck | Refused:
+        current = await self._cached(agent_key(req.name))
+        if current is None:
+            return Refused(
+                code="unknown",
+                reason=f"agent {req.name!r} is not registered: register it (`meshctl agent register`)",
+            )
+        rec = _record.decode(current.value)
+        if rec.agent_id != req.agent_id:
+            return Refused(
+                code="unknown",
+                reason=f"agent id {req.agent_id} is not registered under {req.name!r} (it was "
+                f"deregistered and the name registered again?); register this agent again",
+            )
+        if rec.state == "revoked":
+            return Refused(code="revoked", reason=_revoked(rec))
+        if not _same(req.credential, rec.credential):
+            return Refused(
+                code="unauthorized", reason=f"bad credential for agent {req.name!r}; register it again"
+            )
+        delta = 0
+        previous = await self._cached_heartbeat(req.name)
+        if previous is not None and previous.agent_id == req.agent_id:
+            delta = max(0, req.payload.errors - previous.payload.errors)
+        hb = HeartbeatRecord(
+            agent_id=req.agent_id,
+            name=req.name,
+            seq=req.seq,
+            received_at=time.time(),
+            sent_at=req.sent_at,
+            interval=req.interval,
+            version=req.version,
+            payload=req.payload,
+            errors_delta=delta,
+        )
+        key, value = heartbeat_key(req.name), encode(hb)
+        self._stored(key, value, await self.bucket.put(key, value))
+        return HeartbeatAck(seq=req.seq, leader=self.replica)
+
+    async def _cached_heartbeat(self, name: str) -> HeartbeatRecord | None:
+        entry = self.mirror.get(heartbeat_key(name)) if self.mirror is not None else None
+        if entry is None:
+            return None
+        try:
+            return _heartbeat.decode(entry.value)
+        except msgspec.DecodeError:
+            return None
+
+
+def _revoked(rec: AgentRecord) -> str:
+    by = f" by {rec.revoked_by}" if rec.revoked_by else ""
+    reason = f" ({rec.revoke_reason})" if rec.revoke_reason else ""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.revoked_at or 0))
+    return f"agent {rec.name!r} was revoked{by} at {when}{reason}"
+
+
+def _details(rec: AgentRecord) -> dict[str, str]:
+    return {
+        "agent_id": rec.agent_id,
+        "site": rec.site,
+        "host": rec.host,
+        "version": rec.version,
+        "adapters": ",".join(rec.manifest.adapters),
+        "operations": ",".join(rec.manifest.operations),
+    }

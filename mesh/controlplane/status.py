@@ -1,0 +1,164 @@
+"""Build the status views (``agent list``, ``/status``, the dashboard) from a replica's mirror.
+
+Everything here reads memory only (the KV mirror and the last dead-letter depths), so a status
+request never waits on NATS: the document is as fresh as the mirror, which trails the leader's
+writes by the watcher's delivery time (milliseconds on a healthy broker). Decoded records are
+cached by KV revision, so a request over N agents decodes only what changed since the last one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import msgspec
+
+from mesh.controlplane.health import HealthPolicy, assess
+from mesh.controlplane.kv import Entry, KvMirror
+from mesh.controlplane.models import (
+    HEALTH_STATES,
+    STATUS_SCHEMA_VERSION,
+    AgentRecord,
+    AgentView,
+    ControlPlaneInfo,
+    FlowView,
+    HeartbeatRecord,
+    StatusReport,
+)
+
+__all__ = ["StatusBuilder", "flow_state", "flow_views"]
+
+_record = msgspec.json.Decoder(AgentRecord)
+_heartbeat = msgspec.json.Decoder(HeartbeatRecord)
+
+
+class StatusBuilder:
+    """Turns the ``mesh_agents`` mirror into :class:`AgentView` s and :class:`StatusReport` s."""
+
+    def __init__(self, mirror: KvMirror, policy: HealthPolicy) -> None:
+        self.mirror = mirror
+        self.policy = policy
+        self._records: dict[str, tuple[int, AgentRecord]] = {}
+        self._heartbeats: dict[str, tuple[int, HeartbeatRecord | None]] = {}
+
+    def __repr__(self) -> str:
+        return f"<StatusBuilder agents={len(self._records)}>"
+
+    def _decode_record(self, name: str, e: Entry) -> AgentRecord | None:
+        cached = self._records.get(name)
+        if cached is not None and cached[0] == e.revision:
+            return cached[1]
+        try:
+            rec = _record.decode(e.value)
+        except msgspec.DecodeError:
+            return None
+        self._records[name] = (e.revision, rec)
+        return rec
+
+    def _decode_heartbeat(self, name: str, e: Entry | None) -> HeartbeatRecord | None:
+        if e is None:
+            return None
+        cached = self._heartbeats.get(name)
+        if cached is not None and cached[0] == e.revision:
+            return cached[1]
+        try:
+            hb: HeartbeatRecord | None = _heartbeat.decode(e.value)
+        except msgspec.DecodeError:
+            hb = None
+        self._heartbeats[name] = (e.revision, hb)
+        return hb
+
+    def agents(self, now: float | None = None) -> list[AgentView]:
+        """Every registered agent with its health, sorted by name."""
+        now = time.time() if now is None else now
+        records = self.mirror.with_prefix("agent.")
+        beats = self.mirror.with_prefix("heartbeat.")
+        for gone in set(self._records) - set(records):
+            del self._records[gone]
+        for gone in set(self._heartbeats) - set(beats):
+            del self._heartbeats[gone]
+        views = []
+        for name in sorted(records):
+            rec = self._decode_record(name, records[name])
+            if rec is None:
+                continue
+            hb = self._decode_heartbeat(name, beats.get(name))
+            if hb is not None and hb.agent_id != rec.agent_id:
+                hb = None
+            verdict = assess(rec, hb, now, self.policy)
+            p = hb.payload if hb is not None else None
+            views.append(
+                AgentView(
+                    name=rec.name,
+                    agent_id=rec.agent_id,
+                    site=rec.site,
+                    host=rec.host,
+                    version=hb.version if hb is not None else rec.version,
+                    state=rec.state,
+                    health=verdict.health,
+                    reason=verdict.reason
+                    if rec.state == "active"
+                    else f"revoked; {verdict.reason}".rstrip("; "),
+                    registered_at=rec.registered_at,
+                    last_heartbeat=hb.received_at if hb is not None else None,
+                    heartbeat_age_seconds=round(verdict.age, 3) if hb is not None else None,
+                    reported_health=p.health if p is not None else None,
+                    outbox_depth=p.outbox_depth if p is not None else 0,
+                    outbox_age_seconds=p.outbox_age_seconds if p is not None else 0.0,
+                    errors=p.errors if p is not None else 0,
+                    flows=list(p.flows) if p is not None else [],
+                    manifest=rec.manifest,
+                )
+            )
+        return views
+
+    def report(
+        self, info: ControlPlaneInfo, dlq_depths: Mapping[str, int], now: float | None = None
+    ) -> StatusReport:
+        """The whole ``/status`` document."""
+        now = time.time() if now is None else now
+        agents = self.agents(now)
+        counts: dict[str, int] = dict.fromkeys(HEALTH_STATES, 0)
+        for a in agents:
+            counts[a.health] += 1
+        return StatusReport(
+            schema_version=STATUS_SCHEMA_VERSION,
+            generated_at=now,
+            control_plane=info,
+            agents=agents,
+            flows=flow_views(agents, dlq_depths),
+            counts=counts,
+        )
+
+
+def flow_state(states: list[str]) -> str:
+    """One state for a flow from what its fresh agents report (worst first)."""
+    if not states:
+        return "unknown"
+    for s in ("failing", "stopped", "paused", "draining"):
+        if s in states:
+            return s
+    return "running"
+
+
+def flow_views(agents: list[AgentView], dlq_depths: Mapping[str, int]) -> list[FlowView]:
+    """Aggregate the flows agents report (fresh or not) and those with dead letters."""
+    names = {f.name for a in agents for f in a.flows} | set(dlq_depths)
+    views = []
+    for name in sorted(names):
+        reporting = [(a, f) for a in agents for f in a.flows if f.name == name]
+        fresh = [f.state for a, f in reporting if a.health in ("healthy", "degraded") and a.state == "active"]
+        views.append(
+            FlowView(
+                name=name,
+                state=flow_state(fresh),
+                agents=sorted({a.name for a, _ in reporting}),
+                backlog=sum(f.outbox_depth or 0 for _, f in reporting),
+                consumer_pending=sum(f.consumer_pending or 0 for _, f in reporting),
+                lag_seconds=max((f.outbox_age_seconds or 0.0 for _, f in reporting), default=0.0),
+                dlq_depth=int(dlq_depths.get(name, 0)),
+                errors=sum(f.errors for _, f in reporting),
+                dead_lettered=sum(f.dead_lettered for _, f in reporting),
+            )
+        )
+    return views
