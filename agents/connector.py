@@ -33,7 +33,7 @@ from anyio.abc import TaskStatus
 
 from mesh.actors import Backoff, Supervisor
 from mesh.adapters import Applied, Sink, SinkRecord, Source
-from mesh.config import AgentConfig, FlowConfig, SinkConfig, SourceConfig
+from mesh.config import AgentConfig, FlowConfig, RestSinkConfig, SinkConfig, SourceConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.envelope import (
     Envelope,
@@ -65,6 +65,10 @@ def open_source(cfg: SourceConfig) -> Source:
 
 def open_sink(cfg: SinkConfig) -> Sink:
     """The Sink adapter for a sink config."""
+    if isinstance(cfg, RestSinkConfig):
+        from adapters.rest.sink import RestSink
+
+        return RestSink(cfg)
     from adapters.sql.sqlite import SqliteSink
 
     return SqliteSink(cfg)

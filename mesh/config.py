@@ -21,6 +21,8 @@ from mesh.errors import ConfigError, RetryableError
 
 __all__ = [
     "ADAPTERS",
+    "SINK_ADAPTERS",
+    "SOURCE_ADAPTERS",
     "AgentConfig",
     "AgentSection",
     "ConsumerConfig",
@@ -28,6 +30,11 @@ __all__ = [
     "FlowConfig",
     "NatsConfig",
     "RelayConfig",
+    "RestApiKeyAuth",
+    "RestAuth",
+    "RestBasicAuth",
+    "RestBearerAuth",
+    "RestSinkConfig",
     "RetryConfig",
     "SinkConfig",
     "SourceConfig",
@@ -174,9 +181,99 @@ class SqliteSinkConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"):
     busy_timeout: PositiveFloat = 5.0
 
 
+# Names of environment variables that hold secrets (the config references secrets, never holds them).
+_EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+_HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", max_length=128)]
+
+
+class RestBearerAuth(_Config, frozen=True, tag="bearer", tag_field="type"):
+    """``Authorization: Bearer <token>``, the token read from an environment variable."""
+
+    token_env: _EnvName
+    """Name of the environment variable that holds the token."""
+
+
+class RestBasicAuth(_Config, frozen=True, tag="basic", tag_field="type"):
+    """HTTP basic authentication; the password read from an environment variable."""
+
+    user: str
+    password_env: _EnvName
+    """Name of the environment variable that holds the password."""
+
+
+class RestApiKeyAuth(_Config, frozen=True, tag="api_key", tag_field="type"):
+    """An API key sent in a header of its own; the key read from an environment variable."""
+
+    key_env: _EnvName
+    """Name of the environment variable that holds the key."""
+    header: _HeaderName = "X-API-Key"
+
+
+RestAuth = RestBearerAuth | RestBasicAuth | RestApiKeyAuth
+
+
+class RestSinkConfig(_Config, frozen=True, tag="rest", tag_field="adapter"):
+    """A JSON REST API as a sink: one request per record, guarded by a local version table.
+
+    The target needs no version guard of its own: ``state_path`` (a SQLite file the sink owns)
+    remembers the highest version applied per key, and records not newer are skipped without a
+    request. Every request carries ``Idempotency-Key: <envelope id>`` and ``X-Mesh-Version``.
+    """
+
+    base_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#@]+(/[^?#]*)?$")]
+    """``https://crm.example.com/api/v2``: scheme, host and an optional path prefix; no
+    credentials and no query (put those in ``auth``)."""
+    upsert_path: Annotated[str, msgspec.Meta(min_length=1)]
+    """Path template under ``base_url`` for an upsert, e.g. ``/customers/{key}``; ``{key}`` is
+    replaced by the URL-encoded record key (omit it to POST to a collection, with ``key_field``)."""
+    state_path: Annotated[str, msgspec.Meta(min_length=1)]
+    """The sink's own SQLite file: key -> highest applied version (and deleted flag)."""
+    method: Literal["PUT", "POST", "PATCH"] = "PUT"
+    """HTTP method of an upsert."""
+    delete_path: str | None = None
+    """Path template for a delete (default: ``upsert_path``)."""
+    delete_mode: Literal["delete", "tombstone"] = "delete"
+    """``delete``: send DELETE (a 404 counts as deleted); ``tombstone``: PATCH
+    ``{tombstone_field: true}`` so the target keeps the record, flagged."""
+    tombstone_field: Annotated[str, msgspec.Meta(min_length=1)] = "deleted"
+    key_field: str | None = None
+    """Put the record key into the JSON body under this name (the target's external id)."""
+    fields: list[str] | None = None
+    """Send only these fields of the row (default: all of them)."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Static headers sent with every request (no secrets here: use ``auth``)."""
+    auth: RestAuth | None = None
+    """``[flows.sink.auth]`` with ``type = "bearer" | "basic" | "api_key"``."""
+    timeout: PositiveFloat = 10.0
+    """Seconds one request may take (connect, send, wait, read) before it counts as failed."""
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    """Requests in flight at once; records of one key are always sent one after another."""
+    rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Requests per second to this target (token bucket; 0: no limit). Keep
+    ``consumer.batch_size / rate_limit`` well under ``consumer.ack_wait``."""
+    burst: PositiveInt | None = None
+    """Token-bucket size: requests that may go at once after a quiet spell (default:
+    ``rate_limit`` rounded up)."""
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    """Tries per request within one ``apply`` on 5xx, 408, 409, 429, timeouts and connection
+    errors; then the batch is given back (the agent naks it with its own backoff)."""
+    backoff_initial: PositiveFloat = 0.2
+    """Seconds before the second try; doubles with each further try, +/- ``backoff_jitter``."""
+    backoff_max: PositiveFloat = 5.0
+    backoff_jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+    retry_after_cap: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """Longest ``Retry-After`` waited for inside ``apply``; a longer one gives the batch back."""
+    breaker_threshold: PositiveInt = 5
+    """Consecutive failed requests (5xx, 408, timeouts, connection errors) that open the circuit."""
+    breaker_cooldown: PositiveFloat = 30.0
+    """Seconds the open circuit refuses at once before one probe request is let through."""
+
+
 SourceConfig = SqliteSourceConfig
-SinkConfig = SqliteSinkConfig
-ADAPTERS = ("sqlite",)
+SinkConfig = SqliteSinkConfig | RestSinkConfig
+SOURCE_ADAPTERS = ("sqlite",)
+SINK_ADAPTERS = ("sqlite", "rest")
+ADAPTERS = tuple(dict.fromkeys(SOURCE_ADAPTERS + SINK_ADAPTERS))
 
 
 class FlowConfig(_Config, frozen=True):
@@ -217,7 +314,8 @@ def _split_validation_message(message: str) -> tuple[str, str]:
     text = message[: match.start()]
     path = match.group("path")
     if path.endswith(".adapter") and text.startswith("Invalid value"):
-        text += f" (expected one of: {', '.join(ADAPTERS)})"
+        known = SOURCE_ADAPTERS if path.endswith("source.adapter") else SINK_ADAPTERS
+        text += f" (expected one of: {', '.join(known)})"
     return path, text[:1].lower() + text[1:]
 
 
@@ -255,7 +353,9 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
         changes: dict[str, Any] = {}
         if flow.source is not None:
             changes["source"] = msgspec.structs.replace(flow.source, path=resolve(flow.source.path))
-        if flow.sink is not None:
+        if isinstance(flow.sink, RestSinkConfig):
+            changes["sink"] = msgspec.structs.replace(flow.sink, state_path=resolve(flow.sink.state_path))
+        elif flow.sink is not None:
             changes["sink"] = msgspec.structs.replace(flow.sink, path=resolve(flow.sink.path))
         flows.append(msgspec.structs.replace(flow, **changes))
     agent = msgspec.structs.replace(cfg.agent, state_dir=resolve(cfg.agent.state_dir))

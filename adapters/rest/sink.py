@@ -1,0 +1,343 @@
+"""The REST sink: records become JSON requests to any HTTP API, effect-once under redelivery.
+
+Why httpx: DESIGN names it for ``adapters/rest``; it is async on top of anyio (so it lives in our
+task groups and is cancellable), has per-phase timeouts, connection pooling with limits, and a
+pluggable transport: tests hand the sink an ``httpx.AsyncBaseTransport`` (STYLE 9) instead of
+patching anything, and production gets the same code path with the default transport.
+
+What one record becomes::
+
+    upsert  {method} {base_url}{upsert_path}   body: the row as JSON (``fields``, ``key_field``)
+    delete  DELETE {base_url}{delete_path}      (or PATCH {"<tombstone_field>": true})
+    headers Idempotency-Key: <envelope id>, X-Mesh-Version: <version>, auth, static headers
+
+Guarantees:
+
+* **Version guard (I5) without help from the target.** A local SQLite file (``state_path``,
+  :mod:`adapters.rest._state`) holds the highest version the target acknowledged per key. A
+  record whose version is not greater is :attr:`~mesh.adapters.Applied.STALE` and sends no
+  request. The version is recorded only after a 2xx, so a crash between the 2xx and the record
+  means the message is redelivered and the *same* request goes again with the *same*
+  ``Idempotency-Key``: an API that honours the key (or an idempotent PUT) makes it one effect (I4).
+* **Order per key.** Records of one key are sent strictly one after another, in batch order;
+  different keys go concurrently (at most ``concurrency`` at once), started in batch order.
+* **Bounded retries.** 5xx, 408, 409, 429, timeouts and connection errors are tried up to
+  ``max_attempts`` times per request with exponential backoff and jitter; ``Retry-After``
+  (seconds or HTTP date, on 429 and 5xx) is honoured and pauses *all* requests of the sink, but a
+  ``Retry-After`` above ``retry_after_cap`` or running out of attempts gives the batch back at
+  once: :meth:`RestSink.apply` raises :class:`~mesh.errors.SystemUnavailable` (or, when some
+  records were already applied, puts that error in the slots of those that were not), and the
+  agent naks them with its own backoff instead of blocking the flow.
+* **Circuit breaker.** ``breaker_threshold`` consecutive failed requests open the circuit for
+  ``breaker_cooldown`` seconds, during which ``apply`` raises ``SystemUnavailable`` without
+  sending anything; then one probe request decides whether it closes again.
+* **Refusals are per record.** Any other 4xx becomes a :class:`~mesh.errors.RejectedRecord` in
+  that record's slot, with the status and a short excerpt of the response body, while the others
+  apply. A 404 or 410 answering a delete counts as deleted. 401, 403 and 407 are *not* refusals
+  of a record but of our credentials, so they give the batch back (``SystemUnavailable``) rather
+  than dead-lettering every record while a token is expired; 3xx (a wrong ``base_url``) likewise.
+* **Secrets stay secret.** Credentials come from environment variables named in the config
+  (:mod:`adapters.rest._auth`); no repr, error message or log line contains a header, and body
+  excerpts are scrubbed of every secret value before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import anyio
+import httpx
+import msgspec
+
+from adapters.rest._auth import Credentials
+from adapters.rest._ratelimit import RequestGate
+from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
+from adapters.rest._state import VersionStore, default_target
+from mesh.adapters import Applied, Sink, SinkRecord
+from mesh.config import RestSinkConfig
+from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
+
+__all__ = ["RestSink"]
+
+log = logging.getLogger(__name__)
+
+_JSON = msgspec.json.Encoder()
+_EXCERPT = 200  # characters of a response body quoted in a RejectedRecord
+_GONE = frozenset({404, 410})  # a delete that finds nothing has had its effect
+_CREDENTIALS_REFUSED = frozenset({401, 403, 407})
+
+
+class RestSink(Sink):
+    """Applies records to a JSON REST API, one idempotent request per record (see module doc).
+
+    ``transport`` replaces httpx's network transport (tests pass ``httpx.MockTransport`` or an
+    ASGI transport); the sink closes it with itself. ``apply`` calls are serialised.
+    """
+
+    def __init__(self, config: RestSinkConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        _validate(config)
+        self._config = config
+        self._transport = transport
+        self._upsert_path = config.upsert_path
+        self._delete_path = config.delete_path or config.upsert_path
+        self._store = VersionStore(config.state_path, default_target(config.base_url, config.upsert_path))
+        self._gate = RequestGate(config.rate_limit, config.burst)
+        self._breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+        self._credentials: Credentials | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._lock = anyio.Lock()
+        self._counts = dict.fromkeys(("requests", "retries", "applied", "stale", "rejected"), 0)
+
+    def __repr__(self) -> str:
+        cfg = self._config
+        counts = " ".join(f"{k}={v}" for k, v in self._counts.items())
+        state = "" if self._client is not None else " closed"
+        return (
+            f"<RestSink {cfg.method} {cfg.base_url.rstrip('/')}{self._upsert_path} "
+            f"breaker={self._breaker.state} {counts}{state}>"
+        )
+
+    async def open(self) -> None:
+        """Read the credentials, open the local version file and the HTTP client.
+
+        Raises:
+            ConfigError: a secret's environment variable is unset or empty, or the directory
+                of ``state_path`` does not exist.
+            SystemUnavailable: the local version file cannot be opened now.
+        """
+        if self._client is not None:
+            return
+        cfg = self._config
+        self._credentials = Credentials(cfg.auth)
+        await self._store.open()
+        self._client = httpx.AsyncClient(
+            base_url=cfg.base_url,
+            headers={**cfg.headers, **self._credentials.headers},
+            timeout=httpx.Timeout(cfg.timeout),
+            limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
+            follow_redirects=False,
+            transport=self._transport,
+        )
+
+    def _require(self) -> tuple[httpx.AsyncClient, Credentials]:
+        if self._client is None or self._credentials is None:
+            raise RuntimeError(f"{self!r} is not open")
+        return self._client, self._credentials
+
+    async def apply(self, records: Sequence[SinkRecord]) -> list[Applied | Exception]:
+        """Send each record whose version is newer than the last one acknowledged for its key.
+
+        Returns one outcome per record: ``APPLIED`` (2xx, version recorded), ``STALE`` (no
+        request sent), a :class:`~mesh.errors.RejectedRecord` (the target refused it), or, when
+        the batch was given back after some records had been applied, a
+        :class:`~mesh.errors.SystemUnavailable` for each record that was not.
+
+        Raises:
+            SystemUnavailable: the circuit is open, the target is down, throttling beyond
+                ``retry_after_cap``, refusing our credentials, or the local version file is
+                unusable, and no record was applied; retry the whole batch later.
+        """
+        self._require()
+        async with self._lock:
+            return await self._apply(records)
+
+    async def _apply(self, records: Sequence[SinkRecord]) -> list[Applied | Exception]:
+        chains: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            chains.setdefault(record.key, []).append(i)
+        applied = await self._store.versions(chains)
+        outcomes: list[Applied | Exception | None] = [None] * len(records)
+        failures: list[Exception] = []
+        pending = iter(chains.items())  # shared by the workers: each key is taken by one of them
+
+        async def worker() -> None:
+            for key, indexes in pending:
+                for i in indexes:
+                    record = records[i]
+                    last = applied.get(key)
+                    if last is not None and record.version <= last:
+                        outcomes[i] = Applied.STALE
+                        self._counts["stale"] += 1
+                        continue
+                    try:
+                        outcome = await self._apply_one(record)
+                    except Exception as exc:  # SystemUnavailable, or a bug: re-raised unwrapped below
+                        failures.append(exc)
+                        scope.cancel()  # give the whole batch back; in-flight requests stop too
+                        return
+                    outcomes[i] = outcome
+                    if outcome is Applied.APPLIED:
+                        applied[key] = record.version
+
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(self._config.concurrency, len(chains))):
+                    tg.start_soon(worker)
+        if not failures:
+            assert all(o is not None for o in outcomes)
+            return [o for o in outcomes if o is not None]
+        failure = failures[0]
+        if not isinstance(failure, SystemUnavailable):
+            raise failure
+        log.warning("%r: giving the batch back: %s", self, failure)
+        if not any(o is Applied.APPLIED for o in outcomes):
+            raise failure
+        # Some records took effect: report those, and let the agent retry the rest.
+        return [failure if o is None else o for o in outcomes]
+
+    def _request_for(self, record: SinkRecord) -> tuple[str, str, bytes | None]:
+        """(method, path, body) for one record.
+
+        Raises:
+            RejectedRecord: the row cannot be encoded as JSON.
+        """
+        cfg = self._config
+        key = quote(record.key, safe="")
+        extra: dict[str, Any] = {cfg.key_field: record.key} if cfg.key_field else {}
+        if record.deleted:
+            path = self._delete_path.format(key=key)
+            if cfg.delete_mode == "delete":
+                return "DELETE", path, None
+            return "PATCH", path, _JSON.encode({cfg.tombstone_field: True, **extra})
+        row = record.row
+        if cfg.fields is not None:
+            row = {name: row[name] for name in cfg.fields if name in row}
+        try:
+            body = _JSON.encode({**row, **extra})
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise RejectedRecord(f"key {record.key!r}: row is not JSON-encodable: {exc}") from None
+        return cfg.method, self._upsert_path.format(key=key), body
+
+    async def _apply_one(self, record: SinkRecord) -> Applied | RejectedRecord:
+        """Send one record, retrying within the bounds; record its version after a 2xx.
+
+        Raises:
+            SystemUnavailable: give the batch back (attempts exhausted, Retry-After over the
+                cap, credentials refused, redirected, circuit open, version file unusable).
+        """
+        client, credentials = self._require()
+        cfg = self._config
+        try:
+            method, path, body = self._request_for(record)
+        except RejectedRecord as exc:
+            self._counts["rejected"] += 1
+            return exc
+        headers = {"Idempotency-Key": record.id, "X-Mesh-Version": str(record.version)}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        what = f"{method} {path}"
+        for attempt in range(1, cfg.max_attempts + 1):
+            wait = backoff_delay(
+                attempt, initial=cfg.backoff_initial, maximum=cfg.backoff_max, jitter=cfg.backoff_jitter
+            )
+            probe = await self._breaker.acquire()
+            try:
+                await self._gate.acquire()
+                self._counts["requests"] += 1
+                try:
+                    with anyio.fail_after(cfg.timeout):
+                        response = await client.request(method, path, content=body, headers=headers)
+                except (TimeoutError, httpx.TimeoutException):
+                    self._breaker.failure()
+                    problem = f"no answer within {cfg.timeout:g}s"
+                except httpx.HTTPError as exc:
+                    self._breaker.failure()
+                    problem = f"{type(exc).__name__}: {credentials.redact(str(exc))}"[:_EXCERPT]
+                else:
+                    status = response.status_code
+                    if 200 <= status < 300 or (record.deleted and status in _GONE):
+                        self._breaker.success()
+                        with anyio.CancelScope(shield=True):  # the target has it: record it
+                            await self._store.record(record.key, record.version, deleted=record.deleted)
+                        self._counts["applied"] += 1
+                        return Applied.APPLIED
+                    problem = f"HTTP {status}"
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    if status == 429 or status == 409:
+                        self._breaker.success()  # it answers: alive, only busy
+                    elif status == 408 or status >= 500:
+                        self._breaker.failure()
+                    elif status in _CREDENTIALS_REFUSED:
+                        raise SystemUnavailable(
+                            f"{what}: HTTP {status}: the target refuses our credentials "
+                            "(check the sink's auth and its secret)"
+                        )
+                    elif 300 <= status < 400:
+                        raise SystemUnavailable(f"{what}: HTTP {status} redirect: check base_url")
+                    else:
+                        self._breaker.success()
+                        self._counts["rejected"] += 1
+                        excerpt = credentials.redact(_excerpt(response.content))
+                        return RejectedRecord(f"{what}: HTTP {status}: {excerpt}")
+                    if retry_after is not None:
+                        if retry_after > cfg.retry_after_cap:
+                            raise SystemUnavailable(
+                                f"{what}: {problem} with Retry-After {retry_after:.0f}s "
+                                f"(over retry_after_cap {cfg.retry_after_cap:g}s)"
+                            )
+                        wait = max(wait, retry_after) if status != 429 else retry_after
+                        self._gate.pause_until(anyio.current_time() + retry_after)
+            finally:
+                self._breaker.release(probe)
+            if attempt == cfg.max_attempts:
+                raise SystemUnavailable(f"{what}: {problem} (tried {attempt} times)")
+            self._counts["retries"] += 1
+            log.info("%s: %s; try %d of %d in %.2fs", what, problem, attempt + 1, cfg.max_attempts, wait)
+            await anyio.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (and the transport) and the version file. Idempotent."""
+        client, self._client = self._client, None
+        self._credentials = None
+        with anyio.CancelScope(shield=True):
+            if client is not None:
+                await client.aclose()
+            await self._store.aclose()
+
+
+def _excerpt(content: bytes) -> str:
+    """The start of a response body on one line, for an error message."""
+    text = " ".join(content[: _EXCERPT * 4].decode("utf-8", "replace").split())
+    return (text[:_EXCERPT] + "...") if len(text) > _EXCERPT else (text or "(empty body)")
+
+
+def _validate(cfg: RestSinkConfig) -> None:
+    """What the config's types cannot say (and what a hand-built config may get wrong).
+
+    Raises:
+        ConfigError: naming the field.
+    """
+
+    def fail(field: str, message: str) -> None:
+        raise ConfigError(f"sink.{field}: {message}", path=f"sink.{field}")
+
+    url = urlsplit(cfg.base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        fail("base_url", "expected an http:// or https:// URL with a host")
+    if url.username is not None or url.password is not None:
+        fail("base_url", "must not contain credentials (use [auth])")
+    if url.query or url.fragment:
+        fail("base_url", "must not contain a query or fragment")
+    keyed: dict[str, bool] = {}
+    for field, template in (("upsert_path", cfg.upsert_path), ("delete_path", cfg.delete_path)):
+        if template is None:
+            continue
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            fail(field, f"not a path template: {exc}")
+        if names - {"key"}:
+            fail(field, f"unknown placeholder(s) {sorted(names - {'key'})}: only {{key}} is known")
+        keyed[field] = "key" in names
+    if not keyed["upsert_path"] and cfg.key_field is None:
+        fail("upsert_path", "needs {key}, or set key_field so the body names the record")
+    delete_keyed = keyed.get("delete_path", keyed["upsert_path"])
+    if not delete_keyed and (cfg.delete_mode == "delete" or cfg.key_field is None):
+        fail("delete_path", "needs {key} (a delete has no body to name the record in)")
+    if cfg.rate_limit < 0:
+        fail("rate_limit", "must be >= 0")

@@ -1,0 +1,1 @@
+"""Fake external systems for tests: real servers that misbehave on request (``crm_api``)."""
