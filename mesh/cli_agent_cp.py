@@ -74,8 +74,13 @@ def _views_json(views: list[AgentView]) -> None:
 @app.command("register")
 def _register(
     site: Annotated[
-        str, typer.Option("--site", help="Where the agent runs (plant-1, eu-cloud).", show_default=False)
-    ],
+        str | None,
+        typer.Option(
+            "--site",
+            help="Where the agent runs (plant-1, eu-cloud; default: from --config).",
+            show_default=False,
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option("--name", help="Agent name (default: from --config).", show_default=False)
     ] = None,
@@ -113,12 +118,16 @@ def _register(
         except ConfigError as exc:
             fail(exc)
         name = name or cfg.agent.name
+        site = site or cfg.agent.site
         state_dir = state_dir or Path(cfg.agent.state_dir)
         if not os.environ.get("MESH_CONTROL_PLANE") and control_plane == DEFAULT_URL:
             control_plane = cfg.nats.servers[0]
     if name is None:
         fail("give --name (or --config with the agent's config)")
+    if site is None:
+        fail("give --site (or --config with the agent's config)")
     agent: str = name
+    where: str = site
     directory = state_dir or default_state_dir(agent)
     manifest = Manifest(adapters=list(adapters or ADAPTERS), operations=list(operations or []))
     try:
@@ -128,7 +137,7 @@ def _register(
 
     async def work(client: ControlPlaneClient) -> tuple[str, str]:
         reply, creds = await register_agent(
-            client, name=agent, site=site, state_dir=str(directory), manifest=manifest, current=current
+            client, name=agent, site=where, state_dir=str(directory), manifest=manifest, current=current
         )
         path = save_credentials(directory, creds)
         return reply.message or f"registered {agent} as {reply.agent_id}", str(path)
