@@ -1,6 +1,11 @@
 """Chaos machinery: a seeded change load, a seeded fault schedule and its injector, and the
 reconciliation that proves a sync came through the faults exact.
 
+Two topologies: :class:`Mesh` (one nats-server between the ERP's source agent and the CRM's sink
+agent) and :class:`HybridMesh` (the source agent on an on-prem leaf nats-server with its own
+JetStream domain, the sink agent on the cloud hub whose MESH_EVENTS sources the leaf's, and a TCP
+proxy standing in for the WAN between them).
+
 Everything random is drawn from the run's seed (the load from its own stream), so
 ``MESH_CHAOS_SEED=<seed>`` replays the same changes and the same fault schedule (offsets, kinds,
 durations); only the system's own timing differs between runs.
@@ -9,13 +14,17 @@ durations); only the system's own timing differs between runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 import threading
 import time
 import tomllib
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +39,15 @@ from tests.integration._harness import (
     make_crm,
     make_erp,
     rows,
+)
+from tests.integration._leaf import (
+    EDGE,
+    LinkWatcher,
+    SealedLinkProxy,
+    leaf_connected,
+    make_topology,
+    meshctl_leafnode,
+    stream_info,
 )
 
 FLOW = "customers"
@@ -51,7 +69,6 @@ class FaultKind:
     min_duration: float
     max_duration: float
     doc: str
-    enabled: bool = True
 
 
 FAULT_KINDS: dict[str, FaultKind] = {
@@ -74,19 +91,55 @@ FAULT_KINDS: dict[str, FaultKind] = {
             4.0,
             "hold BEGIN IMMEDIATE on the CRM database for <duration> (SQLITE_BUSY)",
         ),
-        # TODO(leaf-node WAN cut): the leaf-node topology (on-prem leaf nats-server -> cloud hub) is
-        # being built separately. Once it exists: run the source agent against a leaf node, and
-        # implement this fault in FaultInjector._cut_wan (e.g. stop the leaf's remote or a TCP proxy
-        # on the leaf->hub link for <duration>), then set enabled=True.
+        FaultKind(
+            "kill_hub",
+            "hub",
+            0.0,
+            2.0,
+            "SIGKILL the hub nats-server, restart it (same port and store) after <duration>",
+        ),
+        FaultKind("pause_hub", "hub", 1.0, 4.0, "SIGSTOP the hub nats-server, SIGCONT it after <duration>"),
+        FaultKind(
+            "kill_leaf",
+            "leaf",
+            0.0,
+            2.0,
+            "SIGKILL the leaf nats-server, restart it (same port and store) after <duration>",
+        ),
+        FaultKind(
+            "pause_leaf", "leaf", 1.0, 4.0, "SIGSTOP the leaf nats-server, SIGCONT it after <duration>"
+        ),
         FaultKind(
             "cut_wan",
             "wan",
             2.0,
             8.0,
-            "cut the leaf node's WAN link to the hub for <duration>",
-            enabled=False,
+            "cut the leaf node's WAN link to the hub (drop and refuse its connections) for <duration>",
         ),
     )
+}
+
+SINGLE_BROKER_KINDS = ("kill_source", "kill_sink", "kill_nats", "pause_nats", "busy_target")
+"""The faults of :class:`Mesh` (this order is part of what a seed replays)."""
+HYBRID_KINDS = (
+    "kill_source",
+    "kill_sink",
+    "kill_hub",
+    "pause_hub",
+    "kill_leaf",
+    "pause_leaf",
+    "busy_target",
+    "cut_wan",
+)
+"""The faults of :class:`HybridMesh`."""
+
+_SERVER_OF = {
+    "kill_nats": "nats",
+    "pause_nats": "nats",
+    "kill_hub": "hub",
+    "pause_hub": "hub",
+    "kill_leaf": "leaf",
+    "pause_leaf": "leaf",
 }
 
 
@@ -101,12 +154,18 @@ class Fault:
         return f"+{self.at:6.2f}s {self.kind:<12} {self.duration:4.2f}s"
 
 
-def make_schedule(rng: random.Random, count: int, start: float, end: float) -> list[Fault]:
-    """``count`` faults between ``start`` and ``end`` seconds: every enabled kind at least once
-    (when ``count`` allows), the rest drawn at random; faults on one resource do not overlap."""
-    kinds = [k for k in FAULT_KINDS.values() if k.enabled]
-    picked = [k.name for k in kinds][:count]
-    picked += [rng.choice(kinds).name for _ in range(count - len(picked))]
+def make_schedule(
+    rng: random.Random,
+    count: int,
+    start: float,
+    end: float,
+    kinds: tuple[str, ...] = SINGLE_BROKER_KINDS,
+) -> list[Fault]:
+    """``count`` faults of ``kinds`` between ``start`` and ``end`` seconds: every kind at least
+    once (when ``count`` allows), the rest drawn at random; faults on one resource do not
+    overlap."""
+    picked = list(kinds[:count])
+    picked += [rng.choice(kinds) for _ in range(count - len(picked))]
     rng.shuffle(picked)
     drafts = sorted(
         (
@@ -145,21 +204,26 @@ def _sink_toml(text: str) -> str:
     return text
 
 
-class Mesh:
-    """nats-server, ERP and CRM databases, the source (ERP) and sink (CRM) agent processes."""
+class _MeshBase:
+    """ERP and CRM databases, the source (ERP) and sink (CRM) agent processes, and the
+    nats-servers of a topology (``servers``, by name)."""
 
-    def __init__(self, tmp: Path) -> None:
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self, tmp: Path, servers: dict[str, NatsServer], *, source_url: str, sink_url: str) -> None:
         self.tmp = tmp
-        self.server = NatsServer(tmp / "nats")
+        self.servers = servers
+        self.sink_url = sink_url
+        """Where the sink agent, its consumer and its DLQ live."""
         self.erp, self.crm = tmp / "erp.db", tmp / "crm.db"
         make_erp(self.erp)
         make_crm(self.crm)
         self.agents: dict[str, AgentProcess] = {}
-        for role, name, system, kw in (
-            ("source", "erp-agent", "erp", {"source": self.erp}),
-            ("sink", "crm-agent", "crm", {"sink": self.crm}),
+        for role, name, system, url, kw in (
+            ("source", "erp-agent", "erp", source_url, {"source": self.erp}),
+            ("sink", "crm-agent", "crm", sink_url, {"sink": self.crm}),
         ):
-            text = agent_toml(name=name, system=system, state=tmp / "state" / name, url=self.server.url, **kw)  # type: ignore[arg-type]
+            text = agent_toml(name=name, system=system, state=tmp / "state" / name, url=url, **kw)  # type: ignore[arg-type]
             if role == "sink":
                 text = _sink_toml(text)
             cfg = tmp / f"{name}.toml"
@@ -169,7 +233,7 @@ class Mesh:
         # from an agent that exited on its own.
         self.locks = {role: threading.Lock() for role in self.agents}
         self.unexpected_exits: list[str] = []
-        self.broker_starts = 0
+        self.server_starts: Counter[str] = Counter()
 
     @property
     def source(self) -> AgentProcess:
@@ -191,9 +255,22 @@ class Mesh:
         with closing(sqlite3.connect(self.erp, timeout=30)) as c:
             c.executescript(AUDIT)
 
+    def start_server(self, name: str, timeout: float = 10.0) -> None:
+        self.servers[name].start(timeout=timeout)
+        self.server_starts[name] += 1
+
+    def restart_server(self, name: str, down: float) -> None:
+        """SIGKILL a nats-server, restart it on the same port and store after ``down`` s."""
+        self.servers[name].kill()
+        time.sleep(down)
+        self.start_server(name, timeout=30)
+
     def start(self) -> None:
-        self.server.start()
-        self.broker_starts += 1
+        for name in self.servers:
+            self.start_server(name)
+        self.start_agents()
+
+    def start_agents(self) -> None:
         for agent in self.agents.values():
             agent.start()
 
@@ -219,11 +296,99 @@ class Mesh:
             finally:
                 self.locks[role].release()
 
-    def stop(self) -> None:
+    def kill_agents(self) -> None:
         for role, agent in self.agents.items():
             with self.locks[role]:
                 agent.kill()
-        self.server.stop()
+
+    def stop(self) -> None:
+        self.kill_agents()
+        for server in self.servers.values():
+            server.stop()
+
+
+class Mesh(_MeshBase):
+    """One nats-server between the source (ERP) and the sink (CRM) agent."""
+
+    kinds = SINGLE_BROKER_KINDS
+
+    def __init__(self, tmp: Path) -> None:
+        self.server = NatsServer(tmp / "nats")
+        super().__init__(tmp, {"nats": self.server}, source_url=self.server.url, sink_url=self.server.url)
+
+    @property
+    def broker_starts(self) -> int:
+        return self.server_starts["nats"]
+
+
+class HybridMesh(_MeshBase):
+    """The leaf-node topology: ERP -> source agent -> on-prem **leaf** nats-server (JetStream
+    domain ``edge``) == WAN (a :class:`SealedLinkProxy`) ==> cloud **hub** nats-server, whose
+    MESH_EVENTS sources the leaf's -> sink agent -> CRM. Both servers run from the files
+    ``meshctl leafnode config`` writes; ``meshctl leafnode link --domain edge --watch`` runs as a
+    child process next to the hub, as an operator runs it as a service."""
+
+    kinds = HYBRID_KINDS
+
+    def __init__(self, tmp: Path) -> None:
+        topo = make_topology(tmp)
+        # Same port and upstream (the configs name them), without the base proxy's cut race.
+        self.link = topo.link = SealedLinkProxy.replacing(topo.link)
+        self.hub, self.leaf = topo.hub, topo.leaf
+        self.topology = topo
+        assert topo.edge_url == self.leaf.url
+        super().__init__(
+            tmp, {"hub": self.hub, "leaf": self.leaf}, source_url=topo.edge_url, sink_url=self.hub.url
+        )
+        self.watcher = LinkWatcher(self.hub.url, tmp / "link-watch.log")
+        self.watcher_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.start_server("hub")
+        self.restore_link()
+        self.start_server("leaf")
+        if not wait_for(lambda: leaf_connected(self.hub), 15, 0.1):
+            raise AssertionError(f"the leaf node did not connect to the hub; see {self.leaf.log_file}")
+        # What the operator runs once (`meshctl leafnode link`), then as a service (`--watch`).
+        code, out, err = meshctl_leafnode("link", "--domain", EDGE, "--server", self.hub.url, "--wait", "0")
+        assert code == 0, f"meshctl leafnode link failed: {out}{err}"
+        self.watcher.start()
+        self.start_agents()
+
+    def restore_link(self, timeout: float = 10.0) -> None:
+        """Listen on the WAN proxy's port again (retried: the port may linger for a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.link.restore()
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def check_agents(self) -> None:
+        """Also restart (and record) a ``link --watch`` that exited: it must ride out every fault."""
+        super().check_agents()
+        with self.watcher_lock:
+            proc = self.watcher.proc
+            if proc is not None and proc.poll() is not None:
+                self.unexpected_exits.append(
+                    f"`meshctl leafnode link --watch` exited on its own (code {proc.returncode}); "
+                    f"see {self.watcher.log}"
+                )
+                self.watcher.start()
+
+    def stop(self) -> None:
+        self.kill_agents()
+        with self.watcher_lock:
+            self.watcher.stop()
+        self.topology.stop()
+
+    @property
+    def watcher_restarts(self) -> int:
+        """How often ``link --watch`` restarted a stalled source."""
+        return count_in_log(self.watcher.log, "restarted the stalled source")
 
 
 AUDIT = f"""
@@ -234,17 +399,98 @@ END;
 """
 
 
-class FaultInjector:
-    """Runs a schedule against a :class:`Mesh`: one thread per resource, each fault at its
-    offset from ``t0``; records when each fault really started and ended, and any failure to
-    inject or undo one."""
+def captured_changes(erp: Path) -> int:
+    """Change events the ERP's capture triggers recorded so far."""
+    with closing(sqlite3.connect(erp, timeout=30)) as c:
+        return int(c.execute("SELECT count(*) FROM chaos_changes").fetchone()[0])
 
-    def __init__(self, mesh: Mesh, schedule: list[Fault]) -> None:
+
+def last_seq(server: NatsServer, stream: str = EVENTS_STREAM, timeout: float = 1.0) -> int | None:
+    """The stream's last sequence, from the server's monitoring endpoint (``/jsz``: no client
+    connection to leave behind); None when the server does not answer within ``timeout`` (killed,
+    stopped, starting) or has no such stream."""
+    try:
+        with urllib.request.urlopen(f"{server.monitor_url}/jsz?streams=true", timeout=timeout) as resp:
+            jsz = json.load(resp)
+    except (OSError, ValueError):
+        return None
+    for account in jsz.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if detail.get("name") == stream:
+                return int(detail["state"]["last_seq"])
+    return None
+
+
+@dataclass(frozen=True)
+class CutSample:
+    """One look at both sides during a WAN cut (None: that server did not answer in time)."""
+
+    t: float
+    erp: int
+    """Change events the ERP's capture had recorded."""
+    leaf: int | None
+    """The leaf's MESH_EVENTS last sequence."""
+    hub: int | None
+    """The hub's MESH_EVENTS last sequence."""
+    hub_lists_leaf: bool | None
+
+
+@dataclass
+class WanCut:
+    """What one WAN cut looked like from outside: samples of the ERP's captured changes and of
+    both streams, from shortly after the cut until the link was restored."""
+
+    fault: Fault
+    cut_at: float = 0.0
+    restored_at: float = 0.0
+    samples: list[CutSample] = field(default_factory=list)
+    hub_since: float = 0.0
+    """From when the hub's stream must stand still (see :func:`check_cuts`)."""
+
+    def growth(self, side: str, since: float = 0.0) -> int | None:
+        """How much ``side`` grew between its first answer at or after ``since`` and its last."""
+        seen = [v for v in (getattr(s, side) for s in self.samples if s.t >= since) if v is not None]
+        return seen[-1] - seen[0] if len(seen) >= 2 else None
+
+    def trace(self) -> str:
+        """The samples, for a failure message: offset from the cut, ERP, leaf, hub."""
+        return ", ".join(
+            f"+{s.t - self.cut_at:.1f}s {s.erp}/{_value(s.leaf)}/{_value(s.hub)}" for s in self.samples
+        )
+
+    @property
+    def hub_listed_leaf_at_end(self) -> bool:
+        answered = [s.hub_lists_leaf for s in self.samples if s.hub_lists_leaf is not None]
+        return bool(answered and answered[-1])
+
+    def __str__(self) -> str:
+        return (
+            f"cut {self.fault.at:+.2f}s for {self.restored_at - self.cut_at:.1f}s ({len(self.samples)} "
+            f"samples): ERP captured {_delta(self.growth('erp'))}, leaf stream "
+            f"{_delta(self.growth('leaf'))}, hub stream {_delta(self.growth('hub', self.hub_since))}"
+        )
+
+
+def _delta(n: int | None) -> str:
+    return "?" if n is None else f"{n:+d}"
+
+
+def _value(n: int | None) -> str:
+    return "?" if n is None else str(n)
+
+
+class FaultInjector:
+    """Runs a schedule against a mesh: one thread per resource, each fault at its offset from
+    ``t0``; records when each fault really started and ended, and any failure to inject or undo
+    one."""
+
+    def __init__(self, mesh: _MeshBase, schedule: list[Fault]) -> None:
         self.mesh = mesh
         self.schedule = schedule
         self.done: list[tuple[Fault, float, float]] = []  # fault, started, ended (monotonic)
         self.errors: list[str] = []
         self.busy_held = 0.0
+        self.cuts: list[WanCut] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.stop = threading.Event()
@@ -285,25 +531,26 @@ class FaultInjector:
 
     def _inject(self, fault: Fault) -> None:
         mesh, d = self.mesh, fault.duration
+        if fault.kind not in mesh.kinds:
+            raise ValueError(f"fault kind {fault.kind!r} does not apply to {type(mesh).__name__}")
         if fault.kind == "kill_source":
             mesh.restart_agent("source", d)
         elif fault.kind == "kill_sink":
             mesh.restart_agent("sink", d)
-        elif fault.kind == "kill_nats":
-            mesh.server.kill()
-            time.sleep(d)
-            mesh.server.start(timeout=30)
-            mesh.broker_starts += 1
-        elif fault.kind == "pause_nats":
-            mesh.server.pause()
+        elif fault.kind.startswith("kill_"):
+            mesh.restart_server(_SERVER_OF[fault.kind], d)
+        elif fault.kind.startswith("pause_"):
+            server = mesh.servers[_SERVER_OF[fault.kind]]
+            server.pause()
             try:
                 time.sleep(d)
             finally:
-                mesh.server.resume()
+                server.resume()
         elif fault.kind == "busy_target":
             self._hold_target(d)
         elif fault.kind == "cut_wan":
-            self._cut_wan(d)
+            assert isinstance(mesh, HybridMesh)
+            self._cut_wan(mesh, fault)
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
 
@@ -320,12 +567,104 @@ class FaultInjector:
         finally:
             conn.close()
 
-    def _cut_wan(self, duration: float) -> None:
-        # TODO(leaf-node WAN cut): see FAULT_KINDS["cut_wan"].
-        raise NotImplementedError("cut_wan needs the leaf-node topology")
+    def _cut_wan(self, mesh: HybridMesh, fault: Fault) -> None:
+        """Cut the WAN proxy between leaf and hub (every connection dropped, new ones refused)
+        for the fault's duration, and sample both sides meanwhile: the leaf should keep taking
+        the edge agent's events, the hub should take none. The link is restored on time even
+        when a probe hangs on a killed or stopped server (that sample then lacks the value)."""
+        cut = WanCut(fault)
+        mesh.link.cut()
+        cut.cut_at = time.monotonic()
+        restore_at = cut.cut_at + fault.duration
+        pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="chaos-cut-probe")
+        try:
+            # Let what was already in flight to the hub land before the first look.
+            self.stop.wait(min(0.5, fault.duration / 4))
+            while (t := time.monotonic()) < restore_at - 0.1 and not self.stop.is_set():
+                erp = captured_changes(mesh.erp)
+                probes: list[futures.Future[Any]] = [
+                    pool.submit(last_seq, mesh.leaf),
+                    pool.submit(last_seq, mesh.hub),
+                    pool.submit(leaf_connected, mesh.hub),
+                ]
+                futures.wait(probes, timeout=max(0.0, restore_at - time.monotonic()))
+                leaf, hub, listed = (_result(f) for f in probes)
+                cut.samples.append(CutSample(t, erp, leaf, hub, listed))
+                self.stop.wait(max(0.0, min(t + 0.4, restore_at) - time.monotonic()))
+            self.stop.wait(max(0.0, restore_at - time.monotonic()))
+        finally:
+            mesh.restore_link()
+            cut.restored_at = time.monotonic()
+            pool.shutdown(wait=False, cancel_futures=True)
+            with self._lock:
+                self.cuts.append(cut)
 
 
-def watch(mesh: Mesh, stop: threading.Event, interval: float = 0.25) -> threading.Thread:
+def _result(f: futures.Future[Any]) -> Any:
+    """A probe's value; None when it has not finished (in time) or failed."""
+    return f.result() if f.done() and f.exception() is None else None
+
+
+def check_cuts(injector: FaultInjector, margin: float = 3.0) -> tuple[list[str], int]:
+    """Judge every WAN cut: (problems, cuts whose edge side was verified).
+
+    - The hub's MESH_EVENTS must not grow during a cut (else the cut did not cut), and the hub
+      must no longer list the leaf connection at its end.
+    - The edge keeps publishing: take two samples of the leaf's stream at least a second apart
+      between which neither the source agent nor the leaf server was disturbed (killed, stopped,
+      or back for less than ``margin`` seconds). If the ERP had changes the first sample's leaf
+      stream did not hold yet at least one second before the second sample, the leaf's stream
+      must have grown in between. A cut with such a pair is "verified".
+    """
+    problems, verified = [], 0
+    disturbing = [
+        (started, ended + margin)
+        for f, started, ended in injector.done
+        if f.kind in ("kill_source", "kill_leaf", "pause_leaf")
+    ]
+
+    def undisturbed(a: float, b: float) -> bool:
+        return not any(start < b and end > a for start, end in disturbing)
+
+    for cut in injector.cuts:
+        # A hub stopped (SIGSTOP) when the link was cut still holds, unread in its socket, what
+        # the link delivered before the cut: it stores that once it runs again.
+        since = cut.cut_at
+        for f, started, ended in injector.done:
+            if f.kind == "pause_hub" and started <= cut.cut_at <= ended:
+                since = max(since, ended + 0.5)
+        cut.hub_since = since
+        grew = cut.growth("hub", since)
+        if grew:
+            problems.append(
+                f"the WAN cut did not cut: the hub stored {grew} events during it ({cut}; samples "
+                f"ERP/leaf/hub: {cut.trace()})"
+            )
+        if cut.hub_listed_leaf_at_end:
+            problems.append(f"the hub still listed the leaf connection at the end of the cut ({cut})")
+        leaf = [s for s in cut.samples if s.leaf is not None]
+        checked = False
+        for i, first in enumerate(leaf):
+            for last in reversed(leaf[i + 1 :]):
+                if last.t - first.t < 1.0 or not undisturbed(first.t, last.t):
+                    continue
+                backlog = [s.erp for s in cut.samples if first.t <= s.t <= last.t - 1.0]
+                if not backlog or max(backlog) <= (first.leaf or 0):
+                    continue  # nothing new for the edge to publish in this stretch
+                checked = True
+                if last.leaf == first.leaf:
+                    problems.append(
+                        f"the edge agent published nothing into the leaf for {last.t - first.t:.1f}s "
+                        f"of a WAN cut with {max(backlog) - (first.leaf or 0)} changes waiting ({cut})"
+                    )
+                break
+            if checked:
+                break
+        verified += checked
+    return problems, verified
+
+
+def watch(mesh: _MeshBase, stop: threading.Event, interval: float = 0.25) -> threading.Thread:
     """A watchdog thread: restarts (and records) agents that die on their own."""
 
     def loop() -> None:
@@ -568,7 +907,7 @@ class Reconciliation:
         return out
 
 
-def reconcile(mesh: Mesh) -> Reconciliation:
+def reconcile(mesh: _MeshBase) -> Reconciliation:
     """Compare ERP and CRM row by row and field by field; check the effect log (no (key,
     version) twice, versions increasing), that every entity's version guard, deleted ones
     included, is at the ERP's last change, the number of captured changes, the DLQ and the
@@ -601,9 +940,75 @@ def reconcile(mesh: Mesh) -> Reconciliation:
         assert_effect_once(mesh.crm)
     except AssertionError as exc:
         rec.effect_once_error = str(exc)
-    rec.settled = consumer_settled(mesh.server.url, SINK_DURABLE)
-    rec.jetstream = jetstream_state(mesh.server.url)
+    rec.settled = consumer_settled(mesh.sink_url, SINK_DURABLE)
+    rec.jetstream = jetstream_state(mesh.sink_url)
     return rec
+
+
+def _stream_state(url: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for stream in (EVENTS_STREAM, DLQ_STREAM):
+        info = stream_info(url, stream)
+        if "error" in info:
+            out[stream] = {"error": info["error"]}
+            continue
+        state = info["state"]
+        assert isinstance(state, dict)
+        out[stream] = {"messages": int(state["messages"]), "last_seq": int(state["last_seq"])}
+        sources = info.get("sources")
+        if isinstance(sources, list):
+            out[stream]["sources"] = [
+                {k: s.get(k) for k in ("name", "lag", "active", "error")} for s in sources
+            ]
+    return out
+
+
+def edge_state(mesh: HybridMesh) -> dict[str, Any]:
+    """MESH_EVENTS and MESH_DLQ of the leaf and of the hub (messages, last sequence, sources)."""
+    out: dict[str, Any] = {}
+    for name, server in (("leaf", mesh.leaf), ("hub", mesh.hub)):
+        try:
+            out[name] = _stream_state(server.url)
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def streams_caught_up(mesh: HybridMesh) -> bool:
+    """The hub's MESH_EVENTS holds as many events as the leaf's."""
+    leaf, hub = last_seq(mesh.leaf), last_seq(mesh.hub)
+    return leaf is not None and leaf == hub
+
+
+def edge_problems(state: dict[str, Any], captured: int) -> list[str]:
+    """Stream counts of the leaf-node topology: the leaf holds exactly one event per captured
+    change (the relay's republishes deduplicated), the hub exactly the leaf's (sourced, none
+    skipped or stored twice), the hub's source has no lag and no error, the leaf's DLQ is empty
+    (the hub's is checked with the consumer)."""
+    out = []
+    try:
+        leaf, hub = state["leaf"][EVENTS_STREAM], state["hub"][EVENTS_STREAM]
+        leaf_dlq = state["leaf"][DLQ_STREAM]
+        if "error" in leaf or "error" in hub or "error" in leaf_dlq:
+            return [f"stream state unreadable: {state}"]
+    except KeyError:
+        return [f"stream state unreadable: {state}"]
+    if leaf["messages"] != captured or leaf["last_seq"] != captured:
+        out.append(
+            f"leaf {EVENTS_STREAM} holds {leaf['messages']} events (last seq {leaf['last_seq']}) "
+            f"for {captured} captured changes"
+        )
+    if hub["messages"] != leaf["messages"] or hub["last_seq"] != hub["messages"]:
+        out.append(
+            f"hub {EVENTS_STREAM} holds {hub['messages']} events (last seq {hub['last_seq']}), "
+            f"the leaf's {leaf['messages']}"
+        )
+    sources = hub.get("sources") or []
+    if len(sources) != 1 or sources[0].get("lag") or sources[0].get("error"):
+        out.append(f"hub {EVENTS_STREAM} sources: {sources}")
+    if leaf_dlq["messages"]:
+        out.append(f"leaf {DLQ_STREAM} holds {leaf_dlq['messages']} messages")
+    return out
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:

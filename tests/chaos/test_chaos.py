@@ -5,9 +5,13 @@ database locked by another writer. At the end the CRM must hold exactly the ERP'
 field, with no (key, version) applied twice, versions monotonic per key, nothing dead-lettered
 and the consumer settled.
 
+The same through the leaf-node topology (``test_sync_under_chaos_hybrid``): the source agent
+publishes into an on-prem leaf nats-server, the hub sources it over a WAN that gets cut.
+
 The run prints its seed and fault schedule first; ``MESH_CHAOS_SEED=<seed>`` replays both (and
 the load). ``MESH_CHAOS_EVENTS`` (default 50000), ``MESH_CHAOS_FAULTS`` (default 24) and
-``MESH_CHAOS_SECONDS`` (how long the load and the faults last, default 60) size the run.
+``MESH_CHAOS_SECONDS`` (how long the load and the faults last, default 60) size the run; when set
+they apply to both tests.
 """
 
 from __future__ import annotations
@@ -17,20 +21,29 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.chaos._chaos import (
     FAULT_KINDS,
+    HYBRID_KINDS,
+    SINGLE_BROKER_KINDS,
     SINK_DURABLE,
     ChaosLoad,
     FaultInjector,
+    HybridMesh,
     Mesh,
+    _MeshBase,
+    check_cuts,
     count_in_log,
+    edge_problems,
+    edge_state,
     log_tail,
     make_schedule,
     reconcile,
+    streams_caught_up,
     wait_for,
     watch,
 )
@@ -46,35 +59,71 @@ def _env(name: str, default: float) -> float:
     return float(value) if value else default
 
 
-def test_sync_under_chaos(tmp_path: Path) -> None:
+def _seeded(run: Callable[[int], None], replay: str) -> None:
     seed = int(_env("MESH_CHAOS_SEED", random.randrange(1 << 30)))
     try:
-        _sync_under_chaos(tmp_path, seed)
+        run(seed)
     except BaseException as exc:
         if f"seed={seed}" not in str(exc):
-            exc.add_note(f"chaos seed={seed} (replay: MESH_CHAOS_SEED={seed} bin/chaos)")
+            exc.add_note(f"chaos seed={seed} (replay: MESH_CHAOS_SEED={seed} {replay})")
         raise
 
 
-def _sync_under_chaos(tmp_path: Path, seed: int) -> None:
+def test_sync_under_chaos(tmp_path: Path) -> None:
+    _seeded(lambda seed: _sync_under_chaos(tmp_path, seed, hybrid=False), "bin/chaos")
+
+
+def test_sync_under_chaos_hybrid(tmp_path: Path) -> None:
+    """ERP SQLite -> source agent -> on-prem LEAF nats-server (JetStream domain ``edge``) == WAN
+    ==> cloud HUB nats-server, whose MESH_EVENTS sources the leaf's -> sink agent -> CRM SQLite,
+    both servers from the files ``meshctl leafnode config`` writes, the WAN a TCP proxy.
+
+    Faults: the WAN cut for 2-8 s (the edge agent must keep capturing and publishing into the
+    leaf meanwhile, and the hub take nothing), SIGKILL of either agent, SIGKILL (restart on the
+    same port and store) and SIGSTOP/SIGCONT of the hub and of the leaf nats-server, a locked CRM.
+    The same reconciliation as the single-broker test, plus: the leaf holds one event per captured
+    change, the hub exactly the leaf's, the hub's source has no lag, both DLQs are empty.
+
+    Keeping the hub's sourcing prompt is part of the system under test: nats-server alone retries
+    a broken source only after 10 s, 20 s, ... up to 2 min. The test runs, as a child process for
+    the whole run, what an operator runs as a service next to the hub::
+
+        meshctl leafnode link --domain edge --server nats://<hub>:4222 --watch
+
+    (it keeps the source in the hub's stream config and restarts it when it stalls); an exit of
+    it fails the test like an agent's.
+
+    Defaults as the single-broker test: 50,000 events over 60 s with 24 faults (every kind at
+    least once); about 60-75 s on 2 cores.
+    """
+    _seeded(
+        lambda seed: _sync_under_chaos(tmp_path, seed, hybrid=True),
+        "bin/chaos -k under_chaos_hybrid",
+    )
+
+
+def _sync_under_chaos(tmp_path: Path, seed: int, *, hybrid: bool) -> None:
     events = int(_env("MESH_CHAOS_EVENTS", 50_000))
     fault_count = int(_env("MESH_CHAOS_FAULTS", 24))
     seconds = _env("MESH_CHAOS_SECONDS", 60.0)
-    schedule = make_schedule(random.Random(seed), fault_count, start=1.0, end=seconds)
-    print(f"\nchaos seed={seed} events={events} faults={fault_count} seconds={seconds:g}"
-          f"  (replay: MESH_CHAOS_SEED={seed} bin/chaos)")  # fmt: skip
-    disabled = [k.name for k in FAULT_KINDS.values() if not k.enabled]
-    print(f"fault schedule (offset from load start, fault, duration); not yet enabled: {disabled}")
+    kinds = HYBRID_KINDS if hybrid else SINGLE_BROKER_KINDS
+    replay = f"MESH_CHAOS_SEED={seed} bin/chaos" + (" -k under_chaos_hybrid" if hybrid else "")
+    schedule = make_schedule(random.Random(seed), fault_count, start=1.0, end=seconds, kinds=kinds)
+    topology = "leaf node + hub" if hybrid else "single broker"
+    print(f"\nchaos ({topology}) seed={seed} events={events} faults={fault_count} seconds={seconds:g}"
+          f"  (replay: {replay})")  # fmt: skip
+    print(f"fault schedule (offset from load start, fault, duration) drawn from {list(kinds)}")
     for fault in schedule:
         print(f"  {fault}")
 
-    mesh = Mesh(tmp_path)
+    mesh: _MeshBase = HybridMesh(tmp_path) if hybrid else Mesh(tmp_path)
     mesh.install_capture()
     load = ChaosLoad(mesh.erp, seed, events)
     injector = FaultInjector(mesh, schedule)
     stop = threading.Event()
-    where = f"seed={seed} (replay: MESH_CHAOS_SEED={seed} bin/chaos), data in {tmp_path}"
+    where = f"seed={seed} (replay: {replay}), data in {tmp_path}"
     began = time.monotonic()
+    watchdog: threading.Thread | None = None
     try:
         mesh.start()
         watchdog = watch(mesh, stop)
@@ -90,7 +139,9 @@ def _sync_under_chaos(tmp_path: Path, seed: int) -> None:
         faults_done = max(injector.last_end, t0)
 
         def converged() -> bool:
-            return rows(mesh.erp) == rows(mesh.crm) and consumer_settled(mesh.server.url, SINK_DURABLE)
+            if isinstance(mesh, HybridMesh) and not streams_caught_up(mesh):
+                return False
+            return rows(mesh.erp) == rows(mesh.crm) and consumer_settled(mesh.sink_url, SINK_DURABLE)
 
         ok = wait_for(converged, CONVERGE_TIMEOUT)
         converged_at = time.monotonic()
@@ -102,6 +153,13 @@ def _sync_under_chaos(tmp_path: Path, seed: int) -> None:
         problems += rec.problems(events)
         problems += [f"fault injection: {e}" for e in injector.errors]
         problems += mesh.unexpected_exits
+        edge: dict[str, object] = {}
+        verified_cuts = 0
+        if isinstance(mesh, HybridMesh):
+            edge = edge_state(mesh)
+            problems += edge_problems(edge, rec.captured_events)
+            cut_problems, verified_cuts = check_cuts(injector)
+            problems += cut_problems
         for role, agent in mesh.agents.items():
             try:
                 code = agent.terminate()
@@ -113,22 +171,35 @@ def _sync_under_chaos(tmp_path: Path, seed: int) -> None:
     finally:
         stop.set()
         injector.stop.set()
+        if watchdog is not None:
+            watchdog.join(10)  # so that it restarts nothing we stop
         mesh.stop()
 
-    kinds = Counter(f.kind for f, _, _ in injector.done)
+    kinds_done = Counter(f.kind for f, _, _ in injector.done)
     restarts = {role: agent.starts - 1 for role, agent in mesh.agents.items()}
     retries = count_in_log(mesh.sink.log, "will be retried", "retrying", "unavailable")
+    if isinstance(mesh, Mesh):
+        servers = f"nats-server starts={mesh.broker_starts}"
+    else:
+        servers = f"nats-server starts={dict(mesh.server_starts)}"
     print(
         f"chaos summary: seed={seed} events={events} ({dict(load.by_op)}) "
         f"rows ERP={rec.erp_rows} CRM={rec.crm_rows} applied versions={rec.applied_versions}; "
-        f"faults injected={len(injector.done)} {dict(sorted(kinds.items()))}; "
+        f"faults injected={len(injector.done)} {dict(sorted(kinds_done.items()))}; "
         f"agent restarts={restarts} (unplanned {len(mesh.unexpected_exits)}), "
-        f"nats-server starts={mesh.broker_starts}; target locked {injector.busy_held:.1f}s, "
+        f"{servers}; target locked {injector.busy_held:.1f}s, "
         f"sink retry log lines={retries}; DLQ={rec.jetstream.get('dlq')}; "
         f"converged {converged_at - faults_done:.1f}s after the last fault "
         f"({converged_at - load_done:.1f}s after the load); load {load_done - t0:.1f}s, "
         f"total {time.monotonic() - began:.1f}s"
     )
+    if isinstance(mesh, HybridMesh):
+        print(
+            f"  edge: {len(injector.cuts)} WAN cuts ({verified_cuts} with the edge side verified), "
+            f"stalled source restarted by `link --watch` {mesh.watcher_restarts}x; streams {edge}"
+        )
+        for cut in injector.cuts:
+            print(f"  {cut}")
     if problems:
         logs = "\n".join(
             f"  {role} agent log tail ({a.log}):\n{log_tail(a.log)}" for role, a in mesh.agents.items()
@@ -140,19 +211,26 @@ def _sync_under_chaos(tmp_path: Path, seed: int) -> None:
     assert len(injector.done) == fault_count, f"{len(injector.done)} of {fault_count} faults ran; {where}"
 
 
-def test_seed_replays_schedule_and_load(tmp_path: Path) -> None:
-    """The same seed gives the same fault schedule and the same changes; every enabled fault
-    kind is drawn; faults on one resource never overlap."""
-    schedules = [make_schedule(random.Random(7), 24, 1.0, 60.0) for _ in range(2)]
+@pytest.mark.parametrize("kinds", [SINGLE_BROKER_KINDS, HYBRID_KINDS], ids=["single", "hybrid"])
+def test_seed_replays_schedule(kinds: tuple[str, ...]) -> None:
+    """The same seed gives the same fault schedule; every kind of the topology is drawn; faults
+    on one resource never overlap."""
+    schedules = [make_schedule(random.Random(7), 24, 1.0, 60.0, kinds) for _ in range(2)]
     assert schedules[0] == schedules[1]
-    assert make_schedule(random.Random(8), 24, 1.0, 60.0) != schedules[0]
-    assert {f.kind for f in schedules[0]} == {k.name for k in FAULT_KINDS.values() if k.enabled}
+    assert make_schedule(random.Random(8), 24, 1.0, 60.0, kinds) != schedules[0]
+    assert {f.kind for f in schedules[0]} == set(kinds)
     ends: dict[str, float] = {}
     for fault in schedules[0]:
         resource = FAULT_KINDS[fault.kind].resource
         assert fault.at >= ends.get(resource, 0.0), f"{fault} overlaps the previous {resource} fault"
         ends[resource] = fault.at + fault.duration
+    for fault in schedules[0]:
+        kind = FAULT_KINDS[fault.kind]
+        assert kind.min_duration <= fault.duration <= kind.max_duration, fault
 
+
+def test_seed_replays_load(tmp_path: Path) -> None:
+    """The same seed gives the same changes, of every kind."""
     dumps = []
     for run in ("a", "b"):
         db = tmp_path / f"erp-{run}.db"

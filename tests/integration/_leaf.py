@@ -194,3 +194,65 @@ class LinkWatcher:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class SealedLinkProxy(LinkProxy):
+    """A :class:`LinkProxy` whose ``cut()`` cannot miss a connection being set up.
+
+    :meth:`LinkProxy._accept` registers a connection only after it has dialled the hub, outside
+    the lock, so a ``cut()`` in that moment (the leaf redials every second while the link is down
+    or the hub restarts) leaves that connection forwarding through the "cut". Here a connection
+    is registered under the lock ``cut()`` takes, and only while the listener that accepted it is
+    still the current one; otherwise it is closed. ``port`` reuses the port of a proxy that
+    :func:`make_topology` already wrote into the configs."""
+
+    def __init__(self, upstream_port: int, port: int | None = None) -> None:
+        super().__init__(upstream_port)
+        if port is not None:
+            self.port = port
+
+    @classmethod
+    def replacing(cls, link: LinkProxy) -> SealedLinkProxy:
+        """A sealed proxy on ``link``'s port and upstream (``link`` must not be listening)."""
+        return cls(link.upstream[1], port=link.port)
+
+    @property
+    def is_cut(self) -> bool:
+        return self._listener is None
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            socks, self._socks = self._socks, []
+        if listener is not None:
+            listener.close()
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                down, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.upstream, timeout=2)
+            except OSError:
+                down.close()
+                continue
+            up.settimeout(None)
+            down.settimeout(None)
+            with self._lock:
+                current = self._listener is listener
+                if current:
+                    self._socks += [down, up]
+            if not current:  # cut while dialling: this connection must not survive the cut
+                down.close()
+                up.close()
+                return
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
