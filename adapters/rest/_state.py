@@ -39,6 +39,20 @@ _RECORD = (
     "version = excluded.version, deleted = excluded.deleted, applied_at = excluded.applied_at "
     "WHERE excluded.version > mesh_rest_versions.version"
 )
+# The highest version of each key ever *sent* (recorded before the request goes out). A request
+# may take effect without us seeing the answer (a timeout, a kill, a batch given back); anything
+# older than what was sent must then never be sent, or it would overwrite the newer write at a
+# target that has no version guard of its own.
+_SENT_DDL = (
+    "CREATE TABLE IF NOT EXISTS mesh_rest_sent ("
+    "target TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (target, key)"
+    ") WITHOUT ROWID"
+)
+_MARK_SENT = (
+    "INSERT INTO mesh_rest_sent (target, key, version) VALUES (?, ?, ?) "
+    "ON CONFLICT (target, key) DO UPDATE SET version = excluded.version "
+    "WHERE excluded.version > mesh_rest_sent.version"
+)
 _CHUNK = 500  # keys per look-up, well under SQLite's bound-parameter limit
 
 
@@ -75,6 +89,7 @@ class VersionStore:
                 "PRAGMA journal_mode = WAL",
                 "PRAGMA synchronous = FULL",
                 _DDL,
+                _SENT_DDL,
             ):
                 await conn.execute_fetchall(sql)
         except sqlite3.Error as exc:
@@ -90,12 +105,14 @@ class VersionStore:
             raise RuntimeError(f"{self!r} is not open")
         return self._conn
 
-    async def versions(self, keys: Iterable[str]) -> dict[str, int]:
-        """The recorded version of each of ``keys`` that has one.
+    async def versions(self, keys: Iterable[str], *, table: str = "mesh_rest_versions") -> dict[str, int]:
+        """The recorded (acknowledged, or with ``table="mesh_rest_sent"`` sent) version of each of
+        ``keys`` that has one.
 
         Raises:
             SystemUnavailable: the file cannot be read now.
         """
+        assert table in ("mesh_rest_versions", "mesh_rest_sent")
         conn = self._require()
         wanted = list(dict.fromkeys(keys))
         found: dict[str, int] = {}
@@ -103,7 +120,7 @@ class VersionStore:
             for i in range(0, len(wanted), _CHUNK):
                 chunk = wanted[i : i + _CHUNK]
                 rows = await conn.execute_fetchall(
-                    "SELECT key, version FROM mesh_rest_versions "
+                    f"SELECT key, version FROM {table} "
                     f"WHERE target = ? AND key IN ({', '.join('?' * len(chunk))})",
                     (self.target, *chunk),
                 )
@@ -111,6 +128,24 @@ class VersionStore:
         except sqlite3.Error as exc:
             raise SystemUnavailable(f"REST sink state {self.path}: {exc}") from exc
         return found
+
+    async def mark_sent(self, versions: dict[str, int]) -> None:
+        """Durably remember, before a request goes out, the version about to be sent per key
+        (never lowers it).
+
+        Raises:
+            SystemUnavailable: the file cannot be written now.
+        """
+        if not versions:
+            return
+        conn = self._require()
+        try:
+            # Autocommit: each statement is its own durable transaction (the connection is shared
+            # by the sink's concurrent workers, so no explicit BEGIN here).
+            for key, version in versions.items():
+                await conn.execute_fetchall(_MARK_SENT, (self.target, key, version))
+        except sqlite3.Error as exc:
+            raise SystemUnavailable(f"REST sink state {self.path}: {exc}") from exc
 
     async def record(self, key: str, version: int, *, deleted: bool) -> None:
         """Durably remember that the target acknowledged ``version`` of ``key`` (never lowers it).

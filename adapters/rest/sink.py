@@ -19,6 +19,11 @@ Guarantees:
   request. The version is recorded only after a 2xx, so a crash between the 2xx and the record
   means the message is redelivered and the *same* request goes again with the *same*
   ``Idempotency-Key``: an API that honours the key (or an idempotent PUT) makes it one effect (I4).
+  The file also records, before each request goes out, the newest version *sent* per key: a
+  request may take effect without the answer being seen (a timeout, a kill, a batch given back),
+  so a version older than one already sent is STALE too and is never sent after it. (If that
+  newer version is then refused for good, it is dead-lettered; the older one it superseded is
+  not sent.)
 * **Order per key.** Records of one key are sent strictly one after another, in batch order;
   different keys go concurrently (at most ``concurrency`` at once), started in batch order.
 * **Bounded retries.** 5xx, 408, 409, 429, timeouts and connection errors are tried up to
@@ -150,6 +155,9 @@ class RestSink(Sink):
         for i, record in enumerate(records):
             chains.setdefault(record.key, []).append(i)
         applied = await self._store.versions(chains)
+        # The newest version ever sent per key: once a version may have taken effect unseen (a
+        # timeout, a kill, a batch given back), nothing older is sent again for that key.
+        sent = await self._store.versions(chains, table="mesh_rest_sent")
         outcomes: list[Applied | Exception | None] = [None] * len(records)
         failures: list[Exception] = []
         pending = iter(chains.items())  # shared by the workers: each key is taken by one of them
@@ -159,11 +167,13 @@ class RestSink(Sink):
                 for i in indexes:
                     record = records[i]
                     last = applied.get(key)
-                    if last is not None and record.version <= last:
+                    if (last is not None and record.version <= last) or record.version < sent.get(key, -1):
                         outcomes[i] = Applied.STALE
                         self._counts["stale"] += 1
                         continue
                     try:
+                        await self._store.mark_sent({key: record.version})  # durable before sending
+                        sent[key] = max(sent.get(key, -1), record.version)
                         outcome = await self._apply_one(record)
                     except Exception as exc:  # SystemUnavailable, or a bug: re-raised unwrapped below
                         failures.append(exc)

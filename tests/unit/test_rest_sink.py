@@ -460,3 +460,21 @@ def test_bad_auth_type_names_the_field() -> None:
     text = (AGENT % "").replace('type = "bearer"', 'type = "oauth9"')
     with pytest.raises(ConfigError, match=r"flows\[0\].sink.auth.type: invalid value 'oauth9'"):
         parse_agent_config(text, source="agent.toml")
+
+
+async def test_an_older_version_is_never_sent_after_a_newer_one_may_have_taken_effect(
+    api: CrmApi, tmp_path: Path
+) -> None:
+    """Found by the REST chaos test: v2 took effect at the target but the sink never saw the
+    answer (it gave the batch back, or was killed). The redelivered v1 must not overwrite it."""
+    async with RestSink(config(api.url, tmp_path, timeout=0.3, max_attempts=1)) as sink:
+        api.chaos("slow", count=1, delay=1.0)  # v2 is written, the answer comes too late
+        with pytest.raises(SystemUnavailable):
+            await sink.apply([rec(1, 2, {"id": 1, "name": "newer"})])
+        await anyio.sleep(1.0)  # the slow answer has gone out by now
+        sent = api.request_count
+        assert await sink.apply([rec(1, 1, {"id": 1, "name": "older"})]) == [Applied.STALE]
+        assert api.request_count == sent  # no request for the older version
+        assert await sink.apply([rec(1, 2, {"id": 1, "name": "newer"})]) == [Applied.APPLIED]  # a replay
+    assert api.record("customers", "1") == {"id": 1, "name": "newer"}
+    assert ops(api, "1") == [(2, "create")]
