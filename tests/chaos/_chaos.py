@@ -116,6 +116,24 @@ FAULT_KINDS: dict[str, FaultKind] = {
             8.0,
             "cut the leaf node's WAN link to the hub (drop and refuse its connections) for <duration>",
         ),
+        FaultKind("api_500", "api", 1.0, 4.0, "the CRM REST API answers 500 for <duration>"),
+        FaultKind(
+            "api_429", "api", 1.0, 4.0, "the CRM REST API answers 429 with Retry-After: 1 for <duration>"
+        ),
+        FaultKind(
+            "api_slow",
+            "api",
+            1.0,
+            3.0,
+            "the CRM REST API writes, then answers only after the client's timeout, for <duration>",
+        ),
+        FaultKind(
+            "kill_api",
+            "api",
+            0.0,
+            1.5,
+            "SIGKILL the CRM REST API process, restart it (same port and database) after <duration>",
+        ),
     )
 }
 
@@ -132,6 +150,8 @@ HYBRID_KINDS = (
     "cut_wan",
 )
 """The faults of :class:`HybridMesh`."""
+REST_KINDS = ("kill_source", "kill_sink", "kill_nats", "api_500", "api_429", "api_slow", "kill_api")
+"""The faults of :class:`tests.chaos._rest.RestMesh` (a REST API as the target)."""
 
 _SERVER_OF = {
     "kill_nats": "nats",
@@ -310,7 +330,7 @@ class _MeshBase:
 class Mesh(_MeshBase):
     """One nats-server between the source (ERP) and the sink (CRM) agent."""
 
-    kinds = SINGLE_BROKER_KINDS
+    kinds: tuple[str, ...] = SINGLE_BROKER_KINDS
 
     def __init__(self, tmp: Path) -> None:
         self.server = NatsServer(tmp / "nats")

@@ -12,6 +12,11 @@ The run prints its seed and fault schedule first; ``MESH_CHAOS_SEED=<seed>`` rep
 the load). ``MESH_CHAOS_EVENTS`` (default 50000), ``MESH_CHAOS_FAULTS`` (default 24) and
 ``MESH_CHAOS_SECONDS`` (how long the load and the faults last, default 60) size the run; when set
 they apply to both tests.
+
+Into a REST target (``test_sync_under_chaos_rest``): the sink agent's REST sink sends the changes
+to the fake CRM API process, which answers 500s, 429 storms and slow responses for a while, and
+is SIGKILLed. Smaller by default (10,000 events over 45 s): ``MESH_CHAOS_REST_EVENTS`` and
+``MESH_CHAOS_REST_SECONDS`` size it (``MESH_CHAOS_FAULTS`` and ``MESH_CHAOS_SEED`` apply too).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pytest
 from tests.chaos._chaos import (
     FAULT_KINDS,
     HYBRID_KINDS,
+    REST_KINDS,
     SINGLE_BROKER_KINDS,
     SINK_DURABLE,
     ChaosLoad,
@@ -47,6 +53,7 @@ from tests.chaos._chaos import (
     wait_for,
     watch,
 )
+from tests.chaos._rest import RestFaultInjector, RestMesh, api_matches, reconcile_rest
 from tests.integration._harness import consumer_settled, make_erp, rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
@@ -211,7 +218,9 @@ def _sync_under_chaos(tmp_path: Path, seed: int, *, hybrid: bool) -> None:
     assert len(injector.done) == fault_count, f"{len(injector.done)} of {fault_count} faults ran; {where}"
 
 
-@pytest.mark.parametrize("kinds", [SINGLE_BROKER_KINDS, HYBRID_KINDS], ids=["single", "hybrid"])
+@pytest.mark.parametrize(
+    "kinds", [SINGLE_BROKER_KINDS, HYBRID_KINDS, REST_KINDS], ids=["single", "hybrid", "rest"]
+)
 def test_seed_replays_schedule(kinds: tuple[str, ...]) -> None:
     """The same seed gives the same fault schedule; every kind of the topology is drawn; faults
     on one resource never overlap."""
@@ -241,3 +250,119 @@ def test_seed_replays_load(tmp_path: Path) -> None:
         dumps.append((rows(db), load.by_op))
     assert dumps[0] == dumps[1]
     assert set(dumps[0][1]) == {"insert", "update", "delete", "reinsert", "churn"}, dumps[0][1]
+
+
+def test_sync_under_chaos_rest(tmp_path: Path) -> None:
+    """ERP SQLite -> source agent -> nats-server -> sink agent with a REST sink -> the fake CRM
+    API (:mod:`tests.fakes.crm_api`) as its own process, with a bearer token from the
+    environment, a 2 s request timeout, 3 attempts, Retry-After honoured up to 2 s and a circuit
+    breaker; the consumer retries (max_deliver 1000) rather than dead-letters an outage.
+
+    Faults: the API answering 500 for 1-4 s, a 429 storm (Retry-After: 1) for 1-4 s, slow answers
+    (the write done, the answer after the client's timeout) for 1-3 s, SIGKILL and restart of the
+    API process (same port and database), SIGKILL of either agent and of nats-server.
+
+    At the end the API's records equal the ERP's rows field by field, and its write log shows no
+    (key, version, op) effective twice: a retried request after a timeout or a killed API, and a
+    redelivered record after a killed sink, carry the same Idempotency-Key, which the API replays
+    without writing again. Versions increase per key, each key's last effective write is the ERP's
+    last change, nothing is dead-lettered and the consumer is settled.
+
+    Defaults: 10,000 events over 45 s with 24 faults (every kind at least once); about 70-80 s
+    on 2 cores.
+    """
+    _seeded(lambda seed: _rest_sync_under_chaos(tmp_path, seed), "bin/chaos -k under_chaos_rest")
+
+
+def _rest_sync_under_chaos(tmp_path: Path, seed: int) -> None:
+    events = int(_env("MESH_CHAOS_REST_EVENTS", 10_000))
+    fault_count = int(_env("MESH_CHAOS_FAULTS", 24))
+    seconds = _env("MESH_CHAOS_REST_SECONDS", 45.0)
+    replay = f"MESH_CHAOS_SEED={seed} bin/chaos -k under_chaos_rest"
+    schedule = make_schedule(random.Random(seed), fault_count, start=1.0, end=seconds, kinds=REST_KINDS)
+    print(f"\nchaos (REST target) seed={seed} events={events} faults={fault_count} seconds={seconds:g}"
+          f"  (replay: {replay})")  # fmt: skip
+    print(f"fault schedule (offset from load start, fault, duration) drawn from {list(REST_KINDS)}")
+    for fault in schedule:
+        print(f"  {fault}")
+
+    mesh = RestMesh(tmp_path)
+    mesh.install_capture()
+    load = ChaosLoad(mesh.erp, seed, events)
+    injector = RestFaultInjector(mesh, schedule)
+    stop = threading.Event()
+    where = f"seed={seed} (replay: {replay}), data in {tmp_path}"
+    began = time.monotonic()
+    watchdog: threading.Thread | None = None
+    try:
+        mesh.start()
+        watchdog = watch(mesh, stop)
+        t0 = time.monotonic()
+        loader = threading.Thread(target=load.run, args=(seconds, stop), name="chaos-load", daemon=True)
+        loader.start()
+        injector.start(t0)
+        loader.join(seconds + 120)
+        assert not loader.is_alive(), f"the load did not finish in {seconds + 120:.0f}s; {where}"
+        assert load.error is None, f"the load failed: {load.error!r}; {where}"
+        load_done = time.monotonic()
+        injector.join(seconds + 60)
+        faults_done = max(injector.last_end, t0)
+
+        def converged() -> bool:
+            return api_matches(mesh) and consumer_settled(mesh.sink_url, SINK_DURABLE)
+
+        ok = wait_for(converged, CONVERGE_TIMEOUT)
+        converged_at = time.monotonic()
+        rec = reconcile_rest(mesh)
+        stop.set()
+        watchdog.join()
+        stats = mesh.api.stats()
+        problems = [] if ok else [f"no convergence within {CONVERGE_TIMEOUT:.0f}s after the faults"]
+        problems += rec.problems(events)
+        problems += [f"fault injection: {e}" for e in injector.errors]
+        problems += mesh.unexpected_exits
+        for role, agent in mesh.agents.items():
+            try:
+                code = agent.terminate()
+            except AssertionError as exc:  # ignored SIGTERM
+                problems.append(f"{role} agent: {exc}")
+                continue
+            if code != 0:
+                problems.append(f"{role} agent exited {code} on SIGTERM; see {agent.log}")
+        with mesh.api_lock:
+            code = mesh.api.terminate()
+        if code != 0:
+            problems.append(f"the CRM API exited {code} on SIGTERM; see {mesh.api.log}")
+    finally:
+        stop.set()
+        injector.stop.set()
+        if watchdog is not None:
+            watchdog.join(10)  # so that it restarts nothing we stop
+        mesh.stop()
+
+    kinds_done = Counter(f.kind for f, _, _ in injector.done)
+    restarts = {role: agent.starts - 1 for role, agent in mesh.agents.items()}
+    retries = count_in_log(
+        mesh.sink.log, "will be retried", "retrying", "unavailable", "giving the batch back"
+    )
+    print(
+        f"chaos summary: seed={seed} events={events} ({dict(load.by_op)}) "
+        f"rows ERP={rec.erp_rows} API={rec.api_rows}; API effective writes={rec.writes} "
+        f"{rec.writes_by_op}; faults injected={len(injector.done)} {dict(sorted(kinds_done.items()))}; "
+        f"API misbehaving {dict(mesh.api_chaos)} s; agent restarts={restarts}, API starts="
+        f"{mesh.api.starts} (unplanned exits {len(mesh.unexpected_exits)}), nats-server starts="
+        f"{mesh.broker_starts}; sink retry log lines={retries}; DLQ={rec.jetstream.get('dlq')}; "
+        f"converged {converged_at - faults_done:.1f}s after the last fault "
+        f"({converged_at - load_done:.1f}s after the load); load {load_done - t0:.1f}s, "
+        f"total {time.monotonic() - began:.1f}s"
+    )
+    print(f"  API (since its last start): {stats}")
+    if problems:
+        logs = "\n".join(
+            f"  {role} agent log tail ({a.log}):\n{log_tail(a.log)}" for role, a in mesh.agents.items()
+        )
+        pytest.fail(
+            f"chaos {where}:\n  " + "\n  ".join(problems) + f"\n  JetStream: {rec.jetstream}\n{logs}",
+            pytrace=False,
+        )
+    assert len(injector.done) == fault_count, f"{len(injector.done)} of {fault_count} faults ran; {where}"
