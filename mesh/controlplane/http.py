@@ -232,8 +232,15 @@ class HttpServer:
     """
 
     def __init__(
-        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 8080, *, grace: float = 2.0
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        grace: float = 2.0,
+        name: str = "control plane",
     ) -> None:
+        self.name = name
         self.app = app
         self.host = host
         self.port = port
@@ -289,7 +296,7 @@ class HttpServer:
                         if done.is_set():
                             raise ConfigError(f"HTTP server on {self.url} stopped while starting")
                         await anyio.sleep(0.01)
-                    log.info("control plane HTTP on %s", self.url)
+                    log.info("%s HTTP on %s", self.name, self.url)
                     task_status.started(self.port)
                     await done.wait()
                 finally:

@@ -58,7 +58,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import sys
 import time
@@ -69,12 +68,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import uvicorn
 from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from mesh.controlplane.http import HttpServer
 
 __all__ = ["Chaos", "CrmApi", "Write", "main", "serve_crm_api"]
 
@@ -210,43 +210,11 @@ class CrmApi:
         task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled; ``task_status.started(url)`` once connections are accepted."""
-        sock = socket.create_server((host, port), backlog=128)
-        self.url = f"http://{host}:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            http="h11",
-            ws="none",
-            server_header=False,
-            timeout_graceful_shutdown=1,
-        )
-        server = _Server(config)
-        done = anyio.Event()
-
-        async def serve() -> None:
-            try:
-                with anyio.CancelScope(shield=True):  # it stops through should_exit, cleanly
-                    await server.serve(sockets=[sock])
-            finally:
-                done.set()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(serve)
-                try:
-                    while not server.started:
-                        if done.is_set():
-                            raise RuntimeError("crm-api stopped while starting")
-                        await anyio.sleep(0.01)
-                    task_status.started(self.url)
-                    await done.wait()
-                finally:
-                    server.should_exit = True
-        finally:
-            sock.close()
+        server = HttpServer(self.app, host, port, grace=1.0, name="crm-api")
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+            self.url = server.url
+            task_status.started(self.url)
 
     # ---------------------------------------------------------------- routes
 
@@ -406,12 +374,6 @@ class CrmApi:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (collection, key, version, op, idem, time.time()),
         )
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # whoever runs us owns SIGTERM/SIGINT
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
