@@ -21,6 +21,7 @@ supervisor: a crash restarts that loop with backoff, the others keep running.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,7 @@ from anyio.abc import TaskStatus
 
 from mesh.actors import Backoff, Supervisor
 from mesh.adapters import Applied, Sink, SinkRecord, Source
-from mesh.config import AgentConfig, FlowConfig, RestSinkConfig, SinkConfig, SourceConfig
+from mesh.config import AgentConfig, FlowConfig, SinkConfig, SourceConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.envelope import (
     Envelope,
@@ -56,22 +57,31 @@ __all__ = ["Apply", "Capture", "ConnectorAgent", "NatsLink", "Relay", "open_sink
 log = logging.getLogger(__name__)
 
 
-def open_source(cfg: SourceConfig) -> Source:
-    """The Source adapter for a source config."""
-    from adapters.sql.sqlite import SqliteSource
+# adapter tag -> "module:Class"; the module is imported only when a flow uses it.
+SOURCE_CLASSES: dict[str, str] = {
+    "sqlite": "adapters.sql.sqlite:SqliteSource",
+}
+SINK_CLASSES: dict[str, str] = {
+    "sqlite": "adapters.sql.sqlite:SqliteSink",
+    "rest": "adapters.rest.sink:RestSink",
+}
 
-    return SqliteSource(cfg)
+
+def _adapter_class(table: dict[str, str], cfg: Any) -> Any:
+    module, _, name = table[cfg.__struct_config__.tag].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def open_source(cfg: SourceConfig) -> Source:
+    """The Source adapter for a source config (not yet opened)."""
+    source: Source = _adapter_class(SOURCE_CLASSES, cfg)(cfg)
+    return source
 
 
 def open_sink(cfg: SinkConfig) -> Sink:
-    """The Sink adapter for a sink config."""
-    if isinstance(cfg, RestSinkConfig):
-        from adapters.rest.sink import RestSink
-
-        return RestSink(cfg)
-    from adapters.sql.sqlite import SqliteSink
-
-    return SqliteSink(cfg)
+    """The Sink adapter for a sink config (not yet opened)."""
+    sink: Sink = _adapter_class(SINK_CLASSES, cfg)(cfg)
+    return sink
 
 
 def _row_of(env: Envelope) -> dict[str, Any]:

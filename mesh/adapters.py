@@ -55,7 +55,14 @@ class SinkRecord(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     deleted: bool
     row: dict[str, Any]
+    """The fields to write. A sink writes exactly these columns/fields: ones absent from ``row``
+    keep their current value in the target (an insert leaves them at their defaults). Ownership
+    rules may have removed fields another system owns before the sink sees the record."""
     origin: str
+    scope: str = ""
+    """Which version sequence ``version`` belongs to. Versions are compared only within one
+    (key, scope): flows that take changes of one entity from several systems (ownership rules)
+    set the origin here, because one system's versions say nothing about another's."""
 
 
 class Applied(enum.Enum):
@@ -65,6 +72,10 @@ class Applied(enum.Enum):
     """Written to the target (insert, update or delete took effect)."""
     STALE = "stale"
     """Skipped by the version guard: the target already holds this version or a newer one."""
+    UNCHANGED = "unchanged"
+    """Newer, but the target already held exactly these values: nothing was written, so the
+    target's own change capture sees no change (this is what lets two-way sync fall silent).
+    The version guard still advances."""
 
 
 class Source(abc.ABC):

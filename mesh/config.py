@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import msgspec
 
@@ -54,6 +55,15 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+class _AdapterConfig(_Config, frozen=True):
+    """Base of every source and sink config (members of :data:`SourceConfig` / :data:`SinkConfig`)."""
+
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        """This config with its file paths made absolute by ``resolve`` (relative to the config
+        file's directory). Adapters with file-path fields override it."""
+        return self
 
 
 class AgentSection(_Config, frozen=True):
@@ -154,7 +164,7 @@ class RetryConfig(_Config, frozen=True):
         return "retry" if isinstance(exc, RetryableError) else "dead_letter"
 
 
-class SqliteSourceConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"):
+class SqliteSourceConfig(_AdapterConfig, frozen=True, tag="sqlite", tag_field="adapter"):
     path: str
     table: Token
     key: Token
@@ -171,14 +181,20 @@ class SqliteSourceConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"
     install_triggers: bool = True
     """``changes`` mode: create the change table and triggers when missing."""
 
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        return msgspec.structs.replace(self, path=resolve(self.path))
 
-class SqliteSinkConfig(_Config, frozen=True, tag="sqlite", tag_field="adapter"):
+
+class SqliteSinkConfig(_AdapterConfig, frozen=True, tag="sqlite", tag_field="adapter"):
     path: str
     table: Token
     key: Token
     create_table: bool = False
     """Create the table from the first row seen when it does not exist."""
     busy_timeout: PositiveFloat = 5.0
+
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        return msgspec.structs.replace(self, path=resolve(self.path))
 
 
 # Names of environment variables that hold secrets (the config references secrets, never holds them).
@@ -212,7 +228,7 @@ class RestApiKeyAuth(_Config, frozen=True, tag="api_key", tag_field="type"):
 RestAuth = RestBearerAuth | RestBasicAuth | RestApiKeyAuth
 
 
-class RestSinkConfig(_Config, frozen=True, tag="rest", tag_field="adapter"):
+class RestSinkConfig(_AdapterConfig, frozen=True, tag="rest", tag_field="adapter"):
     """A JSON REST API as a sink: one request per record, guarded by a local version table.
 
     The target needs no version guard of its own: ``state_path`` (a SQLite file the sink owns)
@@ -268,11 +284,15 @@ class RestSinkConfig(_Config, frozen=True, tag="rest", tag_field="adapter"):
     breaker_cooldown: PositiveFloat = 30.0
     """Seconds the open circuit refuses at once before one probe request is let through."""
 
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        return msgspec.structs.replace(self, state_path=resolve(self.state_path))
 
+
+# Every adapter config: add a new one to its union and its tuple (the tag = ``adapter`` value).
 SourceConfig = SqliteSourceConfig
 SinkConfig = SqliteSinkConfig | RestSinkConfig
-SOURCE_ADAPTERS = ("sqlite",)
-SINK_ADAPTERS = ("sqlite", "rest")
+SOURCE_ADAPTERS: tuple[str, ...] = ("sqlite",)
+SINK_ADAPTERS: tuple[str, ...] = ("sqlite", "rest")
 ADAPTERS = tuple(dict.fromkeys(SOURCE_ADAPTERS + SINK_ADAPTERS))
 
 
@@ -352,11 +372,9 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     for flow in cfg.flows:
         changes: dict[str, Any] = {}
         if flow.source is not None:
-            changes["source"] = msgspec.structs.replace(flow.source, path=resolve(flow.source.path))
-        if isinstance(flow.sink, RestSinkConfig):
-            changes["sink"] = msgspec.structs.replace(flow.sink, state_path=resolve(flow.sink.state_path))
-        elif flow.sink is not None:
-            changes["sink"] = msgspec.structs.replace(flow.sink, path=resolve(flow.sink.path))
+            changes["source"] = flow.source.resolved(resolve)
+        if flow.sink is not None:
+            changes["sink"] = flow.sink.resolved(resolve)
         flows.append(msgspec.structs.replace(flow, **changes))
     agent = msgspec.structs.replace(cfg.agent, state_dir=resolve(cfg.agent.state_dir))
     return msgspec.structs.replace(cfg, agent=agent, flows=flows)
