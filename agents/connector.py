@@ -32,7 +32,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
 
-from mesh.actors import Backoff, Supervisor
+from agents.control import ControlChannel
+from agents.flows import FlowHandle, FlowManager
+from mesh.actors import Actor, Backoff, Supervisor
 from mesh.adapters import Applied, Sink, SinkRecord, Source
 from mesh.config import AgentConfig, FlowConfig, SinkConfig, SourceConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
@@ -50,7 +52,7 @@ from mesh.faults import crash_point
 from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
-from mesh.transport import Delivery, JetStream, OutMessage, dlq_subject, event_subject
+from mesh.transport import Delivery, JetStream, OutMessage, PullConsumer, dlq_subject, event_subject
 
 __all__ = ["Apply", "Capture", "ConnectorAgent", "NatsLink", "Relay", "open_sink", "open_source"]
 
@@ -60,10 +62,12 @@ log = logging.getLogger(__name__)
 # adapter tag -> "module:Class"; the module is imported only when a flow uses it.
 SOURCE_CLASSES: dict[str, str] = {
     "sqlite": "adapters.sql.sqlite:SqliteSource",
+    "csv": "adapters.files.csv_source:CsvSource",
 }
 SINK_CLASSES: dict[str, str] = {
     "sqlite": "adapters.sql.sqlite:SqliteSink",
     "rest": "adapters.rest.sink:RestSink",
+    "csv": "adapters.files.csv_sink:CsvSink",
 }
 
 
@@ -229,7 +233,7 @@ class Relay:
                 await outbox.wait_for_rows(cfg.idle_interval)
                 continue
             messages = [OutMessage(r.subject, r.data, r.id) for r in rows]
-            with self.agent.inflight():  # finish the round (bounded) even during shutdown
+            with self.agent.inflight("relay"):  # finish the round (bounded) even during shutdown
                 acked = await js.publish_many(messages, cfg.window)
                 crash_point("relay.after_publish")
                 done = [r for r, ok in zip(rows, acked, strict=True) if ok]
@@ -253,10 +257,11 @@ class Relay:
 class Apply:
     """consumer → inbox → sink → inbox → ack (I4, I5, I6, I7)."""
 
-    def __init__(self, agent: ConnectorAgent, flow: FlowConfig) -> None:
+    def __init__(self, agent: ConnectorAgent, flow: FlowConfig, handle: FlowHandle | None = None) -> None:
         assert flow.sink is not None
         self.agent = agent
         self.flow = flow
+        self.handle = handle
         self.sink_cfg = flow.sink
         self.system = agent.cfg.agent.system
         self.durable = f"{flow.name}-{self.system}"
@@ -282,22 +287,36 @@ class Apply:
                 metadata={"mesh-flow": self.flow.name, "mesh-sink-system": self.system},
             )
             self.agent.consumers[self.flow.name] = consumer
-            log.info("flow %s: consuming as %s", self.flow.name, self.durable)
-            while True:
-                await anyio.lowlevel.checkpoint()  # where a stop takes effect, between batches
-                # A fetch and the batch it returns are finished even if a stop begins meanwhile
-                # (bounded by the grace period): messages the server handed us are never left
-                # unacked. Whatever is still unsettled at the deadline is released (nak'ed), so
-                # another replica or the next start gets it at once instead of after ack_wait.
-                batch = _Batch([])
-                with self.agent.inflight():
-                    batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout))
-                    if batch.deliveries:
-                        await self.handle(js, sink, batch)
-                with anyio.CancelScope(shield=True):
-                    await batch.release()
+            try:
+                await self._consume(js, sink, consumer)
+            finally:
+                if self.agent.consumers.get(self.flow.name) is consumer:
+                    del self.agent.consumers[self.flow.name]
+                await consumer.aclose()
 
-    async def handle(self, js: JetStream, sink: Sink, batch: _Batch) -> None:
+    async def _consume(self, js: JetStream, sink: Sink, consumer: PullConsumer) -> None:
+        ccfg = self.flow.consumer
+        log.info("flow %s: consuming as %s", self.flow.name, self.durable)
+        while True:
+            await anyio.lowlevel.checkpoint()  # where a stop takes effect, between batches
+            # A fetch and the batch it returns are finished even if a stop begins meanwhile
+            # (bounded by the grace period): messages the server handed us are never left
+            # unacked. Whatever is still unsettled at the deadline is released (nak'ed), so
+            # another replica or the next start gets it at once instead of after ack_wait.
+            batch = _Batch([])
+            with self.agent.inflight(self.flow.name):
+                batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout))
+                if batch.deliveries:
+                    await self.apply_batch(js, sink, batch)
+            with anyio.CancelScope(shield=True):
+                await batch.release()
+            if self.handle is not None and self.handle.draining and not batch.deliveries:
+                with contextlib.suppress(TransportError):
+                    if await consumer.pending() == 0:
+                        log.info("flow %s: drained (nothing pending)", self.flow.name)
+                        return
+
+    async def apply_batch(self, js: JetStream, sink: Sink, batch: _Batch) -> None:
         flow = self.flow.name
         handled = self.metrics.handled
         inbox = self.agent.inbox
@@ -446,25 +465,34 @@ class ConnectorAgent:
         self.consumers: dict[str, Any] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
-        self._inflight: set[anyio.CancelScope] = set()
+        self._inflight: dict[str, set[anyio.CancelScope]] = {}
+        self.flows: FlowManager | None = None
         self._stop_deadline: float | None = None
 
     @contextlib.contextmanager
-    def inflight(self) -> Iterator[anyio.CancelScope]:
+    def inflight(self, owner: str = "") -> Iterator[anyio.CancelScope]:
         """A shielded scope for one unit of in-flight work (a sink batch, a relay round).
 
-        Shutdown does not interrupt it at once: :meth:`stop` gives it ``shutdown_grace``
-        seconds to finish, then cancels it (what it held is then released or redone).
+        A stop does not interrupt it at once: :meth:`stop` (the whole agent) or
+        :meth:`expire_inflight` (one flow, ``owner``) gives it ``shutdown_grace`` seconds to
+        finish, then cancels it (what it held is then released or redone).
         """
         scope = anyio.CancelScope(shield=True)
         if self._stop_deadline is not None:
             scope.deadline = self._stop_deadline
-        self._inflight.add(scope)
+        scopes = self._inflight.setdefault(owner, set())
+        scopes.add(scope)
         try:
             with scope:
                 yield scope
         finally:
-            self._inflight.discard(scope)
+            scopes.discard(scope)
+
+    def expire_inflight(self, owner: str) -> None:
+        """Give ``owner``'s in-flight work ``shutdown_grace`` seconds from now (a flow stopping)."""
+        deadline = anyio.current_time() + self.cfg.agent.shutdown_grace
+        for scope in self._inflight.get(owner, ()):
+            scope.deadline = min(scope.deadline, deadline)
 
     @property
     def stopping(self) -> bool:
@@ -475,13 +503,15 @@ class ConnectorAgent:
         returns. Idempotent."""
         if self._stop_deadline is None:
             self._stop_deadline = anyio.current_time() + self.cfg.agent.shutdown_grace
-            for scope in self._inflight:
-                scope.deadline = min(scope.deadline, self._stop_deadline)
+            for scopes in self._inflight.values():
+                for scope in scopes:
+                    scope.deadline = min(scope.deadline, self._stop_deadline)
         if self.supervisor is not None:
             self.supervisor.cancel()
 
     def __repr__(self) -> str:
-        return f"<ConnectorAgent {self.cfg.agent.name} flows={[f.name for f in self.cfg.flows]}>"
+        names = list(self.flows.flows) if self.flows else [f.name for f in self.cfg.flows]
+        return f"<ConnectorAgent {self.cfg.agent.name} flows={names}>"
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Signals ``task_status`` once every actor has started."""
@@ -497,46 +527,67 @@ class ConnectorAgent:
             if self.stopping:
                 sup.cancel()
             await sup.start("nats", self.link.run)
-            sources = [f for f in self.cfg.flows if f.source is not None]
-            for flow in sources:
-                await sup.start(f"capture:{flow.name}", Capture(self, flow).run)
-            if sources:
-                await sup.start("relay", Relay(self).run)
-            for flow in self.cfg.flows:
-                if flow.sink is not None:
-                    await sup.start(f"apply:{flow.name}", Apply(self, flow).run)
-            await sup.start("gauges", self._gauges)
+            await sup.start("relay", Relay(self).run)  # the agent's, whatever flows come and go
             a = self.cfg.agent
+            self.flows = FlowManager(
+                a.name, sup, self._flow_actors,
+                expire_inflight=self.expire_inflight, outbox_depth=self._outbox_depth, state_dir=a.state_dir,
+            )  # fmt: skip
+            await self.flows.add_configured(self.cfg.flows)
+            await sup.start("gauges", self._gauges)
             heartbeat = Heartbeat(
                 a.name, a.site, self.link.wait, self._heartbeat_payload,
                 state_dir=a.state_dir, interval=a.heartbeat_interval,
             )  # fmt: skip
             await sup.start("heartbeat", heartbeat.run)
-            log.info("agent %s running %d flow(s)", self.cfg.agent.name, len(self.cfg.flows))
+            control = ControlChannel(a.name, a.state_dir, self.link.wait, self.flows)
+            await sup.start("assignments", control.watch_assignments)
+            await sup.start("commands", control.serve_commands)
+            log.info("agent %s running %d flow(s)", a.name, len(self.cfg.flows))
             task_status.started()
+
+    def _flow_actors(self, h: FlowHandle) -> list[tuple[str, Actor]]:
+        actors: list[tuple[str, Actor]] = []
+        if h.cfg.source is not None:
+            actors.append((f"capture:{h.name}", Capture(self, h.cfg).run))
+        if h.cfg.sink is not None:
+            actors.append((f"apply:{h.name}", Apply(self, h.cfg, h).run))
+        return actors
+
+    async def _outbox_depth(self, flow: str) -> int:
+        return (await self.outbox.stats_by_flow()).get(flow, (0, 0.0))[0]
 
     async def _heartbeat_payload(self) -> HeartbeatPayload:
         """What the control plane hears every heartbeat: health, backlog per flow, errors."""
         depth, age = await self.outbox.stats()
+        by_flow = await self.outbox.stats_by_flow()
         js = self.link.current
         up = js is not None and js.is_connected
         reg = self.metrics.registry
         flows = []
-        for f in self.cfg.flows:
+        handles = list(self.flows.flows.values()) if self.flows else []
+        for h in handles:
+            f = h.cfg
             pending = None
             if f.sink is not None and f.name in self.consumers and up:
                 with contextlib.suppress(TransportError):
                     pending = await self.consumers[f.name].pending()
             dead = metric_total(reg, "mesh_dead_lettered_messages_total", flow=f.name)
             retried = metric_total(reg, "mesh_retried_messages_total", flow=f.name)
+            assert self.flows is not None
+            state, detail = self.flows.report_state(h)
+            f_depth, f_age = by_flow.get(f.name, (0, 0.0))
             flows.append(
                 FlowReport(
                     name=f.name,
-                    outbox_depth=depth if f.source else None,
-                    outbox_age_seconds=age if f.source else None,
+                    state=state,
+                    outbox_depth=f_depth if f.source else None,
+                    outbox_age_seconds=f_age if f.source else None,
                     consumer_pending=pending,
                     errors=int(dead + retried),
                     dead_lettered=int(dead),
+                    generation=h.generation,
+                    detail=detail,
                 )
             )
         a = self.cfg.agent
@@ -545,6 +596,9 @@ class ConnectorAgent:
             problems.append("NATS disconnected")
         if depth > a.outbox_warn_depth or age > a.outbox_warn_age:
             problems.append(f"outbox backlog {depth}, oldest {age:.0f}s")
+        failing = [f.name for f in flows if f.state == "failing"]
+        if failing:
+            problems.append(f"failing flows: {', '.join(failing)}")
         errors = int(
             metric_total(reg, "mesh_actor_restarts_total")
             + metric_total(reg, "mesh_publish_failures_total")

@@ -52,6 +52,9 @@ class ActorState:
     running: bool = False
     restarts: int = 0
     last_error: str | None = None
+    scope: anyio.CancelScope | None = None
+    done: anyio.Event | None = None
+    """Set once the actor has ended for good (finished, stopped or cancelled)."""
 
 
 class _Status:
@@ -126,14 +129,52 @@ class Supervisor:
             raise RuntimeError("supervisor is not running")
         if name in self.actors:
             raise ValueError(f"actor {name!r} already runs under {self.name}")
-        self.actors[name] = ActorState(name)
+        self.actors[name] = ActorState(name, scope=anyio.CancelScope(), done=anyio.Event())
         return await self._tg.start(self._supervise, name, actor)
+
+    def start_soon(self, name: str, actor: Actor) -> None:
+        """Run ``actor`` under supervision without waiting for it to start (an actor that cannot
+        start yet — its system is down — is retried with backoff meanwhile)."""
+        if self._tg is None:
+            raise RuntimeError("supervisor is not running")
+        if name in self.actors:
+            raise ValueError(f"actor {name!r} already runs under {self.name}")
+        self.actors[name] = ActorState(name, scope=anyio.CancelScope(), done=anyio.Event())
+        self._tg.start_soon(self._supervise, name, actor)
+
+    async def stop(self, name: str) -> None:
+        """Cancel one actor and wait until it has ended; its name is free again afterwards.
+        Work it shields (see ``ConnectorAgent.inflight``) finishes first. No-op for an unknown name."""
+        state = self.actors.get(name)
+        if state is None:
+            return
+        assert state.scope is not None
+        assert state.done is not None
+        state.scope.cancel()
+        await state.done.wait()
+
+    async def wait(self, name: str) -> None:
+        """Return once the actor ``name`` has ended for good (at once if there is none)."""
+        state = self.actors.get(name)
+        if state is not None and state.done is not None:
+            await state.done.wait()
 
     async def _supervise(
         self, name: str, actor: Actor, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         state = self.actors[name]
-        status = _Status(task_status)
+        assert state.scope is not None
+        assert state.done is not None
+        try:
+            with state.scope:
+                await self._restart_loop(state, actor, _Status(task_status))
+        finally:
+            if self.actors.get(name) is state:
+                del self.actors[name]
+            state.done.set()
+
+    async def _restart_loop(self, state: ActorState, actor: Actor, status: _Status) -> None:
+        name = state.name
         attempt = 0
         while True:
             began = anyio.current_time()

@@ -42,6 +42,7 @@ __all__ = [
     "SqliteSinkConfig",
     "SqliteSourceConfig",
     "StreamsConfig",
+    "check_flow",
     "load_agent_config",
     "parse_agent_config",
 ]
@@ -339,6 +340,24 @@ def _split_validation_message(message: str) -> tuple[str, str]:
     return path, text[:1].lower() + text[1:]
 
 
+def check_flow(flow: FlowConfig, path: str) -> list[tuple[str, str]]:
+    """Every consistency problem of one flow as (field path, message); types are checked already."""
+    problems: list[tuple[str, str]] = []
+    if flow.source is None and flow.sink is None:
+        problems.append((path, "a flow needs a [source], a [sink] or both"))
+    for name in flow.retry.errors:
+        if name not in _ERROR_CLASSES:
+            problems.append((
+                f"{path}.retry.errors.{name}",
+                f"unknown error class (expected one of: {', '.join(sorted(_ERROR_CLASSES))})",
+            ))  # fmt: skip
+    src = flow.source
+    cursor_mode = getattr(src, "mode", None) == "cursor"
+    if src is not None and cursor_mode and getattr(src, "cursor_column", "") is None:
+        problems.append((f"{path}.source.cursor_column", 'required when mode = "cursor"'))
+    return problems
+
+
 def _check(cfg: AgentConfig, source: str) -> None:
     def fail(path: str, message: str) -> None:
         raise ConfigError(f"{path}: {message}", source=source, path=path)
@@ -348,17 +367,8 @@ def _check(cfg: AgentConfig, source: str) -> None:
         if flow.name in seen:
             fail(f"flows[{i}].name", f"duplicate flow name {flow.name!r}")
         seen.add(flow.name)
-        if flow.source is None and flow.sink is None:
-            fail(f"flows[{i}]", "a flow needs a [source], a [sink] or both")
-        for name in flow.retry.errors:
-            if name not in _ERROR_CLASSES:
-                fail(
-                    f"flows[{i}].retry.errors.{name}",
-                    f"unknown error class (expected one of: {', '.join(sorted(_ERROR_CLASSES))})",
-                )
-        src = flow.source
-        if src is not None and src.mode == "cursor" and src.cursor_column is None:
-            fail(f"flows[{i}].source.cursor_column", 'required when mode = "cursor"')
+        for path, message in check_flow(flow, f"flows[{i}]"):
+            fail(path, message)
     if not cfg.nats.servers:
         fail("nats.servers", "expected at least one server URL")
 

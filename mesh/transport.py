@@ -167,6 +167,11 @@ class PullConsumer:
         info = await _translate(self._sub.consumer_info())
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
+    async def aclose(self) -> None:
+        """Drop this binding (the durable consumer stays on the server). Best effort, bounded."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
+            await self._sub.unsubscribe()
+
 
 class JetStream:
     """Owns one NATS connection and everything nats-py spawns for it.

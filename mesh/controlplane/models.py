@@ -32,14 +32,30 @@ __all__ = [
     "READ_KINDS",
     "STATUS_SCHEMA_VERSION",
     "WRITE_KINDS",
+    "AgentCommand",
     "AgentRecord",
     "AgentView",
     "Agents",
+    "ApplyFlows",
+    "AssignedFlow",
+    "Assignment",
+    "CommandResult",
     "ControlPlaneInfo",
+    "DeleteFlow",
     "Deregister",
+    "DesiredState",
     "Done",
+    "FlowChange",
+    "FlowCommand",
+    "FlowOp",
+    "FlowOutcome",
+    "FlowPart",
     "FlowReport",
+    "FlowSpec",
+    "FlowSpecView",
     "FlowView",
+    "Flows",
+    "FlowsApplied",
     "GetStatus",
     "Health",
     "Heartbeat",
@@ -47,6 +63,7 @@ __all__ = [
     "HeartbeatPayload",
     "HeartbeatRecord",
     "ListAgents",
+    "ListFlows",
     "Manifest",
     "RefusalCode",
     "Refused",
@@ -69,9 +86,9 @@ __all__ = [
 AGENTS_BUCKET = "mesh_agents"
 """Registry (``agent.<name>``: :class:`AgentRecord`) and last heartbeats (``heartbeat.<name>``)."""
 FLOWS_BUCKET = "mesh_flows"
-"""Desired flow specs (``meshctl flow apply``; not written yet)."""
+"""Desired flow specs: ``flow.<name>`` holds a :class:`FlowSpec` (``meshctl flow apply``)."""
 ASSIGN_BUCKET = "mesh_assign"
-"""Which agent runs what (not written yet)."""
+"""Which agent runs what: ``agent.<name>`` holds an :class:`Assignment`, watched by that agent."""
 LEADER_BUCKET = "mesh_leader"
 """The control-plane leader lease (key ``leader``)."""
 
@@ -111,6 +128,10 @@ class FlowReport(_Msg, frozen=True):
     """Failures since the agent started (retried or dead-lettered), cumulative."""
     dead_lettered: int = 0
     """Messages this agent dead-lettered for the flow since it started, cumulative."""
+    generation: int = 0
+    """The applied generation the agent runs (0: from its own config file)."""
+    detail: str = ""
+    """Why the flow is not running (paused by whom, the last failure)."""
 
 
 class HeartbeatPayload(_Msg, frozen=True):
@@ -228,10 +249,58 @@ class GetStatus(_Req, frozen=True, tag="status"):
     """Read: the whole status document (``/status``). Any replica answers."""
 
 
-Request = Register | Deregister | Revoke | Heartbeat | ListAgents | GetStatus
-WRITE_KINDS = ("register", "deregister", "revoke", "heartbeat")
+FlowOp = Literal["pause", "resume", "drain", "restart"]
+DesiredState = Literal["running", "paused"]
+
+
+class ApplyFlows(_Req, frozen=True, tag="flow_apply"):
+    """Validate a flow file and store its flows (leader). Answered by :class:`FlowsApplied` or
+    :class:`Refused` (``invalid``, with every problem in ``problems``)."""
+
+    text: str
+    """The TOML file's text: ``[[flows]]`` tables, each side naming its ``agent``."""
+    source: str = "<flows>"
+    """The file's name, used in error messages."""
+    dry_run: bool = False
+    """Validate only; store nothing."""
+    actor: str = ""
+
+
+class DeleteFlow(_Req, frozen=True, tag="flow_delete"):
+    """Remove a flow: its agents stop it (in-flight work finishes first). Answered by :class:`Done`."""
+
+    name: Token
+    actor: str = ""
+
+
+class ListFlows(_Req, frozen=True, tag="flows"):
+    """Read: every applied flow (or the one named) with what its agents report."""
+
+    name: str | None = None
+
+
+class FlowCommand(_Req, frozen=True, tag="command"):
+    """Pause, resume, drain or restart a flow on every agent that runs it, or every flow of one
+    agent. The leader records the desired state (pause/resume survive restarts), forwards the
+    command to each agent and answers with their results (:class:`CommandResult`)."""
+
+    op: FlowOp
+    flow: Token | None = None
+    """The flow to act on; ``None`` with ``agent``: every flow of that agent."""
+    agent: Token | None = None
+    """Only this agent (with ``flow``), or every flow of it (without)."""
+    timeout: float = 30.0
+    """Seconds each agent gets to carry the command out (drain waits for the backlog)."""
+    actor: str = ""
+
+
+Request = (
+    Register | Deregister | Revoke | Heartbeat | ListAgents | GetStatus | ApplyFlows | DeleteFlow | ListFlows
+    | FlowCommand
+)
+WRITE_KINDS = ("register", "deregister", "revoke", "heartbeat", "flow_apply", "flow_delete", "command")
 """Request kinds only the leader serves."""
-READ_KINDS = ("agents", "status")
+READ_KINDS = ("agents", "status", "flows")
 """Request kinds every replica serves (from its KV mirror)."""
 
 
@@ -258,6 +327,8 @@ class Done(_Rep, frozen=True, tag="done"):
 class Refused(_Rep, frozen=True, tag="refused"):
     code: RefusalCode
     reason: str
+    problems: list[str] = msgspec.field(default_factory=list)
+    """Every problem found (``file: flows[0].sink.table: ...``) when ``code`` is ``invalid``."""
 
 
 class HeartbeatAck(_Rep, frozen=True, tag="heartbeat_ack"):
@@ -345,7 +416,109 @@ class Agents(_Rep, frozen=True, tag="agents"):
     leader: str | None = None
 
 
-Reply = Registered | Done | Refused | HeartbeatAck | Agents | StatusReport
+class FlowPart(_Msg, frozen=True):
+    """One agent's share of a flow: the :class:`~mesh.config.FlowConfig` it runs (as JSON)."""
+
+    agent: str
+    config: dict[str, Any]
+    """A ``FlowConfig`` table: name, entity, and the source and/or sink this agent runs."""
+
+
+class FlowSpec(_Msg, frozen=True):
+    """An applied flow, as stored in ``mesh_flows`` under ``flow.<name>``."""
+
+    name: str
+    entity: str
+    parts: list[FlowPart]
+    generation: int = 1
+    """Grows by one whenever an apply changes the flow's configuration."""
+    desired: DesiredState = "running"
+    """``paused`` after ``flow pause`` until ``flow resume``: agents keep it stopped, even after
+    a restart."""
+    digest: str = ""
+    """SHA-256 of the parts: an apply that changes nothing keeps the generation."""
+    applied_at: float = 0.0
+    applied_by: str = ""
+    source: str = ""
+    """The file it came from."""
+
+
+class AssignedFlow(_Msg, frozen=True):
+    name: str
+    generation: int
+    desired: DesiredState
+    config: dict[str, Any]
+
+
+class Assignment(_Msg, frozen=True):
+    """What one agent runs, as stored in ``mesh_assign`` under ``agent.<name>`` (the agent watches
+    this key and starts, stops or reconfigures its flows to match)."""
+
+    agent: str
+    flows: list[AssignedFlow] = msgspec.field(default_factory=list)
+    updated_at: float = 0.0
+
+
+class AgentCommand(_Msg, frozen=True):
+    """What the leader sends an agent on ``<prefix>.agent.<name>`` (request/reply)."""
+
+    op: FlowOp
+    flow: str | None = None
+    """``None``: every flow the agent runs."""
+    timeout: float = 30.0
+    actor: str = ""
+
+
+class FlowOutcome(_Msg, frozen=True):
+    """What one agent did with a command for one flow."""
+
+    agent: str
+    flow: str
+    ok: bool
+    state: str
+    """The flow's state afterwards: ``running``, ``paused``, ``drained``, ``failing``, ..."""
+    message: str = ""
+
+
+class CommandResult(_Rep, frozen=True, tag="command_result"):
+    """The answer to a :class:`FlowCommand` (and an agent's answer to an :class:`AgentCommand`)."""
+
+    ok: bool
+    """True when every agent carried the command out."""
+    message: str = ""
+    outcomes: list[FlowOutcome] = msgspec.field(default_factory=list)
+
+
+class FlowChange(_Msg, frozen=True):
+    name: str
+    action: Literal["created", "updated", "unchanged"]
+    generation: int
+    agents: list[str]
+
+
+class FlowsApplied(_Rep, frozen=True, tag="flows_applied"):
+    changes: list[FlowChange]
+    dry_run: bool = False
+
+
+class FlowSpecView(_Msg, frozen=True):
+    """An applied flow with the state its agents report."""
+
+    spec: FlowSpec
+    state: str
+    """From the agents' heartbeats (see :class:`FlowView`); ``pending`` while no agent reports it."""
+    reports: list[FlowReport] = msgspec.field(default_factory=list)
+    """Each reporting agent's view, in ``spec.parts`` order (``agent`` named in ``name``)."""
+
+
+class Flows(_Rep, frozen=True, tag="flows"):
+    flows: list[FlowSpecView]
+    served_by: str = ""
+
+
+Reply = (
+    Registered | Done | Refused | HeartbeatAck | Agents | StatusReport | CommandResult | FlowsApplied | Flows
+)
 
 
 _encoder = msgspec.json.Encoder()

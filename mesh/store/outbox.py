@@ -140,6 +140,15 @@ class Outbox(SqliteStore):
         with anyio.move_on_after(timeout):
             await event.wait()
 
+    async def stats_by_flow(self) -> dict[str, tuple[int, float]]:
+        """Per flow with rows waiting: (rows, age in seconds of its oldest row). One table scan."""
+        with store_errors(self.path):
+            query = "SELECT flow, count(*), min(created_at) FROM outbox GROUP BY flow"
+            async with self.db.execute(query) as cur:
+                rows = await cur.fetchall()
+        now = time.time()
+        return {str(flow): (int(n), max(0.0, now - oldest / 1000)) for flow, n, oldest in rows}
+
     async def stats(self) -> tuple[int, float]:
         """(rows waiting, age in seconds of the oldest one; 0 when empty)."""
         with store_errors(self.path):

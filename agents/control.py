@@ -1,0 +1,178 @@
+"""A connector agent's side of the control plane: its assignment and its commands.
+
+* :meth:`ControlChannel.watch_assignments` watches key ``agent.<name>`` of KV bucket
+  ``mesh_assign`` and hands every new :class:`~mesh.controlplane.models.Assignment` to the
+  :class:`~agents.flows.FlowManager`. Only a registered agent (credentials in its state dir)
+  watches; a deleted key (flow deleted, agent revoked or deregistered) means "no assigned flows".
+  nats-py watchers can miss updates after a server restart, so the watcher is re-created after
+  every reconnect and every ``resync_every`` seconds (the manager ignores an assignment it
+  already runs).
+* :meth:`ControlChannel.serve_commands` answers ``<prefix>.agent.<name>`` requests
+  (:class:`~mesh.controlplane.models.AgentCommand`: pause, resume, drain, restart) with a
+  :class:`~mesh.controlplane.models.CommandResult`; a malformed request gets a failed result
+  naming the problem, never silence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from nats.js.kv import KV_DEL, KV_PURGE
+
+from agents.flows import FlowManager
+from mesh.controlplane.client import DEFAULT_PREFIX
+from mesh.controlplane.identity import load_credentials
+from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
+from mesh.errors import ConfigError, TransportError
+from mesh.transport import JetStream
+
+__all__ = ["ControlChannel", "command_subject"]
+
+log = logging.getLogger(__name__)
+
+_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+_assignment = msgspec.json.Decoder(Assignment)
+_command = msgspec.json.Decoder(AgentCommand)
+
+
+def command_subject(agent: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The subject an agent takes commands on."""
+    return f"{prefix}.agent.{agent}"
+
+
+class ControlChannel:
+    def __init__(
+        self,
+        name: str,
+        state_dir: str | Path,
+        nats: Callable[[], Awaitable[JetStream]],
+        flows: FlowManager,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        resync_every: float = 30.0,
+        retry_every: float = 5.0,
+    ) -> None:
+        self.name = name
+        self.state_dir = Path(state_dir)
+        self.nats = nats
+        self.flows = flows
+        self.prefix = prefix
+        self.resync_every = resync_every
+        self.retry_every = retry_every
+
+    def __repr__(self) -> str:
+        return f"<ControlChannel {self.name}>"
+
+    # --- assignments ---------------------------------------------------------------------------
+
+    async def watch_assignments(self, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        js = await self.nats()
+        key = f"agent.{self.name}"
+        told = ""
+        while True:
+            why = await self._why_not(js)
+            if why:
+                if why != told:
+                    log.info("agent %s: no assigned flows for now (%s)", self.name, why)
+                    told = why
+                await anyio.sleep(self.retry_every)
+                continue
+            told = ""
+            try:
+                kv = await js.js.key_value(ASSIGN_BUCKET)
+                watcher = await kv.watch(key)
+            except _NATS_ERRORS as exc:
+                log.debug("watch %s/%s: %s", ASSIGN_BUCKET, key, exc)
+                await anyio.sleep(self.retry_every)
+                continue
+            try:
+                await self._follow(js, watcher)
+            finally:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2),
+                    contextlib.suppress(*_NATS_ERRORS, AttributeError),
+                ):
+                    await watcher.stop()
+
+    async def _why_not(self, js: JetStream) -> str:
+        """Why the agent cannot follow its assignment now ("" when it can)."""
+        if not js.is_connected:
+            return "NATS disconnected"
+        try:
+            creds = await anyio.to_thread.run_sync(load_credentials, self.state_dir)
+        except ConfigError as exc:
+            return str(exc)
+        if creds is None or creds.name != self.name:
+            return "not registered (`meshctl agent register`)"
+        return ""
+
+    async def _follow(self, js: JetStream, watcher: object) -> None:
+        reconnects = js.reconnects
+        until = anyio.current_time() + self.resync_every
+        seen_initial = False
+        got_value = False
+        while anyio.current_time() < until and js.reconnects == reconnects:
+            try:
+                update = await watcher.updates(timeout=1.0)  # type: ignore[attr-defined]
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            if update is None:  # end of the current value(s)
+                if not seen_initial and not got_value:
+                    await self.flows.sync(None)
+                seen_initial = True
+                continue
+            got_value = True
+            if update.operation in (KV_DEL, KV_PURGE) or not update.value:
+                await self.flows.sync(None)
+                continue
+            try:
+                assignment = _assignment.decode(update.value)
+            except msgspec.DecodeError as exc:
+                log.error("agent %s: unreadable assignment (rev %s): %s", self.name, update.revision, exc)
+                continue
+            await self.flows.sync(assignment)
+
+    # --- commands ------------------------------------------------------------------------------
+
+    async def serve_commands(self, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        js = await self.nats()
+        subject = command_subject(self.name, self.prefix)
+        try:
+            sub = await js.nc.subscribe(subject)
+        except _NATS_ERRORS as exc:
+            raise TransportError(f"subscribe {subject}: {exc}") from exc
+        try:
+            async with anyio.create_task_group() as tg:
+                async for msg in sub.messages:
+                    tg.start_soon(self._answer, msg)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
+
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            cmd = _command.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            result = CommandResult(ok=False, message=f"bad command: {exc}")
+        else:
+            try:
+                result = await self.flows.command(cmd)
+            except Exception as exc:  # an answer, whatever happened: the operator is waiting
+                log.exception("command %s failed", cmd.op)
+                result = CommandResult(ok=False, message=f"{cmd.op} failed on {self.name}: {exc!r}")
+        if msg.reply:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await msg.respond(encode(result))
