@@ -35,7 +35,7 @@ from anyio.abc import TaskStatus
 from agents.control import ControlChannel
 from agents.flows import FlowHandle, FlowManager
 from mesh.actors import Actor, Backoff, Supervisor
-from mesh.adapters import Applied, Sink, SinkRecord, Source
+from mesh.adapters import Applied, ChangeBatch, Sink, SinkRecord, Source
 from mesh.config import AgentConfig, FlowConfig, SinkConfig, SourceConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.envelope import (
@@ -157,11 +157,32 @@ class NatsLink:
 class Capture:
     """source → outbox, committing each batch's envelopes with its cursor (I1)."""
 
-    def __init__(self, agent: ConnectorAgent, flow: FlowConfig) -> None:
+    def __init__(self, agent: ConnectorAgent, flow: FlowConfig, handle: FlowHandle | None = None) -> None:
         assert flow.source is not None
         self.agent = agent
         self.flow = flow
+        self.handle = handle
         self.source_cfg = flow.source
+
+    async def _read(self, source: Source, cursor: str | None) -> ChangeBatch | None:
+        """The next batch; None once draining and the source has had nothing new for a while
+        (caught up). A drain that begins while a read waits interrupts that wait."""
+        h = self.handle
+        limit = self.source_cfg.batch_size
+        if h is not None and h.draining:
+            quiet = max(0.5, 4 * getattr(self.source_cfg, "poll_interval", 0.1))
+            with anyio.move_on_after(quiet):
+                return await source.read(cursor, limit)
+            return None
+        if h is None:
+            return await source.read(cursor, limit)
+        with anyio.CancelScope() as scope:
+            h.wake_capture = scope.cancel
+            try:
+                return await source.read(cursor, limit)
+            finally:
+                h.wake_capture = None
+        return await self._read(source, cursor)  # woken: read again, now as a drain
 
     async def run(self, task_status: TaskStatus[None]) -> None:
         outbox = self.agent.outbox
@@ -185,7 +206,10 @@ class Capture:
                     await outbox.wait_below(max_bytes)
                     paused.set(0)
                     log.info("flow %s: capture resumed", flow)
-                batch = await source.read(cursor, self.source_cfg.batch_size)
+                batch = await self._read(source, cursor)
+                if batch is None:
+                    log.info("flow %s: capture caught up with the source; drained", flow)
+                    return
                 now = now_ms()
                 items = []
                 for ch in batch.changes:
@@ -549,7 +573,7 @@ class ConnectorAgent:
     def _flow_actors(self, h: FlowHandle) -> list[tuple[str, Actor]]:
         actors: list[tuple[str, Actor]] = []
         if h.cfg.source is not None:
-            actors.append((f"capture:{h.name}", Capture(self, h.cfg).run))
+            actors.append((f"capture:{h.name}", Capture(self, h.cfg, h).run))
         if h.cfg.sink is not None:
             actors.append((f"apply:{h.name}", Apply(self, h.cfg, h).run))
         return actors

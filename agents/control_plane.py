@@ -31,14 +31,17 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from agents.control import command_subject
 from mesh.actors import Backoff, Supervisor
 from mesh.controlplane.audit import AuditLog
+from mesh.controlplane.flows import FlowStore
 from mesh.controlplane.health import HealthTracker
 from mesh.controlplane.http import HttpServer, create_app
 from mesh.controlplane.kv import KvMirror, NatsBucket, ensure_buckets
@@ -46,15 +49,27 @@ from mesh.controlplane.lease import LeaderLease
 from mesh.controlplane.metrics import ControlPlaneMetrics
 from mesh.controlplane.models import (
     AGENTS_BUCKET,
+    ASSIGN_BUCKET,
+    FLOWS_BUCKET,
     LEADER_BUCKET,
     READ_KINDS,
     WRITE_KINDS,
+    AgentCommand,
     Agents,
+    ApplyFlows,
+    CommandResult,
     ControlPlaneInfo,
+    DeleteFlow,
     Deregister,
+    DesiredState,
+    FlowCommand,
+    FlowOutcome,
+    Flows,
+    FlowSpecView,
     GetStatus,
     Heartbeat,
     ListAgents,
+    ListFlows,
     Refused,
     Register,
     Reply,
@@ -96,8 +111,10 @@ class ControlPlane:
         self.lease: LeaderLease | None = None
         self.builder: StatusBuilder | None = None
         self.agent_registry: Registry | None = None
+        self.flow_store: FlowStore | None = None
         self.tracker = HealthTracker()
         self.dlq_depths: dict[str, int] = {}
+        self._audit: AuditLog | None = None
         self.supervisor: Supervisor | None = None
         self._stopping = False
 
@@ -140,7 +157,8 @@ class ControlPlane:
                 flows=[],
                 counts={"healthy": 0, "degraded": 0, "stale": 0, "lost": 0},
             )
-        return self.builder.report(info, self.dlq_depths)
+        specs = self.flow_store.specs() if self.flow_store is not None else None
+        return self.builder.report(info, self.dlq_depths, specs=specs)
 
     async def readiness(self) -> str | None:
         if not self.js.is_connected:
@@ -171,7 +189,7 @@ class ControlPlane:
             agents = self.buckets[AGENTS_BUCKET]
             self.mirror = KvMirror(self.js, agents)
             self.builder = StatusBuilder(self.mirror, s.health)
-            audit = AuditLog(self.js, self.name, timeout=s.nats.request_timeout)
+            audit = self._audit = AuditLog(self.js, self.name, timeout=s.nats.request_timeout)
 
             async def append(kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
                 await audit.append(kind, who=who, target=target, what=what, detail=detail)
@@ -191,7 +209,19 @@ class ControlPlane:
                 poll_every=min(0.5, s.lease_renew),
                 on_change=self._on_role,
             )
+            flows_mirror = KvMirror(self.js, self.buckets[FLOWS_BUCKET])
+            assign_mirror = KvMirror(self.js, self.buckets[ASSIGN_BUCKET])
+            self.flow_store = FlowStore(
+                self.buckets[FLOWS_BUCKET],
+                self.buckets[ASSIGN_BUCKET],
+                flows_mirror=flows_mirror,
+                assign_mirror=assign_mirror,
+                agents_mirror=self.mirror,
+                audit=append,
+            )
             await sup.start("mirror", self.mirror.run)
+            await sup.start("flows-mirror", flows_mirror.run)
+            await sup.start("assign-mirror", assign_mirror.run)
             await sup.start("reads", self._serve_reads)
             await sup.start("lease", self.lease.run)
             await sup.start("writes", self._serve_writes)
@@ -320,19 +350,34 @@ class ControlPlane:
                 await msg.respond(encode(reply))
 
     async def _dispatch(self, req: Request) -> Reply:
-        registry, builder = self.agent_registry, self.builder
+        registry, builder, store = self.agent_registry, self.builder, self.flow_store
         assert registry is not None
         assert builder is not None
+        assert store is not None
         if isinstance(req, Heartbeat):
             return await registry.heartbeat(req)
         if isinstance(req, Register):
-            return await registry.register(req)
+            reply: Reply = await registry.register(req)
+            await store.reconcile()
+            return reply
         if isinstance(req, Deregister):
-            return await registry.deregister(req)
+            reply = await registry.deregister(req)
+            await store.reconcile()  # its assignment goes: it stops its flows
+            return reply
         if isinstance(req, Revoke):
-            return await registry.revoke(req)
+            reply = await registry.revoke(req)
+            await store.reconcile()
+            return reply
         if isinstance(req, GetStatus):
             return self.status()
+        if isinstance(req, ApplyFlows):
+            return await store.apply(req)
+        if isinstance(req, DeleteFlow):
+            return await store.delete(req)
+        if isinstance(req, ListFlows):
+            return self._flows(req.name)
+        if isinstance(req, FlowCommand):
+            return await self._command(req)
         assert isinstance(req, ListAgents)
         views = builder.agents()
         if req.name is not None:
@@ -341,13 +386,146 @@ class ControlPlane:
                 return Refused(code="unknown", reason=f"no agent named {req.name!r} is registered")
         return Agents(agents=views, served_by=self.name, leader=self.lease.leader if self.lease else None)
 
+    # --- flows and commands --------------------------------------------------------------------
+
+    def _flows(self, name: str | None) -> Flows | Refused:
+        assert self.flow_store is not None
+        assert self.builder is not None
+        specs = self.flow_store.specs()
+        if name is not None:
+            if name not in specs:
+                return Refused(code="unknown", reason=f"no flow named {name!r} is applied")
+            specs = {name: specs[name]}
+        agents = self.builder.agents()
+        views = {v.name: v for v in flow_views(agents, self.dlq_depths, specs)}
+        out = []
+        for n, spec in sorted(specs.items()):
+            reports = [
+                msgspec.structs.replace(f, name=a.name)
+                for a in agents
+                for f in a.flows
+                if f.name == n
+            ]
+            state = views[n].state if n in views else "pending"
+            out.append(FlowSpecView(spec=spec, state=state, reports=reports))
+        return Flows(flows=out, served_by=self.name)
+
+    async def _command(self, req: FlowCommand) -> CommandResult | Refused:
+        """Record the desired state (flow pause/resume), forward the command to every agent
+        concerned, and answer with what each of them did."""
+        assert self.flow_store is not None
+        assert self.builder is not None
+        views = {v.name: v for v in self.builder.agents()}
+        spec = self.flow_store.specs().get(req.flow) if req.flow is not None else None
+        if req.flow is None and req.agent is None:
+            return Refused(code="invalid", reason="name a flow, an agent, or both")
+        if req.flow is not None:
+            targets = {p.agent for p in spec.parts} if spec is not None else set()
+            targets |= {n for n, v in views.items() if any(f.name == req.flow for f in v.flows)}
+            if req.agent is not None:
+                if req.agent not in targets:
+                    why = f"flow {req.flow!r} does not run on agent {req.agent!r}"
+                    return Refused(code="unknown", reason=why)
+                targets = {req.agent}
+            if not targets:
+                return Refused(
+                    code="unknown", reason=f"no flow named {req.flow!r} is applied or reported by any agent"
+                )
+        else:
+            assert req.agent is not None
+            if req.agent not in views:
+                return Refused(code="unknown", reason=f"no agent named {req.agent!r} is registered")
+            targets = {req.agent}
+        revoked = sorted(t for t in targets if t in views and views[t].state == "revoked")
+        targets -= set(revoked)
+        note = ""
+        if spec is not None and req.agent is None and req.op in ("pause", "resume"):
+            desired: DesiredState = "paused" if req.op == "pause" else "running"
+            await self.flow_store.set_desired(spec.name, desired, req.actor)
+            note = f"flow {spec.name} is now desired {desired} (kept across restarts)"
+        cmd = AgentCommand(op=req.op, flow=req.flow, timeout=req.timeout, actor=req.actor)
+        outcomes: list[FlowOutcome] = []
+
+        async def ask(agent: str) -> None:
+            outcomes.extend(await self._ask_agent(agent, cmd))
+
+        # A drain goes upstream first: the capture sides catch up and publish, then the sinks
+        # apply everything pending. Other commands go to every agent at once.
+        phases = [sorted(targets)]
+        if req.op == "drain" and req.flow is not None:
+            parts = spec.parts if spec is not None else []
+            upstream = {p.agent for p in parts if p.config.get("source")}
+            upstream |= {
+                n for n, v in views.items() for f in v.flows
+                if f.name == req.flow and f.outbox_depth is not None  # it captures: upstream
+            }  # fmt: skip
+            phases = [sorted(targets & upstream), sorted(targets - upstream)]
+        for phase in phases:
+            async with anyio.create_task_group() as tg:
+                for agent in phase:
+                    tg.start_soon(ask, agent)
+        outcomes.sort(key=lambda o: (o.agent, o.flow))
+        ok = bool(outcomes) and all(o.ok for o in outcomes)
+        what = f"{req.op} " + (f"flow {req.flow}" if req.flow else f"agent {req.agent}")
+        if req.flow and req.agent:
+            what += f" on {req.agent}"
+        failed = [f"{o.agent}/{o.flow}: {o.message}" for o in outcomes if not o.ok]
+        message = "; ".join(filter(None, [note, *failed]))
+        await self._audit_command(req, what, ok, message, outcomes)
+        return CommandResult(ok=ok, message=message, outcomes=outcomes)
+
+    async def _ask_agent(self, agent: str, cmd: AgentCommand) -> list[FlowOutcome]:
+        subject = command_subject(agent, self.prefix)
+        flow = cmd.flow or "*"
+        try:
+            msg = await self.js.nc.request(subject, encode(cmd), timeout=cmd.timeout + 5)
+        except nats.errors.NoRespondersError:
+            why = f"agent {agent} is not connected; it gets the flow's desired state when it comes back"
+            return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
+        except (nats.errors.TimeoutError, TimeoutError):
+            why = f"agent {agent} did not answer within {cmd.timeout + 5:g}s"
+            return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
+        except _NATS_ERRORS as exc:
+            why = f"could not reach agent {agent}: {type(exc).__name__}: {exc}"
+            return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
+        try:
+            result = msgspec.json.decode(msg.data, type=CommandResult)
+        except msgspec.DecodeError as exc:
+            why = f"agent {agent} answered something unreadable: {exc}"
+            return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
+        if not result.outcomes:
+            only = FlowOutcome(agent=agent, flow=flow, ok=result.ok, state="unknown", message=result.message)
+            return [only]
+        return list(result.outcomes)
+
+    async def _audit_command(
+        self, req: FlowCommand, what: str, ok: bool, message: str, outcomes: list[FlowOutcome]
+    ) -> None:
+        detail = {
+            f"{o.agent}/{o.flow}": f"{'ok' if o.ok else 'failed'}: {o.state}: {o.message}" for o in outcomes
+        }
+        detail["result"] = "ok" if ok else "failed"
+        if self._audit is None:
+            return
+        try:
+            await self._audit.append("command", who=req.actor, target=req.flow or req.agent or "", what=what,
+                                     detail=detail)  # fmt: skip
+        except TransportError as exc:
+            log.error("audit: %s (the command %s was carried out)", exc, what)
+            self.metrics.audit_failures.inc()
+
     # --- health sweep, gauges, dead-letter depths ----------------------------------------------
 
     async def _sweep(self, task_status: TaskStatus[None]) -> None:
         assert self.builder is not None
         task_status.started()
-        next_dlq = 0.0
+        next_dlq = next_reconcile = 0.0
         while True:
+            if self.is_leader and self.flow_store is not None and anyio.current_time() >= next_reconcile:
+                # Repairs drift: a leader that died between a flow write and its assignments.
+                next_reconcile = anyio.current_time() + max(5.0, self.settings.sweep_interval)
+                with anyio.move_on_after(5), contextlib.suppress(TransportError):
+                    await self.flow_store.reconcile()
             if anyio.current_time() >= next_dlq:
                 next_dlq = anyio.current_time() + max(2.0, self.settings.sweep_interval)
                 with anyio.move_on_after(2):
@@ -372,7 +550,8 @@ class ControlPlane:
         m.revoked.set(sum(1 for v in views if v.state == "revoked"))
         for gauge in (m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq):
             gauge.clear()
-        for f in flow_views(views, self.dlq_depths):
+        specs = self.flow_store.specs() if self.flow_store is not None else None
+        for f in flow_views(views, self.dlq_depths, specs):
             m.flow_backlog.labels(f.name).set(f.backlog)
             m.flow_pending.labels(f.name).set(f.consumer_pending)
             m.flow_lag.labels(f.name).set(f.lag_seconds)

@@ -58,7 +58,10 @@ class FlowHandle:
     """``running``, ``paused``, ``draining``, ``drained``, ``stopped`` or ``failing``."""
     detail: str = ""
     draining: bool = False
-    """Set while draining: the sink loop ends once nothing is pending."""
+    """Set while draining: capture ends once caught up with the source, the sink loop once
+    nothing is pending."""
+    wake_capture: Callable[[], None] | None = None
+    """Interrupts the capture loop's wait for new changes (set while it waits)."""
     actors: list[str] = field(default_factory=list)
 
     @property
@@ -207,9 +210,7 @@ class FlowManager:
                     h = FlowHandle(cfg, "assigned", a.generation)
                     self.flows[name] = h
                 else:
-                    log.info(
-                        "flow %s: generation %d -> %d; reconfiguring", name, h.generation, a.generation
-                    )
+                    log.info("flow %s: generation %d -> %d; reconfiguring", name, h.generation, a.generation)
                     if h.actors:
                         await self._stop(h, "stopped")
                     h.cfg, h.generation = cfg, a.generation
@@ -286,7 +287,9 @@ class FlowManager:
         apply = f"apply:{h.name}"
         with anyio.move_on_after(timeout) as scope:
             if capture in h.actors:
-                await self.sup.stop(capture)
+                if h.wake_capture is not None:
+                    h.wake_capture()
+                await self.sup.wait(capture)  # ends once caught up with the source
                 h.actors.remove(capture)
             while True:
                 depth = await self.outbox_depth(h.name)

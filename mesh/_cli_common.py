@@ -65,7 +65,12 @@ def run_with_client(
     try:
         return anyio.run(main)
     except RequestRefused as exc:
-        fail(f"refused ({exc.code}): {exc.reason}", 1)
+        if not exc.problems:
+            fail(f"refused ({exc.code}): {exc.reason}", 1)
+        typer.secho(f"error: refused ({exc.code}): {exc.reason}", fg=typer.colors.RED, err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(1) from None
     except MeshError as exc:
         fail(exc)
 

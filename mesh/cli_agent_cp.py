@@ -36,7 +36,7 @@ from mesh.controlplane.identity import (
     remove_credentials,
     save_credentials,
 )
-from mesh.controlplane.models import AgentView, Manifest
+from mesh.controlplane.models import AgentView, FlowOp, Manifest
 from mesh.errors import ConfigError
 
 __all__ = ["app", "default_state_dir"]
@@ -240,3 +240,31 @@ def _health(
         )
     if any(a.health != "healthy" or a.state != "active" for a in views):
         raise typer.Exit(1)
+
+
+def _agent_command(op: FlowOp, help_text: str) -> None:
+    @app.command(op, help=help_text + "\n\nWaits for the agent's answer; exit 1 if a flow failed.")
+    def command(
+        name: NameArg,
+        wait: Annotated[
+            float, typer.Option("--wait", help="Seconds the agent gets to carry it out.")
+        ] = 60.0 if op == "drain" else 30.0,
+        as_json: JsonOpt = False,
+        control_plane: ControlPlaneOpt = DEFAULT_URL,
+        prefix: PrefixOpt = DEFAULT_PREFIX,
+    ) -> None:
+        from mesh.cli_flow import print_result
+
+        result = run_with_client(
+            control_plane, wait, prefix, lambda c: c.command(op, agent=name, timeout=wait)
+        )
+        print_result(result, as_json)
+
+
+_agent_command(
+    "pause", "Pause every flow of the agent (until resumed or the agent restarts; use `flow pause` to keep "
+    "a flow paused across restarts).",
+)  # fmt: skip
+_agent_command("resume", "Resume every paused or drained flow of the agent.")
+_agent_command("drain", "Drain every flow of the agent (capture stops, backlog published and applied).")
+_agent_command("restart", "Restart every flow of the agent (adapters reopened; the process keeps running).")

@@ -7,16 +7,31 @@ exit 2.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import anyio
+import msgspec
 import typer
 
+from mesh._cli_common import (
+    DEFAULT_PREFIX,
+    DEFAULT_URL,
+    ControlPlaneOpt,
+    JsonOpt,
+    PrefixOpt,
+    TimeoutOpt,
+    ago,
+    fail,
+    run_with_client,
+    table,
+)
 from mesh.cli_dlq import ServerOpt, quiet_connection_logs
+from mesh.controlplane.models import CommandResult, FlowOp
 from mesh.dlq import DEFAULT_NATS_URL, FlowReplay, connect, format_time, parse_time, replay_flow
 from mesh.errors import MeshError
 
-__all__ = ["app"]
+__all__ = ["app", "print_result"]
 
 app = typer.Typer(
     name="flow",
@@ -104,3 +119,162 @@ def _replay(
         f"(stream last seq {result.stream_last_seq})"
     )
     typer.echo("  the sink agent's inbox and version guard keep the replayed messages from applying twice")
+
+
+# --- flows through the control plane ---------------------------------------------------------
+
+FlowNameArg = Annotated[str, typer.Argument(help="The flow's name.", show_default=False)]
+AgentOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--agent", help="Only on this agent (default: every agent that runs the flow).", show_default=False
+    ),
+]
+
+
+def _json(value: object) -> None:
+    typer.echo(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+@app.command(
+    "apply",
+    help="Validate a flow file and store its flows; the agents named in it start, reconfigure or keep "
+    "them without a restart.\n\nNothing is stored unless the whole file is valid: every problem is "
+    "listed with its path (exit 1). Re-applying an unchanged flow changes nothing.",
+)
+def _apply(
+    file: Annotated[Path, typer.Argument(help="Flow file (TOML, [[flows]] tables).", show_default=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show what would change.")] = False,
+    as_json: JsonOpt = False,
+    control_plane: ControlPlaneOpt = DEFAULT_URL,
+    timeout: TimeoutOpt = 10.0,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+    reply = run_with_client(
+        control_plane, timeout, prefix, lambda c: c.apply_flows(text, source=str(file), dry_run=dry_run)
+    )
+    if as_json:
+        _json(reply)
+        return
+    verb = "would be" if reply.dry_run else ""
+    for ch in reply.changes:
+        what = ch.action if not verb else f"{verb} {ch.action}"
+        typer.echo(f"flow {ch.name}: {what} (generation {ch.generation}) on {', '.join(ch.agents)}")
+
+
+@app.command("list", help="Applied flows with their desired and reported state.")
+def _list(
+    as_json: JsonOpt = False,
+    control_plane: ControlPlaneOpt = DEFAULT_URL,
+    timeout: TimeoutOpt = 5.0,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    reply = run_with_client(control_plane, timeout, prefix, lambda c: c.flows())
+    if as_json:
+        _json(reply.flows)
+        return
+    if not reply.flows:
+        typer.echo("no flows applied")
+        return
+    table(
+        ("NAME", "ENTITY", "GEN", "DESIRED", "STATE", "AGENTS", "APPLIED", "BY"),
+        [
+            (
+                f.spec.name, f.spec.entity, f.spec.generation, f.spec.desired, f.state,
+                ",".join(p.agent for p in f.spec.parts), ago(f.spec.applied_at), f.spec.applied_by,
+            )
+            for f in reply.flows
+        ],
+    )  # fmt: skip
+
+
+@app.command("get", help="One applied flow: its configuration per agent and what each agent reports.")
+def _get(
+    name: FlowNameArg,
+    as_json: JsonOpt = False,
+    control_plane: ControlPlaneOpt = DEFAULT_URL,
+    timeout: TimeoutOpt = 5.0,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    reply = run_with_client(control_plane, timeout, prefix, lambda c: c.flows(name))
+    view = reply.flows[0]
+    if as_json:
+        _json(view)
+        return
+    spec = view.spec
+    typer.echo(f"flow {spec.name}  entity {spec.entity}  generation {spec.generation}  "
+               f"desired {spec.desired}")  # fmt: skip
+    typer.echo(f"state {view.state}  applied {ago(spec.applied_at)} by {spec.applied_by} from {spec.source}")
+    for part in spec.parts:
+        sides = [s for s in ("source", "sink") if part.config.get(s)]
+        typer.echo(f"\n[{part.agent}] runs the {' and '.join(sides)}:")
+        typer.echo(msgspec.json.format(msgspec.json.encode(part.config), indent=2).decode())
+    if view.reports:
+        typer.echo("")
+        table(
+            ("AGENT", "STATE", "GEN", "OUTBOX", "PENDING", "ERRORS", "DETAIL"),
+            [
+                (r.name, r.state, r.generation, r.outbox_depth if r.outbox_depth is not None else "-",
+                 r.consumer_pending if r.consumer_pending is not None else "-", r.errors, r.detail or "-")
+                for r in view.reports
+            ],
+        )  # fmt: skip
+
+
+@app.command("delete", help="Remove an applied flow: its agents stop it once in-flight work is done.")
+def _delete(
+    name: FlowNameArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    control_plane: ControlPlaneOpt = DEFAULT_URL,
+    timeout: TimeoutOpt = 10.0,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    if not yes and not typer.confirm(f"delete flow {name}?"):
+        raise typer.Exit(1)
+    done = run_with_client(control_plane, timeout, prefix, lambda c: c.delete_flow(name))
+    typer.echo(done.message)
+
+
+def print_result(result: CommandResult, as_json: bool) -> None:
+    """Print a command's result; exit 1 unless every agent carried it out."""
+    if as_json:
+        _json(result)
+    else:
+        for o in result.outcomes:
+            mark = "ok" if o.ok else "FAILED"
+            typer.echo(f"{o.agent}/{o.flow}: {mark}: {o.state}: {o.message}")
+        if result.message and not result.outcomes:
+            typer.echo(result.message)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _command(op: FlowOp, help_text: str) -> None:
+    @app.command(op, help=help_text + "\n\nWaits for every agent's answer; exit 1 if any failed.")
+    def command(
+        name: FlowNameArg,
+        agent: AgentOpt = None,
+        wait: Annotated[
+            float, typer.Option("--wait", help="Seconds each agent gets to carry it out.")
+        ] = 60.0 if op == "drain" else 30.0,
+        as_json: JsonOpt = False,
+        control_plane: ControlPlaneOpt = DEFAULT_URL,
+        prefix: PrefixOpt = DEFAULT_PREFIX,
+    ) -> None:
+        result = run_with_client(
+            control_plane, wait, prefix, lambda c: c.command(op, flow=name, agent=agent, timeout=wait)
+        )
+        print_result(result, as_json)
+
+
+_command("pause", "Stop reading the flow's source and applying to its sink (kept across restarts).")
+_command("resume", "Run a paused or drained flow again, from where it stopped.")
+_command(
+    "drain",
+    "Stop capture, publish what the outbox holds, apply everything pending, then stop (state drained).",
+)
+_command("restart", "Stop the flow and start it again (its adapters are opened afresh).")

@@ -20,10 +20,18 @@ import nats.errors
 from mesh.controlplane.identity import Credentials, load_or_create_identity
 from mesh.controlplane.models import (
     Agents,
+    ApplyFlows,
+    CommandResult,
+    DeleteFlow,
     Deregister,
     Done,
+    FlowCommand,
+    FlowOp,
+    Flows,
+    FlowsApplied,
     GetStatus,
     ListAgents,
+    ListFlows,
     Manifest,
     RefusalCode,
     Refused,
@@ -51,9 +59,11 @@ _R = TypeVar("_R")
 class RequestRefused(PermanentError):
     """The control plane answered and refused: asking again the same way cannot help."""
 
-    def __init__(self, code: RefusalCode, reason: str) -> None:
+    def __init__(self, code: RefusalCode, reason: str, problems: list[str] | None = None) -> None:
         self.code = code
         self.reason = reason
+        self.problems = problems or []
+        """Every problem found, one per line, when ``code`` is ``invalid`` (e.g. a flow file)."""
         super().__init__(reason)
 
 
@@ -118,7 +128,7 @@ class ControlPlaneClient:
     async def _expect(self, req: Request, kind: type[_R]) -> _R:
         reply = await self.request(req)
         if isinstance(reply, Refused):
-            raise RequestRefused(reply.code, reply.reason)
+            raise RequestRefused(reply.code, reply.reason, reply.problems)
         if not isinstance(reply, kind):
             raise TransportError(f"unexpected reply to {type(req).__name__}: {type(reply).__name__}")
         return reply
@@ -139,6 +149,38 @@ class ControlPlaneClient:
 
     async def status(self) -> StatusReport:
         return await self._expect(GetStatus(), StatusReport)
+
+    async def apply_flows(
+        self, text: str, *, source: str, dry_run: bool = False, actor: str | None = None
+    ) -> FlowsApplied:
+        """Validate and store a flow file. Raises RequestRefused (``invalid``: ``problems``)."""
+        req = ApplyFlows(text=text, source=source, dry_run=dry_run, actor=actor or default_actor())
+        return await self._expect(req, FlowsApplied)
+
+    async def delete_flow(self, name: str, *, actor: str | None = None) -> Done:
+        return await self._expect(DeleteFlow(name=name, actor=actor or default_actor()), Done)
+
+    async def flows(self, name: str | None = None) -> Flows:
+        return await self._expect(ListFlows(name=name), Flows)
+
+    async def command(
+        self,
+        op: FlowOp,
+        *,
+        flow: str | None = None,
+        agent: str | None = None,
+        timeout: float = 30.0,
+        actor: str | None = None,
+    ) -> CommandResult:
+        """Pause/resume/drain/restart a flow (or every flow of ``agent``) and wait for the
+        agents' results (``timeout`` per agent, plus the request's own margin)."""
+        req = FlowCommand(op=op, flow=flow, agent=agent, timeout=timeout, actor=actor or default_actor())
+        reply = await self.request(req, timeout=timeout + 10)
+        if isinstance(reply, Refused):
+            raise RequestRefused(reply.code, reply.reason, reply.problems)
+        if not isinstance(reply, CommandResult):
+            raise TransportError(f"unexpected reply to a command: {type(reply).__name__}")
+        return reply
 
 
 async def register_agent(

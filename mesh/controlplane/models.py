@@ -384,6 +384,11 @@ class FlowView(_Msg, frozen=True):
     """Messages in stream ``MESH_DLQ`` on subject ``dlq.<flow>``."""
     errors: int = 0
     dead_lettered: int = 0
+    desired: str = ""
+    """For a flow applied through the control plane: ``running`` or ``paused`` (empty for flows
+    that only agents' config files define)."""
+    generation: int = 0
+    """The applied generation (0 for flows from agents' config files)."""
 
 
 class ControlPlaneInfo(_Msg, frozen=True):

@@ -21,6 +21,7 @@ from mesh.controlplane.models import (
     AgentRecord,
     AgentView,
     ControlPlaneInfo,
+    FlowSpec,
     FlowView,
     HeartbeatRecord,
     StatusReport,
@@ -113,7 +114,11 @@ class StatusBuilder:
         return views
 
     def report(
-        self, info: ControlPlaneInfo, dlq_depths: Mapping[str, int], now: float | None = None
+        self,
+        info: ControlPlaneInfo,
+        dlq_depths: Mapping[str, int],
+        now: float | None = None,
+        specs: Mapping[str, FlowSpec] | None = None,
     ) -> StatusReport:
         """The whole ``/status`` document."""
         now = time.time() if now is None else now
@@ -126,7 +131,7 @@ class StatusBuilder:
             generated_at=now,
             control_plane=info,
             agents=agents,
-            flows=flow_views(agents, dlq_depths),
+            flows=flow_views(agents, dlq_depths, specs),
             counts=counts,
         )
 
@@ -141,24 +146,37 @@ def flow_state(states: list[str]) -> str:
     return "running"
 
 
-def flow_views(agents: list[AgentView], dlq_depths: Mapping[str, int]) -> list[FlowView]:
-    """Aggregate the flows agents report (fresh or not) and those with dead letters."""
-    names = {f.name for a in agents for f in a.flows} | set(dlq_depths)
+def flow_views(
+    agents: list[AgentView],
+    dlq_depths: Mapping[str, int],
+    specs: Mapping[str, FlowSpec] | None = None,
+) -> list[FlowView]:
+    """Aggregate the flows agents report (fresh or not), those applied (``specs``) and those
+    with dead letters. An applied flow no fresh agent reports yet is ``pending``."""
+    specs = specs or {}
+    names = {f.name for a in agents for f in a.flows} | set(dlq_depths) | set(specs)
     views = []
     for name in sorted(names):
         reporting = [(a, f) for a in agents for f in a.flows if f.name == name]
         fresh = [f.state for a, f in reporting if a.health in ("healthy", "degraded") and a.state == "active"]
+        spec = specs.get(name)
+        state = flow_state(fresh)
+        if spec is not None and state == "unknown":
+            state = "pending"
         views.append(
             FlowView(
                 name=name,
-                state=flow_state(fresh),
-                agents=sorted({a.name for a, _ in reporting}),
+                state=state,
+                agents=sorted({a.name for a, _ in reporting} | {p.agent for p in spec.parts} if spec else
+                              {a.name for a, _ in reporting}),
                 backlog=sum(f.outbox_depth or 0 for _, f in reporting),
                 consumer_pending=sum(f.consumer_pending or 0 for _, f in reporting),
                 lag_seconds=max((f.outbox_age_seconds or 0.0 for _, f in reporting), default=0.0),
                 dlq_depth=int(dlq_depths.get(name, 0)),
                 errors=sum(f.errors for _, f in reporting),
                 dead_lettered=sum(f.dead_lettered for _, f in reporting),
+                desired=spec.desired if spec else "",
+                generation=spec.generation if spec else 0,
             )
         )
     return views
