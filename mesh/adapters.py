@@ -63,6 +63,9 @@ class SinkRecord(msgspec.Struct, frozen=True, kw_only=True):
     """Which version sequence ``version`` belongs to. Versions are compared only within one
     (key, scope): flows that take changes of one entity from several systems (ownership rules)
     set the origin here, because one system's versions say nothing about another's."""
+    create: bool = True
+    """False: update the row only if it exists (the origin does not own the entity's existence,
+    so it may not create it); an absent row makes the record UNCHANGED."""
 
 
 class Applied(enum.Enum):

@@ -35,6 +35,11 @@ _STORE_VERSION = (
 _CHUNK = 500  # keys per version look-up (well under SQLite's bound-parameter limit)
 _INT64 = range(-(2**63), 2**63)
 _JSON = msgspec.json.Encoder()
+
+
+def _guard_key(record: SinkRecord) -> str:
+    """The version guard's key: the record key, qualified by its scope when it has one."""
+    return record.key if not record.scope else f"{record.key}\x1f{record.scope}"
 _T = TypeVar("_T")
 
 
@@ -78,7 +83,7 @@ class SqliteSink(Sink):
         # The target's shape, valid while the database's schema_version equals _schema.
         self._target: _Target | None = None
         self._schema: int | None = None
-        self._upserts: dict[tuple[str, ...], str] = {}
+        self._upserts: dict[tuple[Any, ...], str] = {}
         self._lookups: dict[int, str] = {}
         self._applied = self._stale = self._rejected = 0
 
@@ -206,8 +211,8 @@ class SqliteSink(Sink):
         return outcomes
 
     def _stored_versions(self, conn: sqlite3.Connection, records: Sequence[SinkRecord]) -> dict[str, int]:
-        """The guard's stored version of every key in the batch that has one."""
-        keys = list(dict.fromkeys(r.key for r in records))
+        """The guard's stored version of every (key, scope) in the batch that has one."""
+        keys = list(dict.fromkeys(_guard_key(r) for r in records))
         versions: dict[str, int] = {}
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
@@ -229,7 +234,8 @@ class SqliteSink(Sink):
         table = self._config.table
         if record.version not in _INT64:
             return RejectedRecord(f"{table} key {record.key!r}: version out of range"), target
-        stored = versions.get(record.key)
+        guard = _guard_key(record)
+        stored = versions.get(guard)
         if stored is not None and stored >= record.version:
             return Applied.STALE, target
         values: dict[str, Any] = {}
@@ -239,21 +245,28 @@ class SqliteSink(Sink):
             except RejectedRecord as exc:
                 return RejectedRecord(f"{table} key {record.key!r}: {exc}"), target
         created = False
+        outcome = Applied.APPLIED
         conn.execute("SAVEPOINT mesh_record")
         try:
             if record.deleted:
-                if target is not None:
+                if target is not None and record.create:
                     # A bound value has no affinity, so SQLite compares it under the key
                     # column's affinity: "42" matches an INTEGER 42, 42 matches a TEXT '42'.
                     conn.execute(f"DELETE FROM {quote(table)} WHERE {quote(target.key)} = ?", (record.key,))
+                elif not record.create:
+                    outcome = Applied.UNCHANGED  # not the owner of the entity's existence
             else:
-                if target is None:
+                if target is None and record.create:
                     conn.execute(_create_table_sql(table, self._config.key, values))
                     created = True
                     target = self._shape(conn)
                     assert target is not None
-                self._upsert(conn, target, values)
-            conn.execute(_STORE_VERSION, (table, record.key, record.version, int(record.deleted)))
+                written = 0
+                if target is not None:
+                    written = self._upsert(conn, target, values, create=record.create)
+                if not written:
+                    outcome = Applied.UNCHANGED  # the row held these values already (or is absent)
+            conn.execute(_STORE_VERSION, (table, guard, record.version, int(record.deleted)))
             conn.execute("RELEASE mesh_record")
         except sqlite3.Error as exc:
             if not is_record_error(exc):
@@ -264,10 +277,14 @@ class SqliteSink(Sink):
                 self._schema = None  # the creation was rolled back with the record
                 target = None
             return RejectedRecord(f"{table} key {record.key!r}: {exc}"), target
-        versions[record.key] = record.version  # a later record of this key sees this version
-        return Applied.APPLIED, target
+        versions[guard] = record.version  # a later record of this key sees this version
+        return outcome, target
 
-    def _upsert(self, conn: sqlite3.Connection, target: _Target, values: dict[str, Any]) -> None:
+    def _upsert(
+        self, conn: sqlite3.Connection, target: _Target, values: dict[str, Any], *, create: bool
+    ) -> int:
+        """Write ``values`` (their columns only); returns 0 when nothing changed: the row held
+        these values already, or (``create`` false) it does not exist."""
         names: list[str] = []
         params: list[Any] = []
         for name, value in values.items():
@@ -276,22 +293,53 @@ class SqliteSink(Sink):
                 continue  # the table has no such column: ignore the field
             names.append(column)
             params.append(value)  # stored under the column's affinity: "42" -> INTEGER 42
-        cache_key = (target.key, *names)
+        others = [n for n in names if n != target.key]
+        by_name = dict(zip(names, params, strict=True))
+        key = by_name.get(target.key)
+        if not others:  # only the key: insert when absent, else nothing to write
+            if not create:
+                return 0
+            sql = self._sql(("key-only", target.key), lambda: (
+                f"INSERT INTO {quote(self._config.table)} ({quote(target.key)}) SELECT ? WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {quote(self._config.table)} WHERE {quote(target.key)} = ?)"
+            ))  # fmt: skip
+            return conn.execute(sql, (key, key)).rowcount
+        new = [by_name[n] for n in others]
+        update = self._sql(("update", target.key, *others), lambda: (
+            f"UPDATE {quote(self._config.table)} SET " + ", ".join(f"{quote(n)} = ?" for n in others)
+            + f" WHERE {quote(target.key)} = ? AND ("
+            + " OR ".join(f"{quote(n)} IS NOT ?" for n in others) + ")"
+        ))  # fmt: skip
+        if not create:
+            return conn.execute(update, [*new, key, *new]).rowcount
+        # Only a change writes: the WHERE keeps an identical row untouched, so the table's own
+        # triggers (its change capture) see nothing and two-way sync falls silent.
+        upsert = self._sql(("upsert", target.key, *names), lambda: (
+            f"INSERT INTO {quote(self._config.table)} ({', '.join(map(quote, names))}) "
+            f"VALUES ({', '.join('?' * len(names))}) ON CONFLICT ({quote(target.key)}) DO UPDATE SET "
+            + ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in others)
+            + " WHERE " + " OR ".join(f"{quote(n)} IS NOT excluded.{quote(n)}" for n in others)
+        ))  # fmt: skip
+        try:
+            return conn.execute(upsert, params).rowcount
+        except sqlite3.IntegrityError as exc:
+            # SQLite checks NOT NULL before it looks for a conflict: a partial row for an
+            # existing entity (columns another system owns left out) is an update.
+            if "NOT NULL" not in str(exc):
+                raise
+            written = conn.execute(update, [*new, key, *new]).rowcount
+            exists = conn.execute(
+                f"SELECT 1 FROM {quote(self._config.table)} WHERE {quote(target.key)} = ?", (key,)
+            ).fetchone()
+            if written or exists:
+                return written
+            raise
+
+    def _sql(self, cache_key: tuple[Any, ...], build: Callable[[], str]) -> str:
         sql = self._upserts.get(cache_key)
         if sql is None:
-            others = [n for n in names if n != target.key]
-            action = (
-                "DO UPDATE SET " + ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in others)
-                if others
-                else "DO NOTHING"
-            )
-            sql = (
-                f"INSERT INTO {quote(self._config.table)} ({', '.join(map(quote, names))}) "
-                f"VALUES ({', '.join('?' * len(names))}) "
-                f"ON CONFLICT ({quote(target.key)}) {action}"
-            )
-            self._upserts[cache_key] = sql
-        conn.execute(sql, params)
+            sql = self._upserts[cache_key] = build()
+        return sql
 
     async def aclose(self) -> None:
         """Close the connection. Idempotent; the sink may be opened again."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from adapters.sql.sqlite import (
@@ -586,3 +587,38 @@ async def test_real_values_round_trip_exactly(tmp_path: Path) -> None:
     got = [ch.row["amount"] for ch in batch.changes]
     assert got[:5] == values[:5]
     assert got[5] == "Infinity"
+
+
+async def test_sink_writes_only_given_columns_and_skips_identical_rows(tmp_path: Path) -> None:
+    """Partial rows leave other columns alone; a newer record with the values the row already
+    holds writes nothing (no trigger fires: two-way sync falls silent) but moves the guard."""
+    db = tmp_path / "crm.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        await sink.apply([rec(1, 1, {"id": 1, "name": "Ada", "balance": 1.5})])
+        assert await sink.apply([rec(1, 2, {"id": 1, "name": "Ada", "balance": 1.5})]) == [Applied.UNCHANGED]
+        assert await sink.apply([rec(1, 3, {"id": 1, "name": "Ada L"})]) == [Applied.APPLIED]
+        assert await sink.apply([rec(1, 4, {"id": 1})]) == [Applied.UNCHANGED]
+    assert rows(db, "SELECT id, name, balance FROM customers") == [(1, "Ada L", 1.5)]
+    assert rows(db, "SELECT op, name FROM write_log") == [("INSERT", "Ada"), ("UPDATE", "Ada L")]
+    assert rows(db, "SELECT version FROM _mesh_versions") == [(4,)]
+
+
+async def test_sink_scopes_versions_and_update_only_records(tmp_path: Path) -> None:
+    """Versions compare only within one scope (origin); a record that may not create leaves an
+    absent row absent and may not delete."""
+    db = tmp_path / "crm.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        a = rec(1, 100, {"id": 1, "name": "A"})
+        a = msgspec.structs.replace(a, origin="erp", scope="erp")
+        b = msgspec.structs.replace(rec(1, 5, {"id": 1, "balance": 2.5}), scope="crm", create=False)
+        assert await sink.apply([a, b]) == [Applied.APPLIED, Applied.APPLIED]
+        ghost = msgspec.structs.replace(b, key="2", row={"id": 2, "balance": 3.0}, version=6)
+        assert await sink.apply([ghost]) == [Applied.UNCHANGED]
+        gone = msgspec.structs.replace(b, deleted=True, row={}, version=7)
+        assert await sink.apply([gone]) == [Applied.UNCHANGED]
+    assert rows(db, "SELECT id, name, balance FROM customers") == [(1, "A", 2.5)]
+    assert rows(db, "SELECT key, version FROM _mesh_versions ORDER BY key") == [
+        ("1\x1fcrm", 7), ("1\x1ferp", 100), ("2\x1fcrm", 6),
+    ]  # fmt: skip
