@@ -47,8 +47,9 @@ from mesh.envelope import (
     envelope_id,
     now_ms,
 )
-from mesh.errors import DecodeError, PermanentError, RetryableError, TransportError
+from mesh.errors import DecodeError, MappingError, PermanentError, RetryableError, TransportError
 from mesh.faults import crash_point
+from mesh.flowdata import FlowData, compile_flow_data
 from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
@@ -63,11 +64,15 @@ log = logging.getLogger(__name__)
 SOURCE_CLASSES: dict[str, str] = {
     "sqlite": "adapters.sql.sqlite:SqliteSource",
     "csv": "adapters.files.csv_source:CsvSource",
+    "webhook": "adapters.webhook.source:WebhookSource",
+    "rest": "adapters.rest.source:RestSource",
+    "postgres": "adapters.sql.postgres:PostgresSource",
 }
 SINK_CLASSES: dict[str, str] = {
     "sqlite": "adapters.sql.sqlite:SqliteSink",
     "rest": "adapters.rest.sink:RestSink",
     "csv": "adapters.files.csv_sink:CsvSink",
+    "postgres": "adapters.sql.postgres:PostgresSink",
 }
 
 
@@ -86,6 +91,21 @@ def open_sink(cfg: SinkConfig) -> Sink:
     """The Sink adapter for a sink config (not yet opened)."""
     sink: Sink = _adapter_class(SINK_CLASSES, cfg)(cfg)
     return sink
+
+
+def _capture_dead_letter(exc: MappingError, subject: str, eid: str, flow: str, agent: str) -> dict[str, str]:
+    """Headers of a change the capture side could not map (same names as the sink side's)."""
+    return {
+        "Mesh-Original-Subject": subject,
+        "Mesh-Original-Msg-Id": eid,
+        "Mesh-Reason": (" ".join(str(exc).split()) or "MappingError")[:1000],
+        "Mesh-Error-Class": type(exc).__name__,
+        "Mesh-Permanent": "true",
+        "Mesh-Attempts": "1",
+        "Mesh-Flow": flow,
+        "Mesh-Agent": agent,
+        "Mesh-Stage": "capture",
+    }
 
 
 def _row_of(env: Envelope) -> dict[str, Any]:
@@ -191,6 +211,10 @@ class Capture:
         captured = self.agent.metrics.captured.labels(flow)
         max_bytes = self.agent.cfg.agent.outbox_max_bytes
         paused = self.agent.metrics.capture_paused.labels(flow)
+        data = compile_flow_data(self.flow, source=f"flow {flow}", path=flow)
+        await data.open()
+        agent_name = self.agent.cfg.agent.name
+        rejected = self.agent.metrics.capture_rejected.labels(flow)
         async with open_source(self.source_cfg) as source:
             task_status.started()
             cursor = await outbox.cursor(flow)
@@ -212,25 +236,40 @@ class Capture:
                     return
                 now = now_ms()
                 items = []
+                dead: dict[str, dict[str, str]] = {}
                 for ch in batch.changes:
                     event = "deleted" if ch.deleted else "upserted"
                     eid = envelope_id(flow, system, ch.key, ch.version)
+                    subject = event_subject(entity, event, system)
+                    schema, body = data.schema, ch.row
+                    if data.to_canonical is not None:
+                        try:
+                            body = {"id": ch.key} if ch.deleted else data.to_canonical.map(ch.row)
+                        except MappingError as exc:
+                            # The change goes to the dead-letter stream (through the outbox, with
+                            # its reason) as the raw row; the flow goes on.
+                            schema = f"{entity}/row"
+                            dead[eid] = _capture_dead_letter(exc, subject, eid, flow, agent_name)
+                            log.error("flow %s: key %s v%d not mapped: %s", flow, ch.key, ch.version, exc)
+                            subject = dlq_subject(flow)
                     env = Envelope(
                         id=eid,
                         kind=f"{entity}.{event}",
-                        schema=f"{entity}/row",
+                        schema=schema,
                         flow=flow,
                         key=ch.key,
                         version=ch.version,
                         origin=system,
                         occurred_at=ch.occurred_at or now,
                         correlation_id=eid,
-                        payload=encode_payload(ch.row),
+                        payload=encode_payload(body),
                     )
-                    items.append((eid, event_subject(entity, event, system), encode(env)))
+                    items.append((eid, subject, encode(env)))
                 crash_point("capture.before_commit")
                 with anyio.CancelScope(shield=True):  # one short transaction: let it finish
-                    await outbox.capture(flow, batch.cursor, items)
+                    await outbox.capture(flow, batch.cursor, items, headers=dead)
+                if dead:
+                    rejected.inc(len(dead))
                 crash_point("capture.after_commit")
                 captured.inc(len(items))
                 cursor = batch.cursor
@@ -256,7 +295,7 @@ class Relay:
             if not rows:
                 await outbox.wait_for_rows(cfg.idle_interval)
                 continue
-            messages = [OutMessage(r.subject, r.data, r.id) for r in rows]
+            messages = [OutMessage(r.subject, r.data, r.id, r.headers or {}) for r in rows]
             with self.agent.inflight("relay"):  # finish the round (bounded) even during shutdown
                 acked = await js.publish_many(messages, cfg.window)
                 crash_point("relay.after_publish")
@@ -290,6 +329,7 @@ class Apply:
         self.system = agent.cfg.agent.system
         self.durable = f"{flow.name}-{self.system}"
         self.metrics = agent.metrics
+        self.data = FlowData()
 
     def _accepts(self, origin: str) -> bool:
         if origin == self.system:
@@ -299,6 +339,8 @@ class Apply:
 
     async def run(self, task_status: TaskStatus[None]) -> None:
         ccfg = self.flow.consumer
+        self.data = compile_flow_data(self.flow, source=f"flow {self.flow.name}", path=self.flow.name)
+        await self.data.open()
         async with open_sink(self.sink_cfg) as sink:
             task_status.started()
             js = await self.agent.link.wait()
@@ -368,16 +410,16 @@ class Apply:
                 acks.append(d)
                 continue
             try:
-                row = _row_of(env)
-            except DecodeError as exc:
+                record = self._record(env)
+            except (DecodeError, MappingError) as exc:
                 await self.fail(js, batch, d, env, exc)
                 continue
-            todo.append(
-                (d, env, SinkRecord(
-                    id=env.id, key=env.key, version=env.version, deleted=env.is_delete,
-                    row=row, origin=env.origin,
-                ))
-            )  # fmt: skip
+            if record is None:  # a delete (or create) its origin may not make
+                handled.labels(flow, "not_owner").inc()
+                entries.append(InboxEntry(env.id, flow, env.key, env.version, "not_owner"))
+                acks.append(d)
+                continue
+            todo.append((d, env, record))
 
         outcomes: Sequence[Applied | Exception] = []
         if todo:
@@ -405,6 +447,26 @@ class Apply:
         crash_point("apply.after_inbox")
         for d in acks:
             await batch.ack(d)
+
+    def _record(self, env: Envelope) -> SinkRecord | None:
+        """The sink's record for ``env``: ownership applied, mapped from the canonical entity.
+        None when the origin may not make this change at all (a delete by a non-owner)."""
+        row = _row_of(env)
+        data = self.data
+        scope, create = "", True
+        if data.ownership is not None:
+            decision = data.ownership.decide(self.flow.entity, env.origin, row, deleted=env.is_delete)
+            if env.is_delete and not decision.may_delete:
+                return None
+            if decision.dropped:
+                self.metrics.ownership_dropped.labels(self.flow.name, env.origin).inc(len(decision.dropped))
+            row, scope, create = dict(decision.fields), env.origin, decision.may_create
+        if data.from_canonical is not None and not env.is_delete:
+            row = data.from_canonical.map(row)
+        return SinkRecord(
+            id=env.id, key=env.key, version=env.version, deleted=env.is_delete,
+            row=row, origin=env.origin, scope=scope, create=create,
+        )  # fmt: skip
 
     async def fail(
         self, js: JetStream, batch: _Batch, d: Delivery, env: Envelope | None, exc: Exception

@@ -23,6 +23,7 @@ Run it with ``meshctl control-plane run`` or ``python -m agents.control_plane`` 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -115,6 +116,7 @@ class ControlPlane:
         self.tracker = HealthTracker()
         self.dlq_depths: dict[str, int] = {}
         self._audit: AuditLog | None = None
+        self._flow_series: set[str] = set()
         self.supervisor: Supervisor | None = None
         self._stopping = False
 
@@ -233,6 +235,10 @@ class ControlPlane:
                 self.prefix,
                 self.http_url or "off",
             )
+            # Everything built so far lives as long as the process: keep it out of the cyclic
+            # GC's full collections (they were the /status p99 tail at 1,000 agents: ~28 ms
+            # each, 74 ms max; with the freeze ~3 ms).
+            gc.freeze()
             task_status.started()
 
     async def _connect(self) -> None:
@@ -548,10 +554,17 @@ class ControlPlane:
         for h in ("healthy", "degraded", "stale", "lost"):
             m.agents.labels(h).set(sum(1 for v in views if v.health == h))
         m.revoked.set(sum(1 for v in views if v.state == "revoked"))
-        for gauge in (m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq):
-            gauge.clear()
         specs = self.flow_store.specs() if self.flow_store is not None else None
-        for f in flow_views(views, self.dlq_depths, specs):
+        flows = flow_views(views, self.dlq_depths, specs)
+        gauges = (m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq)
+        # Keep the label children and set values; drop only flows that are gone (clearing and
+        # re-creating every series each sweep cost ~60% of a sweep at 1,000 agents).
+        for gone in self._flow_series - {f.name for f in flows}:
+            for gauge in gauges:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        self._flow_series = {f.name for f in flows}
+        for f in flows:
             m.flow_backlog.labels(f.name).set(f.backlog)
             m.flow_pending.labels(f.name).set(f.consumer_pending)
             m.flow_lag.labels(f.name).set(f.lag_seconds)

@@ -38,6 +38,7 @@ from mesh.actors import Actor, Supervisor
 from mesh.config import FlowConfig, check_flow
 from mesh.controlplane.models import AgentCommand, Assignment, CommandResult, FlowOutcome
 from mesh.errors import ConfigError
+from mesh.flowdata import compile_flow_data
 
 __all__ = ["FlowHandle", "FlowManager", "FlowOrigin", "flow_from_assignment"]
 
@@ -94,7 +95,13 @@ def flow_from_assignment(config: dict[str, object], state_dir: str) -> FlowConfi
         changes["source"] = flow.source.resolved(resolve)
     if flow.sink is not None:
         changes["sink"] = flow.sink.resolved(resolve)
-    return msgspec.structs.replace(flow, **changes)
+    for direction in ("to_canonical", "from_canonical"):
+        mapping = getattr(flow, direction)
+        if mapping is not None:
+            changes[direction] = mapping.resolved(resolve)
+    flow = msgspec.structs.replace(flow, **changes)
+    compile_flow_data(flow, source="control plane", path=f"flow {flow.name}")  # lookups exist here?
+    return flow
 
 
 class FlowManager:

@@ -12,7 +12,17 @@ from typing import Annotated
 
 import typer
 
-from mesh import cli_agent_cp, cli_audit, cli_cp, cli_dlq, cli_flow, cli_leafnode
+from mesh import (
+    cli_agent_cp,
+    cli_audit,
+    cli_capture,
+    cli_cp,
+    cli_dlq,
+    cli_files,
+    cli_flow,
+    cli_leafnode,
+    cli_schema,
+)
 from mesh.errors import ConfigError, MeshError
 
 __all__ = ["app", "main"]
@@ -35,6 +45,9 @@ app.add_typer(cli_flow.app, name="flow")
 app.add_typer(cli_leafnode.app, name="leafnode")
 app.add_typer(cli_cp.app, name="control-plane")
 app.add_typer(cli_audit.app, name="audit")
+app.add_typer(cli_schema.app, name="schema")
+app.add_typer(cli_files.app, name="files")
+app.add_typer(cli_capture.app, name="capture")
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 

@@ -8,7 +8,8 @@
     │   └── SystemUnavailable      the external system (database, API) is down or busy
     ├── PermanentError             retrying cannot help: dead-letter the message, keep the flow going
     │   ├── DecodeError            bytes that are not a valid envelope or payload
-    │   └── RejectedRecord         the external system refused this record (constraint, mapping)
+    │   ├── RejectedRecord         the external system refused this record (constraint, mapping)
+    │   └── MappingError           a flow's mapping cannot turn this record into its target shape
     ├── ConfigError                fix the configuration; the agent does not start
     └── StopError                  the agent must stop (store corrupt, disk full, credentials revoked)
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DecodeError",
+    "MappingError",
     "MeshError",
     "PermanentError",
     "RejectedRecord",
@@ -57,6 +59,20 @@ class DecodeError(PermanentError):
 
 class RejectedRecord(PermanentError):
     """The target system refused this one record; others may still succeed."""
+
+
+class MappingError(PermanentError):
+    """A flow's mapping cannot turn this one record into its target shape: a value missing from a
+    value map or lookup, a date in the wrong format, an inexact amount, a canonical entity that
+    does not validate. ``field`` is the target field path (``lines[2].unit_price``), ``reason``
+    what is wrong; the record is dead-lettered and the flow goes on."""
+
+    def __init__(self, reason: str, *, field: str = "", entity: str = ""):
+        self.reason = reason
+        self.field = field
+        self.entity = entity
+        where = " ".join(p for p in (entity, f"field `{field}`" if field else "") if p)
+        super().__init__(f"{where}: {reason}" if where else reason)
 
 
 class ConfigError(MeshError):

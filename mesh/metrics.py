@@ -30,8 +30,21 @@ class Metrics:
         )
         self.handled = Counter(
             "mesh_consumed_messages",
-            "Messages a sink settled, by outcome (applied, stale, duplicate, echo, dead_lettered)",
+            "Messages a sink settled, by outcome (applied, unchanged, stale, duplicate, echo, not_owner, "
+            "dead_lettered)",
             ["flow", "outcome"],
+            registry=r,
+        )
+        self.ownership_dropped = Counter(
+            "mesh_ownership_dropped_fields",
+            "Fields of incoming records dropped because their origin does not own them",
+            ["flow", "origin"],
+            registry=r,
+        )
+        self.capture_rejected = Counter(
+            "mesh_capture_dead_lettered_messages",
+            "Captured changes the flow's to_canonical mapping refused (sent to the dead-letter stream)",
+            ["flow"],
             registry=r,
         )
         self.retries = Counter(

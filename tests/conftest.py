@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mesh.broker import NatsServer
+from tests._pg import northwind_template, pg_cluster, pg_db  # noqa: F401 - PostgreSQL fixtures
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -126,7 +126,9 @@ class RestSink(Sink):
             limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
             follow_redirects=False,
             transport=self._transport,
+            auth=self._credentials.auth,  # OAuth2: a token per request, refreshed once on a 401
         )
+        self._credentials.bind(self._client)
 
     def _require(self) -> tuple[httpx.AsyncClient, Credentials]:
         if self._client is None or self._credentials is None:

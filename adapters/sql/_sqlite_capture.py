@@ -26,6 +26,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import aiosqlite
 
@@ -260,6 +261,55 @@ async def remove_change_capture(
             if drop_table:
                 await run(conn, f"DROP TABLE IF EXISTS {quote(change_table(table))}")
         return bool(triggers) or drop_table
+    except sqlite3.Error as exc:
+        raise translate(exc, where) from exc
+    finally:
+        await close_quietly(conn)
+
+
+class SqliteCaptureStatus(NamedTuple):
+    """What ``meshctl capture status`` shows for one SQLite table."""
+
+    installed: bool
+    """The change table and all three triggers exist."""
+    up_to_date: bool
+    """The triggers match the table's current columns and the key."""
+    pending: int
+    """Changes recorded and not yet pruned by a source."""
+    oldest_at: float | None
+    """Seconds since the epoch of the oldest pending change."""
+    change_table: str
+
+
+async def capture_status(
+    path: str | Path, table: str, *, key: str | None = None, busy_timeout: float = 5.0
+) -> SqliteCaptureStatus:
+    """Whether capture is installed on ``table`` and current, and how many changes wait.
+
+    Raises:
+        ConfigError: the file, table or key column does not exist.
+        SystemUnavailable: the database is locked or cannot be opened now.
+    """
+    where = str(path)
+    conn = await connect(where, create=False, busy_timeout=busy_timeout)
+    try:
+        if key is None:
+            key = await _primary_key(conn, where, table)
+        wanted = await _wanted(conn, where, table, key)
+        triggers, has_table = await _installed(conn, table)
+        installed = has_table and set(triggers) == set(wanted)
+        pending, oldest = 0, None
+        if has_table:
+            rows = await fetchall(conn, f"SELECT count(*), min(at) FROM {quote(change_table(table))}")
+            pending = int(rows[0][0])
+            oldest = None if rows[0][1] is None else rows[0][1] / 1000
+        return SqliteCaptureStatus(
+            installed=installed,
+            up_to_date=installed and triggers == wanted,
+            pending=pending,
+            oldest_at=oldest,
+            change_table=change_table(table),
+        )
     except sqlite3.Error as exc:
         raise translate(exc, where) from exc
     finally:

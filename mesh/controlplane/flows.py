@@ -60,6 +60,8 @@ from mesh.controlplane.models import (
     Refused,
     encode,
 )
+from mesh.errors import ConfigError
+from mesh.flowdata import compile_flow_data
 
 __all__ = ["FlowStore", "ParsedFlow", "assignment_key", "flow_key", "parse_flow_file"]
 
@@ -194,6 +196,19 @@ def parse_flow_file(
                 continue  # reported above, side by side
             for p, m in check_flow(flow, path):
                 problem(p, m)
+            # Mappings and ownership are checked here too, except SQLite lookups: their files
+            # are the agent's (it checks them when the flow reaches it and reports failing).
+            local = any(
+                lk.sqlite
+                for m in (flow.to_canonical, flow.from_canonical)
+                if m is not None
+                for lk in m.lookups.values()
+            )
+            if not local:
+                try:
+                    compile_flow_data(flow, source=source, path=path)
+                except ConfigError as exc:
+                    problems.extend(line for line in str(exc).splitlines() if line.strip())
             parts.append(FlowPart(agent=agent, config=msgspec.to_builtins(flow)))
         parsed.append(ParsedFlow(name=common.name, entity=common.entity, parts=parts))
     return parsed, list(dict.fromkeys(problems))

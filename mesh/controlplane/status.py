@@ -21,6 +21,7 @@ from mesh.controlplane.models import (
     AgentRecord,
     AgentView,
     ControlPlaneInfo,
+    FlowReport,
     FlowSpec,
     FlowView,
     HeartbeatRecord,
@@ -154,10 +155,16 @@ def flow_views(
     """Aggregate the flows agents report (fresh or not), those applied (``specs``) and those
     with dead letters. An applied flow no fresh agent reports yet is ``pending``."""
     specs = specs or {}
-    names = {f.name for a in agents for f in a.flows} | set(dlq_depths) | set(specs)
+    # One pass over the reports, grouped by flow: a scan of every report per flow is quadratic,
+    # and this runs on every /status and every sweep (bin/bench-cp: 48 ms a call at 1000 agents).
+    by_flow: dict[str, list[tuple[AgentView, FlowReport]]] = {}
+    for a in agents:
+        for f in a.flows:
+            by_flow.setdefault(f.name, []).append((a, f))
+    names = set(by_flow) | set(dlq_depths) | set(specs)
     views = []
     for name in sorted(names):
-        reporting = [(a, f) for a in agents for f in a.flows if f.name == name]
+        reporting = by_flow.get(name, [])
         fresh = [f.state for a, f in reporting if a.health in ("healthy", "degraded") and a.state == "active"]
         spec = specs.get(name)
         state = flow_state(fresh)

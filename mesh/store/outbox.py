@@ -14,13 +14,16 @@ Guarantees (I1, I3):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import anyio
+import msgspec
 
 from mesh.store._sqlite import SqliteStore, store_errors
+
+_HEADERS = msgspec.json.Encoder()
 
 __all__ = ["Outbox", "OutboxRow"]
 
@@ -34,6 +37,8 @@ class OutboxRow(NamedTuple):
     subject: str
     data: bytes
     created_at: int
+    headers: dict[str, str] | None = None
+    """Extra message headers (a capture-side dead letter carries its reason here)."""
 
 
 class Outbox(SqliteStore):
@@ -46,7 +51,8 @@ class Outbox(SqliteStore):
             flow       TEXT NOT NULL,
             subject    TEXT NOT NULL,
             data       BLOB NOT NULL,
-            created_at INTEGER NOT NULL
+            created_at INTEGER NOT NULL,
+            headers    TEXT
         );
         CREATE TABLE IF NOT EXISTS cursors (
             flow       TEXT PRIMARY KEY,
@@ -68,6 +74,10 @@ class Outbox(SqliteStore):
 
     async def open(self) -> None:
         await super().open()
+        columns = {str(r[1]) for r in await self.db.execute_fetchall("PRAGMA table_info(outbox)")}
+        if "headers" not in columns:  # an outbox from before message headers
+            async with self.write() as db:
+                await db.execute("ALTER TABLE outbox ADD COLUMN headers TEXT")
         await self._count_bytes()
 
     async def _count_bytes(self) -> None:
@@ -78,18 +88,30 @@ class Outbox(SqliteStore):
         value = await self.scalar("SELECT cursor FROM cursors WHERE flow = ?", (flow,))
         return None if value is None else str(value)
 
-    async def capture(self, flow: str, cursor: str, items: Sequence[tuple[str, str, bytes]]) -> int:
-        """Atomically store ``items`` (envelope id, subject, encoded envelope) and ``cursor``.
+    async def capture(
+        self,
+        flow: str,
+        cursor: str,
+        items: Sequence[tuple[str, str, bytes]],
+        *,
+        headers: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> int:
+        """Atomically store ``items`` (envelope id, subject, encoded envelope) and ``cursor``;
+        ``headers`` gives extra message headers by envelope id.
 
         Returns how many rows were new (an id already waiting is kept once).
         """
         now = time.time_ns() // 1_000_000
+        extra = headers or {}
         async with self.write() as db:
             before = db.total_changes
             await db.executemany(
-                "INSERT INTO outbox (id, flow, subject, data, created_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                [(i, flow, s, d, now) for i, s, d in items],
+                "INSERT INTO outbox (id, flow, subject, data, created_at, headers)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                [
+                    (i, flow, s, d, now, _HEADERS.encode(extra[i]).decode() if i in extra else None)
+                    for i, s, d in items
+                ],
             )
             added = db.total_changes - before
             await db.execute(
@@ -111,10 +133,13 @@ class Outbox(SqliteStore):
         """The oldest ``limit`` rows, in capture order."""
         with store_errors(self.path):
             async with self.db.execute(
-                "SELECT seq, id, flow, subject, data, created_at FROM outbox ORDER BY seq LIMIT ?",
+                "SELECT seq, id, flow, subject, data, created_at, headers FROM outbox ORDER BY seq LIMIT ?",
                 (limit,),
             ) as cur:
-                return [OutboxRow(*r) for r in await cur.fetchall()]
+                return [
+                    OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], msgspec.json.decode(r[6]) if r[6] else None)
+                    for r in await cur.fetchall()
+                ]
 
     async def remove(self, rows: Sequence[OutboxRow]) -> None:
         """Delete rows whose PubAck the caller holds."""
