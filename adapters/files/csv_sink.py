@@ -84,6 +84,7 @@ class CsvSink(Sink):
         self._pending = 0
         self._columns: list[str] | None = list(config.columns) if config.columns is not None else None
         self._dropped: set[str] = set()
+        self._unfinished = False  # an export run holds rows but its file write failed: redo it first
         self._check_encoding = config.encoding.lower().replace("_", "-") not in _UTF8
         self._applied = self._stale = self._files = 0
 
@@ -228,18 +229,28 @@ class CsvSink(Sink):
             found = db.one("SELECT value FROM mesh_csv_meta WHERE name = 'columns'")
             if found is not None:
                 self._columns = list(json.loads(found[0]))
-        for run, file in db.query(
-            "SELECT id, file FROM mesh_file_runs "
-            "WHERE direction = 'export' AND status = 'running' ORDER BY id"
-        ):
-            log.info("export run %d: finishing %s after an interruption", run, file)
-            self._write(int(run), Path(file))
+        self._finish_runs()
         counted = db.one("SELECT count(*) FROM mesh_csv_stage WHERE run_id IS NULL")
         self._pending = int(counted[0]) if counted else 0
+
+    def _finish_runs(self) -> int:
+        """Write the file of every export run that holds rows but is not complete (a crash, or a
+        write that failed: ``out_dir`` gone, disk full): same rows, same name, same bytes."""
+        runs = self._db.query(
+            "SELECT id, file FROM mesh_file_runs "
+            "WHERE direction = 'export' AND status = 'running' ORDER BY id"
+        )
+        for run, file in runs:
+            log.info("export run %d: finishing %s after an interruption", run, file)
+            self._write(int(run), Path(file))
+        self._unfinished = False
+        return len(runs)
 
     def _flush_due(self) -> float | None:
         """Cut every file that is due; seconds until the next one is, None when nothing waits."""
         cfg = self._cfg
+        if self._unfinished:
+            self._finish_runs()
         while self._pending > 0:
             if self._pending < cfg.flush_rows:
                 oldest = self._db.one(
@@ -256,7 +267,7 @@ class CsvSink(Sink):
         return None
 
     def _flush_all(self) -> int:
-        files = 0
+        files = self._finish_runs() if self._unfinished else 0
         while self._pending > 0 and self._cut():
             files += 1
         return files
@@ -289,7 +300,9 @@ class CsvSink(Sink):
                 )
         self._columns = columns
         self._pending -= n
+        self._unfinished = True  # until the write below succeeds
         self._write(run, path)
+        self._unfinished = False
         return True
 
     def _first_columns(self, conn: Any, run: int) -> list[str]:

@@ -19,6 +19,8 @@ Guarantees:
   request. The version is recorded only after a 2xx, so a crash between the 2xx and the record
   means the message is redelivered and the *same* request goes again with the *same*
   ``Idempotency-Key``: an API that honours the key (or an idempotent PUT) makes it one effect (I4).
+  A record with a ``scope`` is guarded per (key, scope), as in the SQL sinks: versions of
+  different origins are never compared.
   The file also records, before each request goes out, the newest version *sent* per key: a
   request may take effect without the answer being seen (a timeout, a kill, a batch given back),
   so a version older than one already sent is STALE too and is never sent after it. (If that
@@ -153,29 +155,31 @@ class RestSink(Sink):
             return await self._apply(records)
 
     async def _apply(self, records: Sequence[SinkRecord]) -> list[Applied | Exception]:
-        chains: dict[str, list[int]] = {}
+        chains: dict[str, list[int]] = {}  # by key: one key's records go one after another
         for i, record in enumerate(records):
             chains.setdefault(record.key, []).append(i)
-        applied = await self._store.versions(chains)
-        # The newest version ever sent per key: once a version may have taken effect unseen (a
+        guards = {_guard_key(r) for r in records}  # versions compare per (key, scope)
+        applied = await self._store.versions(guards)
+        # The newest version ever sent per (key, scope): once a version may have taken effect unseen (a
         # timeout, a kill, a batch given back), nothing older is sent again for that key.
-        sent = await self._store.versions(chains, table="mesh_rest_sent")
+        sent = await self._store.versions(guards, table="mesh_rest_sent")
         outcomes: list[Applied | Exception | None] = [None] * len(records)
         failures: list[Exception] = []
         pending = iter(chains.items())  # shared by the workers: each key is taken by one of them
 
         async def worker() -> None:
-            for key, indexes in pending:
+            for _, indexes in pending:
                 for i in indexes:
                     record = records[i]
-                    last = applied.get(key)
-                    if (last is not None and record.version <= last) or record.version < sent.get(key, -1):
+                    guard = _guard_key(record)
+                    last = applied.get(guard)
+                    if (last is not None and record.version <= last) or record.version < sent.get(guard, -1):
                         outcomes[i] = Applied.STALE
                         self._counts["stale"] += 1
                         continue
                     try:
-                        await self._store.mark_sent({key: record.version})  # durable before sending
-                        sent[key] = max(sent.get(key, -1), record.version)
+                        await self._store.mark_sent({guard: record.version})  # durable before sending
+                        sent[guard] = max(sent.get(guard, -1), record.version)
                         outcome = await self._apply_one(record)
                     except Exception as exc:  # SystemUnavailable, or a bug: re-raised unwrapped below
                         failures.append(exc)
@@ -183,7 +187,7 @@ class RestSink(Sink):
                         return
                     outcomes[i] = outcome
                     if outcome is Applied.APPLIED:
-                        applied[key] = record.version
+                        applied[guard] = record.version
 
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
@@ -222,6 +226,15 @@ class RestSink(Sink):
             body = _JSON.encode({**row, **extra})
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
             raise RejectedRecord(f"key {record.key!r}: row is not JSON-encodable: {exc}") from None
+        if not record.create:
+            # Update only (the origin does not own the entity's existence): PATCH the record
+            # itself; a 404 means there is nothing to update (UNCHANGED), never a create.
+            if "{key}" not in self._upsert_path:
+                raise RejectedRecord(
+                    f"key {record.key!r}: an update-only record needs an upsert_path with {{key}} "
+                    f"(got {self._upsert_path!r})"
+                )
+            return "PATCH", self._upsert_path.format(key=key), body
         return cfg.method, self._upsert_path.format(key=key), body
 
     async def _apply_one(self, record: SinkRecord) -> Applied | RejectedRecord:
@@ -233,6 +246,10 @@ class RestSink(Sink):
         """
         client, credentials = self._require()
         cfg = self._config
+        if record.deleted and not record.create:  # not the origin's to delete: nothing to send
+            with anyio.CancelScope(shield=True):
+                await self._store.record(_guard_key(record), record.version, deleted=False)
+            return Applied.UNCHANGED
         try:
             method, path, body = self._request_for(record)
         except RejectedRecord as exc:
@@ -261,10 +278,17 @@ class RestSink(Sink):
                     problem = f"{type(exc).__name__}: {credentials.redact(str(exc))}"[:_EXCERPT]
                 else:
                     status = response.status_code
+                    if not record.create and not record.deleted and status in _GONE:
+                        self._breaker.success()
+                        with anyio.CancelScope(shield=True):
+                            await self._store.record(_guard_key(record), record.version, deleted=False)
+                        return Applied.UNCHANGED  # absent, and not ours to create
                     if 200 <= status < 300 or (record.deleted and status in _GONE):
                         self._breaker.success()
                         with anyio.CancelScope(shield=True):  # the target has it: record it
-                            await self._store.record(record.key, record.version, deleted=record.deleted)
+                            await self._store.record(
+                                _guard_key(record), record.version, deleted=record.deleted
+                            )
                         self._counts["applied"] += 1
                         return Applied.APPLIED
                     problem = f"HTTP {status}"
@@ -310,6 +334,12 @@ class RestSink(Sink):
             if client is not None:
                 await client.aclose()
             await self._store.aclose()
+
+
+def _guard_key(record: SinkRecord) -> str:
+    """The version guard's key: the record key, qualified by its scope when it has one (the same
+    rule as the SQL sinks), so versions of different origins are never compared."""
+    return record.key if not record.scope else f"{record.key}\x1f{record.scope}"
 
 
 def _excerpt(content: bytes) -> str:

@@ -478,3 +478,22 @@ async def test_an_older_version_is_never_sent_after_a_newer_one_may_have_taken_e
         assert await sink.apply([rec(1, 2, {"id": 1, "name": "newer"})]) == [Applied.APPLIED]  # a replay
     assert api.record("customers", "1") == {"id": 1, "name": "newer"}
     assert ops(api, "1") == [(2, "create")]
+
+
+async def test_update_only_records_patch_and_never_create(api: CrmApi, tmp_path: Path) -> None:
+    """A record whose origin may not create the entity (ownership) is a PATCH of the fields it
+    carries; a target without the record answers 404 and nothing is created (UNCHANGED)."""
+    import msgspec
+
+    async with RestSink(config(api.url, tmp_path)) as sink:
+        assert await sink.apply([rec(1, 1, {"id": 1, "name": "Ada", "email": "a@x"})]) == [Applied.APPLIED]
+        patch = msgspec.structs.replace(rec(1, 5, {"id": 1, "email": "new@x"}), scope="crm", create=False)
+        ghost = msgspec.structs.replace(rec(2, 5, {"id": 2, "email": "g@x"}), scope="crm", create=False)
+        assert await sink.apply([patch, ghost]) == [Applied.APPLIED, Applied.UNCHANGED]
+        assert api.record("customers", "1") == {"id": 1, "name": "Ada", "email": "new@x"}
+        assert api.record("customers", "2") is None
+        # The guard moved for both: a redelivery sends nothing.
+        sent = api.request_count
+        assert await sink.apply([patch, ghost]) == [Applied.STALE, Applied.STALE]
+        assert api.request_count == sent
+    assert [w.op for w in api.writes()] == ["create", "patch"]
