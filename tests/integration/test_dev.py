@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -44,6 +46,16 @@ def test_dev_up_syncs_and_exits_cleanly(tmp_path: Path) -> None:
     assert "latency" in out
     assert "metrics http://127.0.0.1:" in out
     assert not _processes_mentioning(str(data)), "dev up left processes behind"
+    # The flow carries canonical customers: named in the banner and status, one event shown decoded.
+    assert "canonical customer/1" in out
+    assert "sample canonical event  evt.customer.upserted.erp" in out
+    assert "schema=customer/1" in out
+    assert '"currency": "EUR"' in out  # money as {amount (minor units), currency}
+    # ... and the CRM holds them in its own shape (text ids, decimal strings).
+    with sqlite3.connect(data / "crm.db") as conn:
+        rows = conn.execute("SELECT account_id, company, credit_limit FROM accounts").fetchall()
+    assert rows
+    assert all(isinstance(key, str) and re.fullmatch(r"\d+\.\d{2}", limit) for key, _, limit in rows)
 
 
 def test_sigterm_stops_everything_within_10s(tmp_path: Path) -> None:
