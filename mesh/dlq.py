@@ -82,7 +82,8 @@ DLQ_HEADERS = frozenset(
         "Mesh-Agent",
     }
 )
-"""The headers the sink agent adds when it dead-letters a message (not part of the original)."""
+"""The headers the sink agent adds when it dead-letters a message (not part of the original).
+A change the source side's mapping refused also carries ``Mesh-Stage: capture``."""
 
 _API = "$JS.API"
 _NO_MESSAGE = 10037
@@ -233,7 +234,11 @@ class DlqEntry:
 
     def original_headers(self) -> dict[str, str]:
         """The headers the original message carried (without the DLQ's and ``Nats-*`` ones)."""
-        return {k: v for k, v in self.headers.items() if k not in DLQ_HEADERS and not k.startswith("Nats-")}
+        return {
+            k: v
+            for k, v in self.headers.items()
+            if k not in DLQ_HEADERS and k != "Mesh-Stage" and not k.startswith("Nats-")
+        }
 
     def payload_json(self) -> Any:
         """The envelope's payload as JSON-ready data (any msgpack value; bytes as base64, None
@@ -543,6 +548,10 @@ class DeadLetters:
         subject = entry.original_subject
         if not subject or subject.startswith("dlq.") or subject == entry.subject:
             return ReplayOutcome.SKIPPED
+        if entry.headers.get("Mesh-Stage") == "capture":
+            # The source's own mapping refused the change: its raw row would only be refused
+            # again downstream. Fix the mapping, then change the record at its source again.
+            return ReplayOutcome.SKIPPED
         headers = {
             **entry.original_headers(),
             "Nats-Msg-Id": replay_msg_id(entry.seq),
@@ -583,7 +592,14 @@ class DeadLetters:
                     report.problems.append(f"seq {entry.seq}: {exc}")
             if outcome is ReplayOutcome.SKIPPED:
                 report.skipped += 1
-                report.problems.append(f"seq {entry.seq}: skipped, no original subject to replay to")
+                if entry.headers.get("Mesh-Stage") == "capture":
+                    report.problems.append(
+                        f"seq {entry.seq}: skipped, refused by the capture side's mapping ({entry.reason}): "
+                        "fix the flow's to_canonical mapping, then change the record at its source again "
+                        "(it is captured anew)"
+                    )
+                else:
+                    report.problems.append(f"seq {entry.seq}: skipped, no original subject to replay to")
             elif outcome is ReplayOutcome.FAILED:
                 report.failed += 1
             else:
