@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
@@ -208,7 +209,11 @@ def parse_flow_file(
                 try:
                     compile_flow_data(flow, source=source, path=path)
                 except ConfigError as exc:
-                    problems.extend(line for line in str(exc).splitlines() if line.strip())
+                    for line in (ln.strip() for ln in str(exc).splitlines()):
+                        if line and not re.search(
+                            r": \d+ problems?:$", line
+                        ):  # keep each problem, not the count
+                            problems.append(line if line.startswith(f"{source}: ") else f"{source}: {line}")
             parts.append(FlowPart(agent=agent, config=msgspec.to_builtins(flow)))
         parsed.append(ParsedFlow(name=common.name, entity=common.entity, parts=parts))
     return parsed, list(dict.fromkeys(problems))

@@ -144,3 +144,18 @@ async def test_pause_is_desired_state_and_revoked_or_deleted_means_no_assignment
     missing: Any = await store.delete(DeleteFlow(name="customers"))
     assert isinstance(missing, Refused)
     assert missing.code == "unknown"
+
+
+def test_mapping_and_ownership_problems_are_listed_before_anything_is_stored() -> None:
+    text = FILE.replace(
+        '[flows.sink]\nagent = "crm"',
+        '[flows.to_canonical.fields]\nnmae = "name"\n'
+        '[flows.ownership.fields]\ncredit_limt = "erp"\n'
+        '[flows.sink]\nagent = "crm"',
+    )
+    _, problems = parse_flow_file(text, "f.toml", {"erp": _agent("erp"), "crm": _agent("crm")})
+    joined = "\n".join(problems)
+    assert "flows[0].to_canonical.fields" in joined
+    assert "nmae" in joined
+    assert "credit_limt" in joined
+    assert all(p.startswith("f.toml") for p in problems)
