@@ -191,7 +191,9 @@ def render_dashboard(report: StatusReport) -> str:
         for a in report.agents
     )
     flow_rows = "".join(
-        f"<tr><td>{e(f.name)}</td><td>{e(f.state)}</td><td>{e(', '.join(f.agents))}</td><td>{f.backlog}</td>"
+        f"<tr><td>{e(f.name)}</td><td>{e(f.state)}</td>"
+        f"<td>{e(f.desired or 'config file')}</td><td>{f.generation or '-'}</td>"
+        f"<td>{e(', '.join(f.agents))}</td><td>{f.backlog}</td>"
         f"<td>{f.consumer_pending}</td><td>{f.lag_seconds:.1f}</td><td>{f.dlq_depth}</td></tr>"
         for f in report.flows
     )
@@ -210,7 +212,8 @@ NATS {"connected" if cp.nats_connected else "<b>disconnected</b>"} · {stamp}</p
 <p>{len(report.agents)} agent(s): {counts}</p>
 <h2>Agents</h2><table><tr><th>name</th><th>site</th><th>host</th><th>version</th><th>health</th>
 <th>state</th><th>last heartbeat</th><th>outbox</th><th>errors</th><th>why</th></tr>{agent_rows}</table>
-<h2>Flows</h2><table><tr><th>name</th><th>state</th><th>agents</th><th>backlog</th><th>consumer pending</th>
+<h2>Flows</h2><table><tr><th>name</th><th>state</th><th>desired</th><th>generation</th><th>agents</th>
+<th>backlog</th><th>consumer pending</th>
 <th>lag (s)</th><th>dead letters</th></tr>{flow_rows}</table>
 <p><a href="status">status JSON</a> · <a href="status/schema">schema</a> · <a href="metrics">metrics</a></p>
 </body></html>
