@@ -645,8 +645,9 @@ class ConnectorAgent:
 
     async def _heartbeat_payload(self) -> HeartbeatPayload:
         """What the control plane hears every heartbeat: health, backlog per flow, errors."""
-        depth, age = await self.outbox.stats()
-        by_flow = await self.outbox.stats_by_flow()
+        by_flow = await self.outbox.stats_by_flow()  # one scan: the totals derive from it
+        depth = sum(n for n, _ in by_flow.values())
+        age = max((a for _, a in by_flow.values()), default=0.0)
         js = self.link.current
         up = js is not None and js.is_connected
         reg = self.metrics.registry

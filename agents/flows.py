@@ -35,7 +35,7 @@ import anyio
 import msgspec
 
 from mesh.actors import Actor, Supervisor
-from mesh.config import FlowConfig, check_flow
+from mesh.config import FlowConfig, check_flow, resolve_flow_paths
 from mesh.controlplane.models import AgentCommand, Assignment, CommandResult, FlowOutcome
 from mesh.errors import ConfigError
 from mesh.flowdata import compile_flow_data
@@ -84,23 +84,8 @@ def flow_from_assignment(config: dict[str, object], state_dir: str) -> FlowConfi
     problems = check_flow(flow, "flow")
     if problems:
         raise ConfigError("; ".join(f"{p}: {m}" for p, m in problems), source="control plane")
-    base = Path(state_dir)
-
-    def resolve(p: str) -> str:
-        path = Path(p).expanduser()
-        return str(path if path.is_absolute() else (base / path).resolve())
-
-    changes: dict[str, object] = {}
-    if flow.source is not None:
-        changes["source"] = flow.source.resolved(resolve)
-    if flow.sink is not None:
-        changes["sink"] = flow.sink.resolved(resolve)
-    for direction in ("to_canonical", "from_canonical"):
-        mapping = getattr(flow, direction)
-        if mapping is not None:
-            changes[direction] = mapping.resolved(resolve)
-    flow = msgspec.structs.replace(flow, **changes)
-    compile_flow_data(flow, source="control plane", path=f"flow {flow.name}")  # lookups exist here?
+    flow = resolve_flow_paths(flow, Path(state_dir))
+    compile_flow_data(flow, source="control plane", path=f"flow {flow.name}")  # checks SQLite lookups
     return flow
 
 

@@ -47,11 +47,6 @@ def _flow() -> None:
     """Operate flows on the broker."""
 
 
-def _fail(message: object) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 @app.command(
     "replay",
     help="Make the flow's durable consumer redeliver from --since TIME or --from-seq N.\n\n"
@@ -87,13 +82,13 @@ def _replay(
 ) -> None:
     """Make the flow's durable consumer redeliver from a point (help above)."""
     if (since is None) == (from_seq is None):
-        _fail("give exactly one of --since TIME or --from-seq N")
+        fail("give exactly one of --since TIME or --from-seq N")
     start = None
     if since is not None:
         try:
             start = parse_time(since)
         except ValueError as exc:
-            _fail(f"--since: {exc}")
+            fail(f"--since: {exc}")
 
     quiet_connection_logs()
 
@@ -104,7 +99,7 @@ def _replay(
     try:
         result = anyio.run(main)
     except MeshError as exc:
-        _fail(exc)
+        fail(exc)
         return
     where = f"{result.stream}, filter {result.filter_subject}"
     if not result.reset:

@@ -63,6 +63,7 @@ __all__ = [
     "check_flow",
     "load_agent_config",
     "parse_agent_config",
+    "resolve_flow_paths",
 ]
 
 # Names end up in NATS subjects and consumer names: keep them to one safe token.
@@ -922,24 +923,32 @@ def _check_data(cfg: AgentConfig, source: str, base: Path) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+def _resolver(base: Path) -> Callable[[str], str]:
     def resolve(p: str) -> str:
         path = Path(p).expanduser()
         return str(path if path.is_absolute() else (base / path).resolve())
 
-    flows = []
-    for flow in cfg.flows:
-        changes: dict[str, Any] = {}
-        if flow.source is not None:
-            changes["source"] = flow.source.resolved(resolve)
-        if flow.sink is not None:
-            changes["sink"] = flow.sink.resolved(resolve)
-        for direction in ("to_canonical", "from_canonical"):
-            mapping = getattr(flow, direction)
-            if mapping is not None:
-                changes[direction] = mapping.resolved(resolve)
-        flows.append(msgspec.structs.replace(flow, **changes))
-    agent = msgspec.structs.replace(cfg.agent, state_dir=resolve(cfg.agent.state_dir))
+    return resolve
+
+
+def resolve_flow_paths(flow: FlowConfig, base: Path) -> FlowConfig:
+    """``flow`` with every file path (source, sink, SQLite lookups) made absolute against ``base``."""
+    resolve = _resolver(base)
+    changes: dict[str, Any] = {}
+    if flow.source is not None:
+        changes["source"] = flow.source.resolved(resolve)
+    if flow.sink is not None:
+        changes["sink"] = flow.sink.resolved(resolve)
+    for direction in ("to_canonical", "from_canonical"):
+        mapping = getattr(flow, direction)
+        if mapping is not None:
+            changes[direction] = mapping.resolved(resolve)
+    return msgspec.structs.replace(flow, **changes)
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+    flows = [resolve_flow_paths(flow, base) for flow in cfg.flows]
+    agent = msgspec.structs.replace(cfg.agent, state_dir=_resolver(base)(cfg.agent.state_dir))
     return msgspec.structs.replace(cfg, agent=agent, flows=flows)
 
 
