@@ -26,7 +26,6 @@ import contextlib
 import gc
 import logging
 import signal
-import sys
 import time
 from typing import Any
 
@@ -616,9 +615,3 @@ def run_control_plane_process(settings: ControlPlaneSettings) -> None:
     except ImportError:
         pass
     anyio.run(_main, settings, backend="asyncio", backend_options=backend_options)
-
-
-if __name__ == "__main__":
-    from mesh.cli_cp import app
-
-    app(["run", *sys.argv[1:]], prog_name="python -m agents.control_plane")

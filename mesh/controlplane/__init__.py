@@ -1,8 +1,8 @@
 """The control plane's building blocks: messages, KV state, leader lease, health, HTTP status.
 
 The agent that assembles them is :mod:`agents.control_plane`; the agent-side heartbeat actor is
-:mod:`mesh.heartbeat`; the operator commands are :mod:`mesh.cli_agent_cp`, :mod:`mesh.cli_cp` and
-:mod:`mesh.cli_audit`.
+:mod:`mesh.heartbeat`; the operator commands are :mod:`mesh.cli.agent_cp`, :mod:`mesh.cli.cp` and
+:mod:`mesh.cli.audit`.
 """
 
 from __future__ import annotations

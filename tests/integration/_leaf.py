@@ -20,7 +20,7 @@ import nats
 from typer.testing import CliRunner
 
 from mesh.broker import NatsServer, free_port
-from mesh.cli_leafnode import app
+from mesh.cli.leafnode import app
 
 EDGE = "edge"
 
@@ -181,7 +181,7 @@ class LinkWatcher:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from mesh.cli_leafnode import app; app()", "link",
+                [sys.executable, "-c", "from mesh.cli.leafnode import app; app()", "link",
                  "--domain", EDGE, "--server", self.hub_url, "--wait", "0", "--watch"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip

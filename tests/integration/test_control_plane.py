@@ -22,8 +22,16 @@ import pytest
 from typer.testing import CliRunner
 
 from agents.control_plane import ControlPlane
-from mesh import cli_agent_cp, cli_audit, cli_cp
 from mesh.broker import NatsServer, free_port
+from mesh.cli import (
+    agent_cp as cli_agent_cp,
+)
+from mesh.cli import (
+    audit as cli_audit,
+)
+from mesh.cli import (
+    cp as cli_cp,
+)
 from mesh.config import NatsConfig
 from mesh.controlplane.audit import tail
 from mesh.controlplane.client import ControlPlaneClient, RequestRefused, register_agent
@@ -464,7 +472,9 @@ class _CpProcess:
         args = [
             sys.executable,
             "-m",
-            "agents.control_plane",
+            "mesh",
+            "control-plane",
+            "run",
             "--nats",
             server.url,
             "--name",

@@ -21,8 +21,8 @@ from typer.testing import CliRunner, Result
 
 from agents.connector import ConnectorAgent
 from mesh.broker import NatsServer, free_port
-from mesh.cli_dlq import app as dlq_app
-from mesh.cli_flow import app as flow_app
+from mesh.cli.dlq import app as dlq_app
+from mesh.cli.flow import app as flow_app
 from mesh.config import parse_agent_config
 from mesh.dlq import DLQ_HEADERS
 from mesh.metrics import Metrics

@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mesh import cli_agent_cp, cli_audit, cli_flow
 from mesh.broker import NatsServer, free_port
+from mesh.cli import (
+    agent_cp as cli_agent_cp,
+)
+from mesh.cli import (
+    audit as cli_audit,
+)
+from mesh.cli import (
+    flow as cli_flow,
+)
 from tests.integration._harness import (
     AgentProcess,
     ErpLoad,

@@ -14,7 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-from mesh.bench_cp import (
+from mesh.controlplane.models import AgentView, FlowReport
+from mesh.controlplane.status import flow_views
+from mesh.devtools.bench_cp import (
     ProcSample,
     _Lines,
     _problems,
@@ -23,8 +25,6 @@ from mesh.bench_cp import (
     percentiles,
     proc_sample,
 )
-from mesh.controlplane.models import AgentView, FlowReport
-from mesh.controlplane.status import flow_views
 
 
 def test_percentiles_interpolate_like_statistics_inclusive() -> None:

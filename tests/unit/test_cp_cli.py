@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from mesh import cli_agent_cp, cli_audit, cli_cp
 from mesh.broker import free_port
+from mesh.cli import (
+    agent_cp as cli_agent_cp,
+)
+from mesh.cli import (
+    audit as cli_audit,
+)
+from mesh.cli import (
+    cp as cli_cp,
+)
 from mesh.errors import ConfigError
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""``bin/bench-cp`` / ``python -m mesh.bench_cp``: the control plane under N heartbeating agents.
+"""``bin/bench-cp`` / ``python -m mesh.devtools.bench_cp``: the control plane under N heartbeating agents.
 
 A benchmark, not a test: it prints figures and never asserts timing. Three processes besides
 itself, all started here and stopped by PID on the way out (Ctrl-C and SIGTERM included):
@@ -185,7 +185,7 @@ class _Lines:
         return line + b"\n"
 
 
-# --- the simulator (a child process: ``python -m mesh.bench_cp --simulate URL``) ----------------
+# --- the simulator (a child process: ``python -m mesh.devtools.bench_cp --simulate URL``) ----------------
 
 
 @dataclass(slots=True)
@@ -560,7 +560,7 @@ async def _run(
         _say(f"registering {args.agents} agents ...")
         sim = _Child(
             "simulator",
-            [py, "-m", "mesh.bench_cp", "--simulate", server.url, "--agents", str(args.agents),
+            [py, "-m", "mesh.devtools.bench_cp", "--simulate", server.url, "--agents", str(args.agents),
              "--interval", str(args.interval), "--state-dir", str(root / "agents")],
             root / "simulator.log",
             pipes=True,

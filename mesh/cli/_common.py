@@ -9,7 +9,7 @@ from typing import Annotated, NoReturn, TypeVar
 import anyio
 import typer
 
-from mesh.cli_dlq import quiet_connection_logs
+from mesh.cli.dlq import quiet_connection_logs
 from mesh.config import NatsConfig
 from mesh.controlplane.client import DEFAULT_PREFIX, ControlPlaneClient, RequestRefused
 from mesh.errors import MeshError

@@ -17,7 +17,7 @@ from typing import Annotated
 import msgspec
 import typer
 
-from mesh._cli_common import (
+from mesh.cli._common import (
     DEFAULT_PREFIX,
     DEFAULT_URL,
     ControlPlaneOpt,
@@ -253,7 +253,7 @@ def _agent_command(op: FlowOp, help_text: str) -> None:
         control_plane: ControlPlaneOpt = DEFAULT_URL,
         prefix: PrefixOpt = DEFAULT_PREFIX,
     ) -> None:
-        from mesh.cli_flow import print_result
+        from mesh.cli.flow import print_result
 
         result = run_with_client(
             control_plane, wait, prefix, lambda c: c.command(op, agent=name, timeout=wait)

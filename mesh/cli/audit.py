@@ -12,8 +12,8 @@ import anyio
 import msgspec
 import typer
 
-from mesh._cli_common import DEFAULT_URL, ControlPlaneOpt, JsonOpt, connection, fail, timestamp
-from mesh.cli_dlq import quiet_connection_logs
+from mesh.cli._common import DEFAULT_URL, ControlPlaneOpt, JsonOpt, connection, fail, timestamp
+from mesh.cli.dlq import quiet_connection_logs
 from mesh.controlplane.audit import AuditRecord, tail
 from mesh.errors import MeshError
 

@@ -14,7 +14,7 @@ import anyio
 import msgspec
 import typer
 
-from mesh._cli_common import (
+from mesh.cli._common import (
     DEFAULT_PREFIX,
     DEFAULT_URL,
     ControlPlaneOpt,
@@ -26,7 +26,7 @@ from mesh._cli_common import (
     run_with_client,
     table,
 )
-from mesh.cli_dlq import ServerOpt, quiet_connection_logs
+from mesh.cli.dlq import ServerOpt, quiet_connection_logs
 from mesh.controlplane.models import CommandResult, FlowOp
 from mesh.dlq import DEFAULT_NATS_URL, FlowReplay, connect, format_time, parse_time, replay_flow
 from mesh.errors import MeshError

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from mesh._cli_common import (
+from mesh.cli._common import (
     DEFAULT_PREFIX,
     DEFAULT_URL,
     ControlPlaneOpt,

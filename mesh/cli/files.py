@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 import typer
 
-from mesh._cli_common import JsonOpt, fail, table
+from mesh.cli._common import JsonOpt, fail, table
 from mesh.config import CsvSinkConfig, CsvSourceConfig, load_agent_config
 from mesh.errors import MeshError
 

@@ -12,16 +12,32 @@ from typing import Annotated
 
 import typer
 
-from mesh import (
-    cli_agent_cp,
-    cli_audit,
-    cli_capture,
-    cli_cp,
-    cli_dlq,
-    cli_files,
-    cli_flow,
-    cli_leafnode,
-    cli_schema,
+from mesh.cli import (
+    agent_cp as cli_agent_cp,
+)
+from mesh.cli import (
+    audit as cli_audit,
+)
+from mesh.cli import (
+    capture as cli_capture,
+)
+from mesh.cli import (
+    cp as cli_cp,
+)
+from mesh.cli import (
+    dlq as cli_dlq,
+)
+from mesh.cli import (
+    files as cli_files,
+)
+from mesh.cli import (
+    flow as cli_flow,
+)
+from mesh.cli import (
+    leafnode as cli_leafnode,
+)
+from mesh.cli import (
+    schema as cli_schema,
 )
 from mesh.errors import ConfigError, MeshError
 
@@ -72,9 +88,9 @@ def _version() -> None:
 @agent_app.command("run")
 def _agent_run(config: ConfigOpt) -> None:
     """Run a connector agent until SIGTERM or Ctrl-C."""
+    from agents.runner import run_agent_process
     from mesh.config import load_agent_config
     from mesh.logs import setup_logging
-    from mesh.runner import run_agent_process
 
     try:
         cfg = load_agent_config(config)
@@ -120,7 +136,7 @@ def _dev_up(
     duration: Annotated[float | None, typer.Option(help="Stop by itself after this many seconds.")] = None,
 ) -> None:
     """Start nats-server, an on-prem ERP agent, a cloud agent and a demo load; Ctrl-C stops all."""
-    from mesh.dev import run_dev_stack
+    from mesh.devtools.dev import run_dev_stack
 
     try:
         code = run_dev_stack(data_dir=data_dir, records=records, rate=rate, duration=duration)
@@ -141,7 +157,7 @@ def _bench(
     ] = False,
 ) -> None:
     """Benchmark the mesh path against raw nats-py in the same run (not a test)."""
-    from mesh.bench import run_bench, run_outage_bench
+    from mesh.devtools.bench import run_bench, run_outage_bench
 
     try:
         if outage:
