@@ -852,6 +852,8 @@ class AgentConfig(_Config, frozen=True):
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     flows: list[FlowConfig] = msgspec.field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per log line (ts, level, logger, msg, agent, flow, correlation_id)."""
 
 
 _ERROR_CLASSES = {

@@ -96,6 +96,7 @@ def _run(
     ] = None,
     subject_prefix: Annotated[str | None, _opt("Control-plane subject prefix [mesh.cp].")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json (one JSON object per line).")] = "text",
 ) -> None:
     """Run one control-plane replica until SIGTERM or Ctrl-C."""
     from agents.control_plane import run_control_plane_process
@@ -135,7 +136,9 @@ def _run(
         settings.http_token()  # a missing secret is a config error now, not at the first request
     except ConfigError as exc:
         fail(exc)
-    setup_logging(log_level)
+    if log_format not in ("text", "json"):
+        fail(ConfigError(f"--log-format: expected text or json, got {log_format!r}"))
+    setup_logging(log_level, fmt="json" if log_format == "json" else "text")
     try:
         run_control_plane_process(settings)
     except MeshError as exc:

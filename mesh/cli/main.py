@@ -97,7 +97,7 @@ def _agent_run(config: ConfigOpt) -> None:
     except ConfigError as exc:
         _fail(exc)
         return
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, fmt=cfg.log_format)
     try:
         run_agent_process(cfg)
     except MeshError as exc:
