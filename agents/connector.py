@@ -52,6 +52,7 @@ from mesh.faults import crash_point
 from mesh.flowdata import FlowData, compile_flow_data
 from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
+from mesh.readiness import Readiness
 from mesh.store import Inbox, InboxEntry, Outbox
 from mesh.transport import Delivery, JetStream, OutMessage, PullConsumer, dlq_subject, event_subject
 
@@ -122,9 +123,10 @@ class NatsLink:
     supervisor has stopped, so in-flight batches can still ack or nak during a graceful stop.
     """
 
-    def __init__(self, cfg: AgentConfig, metrics: Metrics) -> None:
+    def __init__(self, cfg: AgentConfig, metrics: Metrics, readiness: Readiness | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        self.readiness = readiness
         self._js: JetStream | None = None
         self._ready = anyio.Event()
 
@@ -163,7 +165,10 @@ class NatsLink:
             self._js = js
             self._ready.set()
         while True:
-            self.metrics.nats_connected.set(1 if self._js.is_connected else 0)
+            up = self._js.is_connected
+            self.metrics.nats_connected.set(1 if up else 0)
+            if self.readiness is not None:
+                self.readiness.set("nats", up, "" if up else "NATS disconnected")
             await anyio.sleep(1)
 
     async def aclose(self) -> None:
@@ -541,13 +546,19 @@ class _Batch:
 class ConnectorAgent:
     """One agent process: its stores, its NATS link, and an actor per flow direction."""
 
-    def __init__(self, cfg: AgentConfig, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, cfg: AgentConfig, *, metrics: Metrics | None = None, readiness: Readiness | None = None
+    ) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
+        self.readiness = readiness or Readiness([])
+        """Ready once stores, NATS link and command channel are up (the runner adds "signals")."""
+        for condition in ("stores", "nats", "commands"):
+            self.readiness.require(condition)
         state = Path(cfg.agent.state_dir)
         self.outbox = Outbox(state / "outbox.db")
         self.inbox = Inbox(state / "inbox.db")
-        self.link = NatsLink(cfg, self.metrics)
+        self.link = NatsLink(cfg, self.metrics, self.readiness)
         self.consumers: dict[str, Any] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
@@ -610,6 +621,7 @@ class ConnectorAgent:
             Supervisor(self.cfg.agent.name, on_restart=lambda a: restarts.labels(a).inc()) as sup,
         ):
             self.supervisor = sup
+            self.readiness.set("stores")
             if self.stopping:
                 sup.cancel()
             await sup.start("nats", self.link.run)
@@ -626,7 +638,9 @@ class ConnectorAgent:
                 state_dir=a.state_dir, interval=a.heartbeat_interval,
             )  # fmt: skip
             await sup.start("heartbeat", heartbeat.run)
-            control = ControlChannel(a.name, a.state_dir, self.link.wait, self.flows)
+            control = ControlChannel(
+                a.name, a.state_dir, self.link.wait, self.flows, readiness=self.readiness
+            )
             await sup.start("assignments", control.watch_assignments)
             await sup.start("commands", control.serve_commands)
             log.info("agent %s running %d flow(s)", a.name, len(self.cfg.flows))

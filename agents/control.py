@@ -34,6 +34,7 @@ from mesh.controlplane.client import DEFAULT_PREFIX
 from mesh.controlplane.identity import load_credentials
 from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
 from mesh.errors import ConfigError, TransportError
+from mesh.readiness import Readiness
 from mesh.transport import JetStream
 
 __all__ = ["ControlChannel", "command_subject"]
@@ -61,8 +62,10 @@ class ControlChannel:
         prefix: str = DEFAULT_PREFIX,
         resync_every: float = 30.0,
         retry_every: float = 5.0,
+        readiness: Readiness | None = None,
     ) -> None:
         self.name = name
+        self.readiness = readiness
         self.state_dir = Path(state_dir)
         self.nats = nats
         self.flows = flows
@@ -155,10 +158,16 @@ class ControlChannel:
         except _NATS_ERRORS as exc:
             raise TransportError(f"subscribe {subject}: {exc}") from exc
         try:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await js.nc.flush(timeout=2)  # the server has the subscription: commands reach us
+            if self.readiness is not None:
+                self.readiness.set("commands")
             async with anyio.create_task_group() as tg:
                 async for msg in sub.messages:
                     tg.start_soon(self._answer, msg)
         finally:
+            if self.readiness is not None:
+                self.readiness.clear("commands", "command channel closed")
             with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
                 await sub.unsubscribe()
 
