@@ -21,7 +21,6 @@ supervisor: a crash restarts that loop with backoff, the others keep running.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +35,7 @@ from agents.control import ControlChannel
 from agents.flows import FlowHandle, FlowManager
 from mesh.actors import Actor, Backoff, Supervisor
 from mesh.adapters import Applied, ChangeBatch, Sink, SinkRecord, Source
-from mesh.config import AgentConfig, FlowConfig, SinkConfig, SourceConfig
+from mesh.config import AdapterConfig, AgentConfig, FlowConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.envelope import (
     Envelope,
@@ -52,6 +51,7 @@ from mesh.faults import crash_point
 from mesh.flowdata import FlowData, compile_flow_data
 from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
+from mesh.plugins import adapter_registry
 from mesh.readiness import Readiness
 from mesh.store import Inbox, InboxEntry, Outbox
 from mesh.transport import Delivery, JetStream, OutMessage, PullConsumer, dlq_subject, event_subject
@@ -61,37 +61,18 @@ __all__ = ["Apply", "Capture", "ConnectorAgent", "NatsLink", "Relay", "open_sink
 log = logging.getLogger(__name__)
 
 
-# adapter tag -> "module:Class"; the module is imported only when a flow uses it.
-SOURCE_CLASSES: dict[str, str] = {
-    "sqlite": "adapters.sql.sqlite:SqliteSource",
-    "csv": "adapters.files.csv_source:CsvSource",
-    "webhook": "adapters.webhook.source:WebhookSource",
-    "rest": "adapters.rest.source:RestSource",
-    "postgres": "adapters.sql.postgres:PostgresSource",
-}
-SINK_CLASSES: dict[str, str] = {
-    "sqlite": "adapters.sql.sqlite:SqliteSink",
-    "rest": "adapters.rest.sink:RestSink",
-    "csv": "adapters.files.csv_sink:CsvSink",
-    "postgres": "adapters.sql.postgres:PostgresSink",
-}
+def open_source(cfg: AdapterConfig) -> Source:
+    """The Source adapter for a source config (not yet opened), from the installed adapters.
+
+    Raises:
+        PluginError: no installed adapter has a source for ``cfg``, or its factory does not load.
+    """
+    return adapter_registry().open_source(cfg)
 
 
-def _adapter_class(table: dict[str, str], cfg: Any) -> Any:
-    module, _, name = table[cfg.__struct_config__.tag].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def open_source(cfg: SourceConfig) -> Source:
-    """The Source adapter for a source config (not yet opened)."""
-    source: Source = _adapter_class(SOURCE_CLASSES, cfg)(cfg)
-    return source
-
-
-def open_sink(cfg: SinkConfig) -> Sink:
-    """The Sink adapter for a sink config (not yet opened)."""
-    sink: Sink = _adapter_class(SINK_CLASSES, cfg)(cfg)
-    return sink
+def open_sink(cfg: AdapterConfig) -> Sink:
+    """The Sink adapter for a sink config (not yet opened); raises like :func:`open_source`."""
+    return adapter_registry().open_sink(cfg)
 
 
 def _capture_dead_letter(exc: MappingError, subject: str, eid: str, flow: str, agent: str) -> dict[str, str]:

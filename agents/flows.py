@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
-import msgspec
 
 from mesh.actors import Actor, Supervisor
-from mesh.config import FlowConfig, check_flow, resolve_flow_paths
+from mesh.config import FlowConfig, check_flow, decode_flow, resolve_flow_paths
 from mesh.controlplane.models import AgentCommand, Assignment, CommandResult, FlowOutcome
 from mesh.errors import ConfigError
 from mesh.flowdata import compile_flow_data
@@ -77,13 +76,10 @@ def flow_from_assignment(config: dict[str, object], state_dir: str) -> FlowConfi
         ConfigError: the config does not validate on this agent (e.g. a newer control plane
             sent a field this version does not know).
     """
-    try:
-        flow = msgspec.convert(config, FlowConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"assigned flow does not validate here: {exc}", source="control plane") from None
+    flow = decode_flow(config, source="control plane", path="flow")
     problems = check_flow(flow, "flow")
     if problems:
-        raise ConfigError("; ".join(f"{p}: {m}" for p, m in problems), source="control plane")
+        raise ConfigError(source="control plane", problems=problems)
     flow = resolve_flow_paths(flow, Path(state_dir))
     compile_flow_data(flow, source="control plane", path=f"flow {flow.name}")  # checks SQLite lookups
     return flow

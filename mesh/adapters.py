@@ -18,11 +18,11 @@ import abc
 import enum
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import msgspec
 
-__all__ = ["Applied", "Change", "ChangeBatch", "Sink", "SinkRecord", "Source"]
+__all__ = ["Applied", "Change", "ChangeBatch", "RunRecord", "RunStatus", "Sink", "SinkRecord", "Source"]
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,3 +160,27 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release connections. Idempotent."""
+
+
+RunStatus = Literal["running", "complete", "failed", "duplicate"]
+
+
+class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One batch run of an adapter (an import or an export of one file, for the CSV adapters):
+    what ``meshctl files runs`` lists for adapters with the ``runs`` capability."""
+
+    id: int
+    direction: Literal["import", "export"]
+    file: str
+    checksum: str | None
+    status: RunStatus
+    started_at: float
+    """Seconds since the epoch."""
+    finished_at: float | None
+    rows_in: int
+    rows_out: int
+    rows_failed: int
+    detail: str = ""
+    rejects_file: str | None = None
+    moved_to: str | None = None
+    """Where an imported file went (``done_dir`` / ``failed_dir``); None when left in place."""

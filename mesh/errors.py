@@ -11,6 +11,7 @@
     │   ├── RejectedRecord         the external system refused this record (constraint, mapping)
     │   └── MappingError           a flow's mapping cannot turn this record into its target shape
     ├── ConfigError                fix the configuration; the agent does not start
+    │   └── PluginError            an installed adapter plugin is broken or declared twice
     └── StopError                  the agent must stop (store corrupt, disk full, credentials revoked)
 
 Foreign exceptions (nats, sqlite3, OSError) are translated at the boundary that sees them,
@@ -19,12 +20,17 @@ so code above the adapters and the transport only ever handles this tree.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 __all__ = [
     "ConfigError",
+    "ConfigProblem",
     "DecodeError",
     "MappingError",
     "MeshError",
     "PermanentError",
+    "PluginError",
     "RejectedRecord",
     "RetryableError",
     "StopError",
@@ -75,14 +81,67 @@ class MappingError(PermanentError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
-class ConfigError(MeshError):
-    """The configuration is invalid. The message names the file, the field path and the problem."""
+class ConfigProblem(NamedTuple):
+    """One thing wrong with a configuration: where (a field path such as ``flows[0].source.table``,
+    or ``""`` for the file as a whole) and what."""
 
-    def __init__(self, message: str, *, source: str | None = None, path: str | None = None):
+    path: str
+    message: str
+
+
+class ConfigError(MeshError):
+    """The configuration is invalid: ``problems`` lists every (path, message) found, ``source``
+    names the file (or other origin) they are in.
+
+    ``str()`` renders one problem per line as ``file: path: message`` (parts that are empty are
+    left out), so a caller that needs the parts reads ``problems`` instead of parsing the text.
+    ``ConfigError(message, path=...)`` is the one-problem form.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        source: str | None = None,
+        path: str | None = None,
+        problems: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        listed = [ConfigProblem(p, m) for p, m in problems]
+        if message is not None:
+            listed.insert(0, ConfigProblem(path or "", message))
+        if not listed:
+            raise ValueError("ConfigError needs a message or at least one problem")
         self.source = source
-        self.path = path
-        prefix = f"{source}: " if source else ""
-        super().__init__(f"{prefix}{message}")
+        self.problems: list[ConfigProblem] = list(dict.fromkeys(listed))
+        super().__init__(self._render())
+
+    @property
+    def path(self) -> str | None:
+        """The first problem's field path (None when it concerns the whole file)."""
+        return self.problems[0].path or None
+
+    def lines(self) -> list[str]:
+        """Every problem as one ``file: path: message`` line."""
+        return [": ".join(part for part in (self.source, p.path, p.message) if part) for p in self.problems]
+
+    def _render(self) -> str:
+        return "\n".join(self.lines())
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_config_error, (type(self), self.source, list(self.problems)))
+
+
+def _rebuild_config_error(
+    cls: type[ConfigError], source: str | None, problems: list[ConfigProblem]
+) -> ConfigError:
+    return cls(source=source, problems=problems)
+
+
+class PluginError(ConfigError):
+    """An installed adapter plugin cannot be used: its entry point does not load, does not name an
+    adapter declaration, or declares a name another distribution already declared. The message
+    names the entry point (``mesh.adapters:<name>``) and the distribution it comes from; fix the
+    installation (uninstall or upgrade the distribution)."""
 
 
 class StopError(MeshError):

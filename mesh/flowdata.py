@@ -51,7 +51,7 @@ def compile_flow_data(flow: FlowConfig, *, source: str, path: str, base: Path | 
     from mesh.mapping import compile_mapping
     from mesh.ownership import compile_ownership
 
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     mappers: dict[str, Mapper | None] = {"to_canonical": None, "from_canonical": None}
     for direction in ("to_canonical", "from_canonical"):
         cfg = getattr(flow, direction)
@@ -62,7 +62,7 @@ def compile_flow_data(flow: FlowConfig, *, source: str, path: str, base: Path | 
                 cfg, flow.entity, direction, source=source, path=f"{path}.{direction}", base=base
             )
         except ConfigError as exc:
-            problems.append(str(exc))
+            problems.extend(exc.problems)
     ownership = None
     if flow.ownership is not None:
         try:
@@ -70,14 +70,15 @@ def compile_flow_data(flow: FlowConfig, *, source: str, path: str, base: Path | 
                 {flow.entity: flow.ownership}, source=source, path=f"{path}.ownership"
             )
         except ConfigError as exc:
-            problems.append(str(exc))
+            problems.extend(exc.problems)
     if (flow.to_canonical or flow.from_canonical or flow.ownership) and flow.entity not in ENTITIES:
-        problems.append(
-            f"{source}: {path}.entity: {flow.entity!r} is not a canonical entity (mappings and ownership "
-            f"need one of: {', '.join(sorted(ENTITIES))})"
-        )
-    if problems:  # each already names the file
-        raise ConfigError("\n".join(dict.fromkeys(problems)), path=path)
+        problems.append((
+            f"{path}.entity",
+            f"{flow.entity!r} is not a canonical entity (mappings and ownership "
+            f"need one of: {', '.join(sorted(ENTITIES))})",
+        ))  # fmt: skip
+    if problems:
+        raise ConfigError(source=source, problems=problems)
     schema = f"{flow.entity}/row"
     if mappers["to_canonical"] is not None:
         schema = ENTITIES[flow.entity].schema_id

@@ -463,13 +463,13 @@ def compile_mapping(
             cfg = msgspec.convert(cfg, MappingConfig)
         except msgspec.ValidationError:
             where, message = _locate(cfg, MappingConfig, path)
-            raise ConfigError(f"{where}: {message}", source=source, path=where) from None
+            raise ConfigError(message, source=source, path=where) from None
     problems: list[tuple[str, str]] = []
     if entity not in ENTITIES:
         problems.append((path, f"unknown entity {entity!r} (expected one of: {', '.join(sorted(ENTITIES))})"))
         raise _config_error(problems, source, path)
     if direction not in ("to_canonical", "from_canonical"):
-        raise ConfigError(f"{path}: unknown direction {direction!r}", source=source, path=path)
+        raise ConfigError(f"unknown direction {direction!r}", source=source, path=path)
     lookups: dict[str, Lookup] = {}
     for name, lcfg in cfg.lookups.items():
         lookup = _check_lookup(name, lcfg, f"{path}.lookups.{name}", base or Path.cwd(), problems)
@@ -482,11 +482,7 @@ def compile_mapping(
 
 
 def _config_error(problems: list[tuple[str, str]], source: str, path: str) -> ConfigError:
-    if len(problems) == 1:
-        where, message = problems[0]
-        return ConfigError(f"{where}: {message}", source=source, path=where)
-    lines = "\n".join(f"  {where}: {message}" for where, message in problems)
-    return ConfigError(f"{path}: {len(problems)} problems:\n{lines}", source=source, path=path)
+    return ConfigError(source=source, problems=problems)
 
 
 def _check_lookup(

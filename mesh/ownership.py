@@ -283,9 +283,5 @@ def compile_ownership(
         if len(problems) == bad:
             policies[entity] = EntityPolicy(entity, spec)
     if problems:
-        if len(problems) == 1:
-            where, message = problems[0]
-            raise ConfigError(f"{where}: {message}", source=source, path=where)
-        lines = "\n".join(f"  {where}: {message}" for where, message in problems)
-        raise ConfigError(f"{path}: {len(problems)} problems:\n{lines}", source=source, path=path)
+        raise ConfigError(source=source, problems=problems)
     return Ownership(policies)

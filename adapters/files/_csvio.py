@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import msgspec
 
-from mesh.config import CsvSinkConfig, CsvSourceConfig
+from adapters.files.config import CsvSinkConfig, CsvSourceConfig
 
 UTF8_BOM = b"\xef\xbb\xbf"
 _RAW_MAX = 2000  # characters of a rejected record kept for the rejects file

@@ -58,9 +58,9 @@ from anyio.abc import TaskStatus
 
 from adapters.files._csvio import UTF8_BOM, cell, crash_point, write_durably, writer_options
 from adapters.files._state import StateDB
+from adapters.files.config import CsvSinkConfig
 from mesh.actors import Backoff
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.config import CsvSinkConfig
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 
 __all__ = ["CsvSink"]

@@ -69,8 +69,8 @@ from adapters.files._csvio import (
     write_durably,
 )
 from adapters.files._state import StateDB, rejects_path
+from adapters.files.config import CsvSourceConfig
 from mesh.adapters import Change, ChangeBatch, Source
-from mesh.config import CsvSourceConfig
 from mesh.errors import ConfigError, SystemUnavailable
 
 __all__ = ["CsvSource"]

@@ -21,32 +21,11 @@ from typing import Literal
 import msgspec
 
 from adapters.files._state import RUN_COLUMNS
+from adapters.files.config import CsvSinkConfig, CsvSourceConfig
+from mesh.adapters import RunRecord, RunStatus
 from mesh.errors import SystemUnavailable
 
-__all__ = ["RunRecord", "RunStatus", "read_runs"]
-
-RunStatus = Literal["running", "complete", "failed", "duplicate"]
-
-
-class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One import or export of one file."""
-
-    id: int
-    direction: Literal["import", "export"]
-    file: str
-    checksum: str | None
-    status: RunStatus
-    started_at: float
-    """Seconds since the epoch."""
-    finished_at: float | None
-    rows_in: int
-    rows_out: int
-    rows_failed: int
-    detail: str = ""
-    rejects_file: str | None = None
-    moved_to: str | None = None
-    """Where an imported file went (``done_dir`` / ``failed_dir``); None when left in place."""
-
+__all__ = ["RUN_LOG", "CsvRunLog", "RunRecord", "RunStatus", "read_runs"]
 
 def read_runs(
     state_path: str | Path, *, direction: Literal["import", "export"] | None = None, limit: int | None = None
@@ -82,3 +61,16 @@ def read_runs(
         raise SystemUnavailable(f"cannot read run records in {file}: {exc}") from exc
     names = [c.strip() for c in RUN_COLUMNS.split(",")]
     return [msgspec.convert(dict(zip(names, r, strict=True)), RunRecord) for r in rows]
+
+
+class CsvRunLog:
+    """The ``runs`` capability of the CSV source and sink: the records in their ``state_path``."""
+
+    def location(self, cfg: CsvSourceConfig | CsvSinkConfig) -> str:
+        return cfg.state_path
+
+    def read(self, cfg: CsvSourceConfig | CsvSinkConfig, *, limit: int | None = None) -> list[RunRecord]:
+        return read_runs(cfg.state_path, limit=limit)
+
+
+RUN_LOG = CsvRunLog()

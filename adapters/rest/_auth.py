@@ -33,7 +33,7 @@ import anyio
 import httpx
 import msgspec
 
-from mesh.config import RestApiKeyAuth, RestAuth, RestBasicAuth, RestBearerAuth, RestOAuth2Auth
+from adapters.rest.config import RestApiKeyAuth, RestAuth, RestBasicAuth, RestBearerAuth, RestOAuth2Auth
 from mesh.errors import ConfigError, SystemUnavailable
 
 __all__ = ["Credentials", "OAuth2ClientCredentials"]

@@ -64,8 +64,8 @@ from adapters.rest._auth import Credentials
 from adapters.rest._ratelimit import RequestGate
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
 from adapters.rest._state import VersionStore, default_target
+from adapters.rest.config import RestSinkConfig
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.config import RestSinkConfig
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 
 __all__ = ["RestSink"]
@@ -356,7 +356,7 @@ def _validate(cfg: RestSinkConfig) -> None:
     """
 
     def fail(field: str, message: str) -> None:
-        raise ConfigError(f"sink.{field}: {message}", path=f"sink.{field}")
+        raise ConfigError(message, path=f"sink.{field}")
 
     url = urlsplit(cfg.base_url)
     if url.scheme not in ("http", "https") or not url.hostname:

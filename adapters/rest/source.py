@@ -1,6 +1,6 @@
 """The REST source: a JSON API's list endpoint, polled, becomes the changes of a flow.
 
-Configured, not coded (:class:`~mesh.config.RestSourceConfig`): where the records are in the
+Configured, not coded (:class:`~adapters.rest.config.RestSourceConfig`): where the records are in the
 body, which fields hold the key, the version and a soft-delete flag, how the listing pages, and
 how a poll asks only for what changed.
 
@@ -71,8 +71,7 @@ import msgspec
 from adapters.rest._auth import Credentials
 from adapters.rest._ratelimit import RequestGate
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
-from mesh.adapters import Change, ChangeBatch, Source
-from mesh.config import (
+from adapters.rest.config import (
     RestCursorPagination,
     RestLinkPagination,
     RestModifiedSince,
@@ -81,6 +80,7 @@ from mesh.config import (
     RestSourceConfig,
     RestSyncCursor,
 )
+from mesh.adapters import Change, ChangeBatch, Source
 from mesh.errors import ConfigError, SystemUnavailable
 
 __all__ = ["RestSource"]

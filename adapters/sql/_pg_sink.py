@@ -31,8 +31,8 @@ from adapters.sql._pg_common import (
     translate,
     where_of,
 )
+from adapters.sql.config import PostgresSinkConfig
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.config import PostgresSinkConfig
 from mesh.errors import ConfigError, RejectedRecord
 
 __all__ = ["VERSIONS_TABLE", "PostgresSink"]

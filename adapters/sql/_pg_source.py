@@ -33,8 +33,8 @@ from adapters.sql._pg_common import (
     translate,
     where_of,
 )
+from adapters.sql.config import PostgresSourceConfig
 from mesh.adapters import Change, ChangeBatch, Source
-from mesh.config import PostgresSourceConfig
 from mesh.errors import ConfigError, RejectedRecord
 
 __all__ = ["PostgresSource"]

@@ -17,8 +17,8 @@ import anyio.to_thread
 import msgspec
 
 from adapters.sql._sqlite_common import Column, find_column, is_record_error, quote, translate
+from adapters.sql.config import SqliteSinkConfig
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.config import SqliteSinkConfig
 from mesh.errors import ConfigError, RejectedRecord
 
 __all__ = ["SqliteSink"]

@@ -25,7 +25,7 @@ from adapters.sql._pg_capture import CaptureStatus, capture_status, ensure_captu
 from adapters.sql._pg_common import close_quietly, connect, key_columns, translate, where_of
 from adapters.sql._pg_sink import PostgresSink
 from adapters.sql._pg_source import PostgresSource
-from mesh.config import PostgresSourceConfig
+from adapters.sql.config import PostgresSourceConfig
 
 __all__ = [
     "CaptureStatus",

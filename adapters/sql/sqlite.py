@@ -38,8 +38,8 @@ from adapters.sql._sqlite_common import (
     translate,
 )
 from adapters.sql._sqlite_sink import SqliteSink
+from adapters.sql.config import SqliteSourceConfig
 from mesh.adapters import Change, ChangeBatch, Source
-from mesh.config import SqliteSourceConfig
 from mesh.errors import ConfigError
 
 __all__ = ["SqliteSink", "SqliteSource", "install_change_capture", "remove_change_capture"]

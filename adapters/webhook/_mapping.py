@@ -14,8 +14,8 @@ from typing import Any
 
 import msgspec
 
+from adapters.webhook.config import WebhookSourceConfig
 from mesh.adapters import Change
-from mesh.config import WebhookSourceConfig
 
 __all__ = ["EventMapper", "MappingError", "parse_json"]
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
-from mesh.config import WebhookSourceConfig
+from adapters.webhook.config import WebhookSourceConfig
 from mesh.errors import ConfigError
 
 __all__ = ["SignatureError", "Verifier", "compute_signature"]

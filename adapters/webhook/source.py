@@ -78,8 +78,8 @@ from starlette.routing import Route
 from adapters.webhook._mapping import EventMapper, MappingError, parse_json
 from adapters.webhook._seen import SeenIds
 from adapters.webhook._signature import Encoding, SignatureError, Verifier, compute_signature
+from adapters.webhook.config import WebhookSourceConfig
 from mesh.adapters import Change, ChangeBatch, Source
-from mesh.config import WebhookSourceConfig
 from mesh.controlplane.http import HttpServer
 from mesh.errors import ConfigError, SystemUnavailable
 

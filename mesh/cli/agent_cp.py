@@ -110,7 +110,8 @@ def _register(
     prefix: PrefixOpt = DEFAULT_PREFIX,
 ) -> None:
     """Register an agent (idempotent) and store its id and credentials in its state dir (0600)."""
-    from mesh.config import ADAPTERS, load_agent_config
+    from mesh.config import load_agent_config
+    from mesh.plugins import adapter_registry
 
     if config is not None:
         try:
@@ -129,7 +130,11 @@ def _register(
     agent: str = name
     where: str = site
     directory = state_dir or default_state_dir(agent)
-    manifest = Manifest(adapters=list(adapters or ADAPTERS), operations=list(operations or []))
+    try:
+        installed = adapter_registry().names()
+    except ConfigError as exc:
+        fail(exc)
+    manifest = Manifest(adapters=list(adapters or installed), operations=list(operations or []))
     try:
         current = load_credentials(directory)
     except ConfigError as exc:

@@ -1,5 +1,6 @@
 """``meshctl capture``: install, remove and inspect the trigger-based change capture of the
-``changes``-mode SQL sources (SQLite and PostgreSQL) of an agent config.
+sources of an agent config whose adapter declares the ``capture`` capability (built in: the
+``changes``-mode SQL sources, SQLite and PostgreSQL; see :class:`mesh.plugins.ChangeCapture`).
 
 ``install`` is idempotent and brings out-of-date triggers up to date (the table's columns or the
 key changed) without losing changes not yet read; ``remove`` drops triggers and, unless
@@ -13,13 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import anyio
 import typer
 
-from mesh.config import FlowConfig, PostgresSourceConfig, SqliteSourceConfig, load_agent_config
+from mesh.config import AdapterConfig, FlowConfig, load_agent_config
 from mesh.errors import MeshError
+from mesh.plugins import ChangeCapture, adapter_registry
 
 __all__ = ["app"]
 
@@ -40,7 +42,7 @@ FlowOpt = Annotated[
                  show_default=False),
 ]  # fmt: skip
 
-_Target = tuple[FlowConfig, SqliteSourceConfig | PostgresSourceConfig]
+_Target = tuple[FlowConfig, AdapterConfig, ChangeCapture]
 
 
 def _fail(message: object) -> NoReturn:
@@ -62,46 +64,41 @@ def _targets(config: Path, flow: str | None) -> list[_Target]:
                 f"{config}: no flow named {flow!r} (flows: {', '.join(f.name for f in cfg.flows) or 'none'})"
             )
     targets: list[_Target] = []
+    registry = adapter_registry()
     for f in flows:
         src = f.source
-        if isinstance(src, SqliteSourceConfig | PostgresSourceConfig) and src.mode == "changes":
-            targets.append((f, src))
+        capture = registry.capture_of(src) if src is not None else None
+        if src is not None and capture is not None:
+            targets.append((f, src, capture))
         elif flow is not None:
             what = (
                 "no source"
                 if src is None
                 else f"a {src.__struct_config__.tag} source in {getattr(src, 'mode', '')} mode"
             )
-            _fail(f"flow {flow!r} has {what}: change capture applies to SQL sources in changes mode")
+            _fail(
+                f"flow {flow!r} has {what}: change capture applies to sources whose adapter installs it"
+                " (SQL sources in changes mode)"
+            )
     if not targets:
-        _fail(f"{config}: no flow has a SQL source in changes mode")
+        _fail(f"{config}: no flow has a source with installable change capture (SQL in changes mode)")
     return targets
 
 
-def _where(src: SqliteSourceConfig | PostgresSourceConfig) -> str:
-    if isinstance(src, SqliteSourceConfig):
-        return f"sqlite {src.path} {src.table}"
-    from adapters.sql._pg_common import where_of
-
-    return where_of(src.dsn, src.schema, src.table)
-
-
-def _each(
-    targets: list[_Target], action: Callable[[SqliteSourceConfig | PostgresSourceConfig], Awaitable[str]]
-) -> bool:
+def _each(targets: list[_Target], action: Callable[[ChangeCapture, AdapterConfig], Awaitable[str]]) -> bool:
     """Run ``action`` per flow, printing ``flow: where: result``; False if any failed."""
     ok = True
 
     async def run() -> None:
         nonlocal ok
-        for flow, src in targets:
+        for flow, src, capture in targets:
             try:
-                result = await action(src)
+                result = await action(capture, src)
             except MeshError as exc:
-                typer.secho(f"{flow.name}: {_where(src)}: error: {exc}", fg=typer.colors.RED, err=True)
+                typer.secho(f"{flow.name}: {capture.where(src)}: error: {exc}", fg=typer.colors.RED, err=True)
                 ok = False
                 continue
-            typer.echo(f"{flow.name}: {_where(src)}: {result}")
+            typer.echo(f"{flow.name}: {capture.where(src)}: {result}")
 
     anyio.run(run)
     return ok
@@ -110,13 +107,9 @@ def _each(
 @app.command("install")
 def _install(config: ConfigOpt, flow: FlowOpt = None) -> None:
     """Create (or bring up to date) the change table and triggers of each changes-mode source."""
-    from adapters.sql import postgres, sqlite
 
-    async def install(src: SqliteSourceConfig | PostgresSourceConfig) -> str:
-        if isinstance(src, SqliteSourceConfig):
-            changed = await sqlite.install_change_capture(src.path, src.table, key=src.key)
-        else:
-            changed = await postgres.install_change_capture(src)
+    async def install(capture: ChangeCapture, src: AdapterConfig) -> str:
+        changed = await capture.install(src)
         return "installed (or updated)" if changed else "already installed and up to date"
 
     if not _each(_targets(config, flow), install):
@@ -132,13 +125,9 @@ def _remove(
     ] = False,
 ) -> None:
     """Drop the capture triggers (and, unless --keep-changes, the change table) of each source."""
-    from adapters.sql import postgres, sqlite
 
-    async def remove(src: SqliteSourceConfig | PostgresSourceConfig) -> str:
-        if isinstance(src, SqliteSourceConfig):
-            removed = await sqlite.remove_change_capture(src.path, src.table, keep_changes=keep_changes)
-        else:
-            removed = await postgres.remove_change_capture(src, keep_changes=keep_changes)
+    async def remove(capture: ChangeCapture, src: AdapterConfig) -> str:
+        removed = await capture.remove(src, keep_changes=keep_changes)
         return "removed" if removed else "nothing installed"
 
     if not _each(_targets(config, flow), remove):
@@ -149,18 +138,11 @@ def _remove(
 def _status(config: ConfigOpt, flow: FlowOpt = None) -> None:
     """Show whether capture is installed and current, and how many changes wait (exit 1 if any
     is missing or out of date)."""
-    from adapters.sql import postgres
-    from adapters.sql._sqlite_capture import capture_status
-
     current = True
 
-    async def status(src: SqliteSourceConfig | PostgresSourceConfig) -> str:
+    async def status(capture: ChangeCapture, src: AdapterConfig) -> str:
         nonlocal current
-        state: Any
-        if isinstance(src, SqliteSourceConfig):
-            state = await capture_status(src.path, src.table, key=src.key)
-        else:
-            state = await postgres.change_capture_status(src)
+        state = await capture.status(src)
         current = current and state.installed and state.up_to_date
         if not state.installed:
             text = "not installed"

@@ -1,23 +1,25 @@
-"""``meshctl files``: the run records of CSV imports and exports (``adapters/files``).
+"""``meshctl files``: the run records of batch imports and exports (CSV: ``adapters/files``).
 
 ``meshctl files runs --config agent.toml [--flow NAME] [--json]`` lists, newest first, every
-run of every flow of that agent whose source or sink is ``adapter = "csv"``, read from the
-adapters' state files (read-only: safe beside a running agent). A bad config, an unknown flow
-or an unreadable state file prints one line and exits 2.
+run of every flow of that agent whose source or sink has the ``runs`` capability (built in:
+``adapter = "csv"``; see :class:`mesh.plugins.RunLog`), read from the adapters' state files
+(read-only: safe beside a running agent). A bad config, an unknown flow or an unreadable state
+file prints one line and exits 2.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import typer
 
 from mesh.cli._common import JsonOpt, fail, table
-from mesh.config import CsvSinkConfig, CsvSourceConfig, load_agent_config
+from mesh.config import load_agent_config
 from mesh.errors import MeshError
+from mesh.plugins import RunLog, adapter_registry
 
 __all__ = ["FlowRun", "app"]
 
@@ -73,26 +75,26 @@ def _runs(
     as_json: JsonOpt = False,
 ) -> None:
     """List import and export runs: status, counts in/out/failed, file, SHA-256, rejects."""
-    from adapters.files.runs import read_runs
-
     try:
         cfg = load_agent_config(config)
+        registry = adapter_registry()
     except MeshError as exc:
         fail(exc)
-    places: list[tuple[str, str]] = []
+    places: dict[tuple[str, str], tuple[RunLog, Any]] = {}
     for f in cfg.flows:
         if flow is not None and f.name != flow:
             continue
         for side in (f.source, f.sink):
-            if isinstance(side, CsvSourceConfig | CsvSinkConfig):
-                places.append((f.name, side.state_path))
+            log = registry.runs_of(side) if side is not None else None
+            if log is not None:  # a source and sink may share one state file: read it once
+                places.setdefault((f.name, log.location(side)), (log, side))
     if not places:
         which = f"flow {flow!r}" if flow is not None else "any flow"
-        fail(f"{config}: {which} has no csv source or sink")
+        fail(f"{config}: {which} has no csv source or sink (no adapter with run records)")
     runs: list[FlowRun] = []
-    for name, state in dict.fromkeys(places):  # a source and sink may share one state file
+    for (name, state), (log, side) in places.items():
         try:
-            records = read_runs(state, limit=limit)
+            records = log.read(side, limit=limit)
         except MeshError as exc:
             fail(exc)
         runs.extend(FlowRun(flow=name, state_path=state, **msgspec.structs.asdict(r)) for r in records)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,7 +43,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from mesh.config import FlowConfig, SinkConfig, SourceConfig, check_flow
+from mesh.config import FlowConfig, check_flow, decode_adapter_config, decode_flow, validation_problem
 from mesh.controlplane.kv import Bucket, Entry, KvMirror, RevisionConflict
 from mesh.controlplane.models import (
     AgentRecord,
@@ -63,6 +62,7 @@ from mesh.controlplane.models import (
 )
 from mesh.errors import ConfigError
 from mesh.flowdata import compile_flow_data
+from mesh.plugins import RoleName
 
 __all__ = ["FlowStore", "ParsedFlow", "assignment_key", "flow_key", "parse_flow_file"]
 
@@ -72,7 +72,7 @@ _spec = msgspec.json.Decoder(FlowSpec)
 _assignment = msgspec.json.Decoder(Assignment)
 _record = msgspec.json.Decoder(AgentRecord)
 _ATTEMPTS = 5
-_SIDES = ("source", "sink")
+_SIDES: tuple[RoleName, ...] = ("source", "sink")
 
 AuditFn = Callable[[str, str, str, str, dict[str, str]], Awaitable[object]]
 
@@ -89,13 +89,6 @@ class ParsedFlow(msgspec.Struct, frozen=True):
     name: str
     entity: str
     parts: list[FlowPart]
-
-
-def _validation_problem(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
-    from mesh.config import _split_validation_message
-
-    path, message = _split_validation_message(str(exc))
-    return (f"{prefix}.{path}" if path else prefix), message
 
 
 def parse_flow_file(
@@ -132,7 +125,7 @@ def parse_flow_file(
             continue
         table = dict(table)
         default_agent = table.pop("agent", None)
-        sides: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        sides: dict[RoleName, tuple[str | None, dict[str, Any]]] = {}
         for side in _SIDES:
             if side not in table:
                 continue
@@ -147,7 +140,7 @@ def parse_flow_file(
         try:
             common = msgspec.convert({**table}, FlowConfig)
         except msgspec.ValidationError as exc:
-            problem(*_validation_problem(exc, path))
+            problem(*validation_problem(exc, path))
             common = None
         if common is not None:
             if common.name in seen:
@@ -160,11 +153,11 @@ def parse_flow_file(
         by_agent: dict[str, dict[str, Any]] = {}
         for side, (agent, part) in sides.items():
             where = f"{path}.{side}"
-            kind = SourceConfig if side == "source" else SinkConfig
             try:
-                msgspec.convert(part, kind)
-            except msgspec.ValidationError as exc:
-                problem(*_validation_problem(exc, where))
+                decode_adapter_config(side, part, path=where)
+            except ConfigError as exc:
+                for p, m in exc.problems:
+                    problem(p, m)
             if agent is None:
                 problem(f"{where}.agent", "required: the registered agent that runs this side")
                 continue
@@ -192,8 +185,8 @@ def parse_flow_file(
         parts = []
         for agent, config in by_agent.items():
             try:
-                flow = msgspec.convert(config, FlowConfig)
-            except msgspec.ValidationError:
+                flow = decode_flow(config, path=path)
+            except ConfigError:
                 continue  # reported above, side by side
             for p, m in check_flow(flow, path):
                 problem(p, m)
@@ -209,11 +202,8 @@ def parse_flow_file(
                 try:
                     compile_flow_data(flow, source=source, path=path)
                 except ConfigError as exc:
-                    for line in (ln.strip() for ln in str(exc).splitlines()):
-                        if line and not re.search(
-                            r": \d+ problems?:$", line
-                        ):  # keep each problem, not the count
-                            problems.append(line if line.startswith(f"{source}: ") else f"{source}: {line}")
+                    for p, m in exc.problems:
+                        problem(p, m)
             parts.append(FlowPart(agent=agent, config=msgspec.to_builtins(flow)))
         parsed.append(ParsedFlow(name=common.name, entity=common.entity, parts=parts))
     return parsed, list(dict.fromkeys(problems))

@@ -86,8 +86,7 @@ def settings_from(raw: dict[str, Any], *, source: str = "<flags>") -> ControlPla
         if " - at `$." in text:
             text, _, rest = text.partition(" - at `$.")
             path = rest.rstrip("`")
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{text[:1].lower()}{text[1:]}", source=source, path=path or None) from None
+        raise ConfigError(f"{text[:1].lower()}{text[1:]}", source=source, path=path) from None
 
 
 def load_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> ControlPlaneSettings:

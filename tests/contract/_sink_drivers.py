@@ -27,12 +27,14 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from adapters.files.config import CsvSinkConfig
 from adapters.files.csv_sink import CsvSink
+from adapters.rest.config import RestSinkConfig
 from adapters.rest.sink import RestSink
+from adapters.sql.config import PostgresSinkConfig, SqliteSinkConfig
 from adapters.sql.postgres import PostgresSink
 from adapters.sql.sqlite import SqliteSink
 from mesh.adapters import Sink
-from mesh.config import CsvSinkConfig, PostgresSinkConfig, RestSinkConfig, SqliteSinkConfig
 from mesh.errors import SystemUnavailable
 from tests.contract._base import FIELDS, Lack, RestartableServer, SinkCap, SinkDriver, row
 from tests.fakes.crm_api import CrmApi

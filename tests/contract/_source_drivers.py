@@ -26,22 +26,17 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from adapters.files.config import CsvSourceConfig
 from adapters.files.csv_source import CsvSource
+from adapters.rest.config import RestModifiedSince, RestPagePagination, RestSourceConfig
 from adapters.rest.source import RestSource
+from adapters.sql.config import PostgresSourceConfig, SqliteSourceConfig
 from adapters.sql.postgres import PostgresSource
 from adapters.sql.sqlite import SqliteSource
+from adapters.webhook.config import WebhookSourceConfig
 from adapters.webhook.source import WebhookSource, sign
 from mesh.adapters import Source
 from mesh.broker import free_port
-from mesh.config import (
-    CsvSourceConfig,
-    PostgresSourceConfig,
-    RestModifiedSince,
-    RestPagePagination,
-    RestSourceConfig,
-    SqliteSourceConfig,
-    WebhookSourceConfig,
-)
 from tests.contract._base import BOUND, Lack, RestartableServer, SourceCap, SourceDriver
 from tests.fakes.rest_source_api import RestSourceApi
 

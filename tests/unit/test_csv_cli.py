@@ -11,11 +11,12 @@ import anyio
 import pytest
 from typer.testing import CliRunner
 
+from adapters.files.config import CsvSinkConfig, CsvSourceConfig
 from adapters.files.csv_sink import CsvSink
 from adapters.files.csv_source import CsvSource
 from mesh.adapters import SinkRecord
 from mesh.cli import app
-from mesh.config import CsvSinkConfig, CsvSourceConfig, load_agent_config
+from mesh.config import load_agent_config
 
 pytestmark = pytest.mark.anyio
 

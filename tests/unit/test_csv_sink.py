@@ -15,10 +15,11 @@ import anyio
 import msgspec
 import pytest
 
+from adapters.files.config import CsvSinkConfig
 from adapters.files.csv_sink import CsvSink
 from adapters.files.runs import RunRecord, read_runs
 from mesh.adapters import Applied, SinkRecord
-from mesh.config import CsvSinkConfig, parse_agent_config
+from mesh.config import parse_agent_config
 from mesh.errors import ConfigError, RejectedRecord
 
 pytestmark = pytest.mark.anyio
@@ -175,7 +176,7 @@ _CHILD = textwrap.dedent(
     import sys, anyio, msgspec
     from adapters.files.csv_sink import CsvSink
     from mesh.adapters import SinkRecord
-    from mesh.config import CsvSinkConfig
+    from adapters.files.config import CsvSinkConfig
 
     async def main() -> None:
         cfg = msgspec.json.decode(sys.argv[1], type=CsvSinkConfig)

@@ -12,10 +12,11 @@ from typing import Any
 import anyio
 import pytest
 
+from adapters.files.config import CsvSourceConfig
 from adapters.files.csv_source import CsvSource
 from adapters.files.runs import RunRecord, read_runs
 from mesh.adapters import Change
-from mesh.config import CsvSourceConfig, parse_agent_config
+from mesh.config import parse_agent_config
 from mesh.errors import ConfigError
 
 pytestmark = pytest.mark.anyio

@@ -193,7 +193,8 @@ system_of_record = "c rm"
     with pytest.raises(ConfigError) as info:
         compile_ownership(bad, source="agent.toml")
     message = str(info.value)
-    assert message.startswith("agent.toml: ownership: 8 problems:\n")
+    assert len(info.value.problems) == 8, message
+    assert message.splitlines() == [f"agent.toml: {p}: {m}" for p, m in info.value.problems]
     for fragment in (
         "ownership.widget: unknown entity 'widget' (expected one of: contract, customer,",
         "ownership.customer.fields.credit_limt: no field `credit_limt` on Customer "

@@ -12,9 +12,9 @@ import anyio
 import psycopg
 import pytest
 
+from adapters.sql.config import PostgresSinkConfig, PostgresSourceConfig
 from adapters.sql.postgres import PostgresSink, PostgresSource
 from mesh.adapters import Applied, SinkRecord
-from mesh.config import PostgresSinkConfig, PostgresSourceConfig
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 from tests._pg import PgCluster
 

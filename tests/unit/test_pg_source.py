@@ -11,6 +11,7 @@ import msgspec
 import psycopg
 import pytest
 
+from adapters.sql.config import PostgresSinkConfig, PostgresSourceConfig
 from adapters.sql.postgres import (
     PostgresSink,
     PostgresSource,
@@ -19,7 +20,7 @@ from adapters.sql.postgres import (
     remove_change_capture,
 )
 from mesh.adapters import Applied, Change, SinkRecord
-from mesh.config import PostgresSinkConfig, PostgresSourceConfig, parse_agent_config
+from mesh.config import parse_agent_config
 from mesh.errors import ConfigError
 from tests._pg import PASSWORD, PASSWORD_ROLE, PgCluster
 

@@ -16,16 +16,11 @@ import httpx
 import pytest
 
 from adapters.rest._auth import Credentials
+from adapters.rest.config import RestOAuth2Auth, RestPagePagination, RestSinkConfig, RestSourceConfig
 from adapters.rest.sink import RestSink
 from adapters.rest.source import RestSource
 from mesh.adapters import Applied, SinkRecord
-from mesh.config import (
-    RestOAuth2Auth,
-    RestPagePagination,
-    RestSinkConfig,
-    RestSourceConfig,
-    parse_agent_config,
-)
+from mesh.config import parse_agent_config
 from mesh.errors import ConfigError, SystemUnavailable
 from tests.fakes.rest_source_api import OAuthClient, RestSourceApi, serve_rest_source_api
 

@@ -22,15 +22,10 @@ import msgspec
 import pytest
 
 from adapters.rest._retry import parse_retry_after
+from adapters.rest.config import RestApiKeyAuth, RestBasicAuth, RestBearerAuth, RestSinkConfig
 from adapters.rest.sink import RestSink
 from mesh.adapters import Applied, SinkRecord
-from mesh.config import (
-    RestApiKeyAuth,
-    RestBasicAuth,
-    RestBearerAuth,
-    RestSinkConfig,
-    parse_agent_config,
-)
+from mesh.config import parse_agent_config
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 from tests.fakes.crm_api import CrmApi, serve_crm_api
 

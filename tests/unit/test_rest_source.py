@@ -14,9 +14,7 @@ import httpx
 import msgspec
 import pytest
 
-from adapters.rest.source import RestSource, _format_since, _version
-from mesh.adapters import Change
-from mesh.config import (
+from adapters.rest.config import (
     RestApiKeyAuth,
     RestBearerAuth,
     RestCursorPagination,
@@ -26,8 +24,10 @@ from mesh.config import (
     RestPagePagination,
     RestSourceConfig,
     RestSyncCursor,
-    parse_agent_config,
 )
+from adapters.rest.source import RestSource, _format_since, _version
+from mesh.adapters import Change
+from mesh.config import parse_agent_config
 from mesh.errors import ConfigError, SystemUnavailable
 from tests.fakes.rest_source_api import RestSourceApi, serve_rest_source_api
 

@@ -14,6 +14,7 @@ import anyio
 import msgspec
 import pytest
 
+from adapters.sql.config import SqliteSinkConfig, SqliteSourceConfig
 from adapters.sql.sqlite import (
     SqliteSink,
     SqliteSource,
@@ -21,7 +22,6 @@ from adapters.sql.sqlite import (
     remove_change_capture,
 )
 from mesh.adapters import Applied, Change, SinkRecord
-from mesh.config import SqliteSinkConfig, SqliteSourceConfig
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 
 pytestmark = pytest.mark.anyio
@@ -573,8 +573,8 @@ async def test_real_values_round_trip_exactly(tmp_path: Path) -> None:
     """json_object() alone keeps 15 digits; capture must keep every double exactly."""
     import sqlite3
 
+    from adapters.sql.config import SqliteSourceConfig
     from adapters.sql.sqlite import SqliteSource
-    from mesh.config import SqliteSourceConfig
 
     db = tmp_path / "erp.db"
     with sqlite3.connect(db) as c:

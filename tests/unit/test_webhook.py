@@ -22,10 +22,11 @@ import httpx
 import msgspec
 import pytest
 
+from adapters.webhook.config import WebhookSourceConfig
 from adapters.webhook.source import WebhookSource, sign
 from agents.connector import open_source
 from mesh.adapters import ChangeBatch
-from mesh.config import WebhookSourceConfig, parse_agent_config
+from mesh.config import parse_agent_config
 from mesh.envelope import envelope_id
 from mesh.errors import ConfigError
 

@@ -1,0 +1,305 @@
+"""Config of the REST adapters: ``adapter = "rest"`` as source (a polled list endpoint) and as sink,
+with their ``auth``, ``pagination`` and ``incremental`` tables (tagged by ``type``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Literal, Self
+
+import msgspec
+
+from mesh.config import (
+    AdapterConfig,
+    ConfigStruct,
+    EnvName,
+    FieldPath,
+    HeaderName,
+    PositiveFloat,
+    PositiveInt,
+)
+
+__all__ = [
+    "RestApiKeyAuth",
+    "RestAuth",
+    "RestBasicAuth",
+    "RestBearerAuth",
+    "RestCursorPagination",
+    "RestIncremental",
+    "RestLinkPagination",
+    "RestModifiedSince",
+    "RestOAuth2Auth",
+    "RestOffsetPagination",
+    "RestPagePagination",
+    "RestPagination",
+    "RestSinkConfig",
+    "RestSourceConfig",
+    "RestSyncCursor",
+]
+
+
+class RestBearerAuth(ConfigStruct, frozen=True, tag="bearer", tag_field="type"):
+    """``Authorization: Bearer <token>``, the token read from an environment variable."""
+
+    token_env: EnvName
+    """Name of the environment variable that holds the token."""
+
+
+class RestBasicAuth(ConfigStruct, frozen=True, tag="basic", tag_field="type"):
+    """HTTP basic authentication; the password read from an environment variable."""
+
+    user: str
+    password_env: EnvName
+    """Name of the environment variable that holds the password."""
+
+
+class RestApiKeyAuth(ConfigStruct, frozen=True, tag="api_key", tag_field="type"):
+    """An API key sent in a header of its own; the key read from an environment variable."""
+
+    key_env: EnvName
+    """Name of the environment variable that holds the key."""
+    header: HeaderName = "X-API-Key"
+
+
+class RestOAuth2Auth(ConfigStruct, frozen=True, tag="oauth2", tag_field="type"):
+    """OAuth2 client credentials grant (RFC 6749 section 4.4): the client id and secret buy a
+    short-lived bearer token at ``token_url``; it is cached until shortly before it expires and
+    fetched again once when the API answers 401 (see ``adapters/rest/_auth.py``)."""
+
+    token_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#@]+(/[^#]*)?$")]
+    """The authorization server's token endpoint, e.g. ``https://login.example.com/oauth/token``."""
+    client_id: Annotated[str, msgspec.Meta(min_length=1)]
+    client_secret_env: EnvName
+    """Name of the environment variable that holds the client secret."""
+    scope: str | None = None
+    """Space-separated scopes to ask for (default: none sent, the server's default)."""
+    audience: str | None = None
+    """Sent as ``audience`` (Auth0, Okta and others name the API the token is for this way)."""
+    client_auth: Literal["basic", "body"] = "basic"
+    """How the client authenticates at the token endpoint: HTTP basic (``client_secret_basic``,
+    id and secret form-encoded first as RFC 6749 2.3.1 says) or ``client_id`` and
+    ``client_secret`` in the form body (``client_secret_post``)."""
+    refresh_margin: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """Seconds before ``expires_in`` runs out that a new token is fetched (at most a tenth of
+    the token's lifetime, so short-lived tokens are still used)."""
+    timeout: PositiveFloat = 10.0
+    """Seconds a token request may take."""
+
+
+RestAuth = RestBearerAuth | RestBasicAuth | RestApiKeyAuth | RestOAuth2Auth
+
+
+class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
+    """A JSON REST API as a sink: one request per record, guarded by a local version table.
+
+    The target needs no version guard of its own: ``state_path`` (a SQLite file the sink owns)
+    remembers the highest version applied per key, and records not newer are skipped without a
+    request. Every request carries ``Idempotency-Key: <envelope id>`` and ``X-Mesh-Version``.
+    """
+
+    base_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#@]+(/[^?#]*)?$")]
+    """``https://crm.example.com/api/v2``: scheme, host and an optional path prefix; no
+    credentials and no query (put those in ``auth``)."""
+    upsert_path: Annotated[str, msgspec.Meta(min_length=1)]
+    """Path template under ``base_url`` for an upsert, e.g. ``/customers/{key}``; ``{key}`` is
+    replaced by the URL-encoded record key (omit it to POST to a collection, with ``key_field``)."""
+    state_path: Annotated[str, msgspec.Meta(min_length=1)]
+    """The sink's own SQLite file: key -> highest applied version (and deleted flag)."""
+    method: Literal["PUT", "POST", "PATCH"] = "PUT"
+    """HTTP method of an upsert."""
+    delete_path: str | None = None
+    """Path template for a delete (default: ``upsert_path``)."""
+    delete_mode: Literal["delete", "tombstone"] = "delete"
+    """``delete``: send DELETE (a 404 counts as deleted); ``tombstone``: PATCH
+    ``{tombstone_field: true}`` so the target keeps the record, flagged."""
+    tombstone_field: Annotated[str, msgspec.Meta(min_length=1)] = "deleted"
+    key_field: str | None = None
+    """Put the record key into the JSON body under this name (the target's external id)."""
+    fields: list[str] | None = None
+    """Send only these fields of the row (default: all of them)."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Static headers sent with every request (no secrets here: use ``auth``)."""
+    auth: RestAuth | None = None
+    """``[flows.sink.auth]`` with ``type = "bearer" | "basic" | "api_key" | "oauth2"``."""
+    timeout: PositiveFloat = 10.0
+    """Seconds one request may take (connect, send, wait, read) before it counts as failed."""
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    """Requests in flight at once; records of one key are always sent one after another."""
+    rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Requests per second to this target (token bucket; 0: no limit). Keep
+    ``consumer.batch_size / rate_limit`` well under ``consumer.ack_wait``."""
+    burst: PositiveInt | None = None
+    """Token-bucket size: requests that may go at once after a quiet spell (default:
+    ``rate_limit`` rounded up)."""
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    """Tries per request within one ``apply`` on 5xx, 408, 409, 429, timeouts and connection
+    errors; then the batch is given back (the agent naks it with its own backoff)."""
+    backoff_initial: PositiveFloat = 0.2
+    """Seconds before the second try; doubles with each further try, +/- ``backoff_jitter``."""
+    backoff_max: PositiveFloat = 5.0
+    backoff_jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+    retry_after_cap: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """Longest ``Retry-After`` waited for inside ``apply``; a longer one gives the batch back."""
+    breaker_threshold: PositiveInt = 5
+    """Consecutive failed requests (5xx, 408, timeouts, connection errors) that open the circuit."""
+    breaker_cooldown: PositiveFloat = 30.0
+    """Seconds the open circuit refuses at once before one probe request is let through."""
+
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        return msgspec.structs.replace(self, state_path=resolve(self.state_path))
+
+
+_ParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class RestPagePagination(ConfigStruct, frozen=True, tag="page", tag_field="type"):
+    """``?page=N&page_size=S``: page numbers from ``first_page`` up."""
+
+    page_param: _ParamName = "page"
+    size_param: _ParamName | None = "page_size"
+    """Query parameter of the page size (none: the API's own size; then use ``stop = "empty"``)."""
+    size: PositiveInt = 100
+    first_page: Annotated[int, msgspec.Meta(ge=0)] = 1
+    stop: Literal["short", "empty"] = "short"
+    """``short``: a page with fewer than ``size`` records is the last; ``empty``: only an empty
+    page ends the listing (for APIs that cap the page size below what was asked)."""
+
+
+class RestOffsetPagination(ConfigStruct, frozen=True, tag="offset", tag_field="type"):
+    """``?offset=O&limit=S``: the offset grows by the records actually received."""
+
+    offset_param: _ParamName = "offset"
+    size_param: _ParamName | None = "limit"
+    size: PositiveInt = 100
+    stop: Literal["short", "empty"] = "short"
+
+
+class RestCursorPagination(ConfigStruct, frozen=True, tag="cursor", tag_field="type"):
+    """The body names the next page (``meta.next_cursor``); it is sent back in ``cursor_param``.
+    A missing, null or empty next cursor ends the listing."""
+
+    cursor_path: FieldPath
+    cursor_param: _ParamName = "cursor"
+    size_param: _ParamName | None = None
+    size: PositiveInt = 100
+
+
+class RestLinkPagination(ConfigStruct, frozen=True, tag="link", tag_field="type"):
+    """RFC 8288 ``Link: <url>; rel="next"`` headers are followed (same origin only) until a page
+    has none. ``params`` and ``size_param`` go on the first request; the links carry the rest."""
+
+    size_param: _ParamName | None = None
+    size: PositiveInt = 100
+
+
+RestPagination = RestPagePagination | RestOffsetPagination | RestCursorPagination | RestLinkPagination
+
+_SinceFormat = Literal["integer", "iso8601", "epoch_seconds", "epoch_millis", "http_date"]
+
+
+class RestModifiedSince(ConfigStruct, frozen=True, tag="modified_since", tag_field="type"):
+    """Ask only for records changed at or after the high-water mark of ``version_field``, in the
+    query parameter ``param`` or the header ``header`` (e.g. ``If-Modified-Since``)."""
+
+    param: _ParamName | None = None
+    header: HeaderName | None = None
+    format: _SinceFormat | None = None
+    """How the mark is written. Default: ``integer`` for integer versions; ``http_date`` in a
+    header and ``iso8601`` (UTC, ``Z``) in a parameter for timestamps; ``epoch_seconds`` /
+    ``epoch_millis`` for those version types in a parameter."""
+
+    def __post_init__(self) -> None:
+        if (self.param is None) == (self.header is None):
+            raise ValueError("param / header: set exactly one of them")
+
+
+class RestSyncCursor(ConfigStruct, frozen=True, tag="cursor_field", tag_field="type"):
+    """An API-provided sync cursor: read from ``cursor_path`` in the listing's body (the last
+    page that has one wins) and sent in ``param`` on the next poll."""
+
+    cursor_path: FieldPath
+    param: _ParamName
+
+
+RestIncremental = RestModifiedSince | RestSyncCursor
+
+
+class RestSourceConfig(AdapterConfig, frozen=True, tag="rest"):
+    """A JSON REST API's list endpoint as a source, polled (see ``adapters/rest/source.py``).
+
+    Versions come from ``version_field``: ``integer`` as is; ``timestamp`` (ISO-8601 text, naive
+    read as UTC, or ``/Date(ms+0000)/``), ``epoch_seconds`` and ``epoch_millis`` become integer
+    microseconds since the epoch.
+    """
+
+    base_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#@]+(/[^?#]*)?$")]
+    """Scheme, host and an optional path prefix; no credentials and no query."""
+    path: Annotated[str, msgspec.Meta(pattern=r"^/[^?#]*$")]
+    """The list endpoint under ``base_url``, e.g. ``/contacts`` (static query: ``params``)."""
+    version_field: FieldPath
+    """Path of each record's version: grows with every change of the record."""
+    version_type: Literal["integer", "timestamp", "epoch_seconds", "epoch_millis"] = "integer"
+    key_field: FieldPath = "id"
+    """Path of each record's key (a string or an integer)."""
+    records_path: FieldPath | None = None
+    """Where the records are in the body (``data``, ``Contacts``, ``result.items``); none: the
+    body itself is the list."""
+    deleted_field: FieldPath | None = None
+    """A soft-delete flag: a record whose value here is true (or one of ``deleted_values``) is
+    captured as a delete."""
+    deleted_values: list[str | int] | None = None
+    """Values of ``deleted_field`` that mean deleted (e.g. ``["ARCHIVED"]``); default: ``true``."""
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+    """Static query parameters sent with every listing (filters, ``order``)."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Static headers sent with every request (no secrets here: use ``auth``)."""
+    auth: RestAuth | None = None
+    """``[flows.source.auth]`` with ``type = "bearer" | "basic" | "api_key" | "oauth2"``."""
+    pagination: RestPagination | None = None
+    """``[flows.source.pagination]`` with ``type = "page" | "offset" | "cursor" | "link"``;
+    none: one request returns everything."""
+    incremental: RestIncremental | None = None
+    """``[flows.source.incremental]`` with ``type = "modified_since" | "cursor_field"``; none:
+    every poll lists everything and only records above the high-water mark are emitted."""
+    lookback: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Also re-read records up to this far below the high-water mark (seconds for timestamp
+    versions, version units for integers) and emit those not emitted yet: covers records a
+    shifting page/offset listing skipped, or an API whose filter is strictly "after". The
+    cursor then remembers every key changed within the window."""
+    poll_interval: PositiveFloat = 30.0
+    """Seconds between the starts of two polls (a poll lists every page)."""
+    batch_size: PositiveInt = 1000
+    """Most changes handed to the capture loop per outbox transaction."""
+    max_pages: PositiveInt = 10_000
+    """A listing longer than this many pages is an error (a pagination that never ends)."""
+    timeout: PositiveFloat = 10.0
+    """Seconds one request may take before it counts as failed."""
+    rate_limit: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Requests per second (token bucket; 0: no limit)."""
+    burst: PositiveInt | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    """Tries per request on 5xx, 408, 429, timeouts and connection errors before the poll fails
+    (it is then retried from its start after a backoff)."""
+    backoff_initial: PositiveFloat = 0.2
+    backoff_max: PositiveFloat = 5.0
+    backoff_jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
+    retry_after_cap: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """Longest ``Retry-After`` waited for within a poll; a longer one fails the poll, and the
+    next one waits until then."""
+    breaker_threshold: PositiveInt = 5
+    breaker_cooldown: PositiveFloat = 30.0
+    """Seconds no request is sent after ``breaker_threshold`` consecutive failures."""
+
+    def __post_init__(self) -> None:
+        inc = self.incremental
+        if isinstance(inc, RestSyncCursor) and self.lookback:
+            raise ValueError("lookback: not used with incremental.type = 'cursor_field'")
+        if (
+            isinstance(inc, RestModifiedSince)
+            and inc.format is not None
+            and ((inc.format == "integer") != (self.version_type == "integer"))
+        ):
+            raise ValueError(
+                f"incremental.format: {inc.format!r} does not fit version_type = {self.version_type!r}"
+            )
+        if self.deleted_values is not None and self.deleted_field is None:
+            raise ValueError("deleted_field: required with deleted_values")
