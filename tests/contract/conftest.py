@@ -1,6 +1,7 @@
 """Generates every contract test once per capable driver, and builds the drivers.
 
-A test taking ``source_driver`` (``sink_driver``) runs for every source (sink) driver whose
+A test taking ``source_driver`` (``sink_driver``) runs for every source (sink) driver (built in,
+or contributed by an installed plugin distribution: see ``_drivers.py``) whose
 capabilities include all the ones the test declares with ``@needs(...)``; the others do not get
 the test at all (no skips). Drivers that use PostgreSQL get the session cluster and a fresh
 database from ``tests/_pg.py``.
@@ -14,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.contract._base import Env, SinkCap, SinkDriver, SourceCap, SourceDriver
-from tests.contract._sink_drivers import SINK_DRIVERS
-from tests.contract._source_drivers import SOURCE_DRIVERS
+from tests.contract._drivers import SINK_DRIVERS, SOURCE_DRIVERS
 
 
 @pytest.fixture
