@@ -95,7 +95,7 @@ def _register(
         list[str] | None,
         typer.Option(
             "--adapter",
-            help="An adapter the agent supports (repeat; default: all built in).",
+            help="An adapter the agent supports (repeat; default: every installed adapter).",
             show_default=False,
         ),
     ] = None,

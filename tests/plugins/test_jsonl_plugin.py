@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
-
-import pytest
 
 from mesh.plugins import adapter_registry
 
 HERE = Path(__file__).parent / "jsonl"
-INSTALL = "pip install ./tests/plugins/jsonl (from the repository root)"
-
-
-@pytest.fixture(autouse=True)
-def _plugin_installed() -> None:
-    try:
-        metadata.distribution("mesh-jsonl-example")
-        return
-    except metadata.PackageNotFoundError:
-        pass
-    pytest.fail(f"the example plugin is not installed: run `{INSTALL}`, as .ci/run does", pytrace=False)
 
 
 def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
