@@ -4,6 +4,12 @@ Guarantees: an unknown key, a missing required key or a wrong type stops start-u
 :class:`~mesh.errors.ConfigError` naming the file, the field path (``flows[0].source.table``) and
 what was expected. Relative paths in the file are resolved against the file's own directory, so
 a config means the same thing whatever the working directory.
+
+This module holds the agent's own settings and the base pieces adapter configs build on
+(:class:`AdapterConfig`, :data:`Token`, ...). Each adapter's config Struct lives in its own
+package and is found through the adapter registry (:mod:`mesh.plugins`): :func:`decode_flow`,
+:func:`parse_agent_config` and the control plane decode ``[flows.source]`` / ``[flows.sink]``
+by their ``adapter = "..."`` with the tagged unions built from the installed adapters.
 """
 
 from __future__ import annotations
@@ -385,6 +391,26 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     return msgspec.structs.replace(cfg, agent=agent, flows=flows)
 
 
+def _type_problems(raw: dict[str, Any], registry: AdapterRegistry | None) -> list[ConfigProblem]:
+    """The first type problem of the agent's own tables and of each flow (msgspec stops at the
+    first one of a document; an operator wants to see one per flow at least)."""
+    flows = raw.get("flows")
+    if not isinstance(flows, list):
+        return []
+    problems = []
+    try:
+        msgspec.convert({k: v for k, v in raw.items() if k != "flows"}, AgentConfig)
+    except msgspec.ValidationError as exc:
+        problems.append(validation_problem(exc, "", registry))
+    flow_type = flow_config_type(registry)
+    for i, flow in enumerate(flows):
+        try:
+            msgspec.convert(flow, flow_type)
+        except msgspec.ValidationError as exc:
+            problems.append(validation_problem(exc, f"flows[{i}]", registry))
+    return problems
+
+
 def parse_agent_config(
     text: str, *, source: str = "<string>", base: Path | None = None, registry: AdapterRegistry | None = None
 ) -> AgentConfig:
@@ -392,9 +418,9 @@ def parse_agent_config(
     ``registry``).
 
     Raises:
-        ConfigError: invalid TOML, unknown or missing keys, wrong types (the first one msgspec
-            finds), or else every inconsistent value, mapping and ownership problem; each names
-            ``source``, the field path and what was expected.
+        ConfigError: invalid TOML, unknown or missing keys and wrong types (the first of the
+            agent's own tables and of each flow), or else every inconsistent value, mapping and
+            ownership problem; each names ``source``, the field path and what was expected.
         PluginError: an installed adapter plugin is broken.
     """
     try:
@@ -404,7 +430,8 @@ def parse_agent_config(
     try:
         cfg = msgspec.convert(raw, agent_config_type(registry))
     except msgspec.ValidationError as exc:
-        raise ConfigError(source=source, problems=[validation_problem(exc, "", registry)]) from None
+        problems = _type_problems(raw, registry) or [validation_problem(exc, "", registry)]
+        raise ConfigError(source=source, problems=problems) from None
     problems = _check(cfg)
     if not problems:
         problems = _check_data(cfg, source, base or Path.cwd())

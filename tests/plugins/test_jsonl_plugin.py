@@ -50,8 +50,10 @@ def test_a_typo_in_the_plugin_config_names_file_field_path_and_expectation(tmp_p
     bad.write_text(both)
     result = meshctl("config", "check", str(bad))
     assert result.returncode == 2
-    # msgspec stops at the first type problem: the source's, in file order
-    assert result.stderr.strip() == f"{bad}: flows[0].source.poll_interval: expected `float` > 0.0"
+    assert result.stderr.splitlines() == [  # every flow's problem, one per line
+        f"{bad}: flows[0].source.poll_interval: expected `float` > 0.0",
+        f"{bad}: flows[1].sink: object contains unknown field `directroy`",
+    ]
     bad.write_text(text.replace("directory = ", "directroy = "))
     result = meshctl("config", "check", str(bad))
     assert result.returncode == 2
