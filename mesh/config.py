@@ -212,6 +212,10 @@ class AgentConfig(ConfigStruct, frozen=True):
 _STRUCT_OPTIONS: dict[str, Any] = {"frozen": True, "kw_only": True, "forbid_unknown_fields": True}
 
 
+def _registry(registry: AdapterRegistry | None) -> AdapterRegistry:
+    return adapter_registry() if registry is None else registry
+
+
 @functools.cache
 def _decoder_types(registry: AdapterRegistry) -> tuple[type[FlowConfig], type[AgentConfig]]:
     source, sink = registry.config_union("source"), registry.config_union("sink")
@@ -239,13 +243,13 @@ def flow_config_type(registry: AdapterRegistry | None = None) -> type[FlowConfig
     Raises:
         PluginError: an installed adapter plugin is broken (see :func:`mesh.plugins.discover`).
     """
-    return _decoder_types(registry or adapter_registry())[0]
+    return _decoder_types(_registry(registry))[0]
 
 
 def agent_config_type(registry: AdapterRegistry | None = None) -> type[AgentConfig]:
     """The :class:`AgentConfig` subclass whose flows are :func:`flow_config_type` (for decoding and
     the JSON Schema of agent configs)."""
-    return _decoder_types(registry or adapter_registry())[1]
+    return _decoder_types(_registry(registry))[1]
 
 
 _PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
@@ -264,8 +268,13 @@ def validation_problem(
     full = f"{prefix}.{path}" if prefix and path else prefix or path
     if full.endswith(("source.adapter", "sink.adapter")) and text.startswith("Invalid value"):
         role: RoleName = "sink" if full.endswith("sink.adapter") else "source"
-        known = (registry or adapter_registry()).names(role)
-        text += f" (expected one of the installed {role} adapters: {', '.join(known) or 'none'})"
+        known = _registry(registry).names(role)
+        text += (
+            f" (expected one of the installed {role} adapters: {', '.join(known)})"
+            if known
+            else f" (no {role} adapter is installed: the package metadata is missing or stale;"
+            " reinstall connector-mesh, e.g. `pip install -e .`)"
+        )
     return ConfigProblem(full, text[:1].lower() + text[1:])
 
 
@@ -302,7 +311,7 @@ def decode_adapter_config(
         ConfigError: as :func:`decode_flow`.
     """
     try:
-        cfg: AdapterConfig = msgspec.convert(data, (registry or adapter_registry()).config_union(role))
+        cfg: AdapterConfig = msgspec.convert(data, _registry(registry).config_union(role))
     except msgspec.ValidationError as exc:
         raise ConfigError(source=source, problems=[validation_problem(exc, path, registry)]) from None
     return cfg

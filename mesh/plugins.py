@@ -201,6 +201,11 @@ class AdapterPlugin:
         return found
 
 
+class _NoAdapter(AdapterConfig, frozen=True, tag="-"):
+    """Stands in for an empty union: no ``adapter`` value matches its tag, so decoding a side no
+    installed adapter can play fails with msgspec's "Invalid value" at ``...adapter``."""
+
+
 def _check_ref(name: str, what: str, ref: str) -> None:
     if not _REF.match(ref):
         raise ValueError(f"adapter {name!r}: {what} {ref!r} is not 'module:attribute'")
@@ -262,11 +267,11 @@ class AdapterRegistry:
         return tuple(out)
 
     def config_union(self, role: RoleName) -> Any:
-        """The tagged union (``adapter = "..."``) of :meth:`configs`, for decoding; ``None`` (the
-        type that only decodes null) when no installed adapter can play ``role``."""
+        """The tagged union (``adapter = "..."``) of :meth:`configs`, for decoding (when no
+        installed adapter can play ``role``, a Struct no ``adapter`` value matches)."""
         configs = self.configs(role)
         if not configs:
-            return type(None)
+            return _NoAdapter
         return Union[configs]  # noqa: UP007 - built from a runtime tuple
 
     def plugin_of(self, cfg: AdapterConfig) -> AdapterPlugin:

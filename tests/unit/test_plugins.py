@@ -159,3 +159,17 @@ def test_struct_options_of_the_built_decoders_match_the_base() -> None:
     with pytest.raises(ConfigError, match="unknown field `sorce`"):
         decode_flow({"name": "f", "entity": "customer", "sorce": {}})
     assert msgspec.json.schema(flow_type)
+
+
+def test_with_no_adapter_installed_the_error_says_to_reinstall() -> None:
+    """Stale package metadata (an editable install from before the entry points existed) leaves
+    the registry empty: the error says so instead of listing nothing."""
+    with pytest.raises(ConfigError) as info:
+        decode_flow(
+            {"name": "f", "entity": "customer", "sink": {"adapter": "sqlite"}}, path="flows[0]",
+            registry=AdapterRegistry([]),
+        )  # fmt: skip
+    ((path, message),) = info.value.problems
+    assert path == "flows[0].sink.adapter"
+    assert "no sink adapter is installed" in message
+    assert "reinstall connector-mesh" in message
