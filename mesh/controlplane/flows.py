@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from mesh.config import FlowConfig, check_flow, decode_adapter_config, decode_flow, validation_problem
+from mesh.config import FlowConfig, check_flow, decode_adapter_config, decode_flow
 from mesh.controlplane.kv import Bucket, Entry, KvMirror, RevisionConflict
 from mesh.controlplane.models import (
     AgentRecord,
@@ -137,10 +137,12 @@ def parse_flow_file(
             agent = part.pop("agent", default_agent)
             sides[side] = (agent, part)
         # The flow's own fields (name, entity, consumer, retry, ...), checked without its sides.
+        common: FlowConfig | None
         try:
-            common = msgspec.convert({**table}, FlowConfig)
-        except msgspec.ValidationError as exc:
-            problem(*validation_problem(exc, path))
+            common = decode_flow(table, path=path)
+        except ConfigError as exc:
+            for p, m in exc.problems:
+                problem(p, m)
             common = None
         if common is not None:
             if common.name in seen:

@@ -159,3 +159,19 @@ def test_mapping_and_ownership_problems_are_listed_before_anything_is_stored() -
     assert "nmae" in joined
     assert "credit_limt" in joined
     assert all(p.startswith("f.toml") for p in problems)
+
+
+def test_an_adapter_that_is_not_installed_lists_the_installed_ones_one_problem_per_line() -> None:
+    text = FILE.replace('adapter = "sqlite"\npath = "erp.db"', 'adapter = "oracle"\npath = "erp.db"')
+    _, problems = parse_flow_file(text, "f.toml", {"erp": _agent("erp"), "crm": _agent("crm")})
+    assert problems[0].startswith(
+        "f.toml: flows[0].source.adapter: invalid value 'oracle' (expected one of the installed source "
+    )
+    assert "sqlite" in problems[0]
+    text = FILE.replace('[flows.sink]\nagent = "crm"', '[flows.to_canonical.fields]\nnmae = "name"\n'
+                        '[flows.sink]\nagent = "crm"')  # fmt: skip
+    _, problems = parse_flow_file(text, "f.toml", {"erp": _agent("erp"), "crm": _agent("crm")})
+    # each mapping problem is its own line with the file and its path; no summary line
+    assert len(problems) >= 2, problems
+    assert all(p.startswith("f.toml: flows[0].to_canonical") for p in problems), problems
+    assert not any("problems:" in p for p in problems)
