@@ -36,12 +36,12 @@ from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, Co
 from mesh.errors import ConfigError, TransportError
 from mesh.readiness import Readiness
 from mesh.transport import JetStream
+from mesh.transport._nats import NATS_ERRORS
 
 __all__ = ["ControlChannel", "command_subject"]
 
 log = logging.getLogger(__name__)
 
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _assignment = msgspec.json.Decoder(Assignment)
 _command = msgspec.json.Decoder(AgentCommand)
 
@@ -95,7 +95,7 @@ class ControlChannel:
             try:
                 kv = await js.js.key_value(ASSIGN_BUCKET)
                 watcher = await kv.watch(key)
-            except _NATS_ERRORS as exc:
+            except NATS_ERRORS as exc:
                 log.debug("watch %s/%s: %s", ASSIGN_BUCKET, key, exc)
                 await anyio.sleep(self.retry_every)
                 continue
@@ -105,7 +105,7 @@ class ControlChannel:
                 with (
                     anyio.CancelScope(shield=True),
                     anyio.move_on_after(2),
-                    contextlib.suppress(*_NATS_ERRORS, AttributeError),
+                    contextlib.suppress(*NATS_ERRORS, AttributeError),
                 ):
                     await watcher.stop()
 
@@ -155,10 +155,10 @@ class ControlChannel:
         subject = command_subject(self.name, self.prefix)
         try:
             sub = await js.nc.subscribe(subject)
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"subscribe {subject}: {exc}") from exc
         try:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await js.nc.flush(timeout=2)  # the server has the subscription: commands reach us
             if self.readiness is not None:
                 self.readiness.set("commands")
@@ -168,7 +168,7 @@ class ControlChannel:
         finally:
             if self.readiness is not None:
                 self.readiness.clear("commands", "command channel closed")
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
 
     async def _answer(self, msg: Msg) -> None:
@@ -183,5 +183,5 @@ class ControlChannel:
                 log.exception("command %s failed", cmd.op)
                 result = CommandResult(ok=False, message=f"{cmd.op} failed on {self.name}: {exc!r}")
         if msg.reply:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await msg.respond(encode(result))

@@ -44,7 +44,7 @@ from mesh.controlplane.audit import AuditLog
 from mesh.controlplane.flows import FlowStore
 from mesh.controlplane.health import HealthTracker
 from mesh.controlplane.http import HttpServer, create_app
-from mesh.controlplane.kv import KvMirror, NatsBucket, ensure_buckets
+from mesh.controlplane.kv import Bucket, KvMirror, ensure_buckets
 from mesh.controlplane.lease import LeaderLease
 from mesh.controlplane.metrics import ControlPlaneMetrics
 from mesh.controlplane.models import (
@@ -85,12 +85,12 @@ from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import StatusBuilder, flow_views
 from mesh.errors import DecodeError, TransportError
 from mesh.transport import DLQ_STREAM, JetStream
+from mesh.transport._nats import NATS_ERRORS
 
 __all__ = ["ControlPlane", "run_control_plane_process"]
 
 log = logging.getLogger(__name__)
 
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _CONCURRENCY = 64
 
 
@@ -106,7 +106,7 @@ class ControlPlane:
         self.js = JetStream(settings.nats, name=f"control-plane:{settings.name}")
         self.http: HttpServer | None = None
         self.http_port: int | None = None
-        self.buckets: dict[str, NatsBucket] = {}
+        self.buckets: dict[str, Bucket] = {}
         self.mirror: KvMirror | None = None
         self.lease: LeaderLease | None = None
         self.builder: StatusBuilder | None = None
@@ -274,7 +274,7 @@ class ControlPlane:
             for kind in kinds:
                 sub = await self.js.nc.subscribe(f"{self.prefix}.{kind}", queue=f"{self.prefix}.{group}")
                 subs.append((kind, sub))
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             await _unsubscribe(subs)
             raise TransportError(f"subscribe {self.prefix}.*: {exc}") from exc
         return subs
@@ -351,7 +351,7 @@ class ControlPlane:
         self.metrics.requests.labels(kind, outcome).inc()
         self.metrics.request_seconds.labels(kind).observe(time.perf_counter() - began)
         if msg.reply:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await msg.respond(encode(reply))
 
     async def _dispatch(self, req: Request) -> Reply:
@@ -490,7 +490,7 @@ class ControlPlane:
         except (nats.errors.TimeoutError, TimeoutError):
             why = f"agent {agent} did not answer within {cmd.timeout + 5:g}s"
             return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             why = f"could not reach agent {agent}: {type(exc).__name__}: {exc}"
             return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
         try:
@@ -575,7 +575,7 @@ class ControlPlane:
             info = await self.js.js.stream_info(DLQ_STREAM, subjects_filter="dlq.>")
         except nats.js.errors.NotFoundError:
             return {}
-        except (*_NATS_ERRORS, TransportError) as exc:
+        except (*NATS_ERRORS, TransportError) as exc:
             log.debug("dead-letter depths: %s", exc)
             return self.dlq_depths
         return {subject.removeprefix("dlq."): int(n) for subject, n in (info.state.subjects or {}).items()}
@@ -584,7 +584,7 @@ class ControlPlane:
 async def _unsubscribe(subs: list[tuple[str, Subscription]]) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(2):
         for _, sub in subs:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
 
 

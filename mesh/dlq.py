@@ -48,6 +48,7 @@ from mesh.config import NatsConfig
 from mesh.envelope import Envelope, decode
 from mesh.errors import DecodeError, MeshError, TransportError
 from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream
+from mesh.transport._nats import NATS_ERRORS
 
 __all__ = [
     "DEFAULT_NATS_URL",
@@ -89,7 +90,6 @@ _API = "$JS.API"
 _NO_MESSAGE = 10037
 _STREAM_NOT_FOUND = 10059
 _CONSUMER_NOT_FOUND = 10014
-_NATS_ERRORS = (nats.errors.Error, TimeoutError, OSError)
 _RELATIVE = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
 _RELATIVE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -375,7 +375,7 @@ class _Api:
             msg = await self.js.nc.request(f"{_API}.{subject}", body, timeout=self.timeout)
         except nats.errors.NoRespondersError:
             raise TransportError(f"{self.js.cfg.servers[0]}: JetStream is not enabled there") from None
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"NATS request {subject}: {type(exc).__name__}: {exc}") from exc
         try:
             resp: dict[str, Any] = json.loads(msg.data)
@@ -389,7 +389,7 @@ class _Api:
             return await coro
         except nats.js.errors.APIError as exc:
             raise DlqError(f"JetStream refused: {exc.description or exc}") from exc
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"NATS: {type(exc).__name__}: {exc or 'no answer'}") from exc
 
 
@@ -563,7 +563,7 @@ class DeadLetters:
             raise DlqError(f"no stream stores subject {subject}") from exc
         except nats.js.errors.APIError as exc:
             raise DlqError(f"publish to {subject} refused: {exc.description or exc}") from exc
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"publish to {subject}: {type(exc).__name__}: {exc}") from exc
         if not keep:
             await self.delete(entry.seq)
@@ -634,7 +634,7 @@ async def _find_consumer(api: _Api, stream: str, flow: str, sink_system: str | N
             ) from None
         except nats.js.errors.APIError as exc:
             raise DlqError(f"consumer {name}: {exc.description or exc}") from exc
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"consumer {name}: {type(exc).__name__}: {exc}") from exc
     try:
         infos = await _consumers(api, stream)
@@ -729,7 +729,7 @@ async def replay_flow(
         result = await js.js.reset_consumer(stream, name, seq=start, timeout=api.timeout)
     except nats.js.errors.APIError as exc:
         raise DlqError(f"reset of consumer {name} refused: {exc.description or exc}") from exc
-    except _NATS_ERRORS as exc:
+    except NATS_ERRORS as exc:
         raise TransportError(f"reset of consumer {name}: {type(exc).__name__}: {exc or 'no answer'}") from exc
     return FlowReplay(
         consumer=name,

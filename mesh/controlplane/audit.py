@@ -25,10 +25,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh.errors import DecodeError, TransportError
 from mesh.transport import AUDIT_STREAM, JetStream
+from mesh.transport._nats import NATS_ERRORS
 
 __all__ = ["AuditEntry", "AuditLog", "AuditRecord", "audit_subject", "tail"]
 
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,7 +102,7 @@ class AuditLog:
                     ack = await self.js.js.publish(
                         audit_subject(kind), data, timeout=min(2.0, self.timeout), headers=headers
                     )
-                except (*_NATS_ERRORS, TransportError) as exc:
+                except (*NATS_ERRORS, TransportError) as exc:
                     last = exc
                     await anyio.sleep(0.2)
                     continue
@@ -126,7 +126,7 @@ async def tail(
         info = await js.js.stream_info(AUDIT_STREAM, subjects_filter=subject)
     except nats.js.errors.NotFoundError:
         raise TransportError(f"stream {AUDIT_STREAM} does not exist (no control plane ran yet?)") from None
-    except _NATS_ERRORS as exc:
+    except NATS_ERRORS as exc:
         raise TransportError(f"audit stream: {type(exc).__name__}: {exc}") from exc
     end = int(info.state.last_seq)
     subjects = info.state.subjects or {}
@@ -137,7 +137,7 @@ async def tail(
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
     try:
         sub = await js.js.subscribe(subject, stream=AUDIT_STREAM, ordered_consumer=True, config=config)
-    except _NATS_ERRORS as exc:
+    except NATS_ERRORS as exc:
         raise TransportError(f"audit stream: {type(exc).__name__}: {exc}") from exc
     window: list[AuditRecord] = []
     try:
@@ -168,7 +168,7 @@ async def tail(
         for r in window[-last:]:
             yield r
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
             await sub.unsubscribe()
 
 
