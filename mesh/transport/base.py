@@ -148,8 +148,9 @@ class Delivery(abc.ABC):
 
     @abc.abstractmethod
     async def ack(self) -> None:
-        """Done: never delivered again. Raises TransportError when the broker is unreachable
-        (the message is then redelivered after ``ack_wait``: the caller must be idempotent)."""
+        """Done: never delivered again. The ack is sent, not confirmed (the broker applies it a
+        moment later); one lost on the way means one redelivery after ``ack_wait``, which the
+        caller absorbs (inbox, I4). Raises TransportError when the connection is down."""
 
     @abc.abstractmethod
     async def nak(self, delay: float | None = None) -> None:
