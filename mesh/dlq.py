@@ -1,9 +1,8 @@
 """Operating on dead letters (``MESH_DLQ``) and replaying a flow from a point in ``MESH_EVENTS``.
 
 A dead-letter entry is the original message bytes, published to ``dlq.<flow>`` with the headers
-the sink agent added (``Mesh-Original-Subject``, ``Mesh-Original-Stream-Seq``,
-``Mesh-Original-Msg-Id``, ``Mesh-Reason``, ``Mesh-Error-Class``, ``Mesh-Permanent``,
-``Mesh-Attempts``, ``Mesh-Flow``, ``Mesh-Agent``) plus the original's own non-``Nats-`` headers.
+of a :class:`~mesh.envelope.DeadLetter` (``Mesh-Reason``, ``Mesh-Error-Class``, ``Mesh-Flow``,
+``Mesh-Original-Subject``, ...) plus the original's own non-``Nats-`` headers.
 
 Guarantees:
 
@@ -45,7 +44,7 @@ import nats.errors
 import nats.js.errors
 
 from mesh.config import NatsConfig
-from mesh.envelope import Envelope, decode
+from mesh.envelope import DEAD_LETTER_HEADERS, DeadLetter, Envelope, decode
 from mesh.errors import DecodeError, MeshError, TransportError
 from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream
 from mesh.transport._nats import NATS_ERRORS
@@ -70,21 +69,8 @@ __all__ = [
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 """Where the CLI connects when neither ``--server`` nor ``MESH_NATS_URL`` says otherwise."""
 
-DLQ_HEADERS = frozenset(
-    {
-        "Mesh-Original-Subject",
-        "Mesh-Original-Stream-Seq",
-        "Mesh-Original-Msg-Id",
-        "Mesh-Reason",
-        "Mesh-Error-Class",
-        "Mesh-Permanent",
-        "Mesh-Attempts",
-        "Mesh-Flow",
-        "Mesh-Agent",
-    }
-)
-"""The headers the sink agent adds when it dead-letters a message (not part of the original).
-A change the source side's mapping refused also carries ``Mesh-Stage: capture``."""
+DLQ_HEADERS = DEAD_LETTER_HEADERS
+"""The headers a dead letter carries beyond the original's own (:class:`~mesh.envelope.DeadLetter`)."""
 
 _API = "$JS.API"
 _NO_MESSAGE = 10037
@@ -196,6 +182,15 @@ class DlqEntry:
             return cls(seq, subject, time, data, dict(headers), decode_error=str(exc))
 
     @property
+    def dead_letter(self) -> DeadLetter | None:
+        """The dead-letter headers as one value; None when they are incomplete (a message
+        published to ``dlq.*`` by something else)."""
+        try:
+            return DeadLetter.from_headers(self.headers)
+        except DecodeError:
+            return None
+
+    @property
     def flow(self) -> str:
         return self.headers.get("Mesh-Flow") or self.subject.removeprefix("dlq.")
 
@@ -237,7 +232,7 @@ class DlqEntry:
         return {
             k: v
             for k, v in self.headers.items()
-            if k not in DLQ_HEADERS and k != "Mesh-Stage" and not k.startswith("Nats-")
+            if k not in DLQ_HEADERS and not k.startswith("Nats-")
         }
 
     def payload_json(self) -> Any:

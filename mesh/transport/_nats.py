@@ -18,7 +18,7 @@ from mesh.transport.base import NoResponders, RevisionConflict
 
 T = TypeVar("T")
 
-NATS_ERRORS: tuple[type[BaseException], ...] = (
+NATS_ERRORS = (
     nats.errors.Error,
     nats.js.errors.Error,
     TimeoutError,
@@ -26,7 +26,7 @@ NATS_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Everything nats-py raises for a broker that is away, slow or refusing."""
 
-TIMEOUTS: tuple[type[BaseException], ...] = (
+TIMEOUTS = (
     nats.errors.TimeoutError,
     TimeoutError,
     nats.js.errors.FetchTimeoutError,
