@@ -14,7 +14,7 @@ import nats.errors
 import nats.js.errors
 
 from mesh.errors import TransportError
-from mesh.transport.base import NoResponders, RevisionConflict
+from mesh.transport.base import NoReply, NoResponders, RevisionConflict
 
 T = TypeVar("T")
 
@@ -42,6 +42,7 @@ def translate(what: str) -> Iterator[None]:
     Raises:
         RevisionConflict: a KV compare-and-swap lost.
         NoResponders: nobody serves the subject (or no stream stores it).
+        NoReply: nats-py timed out waiting for an answer.
         TransportError: anything else nats-py raised.
     """
     try:
@@ -54,6 +55,8 @@ def translate(what: str) -> Iterator[None]:
         if exc.err_code in _WRONG_LAST_SEQUENCE:
             raise RevisionConflict(f"{what}: revision changed") from None
         raise TransportError(f"{what}: JetStream refused: {exc.description or exc}") from exc
+    except TIMEOUTS as exc:
+        raise NoReply(f"{what}: no answer in time") from exc
     except NATS_ERRORS as exc:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
 

@@ -41,6 +41,7 @@ __all__ = [
     "KvUpdate",
     "KvWatch",
     "Message",
+    "NoReply",
     "NoResponders",
     "OutMessage",
     "RevisionConflict",
@@ -50,6 +51,10 @@ __all__ = [
 
 class NoResponders(TransportError):
     """A request found nobody serving its subject (or a publish found no stream for it)."""
+
+
+class NoReply(TransportError):
+    """The broker (or a responder) did not answer within the timeout."""
 
 
 class RevisionConflict(TransportError):
@@ -234,8 +239,9 @@ class Bucket(abc.ABC):
         """Delete (only if still at ``revision`` when given, else RevisionConflict)."""
 
     @abc.abstractmethod
-    async def watch(self) -> KvWatch:
-        """Start watching every key (``async with await bucket.watch() as w``)."""
+    async def watch(self, keys: str = ">") -> KvWatch:
+        """Start watching the keys matching ``keys`` (NATS wildcards; default every key):
+        ``async with await bucket.watch() as w``."""
 
 
 class Transport(_Resource):
@@ -256,6 +262,11 @@ class Transport(_Resource):
     @property
     @abc.abstractmethod
     def is_connected(self) -> bool: ...
+
+    @property
+    def where(self) -> str:
+        """Where this transport connects (server URLs, comma-separated), for messages."""
+        return self.name
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -323,7 +334,8 @@ class Transport(_Resource):
 
         Raises:
             NoResponders: nobody serves ``subject``.
-            TransportError: no reply in time, or the connection is down.
+            NoReply: no reply within ``timeout``.
+            TransportError: the connection is down.
         """
 
     @abc.abstractmethod

@@ -195,8 +195,8 @@ class NatsBucket(Bucket):
     async def delete(self, key: str, revision: int | None = None) -> None:
         await translated(f"KV {self.name}: delete {key}", self.kv.delete(key, last=revision))
 
-    async def watch(self) -> KvWatch:
-        watcher = await translated(f"KV {self.name}: watch", self.kv.watchall())
+    async def watch(self, keys: str = ">") -> KvWatch:
+        watcher = await translated(f"KV {self.name}: watch {keys}", self.kv.watch(keys))
         return _NatsWatch(watcher, self.name)
 
 
@@ -226,6 +226,10 @@ class JetStream(Transport):
     @property
     def is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def where(self) -> str:
+        return ", ".join(self.cfg.servers)
 
     def _password(self) -> str | None:
         if self.cfg.password_env is None:

@@ -34,6 +34,7 @@ from mesh.transport.base import (
     KvUpdate,
     KvWatch,
     Message,
+    NoReply,
     NoResponders,
     OutMessage,
     RevisionConflict,
@@ -123,7 +124,8 @@ class _Bucket:
         self.history = history
         self.data: dict[str, Entry] = {}
         self.seq = 0
-        self.watchers: set[MemoryObjectSendStream[KvUpdate]] = set()
+        self.watchers: dict[MemoryObjectSendStream[KvUpdate], str] = {}
+        """Each watch's stream and its key pattern."""
 
     def store(self, key: str, value: bytes | None) -> int:
         self.seq += 1
@@ -133,11 +135,13 @@ class _Bucket:
         else:
             self.data[key] = Entry(key, value, self.seq)
             update = KvUpdate("put", key, value, self.seq)
-        for w in list(self.watchers):
+        for w, keys in list(self.watchers.items()):
+            if not subject_matches(keys, key):
+                continue
             try:
                 w.send_nowait(update)
-            except anyio.BrokenResourceError:
-                self.watchers.discard(w)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.watchers.pop(w, None)
         return self.seq
 
 
@@ -262,7 +266,7 @@ class _MemoryWatch(KvWatch):
         return None
 
     async def aclose(self) -> None:
-        self._bucket.watchers.discard(self._send)
+        self._bucket.watchers.pop(self._send, None)
         self._send.close()
         self._receive.close()
 
@@ -313,13 +317,14 @@ class MemoryBucket(Bucket):
             raise RevisionConflict(f"KV {self.name}: delete {key}: revision changed")
         self._b.store(key, None)
 
-    async def watch(self) -> KvWatch:
+    async def watch(self, keys: str = ">") -> KvWatch:
         await anyio.lowlevel.checkpoint()
         send, receive = anyio.create_memory_object_stream[KvUpdate](math.inf)
         for e in sorted(self._b.data.values(), key=lambda e: e.revision):
-            send.send_nowait(KvUpdate("put", e.key, e.value, e.revision))
+            if subject_matches(keys, e.key):
+                send.send_nowait(KvUpdate("put", e.key, e.value, e.revision))
         send.send_nowait(KvUpdate("loaded"))
-        self._b.watchers.add(send)
+        self._b.watchers[send] = keys
         return _MemoryWatch(self._b, send, receive)
 
 
@@ -468,10 +473,10 @@ class MemoryTransport(Transport):
             with anyio.fail_after(timeout):
                 reply = await handler(Message(subject, data, dict(headers or {})))
         except TimeoutError:
-            raise TransportError(f"request {subject}: no reply within {timeout}s") from None
+            raise NoReply(f"request {subject}: no reply within {timeout}s") from None
         except Exception:
             log.exception("request on %s failed; no reply", subject)
-            raise TransportError(f"request {subject}: no reply (the responder failed)") from None
+            raise NoReply(f"request {subject}: no reply (the responder failed)") from None
         return Message(subject, reply)
 
     async def serve(

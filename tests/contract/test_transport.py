@@ -24,6 +24,7 @@ from mesh.transport import (
     MemoryBroker,
     MemoryTransport,
     Message,
+    NoReply,
     NoResponders,
     OutMessage,
     RevisionConflict,
@@ -261,6 +262,18 @@ async def test_kv_watch_gives_current_values_then_changes(transport: Transport) 
         assert update.revision > rb
 
 
+async def test_kv_watch_of_some_keys_gives_only_those(transport: Transport) -> None:
+    b = await transport.key_value("contract_some", memory=True)
+    await b.put("agent.a", b"1")
+    await b.put("agent.b", b"2")
+    async with await b.watch("agent.b") as w:
+        assert (await _next(w.next)).key == "agent.b"
+        assert (await _next(w.next)).op == "loaded"
+        await b.put("agent.a", b"3")
+        rb = await b.put("agent.b", b"4")
+        assert await _next(w.next) == KvUpdate("put", "agent.b", b"4", rb)
+
+
 async def test_kv_watch_of_an_empty_bucket_says_loaded(transport: Transport) -> None:
     b = await transport.key_value("contract_empty", memory=True)
     async with await b.watch() as w:
@@ -294,7 +307,7 @@ async def test_request_reply_and_no_responders(transport: Transport) -> None:
         reply = await transport.request("svc.echo", b"hi", timeout=2)
         assert reply.data == b"svc.echo:hi"
         await tg.start(transport.serve, "bad.one", fail)
-        with pytest.raises(TransportError):  # no reply: the caller times out, nothing hangs
+        with pytest.raises(NoReply):  # no reply: the caller times out, nothing hangs
             await transport.request("bad.one", b"x", timeout=0.5)
         tg.cancel_scope.cancel()
     with pytest.raises(NoResponders):  # served only while the serving task runs
