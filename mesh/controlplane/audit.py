@@ -24,7 +24,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh.errors import DecodeError, TransportError
-from mesh.transport import AUDIT_STREAM, JetStream
+from mesh.transport import AUDIT_STREAM, JetStream, OutMessage, Transport
 from mesh.transport._nats import NATS_ERRORS
 
 __all__ = ["AuditEntry", "AuditLog", "AuditRecord", "audit_subject", "tail"]
@@ -67,7 +67,7 @@ class AuditRecord:
 class AuditLog:
     """Appends entries for one control-plane replica."""
 
-    def __init__(self, js: JetStream, replica: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, js: Transport, replica: str, *, timeout: float = 5.0) -> None:
         self.js = js
         self.replica = replica
         self.timeout = timeout
@@ -94,20 +94,20 @@ class AuditLog:
             detail=detail or {},
         )
         data = msgspec.json.encode(entry)
-        headers = {"Nats-Msg-Id": f"audit-{uuid.uuid4()}", "Content-Type": "application/json"}
+        msg = OutMessage(
+            audit_subject(kind), data, f"audit-{uuid.uuid4()}", {"Content-Type": "application/json"}
+        )
         last: Exception | None = None
         with anyio.move_on_after(self.timeout):
             while True:
                 try:
-                    ack = await self.js.js.publish(
-                        audit_subject(kind), data, timeout=min(2.0, self.timeout), headers=headers
-                    )
-                except (*NATS_ERRORS, TransportError) as exc:
+                    seq = await self.js.publish(msg)  # the same msg id: a retry is stored once
+                except TransportError as exc:
                     last = exc
                     await anyio.sleep(0.2)
                     continue
                 self.appended += 1
-                return int(ack.seq)
+                return seq
         raise TransportError(f"audit entry {kind} for {target} not stored: {last}")
 
 

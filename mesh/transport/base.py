@@ -345,8 +345,12 @@ class Transport(_Resource):
         handler: Handler,
         *,
         queue: str = "",
+        max_concurrent: int = 0,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
-        """Answer requests on ``subject`` (wildcards allowed) until cancelled, each in its own
-        task. ``task_status.started()`` once the broker routes requests here. Replicas sharing a
-        ``queue`` share the requests. Raises TransportError when the subscription fails."""
+        """Answer requests on ``subject`` (wildcards allowed) until cancelled.
+
+        Up to ``max_concurrent`` requests are handled at once (0: no limit; 1: one at a time, in
+        arrival order). ``task_status.started()`` once the broker routes requests here. Replicas
+        sharing a ``queue`` share the requests. Raises TransportError when the subscription
+        fails or ends."""

@@ -461,6 +461,7 @@ class JetStream(Transport):
         handler: Handler,
         *,
         queue: str = "",
+        max_concurrent: int = 0,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         # No callback: nats-py would run it in a task of its own and swallow its errors.
@@ -470,13 +471,27 @@ class JetStream(Transport):
                 f"subscribe {subject}", self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
             )
             task_status.started()
+            slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
             async with anyio.create_task_group() as tg:
                 async for msg in sub.messages:
-                    tg.start_soon(self._answer, handler, msg)
+                    if max_concurrent == 1:
+                        await self._answer(handler, msg)
+                    elif slots is None:
+                        tg.start_soon(self._answer, handler, msg)
+                    else:
+                        await slots.acquire()
+                        tg.start_soon(self._answer_released, handler, msg, slots)
             raise TransportError(f"subscription {subject} ended")  # the connection was closed
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
+
+    @classmethod
+    async def _answer_released(cls, handler: Handler, msg: Msg, slots: anyio.Semaphore) -> None:
+        try:
+            await cls._answer(handler, msg)
+        finally:
+            slots.release()
 
     @staticmethod
     async def _answer(handler: Handler, msg: Msg) -> None:

@@ -485,10 +485,20 @@ class MemoryTransport(Transport):
         handler: Handler,
         *,
         queue: str = "",
+        max_concurrent: int = 0,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         broker = self._live()
         key = next(broker._ids)
+        if max_concurrent > 0:
+            slots = anyio.Semaphore(max_concurrent)
+            inner = handler
+
+            async def limited(m: Message) -> bytes:
+                async with slots:
+                    return await inner(m)
+
+            handler = limited
         broker.responders[key] = (subject, queue, handler)
         try:
             task_status.started()
