@@ -46,7 +46,7 @@ import nats.js.errors
 from mesh.config import NatsConfig
 from mesh.envelope import DEAD_LETTER_HEADERS, DeadLetter, Envelope, decode
 from mesh.errors import DecodeError, MeshError, TransportError
-from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream
+from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream, NoResponders
 from mesh.transport._nats import NATS_ERRORS
 
 __all__ = [
@@ -367,11 +367,9 @@ class _Api:
     async def request(self, subject: str, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
         body = json.dumps(payload).encode() if payload else b""
         try:
-            msg = await self.js.nc.request(f"{_API}.{subject}", body, timeout=self.timeout)
-        except nats.errors.NoRespondersError:
+            msg = await self.js.request(f"{_API}.{subject}", body, timeout=self.timeout)
+        except NoResponders:
             raise TransportError(f"{self.js.cfg.servers[0]}: JetStream is not enabled there") from None
-        except NATS_ERRORS as exc:
-            raise TransportError(f"NATS request {subject}: {type(exc).__name__}: {exc}") from exc
         try:
             resp: dict[str, Any] = json.loads(msg.data)
         except ValueError as exc:
