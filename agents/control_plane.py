@@ -33,7 +33,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import msgspec
-import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.subscription import Subscription

@@ -40,7 +40,6 @@ from enum import StrEnum
 from typing import Any
 
 import msgspec
-import nats.errors
 import nats.js.errors
 
 from mesh.config import NatsConfig

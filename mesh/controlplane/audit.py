@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import anyio
 import msgspec
-import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh.errors import DecodeError, TransportError
 from mesh.transport import AUDIT_STREAM, JetStream, OutMessage, Transport
-from mesh.transport._nats import NATS_ERRORS
+from mesh.transport._nats import NATS_ERRORS, TIMEOUTS
 
 __all__ = ["AuditEntry", "AuditLog", "AuditRecord", "audit_subject", "tail"]
 
@@ -147,7 +146,7 @@ async def tail(
                 break
             try:
                 msg = await sub.next_msg(timeout=1.0 if follow else js.cfg.request_timeout)
-            except (nats.errors.TimeoutError, TimeoutError):
+            except TIMEOUTS:
                 if not caught_up:
                     break  # nothing more arrives: the window is complete
                 continue
