@@ -228,11 +228,7 @@ class DlqEntry:
 
     def original_headers(self) -> dict[str, str]:
         """The headers the original message carried (without the DLQ's and ``Nats-*`` ones)."""
-        return {
-            k: v
-            for k, v in self.headers.items()
-            if k not in DLQ_HEADERS and not k.startswith("Nats-")
-        }
+        return {k: v for k, v in self.headers.items() if k not in DLQ_HEADERS and not k.startswith("Nats-")}
 
     def payload_json(self) -> Any:
         """The envelope's payload as JSON-ready data (any msgpack value; bytes as base64, None

@@ -29,7 +29,6 @@ from mesh.transport._nats import NATS_ERRORS, TIMEOUTS
 __all__ = ["AuditEntry", "AuditLog", "AuditRecord", "audit_subject", "tail"]
 
 
-
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
     """One audited action."""
 
