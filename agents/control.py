@@ -4,7 +4,7 @@
   ``mesh_assign`` and hands every new :class:`~mesh.controlplane.models.Assignment` to the
   :class:`~agents.flows.FlowManager`. Only a registered agent (credentials in its state dir)
   watches; a deleted key (flow deleted, agent revoked or deregistered) means "no assigned flows".
-  nats-py watchers can miss updates after a server restart, so the watcher is re-created after
+  JetStream watches can miss updates after a server restart, so the watch is re-created after
   every reconnect and every ``resync_every`` seconds (the manager ignores an assignment it
   already runs).
 * :meth:`ControlChannel.serve_commands` answers ``<prefix>.agent.<name>`` requests
@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,11 +23,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import msgspec
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.aio.msg import Msg
-from nats.js.kv import KV_DEL, KV_PURGE
 
 from agents.flows import FlowManager
 from mesh.controlplane.client import DEFAULT_PREFIX
@@ -35,13 +31,12 @@ from mesh.controlplane.identity import load_credentials
 from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
 from mesh.errors import ConfigError, TransportError
 from mesh.readiness import Readiness
-from mesh.transport import JetStream
+from mesh.transport import KvWatch, Message, Transport
 
 __all__ = ["ControlChannel", "command_subject"]
 
 log = logging.getLogger(__name__)
 
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _assignment = msgspec.json.Decoder(Assignment)
 _command = msgspec.json.Decoder(AgentCommand)
 
@@ -56,7 +51,7 @@ class ControlChannel:
         self,
         name: str,
         state_dir: str | Path,
-        nats: Callable[[], Awaitable[JetStream]],
+        nats: Callable[[], Awaitable[Transport]],
         flows: FlowManager,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -80,11 +75,11 @@ class ControlChannel:
 
     async def watch_assignments(self, task_status: TaskStatus[None]) -> None:
         task_status.started()
-        js = await self.nats()
+        transport = await self.nats()
         key = f"agent.{self.name}"
         told = ""
         while True:
-            why = await self._why_not(js)
+            why = await self._why_not(transport)
             if why:
                 if why != told:
                     log.info("agent %s: no assigned flows for now (%s)", self.name, why)
@@ -93,23 +88,16 @@ class ControlChannel:
                 continue
             told = ""
             try:
-                kv = await js.js.key_value(ASSIGN_BUCKET)
-                watcher = await kv.watch(key)
-            except _NATS_ERRORS as exc:
+                bucket = await transport.key_value(ASSIGN_BUCKET, create=False)
+                watch = await bucket.watch(key)
+            except TransportError as exc:
                 log.debug("watch %s/%s: %s", ASSIGN_BUCKET, key, exc)
                 await anyio.sleep(self.retry_every)
                 continue
-            try:
-                await self._follow(js, watcher)
-            finally:
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(2),
-                    contextlib.suppress(*_NATS_ERRORS, AttributeError),
-                ):
-                    await watcher.stop()
+            async with watch:
+                await self._follow(transport, watch)
 
-    async def _why_not(self, js: JetStream) -> str:
+    async def _why_not(self, js: Transport) -> str:
         """Why the agent cannot follow its assignment now ("" when it can)."""
         if not js.is_connected:
             return "NATS disconnected"
@@ -121,23 +109,22 @@ class ControlChannel:
             return "not registered (`meshctl agent register`)"
         return ""
 
-    async def _follow(self, js: JetStream, watcher: object) -> None:
-        reconnects = js.reconnects
+    async def _follow(self, transport: Transport, watch: KvWatch) -> None:
+        reconnects = transport.reconnects
         until = anyio.current_time() + self.resync_every
         seen_initial = False
         got_value = False
-        while anyio.current_time() < until and js.reconnects == reconnects:
-            try:
-                update = await watcher.updates(timeout=1.0)  # type: ignore[attr-defined]
-            except (nats.errors.TimeoutError, TimeoutError):
+        while anyio.current_time() < until and transport.reconnects == reconnects:
+            update = await watch.next(timeout=1.0)
+            if update is None:
                 continue
-            if update is None:  # end of the current value(s)
+            if update.op == "loaded":  # end of the current value(s)
                 if not seen_initial and not got_value:
                     await self.flows.sync(None)
                 seen_initial = True
                 continue
             got_value = True
-            if update.operation in (KV_DEL, KV_PURGE) or not update.value:
+            if update.op == "delete" or not update.value:
                 await self.flows.sync(None)
                 continue
             try:
@@ -150,28 +137,25 @@ class ControlChannel:
     # --- commands ------------------------------------------------------------------------------
 
     async def serve_commands(self, task_status: TaskStatus[None]) -> None:
+        """Answer commands until cancelled; marks readiness "commands" once the broker routes
+        them here (the subscription is flushed to the server).
+
+        Raises:
+            TransportError: the subscription failed or ended; the supervisor restarts it.
+        """
         task_status.started()
-        js = await self.nats()
+        transport = await self.nats()
         subject = command_subject(self.name, self.prefix)
         try:
-            sub = await js.nc.subscribe(subject)
-        except _NATS_ERRORS as exc:
-            raise TransportError(f"subscribe {subject}: {exc}") from exc
-        try:
-            with contextlib.suppress(*_NATS_ERRORS):
-                await js.nc.flush(timeout=2)  # the server has the subscription: commands reach us
-            if self.readiness is not None:
-                self.readiness.set("commands")
             async with anyio.create_task_group() as tg:
-                async for msg in sub.messages:
-                    tg.start_soon(self._answer, msg)
+                await tg.start(functools.partial(transport.serve, subject, self._answer))
+                if self.readiness is not None:
+                    self.readiness.set("commands")
         finally:
             if self.readiness is not None:
                 self.readiness.clear("commands", "command channel closed")
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
-                await sub.unsubscribe()
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Message) -> bytes:
         try:
             cmd = _command.decode(msg.data)
         except msgspec.DecodeError as exc:
@@ -182,6 +166,4 @@ class ControlChannel:
             except Exception as exc:  # an answer, whatever happened: the operator is waiting
                 log.exception("command %s failed", cmd.op)
                 result = CommandResult(ok=False, message=f"{cmd.op} failed on {self.name}: {exc!r}")
-        if msg.reply:
-            with contextlib.suppress(*_NATS_ERRORS):
-                await msg.respond(encode(result))
+        return encode(result)

@@ -23,6 +23,7 @@ Run it with ``meshctl control-plane run`` or ``python -m agents.control_plane`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -32,10 +33,8 @@ from typing import Any
 import anyio
 import anyio.abc
 import msgspec
-import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from agents.control import command_subject
@@ -44,7 +43,7 @@ from mesh.controlplane.audit import AuditLog
 from mesh.controlplane.flows import FlowStore
 from mesh.controlplane.health import HealthTracker
 from mesh.controlplane.http import HttpServer, create_app
-from mesh.controlplane.kv import KvMirror, NatsBucket, ensure_buckets
+from mesh.controlplane.kv import Bucket, KvMirror, ensure_buckets
 from mesh.controlplane.lease import LeaderLease
 from mesh.controlplane.metrics import ControlPlaneMetrics
 from mesh.controlplane.models import (
@@ -84,13 +83,13 @@ from mesh.controlplane.registry import Registry
 from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import StatusBuilder, flow_views
 from mesh.errors import DecodeError, TransportError
-from mesh.transport import DLQ_STREAM, JetStream
+from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders
+from mesh.transport._nats import NATS_ERRORS
 
 __all__ = ["ControlPlane", "run_control_plane_process"]
 
 log = logging.getLogger(__name__)
 
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _CONCURRENCY = 64
 
 
@@ -106,7 +105,7 @@ class ControlPlane:
         self.js = JetStream(settings.nats, name=f"control-plane:{settings.name}")
         self.http: HttpServer | None = None
         self.http_port: int | None = None
-        self.buckets: dict[str, NatsBucket] = {}
+        self.buckets: dict[str, Bucket] = {}
         self.mirror: KvMirror | None = None
         self.lease: LeaderLease | None = None
         self.builder: StatusBuilder | None = None
@@ -268,64 +267,38 @@ class ControlPlane:
 
     # --- request/reply -------------------------------------------------------------------------
 
-    async def _subscribe(self, kinds: tuple[str, ...], group: str) -> list[tuple[str, Subscription]]:
-        subs = []
-        try:
+    async def _serve(self, kinds: tuple[str, ...], group: str, *, task_status: TaskStatus[None]) -> None:
+        """Serve ``kinds`` (queue group ``group``, shared with the other replicas) until cancelled.
+
+        Heartbeats and reads are independent of each other: up to _CONCURRENCY at once, so a
+        burst (every agent beating in the same second) is not queued behind one KV write at a
+        time. Registry changes stay one at a time (they are CAS loops anyway).
+        """
+        async with anyio.create_task_group() as tg:
             for kind in kinds:
-                sub = await self.js.nc.subscribe(f"{self.prefix}.{kind}", queue=f"{self.prefix}.{group}")
-                subs.append((kind, sub))
-        except _NATS_ERRORS as exc:
-            await _unsubscribe(subs)
-            raise TransportError(f"subscribe {self.prefix}.*: {exc}") from exc
-        return subs
+                serial = kind in ("register", "deregister", "revoke")
+                await tg.start(
+                    functools.partial(
+                        self.js.serve, f"{self.prefix}.{kind}", functools.partial(self._handle, kind),
+                        queue=f"{self.prefix}.{group}", max_concurrent=1 if serial else _CONCURRENCY,
+                    )
+                )  # fmt: skip
+            task_status.started()
 
     async def _serve_reads(self, task_status: TaskStatus[None]) -> None:
-        subs = await self._subscribe(READ_KINDS, "readers")
-        try:
-            task_status.started()
-            async with anyio.create_task_group() as tg:
-                for kind, sub in subs:
-                    tg.start_soon(self._pump, kind, sub)
-        finally:
-            await _unsubscribe(subs)
+        await self._serve(READ_KINDS, "readers", task_status=task_status)
 
     async def _serve_writes(self, task_status: TaskStatus[None]) -> None:
         assert self.lease is not None
         task_status.started()
         while True:
             await self.lease.wait(leader=True)
-            subs = await self._subscribe(WRITE_KINDS, "writers")
-            try:
-                async with anyio.create_task_group() as tg:
-                    for kind, sub in subs:
-                        tg.start_soon(self._pump, kind, sub)
-                    await self.lease.wait(leader=False)
-                    tg.cancel_scope.cancel()
-            finally:
-                await _unsubscribe(subs)
+            async with anyio.create_task_group() as tg:
+                await tg.start(functools.partial(self._serve, WRITE_KINDS, "writers"))
+                await self.lease.wait(leader=False)
+                tg.cancel_scope.cancel()
 
-    async def _pump(self, kind: str, sub: Subscription) -> None:
-        # Heartbeats and reads are independent of each other: serve up to _CONCURRENCY at once so
-        # a burst (every agent beating in the same second) is not queued behind one KV write at a
-        # time. Registry changes stay one at a time (they are CAS loops anyway).
-        if kind in ("register", "deregister", "revoke"):
-            async for msg in sub.messages:
-                await self._handle(kind, msg)
-            return
-        slots = anyio.Semaphore(_CONCURRENCY)
-
-        async def handle(msg: Msg) -> None:
-            try:
-                await self._handle(kind, msg)
-            finally:
-                slots.release()
-
-        async with anyio.create_task_group() as tg:
-            async for msg in sub.messages:
-                await slots.acquire()
-                tg.start_soon(handle, msg)
-
-    async def _handle(self, kind: str, msg: Msg) -> None:
+    async def _handle(self, kind: str, msg: Message) -> bytes:
         began = time.perf_counter()
         outcome = "ok"
         reply: Reply
@@ -350,9 +323,7 @@ class ControlPlane:
             outcome = "refused"
         self.metrics.requests.labels(kind, outcome).inc()
         self.metrics.request_seconds.labels(kind).observe(time.perf_counter() - began)
-        if msg.reply:
-            with contextlib.suppress(*_NATS_ERRORS):
-                await msg.respond(encode(reply))
+        return encode(reply)
 
     async def _dispatch(self, req: Request) -> Reply:
         registry, builder, store = self.agent_registry, self.builder, self.flow_store
@@ -483,15 +454,15 @@ class ControlPlane:
         subject = command_subject(agent, self.prefix)
         flow = cmd.flow or "*"
         try:
-            msg = await self.js.nc.request(subject, encode(cmd), timeout=cmd.timeout + 5)
-        except nats.errors.NoRespondersError:
+            msg = await self.js.request(subject, encode(cmd), timeout=cmd.timeout + 5)
+        except NoResponders:
             why = f"agent {agent} is not connected; it gets the flow's desired state when it comes back"
             return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
-        except (nats.errors.TimeoutError, TimeoutError):
+        except NoReply:
             why = f"agent {agent} did not answer within {cmd.timeout + 5:g}s"
             return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
-        except _NATS_ERRORS as exc:
-            why = f"could not reach agent {agent}: {type(exc).__name__}: {exc}"
+        except TransportError as exc:
+            why = f"could not reach agent {agent}: {exc}"
             return [FlowOutcome(agent=agent, flow=flow, ok=False, state="unknown", message=why)]
         try:
             result = msgspec.json.decode(msg.data, type=CommandResult)
@@ -575,7 +546,7 @@ class ControlPlane:
             info = await self.js.js.stream_info(DLQ_STREAM, subjects_filter="dlq.>")
         except nats.js.errors.NotFoundError:
             return {}
-        except (*_NATS_ERRORS, TransportError) as exc:
+        except (*NATS_ERRORS, TransportError) as exc:
             log.debug("dead-letter depths: %s", exc)
             return self.dlq_depths
         return {subject.removeprefix("dlq."): int(n) for subject, n in (info.state.subjects or {}).items()}
@@ -584,7 +555,7 @@ class ControlPlane:
 async def _unsubscribe(subs: list[tuple[str, Subscription]]) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(2):
         for _, sub in subs:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
 
 

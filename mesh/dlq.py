@@ -1,9 +1,8 @@
 """Operating on dead letters (``MESH_DLQ``) and replaying a flow from a point in ``MESH_EVENTS``.
 
 A dead-letter entry is the original message bytes, published to ``dlq.<flow>`` with the headers
-the sink agent added (``Mesh-Original-Subject``, ``Mesh-Original-Stream-Seq``,
-``Mesh-Original-Msg-Id``, ``Mesh-Reason``, ``Mesh-Error-Class``, ``Mesh-Permanent``,
-``Mesh-Attempts``, ``Mesh-Flow``, ``Mesh-Agent``) plus the original's own non-``Nats-`` headers.
+of a :class:`~mesh.envelope.DeadLetter` (``Mesh-Reason``, ``Mesh-Error-Class``, ``Mesh-Flow``,
+``Mesh-Original-Subject``, ...) plus the original's own non-``Nats-`` headers.
 
 Guarantees:
 
@@ -41,13 +40,13 @@ from enum import StrEnum
 from typing import Any
 
 import msgspec
-import nats.errors
 import nats.js.errors
 
 from mesh.config import NatsConfig
-from mesh.envelope import Envelope, decode
+from mesh.envelope import DEAD_LETTER_HEADERS, DeadLetter, Envelope, decode
 from mesh.errors import DecodeError, MeshError, TransportError
-from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream
+from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream, NoResponders
+from mesh.transport._nats import NATS_ERRORS
 
 __all__ = [
     "DEFAULT_NATS_URL",
@@ -69,27 +68,13 @@ __all__ = [
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 """Where the CLI connects when neither ``--server`` nor ``MESH_NATS_URL`` says otherwise."""
 
-DLQ_HEADERS = frozenset(
-    {
-        "Mesh-Original-Subject",
-        "Mesh-Original-Stream-Seq",
-        "Mesh-Original-Msg-Id",
-        "Mesh-Reason",
-        "Mesh-Error-Class",
-        "Mesh-Permanent",
-        "Mesh-Attempts",
-        "Mesh-Flow",
-        "Mesh-Agent",
-    }
-)
-"""The headers the sink agent adds when it dead-letters a message (not part of the original).
-A change the source side's mapping refused also carries ``Mesh-Stage: capture``."""
+DLQ_HEADERS = DEAD_LETTER_HEADERS
+"""The headers a dead letter carries beyond the original's own (:class:`~mesh.envelope.DeadLetter`)."""
 
 _API = "$JS.API"
 _NO_MESSAGE = 10037
 _STREAM_NOT_FOUND = 10059
 _CONSUMER_NOT_FOUND = 10014
-_NATS_ERRORS = (nats.errors.Error, TimeoutError, OSError)
 _RELATIVE = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
 _RELATIVE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -196,6 +181,15 @@ class DlqEntry:
             return cls(seq, subject, time, data, dict(headers), decode_error=str(exc))
 
     @property
+    def dead_letter(self) -> DeadLetter | None:
+        """The dead-letter headers as one value; None when they are incomplete (a message
+        published to ``dlq.*`` by something else)."""
+        try:
+            return DeadLetter.from_headers(self.headers)
+        except DecodeError:
+            return None
+
+    @property
     def flow(self) -> str:
         return self.headers.get("Mesh-Flow") or self.subject.removeprefix("dlq.")
 
@@ -234,11 +228,7 @@ class DlqEntry:
 
     def original_headers(self) -> dict[str, str]:
         """The headers the original message carried (without the DLQ's and ``Nats-*`` ones)."""
-        return {
-            k: v
-            for k, v in self.headers.items()
-            if k not in DLQ_HEADERS and k != "Mesh-Stage" and not k.startswith("Nats-")
-        }
+        return {k: v for k, v in self.headers.items() if k not in DLQ_HEADERS and not k.startswith("Nats-")}
 
     def payload_json(self) -> Any:
         """The envelope's payload as JSON-ready data (any msgpack value; bytes as base64, None
@@ -372,11 +362,9 @@ class _Api:
     async def request(self, subject: str, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
         body = json.dumps(payload).encode() if payload else b""
         try:
-            msg = await self.js.nc.request(f"{_API}.{subject}", body, timeout=self.timeout)
-        except nats.errors.NoRespondersError:
+            msg = await self.js.request(f"{_API}.{subject}", body, timeout=self.timeout)
+        except NoResponders:
             raise TransportError(f"{self.js.cfg.servers[0]}: JetStream is not enabled there") from None
-        except _NATS_ERRORS as exc:
-            raise TransportError(f"NATS request {subject}: {type(exc).__name__}: {exc}") from exc
         try:
             resp: dict[str, Any] = json.loads(msg.data)
         except ValueError as exc:
@@ -389,7 +377,7 @@ class _Api:
             return await coro
         except nats.js.errors.APIError as exc:
             raise DlqError(f"JetStream refused: {exc.description or exc}") from exc
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"NATS: {type(exc).__name__}: {exc or 'no answer'}") from exc
 
 
@@ -563,7 +551,7 @@ class DeadLetters:
             raise DlqError(f"no stream stores subject {subject}") from exc
         except nats.js.errors.APIError as exc:
             raise DlqError(f"publish to {subject} refused: {exc.description or exc}") from exc
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"publish to {subject}: {type(exc).__name__}: {exc}") from exc
         if not keep:
             await self.delete(entry.seq)
@@ -634,7 +622,7 @@ async def _find_consumer(api: _Api, stream: str, flow: str, sink_system: str | N
             ) from None
         except nats.js.errors.APIError as exc:
             raise DlqError(f"consumer {name}: {exc.description or exc}") from exc
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"consumer {name}: {type(exc).__name__}: {exc}") from exc
     try:
         infos = await _consumers(api, stream)
@@ -729,7 +717,7 @@ async def replay_flow(
         result = await js.js.reset_consumer(stream, name, seq=start, timeout=api.timeout)
     except nats.js.errors.APIError as exc:
         raise DlqError(f"reset of consumer {name} refused: {exc.description or exc}") from exc
-    except _NATS_ERRORS as exc:
+    except NATS_ERRORS as exc:
         raise TransportError(f"reset of consumer {name}: {type(exc).__name__}: {exc or 'no answer'}") from exc
     return FlowReplay(
         consumer=name,

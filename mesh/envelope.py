@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -23,7 +24,9 @@ from mesh.errors import DecodeError
 
 __all__ = [
     "CONTENT_TYPE",
+    "DEAD_LETTER_HEADERS",
     "ENVELOPE_SCHEMA",
+    "DeadLetter",
     "Envelope",
     "RowPayload",
     "decode",
@@ -128,3 +131,94 @@ def decode_payload(envelope: Envelope) -> RowPayload:
         return _row_decoder.decode(envelope.payload)
     except msgspec.DecodeError as exc:
         raise DecodeError(f"payload of {envelope.kind} {envelope.id} is not a row: {exc}") from None
+
+
+_DEAD_LETTER_NAMES = {
+    "reason": "Mesh-Reason",
+    "error_class": "Mesh-Error-Class",
+    "permanent": "Mesh-Permanent",
+    "attempts": "Mesh-Attempts",
+    "flow": "Mesh-Flow",
+    "agent": "Mesh-Agent",
+    "stage": "Mesh-Stage",
+    "original_subject": "Mesh-Original-Subject",
+    "original_stream_seq": "Mesh-Original-Stream-Seq",
+    "original_msg_id": "Mesh-Original-Msg-Id",
+}
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, rename=_DEAD_LETTER_NAMES):
+    """Why a message is in ``MESH_DLQ``: the headers a dead letter carries (I6).
+
+    One definition for the writers (the sink's apply loop, the capture side's mapping), the
+    reader (``meshctl dlq``) and the AsyncAPI export. On the wire every value is a header string
+    (:meth:`to_headers`); :meth:`from_headers` reads them back.
+    """
+
+    reason: Annotated[str, msgspec.Meta(description="Why the message was dead-lettered (one line).")]
+    error_class: Annotated[str, msgspec.Meta(description="mesh.errors class name, e.g. MappingError.")]
+    flow: Annotated[str, msgspec.Meta(description="The flow whose message this was.")]
+    original_subject: Annotated[str, msgspec.Meta(description="Where the message was published.")]
+    permanent: Annotated[bool, msgspec.Meta(description="A permanent error (true) or retries ran out.")] = (
+        False
+    )
+    attempts: Annotated[int, msgspec.Meta(ge=0, description="Deliveries before it was given up.")] = 1
+    agent: Annotated[str, msgspec.Meta(description="The agent that dead-lettered it.")] = ""
+    stage: Annotated[
+        Literal["apply", "capture"],
+        msgspec.Meta(description="apply: the sink side gave up; capture: the source side's mapping refused."),
+    ] = "apply"
+    original_stream_seq: Annotated[
+        int | None, msgspec.Meta(description="The original's sequence in MESH_EVENTS (apply stage).")
+    ] = None
+    original_msg_id: Annotated[str, msgspec.Meta(description="The original's Nats-Msg-Id.")] = ""
+
+    def to_headers(self) -> dict[str, str]:
+        """The header block (``Mesh-*`` names, string values; an absent sequence is omitted)."""
+        out = {}
+        for name, value in msgspec.structs.asdict(self).items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif name == "reason":
+                value = (" ".join(str(value).split()) or self.error_class)[:1000]  # one line
+            out[_DEAD_LETTER_NAMES[name]] = str(value)
+        return out
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> DeadLetter:
+        """Read the dead-letter headers of a message (other headers are ignored).
+
+        Raises:
+            DecodeError: a required header is missing or a value has the wrong form.
+        """
+        data = {k: v for k, v in headers.items() if k in DEAD_LETTER_HEADERS}
+        try:
+            return msgspec.convert(data, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(f"not a dead letter: {exc}") from None
+
+    @classmethod
+    def headers_schema(cls) -> dict[str, Any]:
+        """JSON Schema of the header block, derived from the fields: every value a string."""
+        schema = msgspec.json.schema(cls)
+        struct = schema["$defs"][cls.__name__] if "$defs" in schema else schema
+        properties: dict[str, Any] = {}
+        for name, prop in struct["properties"].items():
+            out: dict[str, Any] = {"type": "string"}
+            if "description" in prop:
+                out["description"] = prop["description"]
+            kinds = {p.get("type") for p in prop.get("anyOf", [prop])}
+            if "boolean" in kinds:
+                out["enum"] = ["true", "false"]
+            elif "integer" in kinds:
+                out["pattern"] = "^[0-9]+$"
+            elif "enum" in prop:
+                out["enum"] = prop["enum"]
+            properties[name] = out
+        return {"type": "object", "properties": properties, "required": struct.get("required", [])}
+
+
+DEAD_LETTER_HEADERS: frozenset[str] = frozenset(_DEAD_LETTER_NAMES.values())
+"""Every header name a :class:`DeadLetter` may write."""

@@ -41,7 +41,7 @@ from mesh.controlplane.identity import load_credentials
 from mesh.controlplane.models import Heartbeat as HeartbeatRequest
 from mesh.controlplane.models import HeartbeatAck, HeartbeatPayload, Refused, mesh_version
 from mesh.errors import ConfigError, MeshError, StopError
-from mesh.transport import JetStream
+from mesh.transport import Transport
 
 __all__ = ["Collect", "Heartbeat", "metric_total"]
 
@@ -57,7 +57,7 @@ class Heartbeat:
         self,
         agent_name: str,
         site: str,
-        nats: Callable[[], Awaitable[JetStream]],
+        nats: Callable[[], Awaitable[Transport]],
         collect: Collect,
         *,
         state_dir: str | Path,

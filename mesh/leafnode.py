@@ -65,12 +65,11 @@ from typing import Any
 
 import anyio
 import msgspec
-import nats.errors
 
 from mesh.broker import find_nats_server
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.errors import ConfigError, TransportError
-from mesh.transport import EVENTS_STREAM, JetStream
+from mesh.transport import EVENTS_STREAM, JetStream, NoResponders
 
 __all__ = [
     "DEFAULT_HUB_DOMAIN",
@@ -510,11 +509,11 @@ async def _api(
     domain = domain or js.domain
     data = msgspec.json.encode(body) if body is not None else b""
     try:
-        reply = await js.nc.request(f"{api_prefix(domain)}.{subject}", data, timeout=js.cfg.request_timeout)
-    except nats.errors.NoRespondersError:
+        reply = await js.request(f"{api_prefix(domain)}.{subject}", data, timeout=js.cfg.request_timeout)
+    except NoResponders:
         raise TransportError(f"{what}: no JetStream answered in domain {domain or '(default)'}") from None
-    except (nats.errors.Error, TimeoutError, OSError) as exc:
-        raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except TransportError as exc:
+        raise TransportError(f"{what}: {exc}") from exc
     try:
         return msgspec.json.decode(reply.data, type=_ApiResponse)
     except msgspec.DecodeError as exc:

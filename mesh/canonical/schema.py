@@ -29,7 +29,7 @@ import msgspec
 
 from mesh.canonical._schema_diff import diff_schemas
 from mesh.canonical.entities import ENTITIES, Entity, Tombstone
-from mesh.envelope import CONTENT_TYPE, ENVELOPE_SCHEMA, Envelope
+from mesh.envelope import CONTENT_TYPE, ENVELOPE_SCHEMA, DeadLetter, Envelope
 
 __all__ = [
     "JSON_SCHEMA_DIALECT",
@@ -133,22 +133,14 @@ _NATS_HEADERS: dict[str, Any] = {
     },
     "required": ["Content-Type", "Nats-Msg-Id"],
 }
-_DLQ_HEADERS: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "Content-Type": {"type": "string"},
-        "Mesh-Reason": {"type": "string", "description": "Why the message was dead-lettered (one line)."},
-        "Mesh-Error-Class": {"type": "string", "description": "mesh.errors class name, e.g. MappingError."},
-        "Mesh-Permanent": {"type": "string", "enum": ["true", "false"]},
-        "Mesh-Attempts": {"type": "string", "description": "Deliveries before it was given up."},
-        "Mesh-Flow": {"type": "string"},
-        "Mesh-Agent": {"type": "string"},
-        "Mesh-Original-Subject": {"type": "string"},
-        "Mesh-Original-Stream-Seq": {"type": "string"},
-        "Mesh-Original-Msg-Id": {"type": "string"},
-    },
-    "required": ["Mesh-Reason", "Mesh-Error-Class", "Mesh-Flow", "Mesh-Original-Subject"],
-}
+
+
+def _dlq_headers() -> dict[str, Any]:
+    """The dead-letter header block, generated from :class:`~mesh.envelope.DeadLetter`; a dead
+    letter also keeps the original's own headers (``Content-Type``)."""
+    schema = DeadLetter.headers_schema()
+    schema["properties"] = {"Content-Type": {"type": "string"}, **schema["properties"]}
+    return schema
 
 
 def asyncapi_document() -> dict[str, Any]:
@@ -163,7 +155,7 @@ def asyncapi_document() -> dict[str, Any]:
     types: list[Any] = [envelope, Tombstone, *ENTITIES.values()]
     _, schemas = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     schemas["NatsHeaders"] = _NATS_HEADERS
-    schemas["DeadLetterHeaders"] = _DLQ_HEADERS
+    schemas["DeadLetterHeaders"] = _dlq_headers()
 
     def ref(kind: str, name: str) -> dict[str, str]:
         return {"$ref": f"#/components/{kind}/{name}"}

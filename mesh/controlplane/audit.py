@@ -19,16 +19,14 @@ from dataclasses import dataclass
 
 import anyio
 import msgspec
-import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh.errors import DecodeError, TransportError
-from mesh.transport import AUDIT_STREAM, JetStream
+from mesh.transport import AUDIT_STREAM, JetStream, OutMessage, Transport
+from mesh.transport._nats import NATS_ERRORS, TIMEOUTS
 
 __all__ = ["AuditEntry", "AuditLog", "AuditRecord", "audit_subject", "tail"]
-
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,7 +65,7 @@ class AuditRecord:
 class AuditLog:
     """Appends entries for one control-plane replica."""
 
-    def __init__(self, js: JetStream, replica: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, js: Transport, replica: str, *, timeout: float = 5.0) -> None:
         self.js = js
         self.replica = replica
         self.timeout = timeout
@@ -94,20 +92,20 @@ class AuditLog:
             detail=detail or {},
         )
         data = msgspec.json.encode(entry)
-        headers = {"Nats-Msg-Id": f"audit-{uuid.uuid4()}", "Content-Type": "application/json"}
+        msg = OutMessage(
+            audit_subject(kind), data, f"audit-{uuid.uuid4()}", {"Content-Type": "application/json"}
+        )
         last: Exception | None = None
         with anyio.move_on_after(self.timeout):
             while True:
                 try:
-                    ack = await self.js.js.publish(
-                        audit_subject(kind), data, timeout=min(2.0, self.timeout), headers=headers
-                    )
-                except (*_NATS_ERRORS, TransportError) as exc:
+                    seq = await self.js.publish(msg)  # the same msg id: a retry is stored once
+                except TransportError as exc:
                     last = exc
                     await anyio.sleep(0.2)
                     continue
                 self.appended += 1
-                return int(ack.seq)
+                return seq
         raise TransportError(f"audit entry {kind} for {target} not stored: {last}")
 
 
@@ -126,7 +124,7 @@ async def tail(
         info = await js.js.stream_info(AUDIT_STREAM, subjects_filter=subject)
     except nats.js.errors.NotFoundError:
         raise TransportError(f"stream {AUDIT_STREAM} does not exist (no control plane ran yet?)") from None
-    except _NATS_ERRORS as exc:
+    except NATS_ERRORS as exc:
         raise TransportError(f"audit stream: {type(exc).__name__}: {exc}") from exc
     end = int(info.state.last_seq)
     subjects = info.state.subjects or {}
@@ -137,7 +135,7 @@ async def tail(
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
     try:
         sub = await js.js.subscribe(subject, stream=AUDIT_STREAM, ordered_consumer=True, config=config)
-    except _NATS_ERRORS as exc:
+    except NATS_ERRORS as exc:
         raise TransportError(f"audit stream: {type(exc).__name__}: {exc}") from exc
     window: list[AuditRecord] = []
     try:
@@ -147,7 +145,7 @@ async def tail(
                 break
             try:
                 msg = await sub.next_msg(timeout=1.0 if follow else js.cfg.request_timeout)
-            except (nats.errors.TimeoutError, TimeoutError):
+            except TIMEOUTS:
                 if not caught_up:
                     break  # nothing more arrives: the window is complete
                 continue
@@ -168,7 +166,7 @@ async def tail(
         for r in window[-last:]:
             yield r
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
             await sub.unsubscribe()
 
 

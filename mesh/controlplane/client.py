@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
-import nats.errors
 
 from mesh.controlplane.identity import Credentials, load_or_create_identity
 from mesh.controlplane.models import (
@@ -47,7 +46,7 @@ from mesh.controlplane.models import (
     mesh_version,
 )
 from mesh.errors import PermanentError, TransportError
-from mesh.transport import JetStream
+from mesh.transport import NoReply, NoResponders, Transport
 
 __all__ = ["DEFAULT_PREFIX", "ControlPlaneClient", "RequestRefused", "register_agent"]
 
@@ -68,7 +67,7 @@ class RequestRefused(PermanentError):
 
 
 class ControlPlaneClient:
-    """Requests to the control plane through one connected :class:`JetStream`.
+    """Requests to the control plane through one connected :class:`~mesh.transport.Transport`.
 
     ``js`` may also be a zero-argument async callable returning one (an agent's link that may
     still be connecting).
@@ -76,7 +75,7 @@ class ControlPlaneClient:
 
     def __init__(
         self,
-        js: JetStream | Callable[[], Awaitable[JetStream]],
+        js: Transport | Callable[[], Awaitable[Transport]],
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = 5.0,
@@ -88,9 +87,9 @@ class ControlPlaneClient:
     def __repr__(self) -> str:
         return f"<ControlPlaneClient {self.prefix} timeout={self.timeout}s>"
 
-    async def connection(self) -> JetStream:
+    async def connection(self) -> Transport:
         """The connection requests go through (waiting for it when given a provider)."""
-        if isinstance(self._js, JetStream):
+        if isinstance(self._js, Transport):
             return self._js
         return await self._js()
 
@@ -104,25 +103,23 @@ class ControlPlaneClient:
         subject = f"{self.prefix}.{req.__struct_config__.tag}"
         data = encode(req)
         deadline = anyio.current_time() + budget
-        js = await self.connection()
+        transport = await self.connection()
         while True:
             left = deadline - anyio.current_time()
             if left <= 0:
                 raise TransportError(
                     f"no control plane serves {subject} (is `meshctl control-plane run` up and "
-                    f"connected to {', '.join(js.cfg.servers)}?)"
+                    f"connected to {transport.where}?)"
                 )
             try:
-                msg = await js.nc.request(subject, data, timeout=left)
-            except nats.errors.NoRespondersError:
+                msg = await transport.request(subject, data, timeout=left)
+            except NoResponders:
                 await anyio.sleep(min(0.25, max(0.0, deadline - anyio.current_time())))
                 continue
-            except (nats.errors.TimeoutError, TimeoutError):
+            except NoReply:
                 raise TransportError(
                     f"the control plane did not answer {subject} within {budget:g}s"
                 ) from None
-            except (nats.errors.Error, OSError) as exc:
-                raise TransportError(f"request {subject}: {type(exc).__name__}: {exc}") from exc
             return decode_reply(msg.data)
 
     async def _expect(self, req: Request, kind: type[_R]) -> _R:
@@ -222,7 +219,7 @@ async def register_agent(
             name=name,
             site=site,
             token=current.token,
-            control_plane=js.cfg.servers[0],
+            control_plane=js.where.split(", ")[0],
             registered_at=current.registered_at,
         )
     elif reply.credential is not None:
@@ -231,7 +228,7 @@ async def register_agent(
             name=name,
             site=site,
             token=reply.credential,
-            control_plane=js.cfg.servers[0],
+            control_plane=js.where.split(", ")[0],
             registered_at=time.time(),
         )
     else:

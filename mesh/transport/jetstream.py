@@ -1,19 +1,21 @@
 """JetStream transport: one owned NATS connection, idempotent stream/consumer setup,
-windowed publish with ``Nats-Msg-Id``, and pull consumption with explicit acks.
+windowed publish with ``Nats-Msg-Id``, pull consumption with explicit acks, KV buckets and
+request/reply (the :class:`~mesh.transport.Transport` interface on NATS).
 
-Guarantees:
+Guarantees (beyond the interface's):
 
 * **At-least-once.** :meth:`JetStream.publish_many` returns, per message, whether the server
   acknowledged it (PubAck); only those may be removed from the outbox (I3). A message may be
   stored twice if its ack was lost; JetStream drops the copy inside the duplicate window because
   ``Nats-Msg-Id`` is the envelope's deterministic id.
 * **Everything is bounded.** Every publish and every JetStream API call has a timeout (nats-py's
-  ``publish_async`` can leave a future unresolved forever, so it is not used).
-* **The connection never gives up**: infinite reconnect; the agent keeps capturing into its
-  outbox while NATS is away.
+  ``publish_async`` can leave a future unresolved forever: every such future is bounded).
+* **The connection never gives up** once made: infinite reconnect; the agent keeps capturing
+  into its outbox while NATS is away. The first connect is bounded.
 * Redelivery counts come from the server (``num_delivered``), never from memory.
+* nats-py's own tasks live and die with this object (``async with``).
 
-Foreign exceptions (nats-py's) are translated to :class:`~mesh.errors.TransportError` here.
+Foreign exceptions (nats-py's) are translated in :mod:`mesh.transport._nats`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn
 
 import anyio
 import nats
 import nats.errors
 import nats.js.errors
+from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -40,63 +41,43 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.envelope import CONTENT_TYPE
 from mesh.errors import ConfigError, TransportError
+from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
+from mesh.transport.base import (
+    Bucket,
+    Consumer,
+    Delivery,
+    Entry,
+    Handler,
+    KvUpdate,
+    KvWatch,
+    Message,
+    OutMessage,
+    Transport,
+)
+from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM
 
-__all__ = [
-    "DLQ_STREAM",
-    "EVENTS_STREAM",
-    "Delivery",
-    "JetStream",
-    "OutMessage",
-    "PullConsumer",
-    "dlq_subject",
-    "event_subject",
-]
+__all__ = ["JetStream", "NatsBucket", "NatsDelivery", "PullConsumer"]
 
 log = logging.getLogger(__name__)
 
-EVENTS_STREAM = "MESH_EVENTS"
-COMMANDS_STREAM = "MESH_COMMANDS"
-DLQ_STREAM = "MESH_DLQ"
-AUDIT_STREAM = "MESH_AUDIT"
 
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
-
-
-def event_subject(entity: str, event: str, origin: str) -> str:
-    """``evt.<entity>.<event>.<origin>`` (DESIGN §4)."""
-    return f"evt.{entity}.{event}.{origin}"
-
-
-def dlq_subject(flow: str) -> str:
-    return f"dlq.{flow}"
-
-
-@dataclass(frozen=True, slots=True)
-class OutMessage:
-    subject: str
-    data: bytes
-    msg_id: str
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class Delivery:
-    """One message delivered by a pull consumer. Settle it exactly once: ack, nak or term."""
+class NatsDelivery(Delivery):
+    """A :class:`Delivery` from a JetStream pull consumer."""
 
     __slots__ = ("_msg",)
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
-
-    def __repr__(self) -> str:
-        return f"<Delivery {self.subject} seq={self.stream_seq} delivered={self.num_delivered}>"
 
     @property
     def data(self) -> bytes:
@@ -112,7 +93,6 @@ class Delivery:
 
     @property
     def num_delivered(self) -> int:
-        """How many times the server has delivered this message (1 on the first delivery)."""
         return int(self._msg.metadata.num_delivered)
 
     @property
@@ -120,60 +100,107 @@ class Delivery:
         return int(self._msg.metadata.sequence.stream)
 
     async def ack(self) -> None:
-        await _translate(self._msg.ack())
+        await translated("ack", self._msg.ack())
 
     async def nak(self, delay: float | None = None) -> None:
-        await _translate(self._msg.nak(delay=delay))
+        await translated("nak", self._msg.nak(delay=delay))
 
     async def term(self) -> None:
-        await _translate(self._msg.term())
+        await translated("term", self._msg.term())
 
 
-async def _translate(coro: Any) -> Any:
-    try:
-        return await coro
-    except nats.js.errors.APIError as exc:
-        raise TransportError(f"JetStream refused: {exc.description or exc}") from exc
-    except _NATS_ERRORS as exc:
-        raise TransportError(f"NATS: {type(exc).__name__}: {exc}") from exc
-
-
-class PullConsumer:
+class PullConsumer(Consumer):
     """A durable pull consumer bound to one (flow, sink); several agent replicas may share it."""
 
     def __init__(self, sub: JetStreamContext.PullSubscription, name: str) -> None:
         self._sub = sub
         self.name = name
 
-    def __repr__(self) -> str:
-        return f"<PullConsumer {self.name}>"
-
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        """Up to ``batch`` messages; an empty list when none arrived within ``timeout``.
-
-        Raises:
-            TransportError: the connection is down or the consumer is gone.
-        """
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout)
-        except (nats.errors.TimeoutError, TimeoutError, nats.js.errors.FetchTimeoutError):
+        except TIMEOUTS:  # nats-py raises on an empty batch
             return []
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(f"fetch from {self.name}: {type(exc).__name__}: {exc}") from exc
-        return [Delivery(m) for m in msgs]
+        return [NatsDelivery(m) for m in msgs]
 
     async def pending(self) -> int:
-        """Messages not yet delivered plus delivered but unacked (the consumer's backlog)."""
-        info = await _translate(self._sub.consumer_info())
+        info = await translated(f"consumer info {self.name}", self._sub.consumer_info())
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def aclose(self) -> None:
-        """Drop this binding (the durable consumer stays on the server). Best effort, bounded."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_NATS_ERRORS):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
             await self._sub.unsubscribe()
 
 
-class JetStream:
+class _NatsWatch(KvWatch):
+    def __init__(self, watcher: Any, name: str) -> None:
+        self._watcher = watcher
+        self._name = name
+        self._closed = False
+
+    async def next(self, timeout: float) -> KvUpdate | None:
+        try:
+            update = await self._watcher.updates(timeout=timeout)
+        except TIMEOUTS:
+            return None
+        except NATS_ERRORS as exc:
+            raise TransportError(f"watch {self._name}: {type(exc).__name__}: {exc}") from exc
+        if update is None:  # nats-py's end-of-initial-values marker
+            return KvUpdate("loaded")
+        revision = int(update.revision or 0)
+        if update.operation in (KV_DEL, KV_PURGE):
+            return KvUpdate("delete", update.key, b"", revision)
+        return KvUpdate("put", update.key, bytes(update.value or b""), revision)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(2),
+            contextlib.suppress(*NATS_ERRORS, AttributeError),
+        ):
+            await self._watcher.stop()
+
+
+class NatsBucket(Bucket):
+    """:class:`Bucket` on a nats-py ``KeyValue``."""
+
+    def __init__(self, kv: KeyValue, name: str) -> None:
+        self.kv = kv
+        self.name = name
+
+    async def get(self, key: str) -> Entry | None:
+        with translate(f"KV {self.name}: get {key}"):
+            try:
+                e = await self.kv.get(key)
+            except nats.js.errors.NotFoundError:  # KeyNotFoundError, and deleted keys
+                return None
+        return Entry(key, bytes(e.value or b""), int(e.revision or 0))
+
+    async def create(self, key: str, value: bytes) -> int:
+        return int(await translated(f"KV {self.name}: create {key}", self.kv.create(key, value)))
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        return int(
+            await translated(f"KV {self.name}: update {key}", self.kv.update(key, value, last=revision))
+        )
+
+    async def put(self, key: str, value: bytes) -> int:
+        return int(await translated(f"KV {self.name}: put {key}", self.kv.put(key, value)))
+
+    async def delete(self, key: str, revision: int | None = None) -> None:
+        await translated(f"KV {self.name}: delete {key}", self.kv.delete(key, last=revision))
+
+    async def watch(self, keys: str = ">") -> KvWatch:
+        watcher = await translated(f"KV {self.name}: watch {keys}", self.kv.watch(keys))
+        return _NatsWatch(watcher, self.name)
+
+
+class JetStream(Transport):
     """Owns one NATS connection and everything nats-py spawns for it.
 
     Use as ``async with JetStream(cfg, name=...) as js``. ``connect()`` raises
@@ -200,17 +227,9 @@ class JetStream:
     def is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    @property
+    def where(self) -> str:
+        return ", ".join(self.cfg.servers)
 
     def _password(self) -> str | None:
         if self.cfg.password_env is None:
@@ -254,7 +273,7 @@ class JetStream:
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
             )
-        except _NATS_ERRORS as exc:
+        except NATS_ERRORS as exc:
             raise TransportError(
                 f"cannot connect to {self.cfg.servers}: {exc or type(exc).__name__}"
             ) from exc
@@ -272,7 +291,7 @@ class JetStream:
         if nc is None or nc.is_closed:
             return
         with anyio.move_on_after(5, shield=True):
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*NATS_ERRORS):
                 await nc.close()
 
     @property
@@ -288,7 +307,7 @@ class JetStream:
         return self._nc
 
     async def ensure_streams(self, cfg: StreamsConfig) -> None:
-        """Create or update the mesh streams. Idempotent; safe from many agents at once.
+        """See :meth:`Transport.ensure_streams`.
 
         An update keeps the stream's ``sources`` (e.g. a hub's MESH_EVENTS sourcing from leaf
         node domains, see :mod:`mesh.leafnode`): they are set up by the operator, not by agents.
@@ -313,18 +332,19 @@ class JetStream:
                 await jsm.add_stream(sc)
             except nats.js.errors.BadRequestError:
                 # Exists with another config (err 10058): bring it to ours.
-                current = await _translate(jsm.stream_info(str(sc.name)))
+                current = await translated(f"stream info {sc.name}", jsm.stream_info(str(sc.name)))
                 if current.config.sources:
                     sc = dataclasses.replace(sc, sources=current.config.sources)
-                await _translate(jsm.update_stream(sc))
-            except _NATS_ERRORS as exc:
+                await translated(f"update stream {sc.name}", jsm.update_stream(sc))
+            except NATS_ERRORS as exc:
                 raise TransportError(f"ensure stream {sc.name}: {exc}") from exc
 
     async def publish(self, msg: OutMessage) -> int:
         """Publish one message and wait for its PubAck (bounded). Returns the stream sequence."""
         headers = {"Nats-Msg-Id": msg.msg_id, "Content-Type": CONTENT_TYPE, **msg.headers}
-        ack = await _translate(
-            self.js.publish(msg.subject, msg.data, timeout=self.cfg.request_timeout, headers=headers)
+        ack = await translated(
+            f"publish {msg.subject}",
+            self.js.publish(msg.subject, msg.data, timeout=self.cfg.request_timeout, headers=headers),
         )
         return int(ack.seq)
 
@@ -349,7 +369,7 @@ class JetStream:
                 headers = {"Nats-Msg-Id": m.msg_id, "Content-Type": CONTENT_TYPE, **m.headers}
                 try:
                     fut = await js.publish_async(m.subject, m.data, wait_stall=timeout, headers=headers)
-                except _NATS_ERRORS as exc:
+                except NATS_ERRORS as exc:
                     log.debug("publish %s not sent: %s", m.msg_id, exc)
                     break
                 futures.append(fut)
@@ -387,7 +407,6 @@ class JetStream:
         stream: str = EVENTS_STREAM,
         metadata: dict[str, str] | None = None,
     ) -> PullConsumer:
-        """Create (or update to this config) a durable pull consumer and bind to it."""
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -400,6 +419,87 @@ class JetStream:
             max_ack_pending=max_ack_pending,
             metadata=metadata,
         )
-        await _translate(self.js.add_consumer(stream, config))
-        sub = await _translate(self.js.pull_subscribe_bind(durable=durable, stream=stream))
+        await translated(f"add consumer {durable}", self.js.add_consumer(stream, config))
+        sub = await translated(
+            f"bind consumer {durable}", self.js.pull_subscribe_bind(durable=durable, stream=stream)
+        )
         return PullConsumer(sub, durable)
+
+    async def key_value(
+        self, name: str, *, history: int = 1, replicas: int = 1, memory: bool = False, create: bool = True
+    ) -> NatsBucket:
+        with translate(f"open bucket {name}"):
+            try:
+                kv = await self.js.key_value(name)
+            except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    raise TransportError(f"KV bucket {name} does not exist") from None
+                config = KeyValueConfig(
+                    bucket=name,
+                    history=history,
+                    replicas=replicas,
+                    storage=StorageType.MEMORY if memory else StorageType.FILE,
+                    description=f"connector mesh: {name}",
+                )
+                try:
+                    kv = await self.js.create_key_value(config)
+                except nats.js.errors.APIError:
+                    kv = await self.js.key_value(name)  # created meanwhile by another client
+        return NatsBucket(kv, name)
+
+    async def request(
+        self, subject: str, data: bytes, *, timeout: float, headers: dict[str, str] | None = None
+    ) -> Message:
+        msg = await translated(
+            f"request {subject}", self.nc.request(subject, data, timeout=timeout, headers=headers)
+        )
+        return Message(msg.subject, msg.data, dict(msg.headers or {}))
+
+    async def serve(
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str = "",
+        max_concurrent: int = 0,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        # No callback: nats-py would run it in a task of its own and swallow its errors.
+        sub = await translated(f"subscribe {subject}", self.nc.subscribe(subject, queue=queue))
+        try:
+            await translated(
+                f"subscribe {subject}", self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
+            )
+            task_status.started()
+            slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
+            async with anyio.create_task_group() as tg:
+                async for msg in sub.messages:
+                    if max_concurrent == 1:
+                        await self._answer(handler, msg)
+                    elif slots is None:
+                        tg.start_soon(self._answer, handler, msg)
+                    else:
+                        await slots.acquire()
+                        tg.start_soon(self._answer_released, handler, msg, slots)
+            raise TransportError(f"subscription {subject} ended")  # the connection was closed
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
+                await sub.unsubscribe()
+
+    @classmethod
+    async def _answer_released(cls, handler: Handler, msg: Msg, slots: anyio.Semaphore) -> None:
+        try:
+            await cls._answer(handler, msg)
+        finally:
+            slots.release()
+
+    @staticmethod
+    async def _answer(handler: Handler, msg: Msg) -> None:
+        try:
+            reply = await handler(Message(msg.subject, msg.data, dict(msg.headers or {})))
+        except Exception:
+            log.exception("request on %s failed; no reply", msg.subject)
+            return
+        if msg.reply:
+            with contextlib.suppress(*NATS_ERRORS):
+                await msg.respond(reply)

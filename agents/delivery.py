@@ -1,0 +1,571 @@
+"""The delivery path's actors, each with only what it uses (no agent object, no broker client).
+
+Capture, per flow with a ``source``::
+
+    source.read(cursor) ─► envelopes ─► Outbox.capture(cursor, envelopes)   (one transaction, I1)
+
+Relay, one per agent::
+
+    Outbox.peek ─► Transport.publish_many (msg id = envelope.id) ─► Outbox.remove(acked)  (I3)
+
+Apply, per flow with a ``sink``::
+
+    fetch ─► decode ─► Inbox.seen? ─► Sink.apply (version guard) ─► Inbox.record ─► ack   (I4, I5)
+
+Guarantees: nothing is acked before it is durable; a malformed or refused message is
+dead-lettered with its reason (a :class:`~mesh.envelope.DeadLetter`) and then termed, and the
+flow keeps going (I6); events whose origin is this agent's own system are never applied back to
+it (I7). Each actor binds ``agent`` and ``flow`` to its log records, and every log line about
+one message carries its ``correlation_id``. The actors run on any
+:class:`~mesh.transport.Transport`: JetStream in production, memory in unit tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskStatus
+
+from agents.flows import FlowHandle
+from mesh.actors import Backoff
+from mesh.adapters import Applied, ChangeBatch, Sink, SinkRecord, Source
+from mesh.config import AdapterConfig, ConsumerConfig, FlowConfig, RelayConfig, RetryConfig
+from mesh.envelope import (
+    DeadLetter,
+    Envelope,
+    decode,
+    decode_payload,
+    encode,
+    encode_payload,
+    envelope_id,
+    now_ms,
+)
+from mesh.errors import DecodeError, MappingError, PermanentError, RetryableError, TransportError
+from mesh.faults import crash_point
+from mesh.flowdata import FlowData, compile_flow_data
+from mesh.logs import bind, log_context
+from mesh.metrics import Metrics
+from mesh.store import Inbox, InboxEntry, Outbox
+from mesh.transport import Consumer, Delivery, OutMessage, Transport, dlq_subject, event_subject
+
+__all__ = ["Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
+
+log = logging.getLogger(__name__)
+
+TransportSource = Callable[[], Awaitable[Transport]]
+"""Waits until the broker link is up and returns its transport."""
+
+Inflight = Callable[[str], AbstractContextManager[anyio.CancelScope]]
+"""A shielded scope for one unit of in-flight work of ``owner`` (see ``ConnectorAgent.inflight``)."""
+
+
+@contextlib.contextmanager
+def _shielded(owner: str) -> Iterator[anyio.CancelScope]:
+    with anyio.CancelScope(shield=True) as scope:
+        yield scope
+
+
+@dataclass(eq=False)
+class FlowPlan:
+    """One flow as its actors need it, compiled once and shared by its capture and apply:
+    names, subjects, durable name, retry policy, mapping and ownership."""
+
+    cfg: FlowConfig
+    agent: str
+    """The agent's name (dead letters and logs name it)."""
+    system: str
+    """The agent's system: the origin of what it captures; never applied back to it (I7)."""
+    _data: FlowData | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def entity(self) -> str:
+        return self.cfg.entity
+
+    @property
+    def durable(self) -> str:
+        """The durable consumer's name: one per (flow, sink system), shared by replicas."""
+        return f"{self.cfg.name}-{self.system}"
+
+    @property
+    def filter_subject(self) -> str:
+        return f"evt.{self.cfg.entity}.>"
+
+    @property
+    def consumer(self) -> ConsumerConfig:
+        return self.cfg.consumer
+
+    @property
+    def retry(self) -> RetryConfig:
+        return self.cfg.retry
+
+    @property
+    def source(self) -> AdapterConfig:
+        assert self.cfg.source is not None
+        return self.cfg.source
+
+    @property
+    def sink(self) -> AdapterConfig:
+        assert self.cfg.sink is not None
+        return self.cfg.sink
+
+    @property
+    def data(self) -> FlowData:
+        """The compiled mappings and ownership (:meth:`compile` first)."""
+        return self._data if self._data is not None else FlowData()
+
+    async def compile(self) -> FlowData:
+        """Compile mappings and ownership on first use and load their lookups; then reuse them.
+
+        Raises:
+            ConfigError: the flow's mapping or ownership is invalid.
+        """
+        if self._data is None:
+            data = compile_flow_data(self.cfg, source=f"flow {self.name}", path=self.name)
+            await data.open()
+            self._data = data
+        return self._data
+
+    def accepts(self, origin: str) -> bool:
+        """Whether this flow applies an event of ``origin`` (never its own system's: I7)."""
+        if origin == self.system:
+            return False
+        allowed = self.cfg.accept_origins
+        return allowed is None or origin in allowed
+
+
+class Capture:
+    """source → outbox, committing each batch's envelopes with its cursor (I1)."""
+
+    def __init__(
+        self,
+        plan: FlowPlan,
+        outbox: Outbox,
+        metrics: Metrics,
+        source: Callable[[], Source],
+        *,
+        outbox_max_bytes: int,
+        handle: FlowHandle | None = None,
+    ) -> None:
+        self.plan = plan
+        self.outbox = outbox
+        self.metrics = metrics
+        self.open_source = source
+        """Makes the (not yet opened) Source adapter; called once per run."""
+        self.outbox_max_bytes = outbox_max_bytes
+        self.handle = handle
+
+    def __repr__(self) -> str:
+        return f"<Capture {self.plan.name}>"
+
+    async def _read(self, source: Source, cursor: str | None) -> ChangeBatch | None:
+        """The next batch; None once draining and the source has had nothing new for a while
+        (caught up). A drain that begins while a read waits interrupts that wait."""
+        h = self.handle
+        limit = self.plan.source.batch_size
+        if h is not None and h.draining:
+            quiet = max(0.5, 4 * getattr(self.plan.source, "poll_interval", 0.1))
+            with anyio.move_on_after(quiet):
+                return await source.read(cursor, limit)
+            return None
+        if h is None:
+            return await source.read(cursor, limit)
+        with anyio.CancelScope() as scope:
+            h.wake_capture = scope.cancel
+            try:
+                return await source.read(cursor, limit)
+            finally:
+                h.wake_capture = None
+        return await self._read(source, cursor)  # woken: read again, now as a drain
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        plan, outbox = self.plan, self.outbox
+        flow = plan.name
+        bind(agent=plan.agent, flow=flow)
+        captured = self.metrics.captured.labels(flow)
+        paused = self.metrics.capture_paused.labels(flow)
+        rejected = self.metrics.capture_rejected.labels(flow)
+        max_bytes = self.outbox_max_bytes
+        await plan.compile()
+        async with self.open_source() as source:
+            task_status.started()
+            cursor = await outbox.cursor(flow)
+            while True:
+                if outbox.nbytes >= max_bytes:
+                    # Bounded disk: stop reading; the source keeps its changes until we resume.
+                    log.warning(
+                        "flow %s: outbox holds %d bytes (outbox_max_bytes %d); capture paused until "
+                        "the relay drains it",
+                        flow, outbox.nbytes, max_bytes,
+                    )  # fmt: skip
+                    paused.set(1)
+                    await outbox.wait_below(max_bytes)
+                    paused.set(0)
+                    log.info("flow %s: capture resumed", flow)
+                batch = await self._read(source, cursor)
+                if batch is None:
+                    log.info("flow %s: capture caught up with the source; drained", flow)
+                    return
+                items, dead = self.envelopes(batch)
+                crash_point("capture.before_commit")
+                with anyio.CancelScope(shield=True):  # one short transaction: let it finish
+                    await outbox.capture(flow, batch.cursor, items, headers=dead)
+                if dead:
+                    rejected.inc(len(dead))
+                crash_point("capture.after_commit")
+                captured.inc(len(items))
+                cursor = batch.cursor
+                await source.committed(cursor)
+
+    def envelopes(self, batch: ChangeBatch) -> tuple[list[tuple[str, str, bytes]], dict[str, dict[str, str]]]:
+        """The outbox rows (id, subject, bytes) of a batch, and the dead-letter headers of the
+        changes the flow's mapping refused (those rows go to ``dlq.<flow>`` as raw rows)."""
+        plan = self.plan
+        data, flow, entity, system = plan.data, plan.name, plan.entity, plan.system
+        now = now_ms()
+        items = []
+        dead: dict[str, dict[str, str]] = {}
+        for ch in batch.changes:
+            event = "deleted" if ch.deleted else "upserted"
+            eid = envelope_id(flow, system, ch.key, ch.version)
+            subject = event_subject(entity, event, system)
+            schema, body = data.schema, ch.row
+            if data.to_canonical is not None:
+                try:
+                    body = {"id": ch.key} if ch.deleted else data.to_canonical.map(ch.row)
+                except MappingError as exc:
+                    # The change goes to the dead-letter stream (through the outbox, with its
+                    # reason) as the raw row; the flow goes on.
+                    schema = f"{entity}/row"
+                    dead[eid] = DeadLetter(
+                        reason=str(exc), error_class=type(exc).__name__, permanent=True, attempts=1,
+                        flow=flow, agent=plan.agent, stage="capture", original_subject=subject,
+                        original_msg_id=eid,
+                    ).to_headers()  # fmt: skip
+                    with log_context(correlation_id=eid):
+                        log.error("flow %s: key %s v%d not mapped: %s", flow, ch.key, ch.version, exc)
+                    subject = dlq_subject(flow)
+            env = Envelope(
+                id=eid,
+                kind=f"{entity}.{event}",
+                schema=schema,
+                flow=flow,
+                key=ch.key,
+                version=ch.version,
+                origin=system,
+                occurred_at=ch.occurred_at or now,
+                correlation_id=eid,
+                payload=encode_payload(body),
+            )
+            items.append((eid, subject, encode(env)))
+        return items, dead
+
+
+class Relay:
+    """outbox → broker; a row leaves the outbox only after its publish is acked (I3)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        transport: TransportSource,
+        metrics: Metrics,
+        cfg: RelayConfig,
+        *,
+        agent: str = "",
+        inflight: Inflight = _shielded,
+    ) -> None:
+        self.outbox = outbox
+        self.transport = transport
+        self.metrics = metrics
+        self.cfg = cfg
+        self.agent = agent
+        self.inflight = inflight
+
+    def __repr__(self) -> str:
+        return f"<Relay {self.agent} window={self.cfg.window}>"
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        bind(agent=self.agent or None)
+        task_status.started()
+        transport = await self.transport()
+        cfg, outbox, metrics = self.cfg, self.outbox, self.metrics
+        backoff = Backoff(base=0.1, cap=5.0)
+        failures = 0
+        while True:
+            rows = await outbox.peek(cfg.batch_size)
+            if not rows:
+                await outbox.wait_for_rows(cfg.idle_interval)
+                continue
+            messages = [OutMessage(r.subject, r.data, r.id, r.headers or {}) for r in rows]
+            with self.inflight("relay"):  # finish the round (bounded) even during shutdown
+                acked = await transport.publish_many(messages, cfg.window)
+                crash_point("relay.after_publish")
+                done = [r for r, ok in zip(rows, acked, strict=True) if ok]
+                await outbox.remove(done)
+            counts: dict[str, int] = {}
+            for r in done:
+                counts[r.flow] = counts.get(r.flow, 0) + 1
+            for flow, n in counts.items():
+                metrics.published.labels(flow).inc(n)
+            missed = len(rows) - len(done)
+            if missed:
+                metrics.publish_failures.inc(missed)
+                delay = backoff.delay(failures)
+                failures += 1
+                log.warning("%d of %d publishes unacknowledged; retrying in %.1fs", missed, len(rows), delay)
+                await anyio.sleep(delay)
+            else:
+                failures = 0
+
+
+class Apply:
+    """consumer → inbox → sink → inbox → ack (I4, I5, I6, I7)."""
+
+    def __init__(
+        self,
+        plan: FlowPlan,
+        inbox: Inbox,
+        transport: TransportSource,
+        metrics: Metrics,
+        sink: Callable[[], Sink],
+        *,
+        handle: FlowHandle | None = None,
+        inflight: Inflight = _shielded,
+        consumers: dict[str, Consumer] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.inbox = inbox
+        self.transport = transport
+        self.metrics = metrics
+        self.open_sink = sink
+        """Makes the (not yet opened) Sink adapter; called once per run."""
+        self.handle = handle
+        self.inflight = inflight
+        self.consumers = consumers if consumers is not None else {}
+        """Where the bound consumer is published while it runs (for the pending gauges)."""
+
+    def __repr__(self) -> str:
+        return f"<Apply {self.plan.name} as {self.plan.durable}>"
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        plan = self.plan
+        bind(agent=plan.agent, flow=plan.name)
+        await plan.compile()
+        async with self.open_sink() as sink:
+            task_status.started()
+            transport = await self.transport()
+            consumer = await transport.pull_consumer(
+                durable=plan.durable,
+                filter_subject=plan.filter_subject,
+                ack_wait=plan.consumer.ack_wait,
+                max_deliver=plan.consumer.max_deliver,
+                max_ack_pending=plan.consumer.max_ack_pending,
+                metadata={"mesh-flow": plan.name, "mesh-sink-system": plan.system},
+            )
+            self.consumers[plan.name] = consumer
+            try:
+                await self._consume(transport, sink, consumer)
+            finally:
+                if self.consumers.get(plan.name) is consumer:
+                    del self.consumers[plan.name]
+                await consumer.aclose()
+
+    async def _consume(self, transport: Transport, sink: Sink, consumer: Consumer) -> None:
+        ccfg = self.plan.consumer
+        log.info("flow %s: consuming as %s", self.plan.name, self.plan.durable)
+        while True:
+            await anyio.lowlevel.checkpoint()  # where a stop takes effect, between batches
+            # A fetch and the batch it returns are finished even if a stop begins meanwhile
+            # (bounded by the grace period): messages the server handed us are never left
+            # unacked. Whatever is still unsettled at the deadline is released (nak'ed), so
+            # another replica or the next start gets it at once instead of after ack_wait.
+            batch = _Batch([])
+            with self.inflight(self.plan.name):
+                batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout))
+                if batch.deliveries:
+                    await self.apply_batch(transport, sink, batch)
+            with anyio.CancelScope(shield=True):
+                await batch.release()
+            if self.handle is not None and self.handle.draining and not batch.deliveries:
+                with contextlib.suppress(TransportError):
+                    if await consumer.pending() == 0:
+                        log.info("flow %s: drained (nothing pending)", self.plan.name)
+                        return
+
+    async def apply_batch(self, transport: Transport, sink: Sink, batch: _Batch) -> None:
+        """Apply one fetched batch: every delivery ends acked, nak'ed or dead-lettered and termed
+        (or, when interrupted, released by the caller)."""
+        plan = self.plan
+        flow = plan.name
+        handled = self.metrics.handled
+        inbox = self.inbox
+        decoded: list[tuple[Delivery, Envelope]] = []
+        for d in batch.deliveries:
+            try:
+                decoded.append((d, decode(d.data)))
+            except DecodeError as exc:
+                await self.fail(transport, batch, d, None, exc)
+
+        seen = await inbox.seen([e.id for _, e in decoded])
+        todo: list[tuple[Delivery, Envelope, SinkRecord]] = []
+        entries: list[InboxEntry] = []
+        acks: list[Delivery] = []
+        batch_ids: set[str] = set()
+        for d, env in decoded:
+            if env.id in seen or env.id in batch_ids:
+                handled.labels(flow, "duplicate").inc()
+                acks.append(d)
+                continue
+            batch_ids.add(env.id)
+            if not plan.accepts(env.origin):
+                handled.labels(flow, "echo").inc()
+                entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
+                acks.append(d)
+                continue
+            try:
+                record = self._record(env)
+            except (DecodeError, MappingError) as exc:
+                await self.fail(transport, batch, d, env, exc)
+                continue
+            if record is None:  # a delete (or create) its origin may not make
+                handled.labels(flow, "not_owner").inc()
+                entries.append(InboxEntry(env.id, flow, env.key, env.version, "not_owner"))
+                acks.append(d)
+                continue
+            todo.append((d, env, record))
+
+        outcomes: Sequence[Applied | Exception] = []
+        if todo:
+            try:
+                outcomes = await sink.apply([t[2] for t in todo])
+            except RetryableError as exc:
+                log.warning("flow %s: sink unavailable (%s); %d messages wait", flow, exc, len(todo))
+                for d, env, _ in todo:
+                    await self.fail(transport, batch, d, env, exc)
+                todo = []
+        now = now_ms()
+        latency = self.metrics.latency.labels(flow)
+        for (d, env, _), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                await self.fail(transport, batch, d, env, outcome)
+                continue
+            handled.labels(flow, outcome.value).inc()
+            entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
+            acks.append(d)
+            if outcome is Applied.APPLIED:
+                latency.observe(max(0, now - env.occurred_at) / 1000)
+        # The sink's writes are durable; record them, then ack (I4).
+        crash_point("apply.after_sink")
+        await inbox.record(entries)
+        crash_point("apply.after_inbox")
+        for d in acks:
+            await batch.ack(d)
+
+    def _record(self, env: Envelope) -> SinkRecord | None:
+        """The sink's record for ``env``: ownership applied, mapped from the canonical entity.
+        None when the origin may not make this change at all (a delete by a non-owner)."""
+        row = _row_of(env)
+        data = self.plan.data
+        scope, create = "", True
+        if data.ownership is not None:
+            decision = data.ownership.decide(self.plan.entity, env.origin, row, deleted=env.is_delete)
+            if env.is_delete and not decision.may_delete:
+                return None
+            if decision.dropped:
+                self.metrics.ownership_dropped.labels(self.plan.name, env.origin).inc(len(decision.dropped))
+            row, scope, create = dict(decision.fields), env.origin, decision.may_create
+        if data.from_canonical is not None and not env.is_delete:
+            row = data.from_canonical.map(row)
+        return SinkRecord(
+            id=env.id, key=env.key, version=env.version, deleted=env.is_delete,
+            row=row, origin=env.origin, scope=scope, create=create,
+        )  # fmt: skip
+
+    async def fail(
+        self, transport: Transport, batch: _Batch, d: Delivery, env: Envelope | None, exc: Exception
+    ) -> None:
+        """Retry later (delayed nak) or dead-letter, by the flow's retry policy (I6). The
+        attempt count is the server's (``num_delivered``)."""
+        policy = self.plan.retry
+        if policy.action(exc) == "retry" and d.num_delivered < self.plan.consumer.max_deliver:
+            self.metrics.retries.labels(self.plan.name).inc()
+            await batch.nak(d, policy.delay(d.num_delivered))
+            return
+        await self.dead_letter(transport, d, env, exc)
+        await batch.term(d)
+
+    async def dead_letter(
+        self, transport: Transport, d: Delivery, env: Envelope | None, exc: Exception
+    ) -> None:
+        """Copy the message to the DLQ with its reason; the caller then terms it (I6).
+
+        Raises:
+            TransportError: the DLQ did not confirm; the message is not termed (redelivered).
+        """
+        plan = self.plan
+        letter = DeadLetter(
+            reason=str(exc), error_class=type(exc).__name__, permanent=isinstance(exc, PermanentError),
+            attempts=d.num_delivered, flow=plan.name, agent=plan.agent, stage="apply",
+            original_subject=d.subject, original_stream_seq=d.stream_seq,
+            original_msg_id=d.headers.get("Nats-Msg-Id", ""),
+        )  # fmt: skip
+        headers = letter.to_headers()
+        with log_context(correlation_id=env.correlation_id if env else None):
+            log.error(
+                "flow %s: dead-lettering %s (stream seq %d, delivery %d): %s",
+                plan.name, env.id if env else "<undecodable>", d.stream_seq, d.num_delivered,
+                headers["Mesh-Reason"],
+            )  # fmt: skip
+        original = {k: v for k, v in d.headers.items() if not k.startswith("Nats-")}
+        msg_id = f"dlq-{plan.durable}-{d.stream_seq}"
+        # Written (and acknowledged) before the original is termed: nothing is dropped silently.
+        await transport.publish(OutMessage(dlq_subject(plan.name), d.data, msg_id, {**original, **headers}))
+        self.metrics.dead_lettered.labels(plan.name, letter.error_class).inc()
+        self.metrics.handled.labels(plan.name, "dead_lettered").inc()
+        # Not recorded in the inbox: a replay of the fixed message must still apply.
+
+
+def _row_of(env: Envelope) -> dict[str, object]:
+    """The row carried by an envelope; a delete may carry only its key columns, or nothing."""
+    if env.is_delete and bytes(env.payload) in (b"", b"\xc0"):
+        return {}
+    return decode_payload(env)
+
+
+class _Batch:
+    """The deliveries of one fetch and which of them are settled (acked, nak'ed or termed)."""
+
+    def __init__(self, deliveries: Sequence[Delivery]) -> None:
+        self.deliveries = deliveries
+        self._open = {id(d): d for d in deliveries}
+
+    async def ack(self, d: Delivery) -> None:
+        await d.ack()
+        self._open.pop(id(d), None)
+
+    async def nak(self, d: Delivery, delay: float | None = None) -> None:
+        await d.nak(delay=delay)
+        self._open.pop(id(d), None)
+
+    async def term(self, d: Delivery) -> None:
+        await d.term()
+        self._open.pop(id(d), None)
+
+    async def release(self) -> None:
+        """Nak (without delay) whatever is still unsettled, best effort and bounded."""
+        if not self._open:
+            return
+        log.info("releasing %d unsettled messages for immediate redelivery", len(self._open))
+        with anyio.move_on_after(2):
+            for d in list(self._open.values()):
+                with contextlib.suppress(TransportError):
+                    await self.nak(d)

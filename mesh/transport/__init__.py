@@ -1,0 +1,58 @@
+"""The broker behind one interface: :class:`Transport` (see :mod:`mesh.transport.base` for the
+guarantees), implemented on NATS JetStream (:class:`JetStream`) and in memory
+(:class:`MemoryTransport`, for tests without a broker). nats-py's exceptions become
+:mod:`mesh.errors` in one place, :mod:`mesh.transport._nats`."""
+
+from mesh.transport.base import (
+    Bucket,
+    Consumer,
+    Delivery,
+    Entry,
+    Handler,
+    KvUpdate,
+    KvWatch,
+    Message,
+    NoReply,
+    NoResponders,
+    OutMessage,
+    RevisionConflict,
+    Transport,
+)
+from mesh.transport.jetstream import JetStream, NatsBucket, PullConsumer
+from mesh.transport.memory import MemoryBroker, MemoryBucket, MemoryTransport
+from mesh.transport.subjects import (
+    AUDIT_STREAM,
+    COMMANDS_STREAM,
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    dlq_subject,
+    event_subject,
+)
+
+__all__ = [
+    "AUDIT_STREAM",
+    "COMMANDS_STREAM",
+    "DLQ_STREAM",
+    "EVENTS_STREAM",
+    "Bucket",
+    "Consumer",
+    "Delivery",
+    "Entry",
+    "Handler",
+    "JetStream",
+    "KvUpdate",
+    "KvWatch",
+    "MemoryBroker",
+    "MemoryBucket",
+    "MemoryTransport",
+    "Message",
+    "NatsBucket",
+    "NoReply",
+    "NoResponders",
+    "OutMessage",
+    "PullConsumer",
+    "RevisionConflict",
+    "Transport",
+    "dlq_subject",
+    "event_subject",
+]

@@ -1,0 +1,356 @@
+"""The broker as one interface: what the actors and the control logic may ask of it.
+
+Two implementations pass the same contract suite (tests/contract/test_transport.py):
+:class:`~mesh.transport.JetStream` (NATS JetStream, production) and
+:class:`~mesh.transport.MemoryTransport` (in memory, for unit tests without a broker).
+
+Guarantees every implementation gives:
+
+* **At-least-once delivery.** A published message is stored once per ``msg_id`` inside the
+  stream's duplicate window; a consumer may see it again (redelivery) until it is acked or
+  termed. Delivery counts come from the broker (``num_delivered``), never from memory.
+* **Bounded calls.** Every call either completes or raises within the transport's request
+  timeout (or the timeout it is given); nothing waits forever on a lost acknowledgement.
+* **One error tree.** Only :class:`~mesh.errors.TransportError` (and its subclasses
+  :class:`NoResponders` and :class:`RevisionConflict`) escape; foreign exceptions are
+  translated at the implementation's boundary.
+* **Resources are async context managers** on one idempotent ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, NoReturn, Self
+
+import anyio
+from anyio.abc import TaskStatus
+
+from mesh.config import StreamsConfig
+from mesh.errors import TransportError
+from mesh.transport.subjects import EVENTS_STREAM
+
+__all__ = [
+    "Bucket",
+    "Consumer",
+    "Delivery",
+    "Entry",
+    "Handler",
+    "KvUpdate",
+    "KvWatch",
+    "Message",
+    "NoReply",
+    "NoResponders",
+    "OutMessage",
+    "RevisionConflict",
+    "Transport",
+]
+
+
+class NoResponders(TransportError):
+    """A request found nobody serving its subject (or a publish found no stream for it)."""
+
+
+class NoReply(TransportError):
+    """The broker (or a responder) did not answer within the timeout."""
+
+
+class RevisionConflict(TransportError):
+    """A compare-and-swap lost: the key changed (or exists / is gone) since it was read.
+    Read again and decide again."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    """A message to publish to a stream; ``msg_id`` is its deduplication id (``Nats-Msg-Id``)."""
+
+    subject: str
+    data: bytes
+    msg_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A core (non-stream) message: a request or a reply."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Message], Awaitable[bytes]]
+"""Serves one request: returns the reply's body. An exception is logged and sends no reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One KV value and the revision it was stored at."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvUpdate:
+    """One item a :class:`KvWatch` yields: a value stored (``put``), a key deleted
+    (``delete``), or ``loaded``: every value that existed when the watch began has been given."""
+
+    op: Literal["put", "delete", "loaded"]
+    key: str = ""
+    value: bytes = b""
+    revision: int = 0
+
+
+class _Resource(abc.ABC):
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the resource. Idempotent; never raises TransportError."""
+
+
+class Delivery(abc.ABC):
+    """One message delivered by a :class:`Consumer`. Settle it once: ack, nak or term.
+    Unsettled, it is delivered again after the consumer's ``ack_wait``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.subject} seq={self.stream_seq} delivered={self.num_delivered}>"
+
+    @property
+    @abc.abstractmethod
+    def data(self) -> bytes: ...
+
+    @property
+    @abc.abstractmethod
+    def subject(self) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def headers(self) -> dict[str, str]:
+        """A copy of the message's headers (``Nats-Msg-Id`` included)."""
+
+    @property
+    @abc.abstractmethod
+    def num_delivered(self) -> int:
+        """How many times the broker has delivered this message (1 on the first delivery)."""
+
+    @property
+    @abc.abstractmethod
+    def stream_seq(self) -> int:
+        """The message's sequence number in its stream."""
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """Done: never delivered again. The ack is sent, not confirmed (the broker applies it a
+        moment later); one lost on the way means one redelivery after ``ack_wait``, which the
+        caller absorbs (inbox, I4). Raises TransportError when the connection is down."""
+
+    @abc.abstractmethod
+    async def nak(self, delay: float | None = None) -> None:
+        """Deliver again after ``delay`` seconds (at once when None), until ``max_deliver``.
+        Raises TransportError."""
+
+    @abc.abstractmethod
+    async def term(self) -> None:
+        """Never deliver again (the caller has dead-lettered it). Raises TransportError."""
+
+
+class Consumer(_Resource):
+    """A durable pull consumer with explicit acks; several clients may share one by name."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    @abc.abstractmethod
+    async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
+        """Up to ``batch`` deliveries, redeliveries first; an empty list (not an error) when none
+        arrived within ``timeout``.
+
+        Raises:
+            TransportError: the connection is down or the consumer is gone.
+        """
+
+    @abc.abstractmethod
+    async def pending(self) -> int:
+        """Messages not yet delivered plus delivered but unsettled (the consumer's backlog).
+
+        Raises:
+            TransportError: the broker did not answer.
+        """
+
+    async def aclose(self) -> None:
+        """Drop this binding; the durable consumer and its state stay on the broker."""
+
+
+class KvWatch(_Resource):
+    """A live view of a bucket: first every current value, then ``loaded``, then each change.
+
+    A JetStream watch can silently miss updates after a server restart: a reader that must
+    converge re-creates its watch after :attr:`Transport.reconnects` changes.
+    """
+
+    @abc.abstractmethod
+    async def next(self, timeout: float) -> KvUpdate | None:
+        """The next update, or None when none came within ``timeout``. Raises TransportError."""
+
+
+class Bucket(abc.ABC):
+    """Compare-and-swap access to one KV bucket. Revisions grow with every change to any key
+    of the bucket. Every method raises TransportError when the broker does not answer."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> Entry | None:
+        """The current value, or None when absent or deleted."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, value: bytes) -> int:
+        """Store only if absent (or deleted); returns the revision. Raises RevisionConflict."""
+
+    @abc.abstractmethod
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        """Store only if the key is still at ``revision``; returns the new one.
+        Raises RevisionConflict."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes) -> int:
+        """Store unconditionally; returns the revision."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str, revision: int | None = None) -> None:
+        """Delete (only if still at ``revision`` when given, else RevisionConflict)."""
+
+    @abc.abstractmethod
+    async def watch(self, keys: str = ">") -> KvWatch:
+        """Start watching the keys matching ``keys`` (NATS wildcards; default every key):
+        ``async with await bucket.watch() as w``."""
+
+
+class Transport(_Resource):
+    """A connection to the broker. ``async with`` connects; :meth:`aclose` (idempotent) closes.
+
+    After a successful :meth:`connect`, a lost connection is re-established forever in the
+    background (:attr:`reconnects` counts it); calls made meanwhile raise TransportError.
+    """
+
+    name: str
+    reconnects: int
+    connected: anyio.Event
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    @property
+    @abc.abstractmethod
+    def is_connected(self) -> bool: ...
+
+    @property
+    def where(self) -> str:
+        """Where this transport connects (server URLs, comma-separated), for messages."""
+        return self.name
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect once (bounded). Raises TransportError when no server answers."""
+
+    @abc.abstractmethod
+    async def ensure_streams(self, cfg: StreamsConfig) -> None:
+        """Create or update the mesh streams (idempotent, safe from many clients at once).
+        Raises TransportError."""
+
+    @abc.abstractmethod
+    async def publish(self, msg: OutMessage) -> int:
+        """Store one message and wait (bounded) for the broker's ack; returns its stream
+        sequence (the original's for a duplicate ``msg_id`` inside the duplicate window).
+
+        Raises:
+            NoResponders: no stream stores ``msg.subject``.
+            TransportError: not stored or not confirmed in time.
+        """
+
+    @abc.abstractmethod
+    async def publish_many(self, messages: Sequence[OutMessage], window: int) -> list[bool]:
+        """Publish with at most ``window`` unconfirmed at once; True where the broker acked.
+
+        Never raises for a failed message: the caller keeps the unacked ones and retries them
+        (a message not acked may still have been stored; its ``msg_id`` dedupes the retry).
+        """
+
+    @abc.abstractmethod
+    async def pull_consumer(
+        self,
+        *,
+        durable: str,
+        filter_subject: str,
+        ack_wait: float,
+        max_deliver: int,
+        max_ack_pending: int,
+        stream: str = EVENTS_STREAM,
+        metadata: dict[str, str] | None = None,
+    ) -> Consumer:
+        """Create (or update to this config) a durable pull consumer and bind to it.
+
+        The broker delivers a message up to ``max_deliver + 1`` times: the caller, not the
+        broker, gives up at ``max_deliver`` (it dead-letters instead of dropping silently).
+
+        Raises:
+            TransportError: the stream does not exist or the broker refused.
+        """
+
+    @abc.abstractmethod
+    async def key_value(
+        self, name: str, *, history: int = 1, replicas: int = 1, memory: bool = False, create: bool = True
+    ) -> Bucket:
+        """Open a KV bucket, creating it with these settings when missing (``create``).
+
+        Raises:
+            TransportError: the bucket is missing (and not ``create``) or the broker refused.
+        """
+
+    @abc.abstractmethod
+    async def request(
+        self, subject: str, data: bytes, *, timeout: float, headers: dict[str, str] | None = None
+    ) -> Message:
+        """Send a request and wait up to ``timeout`` for the first reply.
+
+        Raises:
+            NoResponders: nobody serves ``subject``.
+            NoReply: no reply within ``timeout``.
+            TransportError: the connection is down.
+        """
+
+    @abc.abstractmethod
+    async def serve(
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str = "",
+        max_concurrent: int = 0,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        """Answer requests on ``subject`` (wildcards allowed) until cancelled.
+
+        Up to ``max_concurrent`` requests are handled at once (0: no limit; 1: one at a time, in
+        arrival order). ``task_status.started()`` once the broker routes requests here. Replicas
+        sharing a ``queue`` share the requests. Raises TransportError when the subscription
+        fails or ends."""
