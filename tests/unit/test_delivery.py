@@ -16,7 +16,7 @@ import pytest
 
 from agents.delivery import Apply, Capture, FlowPlan, Relay
 from mesh.adapters import Applied, Change, ChangeBatch, Sink, SinkRecord, Source
-from mesh.config import FlowConfig, RelayConfig, StreamsConfig
+from mesh.config import FlowConfig, RelayConfig, StreamsConfig, decode_flow
 from mesh.envelope import DeadLetter, Envelope, decode, encode, encode_payload, envelope_id
 from mesh.errors import RejectedRecord, SystemUnavailable
 from mesh.logs import setup_logging
@@ -37,7 +37,7 @@ def flow(**extra: Any) -> FlowConfig:
         "retry": {"initial_delay": 0.05, "max_delay": 0.05, "jitter": 0},
         **extra,
     }
-    return msgspec.convert(spec, FlowConfig)
+    return decode_flow(spec)
 
 
 class ListSource(Source):
