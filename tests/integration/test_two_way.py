@@ -24,7 +24,7 @@ import nats
 import pytest
 from typer.testing import CliRunner
 
-from mesh import cli_dlq
+from mesh.cli import dlq as cli_dlq
 from mesh.broker import NatsServer, free_port
 from tests.integration._harness import AgentProcess, wait_until
 
