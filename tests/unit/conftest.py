@@ -6,6 +6,8 @@ stopped and fails. Tests that need a server live in tests/integration/.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from tests._unit_guard import SERVER_FIXTURES, UnitGuard
@@ -29,9 +31,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _GUARD.arm()
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item: pytest.Item) -> None:
-    """After every fixture is torn down (so a server fixture's own cleanup is watched too)."""
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Disarmed before teardown: the last test of a scope also finalizes session fixtures, such as
+    the PostgreSQL cluster of tests that ran before it."""
     started = _GUARD.disarm()
+    result = yield
     if started:
         pytest.fail(f"a unit test started {', '.join(started)}: move it to tests/integration/", pytrace=False)
+    return result
