@@ -7,19 +7,18 @@ import contextlib
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import msgspec.inspect as mi
 
 from mesh import _mapping_convert as cv
+from mesh._mapping_config import FieldRule, MappingConfig
+from mesh._mapping_lookup import Lookup, key_of
 from mesh.canonical import _paths
 from mesh.canonical.money import CURRENCY_EXPONENTS, Money
 
-if TYPE_CHECKING:
-    from mesh.mapping import FieldRule, Lookup, MappingConfig
-
-__all__ = ["Rule", "compile_rules", "key_of"]
+__all__ = ["Rule", "compile_rules"]
 
 _TRANSFORMS: dict[str, Callable[[str], str]] = {"trim": str.strip, "upper": str.upper, "lower": str.lower}
 _ROUNDINGS = ("reject", "half_even", "half_up", "half_down", "down", "up", "floor", "ceiling")
@@ -54,16 +53,6 @@ _NEEDS: dict[str, tuple[type, ...]] = {
     "date": (mi.DateType,),
     "datetime": (mi.DateTimeType,),
 }
-
-
-def key_of(value: Any) -> str:
-    """How a source value is matched against map and lookup keys (TOML keys are strings):
-    strings as they are, booleans as ``true``/``false``, whole floats as integers."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +135,6 @@ class _Compiler:
         where: str,
         in_items: bool,
     ) -> tuple[Rule, ...]:
-        from mesh.mapping import FieldRule
-
         out: list[Rule] = []
         targets: list[tuple[_paths.Segment, ...]] = []
         for key, spec in fields.items():

@@ -12,16 +12,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from mesh.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mesh.config import FlowConfig
-    from mesh.mapping import Mapper
-    from mesh.ownership import Ownership
+    from mesh.mapping import Mapper, MappingConfig
+    from mesh.ownership import EntityOwnership, Ownership
 
-__all__ = ["FlowData", "compile_flow_data"]
+__all__ = ["FlowData", "FlowDataConfig", "compile_flow_data"]
+
+
+class FlowDataConfig(Protocol):
+    """The parts of a flow's config that :func:`compile_flow_data` reads; ``mesh.config.FlowConfig``
+    has them (this module does not import ``mesh.config``, which imports it)."""
+
+    @property
+    def entity(self) -> str: ...
+    @property
+    def to_canonical(self) -> MappingConfig | None: ...
+    @property
+    def from_canonical(self) -> MappingConfig | None: ...
+    @property
+    def ownership(self) -> EntityOwnership | None: ...
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,7 @@ class FlowData:
                 await mapper.open()
 
 
-def compile_flow_data(flow: FlowConfig, *, source: str, path: str, base: Path | None = None) -> FlowData:
+def compile_flow_data(flow: FlowDataConfig, *, source: str, path: str, base: Path | None = None) -> FlowData:
     """Compile ``flow``'s mappings and ownership.
 
     Raises:

@@ -69,7 +69,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -79,7 +79,9 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from mesh import _mapping_convert as cv
-from mesh._mapping_compile import Rule, compile_rules, key_of
+from mesh._mapping_compile import Rule, compile_rules
+from mesh._mapping_config import FieldRule, LookupConfig, MappingConfig
+from mesh._mapping_lookup import Lookup, quote_identifier, read_only
 from mesh.canonical import _paths
 from mesh.canonical.entities import ENTITIES, Entity
 from mesh.errors import ConfigError, MappingError
@@ -103,139 +105,6 @@ CONVERTERS: tuple[str, ...] = cv.CONVERTERS
 """Names accepted by ``convert``."""
 TRANSFORMS: tuple[str, ...] = ("trim", "upper", "lower")
 """Names accepted by ``transform`` (applied to strings; other values pass unchanged)."""
-
-
-class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class FieldRule(_Config, frozen=True):
-    """How one target field gets its value (the right-hand side of a ``fields`` entry)."""
-
-    source: str | None = msgspec.field(default=None, name="from")
-    """Source path (``CompanyName``, ``address.city``, ``lines[0].qty``; ``$.x`` inside ``items``
-    reads from the record's root)."""
-    const: Any = msgspec.UNSET
-    """A fixed value instead of a source."""
-    position: bool = False
-    """Inside ``items``: the item's 1-based position in its list."""
-    transform: list[str] = []
-    """String clean-ups in order: ``trim``, ``upper``, ``lower``."""
-    value_map: dict[str, Any] | None = msgspec.field(default=None, name="map")
-    """Source value (as a string: ``1``, ``true``) -> target value."""
-    map_default: Any = msgspec.UNSET
-    """Target value for a source value not in ``map`` (without it, such a record is an error)."""
-    lookup: str | None = None
-    """Name of a table under ``lookups``: source value -> target value."""
-    convert: str | None = None
-    """One of :data:`CONVERTERS`."""
-    format: str | None = None
-    """``date``/``datetime``: ``iso`` (default), ``epoch``, ``epoch_ms`` or a strftime pattern,
-    the system-side format in both directions."""
-    timezone: str | None = None
-    """``datetime``: the system's zone for naive values (default UTC); canonical is UTC."""
-    currency: str | None = None
-    """``money``/``minor_units``: the ISO 4217 code of the system's amounts."""
-    currency_from: str | None = None
-    """``money``/``minor_units``: path of the currency code in the source record instead."""
-    rounding: str = "reject"
-    """Amounts with more decimals than the currency: ``reject`` (default) or a rounding mode
-    (``half_even``, ``half_up``, ``half_down``, ``down``, ``up``, ``floor``, ``ceiling``)."""
-    as_string: bool = False
-    """``from_canonical`` numbers (``decimal``, ``money``, ``minor_units``): write a decimal
-    string (exact) instead of a float."""
-    default: Any = msgspec.UNSET
-    """Target value when the source is absent or null."""
-    required: bool = False
-    """An absent or null source is an error for the record."""
-    items: dict[str, str | FieldRule] | None = None
-    """The source is a list: map every item with these rules (targets relative to the item)."""
-
-
-class LookupConfig(_Config, frozen=True):
-    """A reference table: either inline ``values`` or a SQLite ``table`` with ``key``/``value``
-    columns (read-only, loaded at open and reloaded every ``refresh`` seconds)."""
-
-    values: dict[str, Any] | None = None
-    sqlite: str | None = None
-    """Path of the SQLite file (relative to the config file)."""
-    table: str | None = None
-    key: str | None = None
-    value: str | None = None
-    refresh: float = 300.0
-    default: Any = msgspec.UNSET
-    """Result for a key not in the table (without it, such a record is an error)."""
-
-
-class MappingConfig(_Config, frozen=True):
-    """``[flows.to_canonical]`` or ``[flows.from_canonical]`` of a flow."""
-
-    fields: dict[str, str | FieldRule]
-    lookups: dict[str, LookupConfig] = {}
-
-    def resolved(self, resolve: Callable[[str], str]) -> MappingConfig:
-        """This mapping with its SQLite lookup paths made absolute by ``resolve``."""
-        lookups = {
-            name: msgspec.structs.replace(lk, sqlite=resolve(lk.sqlite)) if lk.sqlite else lk
-            for name, lk in self.lookups.items()
-        }
-        return msgspec.structs.replace(self, lookups=lookups)
-
-
-# --- lookups ----------------------------------------------------------------------------------
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _read_only(path: str) -> sqlite3.Connection:
-    return sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-
-
-class Lookup:
-    """One reference table, in memory."""
-
-    def __init__(self, name: str, cfg: LookupConfig, path: str | None) -> None:
-        self.name = name
-        self.cfg = cfg
-        self.path = path
-        self.table: dict[str, Any] | None = (
-            {key_of(k): v for k, v in cfg.values.items()} if cfg.values is not None else None
-        )
-        self.loaded_at = time.monotonic()
-
-    @property
-    def due(self) -> float:
-        """Monotonic time of the next reload (inf for inline tables)."""
-        return float("inf") if self.path is None else self.loaded_at + self.cfg.refresh
-
-    def load(self) -> None:
-        """(Re)read the SQLite table. Blocking: call through a worker thread."""
-        assert self.path is not None, "inline tables are not loaded"
-        key, value, name = (_quote(x or "") for x in (self.cfg.key, self.cfg.value, self.cfg.table))
-        conn = _read_only(self.path)
-        try:
-            rows = conn.execute(f"SELECT {key}, {value} FROM {name}").fetchall()
-        finally:
-            conn.close()
-        self.table = {key_of(k): v for k, v in rows if k is not None}
-        self.loaded_at = time.monotonic()
-
-    def get(self, value: Any) -> Any:
-        if self.table is None:
-            raise RuntimeError(f"lookup {self.name!r} is not loaded: open the mapper first")
-        key = key_of(value)
-        if key in self.table:
-            return self.table[key]
-        if self.cfg.default is not msgspec.UNSET:
-            return self.cfg.default
-        raise cv.Fail(f"{value!r} is not in lookup {self.name!r}")
-
-    def __repr__(self) -> str:
-        where = "inline" if self.path is None else f"{self.path}:{self.cfg.table}"
-        size = "not loaded" if self.table is None else f"{len(self.table)} keys"
-        return f"<Lookup {self.name} {where} {size}>"
 
 
 def _apply(rules: Sequence[Rule], ctx: cv.Context, prefix: str, entity: str) -> dict[str, Any]:
@@ -512,9 +381,11 @@ def _check_lookup(
     if missing:
         return None
     try:
-        conn = _read_only(str(file))
+        conn = read_only(str(file))
         try:
-            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({_quote(cfg.table or '')})")}
+            columns = {
+                row[1] for row in conn.execute(f"PRAGMA table_info({quote_identifier(cfg.table or '')})")
+            }
         finally:
             conn.close()
     except sqlite3.Error as exc:

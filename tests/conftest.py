@@ -1,7 +1,12 @@
-"""Shared fixtures: the anyio backend, and real nats-server processes on random loopback ports."""
+"""Shared fixtures: the anyio backend, and real nats-server processes on random loopback ports.
+
+Also marks the slow suites ``slow`` (see :data:`SLOW`): ``pytest -m "not slow"`` is the
+developer's loop, plain ``pytest`` (the README's command, CI's) runs everything.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +15,33 @@ import pytest
 from mesh.broker import NatsServer
 from tests._pg import northwind_template, pg_cluster, pg_db  # noqa: F401 - PostgreSQL fixtures
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TESTS = Path(__file__).resolve().parent
+SHARED_DATA = Path(os.environ.get("MESH_DATA_DIR") or TESTS.parents[1] / "shared" / "data")
+
+SLOW = (
+    "chaos/",  # 50,000-event syncs under random faults, minutes each
+    "integration/test_examples.py",  # each example starts PostgreSQL, nats-server and agents
+    "integration/test_crash.py",  # SIGKILL at every crash point and during syncs
+    "integration/test_rest_flow.py",  # a REST target misbehaving for a while
+    "integration/test_leafnode.py",  # WAN cuts and hub crashes between two brokers
+)
+"""Paths under tests/ whose tests are marked ``slow``: a directory (ending in ``/``) covers every
+test in it, now and later; a file every test in that file. Tests marked ``crash`` (SIGKILL of
+real processes, then recovery) are slow wherever they are."""
+
+
+def _is_slow(path: Path) -> bool:
+    try:
+        rel = path.resolve().relative_to(TESTS).as_posix()
+    except ValueError:
+        return False
+    return any(rel.startswith(p) if p.endswith("/") else rel == p for p in SLOW)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_slow(item.path) or item.get_closest_marker("crash") is not None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(

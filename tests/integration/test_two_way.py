@@ -24,8 +24,8 @@ import nats
 import pytest
 from typer.testing import CliRunner
 
-from mesh import cli_dlq
 from mesh.broker import NatsServer, free_port
+from mesh.cli import dlq as cli_dlq
 from tests.integration._harness import AgentProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
