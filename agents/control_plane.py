@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import signal
 import time
 from typing import Any
 
@@ -84,6 +83,8 @@ from mesh.controlplane.registry import Registry
 from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import StatusBuilder, flow_views
 from mesh.errors import DecodeError, TransportError
+from mesh.readiness import Readiness
+from mesh.sdnotify import Notifier
 from mesh.transport import DLQ_STREAM, JetStream
 
 __all__ = ["ControlPlane", "run_control_plane_process"]
@@ -118,6 +119,8 @@ class ControlPlane:
         self._flow_series: set[str] = set()
         self.supervisor: Supervisor | None = None
         self._stopping = False
+        self.conditions = Readiness(("nats", "kv", "handlers"))
+        """Met as the parts come up (the process runner adds "signals"); see :meth:`readiness`."""
 
     def __repr__(self) -> str:
         role = "leader" if self.is_leader else "follower"
@@ -162,6 +165,8 @@ class ControlPlane:
         return self.builder.report(info, self.dlq_depths, specs=specs)
 
     async def readiness(self) -> str | None:
+        if not self.conditions.ready:
+            return str(self.conditions.snapshot()["detail"])
         if not self.js.is_connected:
             return f"NATS not connected ({', '.join(self.settings.nats.servers)})"
         if self.mirror is None or not self.mirror.synced.is_set():
@@ -187,6 +192,7 @@ class ControlPlane:
                 self.http = HttpServer(create_app(self, token=token), s.http_host, s.http_port)
                 self.http_port = await sup.start("http", self.http.run)
             await self._connect()
+            self.conditions.set("nats")
             agents = self.buckets[AGENTS_BUCKET]
             self.mirror = KvMirror(self.js, agents)
             self.builder = StatusBuilder(self.mirror, s.health)
@@ -223,6 +229,7 @@ class ControlPlane:
             await sup.start("mirror", self.mirror.run)
             await sup.start("flows-mirror", flows_mirror.run)
             await sup.start("assign-mirror", assign_mirror.run)
+            self.conditions.set("kv")
             await sup.start("reads", self._serve_reads)
             await sup.start("lease", self.lease.run)
             await sup.start("writes", self._serve_writes)
@@ -282,11 +289,15 @@ class ControlPlane:
     async def _serve_reads(self, task_status: TaskStatus[None]) -> None:
         subs = await self._subscribe(READ_KINDS, "readers")
         try:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self.js.nc.flush(timeout=2)  # the server has the subscriptions: requests reach us
+            self.conditions.set("handlers")
             task_status.started()
             async with anyio.create_task_group() as tg:
                 for kind, sub in subs:
                     tg.start_soon(self._pump, kind, sub)
         finally:
+            self.conditions.clear("handlers", "request handlers stopped")
             await _unsubscribe(subs)
 
     async def _serve_writes(self, task_status: TaskStatus[None]) -> None:
@@ -406,10 +417,7 @@ class ControlPlane:
         out = []
         for n, spec in sorted(specs.items()):
             reports = [
-                msgspec.structs.replace(f, name=a.name)
-                for a in agents
-                for f in a.flows
-                if f.name == n
+                msgspec.structs.replace(f, name=a.name) for a in agents for f in a.flows if f.name == n
             ]
             state = views[n].state if n in views else "pending"
             out.append(FlowSpecView(spec=spec, state=state, reports=reports))
@@ -589,19 +597,20 @@ async def _unsubscribe(subs: list[tuple[str, Subscription]]) -> None:
 
 
 async def _main(settings: ControlPlaneSettings) -> None:
+    from agents.runner import run_until_signalled
+
     cp = ControlPlane(settings)
+    cp.conditions.require("signals")
+    notifier = Notifier()
 
-    async def run_then_end(tg: anyio.abc.TaskGroup) -> None:
-        await cp.run()
-        tg.cancel_scope.cancel()
+    def stop(signame: str) -> None:
+        log.info("%s: stopping control plane %s", signame, settings.name)
+        cp.stop()
 
-    async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            tg.start_soon(run_then_end, tg)
-            async for signum in signals:
-                log.info("%s: stopping control plane %s", signal.Signals(signum).name, settings.name)
-                cp.stop()
-                break
+    try:
+        await run_until_signalled(cp.run, stop, cp.conditions, notifier, f"control plane {settings.name}")
+    finally:
+        notifier.close()
     log.info("control plane %s stopped", settings.name)
 
 
