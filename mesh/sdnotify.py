@@ -10,9 +10,10 @@ so a wedged loop gets the service restarted).
 Why no library: the protocol is one ``sendto`` per message; the pure-Python ``sdnotify``
 package has had no release since 2017 and ``systemd-python`` needs libsystemd headers to build.
 
-Guarantees: without ``NOTIFY_SOCKET`` every call is a no-op; a send that fails (socket gone,
-systemd restarting) is logged once at debug level and never raises, since a service must not
-fail because its supervisor's socket did.
+Guarantees: without ``NOTIFY_SOCKET`` every call is a no-op; a send never blocks (the socket is
+non-blocking: a full receive queue drops the message); a send that fails (socket gone, queue
+full, systemd restarting) is logged once at debug level and never raises, since a service must
+not fail or stall because its supervisor's socket did.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block the event loop: a receiver that stopped reading (its queue full)
+                # gets the message dropped (BlockingIOError) instead of stalling the agent.
+                self._sock.setblocking(False)
             self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as exc:
             if not self._failed:

@@ -231,3 +231,15 @@ async def test_signal_runner_ready_then_sigterm(notify_socket: tuple[socket.sock
     assert r.is_stopping
     assert r.snapshot()["ready"] is False
     notifier.close()
+
+
+def test_sd_notify_never_blocks_on_a_full_queue(notify_socket: tuple[socket.socket, str]) -> None:
+    """A receiver that stops reading fills its queue: sends are then dropped, never blocking
+    (they come from the event loop)."""
+    sock, path = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path})
+    results = [n.watchdog() for _ in range(2000)]  # far more than a unix datagram queue holds
+    assert results[0] is True
+    assert results[-1] is False
+    assert sock.recv(1024) == b"WATCHDOG=1"
+    n.close()
