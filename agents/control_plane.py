@@ -38,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from agents.control import command_subject
+from agents.runner import run_until_signalled
 from mesh.actors import Backoff, Supervisor
 from mesh.controlplane.audit import AuditLog
 from mesh.controlplane.flows import FlowStore
@@ -417,7 +418,10 @@ class ControlPlane:
         out = []
         for n, spec in sorted(specs.items()):
             reports = [
-                msgspec.structs.replace(f, name=a.name) for a in agents for f in a.flows if f.name == n
+                msgspec.structs.replace(f, name=a.name)
+                for a in agents
+                for f in a.flows
+                if f.name == n
             ]
             state = views[n].state if n in views else "pending"
             out.append(FlowSpecView(spec=spec, state=state, reports=reports))
@@ -597,8 +601,6 @@ async def _unsubscribe(subs: list[tuple[str, Subscription]]) -> None:
 
 
 async def _main(settings: ControlPlaneSettings) -> None:
-    from agents.runner import run_until_signalled
-
     cp = ControlPlane(settings)
     cp.conditions.require("signals")
     notifier = Notifier()
