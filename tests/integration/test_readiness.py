@@ -5,7 +5,11 @@ the endpoint file it wrote for its free port is gone after a clean exit."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -13,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh.broker import NatsServer
+from mesh.broker import NatsServer, free_port
 from mesh.endpoint import read_endpoint_file
-from mesh.readiness import probe
+from mesh.readiness import probe, wait_ready
 from tests.integration._harness import AgentProcess, ErpLoad, agent_toml, make_erp, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -94,3 +98,42 @@ def test_agent_readiness_follows_nats_and_notifies_systemd(
         agent.kill()
         server.stop()
     assert "Traceback" not in agent.log.read_text()
+
+
+def test_control_plane_readiness_and_sd_notify(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """`meshctl control-plane run`: /readyz 503 naming what it waits for while NATS is away,
+    200 and READY=1 once its signal handlers, NATS link, KV buckets and request handlers are up,
+    STOPPING=1 on SIGTERM."""
+    sock, path = notify_socket
+    server = NatsServer(tmp_path / "nats")
+    port = free_port()
+    log = tmp_path / "cp.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "control-plane", "run", "--nats", server.url,
+             "--http", f"127.0.0.1:{port}", "--name", "cp1"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "NOTIFY_SOCKET": path},
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        # NATS is not running yet: the HTTP endpoint answers, and says why it is not ready.
+        wait_until(lambda: probe(url) is not None, 30, "the control plane's HTTP endpoint")
+        answer = probe(url)
+        assert answer is not None
+        assert answer[0] == 503
+        assert "nats" in str(answer[1]["reason"])
+        server.start()
+        assert wait_ready(url, timeout=30, alive=lambda: proc.poll() is None) == {"ready": True}
+        assert _receive_until(sock, b"READY=1")[-1] == b"READY=1\nSTATUS=control plane cp1 ready"
+        proc.send_signal(signal.SIGTERM)
+        assert _receive_until(sock, b"STOPPING=1")[-1] == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+    assert "Traceback" not in log.read_text()
