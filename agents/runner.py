@@ -73,26 +73,31 @@ async def run_until_signalled(
             readiness.stopping(f"{what} stopped")
         tg.cancel_scope.cancel()  # done: stop listening for signals
 
-    async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            readiness.set("signals")  # the handlers are installed: a SIGTERM now stops us cleanly
-            tg.start_soon(run_then_end, tg)
-            tg.start_soon(_announce, readiness, notifier, what)
-            if notifier.watchdog_interval is not None:
-                tg.start_soon(_watchdog, notifier, notifier.watchdog_interval)
-            signalled = False
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if signalled:
-                    if second_signal_forces:
-                        log.warning("second %s: stopping now", name)
-                        tg.cancel_scope.cancel()
-                        break
-                    continue
-                signalled = True
-                readiness.stopping(f"stopping ({name})")
-                notifier.stopping(f"stopping ({name})")
-                stop(name)
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                readiness.set("signals")  # the handlers are installed: a SIGTERM now stops us cleanly
+                tg.start_soon(run_then_end, tg)
+                tg.start_soon(_announce, readiness, notifier, what)
+                if notifier.watchdog_interval is not None:
+                    tg.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+                signalled = False
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signalled:
+                        if second_signal_forces:
+                            log.warning("second %s: stopping now", name)
+                            tg.cancel_scope.cancel()
+                            break
+                        continue
+                    signalled = True
+                    readiness.stopping(f"stopping ({name})")
+                    notifier.stopping(f"stopping ({name})")
+                    stop(name)
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:  # callers (the CLI) see the error itself, not a group of one
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _main(cfg: AgentConfig) -> None:

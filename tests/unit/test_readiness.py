@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from agents.runner import run_until_signalled
 from mesh.endpoint import AgentEndpoint, read_endpoint_file, remove_endpoint_file, write_endpoint_file
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, StopError
 from mesh.readiness import NotReady, Readiness, probe, wait_ready
 from mesh.sdnotify import Notifier
 
@@ -243,3 +243,17 @@ def test_sd_notify_never_blocks_on_a_full_queue(notify_socket: tuple[socket.sock
     assert results[-1] is False
     assert sock.recv(1024) == b"WATCHDOG=1"
     n.close()
+
+
+@pytest.mark.anyio
+async def test_signal_runner_raises_the_error_itself() -> None:
+    """What ``run()`` raises reaches the caller as itself (the CLI prints a MeshError in one
+    line), and the process is no longer ready."""
+    r = Readiness(["signals"])
+
+    async def run() -> None:
+        raise StopError("store corrupt")
+
+    with pytest.raises(StopError, match="store corrupt"):
+        await run_until_signalled(run, lambda _: None, r, Notifier({}), "test")
+    assert r.is_stopping
