@@ -94,7 +94,7 @@ def _agent_run(
             min=0,
             max=65535,
             show_default=False,
-            help="Serve /metrics, /healthz and /readyz on this port (overrides [agent] metrics_port; "
+            help="Serve /metrics, /healthz and /readyz on this port (overrides agent.metrics_port; "
             "0 picks a free port, written to <state_dir>/endpoint.json).",
         ),
     ] = None,
