@@ -247,12 +247,16 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._signals_seen = False
+        self._state_dir: Path | None = None
 
     @property
     def state_dir(self) -> Path:
-        from mesh.config import load_agent_config
+        """The agent's state dir, as its config file says (read at each start)."""
+        if self._state_dir is None:
+            from mesh.config import load_agent_config
 
-        return Path(load_agent_config(self.config).agent.state_dir)
+            self._state_dir = Path(load_agent_config(self.config).agent.state_dir)
+        return self._state_dir
 
     def start(self, env: dict[str, str] | None = None, *, wait: bool = True, timeout: float = 30) -> None:
         """Start the agent; with ``wait`` (the default) return once it is ready.
@@ -264,9 +268,9 @@ class AgentProcess:
 
         self.starts += 1
         self._signals_seen = False
-        extra = (
-            [] if load_agent_config(self.config).agent.metrics_port is not None else ["--metrics-port", "0"]
-        )
+        agent = load_agent_config(self.config).agent
+        self._state_dir = Path(agent.state_dir)
+        extra = [] if agent.metrics_port is not None else ["--metrics-port", "0"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mesh", "agent", "run", "--config", str(self.config), *extra],
