@@ -61,6 +61,8 @@ class ControlChannel:
     ) -> None:
         self.name = name
         self.readiness = readiness
+        if readiness is not None:
+            readiness.require("assignments")  # met once the assigned flows are loaded (or none can be)
         self.state_dir = Path(state_dir)
         self.nats = nats
         self.flows = flows
@@ -81,6 +83,8 @@ class ControlChannel:
         while True:
             why = await self._why_not(transport)
             if why:
+                if self.readiness is not None:
+                    self.readiness.set("assignments", detail=f"none: {why}")
                 if why != told:
                     log.info("agent %s: no assigned flows for now (%s)", self.name, why)
                     told = why
@@ -121,6 +125,8 @@ class ControlChannel:
             if update.op == "loaded":  # end of the current value(s)
                 if not seen_initial and not got_value:
                     await self.flows.sync(None)
+                if not seen_initial and self.readiness is not None:
+                    self.readiness.set("assignments")
                 seen_initial = True
                 continue
             got_value = True

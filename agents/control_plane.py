@@ -26,7 +26,6 @@ import contextlib
 import functools
 import gc
 import logging
-import signal
 import time
 from typing import Any
 
@@ -35,9 +34,9 @@ import anyio.abc
 import msgspec
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.aio.subscription import Subscription
 
 from agents.control import command_subject
+from agents.runner import run_until_signalled
 from mesh.actors import Backoff, Supervisor
 from mesh.controlplane.audit import AuditLog
 from mesh.controlplane.flows import FlowStore
@@ -83,6 +82,8 @@ from mesh.controlplane.registry import Registry
 from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import StatusBuilder, flow_views
 from mesh.errors import DecodeError, TransportError
+from mesh.readiness import Readiness
+from mesh.sdnotify import Notifier
 from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders
 from mesh.transport._nats import NATS_ERRORS
 
@@ -117,6 +118,8 @@ class ControlPlane:
         self._flow_series: set[str] = set()
         self.supervisor: Supervisor | None = None
         self._stopping = False
+        self.conditions = Readiness(("nats", "kv", "handlers"))
+        """Met as the parts come up (the process runner adds "signals"); see :meth:`readiness`."""
 
     def __repr__(self) -> str:
         role = "leader" if self.is_leader else "follower"
@@ -161,6 +164,8 @@ class ControlPlane:
         return self.builder.report(info, self.dlq_depths, specs=specs)
 
     async def readiness(self) -> str | None:
+        if not self.conditions.ready:
+            return str(self.conditions.snapshot()["detail"])
         if not self.js.is_connected:
             return f"NATS not connected ({', '.join(self.settings.nats.servers)})"
         if self.mirror is None or not self.mirror.synced.is_set():
@@ -186,6 +191,7 @@ class ControlPlane:
                 self.http = HttpServer(create_app(self, token=token), s.http_host, s.http_port)
                 self.http_port = await sup.start("http", self.http.run)
             await self._connect()
+            self.conditions.set("nats")
             agents = self.buckets[AGENTS_BUCKET]
             self.mirror = KvMirror(self.js, agents)
             self.builder = StatusBuilder(self.mirror, s.health)
@@ -222,6 +228,7 @@ class ControlPlane:
             await sup.start("mirror", self.mirror.run)
             await sup.start("flows-mirror", flows_mirror.run)
             await sup.start("assign-mirror", assign_mirror.run)
+            self.conditions.set("kv")
             await sup.start("reads", self._serve_reads)
             await sup.start("lease", self.lease.run)
             await sup.start("writes", self._serve_writes)
@@ -286,7 +293,13 @@ class ControlPlane:
             task_status.started()
 
     async def _serve_reads(self, task_status: TaskStatus[None]) -> None:
-        await self._serve(READ_KINDS, "readers", task_status=task_status)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(functools.partial(self._serve, READ_KINDS, "readers"))
+                self.conditions.set("handlers")  # subscriptions flushed: requests reach us
+                task_status.started()
+        finally:
+            self.conditions.clear("handlers", "request handlers stopped")
 
     async def _serve_writes(self, task_status: TaskStatus[None]) -> None:
         assert self.lease is not None
@@ -552,27 +565,19 @@ class ControlPlane:
         return {subject.removeprefix("dlq."): int(n) for subject, n in (info.state.subjects or {}).items()}
 
 
-async def _unsubscribe(subs: list[tuple[str, Subscription]]) -> None:
-    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-        for _, sub in subs:
-            with contextlib.suppress(*NATS_ERRORS):
-                await sub.unsubscribe()
-
-
 async def _main(settings: ControlPlaneSettings) -> None:
     cp = ControlPlane(settings)
+    cp.conditions.require("signals")
+    notifier = Notifier()
 
-    async def run_then_end(tg: anyio.abc.TaskGroup) -> None:
-        await cp.run()
-        tg.cancel_scope.cancel()
+    def stop(signame: str) -> None:
+        log.info("%s: stopping control plane %s", signame, settings.name)
+        cp.stop()
 
-    async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            tg.start_soon(run_then_end, tg)
-            async for signum in signals:
-                log.info("%s: stopping control plane %s", signal.Signals(signum).name, settings.name)
-                cp.stop()
-                break
+    try:
+        await run_until_signalled(cp.run, stop, cp.conditions, notifier, f"control plane {settings.name}")
+    finally:
+        notifier.close()
     log.info("control plane %s stopped", settings.name)
 
 

@@ -262,11 +262,34 @@ class AgentProcess:
     metrics_port: int
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    ready: bool = False
     _terminated: bool = False
 
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once the agent's ``GET /readyz`` answers 200 (stores, NATS link, command
+        channel and signal handlers up).
+
+        Raises:
+            Failed: it exited or was not ready within ``timeout`` seconds (with its log tail).
+        """
+        from mesh.readiness import NotReady, wait_ready
+
+        url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: wait_ready(url, timeout=timeout, alive=self.alive), abandon_on_cancel=True
+            )
+        except NotReady as exc:
+            try:
+                tail = self.log.read_text(errors="replace")[-2000:]
+            except OSError:
+                tail = ""
+            raise Failed(f"agent {self.name}: {exc}\n--- {self.log} (last lines) ---\n{tail}") from None
+        self.ready = True
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
@@ -488,12 +511,17 @@ class Stack:
         status: Callable[[], Awaitable[str]] | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Poll ``done`` every 0.25 s, printing a status line every second, until it holds.
+        """Poll ``done`` every 0.25 s, printing a status line every second, until it holds;
+        first wait for every agent not yet seen ready to answer 200 on ``/readyz``.
 
         Raises:
             Failed: ``timeout`` (default ``--timeout``) passed first, or an agent exited.
         """
         deadline = time.monotonic() + (timeout or self.timeout)
+        for a in self.agents:  # nothing to wait for before the agents say they are ready
+            if not a.ready:
+                await a.wait_ready(max(1.0, deadline - time.monotonic()))
+                self.info(f"agent {a.name} ready")
         next_line = 0.0
         while True:
             ok = await done()

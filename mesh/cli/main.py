@@ -86,8 +86,22 @@ def _version() -> None:
 
 
 @agent_app.command("run")
-def _agent_run(config: ConfigOpt) -> None:
-    """Run a connector agent until SIGTERM or Ctrl-C."""
+def _agent_run(
+    config: ConfigOpt,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            show_default=False,
+            help="Serve /metrics, /healthz and /readyz on this port (overrides agent.metrics_port; "
+            "0 picks a free port, written to <state_dir>/endpoint.json).",
+        ),
+    ] = None,
+) -> None:
+    """Run a connector agent until SIGTERM or Ctrl-C (ready: GET /readyz, sd_notify READY=1)."""
+    import msgspec
+
     from agents.runner import run_agent_process
     from mesh.config import load_agent_config
     from mesh.logs import setup_logging
@@ -97,6 +111,10 @@ def _agent_run(config: ConfigOpt) -> None:
     except ConfigError as exc:
         _fail(exc)
         return
+    if metrics_port is not None:
+        cfg = msgspec.structs.replace(
+            cfg, agent=msgspec.structs.replace(cfg.agent, metrics_port=metrics_port)
+        )
     setup_logging(cfg.log_level, fmt=cfg.log_format)
     try:
         run_agent_process(cfg)

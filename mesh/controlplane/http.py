@@ -12,7 +12,9 @@ Routes (GET and HEAD only)::
 
     /               HTML dashboard: agents and flows, server-rendered, refreshes every 5 s
     /healthz        200 {"status": "alive"} while the process serves HTTP
-    /readyz         200 {"ready": true} when NATS is connected and KV readable, else 503 + reason
+    /readyz         200 {"ready": true} once the source says ready (the control plane: signal
+                    handlers, NATS link, KV buckets and request handlers up, KV readable,
+                    not stopping), else 503 {"ready": false, "reason": what it waits for}
     /status         the StatusReport JSON document (schema_version mesh-cp-status/1)
     /status/schema  JSON Schema of /status
     /metrics        Prometheus text format (names mesh_cp_*)

@@ -35,6 +35,8 @@ import anyio.lowlevel
 import msgspec
 
 from mesh.broker import NatsServer, free_port
+from mesh.errors import StopError
+from mesh.readiness import NotReady, wait_ready
 
 __all__ = ["run_dev_stack"]
 
@@ -142,6 +144,7 @@ class _Agent:
     argv: list[str]
     log: Path
     metrics_url: str = ""
+    readyz_url: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -154,6 +157,24 @@ class _Agent:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Return once ``GET /readyz`` answers 200.
+
+        Raises:
+            StopError: it exited or was not ready in ``timeout`` seconds (its log tail is printed).
+        """
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: wait_ready(self.readyz_url, timeout=timeout, alive=self.alive), abandon_on_cancel=True
+            )
+        except NotReady as exc:
+            try:
+                tail = self.log.read_text(errors="replace")[-3000:]
+            except OSError:
+                tail = ""
+            print(f"--- {self.log} (last lines) ---\n{tail}", file=sys.stderr, flush=True)
+            raise StopError(f"{self.name}: {exc}") from None
 
     def terminate(self) -> None:
         if self.alive():
@@ -355,8 +376,28 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
         ["control-plane", "run", "--nats", nats.url, "--http", f"127.0.0.1:{cp_port}", "--name", "dev-cp",
          "--stale-after", "15", "--lost-after", "45"],
         root / "control-plane.log",
+        readyz_url=f"{cp_url}/readyz",
     )  # fmt: skip
+    children = [control_plane]
+    try:
+        return await _start_and_run(root, nats, control_plane, children, cp_url, erp_db, crm_db,
+                                    records, rate, duration)  # fmt: skip
+    finally:
+        deadline = time.monotonic() + 6
+        for a in children:
+            a.terminate()
+        for a in children:
+            a.reap(deadline)
+        nats.stop(timeout=3)
+        print(f"stopped; data kept in {root}", flush=True)
+
+
+async def _start_and_run(
+    root: Path, nats: NatsServer, control_plane: _Agent, children: list[_Agent], cp_url: str,
+    erp_db: Path, crm_db: Path, records: int, rate: float, duration: float | None,
+) -> int:  # fmt: skip
     control_plane.start()
+    await control_plane.wait_ready()  # registration needs its request handlers
     agents = []
     for name, system, site, flow in (
         ("erp-agent", "erp", "plant-1", ERP_FLOW),
@@ -369,7 +410,8 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
             metrics_port=port, flow=flow,
         ))  # fmt: skip
         argv = ["agent", "run", "--config", str(cfg)]
-        agents.append(_Agent(name, argv, root / f"{name}.log", f"http://127.0.0.1:{port}/metrics"))
+        url = f"http://127.0.0.1:{port}"
+        agents.append(_Agent(name, argv, root / f"{name}.log", f"{url}/metrics", f"{url}/readyz"))
     for a, site in zip(agents, ("plant-1", "cloud"), strict=True):
         # Register with the control plane (idempotent), so heartbeats are accepted.
         reg = await anyio.run_process(
@@ -380,8 +422,10 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
         if reg.returncode != 0:
             print(f"warning: registering {a.name} failed: {reg.stderr.decode().strip()}", flush=True)
         a.start()
+        children.append(a)
+    for a in agents:
+        await a.wait_ready()  # stores, NATS link, command channel, signal handlers
     erp, cloud = agents
-    children = [control_plane, *agents]
 
     print(
         f"""
@@ -450,38 +494,29 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
                 if not a.alive():
                     print(f"agent {a.name} exited; see {a.log}", file=sys.stderr, flush=True)
 
-    try:
-        async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        print(f"\n{signal.Signals(signum).name}: stopping", flush=True)
-                        tg.cancel_scope.cancel()
-                        return
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    print(f"\n{signal.Signals(signum).name}: stopping", flush=True)
+                    tg.cancel_scope.cancel()
+                    return
 
-            tg.start_soon(watch_signals)
-            tg.start_soon(drive_load)
-            tg.start_soon(report)
-            if duration is not None:
-                await anyio.sleep(duration)
-                stop.set()
-                # Give the mesh a moment to drain, then say whether both sides agree.
-                in_sync = False
-                with anyio.move_on_after(30):
-                    while not (in_sync := _in_sync(erp_db, crm_db)):
-                        await anyio.sleep(0.5)
-                print(f"ERP and CRM in sync: {'yes' if in_sync else 'NO'}", flush=True)
-                code = 0 if in_sync else 1
-                tg.cancel_scope.cancel()
-    finally:
-        deadline = time.monotonic() + 6
-        for a in children:
-            a.terminate()
-        for a in children:
-            a.reap(deadline)
-        nats.stop(timeout=3)
-        print(f"stopped; data kept in {root}", flush=True)
+        tg.start_soon(watch_signals)
+        tg.start_soon(drive_load)
+        tg.start_soon(report)
+        if duration is not None:
+            await anyio.sleep(duration)
+            stop.set()
+            # Give the mesh a moment to drain, then say whether both sides agree.
+            in_sync = False
+            with anyio.move_on_after(30):
+                while not (in_sync := _in_sync(erp_db, crm_db)):
+                    await anyio.sleep(0.5)
+            print(f"ERP and CRM in sync: {'yes' if in_sync else 'NO'}", flush=True)
+            code = 0 if in_sync else 1
+            tg.cancel_scope.cancel()
     return code
 
 

@@ -102,13 +102,20 @@ class SqliteStore:
         async with self._lock:
             with store_errors(self.path):
                 db = self.db
-                await db.execute("BEGIN IMMEDIATE")
                 try:
+                    await db.execute("BEGIN IMMEDIATE")  # inside: a cancelled BEGIN is rolled back too
                     yield db
                     await db.execute("COMMIT")
                 except BaseException:
                     with anyio.CancelScope(shield=True):
-                        await db.execute("ROLLBACK")
+                        try:
+                            await db.execute("ROLLBACK")
+                        except sqlite3.OperationalError:
+                            # No transaction: BEGIN failed, or the caller was cancelled while
+                            # COMMIT was awaited and the worker thread finished it anyway. Keep
+                            # the original exception (a SIGTERM must not turn into a StopError).
+                            if db.in_transaction:
+                                raise
                     raise
 
     async def scalar(self, sql: str, params: tuple[object, ...] = ()) -> Any:

@@ -291,15 +291,18 @@ class _MeshBase:
         self.start_agents()
 
     def start_agents(self) -> None:
+        """Start every agent and wait until each says ready (``/readyz``), with a deadline."""
         for agent in self.agents.values():
-            agent.start()
+            agent.start(wait=False)
+        for agent in self.agents.values():
+            agent.wait_ready(timeout=60)
 
     def restart_agent(self, role: str, down: float) -> None:
         with self.locks[role]:
             agent = self.agents[role]
             agent.kill()
             time.sleep(down)
-            agent.start()
+            agent.start(wait=False)  # a fault elsewhere (NATS down, a partition) may keep it unready
 
     def check_agents(self) -> None:
         """Restart (and record) an agent that exited without being killed by a fault."""
@@ -312,7 +315,7 @@ class _MeshBase:
                     self.unexpected_exits.append(
                         f"{role} agent exited on its own (code {code}); see {agent.log}"
                     )
-                    agent.start()
+                    agent.start(wait=False)
             finally:
                 self.locks[role].release()
 

@@ -92,8 +92,8 @@ token_env = "{TOKEN_ENV}"
 class _TokenAgent(AgentProcess):
     """An agent process that always gets the API token in its environment (restarts too)."""
 
-    def start(self, env: dict[str, str] | None = None) -> None:
-        super().start({TOKEN_ENV: TOKEN, **(env or {})})
+    def start(self, env: dict[str, str] | None = None, *, wait: bool = True, timeout: float = 30) -> None:
+        super().start({TOKEN_ENV: TOKEN, **(env or {})}, wait=wait, timeout=timeout)
 
 
 class ApiProcess:

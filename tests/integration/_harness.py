@@ -3,6 +3,7 @@ and the checks that prove the invariants (same rows, no double effect, monotonic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -222,23 +223,100 @@ def consumer_settled(url: str, durable: str, stream: str = "MESH_EVENTS") -> boo
         return False
 
 
+def log_tail(path: Path, chars: int = 3000) -> str:
+    """The last ``chars`` characters of a process log (for failure messages)."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
 class AgentProcess:
-    """`meshctl agent run` as a child process that a test can SIGKILL and restart."""
+    """`meshctl agent run` as a child process that a test can SIGKILL and restart.
+
+    The agent always serves its endpoint: on the port its config names, or (none named) on a
+    free port the agent picks (``--metrics-port 0``) and writes to ``<state_dir>/endpoint.json``.
+    :meth:`start` waits for ``GET /readyz`` to answer 200 (stores, NATS link, command channel
+    and signal handlers up), and :meth:`terminate` never sends SIGTERM before the signal handlers
+    are installed, so neither a command nor a SIGTERM can arrive too early.
+    """
 
     def __init__(self, config: Path, log: Path) -> None:
         self.config = config
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._signals_seen = False
+        self._state_dir: Path | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> None:
+    @property
+    def state_dir(self) -> Path:
+        """The agent's state dir, as its config file says (read at each start)."""
+        if self._state_dir is None:
+            from mesh.config import load_agent_config
+
+            self._state_dir = Path(load_agent_config(self.config).agent.state_dir)
+        return self._state_dir
+
+    def start(self, env: dict[str, str] | None = None, *, wait: bool = True, timeout: float = 30) -> None:
+        """Start the agent; with ``wait`` (the default) return once it is ready.
+
+        Raises:
+            AssertionError: it exited or was not ready within ``timeout`` (with its log tail).
+        """
+        from mesh.config import load_agent_config
+
         self.starts += 1
+        self._signals_seen = False
+        agent = load_agent_config(self.config).agent
+        self._state_dir = Path(agent.state_dir)
+        extra = [] if agent.metrics_port is not None else ["--metrics-port", "0"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "agent", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "mesh", "agent", "run", "--config", str(self.config), *extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, **(env or {})},
             )  # fmt: skip
+        if wait:
+            self.wait_ready(timeout)
+
+    @property
+    def readyz_url(self) -> str | None:
+        """The agent's ``/readyz`` URL once this run of it has written its endpoint file."""
+        from mesh.endpoint import read_endpoint_file
+
+        if self.proc is None:
+            return None
+        doc = read_endpoint_file(self.state_dir, pid=self.proc.pid)
+        return str(doc["readyz"]) if doc else None
+
+    def readyz(self) -> dict[str, object] | None:
+        """The current ``/readyz`` body, or None while nothing answers."""
+        from mesh.readiness import probe
+
+        url = self.readyz_url
+        answer = probe(url) if url else None
+        return answer[1] if answer else None
+
+    def wait_ready(self, timeout: float = 30, checks: tuple[str, ...] | None = None) -> dict[str, object]:
+        """Wait until ``/readyz`` says ready (or just the named ``checks`` are met).
+
+        Raises:
+            AssertionError: the agent exited or the deadline passed (with its log tail).
+        """
+        from mesh.readiness import NotReady, wait_ready
+
+        try:
+            snap = wait_ready(
+                lambda: self.readyz_url, timeout=timeout, alive=lambda: self.alive, checks=checks
+            )
+        except NotReady as exc:
+            raise AssertionError(
+                f"agent {self.config.name}: {exc}; last /readyz {exc.last}\n"
+                f"--- {self.log} (tail) ---\n{log_tail(self.log)}"
+            ) from None
+        self._signals_seen = True
+        return snap
 
     @property
     def killed_by_sigkill(self) -> bool:
@@ -250,10 +328,20 @@ class AgentProcess:
             self.proc.wait()
 
     def terminate(self, timeout: float = 10) -> int | None:
+        """SIGTERM (once the agent's handlers are installed) and wait; the exit code.
+
+        Raises:
+            AssertionError: the agent ignored SIGTERM for ``timeout`` seconds (it is then killed),
+                or its signal handlers never came up.
+        """
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.terminate()
+            if not self._signals_seen:
+                with contextlib.suppress(AssertionError):  # it may exit meanwhile: handled below
+                    self.wait_ready(timeout=30, checks=("signals",))
+            if self.proc.poll() is None:
+                self.proc.terminate()
             try:
                 return self.proc.wait(timeout)
             except subprocess.TimeoutExpired as exc:

@@ -48,7 +48,9 @@ from mesh.controlplane.models import (
 from mesh.controlplane.settings import settings_from
 from mesh.errors import StopError
 from mesh.heartbeat import Heartbeat
+from mesh.readiness import NotReady, wait_ready
 from mesh.transport import JetStream
+from tests.integration._harness import log_tail
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -494,11 +496,17 @@ class _CpProcess:
             return None
         return r.json() if r.status_code == 200 else None  # type: ignore[no-any-return]
 
-    def ready(self) -> bool:
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Return once ``/readyz`` answers 200 (signal handlers, NATS, KV, request handlers up).
+
+        Raises:
+            AssertionError: it exited or the deadline passed (with its log tail).
+        """
         try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+            wait_ready(f"http://127.0.0.1:{self.port}/readyz", timeout=timeout,
+                       alive=lambda: self.proc.poll() is None)  # fmt: skip
+        except NotReady as exc:
+            raise AssertionError(f"control plane {self.name}: {exc}\n{log_tail(self.log)}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -514,11 +522,8 @@ class _CpProcess:
 def two_control_planes(nats_server: NatsServer, tmp_path: Path) -> Iterator[list[_CpProcess]]:
     cps = [_CpProcess(nats_server, name, tmp_path / f"{name}.log") for name in ("cp-a", "cp-b")]
     try:
-        deadline = time.monotonic() + 20
-        while not all(cp.ready() for cp in cps):
-            assert time.monotonic() < deadline, [cp.log.read_text() for cp in cps]
-            assert all(cp.proc.poll() is None for cp in cps), [cp.log.read_text() for cp in cps]
-            time.sleep(0.1)
+        for cp in cps:
+            cp.wait_ready()
         yield cps
     finally:
         for cp in cps:

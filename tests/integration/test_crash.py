@@ -127,8 +127,9 @@ def test_sigkill_at_every_crash_point(tmp_path: Path) -> None:
     server.start()
     deaths = {"source": 0, "sink": 0}
     try:
-        source.start(faults)
-        sink.start(faults)
+        # Faults may kill an agent before it is ready: only the watchdog below waits for anything.
+        source.start(faults, wait=False)
+        sink.start(faults, wait=False)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             load.mixed(3)
@@ -136,7 +137,7 @@ def test_sigkill_at_every_crash_point(tmp_path: Path) -> None:
                 if not agent.alive:
                     assert agent.killed_by_sigkill, f"{name} agent exited on its own; see {agent.log}"
                     deaths[name] += 1
-                    agent.start(faults)
+                    agent.start(faults, wait=False)
             time.sleep(0.02)
         # Finish without faults.
         for agent in (source, sink):

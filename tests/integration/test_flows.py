@@ -30,11 +30,13 @@ from mesh.cli import (
 from mesh.cli import (
     flow as cli_flow,
 )
+from mesh.readiness import NotReady, wait_ready
 from tests.integration._harness import (
     AgentProcess,
     ErpLoad,
     assert_effect_once,
     assert_same_rows,
+    log_tail,
     make_crm,
     make_erp,
     rows,
@@ -112,15 +114,10 @@ def control_plane(nats_server: NatsServer, tmp_path: Path) -> Iterator[str]:
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        import httpx
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 20, "control plane ready")
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/readyz", timeout=30, alive=lambda: proc.poll() is None)
+        except NotReady as exc:
+            raise AssertionError(f"control plane: {exc}\n{log_tail(tmp_path / 'cp.log')}") from None
         yield f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
@@ -237,7 +234,7 @@ entity = "order"
         assert rows(crm_db) == before, "a paused flow applied changes"
         # The pause is the flow's desired state: it survives an agent restart.
         assert erp_agent.terminate() == 0
-        erp_agent.start()
+        erp_agent.start()  # ready: command channel up and assigned flows loaded, so commands reach them
         wait_until(
             lambda: _flow_states(url).get("erp-agent") == "paused", 20, "restarted agent: still paused"
         )

@@ -17,6 +17,7 @@ from tests.integration._harness import (
     assert_effect_once,
     assert_same_rows,
     consumer_settled,
+    log_tail,
     make_crm,
     make_erp,
     rows,
@@ -55,7 +56,7 @@ def test_sigterm_mid_sync_exits_cleanly_and_loses_nothing(tmp_path: Path) -> Non
             time.sleep(0.005)
 
     server.start()
-    source.start()
+    source.start()  # returns once /readyz says ready: handlers, stores, NATS, command channel
     sink.start()
     loader = threading.Thread(target=drive, daemon=True)
     loader.start()
@@ -84,4 +85,38 @@ def test_sigterm_mid_sync_exits_cleanly_and_loses_nothing(tmp_path: Path) -> Non
     assert_effect_once(crm)
     log = (tmp_path / "crm-agent.log").read_text()
     assert "stopping agent crm-agent" in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_right_after_start_exits_cleanly(tmp_path: Path) -> None:
+    """A SIGTERM that arrives while the agent is still starting (signal handlers installed, but
+    stores, NATS link or command channel not up yet) stops it cleanly with exit 0; /readyz said
+    "not ready" until then. The harness sends it as soon as the "signals" check is met."""
+    server = NatsServer(tmp_path / "nats")
+    erp = tmp_path / "erp.db"
+    make_erp(erp)
+    ErpLoad(erp, seed=1).insert(500)
+    cfg = tmp_path / "erp-agent.toml"
+    cfg.write_text(agent_toml(name="erp-agent", system="erp", state=tmp_path / "erp-agent", url=server.url,
+                              source=erp))  # fmt: skip
+    agent = AgentProcess(cfg, tmp_path / "erp-agent.log")
+    try:
+        # NATS is not running: the agent cannot become ready, and stops cleanly anyway.
+        agent.start(wait=False)
+        snap = agent.wait_ready(checks=("signals",))
+        assert snap["ready"] is False
+        assert "nats" in snap["waiting"]  # type: ignore[operator]
+        assert agent.terminate() == 0
+        server.start()
+        for _ in range(3):
+            agent.start(wait=False)
+            assert agent.terminate() == 0, log_tail(agent.log)
+        agent.start()
+        assert agent.readyz() == {**agent.wait_ready(), "ready": True}
+        assert agent.terminate() == 0
+    finally:
+        agent.kill()
+        server.stop()
+    log = agent.log.read_text()
+    assert log.count("stopping agent erp-agent") == 5
     assert "Traceback" not in log

@@ -264,7 +264,7 @@ async def test_sigkill_right_after_2xx_loses_and_doubles_nothing(
             assert billing.killed_by_sigkill, f"the agent exited on its own; see {billing.log}"
             deaths += 1
             await anyio.sleep(random.uniform(0.05, 0.3))
-            billing.start(env=env)
+            billing.start(env=env, wait=False)  # a blocking wait here would stall the event loop
 
     billing.start(env=env)
     try:

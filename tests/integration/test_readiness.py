@@ -1,0 +1,139 @@
+"""`meshctl agent run` says when it is ready, over HTTP and to systemd, as a real process:
+/readyz follows its NATS link (unready while the broker is away, ready again when it is back),
+sd_notify datagrams arrive on a socket the test binds (READY=1, WATCHDOG=1, STOPPING=1), and
+the endpoint file it wrote for its free port is gone after a clean exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.broker import NatsServer, free_port
+from mesh.endpoint import read_endpoint_file
+from mesh.readiness import probe, wait_ready
+from tests.integration._harness import AgentProcess, ErpLoad, agent_toml, make_erp, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    sock.bind(str(path))
+    try:
+        yield sock, str(path)
+    finally:
+        sock.close()
+
+
+def _receive_until(sock: socket.socket, wanted: bytes, timeout: float = 30) -> list[bytes]:
+    """Datagrams up to and including the first that starts with ``wanted``."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            raise AssertionError(f"no {wanted!r} within {timeout}s; got {got}") from None
+        got.append(data)
+        if data.startswith(wanted):
+            return got
+
+
+def test_agent_readiness_follows_nats_and_notifies_systemd(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    server = NatsServer(tmp_path / "nats")
+    erp = tmp_path / "erp.db"
+    make_erp(erp)
+    ErpLoad(erp).insert(50)
+    cfg = tmp_path / "erp-agent.toml"
+    state = tmp_path / "erp-agent"
+    cfg.write_text(agent_toml(name="erp-agent", system="erp", state=state, url=server.url, source=erp))
+    agent = AgentProcess(cfg, tmp_path / "erp-agent.log")
+    try:
+        agent.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}, wait=False)
+        snap = agent.wait_ready(checks=("signals", "stores"))
+        assert snap["ready"] is False
+        assert "nats" in snap["waiting"]  # type: ignore[operator]
+        # The watchdog pings come from the event loop whether or not the agent is ready.
+        before = _receive_until(sock, b"WATCHDOG=1")
+        assert not any(d.startswith(b"READY=1") for d in before)
+
+        server.start()
+        snap = agent.wait_ready()
+        assert snap["checks"] == {  # every condition, each met
+            name: {"ok": True, "detail": snap["checks"][name]["detail"]}  # type: ignore[index]
+            for name in ("signals", "stores", "nats", "assignments", "commands")
+        }
+        assert _receive_until(sock, b"READY=1")[-1] == b"READY=1\nSTATUS=agent erp-agent ready"
+        url = agent.readyz_url
+        assert url is not None
+        base = url.removesuffix("/readyz")
+        assert probe(f"{base}/healthz") == (200, {"status": "alive", "pid": agent.proc.pid})  # type: ignore[union-attr]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+            assert b"mesh_nats_connected 1.0" in resp.read()
+
+        server.stop()
+        wait_until(lambda: (agent.readyz() or {}).get("waiting") == ["nats"], 20, "/readyz: waiting for nats")
+        server.start()
+        agent.wait_ready()
+
+        assert agent.terminate() == 0
+        assert _receive_until(sock, b"STOPPING=1")[-1] == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
+        assert read_endpoint_file(state) is None  # removed on a clean exit
+    finally:
+        agent.kill()
+        server.stop()
+    assert "Traceback" not in agent.log.read_text()
+
+
+def test_control_plane_readiness_and_sd_notify(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """`meshctl control-plane run`: /readyz 503 naming what it waits for while NATS is away,
+    200 and READY=1 once its signal handlers, NATS link, KV buckets and request handlers are up,
+    STOPPING=1 on SIGTERM."""
+    sock, path = notify_socket
+    server = NatsServer(tmp_path / "nats")
+    port = free_port()
+    log = tmp_path / "cp.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "control-plane", "run", "--nats", server.url,
+             "--http", f"127.0.0.1:{port}", "--name", "cp1"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "NOTIFY_SOCKET": path},
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        # NATS is not running yet: the HTTP endpoint answers, and says why it is not ready.
+        wait_until(lambda: probe(url) is not None, 30, "the control plane's HTTP endpoint")
+        answer = probe(url)
+        assert answer is not None
+        assert answer[0] == 503
+        assert "nats" in str(answer[1]["reason"])
+        server.start()
+        assert wait_ready(url, timeout=30, alive=lambda: proc.poll() is None) == {"ready": True}
+        assert _receive_until(sock, b"READY=1")[-1] == b"READY=1\nSTATUS=control plane cp1 ready"
+        proc.send_signal(signal.SIGTERM)
+        assert _receive_until(sock, b"STOPPING=1")[-1] == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+    assert "Traceback" not in log.read_text()
