@@ -38,7 +38,7 @@ class Readiness:
     def __init__(self, required: Iterable[str]) -> None:
         self._state: dict[str, bool] = dict.fromkeys(required, False)
         self._detail: dict[str, str] = {}
-        self._became_ready: anyio.Event | None = None
+        self._changed: anyio.Event | None = None
         self._stopping: str | None = None
         self.ever_ready = False
 
@@ -61,8 +61,8 @@ class Readiness:
             self._detail.pop(name, None)
         if self.ready:
             self.ever_ready = True
-            if self._became_ready is not None:
-                self._became_ready.set()
+        if self._changed is not None:
+            self._changed.set()
 
     def clear(self, name: str, detail: str = "") -> None:
         self.set(name, False, detail)
@@ -102,12 +102,13 @@ class Readiness:
             snap["detail"] = "waiting for " + ", ".join(waiting)
         return snap
 
-    async def wait(self) -> None:
-        """Return once every condition is met (at once if they are). Never returns once the
-        process is stopping."""
-        while not self.ready:
-            self._became_ready = anyio.Event()
-            await self._became_ready.wait()
+    async def wait(self, *names: str) -> None:
+        """Return once every condition is met, or just ``names`` when given (at once if they
+        are). Waiting for every condition never returns once the process is stopping."""
+        while not (all(self._state.get(n, False) for n in names) if names else self.ready):
+            if self._changed is None or self._changed.is_set():
+                self._changed = anyio.Event()
+            await self._changed.wait()
 
 
 class NotReady(TimeoutError):

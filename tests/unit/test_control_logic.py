@@ -69,7 +69,9 @@ async def test_command_channel_answers_once_ready(transport: MemoryTransport, tm
             await transport.request(subject, b"{}", timeout=1)
         await sup.start("commands", channel.serve_commands)
         with anyio.fail_after(10):
-            await readiness.wait()  # the subscription is in place: a command sent now is answered
+            # The subscription is in place: a command sent now is answered. (The channel also
+            # requires "assignments", which its other actor marks; not started here.)
+            await readiness.wait("commands")
         reply = await transport.request(subject, encode(AgentCommand(op="pause", flow="nope")), timeout=5)
         result = msgspec.json.decode(reply.data, type=CommandResult)
         assert not result.ok
