@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mesh.errors import TransportError
-from mesh.transport.base import NotFound, StoredMessage
+from mesh.transport.base import NotFound, Refused, StoredMessage
 
 NO_MESSAGE = 10037
 STREAM_NOT_FOUND = 10059
@@ -66,7 +66,7 @@ def raise_for(what: str, err: tuple[int, str]) -> None:
     """Raise the mesh error for an API error answer."""
     if err[0] in (STREAM_NOT_FOUND, CONSUMER_NOT_FOUND):
         raise NotFound(f"{what}: {err[1]}")
-    raise TransportError(f"{what}: JetStream refused: {err[1]}")
+    raise Refused(f"{what}: JetStream refused: {err[1]}")
 
 
 def stored_message(stream: str, m: Mapping[str, Any]) -> StoredMessage:

@@ -12,9 +12,9 @@ Guarantees every implementation gives:
 * **Bounded calls.** Every call either completes or raises within the transport's request
   timeout (or the timeout it is given); nothing waits forever on a lost acknowledgement.
 * **One error tree.** Only :class:`~mesh.errors.TransportError` (and its subclasses
-  :class:`NoResponders`, :class:`NoReply`, :class:`RevisionConflict`, :class:`NotFound` and
-  :class:`NotSupported`) escape; foreign exceptions are translated at the implementation's
-  boundary.
+  :class:`NoResponders`, :class:`NoReply`, :class:`RevisionConflict`, :class:`NotFound`,
+  :class:`Refused` and :class:`NotSupported`) escape; foreign exceptions are translated at
+  the implementation's boundary.
 * **Reading a stream never consumes.** :meth:`Transport.stream_info`,
   :meth:`Transport.get_message` and :meth:`Transport.read_stream` create no durable state and
   ack nothing.
@@ -53,6 +53,7 @@ __all__ = [
     "NotSupported",
     "OutMessage",
     "PubAck",
+    "Refused",
     "RevisionConflict",
     "StoredMessage",
     "StreamReader",
@@ -76,6 +77,10 @@ class RevisionConflict(TransportError):
 
 class NotFound(TransportError):
     """The stream or consumer named does not exist."""
+
+
+class Refused(TransportError):
+    """The broker answered and refused the request (a bad request, a limit, a policy)."""
 
 
 class NotSupported(TransportError):
