@@ -409,12 +409,7 @@ class JetStream(Transport):
 
     async def publish(self, msg: OutMessage) -> int:
         """Publish one message and wait for its PubAck (bounded). Returns the stream sequence."""
-        headers = {"Nats-Msg-Id": msg.msg_id, "Content-Type": CONTENT_TYPE, **msg.headers}
-        ack = await translated(
-            f"publish {msg.subject}",
-            self.js.publish(msg.subject, msg.data, timeout=self.cfg.request_timeout, headers=headers),
-        )
-        return int(ack.seq)
+        return (await self.publish_ack(msg)).seq
 
     async def publish_ack(self, msg: OutMessage) -> PubAck:
         headers = {"Nats-Msg-Id": msg.msg_id, "Content-Type": CONTENT_TYPE, **msg.headers}
