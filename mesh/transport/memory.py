@@ -110,12 +110,13 @@ class _ConsumerState:
             u = self.unsettled[seq]
             if len(out) >= batch or u.due > now:
                 continue
-            if u.num_delivered >= self.limit:  # the broker gives up on it
+            m = by_seq.get(seq)
+            if u.num_delivered >= self.limit or m is None:  # the broker gives up on it (or it is gone)
                 del self.unsettled[seq]
                 continue
             u.num_delivered += 1
             u.due = now + self.ack_wait
-            out.append((by_seq[seq], u.num_delivered))
+            out.append((m, u.num_delivered))
         for m in self._new():
             if len(out) >= batch or len(self.unsettled) >= self.max_ack_pending:
                 break

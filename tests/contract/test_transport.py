@@ -428,6 +428,18 @@ async def test_delete_and_purge(transport: Transport) -> None:
     assert await transport.purge("NO_SUCH_STREAM", up_to_seq=3) == 0
 
 
+async def test_a_deleted_message_is_not_redelivered(transport: Transport) -> None:
+    c = await consumer(transport, ack_wait=0.5)
+    await transport.publish(msg(0))
+    await transport.publish(msg(1))
+    first = await c.fetch(2, timeout=2)
+    assert [d.stream_seq for d in first] == [1, 2]
+    await first[1].ack()
+    assert await transport.delete_message(EVENTS_STREAM, 1)
+    assert await c.fetch(2, timeout=1.5) == []  # past ack_wait: seq 1 would be back if it existed
+    await eventually(lambda: c.pending(), 0)
+
+
 async def test_read_stream_in_order_from_a_sequence_then_new_ones(transport: Transport) -> None:
     for i in range(4):
         await transport.publish(msg(i))
