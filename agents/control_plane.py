@@ -32,7 +32,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import msgspec
-import nats.js.errors
 from anyio.abc import TaskStatus
 
 from agents.control import command_subject
@@ -84,8 +83,7 @@ from mesh.controlplane.status import StatusBuilder, flow_views
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
 from mesh.sdnotify import Notifier
-from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders
-from mesh.transport._nats import NATS_ERRORS
+from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders, NotFound, Transport
 
 __all__ = ["ControlPlane", "run_control_plane_process"]
 
@@ -97,13 +95,21 @@ _CONCURRENCY = 64
 class ControlPlane:
     """One control-plane replica. ``await cp.run()`` until cancelled or :meth:`stop`."""
 
-    def __init__(self, settings: ControlPlaneSettings, *, metrics: ControlPlaneMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: ControlPlaneSettings,
+        *,
+        metrics: ControlPlaneMetrics | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        """``transport`` defaults to JetStream on ``settings.nats``; the replica owns (and closes)
+        whichever it is given."""
         self.settings = settings
         self.name = settings.name
         self.prefix = settings.subject_prefix
         self.metrics = metrics or ControlPlaneMetrics()
         self.registry = self.metrics.registry
-        self.js = JetStream(settings.nats, name=f"control-plane:{settings.name}")
+        self.js: Transport = transport or JetStream(settings.nats, name=f"control-plane:{settings.name}")
         self.http: HttpServer | None = None
         self.http_port: int | None = None
         self.buckets: dict[str, Bucket] = {}
@@ -390,10 +396,7 @@ class ControlPlane:
         out = []
         for n, spec in sorted(specs.items()):
             reports = [
-                msgspec.structs.replace(f, name=a.name)
-                for a in agents
-                for f in a.flows
-                if f.name == n
+                msgspec.structs.replace(f, name=a.name) for a in agents for f in a.flows if f.name == n
             ]
             state = views[n].state if n in views else "pending"
             out.append(FlowSpecView(spec=spec, state=state, reports=reports))
@@ -556,13 +559,13 @@ class ControlPlane:
     async def _dlq_depths(self) -> dict[str, int]:
         """Messages per flow in MESH_DLQ (``dlq.<flow>``); the last known on failure."""
         try:
-            info = await self.js.js.stream_info(DLQ_STREAM, subjects_filter="dlq.>")
-        except nats.js.errors.NotFoundError:
+            info = await self.js.stream_info(DLQ_STREAM, subjects_filter="dlq.>")
+        except NotFound:
             return {}
-        except (*NATS_ERRORS, TransportError) as exc:
+        except TransportError as exc:
             log.debug("dead-letter depths: %s", exc)
             return self.dlq_depths
-        return {subject.removeprefix("dlq."): int(n) for subject, n in (info.state.subjects or {}).items()}
+        return {subject.removeprefix("dlq."): n for subject, n in info.subjects.items()}
 
 
 async def _main(settings: ControlPlaneSettings) -> None:

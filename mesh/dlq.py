@@ -7,8 +7,9 @@ of a :class:`~mesh.envelope.DeadLetter` (``Mesh-Reason``, ``Mesh-Error-Class``, 
 Guarantees:
 
 * **Reading never consumes.** :meth:`DeadLetters.scan` and :meth:`DeadLetters.get` read with
-  the stream's message-get API (``next_by_subj`` from a sequence, one message per request): no
-  consumer is created, nothing is acked, and a missing or empty stream reads as no entries.
+  :meth:`~mesh.transport.Transport.get_message` (the next message on a subject from a
+  sequence, one message per request): no consumer is created, nothing is acked, and a missing
+  or empty stream reads as no entries.
   A scan stops at the stream's last sequence as it was when the scan began.
 * **Replay is idempotent inside the duplicate window.** :meth:`DeadLetters.replay` republishes
   an entry's original bytes to its original subject with ``Nats-Msg-Id: replay-<dlq seq>``, so
@@ -17,11 +18,12 @@ Guarantees:
   dead-lettered envelope id in its inbox, so the replayed copy applies once; any other sink on
   the same subject that already applied it sees a duplicate (inbox) or a stale version (guard).
 * **Flow replay moves a consumer back, never forward.** :func:`replay_flow` resets the flow's
-  durable consumer (``<flow>-<sink system>``) with the JetStream consumer-reset API
-  (nats-server 2.14+) so it redelivers from a stream sequence; the running sink agent keeps its
-  binding and passes everything through its inbox and version guard again, so nothing applies
-  twice and no old version overwrites a newer one. A start beyond the consumer's ack floor
-  would skip undelivered messages, so it is refused as a no-op.
+  durable consumer (``<flow>-<sink system>``) with
+  :meth:`~mesh.transport.Transport.reset_consumer` (on JetStream: nats-server 2.14+) so it
+  redelivers from a stream sequence; the running sink agent keeps its binding and passes
+  everything through its inbox and version guard again, so nothing applies twice and no old
+  version overwrites a newer one. A start beyond the consumer's ack floor would skip
+  undelivered messages, so it is refused as a no-op.
 
 Failures are :class:`~mesh.errors.TransportError` (server unreachable or not answering) or
 :class:`DlqError` (no such entry, consumer or stream; a request the server refuses).
@@ -29,9 +31,6 @@ Failures are :class:`~mesh.errors.TransportError` (server unreachable or not ans
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,13 +39,23 @@ from enum import StrEnum
 from typing import Any
 
 import msgspec
-import nats.js.errors
 
 from mesh.config import NatsConfig
 from mesh.envelope import DEAD_LETTER_HEADERS, DeadLetter, Envelope, decode
-from mesh.errors import DecodeError, MeshError, TransportError
-from mesh.transport import DLQ_STREAM, EVENTS_STREAM, JetStream, NoResponders
-from mesh.transport._nats import NATS_ERRORS
+from mesh.errors import DecodeError, MeshError
+from mesh.transport import (
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    ConsumerState,
+    JetStream,
+    NoResponders,
+    NotFound,
+    NotSupported,
+    OutMessage,
+    Refused,
+    StoredMessage,
+    Transport,
+)
 
 __all__ = [
     "DEFAULT_NATS_URL",
@@ -71,10 +80,6 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DLQ_HEADERS = DEAD_LETTER_HEADERS
 """The headers a dead letter carries beyond the original's own (:class:`~mesh.envelope.DeadLetter`)."""
 
-_API = "$JS.API"
-_NO_MESSAGE = 10037
-_STREAM_NOT_FOUND = 10059
-_CONSUMER_NOT_FOUND = 10014
 _RELATIVE = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
 _RELATIVE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -125,28 +130,8 @@ def format_time(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _server_time(text: str) -> datetime:
-    # The server writes nanoseconds; Python parses at most microseconds.
-    return parse_time(text)
-
-
 def _rfc3339(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_headers(raw: bytes) -> dict[str, str]:
-    """A NATS header block (``NATS/1.0\\r\\nKey: value\\r\\n...``); the first value of a repeated
-    key wins, like nats-py's."""
-    headers: dict[str, str] = {}
-    lines = raw.decode("utf-8", errors="replace").split("\r\n")
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        headers.setdefault(name.strip(), value.strip())
-    return headers
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -351,102 +336,40 @@ def connect(server: str, *, name: str = "meshctl", timeout: float = 5.0) -> JetS
     )
 
 
-class _Api:
-    """Raw JetStream API requests (the message-get options nats-py does not expose), with
-    nats-py's errors translated."""
-
-    def __init__(self, js: JetStream) -> None:
-        self.js = js
-        self.timeout = js.cfg.request_timeout
-
-    async def request(self, subject: str, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        body = json.dumps(payload).encode() if payload else b""
-        try:
-            msg = await self.js.request(f"{_API}.{subject}", body, timeout=self.timeout)
-        except NoResponders:
-            raise TransportError(f"{self.js.cfg.servers[0]}: JetStream is not enabled there") from None
-        try:
-            resp: dict[str, Any] = json.loads(msg.data)
-        except ValueError as exc:
-            raise TransportError(f"NATS request {subject}: unreadable answer: {exc}") from None
-        return resp
-
-    async def call(self, coro: Any) -> Any:
-        """Await a nats-py call; its errors become the mesh's."""
-        try:
-            return await coro
-        except nats.js.errors.APIError as exc:
-            raise DlqError(f"JetStream refused: {exc.description or exc}") from exc
-        except NATS_ERRORS as exc:
-            raise TransportError(f"NATS: {type(exc).__name__}: {exc or 'no answer'}") from exc
-
-
-def _error(resp: Mapping[str, Any]) -> tuple[int, str] | None:
-    err = resp.get("error")
-    if not err:
+async def _first_since(js: Transport, stream: str, since: datetime, subject: str) -> int | None:
+    """The sequence of the first message on ``subject`` stored at or after ``since``; None if
+    none (or no stream)."""
+    try:
+        message = await js.get_message(stream, subject=subject, since=since)
+    except NotFound:
         return None
-    return int(err.get("err_code") or 0), str(err.get("description") or err)
-
-
-async def _first_since(api: _Api, stream: str, since: datetime, subject: str) -> int | None:
-    """The sequence of the first message on ``subject`` stored at or after ``since``; None if none.
-
-    The server converts the time to int64 nanoseconds (a time after 2262 wraps around and it
-    answers with an early message), so the answer's own time is checked.
-    """
-    resp = await api.request(
-        f"STREAM.MSG.GET.{stream}", {"start_time": _rfc3339(since), "next_by_subj": subject}
-    )
-    err = _error(resp)
-    if err is not None:
-        if err[0] in (_NO_MESSAGE, _STREAM_NOT_FOUND):
-            return None
-        raise DlqError(f"stream {stream}: {err[1]}")
-    message = resp["message"]
-    if _server_time(message["time"]) < since:
-        return None
-    return int(message["seq"])
+    return None if message is None else message.seq
 
 
 class DeadLetters:
     """List, show, replay and purge the entries of the dead-letter stream.
 
-    Use with a connected :class:`~mesh.transport.JetStream`; nothing here creates a consumer.
+    Use with a connected :class:`~mesh.transport.Transport` (JetStream, or in memory in
+    tests); nothing here creates a consumer.
     """
 
-    def __init__(self, js: JetStream, *, stream: str = DLQ_STREAM) -> None:
+    def __init__(self, js: Transport, *, stream: str = DLQ_STREAM) -> None:
         self.js = js
         self.stream = stream
-        self._api = _Api(js)
 
     def __repr__(self) -> str:
         return f"<DeadLetters {self.stream} via {self.js!r}>"
 
     async def bounds(self) -> tuple[int, int, int] | None:
         """(first seq, last seq, message count) of the stream; None when it does not exist."""
-        resp = await self._api.request(f"STREAM.INFO.{self.stream}")
-        err = _error(resp)
-        if err is not None:
-            if err[0] == _STREAM_NOT_FOUND:
-                return None
-            raise DlqError(f"stream {self.stream}: {err[1]}")
-        state = resp.get("state") or {}
-        return int(state.get("first_seq", 0)), int(state.get("last_seq", 0)), int(state.get("messages", 0))
-
-    async def _get(self, request: Mapping[str, Any]) -> DlqEntry | None:
-        resp = await self._api.request(f"STREAM.MSG.GET.{self.stream}", request)
-        err = _error(resp)
-        if err is not None:
-            if err[0] in (_NO_MESSAGE, _STREAM_NOT_FOUND):
-                return None
-            raise DlqError(f"stream {self.stream}: {err[1]}")
-        m = resp["message"]
-        headers = _parse_headers(base64.b64decode(m["hdrs"])) if m.get("hdrs") else {}
         try:
-            data = base64.b64decode(m.get("data") or "")
-        except binascii.Error as exc:
-            raise DlqError(f"stream {self.stream} seq {m.get('seq')}: unreadable payload: {exc}") from None
-        return DlqEntry.of(int(m["seq"]), str(m["subject"]), _server_time(m["time"]), data, headers)
+            info = await self.js.stream_info(self.stream)
+        except NotFound:
+            return None
+        return info.first_seq, info.last_seq, info.messages
+
+    def _entry(self, m: StoredMessage | None) -> DlqEntry | None:
+        return None if m is None else DlqEntry.of(m.seq, m.subject, m.time, m.data, m.headers)
 
     async def get(self, seq: int) -> DlqEntry:
         """The entry at ``seq``.
@@ -456,7 +379,10 @@ class DeadLetters:
         """
         if seq < 1:
             raise DlqError(f"no DLQ entry with seq {seq} (sequences start at 1)")
-        entry = await self._get({"seq": seq})
+        try:
+            entry = self._entry(await self.js.get_message(self.stream, seq=seq))
+        except NotFound:
+            entry = None
         if entry is None:
             raise DlqError(f"no DLQ entry with seq {seq} in {self.stream}")
         return entry
@@ -473,12 +399,15 @@ class DeadLetters:
         found = 0
         seq = first
         if flt.since is not None:
-            start = await _first_since(self._api, self.stream, flt.since, subject)
+            start = await _first_since(self.js, self.stream, flt.since, subject)
             if start is None:
                 return
             seq = start
         while seq <= last and (limit is None or found < limit):
-            entry = await self._get({"seq": seq, "next_by_subj": subject})
+            try:
+                entry = self._entry(await self.js.get_message(self.stream, seq=seq, subject=subject))
+            except NotFound:
+                return
             if entry is None or entry.seq > last:
                 return
             if flt.until is not None and entry.time > flt.until:
@@ -506,23 +435,11 @@ class DeadLetters:
 
     async def delete(self, seq: int) -> bool:
         """Delete one entry; False when it was already gone."""
-        resp = await self._api.request(f"STREAM.MSG.DELETE.{self.stream}", {"seq": seq})
-        err = _error(resp)
-        if err is not None:
-            if err[0] in (_NO_MESSAGE, _STREAM_NOT_FOUND) or "not found" in err[1].lower():
-                return False
-            raise DlqError(f"delete {self.stream} seq {seq}: {err[1]}")
-        return bool(resp.get("success"))
+        return await self.js.delete_message(self.stream, seq)
 
     async def purge_all(self, up_to_seq: int) -> int:
         """Delete every entry with a sequence up to and including ``up_to_seq``; the count."""
-        resp = await self._api.request(f"STREAM.PURGE.{self.stream}", {"seq": up_to_seq + 1})
-        err = _error(resp)
-        if err is not None:
-            if err[0] == _STREAM_NOT_FOUND:
-                return 0
-            raise DlqError(f"purge {self.stream}: {err[1]}")
-        return int(resp.get("purged", 0))
+        return await self.js.purge(self.stream, up_to_seq=up_to_seq)
 
     async def purge(self, entries: Iterable[DlqEntry]) -> int:
         """Delete these entries; the number actually deleted."""
@@ -540,19 +457,13 @@ class DeadLetters:
             # The source's own mapping refused the change: its raw row would only be refused
             # again downstream. Fix the mapping, then change the record at its source again.
             return ReplayOutcome.SKIPPED
-        headers = {
-            **entry.original_headers(),
-            "Nats-Msg-Id": replay_msg_id(entry.seq),
-            "Mesh-Replay-Of": f"{self.stream}:{entry.seq}",
-        }
+        headers = {**entry.original_headers(), "Mesh-Replay-Of": f"{self.stream}:{entry.seq}"}
         try:
-            ack = await self.js.js.publish(subject, entry.data, timeout=self._api.timeout, headers=headers)
-        except nats.js.errors.NoStreamResponseError as exc:
+            ack = await self.js.publish_ack(
+                OutMessage(subject, entry.data, replay_msg_id(entry.seq), headers)
+            )
+        except NoResponders as exc:
             raise DlqError(f"no stream stores subject {subject}") from exc
-        except nats.js.errors.APIError as exc:
-            raise DlqError(f"publish to {subject} refused: {exc.description or exc}") from exc
-        except NATS_ERRORS as exc:
-            raise TransportError(f"publish to {subject}: {type(exc).__name__}: {exc}") from exc
         if not keep:
             await self.delete(entry.seq)
         return ReplayOutcome.DUPLICATE if ack.duplicate else ReplayOutcome.REPLAYED
@@ -599,35 +510,24 @@ class DeadLetters:
         return report
 
 
-async def _consumers(api: _Api, stream: str) -> list[Any]:
-    found: list[Any] = []
-    while True:
-        batch = await api.call(api.js.js.consumers_info(stream, offset=len(found) or None))
-        found.extend(batch)
-        if len(batch) < 256:
-            return found
-
-
-async def _find_consumer(api: _Api, stream: str, flow: str, sink_system: str | None) -> Any:
+async def _find_consumer(js: Transport, stream: str, flow: str, sink_system: str | None) -> ConsumerState:
     if sink_system is not None:
         name = f"{flow}-{sink_system}"
         try:
-            return await api.js.js.consumer_info(stream, name)
-        except nats.js.errors.NotFoundError as exc:
-            if exc.err_code == _STREAM_NOT_FOUND:
+            return await js.consumer_info(stream, name)
+        except NotFound:
+            try:
+                await js.stream_info(stream)
+            except NotFound:
                 raise DlqError(f"stream {stream} does not exist") from None
             raise DlqError(
                 f"no consumer {name} on {stream}: is a sink agent of system {sink_system!r} "
                 f"running flow {flow!r}?"
             ) from None
-        except nats.js.errors.APIError as exc:
-            raise DlqError(f"consumer {name}: {exc.description or exc}") from exc
-        except NATS_ERRORS as exc:
-            raise TransportError(f"consumer {name}: {type(exc).__name__}: {exc}") from exc
     try:
-        infos = await _consumers(api, stream)
-    except DlqError as exc:
-        raise DlqError(f"stream {stream}: {exc}") from None
+        infos = await js.consumers(stream)
+    except NotFound:
+        raise DlqError(f"stream {stream} does not exist") from None
     matching = [c for c in infos if c.name.startswith(f"{flow}-")]
     if not matching:
         known = ", ".join(sorted(c.name for c in infos)) or "none"
@@ -640,16 +540,8 @@ async def _find_consumer(api: _Api, stream: str, flow: str, sink_system: str | N
     return matching[0]
 
 
-def _filter_of(info: Any) -> str:
-    cfg = info.config
-    if cfg.filter_subject:
-        return str(cfg.filter_subject)
-    subjects = getattr(cfg, "filter_subjects", None) or []
-    return str(subjects[0]) if len(subjects) == 1 else ">"
-
-
 async def replay_flow(
-    js: JetStream,
+    js: Transport,
     flow: str,
     *,
     sink_system: str | None = None,
@@ -673,32 +565,23 @@ async def replay_flow(
         raise DlqError("give exactly one of a start time (--since) or a stream sequence (--from-seq)")
     if from_seq is not None and from_seq < 1:
         raise DlqError(f"--from-seq must be 1 or more, got {from_seq}")
-    api = _Api(js)
-    version = js.nc.connected_server_version
-    if (version.major, version.minor) < (2, 14):
-        raise DlqError(
-            f"the server runs nats-server {version}; replaying a flow needs the consumer reset API "
-            "of nats-server 2.14 or later"
-        )
-    info = await _find_consumer(api, stream, flow, sink_system)
-    name = str(info.name)
-    filter_subject = _filter_of(info)
-    stream_info = await api.request(f"STREAM.INFO.{stream}")
-    err = _error(stream_info)
-    if err is not None:
-        raise DlqError(f"stream {stream}: {err[1]}")
-    last_seq = int((stream_info.get("state") or {}).get("last_seq", 0))
-    ack_floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+    info = await _find_consumer(js, stream, flow, sink_system)
+    name = info.name
+    filter_subject = info.filter_subject
+    try:
+        last_seq = (await js.stream_info(stream)).last_seq
+    except NotFound:
+        raise DlqError(f"stream {stream} does not exist") from None
+    ack_floor = info.ack_floor
 
     def unchanged(start: int, note: str) -> FlowReplay:
         return FlowReplay(
             consumer=name, stream=stream, filter_subject=filter_subject, reset=False, from_seq=start,
-            pending=int(info.num_pending or 0), ack_pending=int(info.num_ack_pending or 0),
-            stream_last_seq=last_seq, note=note,
+            pending=info.num_pending, ack_pending=info.num_ack_pending, stream_last_seq=last_seq, note=note,
         )  # fmt: skip
 
     if since is not None:
-        first = await _first_since(api, stream, since, filter_subject)
+        first = await _first_since(js, stream, since, filter_subject)
         if first is None:
             return unchanged(
                 0, f"no message on {filter_subject} since {format_time(since)}: nothing to replay"
@@ -714,18 +597,21 @@ async def replay_flow(
             "still to be delivered, and moving it forward would skip the ones before: nothing changed",
         )
     try:
-        result = await js.js.reset_consumer(stream, name, seq=start, timeout=api.timeout)
-    except nats.js.errors.APIError as exc:
-        raise DlqError(f"reset of consumer {name} refused: {exc.description or exc}") from exc
-    except NATS_ERRORS as exc:
-        raise TransportError(f"reset of consumer {name}: {type(exc).__name__}: {exc or 'no answer'}") from exc
+        reset_seq = await js.reset_consumer(stream, name, start)
+        after = await js.consumer_info(stream, name)
+    except NotSupported as exc:
+        raise DlqError(f"{exc}; replaying a flow needs the consumer reset API") from None
+    except NotFound as exc:
+        raise DlqError(f"consumer {name}: {exc}") from None
+    except Refused as exc:
+        raise DlqError(f"reset of consumer {name} refused: {exc}") from exc
     return FlowReplay(
         consumer=name,
         stream=stream,
         filter_subject=filter_subject,
         reset=True,
-        from_seq=int(result.reset_seq),
-        pending=int(result.info.num_pending or 0),
-        ack_pending=int(result.info.num_ack_pending or 0),
+        from_seq=reset_seq,
+        pending=after.num_pending,
+        ack_pending=after.num_ack_pending,
         stream_last_seq=last_seq,
     )

@@ -6,12 +6,12 @@ Entries are JSON :class:`AuditEntry` documents appended to stream ``MESH_AUDIT``
 
 * :meth:`AuditLog.append` returns only once JetStream acknowledged the entry, and retries within
   its time budget; each entry has a unique ``Nats-Msg-Id``, so a retried append is stored once.
-* :func:`tail` reads without consuming: an ephemeral ordered consumer, nothing is acked or deleted.
+* :func:`tail` reads without consuming: an ordered, ephemeral
+  :meth:`~mesh.transport.Transport.read_stream` reader; nothing is acked or deleted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,12 +19,9 @@ from dataclasses import dataclass
 
 import anyio
 import msgspec
-import nats.js.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh.errors import DecodeError, TransportError
-from mesh.transport import AUDIT_STREAM, JetStream, OutMessage, Transport
-from mesh.transport._nats import NATS_ERRORS, TIMEOUTS
+from mesh.transport import AUDIT_STREAM, NotFound, OutMessage, Transport
 
 __all__ = ["AuditEntry", "AuditLog", "AuditRecord", "audit_subject", "tail"]
 
@@ -110,10 +107,11 @@ class AuditLog:
 
 
 async def tail(
-    js: JetStream, *, last: int = 20, follow: bool = False, kind: str | None = None
+    js: Transport, *, last: int = 20, follow: bool = False, kind: str | None = None, timeout: float = 5.0
 ) -> AsyncIterator[AuditRecord]:
     """The last ``last`` entries (of ``kind`` if given), oldest first; with ``follow``, then every
-    new one as it is appended, until the caller stops iterating.
+    new one as it is appended, until the caller stops iterating. ``timeout`` bounds the wait
+    for entries known to be stored.
 
     Raises:
         TransportError: NATS unreachable or the audit stream missing.
@@ -121,53 +119,45 @@ async def tail(
     """
     subject = audit_subject(kind) if kind else "audit.>"
     try:
-        info = await js.js.stream_info(AUDIT_STREAM, subjects_filter=subject)
-    except nats.js.errors.NotFoundError:
+        info = await js.stream_info(AUDIT_STREAM, subjects_filter=subject)
+    except NotFound:
         raise TransportError(f"stream {AUDIT_STREAM} does not exist (no control plane ran yet?)") from None
-    except NATS_ERRORS as exc:
-        raise TransportError(f"audit stream: {type(exc).__name__}: {exc}") from exc
-    end = int(info.state.last_seq)
-    subjects = info.state.subjects or {}
-    matching = sum(subjects.values()) if subjects else int(info.state.messages)
+    end = info.last_seq
+    matching = sum(info.subjects.values()) if info.subjects else info.messages
+    if kind and matching:
+        # The last entry of this kind, not the stream's: waiting for the stream's last sequence
+        # on a filtered read would only end by timing out.
+        newest = await js.get_message(AUDIT_STREAM, subject=subject, last=True)
+        end = newest.seq if newest is not None else end
     if matching == 0 and not follow:
         return
-    start_seq = _start(end, int(info.state.first_seq), last, kind is not None)
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
-    try:
-        sub = await js.js.subscribe(subject, stream=AUDIT_STREAM, ordered_consumer=True, config=config)
-    except NATS_ERRORS as exc:
-        raise TransportError(f"audit stream: {type(exc).__name__}: {exc}") from exc
+    start_seq = _start(end, info.first_seq, last, kind is not None)
     window: list[AuditRecord] = []
-    try:
+    async with await js.read_stream(AUDIT_STREAM, subject=subject, start_seq=start_seq) as reader:
         caught_up = end < start_seq or matching == 0
         while True:
             if caught_up and not follow:
                 break
-            try:
-                msg = await sub.next_msg(timeout=1.0 if follow else js.cfg.request_timeout)
-            except TIMEOUTS:
+            msg = await reader.next(timeout=1.0 if follow else timeout)
+            if msg is None:
                 if not caught_up:
                     break  # nothing more arrives: the window is complete
                 continue
-            seq = int(msg.metadata.sequence.stream)
             try:
-                record = AuditRecord(seq, msg.subject, _decoder.decode(msg.data))
+                record = AuditRecord(msg.seq, msg.subject, _decoder.decode(msg.data))
             except msgspec.DecodeError as exc:
-                raise DecodeError(f"audit entry {seq}: {exc}") from None
+                raise DecodeError(f"audit entry {msg.seq}: {exc}") from None
             if caught_up:
                 yield record
                 continue
             window.append(record)
-            if seq >= end:
+            if msg.seq >= end:
                 caught_up = True
                 for r in window[-last:]:
                     yield r
                 window.clear()
         for r in window[-last:]:
             yield r
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
-            await sub.unsubscribe()
 
 
 def _start(end: int, first: int, last: int, filtered: bool) -> int:

@@ -317,26 +317,21 @@ def _in_sync(erp: Path, crm: Path) -> bool:
 
 async def _sample_event(nats_url: str) -> str | None:
     """The latest canonical customer event on the broker, decoded and rendered; None if none yet."""
-    import nats
-    import nats.errors
-    import nats.js.errors
-
     from mesh.canonical.entities import ENTITIES
+    from mesh.config import NatsConfig
     from mesh.envelope import decode, decode_payload
-    from mesh.errors import DecodeError
-    from mesh.transport import EVENTS_STREAM, event_subject
+    from mesh.errors import DecodeError, TransportError
+    from mesh.transport import EVENTS_STREAM, JetStream, event_subject
 
     subject = event_subject(ENTITY, "upserted", "erp")
+    cfg = NatsConfig(servers=[nats_url], connect_timeout=1, request_timeout=2)
     try:
         with anyio.fail_after(3):
-            nc = await nats.connect(nats_url, connect_timeout=1, allow_reconnect=False)
-            try:
-                msg = await nc.jetstream().get_last_msg(EVENTS_STREAM, subject)
-            finally:
-                await nc.close()
-    except (TimeoutError, OSError, nats.errors.Error, nats.js.errors.Error):
+            async with JetStream(cfg, name="meshctl-dev") as js:
+                msg = await js.get_message(EVENTS_STREAM, subject=subject, last=True)
+    except (TimeoutError, TransportError):
         return None
-    if msg.data is None:
+    if msg is None or not msg.data:
         return None
     try:
         env = decode(msg.data)

@@ -14,7 +14,7 @@ import nats.errors
 import nats.js.errors
 
 from mesh.errors import TransportError
-from mesh.transport.base import NoReply, NoResponders, RevisionConflict
+from mesh.transport.base import NoReply, NoResponders, NotFound, Refused, RevisionConflict
 
 T = TypeVar("T")
 
@@ -42,6 +42,8 @@ def translate(what: str) -> Iterator[None]:
     Raises:
         RevisionConflict: a KV compare-and-swap lost.
         NoResponders: nobody serves the subject (or no stream stores it).
+        NotFound: the stream or consumer does not exist.
+        Refused: JetStream refused the request.
         NoReply: nats-py timed out waiting for an answer.
         TransportError: anything else nats-py raised.
     """
@@ -51,10 +53,14 @@ def translate(what: str) -> Iterator[None]:
         raise RevisionConflict(f"{what}: {exc.description or 'revision changed'}") from None
     except nats.errors.NoRespondersError as exc:
         raise NoResponders(f"{what}: no responders") from exc
+    except nats.js.errors.NoStreamResponseError as exc:
+        raise NoResponders(f"{what}: no stream stores this subject") from exc
+    except nats.js.errors.NotFoundError as exc:
+        raise NotFound(f"{what}: {exc.description or 'not found'}") from exc
     except nats.js.errors.APIError as exc:
         if exc.err_code in _WRONG_LAST_SEQUENCE:
             raise RevisionConflict(f"{what}: revision changed") from None
-        raise TransportError(f"{what}: JetStream refused: {exc.description or exc}") from exc
+        raise Refused(f"{what}: JetStream refused: {exc.description or exc}") from exc
     except TIMEOUTS as exc:
         raise NoReply(f"{what}: no answer in time") from exc
     except NATS_ERRORS as exc:

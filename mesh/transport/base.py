@@ -12,8 +12,12 @@ Guarantees every implementation gives:
 * **Bounded calls.** Every call either completes or raises within the transport's request
   timeout (or the timeout it is given); nothing waits forever on a lost acknowledgement.
 * **One error tree.** Only :class:`~mesh.errors.TransportError` (and its subclasses
-  :class:`NoResponders` and :class:`RevisionConflict`) escape; foreign exceptions are
-  translated at the implementation's boundary.
+  :class:`NoResponders`, :class:`NoReply`, :class:`RevisionConflict`, :class:`NotFound`,
+  :class:`Refused` and :class:`NotSupported`) escape; foreign exceptions are translated at
+  the implementation's boundary.
+* **Reading a stream never consumes.** :meth:`Transport.stream_info`,
+  :meth:`Transport.get_message` and :meth:`Transport.read_stream` create no durable state and
+  ack nothing.
 * **Resources are async context managers** on one idempotent ``aclose()``.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Literal, NoReturn, Self
 
@@ -35,6 +40,7 @@ from mesh.transport.subjects import EVENTS_STREAM
 __all__ = [
     "Bucket",
     "Consumer",
+    "ConsumerState",
     "Delivery",
     "Entry",
     "Handler",
@@ -43,8 +49,15 @@ __all__ = [
     "Message",
     "NoReply",
     "NoResponders",
+    "NotFound",
+    "NotSupported",
     "OutMessage",
+    "PubAck",
+    "Refused",
     "RevisionConflict",
+    "StoredMessage",
+    "StreamReader",
+    "StreamState",
     "Transport",
 ]
 
@@ -60,6 +73,69 @@ class NoReply(TransportError):
 class RevisionConflict(TransportError):
     """A compare-and-swap lost: the key changed (or exists / is gone) since it was read.
     Read again and decide again."""
+
+
+class NotFound(TransportError):
+    """The stream or consumer named does not exist."""
+
+
+class Refused(TransportError):
+    """The broker answered and refused the request (a bad request, a limit, a policy)."""
+
+
+class NotSupported(TransportError):
+    """The broker cannot do this (e.g. a nats-server too old for the operation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PubAck:
+    """The broker's acknowledgement of one stored message."""
+
+    stream: str
+    seq: int
+    """The message's stream sequence (the original's when ``duplicate``)."""
+    duplicate: bool = False
+    """The ``msg_id`` was already stored inside the duplicate window: nothing new was stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One message as a stream stores it: sequence, subject, store time (UTC), body, headers."""
+
+    stream: str
+    seq: int
+    subject: str
+    time: datetime
+    data: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """A snapshot of a stream. ``subjects`` counts the messages per subject matching the filter
+    given to :meth:`Transport.stream_info` (empty without one)."""
+
+    name: str
+    first_seq: int
+    last_seq: int
+    messages: int
+    subjects: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """A snapshot of a durable consumer."""
+
+    name: str
+    stream: str
+    filter_subject: str
+    """Its subject filter (``>`` when it has none, or several)."""
+    num_pending: int
+    """Messages matching the filter not yet delivered."""
+    num_ack_pending: int
+    """Delivered and not yet settled."""
+    ack_floor: int
+    """The stream sequence up to which everything is settled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +272,17 @@ class Consumer(_Resource):
         """Drop this binding; the durable consumer and its state stay on the broker."""
 
 
+class StreamReader(_Resource):
+    """An ordered, ephemeral reader of one stream: the messages matching its subject filter,
+    in stream order, from its start on, then each new one as it is stored. It acks nothing and
+    leaves nothing behind on the broker; a gap (after a reconnect) is healed by the
+    implementation, never seen by the reader."""
+
+    @abc.abstractmethod
+    async def next(self, timeout: float) -> StoredMessage | None:
+        """The next message, or None when none came within ``timeout``. Raises TransportError."""
+
+
 class KvWatch(_Resource):
     """A live view of a bucket: first every current value, then ``loaded``, then each change.
 
@@ -293,6 +380,99 @@ class Transport(_Resource):
 
         Never raises for a failed message: the caller keeps the unacked ones and retries them
         (a message not acked may still have been stored; its ``msg_id`` dedupes the retry).
+        """
+
+    @abc.abstractmethod
+    async def publish_ack(self, msg: OutMessage) -> PubAck:
+        """Like :meth:`publish`, and say whether the broker took it as a duplicate of a
+        ``msg_id`` already stored inside the duplicate window.
+
+        Raises:
+            NoResponders: no stream stores ``msg.subject``.
+            TransportError: not stored or not confirmed in time.
+        """
+
+    @abc.abstractmethod
+    async def stream_info(self, stream: str, *, subjects_filter: str | None = None) -> StreamState:
+        """A snapshot of ``stream``; with ``subjects_filter`` (NATS wildcards), the message
+        count of every subject matching it.
+
+        Raises:
+            NotFound: no such stream.
+            TransportError: the broker did not answer.
+        """
+
+    @abc.abstractmethod
+    async def get_message(
+        self,
+        stream: str,
+        *,
+        seq: int = 0,
+        subject: str | None = None,
+        since: datetime | None = None,
+        last: bool = False,
+    ) -> StoredMessage | None:
+        """One stored message, or None when there is none:
+
+        * without ``subject``: the message at ``seq`` exactly;
+        * with ``subject`` (wildcards allowed): the first message on it at or after ``seq``, or
+          (with ``since``, instead of ``seq``) the first one stored at or after ``since``;
+          with ``last``, the last message on it.
+
+        Raises:
+            NotFound: no such stream.
+            ValueError: a combination not described above.
+            TransportError: the broker did not answer or refused.
+        """
+
+    @abc.abstractmethod
+    async def delete_message(self, stream: str, seq: int) -> bool:
+        """Delete one message; False when it (or the stream) was already gone.
+        Raises TransportError."""
+
+    @abc.abstractmethod
+    async def purge(self, stream: str, *, up_to_seq: int) -> int:
+        """Delete every message with a sequence up to and including ``up_to_seq``; the count
+        deleted (0 when the stream does not exist). Raises TransportError."""
+
+    @abc.abstractmethod
+    async def read_stream(self, stream: str, *, subject: str = ">", start_seq: int = 1) -> StreamReader:
+        """Start an ordered, ephemeral reader of ``stream`` from ``start_seq`` on, only
+        messages on ``subject``: ``async with await transport.read_stream(...) as r``.
+
+        Raises:
+            NotFound: no such stream.
+            TransportError: the broker did not answer.
+        """
+
+    @abc.abstractmethod
+    async def consumers(self, stream: str) -> list[ConsumerState]:
+        """Every durable consumer of ``stream``.
+
+        Raises:
+            NotFound: no such stream.
+            TransportError: the broker did not answer.
+        """
+
+    @abc.abstractmethod
+    async def consumer_info(self, stream: str, name: str) -> ConsumerState:
+        """A snapshot of one consumer.
+
+        Raises:
+            NotFound: no such stream or consumer (the message says which).
+            TransportError: the broker did not answer.
+        """
+
+    @abc.abstractmethod
+    async def reset_consumer(self, stream: str, name: str, seq: int) -> int:
+        """Move a durable consumer so its next delivery is at or above stream sequence ``seq``;
+        it keeps its name, config and bound clients, its pending and redelivery state is
+        cleared. Returns the sequence it was reset to.
+
+        Raises:
+            NotFound: no such stream or consumer.
+            NotSupported: the broker has no consumer reset (nats-server before 2.14).
+            TransportError: the broker refused or did not answer.
         """
 
     @abc.abstractmethod

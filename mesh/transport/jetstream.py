@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import anyio
@@ -51,17 +53,25 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.envelope import CONTENT_TYPE
 from mesh.errors import ConfigError, TransportError
+from mesh.transport import _jsapi
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
 from mesh.transport.base import (
     Bucket,
     Consumer,
+    ConsumerState,
     Delivery,
     Entry,
     Handler,
     KvUpdate,
     KvWatch,
     Message,
+    NoResponders,
+    NotSupported,
     OutMessage,
+    PubAck,
+    StoredMessage,
+    StreamReader,
+    StreamState,
     Transport,
 )
 from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM
@@ -132,6 +142,64 @@ class PullConsumer(Consumer):
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
             await self._sub.unsubscribe()
+
+
+class _OrderedReader(StreamReader):
+    """A :class:`StreamReader` on a nats-py ordered push consumer (ephemeral, no acks; nats-py
+    re-creates it from the last sequence seen when it detects a gap)."""
+
+    def __init__(self, js: JetStreamContext, sub: JetStreamContext.PushSubscription, stream: str) -> None:
+        self._js = js
+        self._sub = sub
+        self._stream = stream
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<_OrderedReader {self._stream}>"
+
+    async def next(self, timeout: float) -> StoredMessage | None:
+        try:
+            msg = await self._sub.next_msg(timeout=timeout)
+        except TIMEOUTS:
+            return None
+        except NATS_ERRORS as exc:
+            raise TransportError(f"read {self._stream}: {type(exc).__name__}: {exc}") from exc
+        meta = msg.metadata
+        return StoredMessage(
+            self._stream,
+            int(meta.sequence.stream),
+            msg.subject,
+            meta.timestamp.astimezone(UTC),
+            msg.data,
+            dict(msg.headers or {}),
+        )
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
+            # The server would drop the ephemeral consumer only after its inactive threshold;
+            # delete it now so a reader leaves nothing behind. nats-py keeps the current name
+            # (it changes when the ordered consumer is re-created) in ``_consumer`` only.
+            name = getattr(self._sub, "_consumer", None)
+            await self._sub.unsubscribe()
+            if name:
+                await self._js.delete_consumer(self._stream, name)
+
+
+def _consumer_state(info: Any) -> ConsumerState:
+    cfg = info.config
+    subjects = getattr(cfg, "filter_subjects", None) or []
+    filter_subject = cfg.filter_subject or (subjects[0] if len(subjects) == 1 else ">")
+    return ConsumerState(
+        name=str(info.name),
+        stream=str(info.stream_name),
+        filter_subject=str(filter_subject),
+        num_pending=int(info.num_pending or 0),
+        num_ack_pending=int(info.num_ack_pending or 0),
+        ack_floor=int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+    )
 
 
 class _NatsWatch(KvWatch):
@@ -341,12 +409,137 @@ class JetStream(Transport):
 
     async def publish(self, msg: OutMessage) -> int:
         """Publish one message and wait for its PubAck (bounded). Returns the stream sequence."""
+        return (await self.publish_ack(msg)).seq
+
+    async def publish_ack(self, msg: OutMessage) -> PubAck:
         headers = {"Nats-Msg-Id": msg.msg_id, "Content-Type": CONTENT_TYPE, **msg.headers}
         ack = await translated(
             f"publish {msg.subject}",
             self.js.publish(msg.subject, msg.data, timeout=self.cfg.request_timeout, headers=headers),
         )
-        return int(ack.seq)
+        return PubAck(str(ack.stream), int(ack.seq), bool(ack.duplicate))
+
+    @property
+    def _api_prefix(self) -> str:
+        return f"$JS.{self.domain}.API" if self.domain else "$JS.API"
+
+    async def _api(self, what: str, subject: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One raw JetStream API request; its answer (which may be an error answer)."""
+        body = json.dumps(payload).encode() if payload else b""
+        try:
+            msg = await self.request(f"{self._api_prefix}.{subject}", body, timeout=self.cfg.request_timeout)
+        except NoResponders:
+            raise TransportError(f"{what}: JetStream is not enabled on {self.where}") from None
+        return _jsapi.decode_answer(what, msg.data)
+
+    async def stream_info(self, stream: str, *, subjects_filter: str | None = None) -> StreamState:
+        info = await translated(
+            f"stream info {stream}", self.js.stream_info(stream, subjects_filter=subjects_filter)
+        )
+        state = info.state
+        return StreamState(
+            stream,
+            int(state.first_seq or 0),
+            int(state.last_seq or 0),
+            int(state.messages or 0),
+            {k: int(v) for k, v in (state.subjects or {}).items()},
+        )
+
+    async def get_message(
+        self,
+        stream: str,
+        *,
+        seq: int = 0,
+        subject: str | None = None,
+        since: datetime | None = None,
+        last: bool = False,
+    ) -> StoredMessage | None:
+        request: dict[str, Any]
+        if subject is None:
+            if since is not None or last or seq < 1:
+                raise ValueError("get_message without a subject takes a sequence (1 or more) only")
+            request = {"seq": seq}
+        elif last:
+            if since is not None or seq:
+                raise ValueError("get_message(last=True) takes a subject only")
+            request = {"last_by_subj": subject}
+        elif since is not None:
+            if seq:
+                raise ValueError("get_message takes a sequence or a time, not both")
+            request = {"start_time": _jsapi.rfc3339(since), "next_by_subj": subject}
+        else:
+            request = {"seq": max(seq, 1), "next_by_subj": subject}
+        what = f"get message from {stream}"
+        resp = await self._api(what, f"STREAM.MSG.GET.{stream}", request)
+        err = _jsapi.error_of(resp)
+        if err is not None:
+            if err[0] == _jsapi.NO_MESSAGE:
+                return None
+            _jsapi.raise_for(what, err)
+        message = _jsapi.stored_message(stream, resp["message"])
+        # The server converts a time to int64 nanoseconds (one after 2262 wraps around and it
+        # answers with an early message), so check the answer's own time.
+        if since is not None and message.time < since:
+            return None
+        return message
+
+    async def delete_message(self, stream: str, seq: int) -> bool:
+        what = f"delete {stream} seq {seq}"
+        resp = await self._api(what, f"STREAM.MSG.DELETE.{stream}", {"seq": seq})
+        err = _jsapi.error_of(resp)
+        if err is not None:
+            if err[0] in (_jsapi.NO_MESSAGE, _jsapi.STREAM_NOT_FOUND) or "not found" in err[1].lower():
+                return False
+            _jsapi.raise_for(what, err)
+        return bool(resp.get("success"))
+
+    async def purge(self, stream: str, *, up_to_seq: int) -> int:
+        what = f"purge {stream}"
+        resp = await self._api(what, f"STREAM.PURGE.{stream}", {"seq": up_to_seq + 1})
+        err = _jsapi.error_of(resp)
+        if err is not None:
+            if err[0] == _jsapi.STREAM_NOT_FOUND:
+                return 0
+            _jsapi.raise_for(what, err)
+        return int(resp.get("purged", 0))
+
+    async def read_stream(self, stream: str, *, subject: str = ">", start_seq: int = 1) -> StreamReader:
+        await self.stream_info(stream)  # NotFound before subscribing
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(start_seq, 1)
+        )
+        sub = await translated(
+            f"read {stream}",
+            self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=config),
+        )
+        return _OrderedReader(self.js, sub, stream)
+
+    async def consumers(self, stream: str) -> list[ConsumerState]:
+        found: list[ConsumerState] = []
+        while True:
+            batch = await translated(
+                f"consumers of {stream}", self.js.consumers_info(stream, offset=len(found) or None)
+            )
+            found.extend(_consumer_state(c) for c in batch)
+            if len(batch) < 256:
+                return found
+
+    async def consumer_info(self, stream: str, name: str) -> ConsumerState:
+        info = await translated(f"consumer {name} on {stream}", self.js.consumer_info(stream, name))
+        return _consumer_state(info)
+
+    async def reset_consumer(self, stream: str, name: str, seq: int) -> int:
+        version = self.nc.connected_server_version
+        if (version.major, version.minor) < (2, 14):
+            raise NotSupported(
+                f"the server runs nats-server {version}; resetting a consumer needs nats-server 2.14 or later"
+            )
+        await self.consumer_info(stream, name)  # the server leaves a reset of a missing one unanswered
+        result = await translated(
+            f"reset consumer {name}",
+            self.js.reset_consumer(stream, name, seq=seq, timeout=self.cfg.request_timeout),
+        )
+        return int(result.reset_seq)
 
     async def publish_many(self, messages: Sequence[OutMessage], window: int) -> list[bool]:
         """Publish with at most ``window`` unacknowledged at a time; True where PubAck arrived.

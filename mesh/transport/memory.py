@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import NoReturn
 
 import anyio
@@ -28,6 +29,7 @@ from mesh.errors import TransportError
 from mesh.transport.base import (
     Bucket,
     Consumer,
+    ConsumerState,
     Delivery,
     Entry,
     Handler,
@@ -36,8 +38,13 @@ from mesh.transport.base import (
     Message,
     NoReply,
     NoResponders,
+    NotFound,
     OutMessage,
+    PubAck,
     RevisionConflict,
+    StoredMessage,
+    StreamReader,
+    StreamState,
     Transport,
 )
 from mesh.transport.subjects import EVENTS_STREAM, STREAM_SUBJECTS, subject_matches
@@ -53,6 +60,10 @@ class _Stored:
     subject: str
     data: bytes
     headers: dict[str, str]
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def stored(self, stream: str) -> StoredMessage:
+        return StoredMessage(stream, self.seq, self.subject, self.time, self.data, dict(self.headers))
 
 
 @dataclass(slots=True)
@@ -63,6 +74,8 @@ class _Stream:
     messages: list[_Stored] = field(default_factory=list)
     ids: dict[str, tuple[int, float]] = field(default_factory=dict)
     consumers: dict[str, _ConsumerState] = field(default_factory=dict)
+    last_seq: int = 0
+    """The highest sequence ever stored (it survives deleting and purging messages)."""
 
 
 @dataclass(slots=True)
@@ -97,12 +110,13 @@ class _ConsumerState:
             u = self.unsettled[seq]
             if len(out) >= batch or u.due > now:
                 continue
-            if u.num_delivered >= self.limit:  # the broker gives up on it
+            m = by_seq.get(seq)
+            if u.num_delivered >= self.limit or m is None:  # the broker gives up on it (or it is gone)
                 del self.unsettled[seq]
                 continue
             u.num_delivered += 1
             u.due = now + self.ack_wait
-            out.append((by_seq[seq], u.num_delivered))
+            out.append((m, u.num_delivered))
         for m in self._new():
             if len(out) >= batch or len(self.unsettled) >= self.max_ack_pending:
                 break
@@ -116,6 +130,23 @@ class _ConsumerState:
 
     def pending(self) -> int:
         return len(self._new()) + len(self.unsettled)
+
+    def ack_floor(self) -> int:
+        return min(self.unsettled) - 1 if self.unsettled else self.cursor
+
+    def reset(self, seq: int) -> None:
+        self.cursor = max(seq, 1) - 1
+        self.unsettled.clear()
+
+    def snapshot(self, name: str) -> ConsumerState:
+        return ConsumerState(
+            name,
+            self.stream.name,
+            self.filter_subject,
+            len(self._new()),
+            len(self.unsettled),
+            self.ack_floor(),
+        )
 
 
 class _Bucket:
@@ -244,6 +275,34 @@ class _MemoryConsumer(Consumer):
         self._transport._live()
         await anyio.lowlevel.checkpoint()
         return self._state.pending()
+
+
+class _MemoryReader(StreamReader):
+    def __init__(self, transport: MemoryTransport, stream: _Stream, subject: str, start_seq: int) -> None:
+        self._transport = transport
+        self._stream = stream
+        self._subject = subject
+        self._next = max(start_seq, 1)
+
+    def __repr__(self) -> str:
+        return f"<_MemoryReader {self._stream.name} next={self._next}>"
+
+    async def next(self, timeout: float) -> StoredMessage | None:
+        deadline = anyio.current_time() + timeout
+        while True:
+            broker = self._transport._live()
+            for m in self._stream.messages:
+                if m.seq >= self._next and subject_matches(self._subject, m.subject):
+                    self._next = m.seq + 1
+                    await anyio.lowlevel.checkpoint()
+                    return m.stored(self._stream.name)
+            if anyio.current_time() >= deadline:
+                await anyio.lowlevel.checkpoint()
+                return None
+            await broker.wait_change(deadline)
+
+    async def aclose(self) -> None:
+        await anyio.lowlevel.checkpoint()
 
 
 class _MemoryWatch(KvWatch):
@@ -392,6 +451,9 @@ class MemoryTransport(Transport):
                 stream.duplicate_window = cfg.duplicate_window
 
     async def publish(self, msg: OutMessage) -> int:
+        return (await self.publish_ack(msg)).seq
+
+    async def publish_ack(self, msg: OutMessage) -> PubAck:
         broker = self._live()
         await anyio.lowlevel.checkpoint()
         stream = broker.stream_for(msg.subject)
@@ -400,13 +462,107 @@ class MemoryTransport(Transport):
         now = anyio.current_time()
         seen = stream.ids.get(msg.msg_id)
         if seen is not None and now - seen[1] < stream.duplicate_window:
-            return seen[0]
-        seq = (stream.messages[-1].seq if stream.messages else 0) + 1
+            return PubAck(stream.name, seen[0], duplicate=True)
+        stream.last_seq += 1
+        seq = stream.last_seq
         headers = {"Nats-Msg-Id": msg.msg_id, "Content-Type": CONTENT_TYPE, **msg.headers}
         stream.messages.append(_Stored(seq, msg.subject, msg.data, headers))
         stream.ids[msg.msg_id] = (seq, now)
         broker.changed()
-        return seq
+        return PubAck(stream.name, seq)
+
+    def _stream(self, name: str, what: str) -> _Stream:
+        s = self._live().streams.get(name)
+        if s is None:
+            raise NotFound(f"{what}: stream {name} not found")
+        return s
+
+    async def stream_info(self, stream: str, *, subjects_filter: str | None = None) -> StreamState:
+        s = self._stream(stream, f"stream info {stream}")
+        await anyio.lowlevel.checkpoint()
+        counts: dict[str, int] = {}
+        if subjects_filter is not None:
+            for m in s.messages:
+                if subject_matches(subjects_filter, m.subject):
+                    counts[m.subject] = counts.get(m.subject, 0) + 1
+        # JetStream's first_seq is last_seq + 1 for an empty stream that once held messages.
+        first = s.messages[0].seq if s.messages else s.last_seq + 1 if s.last_seq else 0
+        return StreamState(stream, first, s.last_seq, len(s.messages), counts)
+
+    async def get_message(
+        self,
+        stream: str,
+        *,
+        seq: int = 0,
+        subject: str | None = None,
+        since: datetime | None = None,
+        last: bool = False,
+    ) -> StoredMessage | None:
+        if subject is None and (since is not None or last or seq < 1):
+            raise ValueError("get_message without a subject takes a sequence (1 or more) only")
+        if last and (since is not None or seq):
+            raise ValueError("get_message(last=True) takes a subject only")
+        if since is not None and seq:
+            raise ValueError("get_message takes a sequence or a time, not both")
+        s = self._stream(stream, f"get message from {stream}")
+        await anyio.lowlevel.checkpoint()
+        if subject is None:
+            found = [m for m in s.messages if m.seq == seq]
+        else:
+            found = [
+                m
+                for m in s.messages
+                if subject_matches(subject, m.subject) and m.seq >= seq and (since is None or m.time >= since)
+            ]
+        if not found:
+            return None
+        return (found[-1] if last else found[0]).stored(stream)
+
+    async def delete_message(self, stream: str, seq: int) -> bool:
+        s = self._live().streams.get(stream)
+        await anyio.lowlevel.checkpoint()
+        if s is None:
+            return False
+        before = len(s.messages)
+        s.messages = [m for m in s.messages if m.seq != seq]
+        return len(s.messages) < before
+
+    async def purge(self, stream: str, *, up_to_seq: int) -> int:
+        s = self._live().streams.get(stream)
+        await anyio.lowlevel.checkpoint()
+        if s is None:
+            return 0
+        before = len(s.messages)
+        s.messages = [m for m in s.messages if m.seq > up_to_seq]
+        return before - len(s.messages)
+
+    async def read_stream(self, stream: str, *, subject: str = ">", start_seq: int = 1) -> StreamReader:
+        s = self._stream(stream, f"read {stream}")
+        await anyio.lowlevel.checkpoint()
+        return _MemoryReader(self, s, subject, start_seq)
+
+    async def consumers(self, stream: str) -> list[ConsumerState]:
+        s = self._stream(stream, f"consumers of {stream}")
+        await anyio.lowlevel.checkpoint()
+        return [c.snapshot(name) for name, c in s.consumers.items()]
+
+    async def consumer_info(self, stream: str, name: str) -> ConsumerState:
+        s = self._stream(stream, f"consumer {name} on {stream}")
+        await anyio.lowlevel.checkpoint()
+        c = s.consumers.get(name)
+        if c is None:
+            raise NotFound(f"consumer {name} on {stream}: consumer not found")
+        return c.snapshot(name)
+
+    async def reset_consumer(self, stream: str, name: str, seq: int) -> int:
+        s = self._stream(stream, f"reset consumer {name}")
+        await anyio.lowlevel.checkpoint()
+        c = s.consumers.get(name)
+        if c is None:
+            raise NotFound(f"reset consumer {name}: consumer not found")
+        c.reset(seq)
+        self.broker.changed()
+        return max(seq, 1)
 
     async def publish_many(self, messages: Sequence[OutMessage], window: int) -> list[bool]:
         results = []

@@ -2,12 +2,15 @@
 
 Both implementations must behave the same wherever the delivery path depends on it: dedupe by
 msg id, order, ack / nak / term and the server's delivery counts, ack_wait redelivery,
-max_deliver, pending, KV compare-and-swap and watch, request/reply, reconnect, close.
+max_deliver, pending, KV compare-and-swap and watch, request/reply, reconnect, close; and the
+operator's view of a stream: stream and consumer snapshots, reading stored messages without
+consuming them, deleting and purging, consumer reset.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -26,6 +29,7 @@ from mesh.transport import (
     Message,
     NoReply,
     NoResponders,
+    NotFound,
     OutMessage,
     RevisionConflict,
     Transport,
@@ -352,3 +356,129 @@ async def test_consumer_on_a_missing_stream_raises(transport: Transport) -> None
             stream="NO_SUCH_STREAM",
         )  # fmt: skip
     assert EVENTS_STREAM  # the default stream exists (used by every other test)
+
+
+# --- reading and operating on a stream ------------------------------------------------------------
+
+PRODUCT = "evt.product.upserted.erp"
+
+
+async def test_publish_ack_says_whether_it_was_a_duplicate(transport: Transport) -> None:
+    first = await transport.publish_ack(msg(0))
+    again = await transport.publish_ack(msg(0))
+    assert (first.stream, first.duplicate) == (EVENTS_STREAM, False)
+    assert (again.seq, again.duplicate) == (first.seq, True)
+    with pytest.raises(NoResponders):
+        await transport.publish_ack(OutMessage("nowhere.at.all", b"x", "n1"))
+
+
+async def test_stream_info_counts_messages_per_subject(transport: Transport) -> None:
+    for i in range(3):
+        await transport.publish(msg(i))
+    await transport.publish(msg(3, PRODUCT))
+    info = await transport.stream_info(EVENTS_STREAM, subjects_filter="evt.customer.>")
+    assert (info.name, info.first_seq, info.last_seq, info.messages) == (EVENTS_STREAM, 1, 4, 4)
+    assert info.subjects == {SUBJECT: 3}
+    assert (await transport.stream_info(EVENTS_STREAM)).subjects == {}
+    with pytest.raises(NotFound):
+        await transport.stream_info("NO_SUCH_STREAM")
+
+
+async def test_get_message_by_seq_by_subject_by_time_and_last(transport: Transport) -> None:
+    await transport.publish(msg(0))
+    await transport.publish(msg(1, PRODUCT))
+    await transport.publish(msg(2))
+    one = await transport.get_message(EVENTS_STREAM, seq=2)
+    assert one is not None
+    assert (one.seq, one.subject, one.data) == (2, PRODUCT, b"m1")
+    assert one.headers["Mesh-Test"] == "1"
+    assert one.headers["Nats-Msg-Id"] == "id-1"
+    assert one.time.tzinfo is not None
+    assert abs(one.time - datetime.now(UTC)) < timedelta(minutes=5)
+    nxt = await transport.get_message(EVENTS_STREAM, seq=2, subject="evt.customer.>")
+    assert nxt is not None
+    assert nxt.seq == 3
+    last = await transport.get_message(EVENTS_STREAM, subject="evt.customer.>", last=True)
+    assert last is not None
+    assert last.seq == 3
+    since = await transport.get_message(EVENTS_STREAM, subject=">", since=one.time - timedelta(hours=1))
+    assert since is not None
+    assert since.seq == 1
+    assert (
+        await transport.get_message(EVENTS_STREAM, subject=">", since=datetime.now(UTC) + timedelta(hours=1))
+        is None
+    )
+    assert await transport.get_message(EVENTS_STREAM, seq=4, subject=">") is None
+    assert await transport.get_message(EVENTS_STREAM, seq=99) is None
+    with pytest.raises(ValueError, match="sequence"):
+        await transport.get_message(EVENTS_STREAM)
+    with pytest.raises(NotFound):
+        await transport.get_message("NO_SUCH_STREAM", seq=1)
+
+
+async def test_delete_and_purge(transport: Transport) -> None:
+    for i in range(5):
+        await transport.publish(msg(i))
+    assert await transport.delete_message(EVENTS_STREAM, 2) is True
+    assert await transport.delete_message(EVENTS_STREAM, 2) is False
+    assert await transport.get_message(EVENTS_STREAM, seq=2) is None
+    assert await transport.purge(EVENTS_STREAM, up_to_seq=3) == 2  # 1 and 3; 2 was gone
+    info = await transport.stream_info(EVENTS_STREAM)
+    assert (info.first_seq, info.last_seq, info.messages) == (4, 5, 2)
+    assert await transport.purge("NO_SUCH_STREAM", up_to_seq=3) == 0
+
+
+async def test_a_deleted_message_is_not_redelivered(transport: Transport) -> None:
+    c = await consumer(transport, ack_wait=0.5)
+    await transport.publish(msg(0))
+    await transport.publish(msg(1))
+    first = await c.fetch(2, timeout=2)
+    assert [d.stream_seq for d in first] == [1, 2]
+    await first[1].ack()
+    assert await transport.delete_message(EVENTS_STREAM, 1)
+    assert await c.fetch(2, timeout=1.5) == []  # past ack_wait: seq 1 would be back if it existed
+    await eventually(lambda: c.pending(), 0)
+
+
+async def test_read_stream_in_order_from_a_sequence_then_new_ones(transport: Transport) -> None:
+    for i in range(4):
+        await transport.publish(msg(i))
+    await transport.publish(msg(4, PRODUCT))
+    async with await transport.read_stream(EVENTS_STREAM, subject="evt.customer.>", start_seq=2) as reader:
+        got = [await reader.next(timeout=5) for _ in range(3)]
+        assert [(m.seq, m.data) for m in got if m is not None] == [(2, b"m1"), (3, b"m2"), (4, b"m3")]
+        assert await reader.next(timeout=0.3) is None  # the product event is not on the filter
+        await transport.publish(msg(5))
+        new = await reader.next(timeout=5)
+        assert new is not None
+        assert (new.seq, new.subject, new.headers["Mesh-Test"]) == (6, SUBJECT, "5")
+    assert await consumer(transport, name="after-read")  # a reader leaves no consumer behind
+    assert [c.name for c in await transport.consumers(EVENTS_STREAM)] == ["after-read"]
+    with pytest.raises(NotFound):
+        await transport.read_stream("NO_SUCH_STREAM")
+
+
+async def test_consumer_info_and_reset_redeliver_from_a_sequence(transport: Transport) -> None:
+    c = await consumer(transport, name="resettable")
+    for i in range(4):
+        await transport.publish(msg(i))
+    for d in await c.fetch(4, timeout=2):
+        await d.ack()
+
+    async def floor() -> int:
+        return (await transport.consumer_info(EVENTS_STREAM, "resettable")).ack_floor
+
+    await eventually(floor, 4)
+    info = await transport.consumer_info(EVENTS_STREAM, "resettable")
+    assert (info.name, info.stream, info.filter_subject) == ("resettable", EVENTS_STREAM, "evt.customer.>")
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    assert [s.name for s in await transport.consumers(EVENTS_STREAM)] == ["resettable"]
+    assert await transport.reset_consumer(EVENTS_STREAM, "resettable", 3) == 3
+    again = await c.fetch(10, timeout=2)
+    assert [d.stream_seq for d in again] == [3, 4]
+    with pytest.raises(NotFound):
+        await transport.consumer_info(EVENTS_STREAM, "no-such-consumer")
+    with pytest.raises(NotFound):
+        await transport.reset_consumer(EVENTS_STREAM, "no-such-consumer", 1)
+    with pytest.raises(NotFound):
+        await transport.consumers("NO_SUCH_STREAM")

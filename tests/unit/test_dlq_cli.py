@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mesh.dlq import DlqEntry, DlqFilter, _parse_headers, parse_time, replay_msg_id
+from mesh.dlq import DlqEntry, DlqFilter, parse_time, replay_msg_id
 from mesh.envelope import Envelope, encode, encode_payload
 from mesh.errors import DecodeError
+from mesh.transport._jsapi import parse_headers
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -39,7 +40,7 @@ def test_parse_time_refuses_with_one_clear_message(text: str) -> None:
 
 def test_headers_block_parsing_keeps_utf8_and_the_first_of_repeated_keys() -> None:
     raw = "NATS/1.0\r\nMesh-Reason: caf\u00e9: bad\r\nA: 1\r\nA: 2\r\n\r\n".encode()
-    assert _parse_headers(raw) == {"Mesh-Reason": "caf\u00e9: bad", "A": "1"}
+    assert parse_headers(raw) == {"Mesh-Reason": "caf\u00e9: bad", "A": "1"}
 
 
 def test_entry_decodes_what_it_can_and_filters_match_case_insensitively() -> None:
