@@ -4,7 +4,13 @@
 
     MeshError                      base of everything the mesh raises on purpose
     ├── RetryableError             try again later (nak with delay, reconnect, back off)
-    │   ├── TransportError         NATS unreachable, publish/ack timed out, no responders
+    │   ├── TransportError         NATS unreachable, publish/ack timed out (mesh.transport)
+    │   │   ├── NoResponders       nobody serves the subject (or no stream takes it)
+    │   │   ├── NoReply            no answer within the timeout
+    │   │   ├── RevisionConflict   a KV compare-and-swap lost: read again, decide again
+    │   │   ├── NotFound           the stream or consumer does not exist
+    │   │   ├── Refused            the broker answered and refused (bad request, limit, policy)
+    │   │   └── NotSupported       the broker cannot do it (too old a nats-server)
     │   └── SystemUnavailable      the external system (database, API) is down or busy
     ├── PermanentError             retrying cannot help: dead-letter the message, keep the flow going
     │   ├── DecodeError            bytes that are not a valid envelope or payload
