@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from agents.control import ControlChannel
@@ -31,7 +32,7 @@ from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
 from mesh.plugins import adapter_registry
 from mesh.readiness import Readiness
-from mesh.store import Inbox, Outbox
+from mesh.store import Inbox, Outbox, private_dir
 from mesh.transport import Consumer, JetStream
 
 __all__ = ["Apply", "Capture", "ConnectorAgent", "FlowPlan", "NatsLink", "Relay", "open_sink", "open_source"]
@@ -185,7 +186,7 @@ class ConnectorAgent:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Signals ``task_status`` once every actor has started."""
-        await anyio.Path(self.cfg.agent.state_dir).mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(private_dir, Path(self.cfg.agent.state_dir))
         restarts = self.metrics.actor_restarts
         async with (
             self.outbox,

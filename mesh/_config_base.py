@@ -26,15 +26,15 @@ __all__ = [
 ]
 
 # Names end up in NATS subjects and consumer names: keep them to one safe token.
-TOKEN_PATTERN = r"^[A-Za-z0-9_-]+$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]+$(?!\n)"
 Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN, min_length=1, max_length=64)]
 """A name that is safe in a NATS subject: letters, digits, ``_`` and ``-``, 1 to 64 of them."""
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$(?!\n)", max_length=128)]
 """The name of an environment variable that holds a secret (configs reference secrets, never
 hold them)."""
-HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", max_length=128)]
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$(?!\n)", max_length=128)]
 """An HTTP header name."""
 FieldPath = Annotated[str, msgspec.Meta(pattern=r"^[^.]+(\.[^.]+)*$", max_length=256)]
 """A dotted path into a JSON document: ``data.object.id``."""

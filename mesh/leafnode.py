@@ -102,7 +102,7 @@ LEAF_PORT = 7422
 MESH_SUBJECTS = ("evt.>", "cmd.>", "dlq.>", "audit.>")
 """Subjects of the mesh's streams; they must not cross the leaf link (see the module doc)."""
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 _DURATION = re.compile(r"^(always|[0-9]+(ns|us|ms|s|m|h))$")
 _HUB_SCHEMES = ("nats-leaf", "nats", "tls")
 

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 ANY_SYSTEM = "*"
-_System = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", min_length=1, max_length=64)]
+_System = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$(?!\n)", min_length=1, max_length=64)]
 # Owners are checked by compile_ownership, not by a Meta pattern: msgspec 0.22 can crash at
 # interpreter exit on a union of a pattern-constrained str and a list of one (msgspec#717).
 _Owners = str | list[str]

@@ -92,7 +92,7 @@ ASSIGN_BUCKET = "mesh_assign"
 LEADER_BUCKET = "mesh_leader"
 """The control-plane leader lease (key ``leader``)."""
 
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", min_length=1, max_length=64)]
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$(?!\n)", min_length=1, max_length=64)]
 Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=256)]
 ReportedHealth = Literal["ok", "degraded", "failing"]
 Health = Literal["healthy", "degraded", "stale", "lost"]

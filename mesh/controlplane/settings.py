@@ -32,14 +32,16 @@ def default_replica_name() -> str:
 
 
 class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=128)] = (
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+$(?!\n)", min_length=1, max_length=128)] = (
         msgspec.field(default_factory=default_replica_name)
     )
     """This replica's name (lease holder, audit ``replica``, NATS client name)."""
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     """Must match the agents' (the control plane ensures the same streams, MESH_AUDIT included)."""
-    subject_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "mesh.cp"
+    subject_prefix: Annotated[
+        str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$(?!\n)")
+    ] = "mesh.cp"
     http_host: str = "127.0.0.1"
     http_port: Port | None = 8080
     """None: no HTTP endpoint."""

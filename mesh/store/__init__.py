@@ -1,6 +1,10 @@
-"""The agent's local SQLite stores: the outbox (with source cursors) and the inbox."""
+"""The agent's local SQLite stores: the outbox (with source cursors) and the inbox.
 
+Stores are created 0600 in directories made 0700 (:func:`private_dir`), whoever creates them.
+"""
+
+from mesh.store._sqlite import private_dir
 from mesh.store.inbox import Inbox, InboxEntry
 from mesh.store.outbox import Outbox, OutboxRow
 
-__all__ = ["Inbox", "InboxEntry", "Outbox", "OutboxRow"]
+__all__ = ["Inbox", "InboxEntry", "Outbox", "OutboxRow", "private_dir"]

@@ -3,7 +3,9 @@ transaction helper, and translating sqlite3 errors into the mesh's error tree.""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any, Self
 
 import aiosqlite
 import anyio
+import anyio.to_thread
 
 from mesh.errors import StopError, SystemUnavailable
 
@@ -66,7 +69,10 @@ class SqliteStore:
         Raises:
             StopError: the file cannot be opened or is not a usable database.
         """
-        await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            await anyio.to_thread.run_sync(private_file, self.path)
+        except OSError as exc:
+            raise StopError(f"cannot create store {self.path}: {exc.strerror or exc}") from exc
         try:
             db = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -124,3 +130,24 @@ class SqliteStore:
             async with self.db.execute(sql, params) as cur:
                 row = await cur.fetchone()
         return None if row is None else row[0]
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) if missing and make it 0700: state dirs hold financial
+    records and credentials, readable by the agent's user only, whoever created them."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def private_file(path: Path) -> None:
+    """Create the store file ``path`` 0600 (its directory 0700 if this creates it) and keep it
+    0600. SQLite gives the -wal and -shm files the database file's mode."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

@@ -1,0 +1,70 @@
+"""Names refuse a trailing newline; state dirs are 0700 and stores 0600 whoever creates them."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from mesh.config import Token, parse_agent_config
+from mesh.controlplane.models import Token as CpToken
+from mesh.errors import ConfigError
+from mesh.store import Outbox, private_dir
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize("kind", [Token, CpToken])
+@pytest.mark.parametrize("bad", ["erp\n", "erp\r\n", "\nerp", "e rp", "erp.x", ""])
+def test_names_refuse_newlines_and_separators(kind: object, bad: str) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(bad, kind)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("kind", [Token, CpToken])
+def test_a_plain_name_passes(kind: object) -> None:
+    assert msgspec.convert("erp-agent_1", kind) == "erp-agent_1"  # type: ignore[call-overload]
+
+
+def test_agent_name_with_a_trailing_newline_is_a_config_error(tmp_path: Path) -> None:
+    text = '[agent]\nname = "erp\\n"\nsystem = "erp"\nstate_dir = "s"\n'
+    with pytest.raises(ConfigError) as err:
+        parse_agent_config(text, source="agent.toml", base=tmp_path)
+    assert "agent.name" in str(err.value)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_private_dir_creates_0700_and_tightens_an_existing_one(tmp_path: Path) -> None:
+    fresh = tmp_path / "a" / "state"
+    private_dir(fresh)
+    assert _mode(fresh) == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    os.chmod(loose, 0o755)
+    private_dir(loose)
+    assert _mode(loose) == 0o700
+
+
+@pytest.mark.anyio
+async def test_stores_are_0600_with_their_wal_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        state = tmp_path / "state"
+        async with Outbox(state / "outbox.db") as outbox:
+            await outbox.capture("f", "c1", [("id1", "evt.x.upserted.erp", b"x")])
+            files = sorted(p.name for p in state.iterdir())
+            assert "outbox.db" in files
+            for p in state.iterdir():
+                assert _mode(p) == 0o600, (p.name, oct(_mode(p)))
+        assert _mode(state) == 0o700
+        os.chmod(state / "outbox.db", 0o644)  # loosened by hand: the next open tightens it
+        async with Outbox(state / "outbox.db"):
+            assert _mode(state / "outbox.db") == 0o600
+    finally:
+        os.umask(old)
