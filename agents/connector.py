@@ -32,6 +32,7 @@ from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
 from mesh.plugins import adapter_registry
 from mesh.readiness import Readiness
+from mesh.redact import redact_urls
 from mesh.store import Inbox, Outbox, private_dir
 from mesh.transport import Consumer, JetStream
 
@@ -99,7 +100,7 @@ class NatsLink:
                     await js.aclose()
                     raise
                 break
-            log.info("connected to %s", self.cfg.nats.servers)
+            log.info("connected to %s", redact_urls(self.cfg.nats.servers))
             self._js = js
             self._ready.set()
         while True:

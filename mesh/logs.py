@@ -10,6 +10,7 @@ awaits, never leaks into sibling tasks (anyio copies the context when it starts 
 
 Every log record gets those fields; the text format appends them as ``key=value`` pairs, the
 JSON-lines format (``log_format = "json"``) writes one object per line for a log shipper.
+Credentials in URLs (``nats://user:pass@host``) are redacted from every line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from typing import Literal
 
 import msgspec
+
+from mesh.redact import redact_urls
 
 __all__ = ["LogFormat", "bind", "current_context", "log_context", "setup_logging"]
 
@@ -90,11 +93,12 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname.lower():<7} {record.name}: {record.getMessage()}"
+        message = redact_urls(record.getMessage())
+        line = f"{_timestamp(record)} {record.levelname.lower():<7} {record.name}: {message}"
         for key, value in _fields(record).items():
             line += f" {key}={value}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + redact_urls(self.formatException(record.exc_info))
         return line
 
 
@@ -104,11 +108,11 @@ class _JsonFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_urls(record.getMessage()),
             **_fields(record),
         }
         if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
+            obj["exc"] = redact_urls(self.formatException(record.exc_info))
         return _json.encode(obj).decode()
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, TypeVar
 
 import anyio
 import typer
 
+from mesh.cli._output import fail
 from mesh.cli.dlq import quiet_connection_logs
 from mesh.config import NatsConfig
 from mesh.controlplane.client import DEFAULT_PREFIX, ControlPlaneClient, RequestRefused
@@ -38,11 +39,6 @@ PrefixOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def fail(message: object, code: int = 2) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def connection(url: str, timeout: float, name: str = "meshctl") -> JetStream:

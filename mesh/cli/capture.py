@@ -14,11 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import anyio
 import typer
 
+from mesh.cli._output import fail
 from mesh.config import AdapterConfig, FlowConfig, load_agent_config
 from mesh.errors import MeshError
 from mesh.plugins import ChangeCapture, adapter_registry
@@ -45,9 +46,7 @@ FlowOpt = Annotated[
 _Target = tuple[FlowConfig, AdapterConfig, ChangeCapture]
 
 
-def _fail(message: object) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+_fail = fail
 
 
 def _targets(config: Path, flow: str | None) -> list[_Target]:

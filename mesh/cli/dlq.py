@@ -11,11 +11,12 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
 
+from mesh.cli._output import fail
 from mesh.dlq import (
     DEFAULT_NATS_URL,
     DLQ_HEADERS,
@@ -81,9 +82,7 @@ SeqsArg = Annotated[
 _REASON_WIDTH = 60
 
 
-def _fail(message: object) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+_fail = fail
 
 
 def _time(option: str, text: str | None) -> datetime | None:

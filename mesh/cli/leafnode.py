@@ -17,6 +17,7 @@ from typing import Annotated
 import anyio
 import typer
 
+from mesh.cli._output import fail
 from mesh.errors import MeshError
 
 __all__ = ["app"]
@@ -28,9 +29,7 @@ app = typer.Typer(
 )
 
 
-def _fail(exc: MeshError | str) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+_fail = fail
 
 
 @app.command("config")

@@ -39,6 +39,7 @@ from mesh.cli import (
 from mesh.cli import (
     schema as cli_schema,
 )
+from mesh.cli._output import fail
 from mesh.errors import ConfigError, MeshError
 
 __all__ = ["app", "main"]
@@ -72,9 +73,7 @@ ConfigOpt = Annotated[
 ]
 
 
-def _fail(exc: MeshError) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+_fail = fail
 
 
 @app.command("version")

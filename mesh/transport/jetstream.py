@@ -53,6 +53,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.envelope import CONTENT_TYPE
 from mesh.errors import ConfigError, TransportError
+from mesh.redact import redact_urls
 from mesh.transport import _jsapi
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
 from mesh.transport.base import (
@@ -289,7 +290,7 @@ class JetStream(Transport):
 
     def __repr__(self) -> str:
         state = "connected" if self._nc is not None and self._nc.is_connected else "disconnected"
-        return f"<JetStream {self.name} {state} servers={self.cfg.servers}>"
+        return f"<JetStream {self.name} {state} servers=[{redact_urls(self.cfg.servers)}]>"
 
     @property
     def is_connected(self) -> bool:
@@ -343,7 +344,8 @@ class JetStream(Transport):
             )
         except NATS_ERRORS as exc:
             raise TransportError(
-                f"cannot connect to {self.cfg.servers}: {exc or type(exc).__name__}"
+                f"cannot connect to {redact_urls(self.cfg.servers)}: "
+                f"{redact_urls(str(exc) or type(exc).__name__)}"
             ) from exc
         # Once connected, never give up reconnecting (the default stops after ~2 minutes).
         self._nc.options["max_reconnect_attempts"] = -1

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import stat
 from pathlib import Path
 
 import msgspec
 import pytest
+from typer.testing import CliRunner
 
+from mesh.cli import app
 from mesh.config import Token, parse_agent_config
 from mesh.controlplane.models import Token as CpToken
 from mesh.errors import ConfigError
+from mesh.logs import setup_logging
+from mesh.redact import redact_urls
 from mesh.store import Outbox, private_dir
 
 pytestmark = pytest.mark.timeout(30)
@@ -68,3 +74,47 @@ async def test_stores_are_0600_with_their_wal_whatever_the_umask(tmp_path: Path)
             assert _mode(state / "outbox.db") == 0o600
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nats://mesh:s3cret@hub:4222", "nats://***@hub:4222"),
+        ("tls://tok3n@hub:4222", "tls://***@hub:4222"),
+        ("postgresql://mesh:p%40ss@db:5432/erp?x=1", "postgresql://***@db:5432/erp?x=1"),
+        ("a nats://u:p@h1, b nats://u:q@h2", "a nats://***@h1, b nats://***@h2"),
+        ("nats://hub:4222 and https://example.com/a@b", "nats://hub:4222 and https://example.com/a@b"),
+    ],
+)
+def test_urls_lose_their_userinfo(text: str, expected: str) -> None:
+    assert redact_urls(text) == expected
+
+
+def test_lists_of_servers_are_redacted_too() -> None:
+    assert redact_urls(["nats://u:p@a:1", "nats://b:2"]) == "nats://***@a:1, nats://b:2"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_never_carry_url_credentials(fmt: str) -> None:
+    out = io.StringIO()
+    setup_logging("info", stream=out, fmt=fmt)  # type: ignore[arg-type]
+    try:
+        logging.getLogger("t").info("connecting to %s", "nats://mesh:s3cret@hub:4222")
+        try:
+            raise ValueError("dsn postgresql://mesh:s3cret@db/erp refused")
+        except ValueError:
+            logging.getLogger("t").exception("boom")
+    finally:
+        logging.getLogger().handlers.clear()
+    text = out.getvalue()
+    assert "s3cret" not in text
+    assert text.count("***@") == 3  # the message, the exception and its source line in the traceback
+
+
+def test_cli_errors_never_print_url_credentials() -> None:
+    result = CliRunner().invoke(
+        app, ["dlq", "list", "--server", "nats://mesh:s3cret@127.0.0.1:1"], catch_exceptions=False
+    )
+    assert result.exit_code == 2
+    assert "s3cret" not in result.output
+    assert "nats://***@127.0.0.1:1" in result.output
