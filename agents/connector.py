@@ -209,6 +209,7 @@ class ConnectorAgent:
             self.flows = FlowManager(
                 a.name, sup, self._flow_actors,
                 expire_inflight=self.expire_inflight, outbox_depth=self._outbox_depth, state_dir=a.state_dir,
+                allowed_paths=a.allowed_paths,
             )  # fmt: skip
             await self.flows.add_configured(self.cfg.flows)
             await sup.start("gauges", self._gauges)

@@ -69,18 +69,22 @@ class FlowHandle:
         return self.cfg.name
 
 
-def flow_from_assignment(config: dict[str, object], state_dir: str) -> FlowConfig:
-    """Decode one assigned flow's config; relative paths resolve against ``state_dir``.
+def flow_from_assignment(
+    config: dict[str, object], state_dir: str, allowed_paths: Sequence[str] = ()
+) -> FlowConfig:
+    """Decode one assigned flow's config; relative paths resolve against ``state_dir``, and
+    every path must lie inside ``state_dir`` or one of ``allowed_paths``.
 
     Raises:
         ConfigError: the config does not validate on this agent (e.g. a newer control plane
-            sent a field this version does not know).
+            sent a field this version does not know), or a path leads outside those directories.
     """
     flow = decode_flow(config, source="control plane", path="flow")
     problems = check_flow(flow, "flow")
     if problems:
         raise ConfigError(source="control plane", problems=problems)
-    flow = resolve_flow_paths(flow, Path(state_dir))
+    roots = [Path(state_dir), *(Path(p) for p in allowed_paths)]
+    flow = resolve_flow_paths(flow, Path(state_dir), confine_to=roots)
     compile_flow_data(flow, source="control plane", path=f"flow {flow.name}")  # checks SQLite lookups
     return flow
 
@@ -97,8 +101,10 @@ class FlowManager:
         expire_inflight: Callable[[str], None],
         outbox_depth: Callable[[str], Awaitable[int]],
         state_dir: str,
+        allowed_paths: Sequence[str] = (),
     ) -> None:
         self.agent_name = agent_name
+        self.allowed_paths = list(allowed_paths)
         self.sup = supervisor
         self.make_actors = make_actors
         self.expire_inflight = expire_inflight
@@ -182,7 +188,7 @@ class FlowManager:
                         await self._start(h)
                     continue
                 try:
-                    cfg = flow_from_assignment(a.config, self.state_dir)
+                    cfg = flow_from_assignment(a.config, self.state_dir, self.allowed_paths)
                 except ConfigError as exc:
                     log.error("flow %s (generation %d): %s", name, a.generation, exc)
                     if h is not None:

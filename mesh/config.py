@@ -18,7 +18,7 @@ import functools
 import random
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
@@ -96,6 +96,10 @@ class AgentSection(ConfigStruct, frozen=True):
     inbox_retention: PositiveFloat = 14 * 24 * 3600.0
     """Seconds the inbox remembers applied ids. Keep it longer than MESH_EVENTS' max_age; older
     redeliveries are still stopped by the sinks' version guards."""
+    allowed_paths: list[str] = msgspec.field(default_factory=list)
+    """Directories (besides ``state_dir``) whose files flows applied through the control plane
+    may use; any other path in an applied flow is refused (``../`` escapes included). Flows in
+    this file are the operator's own and are not confined."""
 
 
 class NatsConfig(ConfigStruct, frozen=True):
@@ -379,24 +383,60 @@ def _resolver(base: Path) -> Callable[[str], str]:
     return resolve
 
 
-def resolve_flow_paths(flow: FlowConfig, base: Path) -> FlowConfig:
-    """``flow`` with every file path (source, sink, SQLite lookups) made absolute against ``base``."""
-    resolve = _resolver(base)
+def resolve_flow_paths(
+    flow: FlowConfig, base: Path, *, confine_to: Sequence[Path] | None = None
+) -> FlowConfig:
+    """``flow`` with every file path (source, sink, SQLite lookups) made absolute against ``base``.
+
+    With ``confine_to``, every path must resolve (symlinks and ``..`` followed) inside one of
+    those directories.
+
+    Raises:
+        ConfigError: a path leads outside ``confine_to``; one problem per side, with the path.
+    """
+    problems: list[ConfigProblem] = []
+    roots = [Path(r).resolve() for r in confine_to] if confine_to is not None else None
+
+    def resolver(side: str) -> Callable[[str], str]:
+        plain = _resolver(base)
+
+        def resolve(p: str) -> str:
+            resolved = plain(p)
+            if roots is not None:
+                real = Path(resolved).resolve()
+                if not any(real == r or real.is_relative_to(r) for r in roots):
+                    where = ", ".join(str(r) for r in roots)
+                    problems.append(ConfigProblem(
+                        f"flows.{flow.name}.{side}",
+                        f"path {p!r} resolves to {real}, outside the directories this agent allows "
+                        f"for applied flows ({where}; see agent.allowed_paths)",
+                    ))  # fmt: skip
+            return resolved
+
+        return resolve
+
     changes: dict[str, Any] = {}
     if flow.source is not None:
-        changes["source"] = flow.source.resolved(resolve)
+        changes["source"] = flow.source.resolved(resolver("source"))
     if flow.sink is not None:
-        changes["sink"] = flow.sink.resolved(resolve)
+        changes["sink"] = flow.sink.resolved(resolver("sink"))
     for direction in ("to_canonical", "from_canonical"):
         mapping = getattr(flow, direction)
         if mapping is not None:
-            changes[direction] = mapping.resolved(resolve)
+            changes[direction] = mapping.resolved(resolver(direction))
+    if problems:
+        raise ConfigError(source="control plane", problems=problems)
     return msgspec.structs.replace(flow, **changes)
 
 
 def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     flows = [resolve_flow_paths(flow, base) for flow in cfg.flows]
-    agent = msgspec.structs.replace(cfg.agent, state_dir=_resolver(base)(cfg.agent.state_dir))
+    resolve = _resolver(base)
+    agent = msgspec.structs.replace(
+        cfg.agent,
+        state_dir=resolve(cfg.agent.state_dir),
+        allowed_paths=[resolve(p) for p in cfg.agent.allowed_paths],
+    )
     return msgspec.structs.replace(cfg, agent=agent, flows=flows)
 
 

@@ -64,6 +64,7 @@ log_level = "info"
 name = "{name}"
 system = "{system}"
 state_dir = "{path.parent / (name + "-state")}"
+allowed_paths = ["{path.parent}"]  # the test's ERP and CRM files sit beside the configs
 heartbeat_interval = 0.5
 shutdown_grace = 5.0
 [nats]

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
+from agents.flows import flow_from_assignment
 from mesh.cli import app
 from mesh.config import Token, parse_agent_config
 from mesh.controlplane.models import Token as CpToken
@@ -118,3 +119,52 @@ def test_cli_errors_never_print_url_credentials() -> None:
     assert result.exit_code == 2
     assert "s3cret" not in result.output
     assert "nats://***@127.0.0.1:1" in result.output
+
+
+def _assigned(sink_path: str) -> dict[str, object]:
+    flow: dict[str, object] = {
+        "name": "customers",
+        "entity": "customer",
+        "sink": {"adapter": "sqlite", "path": sink_path, "table": "customers", "key": "id"},
+    }
+    return flow
+
+
+@pytest.mark.parametrize("path", ["../../../x.db", "/etc/mesh-x.db", "sub/../../x.db"])
+def test_an_applied_flow_may_not_leave_the_state_dir(tmp_path: Path, path: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with pytest.raises(ConfigError) as err:
+        flow_from_assignment(_assigned(path), str(state))
+    (problem,) = err.value.problems
+    assert problem.path == "flows.customers.sink"
+    assert repr(path) in problem.message
+    assert "outside" in problem.message
+
+
+def test_a_symlink_out_of_the_state_dir_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "link").symlink_to(tmp_path)
+    with pytest.raises(ConfigError, match="outside"):
+        flow_from_assignment(_assigned("link/x.db"), str(state))
+
+
+def test_paths_inside_the_state_dir_or_an_allowed_dir_pass(tmp_path: Path) -> None:
+    state, shared = tmp_path / "state", tmp_path / "srv" / "crm"
+    state.mkdir()
+    shared.mkdir(parents=True)
+    inside = flow_from_assignment(_assigned("sub/crm.db"), str(state))
+    assert inside.sink is not None
+    assert inside.sink.path == str(state / "sub" / "crm.db")  # type: ignore[attr-defined]
+    allowed = flow_from_assignment(_assigned(str(shared / "crm.db")), str(state), [str(shared)])
+    assert allowed.sink is not None
+    assert allowed.sink.path == str(shared / "crm.db")  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError):
+        flow_from_assignment(_assigned(str(shared / "crm.db")), str(state))
+
+
+def test_allowed_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    text = '[agent]\nname = "crm"\nsystem = "crm"\nstate_dir = "s"\nallowed_paths = ["data"]\n'
+    cfg = parse_agent_config(text, source="agent.toml", base=tmp_path)
+    assert cfg.agent.allowed_paths == [str(tmp_path / "data")]
