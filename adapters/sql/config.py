@@ -6,7 +6,6 @@ import this module, never the drivers.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Annotated, Literal, Self
 
@@ -61,7 +60,6 @@ _PgName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]+$", min_length=1, max_l
 # both ``X | list[X]`` and ``X | list[X] | None`` of one Struct; NULs are refused in __post_init__.
 _PgColumnName = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 _PgColumns = _PgColumnName | Annotated[list[_PgColumnName], msgspec.Meta(min_length=1, max_length=32)]
-_PG_PASSWORD = re.compile(r"(?:^|\s)password\s*=|^postgres(?:ql)?://[^/?#@]*:[^/?#@]*@|[?&]password=", re.I)
 
 
 def _check_pg_columns(value: str | list[str] | None, field: str) -> None:
@@ -71,7 +69,18 @@ def _check_pg_columns(value: str | list[str] | None, field: str) -> None:
 
 
 def _check_pg_dsn(dsn: str) -> None:
-    if _PG_PASSWORD.search(dsn):
+    """Refuse a password in any form libpq accepts (``password=``, URL userinfo, ``?password=``,
+    percent-encoded keys or values): parsed by libpq itself through psycopg, so what is checked
+    is what the driver would use. The message never repeats the DSN."""
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except PsycopgError as exc:
+        reason = str(exc).split(":", 1)[-1].strip() if "password" not in str(exc) else "unparsable"
+        raise ValueError(f"dsn: not a valid libpq connection string ({reason})") from None
+    if params.get("password"):
         raise ValueError("dsn: must not hold a password (name an environment variable in password_env)")
 
 

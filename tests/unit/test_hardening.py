@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from agents.flows import flow_from_assignment
 from mesh.cli import app
-from mesh.config import Token, parse_agent_config
+from mesh.config import Token, decode_adapter_config, parse_agent_config
 from mesh.controlplane.models import Token as CpToken
 from mesh.errors import ConfigError
 from mesh.logs import setup_logging
@@ -168,3 +168,35 @@ def test_allowed_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     text = '[agent]\nname = "crm"\nsystem = "crm"\nstate_dir = "s"\nallowed_paths = ["data"]\n'
     cfg = parse_agent_config(text, source="agent.toml", base=tmp_path)
     assert cfg.agent.allowed_paths == [str(tmp_path / "data")]
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db password=s3cret",
+        "host=db   password = 's3cret'",
+        "postgresql://mesh:s3cret@db/erp",
+        "postgres://mesh:s3cret@db/erp",
+        "postgresql://mesh@db/erp?password=s3cret",
+        "postgresql://mesh@db/erp?pass%77ord=s3cret",
+        "postgresql://mesh:s3%23cret@db/erp",
+        "postgresql://mesh:s3#cret@db/erp",
+        "postgresql://mesh@db/erp?sslmode=require&password=s3cret",
+    ],
+)
+def test_a_password_in_a_dsn_is_refused_in_any_form(dsn: str) -> None:
+    spec = {"adapter": "postgres", "dsn": dsn, "table": "t", "key": "id"}
+    with pytest.raises(ConfigError) as err:
+        decode_adapter_config("source", spec, source="agent.toml", path="flows[0].source")
+    message = str(err.value)
+    assert "must not hold a password" in message
+    assert "agent.toml: flows[0].source" in message
+    assert "s3" not in message
+
+
+@pytest.mark.parametrize(
+    "dsn", ["host=db dbname=erp user=mesh", "postgresql://mesh@db/erp", "host=db passfile=/run/pgpass"]
+)
+def test_a_dsn_without_a_password_passes(dsn: str) -> None:
+    spec = {"adapter": "postgres", "dsn": dsn, "table": "t", "key": "id"}
+    assert decode_adapter_config("source", spec).dsn == dsn  # type: ignore[attr-defined]
