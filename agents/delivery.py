@@ -10,7 +10,7 @@ Relay, one per agent::
 
 Apply, per flow with a ``sink``::
 
-    fetch ─► decode ─► Inbox.seen? ─► Sink.apply (version guard) ─► Inbox.record ─► ack   (I4, I5)
+    fetch ─► decode ─► check ─► Inbox.seen? ─► Sink.apply (version guard) ─► Inbox.record ─► ack
 
 Guarantees: nothing is acked before it is durable; a malformed or refused message is
 dead-lettered with its reason (a :class:`~mesh.envelope.DeadLetter`) and then termed, and the
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -46,7 +47,14 @@ from mesh.envelope import (
     envelope_id,
     now_ms,
 )
-from mesh.errors import DecodeError, MappingError, PermanentError, RetryableError, TransportError
+from mesh.errors import (
+    DecodeError,
+    InvalidEnvelope,
+    MappingError,
+    PermanentError,
+    RetryableError,
+    TransportError,
+)
 from mesh.faults import crash_point
 from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
@@ -57,6 +65,8 @@ from mesh.transport import Consumer, Delivery, OutMessage, Transport, dlq_subjec
 __all__ = ["Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
 
 log = logging.getLogger(__name__)
+
+_ROW_EVENTS = frozenset({"upserted", "deleted"})
 
 TransportSource = Callable[[], Awaitable[Transport]]
 """Waits until the broker link is up and returns its transport."""
@@ -409,11 +419,22 @@ class Apply:
         handled = self.metrics.handled
         inbox = self.inbox
         decoded: list[tuple[Delivery, Envelope]] = []
+        max_version = time.time_ns() // 1000 + int(plan.consumer.max_version_skew * 1_000_000)
         for d in batch.deliveries:
             try:
-                decoded.append((d, decode(d.data)))
+                env = decode(d.data)
             except DecodeError as exc:
                 await self.fail(transport, batch, d, None, exc)
+                continue
+            try:
+                self.check(d.subject, env, max_version)
+            except InvalidEnvelope as exc:
+                # Never retried, whatever the retry policy says: the same bytes fail again. The
+                # inbox, the sink and its version guard never see it (I6).
+                await self.dead_letter(transport, d, env, exc)
+                await batch.term(d)
+                continue
+            decoded.append((d, env))
 
         seen = await inbox.seen([e.id for _, e in decoded])
         todo: list[tuple[Delivery, Envelope, SinkRecord]] = []
@@ -469,6 +490,36 @@ class Apply:
         crash_point("apply.after_inbox")
         for d in acks:
             await batch.ack(d)
+
+    def check(self, subject: str, env: Envelope, max_version: int) -> None:
+        """Check that ``env`` agrees with the subject it arrived on and with this flow, before
+        anything is applied: ``subject`` is ``evt.<entity>.<event>.<origin>`` with the flow's
+        entity and event ``upserted`` or ``deleted``; ``kind`` is ``<entity>.<event>`` of the
+        subject; ``origin`` is the subject's origin; ``1 <= version <= max_version``.
+
+        Raises:
+            InvalidEnvelope: the first check that fails, naming the field and both values.
+        """
+        entity = self.plan.entity
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[0] != "evt":
+            raise InvalidEnvelope("subject", subject, f"evt.{entity}.<upserted|deleted>.<origin>")
+        _, s_entity, s_event, s_origin = parts
+        if s_entity != entity:
+            raise InvalidEnvelope("subject entity", s_entity, f"{entity!r} (the flow's entity)")
+        if s_event not in _ROW_EVENTS:
+            raise InvalidEnvelope("subject event", s_event, "'upserted' or 'deleted'")
+        if env.kind != f"{entity}.{s_event}":
+            raise InvalidEnvelope("kind", env.kind, f"{entity}.{s_event} (from subject {subject})")
+        if env.origin != s_origin:
+            raise InvalidEnvelope("origin", env.origin, f"{s_origin!r} (from subject {subject})")
+        if env.version < 1:
+            raise InvalidEnvelope("version", env.version, ">= 1")
+        if env.version > max_version:
+            skew = self.plan.consumer.max_version_skew
+            raise InvalidEnvelope(
+                "version", env.version, f"<= {max_version} (now in µs + max_version_skew {skew:g}s)"
+            )
 
     def _record(self, env: Envelope) -> SinkRecord | None:
         """The sink's record for ``env``: ownership applied, mapped from the canonical entity.

@@ -131,11 +131,19 @@ class RelayConfig(ConfigStruct, frozen=True):
 
 
 class ConsumerConfig(ConfigStruct, frozen=True):
+    """A flow's durable pull consumer on the sink side, and the checks its envelopes pass."""
+
     batch_size: PositiveInt = 500
     max_deliver: PositiveInt = 10
     ack_wait: PositiveFloat = 30.0
     max_ack_pending: PositiveInt = 20_000
     fetch_timeout: PositiveFloat = 1.0
+    max_version_skew: PositiveFloat = 86400.0
+    """Seconds an envelope's ``version`` may lie ahead of now, read as microseconds since the
+    epoch (the largest version a source can produce: time-based versions are epoch µs, counters
+    are far smaller). An envelope with ``version > now_µs + max_version_skew * 10**6`` (or below
+    1) is dead-lettered as :class:`~mesh.errors.InvalidEnvelope` before it reaches the inbox,
+    the sink or its version guard, so a forged huge version cannot lock a key (I5, I6)."""
 
 
 ErrorAction = Literal["retry", "dead_letter"]

@@ -14,6 +14,7 @@
     │   └── SystemUnavailable      the external system (database, API) is down or busy
     ├── PermanentError             retrying cannot help: dead-letter the message, keep the flow going
     │   ├── DecodeError            bytes that are not a valid envelope or payload
+    │   ├── InvalidEnvelope        an envelope that contradicts its subject or the flow (forged?)
     │   ├── RejectedRecord         the external system refused this record (constraint, mapping)
     │   └── MappingError           a flow's mapping cannot turn this record into its target shape
     ├── ConfigError                fix the configuration; the agent does not start
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "DecodeError",
+    "InvalidEnvelope",
     "MappingError",
     "MeshError",
     "PermanentError",
@@ -67,6 +69,21 @@ class PermanentError(MeshError):
 
 class DecodeError(PermanentError):
     """Bytes that are not a valid envelope (or not a valid payload for its schema)."""
+
+
+class InvalidEnvelope(PermanentError):
+    """A well-formed envelope the sink side refuses before applying anything: its ``origin``,
+    ``kind`` or entity contradicts its subject (``evt.<entity>.<event>.<origin>``) or the flow,
+    or its ``version`` is below 1 or beyond what a source could have produced (see
+    ``ConsumerConfig.max_version_skew``). Forged or from a broken producer; ``field`` names the
+    envelope field, ``got`` and ``expected`` the two values, and the message says all three. It
+    is dead-lettered without touching the inbox, the sink or the version guard."""
+
+    def __init__(self, field: str, got: object, expected: str):
+        self.field = field
+        self.got = got
+        self.expected = expected
+        super().__init__(f"envelope {field} {got!r}: expected {expected}")
 
 
 class RejectedRecord(PermanentError):
