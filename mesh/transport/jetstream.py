@@ -662,9 +662,12 @@ class JetStream(Transport):
         # No callback: nats-py would run it in a task of its own and swallow its errors.
         sub = await translated(f"subscribe {subject}", self.nc.subscribe(subject, queue=queue))
         try:
-            await translated(
-                f"subscribe {subject}", self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
-            )
+            # Shielded (it is bounded): nats-py leaves a cancelled flush's PING future queued, and
+            # the PONG that answers it then raises InvalidStateError in nats-py's read loop.
+            with anyio.CancelScope(shield=True):
+                await translated(
+                    f"subscribe {subject}", self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
+                )
             task_status.started()
             slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
             async with anyio.create_task_group() as tg:
