@@ -107,6 +107,9 @@ class NatsConfig(ConfigStruct, frozen=True):
     user: str | None = None
     password_env: str | None = None
     """Name of the environment variable that holds the password (secrets are referenced)."""
+    creds: str | None = None
+    """Path of the .creds file this client authenticates with."""
+    inbox_prefix: str | None = None
     connect_timeout: PositiveFloat = 2.0
     request_timeout: PositiveFloat = 5.0
     """Bound on every publish acknowledgement and JetStream API call."""

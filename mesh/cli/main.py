@@ -39,6 +39,9 @@ from mesh.cli import (
 from mesh.cli import (
     schema as cli_schema,
 )
+from mesh.cli import (
+    security as cli_security,
+)
 from mesh.cli._output import fail
 from mesh.errors import ConfigError, MeshError
 
@@ -65,6 +68,7 @@ app.add_typer(cli_audit.app, name="audit")
 app.add_typer(cli_schema.app, name="schema")
 app.add_typer(cli_files.app, name="files")
 app.add_typer(cli_capture.app, name="capture")
+app.add_typer(cli_security.app, name="security")
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 

@@ -308,6 +308,12 @@ class JetStream(Transport):
             raise ConfigError(f"nats.password_env: environment variable {self.cfg.password_env} is not set")
         return value
 
+    def _creds(self) -> str | None:
+        creds = self.cfg.creds
+        if creds is not None and not os.path.isfile(creds):
+            raise ConfigError(f"nats.creds: {creds} does not exist (or is not a file)")
+        return creds
+
     async def connect(self) -> None:
         last_logged = [0.0]
 
@@ -332,6 +338,8 @@ class JetStream(Transport):
                 name=self.name,
                 user=self.cfg.user,
                 password=self._password(),
+                user_credentials=self._creds(),
+                inbox_prefix=self.cfg.inbox_prefix or "_INBOX",
                 connect_timeout=max(1, int(self.cfg.connect_timeout)),
                 allow_reconnect=True,
                 # Bounded for the first connect (nats-py would otherwise loop here forever);
