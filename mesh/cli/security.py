@@ -25,14 +25,10 @@ app = typer.Typer(help="NATS identities: operator, accounts, credentials.", no_a
 @app.command("init")
 def _init(
     directory: Annotated[Path, typer.Argument(help="Directory to create the keys and files in.")],
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite a directory that is not empty.")
-    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a directory that is not empty.")] = False,
     resolver_dir: Annotated[
         Path | None,
-        typer.Option(
-            help="Where nats-server keeps account JWTs (default DIR/resolver).", show_default=False
-        ),
+        typer.Option(help="Where nats-server keeps account JWTs (default DIR/resolver).", show_default=False),
     ] = None,
 ) -> None:
     """Create a new operator, accounts and credentials in DIR (dirs 0700, files 0600)."""

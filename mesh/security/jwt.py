@@ -185,7 +185,8 @@ def public_key(key: str, kind: str | None = None) -> bytes:
         InvalidToken: not a public nkey (bad base32, prefix or checksum), or of another kind.
     """
     if kind is not None and not key.startswith(_LETTER[kind]):
-        raise InvalidToken(f"{key[:12]}... is not an {kind} public key")
+        article = "an" if kind in ("operator", "account") else "a"
+        raise InvalidToken(f"{key[:12]}... is not {article} {kind} public key")
     try:
         raw = base64.b32decode(key + "=" * (-len(key) % 8))
     except (binascii.Error, ValueError):

@@ -19,12 +19,12 @@ from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
 
 from mesh.broker import NatsServer, free_port
 from mesh.config import NatsConfig
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, TransportError
 from mesh.security.authority import Authority, parse_enrollment_token, push_account, read_creds, write_creds
 from mesh.security.jwt import new_seed, public_key_of_seed
 from mesh.security.permissions import agent_permissions
 from mesh.security.setup import init_security_dir, server_config
-from mesh.transport.base import Refused
+from mesh.transport.base import OutMessage, Refused
 from mesh.transport.jetstream import JetStream
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -243,14 +243,9 @@ async def test_agent_is_refused_everything_else(secured: Secured, admin: Conn) -
         assert (await admin_js.stream_info("MESH_DLQ")).state.messages == 1
         assert (await admin_js.stream_info("MESH_EVENTS")).state.messages == 0
         assert (await admin_js.stream_info("KV_mesh_flows")).config.name == "KV_mesh_flows"
-        assert [c.name async for c in _consumers(admin.nc)] == []
+        assert await admin.nc.jsm().consumers_info("MESH_EVENTS") == []
     finally:
         await agent.nc.close()
-
-
-async def _consumers(nc: Client) -> AsyncIterator[str]:
-    for info in await nc.jetstream()._jsm.consumers_info("MESH_EVENTS"):
-        yield info
 
 
 async def test_enrollment_token_only_registers_and_expires(secured: Secured, admin: Conn) -> None:
@@ -306,6 +301,17 @@ async def test_push_account_reports_the_servers_refusal(secured: Secured) -> Non
     async with JetStream(cfg, name="sys") as sys:
         with pytest.raises(Refused, match="refused the account update: jwt update resulted in error"):
             await push_account(sys, "not-a-jwt")
+
+
+async def test_transport_uses_the_agents_creds_and_inbox_prefix(secured: Secured, admin: Conn) -> None:
+    creds, _ = secured.agent_creds()
+    cfg = NatsConfig(servers=[secured.url], creds=str(creds), inbox_prefix="_INBOX.A", request_timeout=1.0)
+    async with JetStream(cfg, name="A") as transport:
+        # the ack comes back on _INBOX.A.>, the only inbox this agent may subscribe to
+        assert await transport.publish(OutMessage("evt.customer.created.crm", b"e", "m1")) == 1
+        assert (await transport.stream_info("MESH_EVENTS")).messages == 1
+        with pytest.raises(TransportError):
+            await transport.publish(OutMessage("evt.customer.created.erp", b"e", "m2"))
 
 
 async def test_missing_creds_file_is_a_config_error(secured: Secured, tmp_path: Path) -> None:
