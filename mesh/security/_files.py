@@ -7,10 +7,14 @@ import tempfile
 from pathlib import Path
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if needed and make it 0700."""
+def private_dir(path: Path, *, tighten: bool = False) -> Path:
+    """Create ``path`` (and parents) if needed; a directory created here (or any, with
+    ``tighten``) is made 0700. An existing directory is left alone otherwise: writing a creds
+    file into ``.`` must not lock others out of the working directory."""
+    existed = path.is_dir()
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    if tighten or not existed:
+        os.chmod(path, 0o700)
     return path
 
 

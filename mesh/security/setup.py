@@ -17,7 +17,6 @@ TLS, and the auth above) for a security dir.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import msgspec
@@ -68,7 +67,8 @@ def init_security_dir(
         raise ConfigError(f"{d} exists and is not a directory")
     if d.exists() and any(d.iterdir()) and not force:
         raise ConfigError(f"{d} is not empty: choose an empty directory or pass --force to overwrite it")
-    private_dir(d)
+    for sub in ("", "keys", "creds", "accounts"):
+        private_dir(d / sub, tighten=True)
     seeds = {name: new_seed(kind) for name, kind in _KEY_NAMES.items()}
     pk = {name: public_key_of_seed(seed) for name, seed in seeds.items()}
     keys = SecurityKeys(
@@ -197,5 +197,5 @@ def server_config(
         if tls_verify:
             tls.append("  verify: true")
         lines += ["tls: {", *tls, "}"]
-    private_dir(Path(resolver_dir)) if not os.path.exists(resolver_dir) else None
+    private_dir(Path(resolver_dir))
     return "\n".join(lines) + "\n" + auth_config(security_dir, resolver_dir)

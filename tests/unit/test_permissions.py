@@ -3,6 +3,8 @@ cannot widen it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mesh.errors import ConfigError
@@ -134,3 +136,8 @@ def test_markdown_table_lists_every_identity_and_permission() -> None:
     for subject in AGENT.pub.allow + AGENT.sub.allow:
         rendered = subject.replace("crm-agent", "A").replace("sync-erp", "C").replace("sync", "F")
         assert f"`{rendered.replace('.crm', '.S')}`" in table
+
+
+def test_readme_shows_the_current_table() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert permission_table() in readme, "README's permission table is stale: paste permission_table()"

@@ -255,3 +255,16 @@ def test_revoked_account_jwt(sec: Path, tmp_path: Path) -> None:
     (copy / "keys" / "operator-signing.nk").unlink()
     with pytest.raises(ConfigError, match=r"operator-signing.nk is missing"):
         Authority.load(copy).revoked_account_jwt({})
+
+
+def test_creds_into_an_existing_dir_leave_its_mode_and_force_tightens_a_security_dir(
+    sec: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    good = read_creds(sec / "creds" / "admin.creds")
+    assert _mode(write_creds(shared / "a.creds", good.jwt, good.seed)) == 0o600
+    assert _mode(shared) == 0o755
+    init_security_dir(shared, force=True)
+    assert _mode(shared) == 0o700
