@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import time
 from collections.abc import Iterable
 
@@ -107,12 +108,16 @@ class AccountLimits(msgspec.Struct, frozen=True):
 # ``version`` must always be encoded (nats-io/jwt reads a JWT without it as version 0 and
 # refuses it), so the kind-specific structs do not omit defaults.
 class OperatorClaims(msgspec.Struct, frozen=True, tag_field="type", tag="operator"):
+    """An operator: the keys that may sign its accounts, and the system account."""
+
     signing_keys: list[str] = msgspec.field(default_factory=list)
     system_account: str = ""
     version: int = 2
 
 
 class AccountClaims(msgspec.Struct, frozen=True, tag_field="type", tag="account"):
+    """An account: its limits, the keys that may sign its users, and revoked users."""
+
     limits: AccountLimits = msgspec.field(default_factory=AccountLimits)
     signing_keys: list[str] = msgspec.field(default_factory=list)
     revocations: dict[str, int] = msgspec.field(default_factory=dict)
@@ -122,6 +127,9 @@ class AccountClaims(msgspec.Struct, frozen=True, tag_field="type", tag="account"
 
 
 class UserClaims(msgspec.Struct, frozen=True, tag_field="type", tag="user"):
+    """A user: what it may publish and subscribe, and the account that issued it (when signed
+    by one of the account's signing keys)."""
+
     pub: Permission = msgspec.field(default_factory=Permission)
     sub: Permission = msgspec.field(default_factory=Permission)
     resp: ResponsePermission | None = None
@@ -163,8 +171,6 @@ def _unb64(text: str) -> bytes:
 
 def new_seed(kind: str) -> bytes:
     """A fresh random seed for an ``operator``, ``account`` or ``user`` nkey."""
-    import os
-
     return bytes(nkeys.encode_seed(os.urandom(32), _PREFIXES[kind]))
 
 
