@@ -3,7 +3,7 @@
 The format is nats-io/jwt v2's, which nats-server verifies: a header
 ``{"typ":"JWT","alg":"ed25519-nkey"}``, the claims, both base64url without padding, joined by
 ``.`` and followed by the ed25519 signature of ``header.claims`` by the issuer's nkey. ``jti`` is
-the base32 (no padding) SHA-256 of the claims JSON without ``jti``. Three claim kinds exist:
+the base32 (no padding) SHA-512/256 (as nats-io/jwt) of the claims JSON without ``jti``. Three claim kinds exist:
 operator, account (JetStream limits, signing keys, revocations) and user (publish/subscribe
 permissions, response permission, issuing account).
 
@@ -206,7 +206,7 @@ def public_key(key: str, kind: str | None = None) -> bytes:
 
 
 def _jti(claims: Claims) -> str:
-    digest = hashlib.sha256(_encoder.encode(msgspec.structs.replace(claims, jti=""))).digest()
+    digest = hashlib.new("sha512_256", _encoder.encode(msgspec.structs.replace(claims, jti=""))).digest()
     return base64.b32encode(digest).rstrip(b"=").decode()
 
 
