@@ -67,6 +67,11 @@ class WebhookSourceConfig(AdapterConfig, frozen=True, tag="webhook"):
     """Also accept a JSON array of events in one request (all captured together, or none)."""
     max_body_bytes: PositiveInt = 1 << 20
     """Larger request bodies are refused with 413."""
+    header_timeout: PositiveFloat = 10.0
+    """Seconds a sender has to send a request's headers (after connecting or after the previous
+    response on a kept-alive connection); a slower one is cut off (slowloris)."""
+    body_timeout: PositiveFloat = 30.0
+    """Seconds a sender has to send a request's body once its headers are in."""
     queue_size: PositiveInt = 1000
     """Requests waiting for the agent to capture them; when full: 503 with ``Retry-After``."""
     ack_timeout: PositiveFloat = 10.0

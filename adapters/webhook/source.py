@@ -217,7 +217,8 @@ class WebhookSource(Source):
             tg = await stack.enter_async_context(anyio.create_task_group())
             server = HttpServer(
                 self.app, cfg.host, cfg.port, grace=_GRACE, name=f"webhook {cfg.path}",
-                max_body_bytes=cfg.max_body_bytes,
+                max_body_bytes=cfg.max_body_bytes, header_timeout=cfg.header_timeout,
+                body_timeout=cfg.body_timeout,
             )  # fmt: skip
             await tg.start(server.run)
             tg.start_soon(self._prune_loop)

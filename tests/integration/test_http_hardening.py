@@ -191,18 +191,34 @@ async def test_open_endpoint_on_a_public_address_warns(caplog: pytest.LogCapture
 SECRET = "whsec_hardening_0123456789"
 
 
-async def test_deeply_nested_json_to_the_webhook_is_400_not_500(tmp_path: Path) -> None:
+def _webhook(tmp_path: Path, **extra: object) -> WebhookSource:
     cfg = msgspec.convert(
         {
-            "adapter": "webhook",
-            "port": 0,
-            "state_path": str(tmp_path / "webhook.db"),
-            "secret_env": "HOOK_SECRET",
-            "key_field": "id",
+            "adapter": "webhook", "port": 0, "state_path": str(tmp_path / "webhook.db"),
+            "secret_env": "HOOK_SECRET", "key_field": "id", **extra,
         },
         WebhookSourceConfig,
-    )
-    source = WebhookSource(cfg, environ={"HOOK_SECRET": SECRET})
+    )  # fmt: skip
+    return WebhookSource(cfg, environ={"HOOK_SECRET": SECRET})
+
+
+async def test_the_webhook_receiver_cuts_slow_senders_off(tmp_path: Path) -> None:
+    async with _webhook(tmp_path, header_timeout=0.5, body_timeout=0.5) as source:
+        port = int((source.url or "").rsplit(":", 1)[1].split("/")[0])
+        slow_head = b"POST /webhook HTTP/1.1\r\nHost: h\r\nX-Slow: " + b"a" * 400 + b"\r\n\r\n"
+        body = b'{"id": 1}' + b" " * 400
+        head = b"POST /webhook HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body)
+        with anyio.fail_after(20):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                assert await _closed_while_dripping(stream, slow_head) < len(slow_head)
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(head)
+                assert await _closed_while_dripping(stream, body) < len(body)
+
+
+async def test_deeply_nested_json_to_the_webhook_is_400_not_500(tmp_path: Path) -> None:
+    source = _webhook(tmp_path)
+    cfg = source._config
     async with source, httpx.AsyncClient(timeout=20) as client:
         url = source.url or ""
         for depth in (65, 5000, 200_000):
