@@ -194,7 +194,9 @@ class ControlPlane:
             if self._stopping:
                 sup.cancel()
             if s.http_port is not None:
-                self.http = HttpServer(create_app(self, token=token), s.http_host, s.http_port)
+                self.http = HttpServer(
+                    create_app(self, token=token), s.http_host, s.http_port, open_access=token is None
+                )
                 self.http_port = await sup.start("http", self.http.run)
             await self._connect()
             self.conditions.set("nats")

@@ -105,14 +105,23 @@ class AgentSection(ConfigStruct, frozen=True):
 class NatsConfig(ConfigStruct, frozen=True):
     servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     user: str | None = None
-    password_env: str | None = None
+    password_env: EnvName | None = None
     """Name of the environment variable that holds the password (secrets are referenced)."""
+    password_file: str | None = None
+    """Or a file that holds it (e.g. a Kubernetes secret mount; a trailing newline is dropped;
+    relative to the config file). At most one of ``password_env`` and ``password_file``."""
     creds: str | None = None
-    """Path of the .creds file this client authenticates with."""
+    """Path of the .creds file this client authenticates with (NATS decentralized auth)."""
     inbox_prefix: str | None = None
+    """Inbox prefix of every connection (agents: ``_INBOX.<agent name>``, the only inbox their
+    permissions let them subscribe to)."""
     connect_timeout: PositiveFloat = 2.0
     request_timeout: PositiveFloat = 5.0
     """Bound on every publish acknowledgement and JetStream API call."""
+
+    def __post_init__(self) -> None:
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("password_env / password_file: set at most one of them")
 
 
 class StreamsConfig(ConfigStruct, frozen=True):
@@ -448,7 +457,10 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
         state_dir=resolve(cfg.agent.state_dir),
         allowed_paths=[resolve(p) for p in cfg.agent.allowed_paths],
     )
-    return msgspec.structs.replace(cfg, agent=agent, flows=flows)
+    nats = cfg.nats
+    if nats.password_file is not None:
+        nats = msgspec.structs.replace(nats, password_file=resolve(nats.password_file))
+    return msgspec.structs.replace(cfg, agent=agent, flows=flows, nats=nats)
 
 
 def _type_problems(raw: dict[str, Any], registry: AdapterRegistry | None) -> list[ConfigProblem]:

@@ -134,7 +134,16 @@ def _register(
         installed = adapter_registry().names()
     except ConfigError as exc:
         fail(exc)
-    manifest = Manifest(adapters=list(adapters or installed), operations=list(operations or []))
+    # Where applied flows may keep files: `flow apply` refuses paths outside these up front.
+    # (the agent runs its flows in its config's state_dir, whatever --state-dir says)
+    allowed = [str(Path(p).resolve()) for p in cfg.agent.allowed_paths] if config is not None else []
+    flow_root = Path(cfg.agent.state_dir) if config is not None else Path(directory)
+    manifest = Manifest(
+        adapters=list(adapters or installed),
+        operations=list(operations or []),
+        state_dir=str(flow_root.resolve()),
+        allowed_paths=allowed,
+    )
     try:
         current = load_credentials(directory)
     except ConfigError as exc:

@@ -20,7 +20,9 @@ Routes (GET and HEAD only)::
     /metrics        Prometheus text format (names mesh_cp_*)
 
 Guarantees: every error is a small JSON body ``{"error": ..., "status": ...}`` (404, 405, 401,
-500); a failing handler is logged with its traceback but the response never contains one.
+413, 431, 500); a path with a trailing slash is 404, never a redirect (Starlette builds those from
+the Host header); slow clients are cut off (see :class:`HttpServer`); a failing handler is
+logged with its traceback but the response never contains one.
 With a bearer token configured, every route but ``/healthz`` and ``/readyz`` (probes) requires
 ``Authorization: Bearer <token>``; the token is compared in constant time and never echoed.
 """
@@ -49,6 +51,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mesh.controlplane._httpguard import RequestLimits, guarded_h11, is_loopback
 from mesh.controlplane.models import StatusReport, status_schema
 from mesh.errors import ConfigError
 
@@ -168,11 +171,15 @@ def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
         )
     ]
     middleware = [Middleware(_BearerAuth, token=token)] if token else []
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
+    # Starlette would answer "/status/" with a redirect to an absolute URL built from the
+    # request's Host header (an open redirect to any host a client names): 404 instead.
+    app.router.redirect_slashes = False
+    return app
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -251,6 +258,14 @@ class HttpServer:
     ``run`` binds first (an unusable address raises :class:`~mesh.errors.ConfigError` naming
     it), signals ``started(port)``, and on cancellation closes the listener and gives open
     connections up to ``grace`` seconds.
+
+    Against slow or greedy clients: a request's headers must arrive within ``header_timeout``
+    seconds (of connecting, or of the previous response) and its body within ``body_timeout``
+    seconds of the headers, or the connection is closed (slowloris); a header block over
+    ``max_header_bytes`` is answered 431 (400 while still incomplete) and a body over
+    ``max_body_bytes`` 413. With
+    ``open_access`` (no token guards the app) and a non-loopback ``host``, ``run`` logs a
+    warning: anyone who can reach the address can read what the app serves.
     """
 
     def __init__(
@@ -261,8 +276,18 @@ class HttpServer:
         *,
         grace: float = 2.0,
         name: str = "control plane",
+        header_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        max_header_bytes: int = 16 * 1024,
+        max_body_bytes: int = 1 << 20,
+        open_access: bool = False,
     ) -> None:
         self.name = name
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.open_access = open_access
         self.app = app
         self.host = host
         self.port = port
@@ -293,13 +318,20 @@ class HttpServer:
     async def run(self, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         sock = self._bind()
         self.port = int(sock.getsockname()[1])
+        if self.open_access and not is_loopback(self.host):
+            log.warning(
+                "%s HTTP on %s is reachable from other machines and requires no token: "
+                "set a token (http_token_env) or bind 127.0.0.1",
+                self.name, self.url,
+            )  # fmt: skip
         config = uvicorn.Config(
-            self.app,
+            RequestLimits(self.app, self.max_body_bytes, self.max_header_bytes),
             log_config=None,
             log_level="warning",
             access_log=False,
             lifespan="off",
-            http="h11",
+            http=guarded_h11(self.header_timeout, self.body_timeout),
+            h11_max_incomplete_event_size=self.max_header_bytes,
             ws="none",
             server_header=False,
             proxy_headers=False,

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -52,8 +51,9 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.envelope import CONTENT_TYPE
-from mesh.errors import ConfigError, TransportError
+from mesh.errors import TransportError
 from mesh.redact import redact_urls
+from mesh.secrets import read_secret
 from mesh.transport import _jsapi
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
 from mesh.transport.base import (
@@ -301,12 +301,11 @@ class JetStream(Transport):
         return ", ".join(self.cfg.servers)
 
     def _password(self) -> str | None:
-        if self.cfg.password_env is None:
+        if self.cfg.password_env is None and self.cfg.password_file is None:
             return None
-        value = os.environ.get(self.cfg.password_env)
-        if value is None:
-            raise ConfigError(f"nats.password_env: environment variable {self.cfg.password_env} is not set")
-        return value
+        return read_secret(
+            self.cfg.password_env, self.cfg.password_file, field="nats.password", what="NATS"
+        )
 
     def _creds(self) -> str | None:
         creds = self.cfg.creds
