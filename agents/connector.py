@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 from agents.control import ControlChannel
 from agents.delivery import Apply, Capture, FlowPlan, Relay
 from agents.flows import FlowHandle, FlowManager
+from agents.layout import StreamCheck
 from mesh.actors import Actor, Backoff, Supervisor
 from mesh.adapters import Sink, Source
 from mesh.config import AdapterConfig, AgentConfig
@@ -56,7 +57,9 @@ def open_sink(cfg: AdapterConfig) -> Sink:
 
 
 class NatsLink:
-    """Connects (retrying forever) and ensures the streams; the agent closes it last.
+    """Connects (retrying forever); the agent closes it last. With ``[streams] manage = true``
+    it also creates or updates the streams at connect (otherwise :class:`~agents.layout.StreamCheck`
+    only checks them and creates missing ones when permitted).
 
     The connection outlives every actor: it is closed by :meth:`aclose` only after the
     supervisor has stopped, so in-flight batches can still ack or nak during a graceful stop.
@@ -87,7 +90,8 @@ class NatsLink:
                 js = JetStream(self.cfg.nats, name=self.cfg.agent.name)
                 try:
                     await js.connect()
-                    await js.ensure_streams(self.cfg.streams)
+                    if self.cfg.streams.manage:
+                        await js.ensure_streams(self.cfg.streams)
                 except TransportError as exc:
                     await js.aclose()
                     delay = backoff.delay(attempt)
@@ -122,18 +126,30 @@ class ConnectorAgent:
     """One agent process: its stores, its NATS link, and an actor per flow direction."""
 
     def __init__(
-        self, cfg: AgentConfig, *, metrics: Metrics | None = None, readiness: Readiness | None = None
+        self,
+        cfg: AgentConfig,
+        *,
+        metrics: Metrics | None = None,
+        readiness: Readiness | None = None,
+        stream_check_every: float = 5.0,
+        config_retry: Backoff | None = None,
     ) -> None:
+        """``stream_check_every``: seconds between checks that the streams exist;
+        ``config_retry``: the backoff of a flow failing on its configuration (see
+        :data:`agents.delivery.CONFIG_RETRY`)."""
         self.cfg = cfg
+        self.config_retry = config_retry
         self.metrics = metrics or Metrics()
         self.readiness = readiness or Readiness([])
-        """Ready once stores, NATS link and command channel are up (the runner adds "signals")."""
-        for condition in ("stores", "nats", "commands"):
+        """Ready once stores, NATS link, the streams it needs and the command channel are up (the
+        runner adds "signals")."""
+        for condition in ("stores", "nats", "streams", "commands"):
             self.readiness.require(condition)
         state = Path(cfg.agent.state_dir)
         self.outbox = Outbox(state / "outbox.db")
         self.inbox = Inbox(state / "inbox.db")
         self.link = NatsLink(cfg, self.metrics, self.readiness)
+        self.streams = StreamCheck(self.link.wait, cfg.streams, self.readiness, every=stream_check_every)
         self.consumers: dict[str, Consumer] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
@@ -200,6 +216,7 @@ class ConnectorAgent:
             if self.stopping:
                 sup.cancel()
             await sup.start("nats", self.link.run)
+            await sup.start("streams", self.streams.run)
             relay = Relay(
                 self.outbox, self.link.wait, self.metrics, self.cfg.relay,
                 agent=self.cfg.agent.name, inflight=self.inflight,
@@ -233,13 +250,14 @@ class ConnectorAgent:
         if (source_cfg := h.cfg.source) is not None:
             capture = Capture(
                 plan, self.outbox, self.metrics, lambda: open_source(source_cfg),
-                outbox_max_bytes=a.outbox_max_bytes, handle=h,
+                outbox_max_bytes=a.outbox_max_bytes, handle=h, config_retry=self.config_retry,
             )  # fmt: skip
             actors.append((f"capture:{h.name}", capture.run))
         if (sink_cfg := h.cfg.sink) is not None:
             apply = Apply(
                 plan, self.inbox, self.link.wait, self.metrics, lambda: open_sink(sink_cfg),
-                handle=h, inflight=self.inflight, consumers=self.consumers,
+                handle=h, inflight=self.inflight, consumers=self.consumers, streams=self.streams,
+                config_retry=self.config_retry,
             )  # fmt: skip
             actors.append((f"apply:{h.name}", apply.run))
         return actors
