@@ -305,9 +305,10 @@ class ConnectorAgent:
             problems.append("NATS disconnected")
         if depth > a.outbox_warn_depth or age > a.outbox_warn_age:
             problems.append(f"outbox backlog {depth}, oldest {age:.0f}s")
-        failing = [f.name for f in flows if f.state == "failing"]
-        if failing:
-            problems.append(f"failing flows: {', '.join(failing)}")
+        for report in flows:  # the reason too: `meshctl agent health` shows this line as WHY
+            if report.state == "failing":
+                why = f": {report.detail}" if report.detail else ""
+                problems.append(f"flow {report.name} failing{why}")
         errors = int(
             metric_total(reg, "mesh_actor_restarts_total")
             + metric_total(reg, "mesh_publish_failures_total")

@@ -711,7 +711,7 @@ class _ConfigGuard:
                 if self.handle is not None:
                     self.handle.problems[self.role] = reason
                 log.warning(
-                    "flow %s: %s failing: %s; retrying in %.0fs (it recovers by itself once fixed)",
+                    "flow %s: %s failing: %s; retrying in %.1fs (it recovers by itself once fixed)",
                     self.flow, self.role, reason, delay,
                 )  # fmt: skip
             status.started()  # the flow is up, as failing: the agent does not wait for it
