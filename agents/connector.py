@@ -219,7 +219,7 @@ class ConnectorAgent:
             await sup.start("streams", self.streams.run)
             relay = Relay(
                 self.outbox, self.link.wait, self.metrics, self.cfg.relay,
-                agent=self.cfg.agent.name, inflight=self.inflight,
+                agent=self.cfg.agent.name, inflight=self.inflight, streams=self.streams,
             )  # fmt: skip
             await sup.start("relay", relay.run)  # the agent's, whatever flows come and go
             a = self.cfg.agent

@@ -331,7 +331,11 @@ class Relay:
         *,
         agent: str = "",
         inflight: Inflight = _shielded,
+        streams: StreamCheck | None = None,
     ) -> None:
+        self.streams = streams
+        """Says whether the streams exist: the relay starts publishing once they do (a stream
+        deleted later just leaves publishes unacknowledged, retried with backoff)."""
         self.outbox = outbox
         self.transport = transport
         self.metrics = metrics
@@ -346,6 +350,9 @@ class Relay:
         bind(agent=self.agent or None)
         task_status.started()
         transport = await self.transport()
+        if self.streams is not None:
+            for stream in self.streams.needed:
+                await self.streams.wait_present(stream)
         cfg, outbox, metrics = self.cfg, self.outbox, self.metrics
         backoff = Backoff(base=0.1, cap=5.0)
         failures = 0
@@ -371,6 +378,8 @@ class Relay:
                 delay = backoff.delay(failures)
                 failures += 1
                 log.warning("%d of %d publishes unacknowledged; retrying in %.1fs", missed, len(rows), delay)
+                if self.streams is not None:
+                    self.streams.wake()  # a deleted stream is one reason: say so in /readyz soon
                 await anyio.sleep(delay)
             else:
                 failures = 0
