@@ -12,7 +12,8 @@ and a sink flow waits (:meth:`StreamCheck.wait_present`) before it binds its con
 Who creates a missing stream is ``[streams] manage`` in the agent config:
 
 * unset (default): the agent creates the streams when one is missing, if its NATS permissions
-  allow it; a refusal (or any error) just leaves it "missing" until the control plane heals it.
+  allow it; a refusal (or any error) just leaves it "missing" until the control plane heals it
+  (the agent tries again at most once a minute).
   A standalone agent (tests, examples, no control plane) therefore still works.
 * ``true``: the agent also creates or updates the streams at every connect (the behaviour
   before the control plane owned them).
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 AGENT_STREAMS: tuple[str, ...] = (EVENTS_STREAM, DLQ_STREAM)
 """The streams a connector agent uses (and may ask STREAM.INFO about)."""
+
+_CREATE_RETRY = 60.0
+"""Seconds before an agent tries again to create a missing stream after a refusal."""
 
 
 class StreamCheck:
@@ -67,6 +71,7 @@ class StreamCheck:
         self._wake = anyio.Event()
         self._changed = anyio.Event()
         self._create_refused = False
+        self._next_create = 0.0
         self._checks = 0
         self._checked_again = anyio.Event()
 
@@ -98,10 +103,12 @@ class StreamCheck:
             TransportError: the broker did not answer (NATS down): nothing is concluded.
         """
         missing = await self._missing(js)
-        if missing and self.cfg.manage is not False:
+        if missing and self.cfg.manage is not False and anyio.current_time() >= self._next_create:
             try:
                 await js.ensure_streams(self.cfg)
             except TransportError as exc:
+                # Refused (no permission) or failed: try again in a minute, not at every check.
+                self._next_create = anyio.current_time() + _CREATE_RETRY
                 if not self._create_refused:
                     self._create_refused = True
                     log.info(
