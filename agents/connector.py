@@ -3,7 +3,8 @@
 It owns the stores (outbox, inbox), the NATS link and one supervisor, and wires the delivery
 path's actors (:mod:`agents.delivery`: capture and apply per flow, one relay) with only what each
 uses. Every loop is an actor under that supervisor: a crash restarts that loop with backoff, the
-others keep running. The agent is ready (``readiness``) once stores, NATS link and command
+others keep running. The agent is ready (``readiness``) once stores, NATS link, the streams it
+uses (:mod:`agents.layout`; it waits, without crashing, while one is missing) and command
 channel are up.
 """
 

@@ -129,7 +129,7 @@ async def test_deleted_stream_and_bucket_make_readyz_503_then_heal_and_delivery_
         await _delivered(crm, 2, "after the heal")
 
 
-async def test_the_control_plane_heals_a_missing_stream_by_itself(nats_server: NatsServer) -> None:
+async def test_the_control_plane_heals_a_missing_stream_and_bucket_by_itself(nats_server: NatsServer) -> None:
     settings = settings_from({"name": "cp1", "nats": {"servers": [nats_server.url], "request_timeout": 2.0}})
     cp = ControlPlane(settings, heal_every=0.2)
     async with anyio.create_task_group() as tg:
@@ -138,6 +138,13 @@ async def test_the_control_plane_heals_a_missing_stream_by_itself(nats_server: N
         nc = await nats.connect(nats_server.url)
         try:
             js = nc.jetstream()
+            kv = await js.key_value("mesh_assign")
+            await kv.put("agent.erp-agent", b'{"flows": []}')
+            mirror = cp.layout.mirrors["mesh_assign"]
+            with anyio.fail_after(20):
+                while mirror.get("agent.erp-agent") is None:
+                    await anyio.sleep(0.05)
+
             await js.delete_stream("MESH_DLQ")
             await js.delete_key_value("mesh_assign")
             with anyio.fail_after(20):
@@ -146,6 +153,9 @@ async def test_the_control_plane_heals_a_missing_stream_by_itself(nats_server: N
             await js.stream_info("MESH_DLQ")
             info = await js.stream_info("KV_mesh_assign")
             assert info.config.allow_direct  # the agents read their assignment key by direct get
+            # The desired state survives: the keys come back from the control plane's copy.
+            entry = await (await js.key_value("mesh_assign")).get("agent.erp-agent")
+            assert entry.value == b'{"flows": []}'
         finally:
             await nc.close()
             cp.stop()
