@@ -131,6 +131,12 @@ class StreamsConfig(ConfigStruct, frozen=True):
     max_age: float = 7 * 24 * 3600.0
     """Seconds events are kept in MESH_EVENTS (0 = forever)."""
     storage: Literal["file", "memory"] = "file"
+    manage: bool | None = None
+    """Whether an *agent* creates the streams (the control plane always owns them and heals
+    them). Unset (the default): create a stream only when it is missing and the agent's NATS
+    permissions allow it (a refusal just means "missing": wait for the control plane);
+    ``true``: also create/update them at connect (a standalone agent without a control plane);
+    ``false``: never create them, only check that they exist."""
 
 
 class RelayConfig(ConfigStruct, frozen=True):

@@ -628,7 +628,14 @@ class JetStream(Transport):
         return PullConsumer(sub, durable)
 
     async def key_value(
-        self, name: str, *, history: int = 1, replicas: int = 1, memory: bool = False, create: bool = True
+        self,
+        name: str,
+        *,
+        history: int = 1,
+        replicas: int = 1,
+        memory: bool = False,
+        create: bool = True,
+        direct: bool = False,
     ) -> NatsBucket:
         with translate(f"open bucket {name}"):
             try:
@@ -642,6 +649,7 @@ class JetStream(Transport):
                     replicas=replicas,
                     storage=StorageType.MEMORY if memory else StorageType.FILE,
                     description=f"connector mesh: {name}",
+                    direct=direct,
                 )
                 try:
                     kv = await self.js.create_key_value(config)

@@ -76,7 +76,7 @@ def test_agent_readiness_follows_nats_and_notifies_systemd(
         snap = agent.wait_ready()
         assert snap["checks"] == {  # every condition, each met
             name: {"ok": True, "detail": snap["checks"][name]["detail"]}  # type: ignore[index]
-            for name in ("signals", "stores", "nats", "assignments", "commands")
+            for name in ("signals", "stores", "nats", "streams", "assignments", "commands")
         }
         assert _receive_until(sock, b"READY=1")[-1] == b"READY=1\nSTATUS=agent erp-agent ready"
         url = agent.readyz_url
