@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -51,7 +52,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.envelope import CONTENT_TYPE
-from mesh.errors import TransportError
+from mesh.errors import ConfigError, TransportError
 from mesh.redact import redact_urls
 from mesh.secrets import read_secret
 from mesh.transport import _jsapi
