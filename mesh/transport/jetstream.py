@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -56,6 +57,7 @@ from mesh.errors import ConfigError, TransportError
 from mesh.redact import redact_urls
 from mesh.transport import _jsapi
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
+from mesh.transport._tls import client_ssl_context, describe_tls_failure, server_requires_tls, wants_tls
 from mesh.transport.base import (
     Bucket,
     Consumer,
@@ -269,6 +271,14 @@ class NatsBucket(Bucket):
         return _NatsWatch(watcher, self.name)
 
 
+class _TlsRefused(Exception):
+    """The first connect failed in its TLS handshake (carries the ssl error)."""
+
+    def __init__(self, error: ssl.SSLError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class JetStream(Transport):
     """Owns one NATS connection and everything nats-py spawns for it.
 
@@ -308,10 +318,33 @@ class JetStream(Transport):
             raise ConfigError(f"nats.password_env: environment variable {self.cfg.password_env} is not set")
         return value
 
+    def _tls_and_creds(self) -> tuple[ssl.SSLContext | None, str | None]:
+        """The client SSL context (None: plaintext) and the creds file, both checked (files read
+        here, before the event loop's connect)."""
+        tls = client_ssl_context(self.cfg.tls) if wants_tls(self.cfg) else None
+        creds = self.cfg.creds
+        if creds is not None and not os.path.isfile(creds):
+            raise ConfigError(f"no such credentials file: {creds}", path="nats.creds")
+        return tls, creds
+
     async def connect(self) -> None:
+        """Connect (TLS when ``cfg.tls`` is set or a URL is ``tls://``; see :mod:`._tls`).
+
+        Raises:
+            ConfigError: a TLS file or the creds file is missing or unreadable.
+            TransportError: no server reachable, or the TLS handshake failed (one line that says
+                why: unknown CA, client certificate required, wrong host name), or ``cfg.tls``
+                is set and the server does not use TLS.
+        """
         last_logged = [0.0]
+        tls, creds = self._tls_and_creds()
+        connecting = [True]
 
         async def on_error(exc: Exception) -> None:
+            if connecting[0] and isinstance(exc, ssl.SSLError):
+                # A failed TLS upgrade leaves nats-py 2.16 waiting forever for the plain stream
+                # to close (its protocol was handed to the TLS layer): stop the first connect here.
+                raise _TlsRefused(exc)
             # During an outage nats-py reports every reconnect attempt; one line per 30 s is enough.
             now = anyio.current_time()
             if now - last_logged[0] >= 30:
@@ -333,6 +366,8 @@ class JetStream(Transport):
                 user=self.cfg.user,
                 password=self._password(),
                 connect_timeout=max(1, int(self.cfg.connect_timeout)),
+                tls=tls,
+                user_credentials=creds,
                 allow_reconnect=True,
                 # Bounded for the first connect (nats-py would otherwise loop here forever);
                 # the caller decides whether to try again.
@@ -342,11 +377,24 @@ class JetStream(Transport):
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
             )
+        except _TlsRefused as exc:
+            raise TransportError(
+                f"cannot connect to {redact_urls(self.cfg.servers)}: "
+                f"{describe_tls_failure(exc.error, self.cfg)}"
+            ) from None
         except NATS_ERRORS as exc:
             raise TransportError(
                 f"cannot connect to {redact_urls(self.cfg.servers)}: "
                 f"{redact_urls(str(exc) or type(exc).__name__)}"
             ) from exc
+        finally:
+            connecting[0] = False
+        if tls is not None and not server_requires_tls(self._nc):
+            await self.aclose()
+            raise TransportError(
+                f"cannot connect to {redact_urls(self.cfg.servers)}: the server does not use TLS "
+                "but TLS is configured; refusing a plaintext connection"
+            )
         # Once connected, never give up reconnecting (the default stops after ~2 minutes).
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=self.cfg.request_timeout, domain=self.domain)
