@@ -26,6 +26,7 @@ from mesh.cli._common import (
     TimeoutOpt,
     ago,
     fail,
+    nats_access_defaults,
     run_with_client,
     table,
 )
@@ -123,6 +124,7 @@ def _register(
         state_dir = state_dir or Path(cfg.agent.state_dir)
         if not os.environ.get("MESH_CONTROL_PLANE") and control_plane == DEFAULT_URL:
             control_plane = cfg.nats.servers[0]
+        nats_access_defaults(cfg.nats)  # its [nats] creds and [nats.tls], unless given here
     if name is None:
         fail("give --name (or --config with the agent's config)")
     if site is None:
@@ -251,9 +253,9 @@ def _agent_command(op: FlowOp, help_text: str) -> None:
     @app.command(op, help=help_text + "\n\nWaits for the agent's answer; exit 1 if a flow failed.")
     def command(
         name: NameArg,
-        wait: Annotated[
-            float, typer.Option("--wait", help="Seconds the agent gets to carry it out.")
-        ] = 60.0 if op == "drain" else 30.0,
+        wait: Annotated[float, typer.Option("--wait", help="Seconds the agent gets to carry it out.")] = 60.0
+        if op == "drain"
+        else 30.0,
         as_json: JsonOpt = False,
         control_plane: ControlPlaneOpt = DEFAULT_URL,
         prefix: PrefixOpt = DEFAULT_PREFIX,

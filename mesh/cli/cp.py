@@ -23,6 +23,7 @@ from mesh.cli._common import (
     TimeoutOpt,
     ago,
     fail,
+    nats_access,
     run_with_client,
     table,
 )
@@ -106,6 +107,11 @@ def _run(
     raw: dict[str, Any] = {}
     if nats is not None:
         raw["nats"] = {"servers": [u.strip() for u in nats.split(",") if u.strip()]}
+    access = nats_access()  # --creds / --tls-* (over the settings file's [nats])
+    if access.creds is not None:
+        raw.setdefault("nats", {})["creds"] = access.creds
+    if access.tls is not None:
+        raw.setdefault("nats", {})["tls"] = msgspec.to_builtins(access.tls)
     try:
         if http is not None:
             address = parse_http_address(http)

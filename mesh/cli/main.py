@@ -39,6 +39,7 @@ from mesh.cli import (
 from mesh.cli import (
     schema as cli_schema,
 )
+from mesh.cli._common import add_nats_options
 from mesh.cli._output import fail
 from mesh.errors import ConfigError, MeshError
 
@@ -183,6 +184,10 @@ def _bench(
             run_bench(events=events, rate=rate, seconds=seconds, json_out=json_out)
     except MeshError as exc:
         _fail(exc)
+
+
+# Last, once every command is registered: --creds/--tls-* on every command that talks to NATS.
+add_nats_options(app)
 
 
 def main() -> None:
