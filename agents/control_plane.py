@@ -194,7 +194,13 @@ class ControlPlane:
             if self._stopping:
                 sup.cancel()
             if s.http_port is not None:
-                self.http = HttpServer(create_app(self, token=token), s.http_host, s.http_port)
+                self.http = HttpServer(
+                    create_app(self, token=token),
+                    s.http_host,
+                    s.http_port,
+                    tls_cert_file=s.http_tls_cert_file,
+                    tls_key_file=s.http_tls_key_file,
+                )
                 self.http_port = await sup.start("http", self.http.run)
             await self._connect()
             self.conditions.set("nats")

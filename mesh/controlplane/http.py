@@ -32,6 +32,7 @@ import hmac
 import html
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
@@ -248,6 +249,9 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """Serves an ASGI app on ``host:port`` (0: a free port) inside the caller's task group.
 
+    With ``tls_cert_file`` and ``tls_key_file`` (PEM) it serves HTTPS only (a certificate or
+    key that cannot be loaded raises :class:`~mesh.errors.ConfigError` naming them).
+
     ``run`` binds first (an unusable address raises :class:`~mesh.errors.ConfigError` naming
     it), signals ``started(port)``, and on cancellation closes the listener and gives open
     connections up to ``grace`` seconds.
@@ -261,20 +265,25 @@ class HttpServer:
         *,
         grace: float = 2.0,
         name: str = "control plane",
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
     ) -> None:
         self.name = name
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
         self.app = app
         self.host = host
         self.port = port
         self.grace = grace
 
     def __repr__(self) -> str:
-        return f"<HttpServer http://{self.host}:{self.port}>"
+        return f"<HttpServer {self.url}>"
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls_cert_file else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -291,8 +300,6 @@ class HttpServer:
         return sock
 
     async def run(self, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        sock = self._bind()
-        self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -304,7 +311,19 @@ class HttpServer:
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=max(1, int(self.grace)),
+            ssl_certfile=self.tls_cert_file,
+            ssl_keyfile=self.tls_key_file,
         )
+        if self.tls_cert_file is not None:
+            try:
+                config.load()  # builds the SSL context: a bad certificate or key fails here
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"cannot serve HTTPS with certificate {self.tls_cert_file} and key "
+                    f"{self.tls_key_file}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
+        sock = self._bind()
+        self.port = int(sock.getsockname()[1])
         server = _EmbeddedServer(config)
         done = anyio.Event()
 
