@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,16 +72,17 @@ def pki(tmp_path: Path) -> Pki:
 
 
 @pytest.fixture
-def mtls_server(pki: Pki, tmp_path: Path) -> NatsServer:
+def mtls_server(pki: Pki, tmp_path: Path) -> Iterator[NatsServer]:
     """TLS required, client certificates signed by ``pki.ca`` required (mutual TLS)."""
     tls = ServerTls(pki.server, pki.server, ca_file=pki.ca, verify=True)
     with NatsServer(tmp_path / "nats", tls=tls, extra_config="max_payload: 65536") as server:
-        yield server  # type: ignore[misc]
+        yield server
 
 
 def _varz(server: NatsServer) -> dict[str, object]:
     with urllib.request.urlopen(f"{server.monitor_url}/varz", timeout=5) as resp:
-        return json.loads(resp.read())  # type: ignore[no-any-return]
+        varz: dict[str, object] = json.loads(resp.read())
+        return varz
 
 
 async def _connect_error(cfg: NatsConfig) -> str:
@@ -215,14 +217,15 @@ def test_agents_read_nats_tls_from_their_config_and_sync_over_mutual_tls(
         )
     tls = f'\n[nats.tls]\nca_file = "{pki.ca}"\ncert_file = "{pki.client}"\nkey_file = "{pki.client}"\n'
     procs = []
-    for name, system, side in (
-        ("erp-agent", "erp", {"source": erp_db}),
-        ("crm-agent", "crm", {"sink": crm_db}),
+    for name, system, source, sink in (
+        ("erp-agent", "erp", erp_db, None),
+        ("crm-agent", "crm", None, crm_db),
     ):
         cfg = tmp_path / f"{name}.toml"
+        state = tmp_path / "state" / name
         text = agent_toml(
-            name=name, system=system, state=tmp_path / "state" / name, url=mtls_server.url, **side
-        )  # type: ignore[arg-type]
+            name=name, system=system, state=state, url=mtls_server.url, source=source, sink=sink
+        )
         cfg.write_text(text + tls)
         procs.append(AgentProcess(cfg, tmp_path / f"{name}.log"))
     try:
