@@ -241,3 +241,36 @@ def test_agents_read_nats_tls_from_their_config_and_sync_over_mutual_tls(
 def _rows(db: Path) -> list[tuple[object, ...]]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
         return c.execute("SELECT id FROM customers").fetchall()
+
+
+def test_dev_up_tls_runs_the_whole_stack_over_mutual_tls(tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh", "dev", "up", "--data-dir", str(data), "--tls",
+         "--duration", "6", "--records", "200", "--rate", "50"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "ERP and CRM in sync: yes" in out
+    assert "sample canonical event  evt.customer.upserted.erp" in out  # read over TLS too
+    assert f"export MESH_TLS_CA={data / 'tls' / 'ca.pem'}" in out
+    conf = (data / "nats" / "nats-server.conf").read_text()
+    assert "verify: true" in conf
+    assert "[nats.tls]" in (data / "erp-agent.toml").read_text()
+    assert "TLS required for client connections" in (data / "nats-server.log").read_text()
+    assert (data / "tls" / "client-key.pem").stat().st_mode & 0o777 == 0o600
+    assert (data / "tls").stat().st_mode & 0o777 == 0o700
+
+
+def test_dev_up_without_tls_makes_no_certificates(tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh", "dev", "up", "--data-dir", str(data),
+         "--duration", "3", "--records", "50", "--rate", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (data / "tls").exists()
+    assert not (data / "nats" / "nats-server.conf").exists()
+    assert "MESH_TLS_CA" not in proc.stdout
