@@ -11,7 +11,13 @@ from nats.aio.client import Client
 from mesh.config import NatsConfig, TlsConfig, check_tls_files
 from mesh.errors import ConfigError
 
-__all__ = ["client_ssl_context", "describe_tls_failure", "server_requires_tls", "wants_tls"]
+__all__ = [
+    "client_cert_missing",
+    "client_ssl_context",
+    "describe_tls_failure",
+    "server_requires_tls",
+    "wants_tls",
+]
 
 
 def wants_tls(cfg: NatsConfig) -> bool:
@@ -51,6 +57,22 @@ def client_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
     return context
 
 
+_CLIENT_CERT_REQUIRED = (
+    "the server requires a client certificate (mutual TLS): give one with --tls-cert and "
+    "--tls-key, MESH_TLS_CERT and MESH_TLS_KEY, or [nats.tls] cert_file and key_file"
+)
+
+
+def client_cert_missing(nc: Client, cfg: NatsConfig) -> str | None:
+    """The reason of a failed connect when the server announced ``tls_verify`` (it requires a
+    client certificate) and none is configured: with TLS 1.3 the server's refusal arrives after
+    the handshake, often as a plain connection reset; None otherwise."""
+    info = getattr(nc, "_server_info", None) or {}
+    if info.get("tls_verify") and (cfg.tls is None or cfg.tls.cert_file is None):
+        return _CLIENT_CERT_REQUIRED
+    return None
+
+
 def describe_tls_failure(exc: ssl.SSLError, cfg: NatsConfig) -> str:
     """What went wrong in a failed TLS handshake, in words an operator can act on."""
     tls = cfg.tls or TlsConfig()
@@ -69,10 +91,7 @@ def describe_tls_failure(exc: ssl.SSLError, cfg: NatsConfig) -> str:
         )
     reason = (exc.reason or str(exc)).upper()
     if "CERTIFICATE_REQUIRED" in reason or (tls.cert_file is None and "HANDSHAKE_FAILURE" in reason):
-        return (
-            "the server requires a client certificate (mutual TLS): give one with --tls-cert and "
-            "--tls-key, MESH_TLS_CERT and MESH_TLS_KEY, or [nats.tls] cert_file and key_file"
-        )
+        return _CLIENT_CERT_REQUIRED
     refusals = ("UNKNOWN_CA", "BAD_CERTIFICATE", "HANDSHAKE_FAILURE", "CERTIFICATE_UNKNOWN")
     if tls.cert_file is not None and any(word in reason for word in refusals):
         return f"the server refused the client certificate {tls.cert_file} ({exc.reason or exc})"

@@ -57,7 +57,13 @@ from mesh.errors import ConfigError, TransportError
 from mesh.redact import redact_urls
 from mesh.transport import _jsapi
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
-from mesh.transport._tls import client_ssl_context, describe_tls_failure, server_requires_tls, wants_tls
+from mesh.transport._tls import (
+    client_cert_missing,
+    client_ssl_context,
+    describe_tls_failure,
+    server_requires_tls,
+    wants_tls,
+)
 from mesh.transport.base import (
     Bucket,
     Consumer,
@@ -359,8 +365,9 @@ class JetStream(Transport):
             self.reconnects += 1
             log.info("nats %s: reconnected", self.name)
 
+        nc = Client()
         try:
-            self._nc = await nats.connect(
+            await nc.connect(
                 self.cfg.servers,
                 name=self.name,
                 user=self.cfg.user,
@@ -372,7 +379,7 @@ class JetStream(Transport):
                 # Bounded for the first connect (nats-py would otherwise loop here forever);
                 # the caller decides whether to try again.
                 max_reconnect_attempts=1,
-                reconnect_time_wait=0.5,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, used as seconds (float works)
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
@@ -383,12 +390,11 @@ class JetStream(Transport):
                 f"{describe_tls_failure(exc.error, self.cfg)}"
             ) from None
         except NATS_ERRORS as exc:
-            raise TransportError(
-                f"cannot connect to {redact_urls(self.cfg.servers)}: "
-                f"{redact_urls(str(exc) or type(exc).__name__)}"
-            ) from exc
+            why = client_cert_missing(nc, self.cfg) or redact_urls(str(exc) or type(exc).__name__)
+            raise TransportError(f"cannot connect to {redact_urls(self.cfg.servers)}: {why}") from exc
         finally:
             connecting[0] = False
+        self._nc = nc
         if tls is not None and not server_requires_tls(self._nc):
             await self.aclose()
             raise TransportError(
