@@ -274,3 +274,15 @@ def test_dev_up_without_tls_makes_no_certificates(tmp_path: Path) -> None:
     assert not (data / "tls").exists()
     assert not (data / "nats" / "nats-server.conf").exists()
     assert "MESH_TLS_CA" not in proc.stdout
+
+
+def test_a_config_file_composes_with_tls_and_an_extra_block(pki: Pki, tmp_path: Path) -> None:
+    store = tmp_path / "nats"
+    conf = tmp_path / "site.conf"
+    conf.write_text(f'server_name: "site-a"\njetstream {{\n  store_dir: "{store}"\n}}\n')
+    tls = ServerTls(pki.server, pki.server)
+    with NatsServer(store, config_file=conf, tls=tls, extra_config="max_payload: 32768") as server:
+        varz = _varz(server)
+    assert varz["server_name"] == "site-a"
+    assert varz["tls_required"] is True
+    assert varz["max_payload"] == 32768

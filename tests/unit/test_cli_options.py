@@ -133,3 +133,22 @@ def test_nats_tls_problems_name_the_field(tmp_path: Path) -> None:
         parse_agent_config(AGENT + '[nats.tls]\ncert_file = "c.pem"\n', source="a.toml", base=tmp_path)
     assert alone.value.problems[0].path == "nats.tls"
     assert "cert_file and key_file go together" in alone.value.problems[0].message
+
+
+# --- the control plane's HTTPS settings ------------------------------------------------------
+
+
+def test_https_needs_cert_and_key_and_both_files(tmp_path: Path) -> None:
+    from mesh.controlplane.settings import settings_from
+
+    cert = tmp_path / "cert.pem"
+    cert.write_text("pem")
+    with pytest.raises(ConfigError, match="http_tls_cert_file and http_tls_key_file go together"):
+        settings_from({"http_tls_cert_file": str(cert)})
+    with pytest.raises(ConfigError) as missing:
+        settings_from({"http_tls_cert_file": str(cert), "http_tls_key_file": str(tmp_path / "key.pem")})
+    assert missing.value.problems[0].path == "http_tls_key_file"
+    assert str(tmp_path / "key.pem") in missing.value.problems[0].message
+    with pytest.raises(ConfigError) as ca:
+        settings_from({"nats": {"tls": {"ca_file": str(tmp_path / "ca.pem")}}})
+    assert ca.value.problems[0].path == "nats.tls.ca_file"
