@@ -119,6 +119,9 @@ class TlsConfig(ConfigStruct, frozen=True):
     """PEM client certificate (mutual TLS); needs ``key_file``."""
     key_file: str | None = None
     """PEM private key of ``cert_file``."""
+    server_name: str | None = None
+    """The name the server's certificate must carry when it is not the host in the server URL
+    (e.g. the URL is an IP address); default: the URL's host."""
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -494,8 +497,9 @@ def _resolve_nats(nats: NatsConfig, base: Path) -> NatsConfig:
     resolve = _resolver(base)
     tls = nats.tls
     if tls is not None:
-        files = {f: getattr(tls, f) for f in tls.__struct_fields__}
-        tls = TlsConfig(**{f: None if v is None else resolve(v) for f, v in files.items()})
+        files = {f: getattr(tls, f) for f in ("ca_file", "cert_file", "key_file")}
+        resolved = {f: None if v is None else resolve(v) for f, v in files.items()}
+        tls = msgspec.structs.replace(tls, **resolved)
     creds = None if nats.creds is None else resolve(nats.creds)
     return msgspec.structs.replace(nats, tls=tls, creds=creds)
 

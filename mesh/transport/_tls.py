@@ -81,7 +81,7 @@ def describe_tls_failure(exc: ssl.SSLError, cfg: NatsConfig) -> str:
         if exc.verify_code == 62 or "mismatch" in message.lower():
             return (
                 f"the server's certificate does not name the host in the server URL "
-                f"({message}): connect by a name the certificate lists"
+                f"({message}): connect by a name the certificate lists, or set [nats.tls] server_name"
             )
         if tls.ca_file is not None:
             return f"the server's certificate is not signed by {tls.ca_file} ({message})"

@@ -374,6 +374,7 @@ class JetStream(Transport):
                 password=self._password(),
                 connect_timeout=max(1, int(self.cfg.connect_timeout)),
                 tls=tls,
+                tls_hostname=self.cfg.tls.server_name if self.cfg.tls else None,
                 user_credentials=creds,
                 allow_reconnect=True,
                 # Bounded for the first connect (nats-py would otherwise loop here forever);

@@ -122,10 +122,13 @@ async def test_each_handshake_failure_is_one_line_that_says_why(mtls_server: Nat
 
 
 @pytest.mark.anyio
-async def test_a_certificate_for_another_host_is_refused(pki: Pki, tmp_path: Path) -> None:
+async def test_a_certificate_for_another_host_is_refused_unless_named(pki: Pki, tmp_path: Path) -> None:
     with NatsServer(tmp_path / "nats", tls=ServerTls(pki.elsewhere, pki.elsewhere)) as server:
         text = await _connect_error(NatsConfig(servers=[server.url], tls=pki.client_tls(cert=False)))
-    assert "the server's certificate does not name the host in the server URL" in text
+        assert "the server's certificate does not name the host in the server URL" in text
+        named = TlsConfig(ca_file=str(pki.ca), server_name="nats.elsewhere.test")
+        async with JetStream(NatsConfig(servers=[server.url], tls=named), name="test") as js:
+            await js.ensure_streams(StreamsConfig(storage="memory"))
 
 
 @pytest.mark.anyio
@@ -253,6 +256,7 @@ def test_dev_up_tls_runs_the_whole_stack_over_mutual_tls(tmp_path: Path) -> None
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "ERP and CRM in sync: yes" in out
+    assert "registering" not in out  # `agent register --config` took [nats.tls] from the config
     assert "sample canonical event  evt.customer.upserted.erp" in out  # read over TLS too
     assert f"export MESH_TLS_CA={data / 'tls' / 'ca.pem'}" in out
     conf = (data / "nats" / "nats-server.conf").read_text()
