@@ -253,9 +253,9 @@ def _agent_command(op: FlowOp, help_text: str) -> None:
     @app.command(op, help=help_text + "\n\nWaits for the agent's answer; exit 1 if a flow failed.")
     def command(
         name: NameArg,
-        wait: Annotated[float, typer.Option("--wait", help="Seconds the agent gets to carry it out.")] = 60.0
-        if op == "drain"
-        else 30.0,
+        wait: Annotated[
+            float, typer.Option("--wait", help="Seconds the agent gets to carry it out.")
+        ] = 60.0 if op == "drain" else 30.0,
         as_json: JsonOpt = False,
         control_plane: ControlPlaneOpt = DEFAULT_URL,
         prefix: PrefixOpt = DEFAULT_PREFIX,
