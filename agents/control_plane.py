@@ -207,7 +207,12 @@ class ControlPlane:
                 sup.cancel()
             if s.http_port is not None:
                 self.http = HttpServer(
-                    create_app(self, token=token), s.http_host, s.http_port, open_access=token is None
+                    create_app(self, token=token),
+                    s.http_host,
+                    s.http_port,
+                    tls_cert_file=s.http_tls_cert_file,
+                    tls_key_file=s.http_tls_key_file,
+                    open_access=token is None,
                 )
                 self.http_port = await sup.start("http", self.http.run)
             await self._connect()

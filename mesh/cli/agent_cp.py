@@ -26,6 +26,7 @@ from mesh.cli._common import (
     TimeoutOpt,
     ago,
     fail,
+    nats_access_defaults,
     run_with_client,
     table,
 )
@@ -123,6 +124,7 @@ def _register(
         state_dir = state_dir or Path(cfg.agent.state_dir)
         if not os.environ.get("MESH_CONTROL_PLANE") and control_plane == DEFAULT_URL:
             control_plane = cfg.nats.servers[0]
+        nats_access_defaults(cfg.nats)  # its [nats] creds and [nats.tls], unless given here
     if name is None:
         fail("give --name (or --config with the agent's config)")
     if site is None:

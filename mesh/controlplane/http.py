@@ -34,6 +34,7 @@ import hmac
 import html
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
@@ -255,6 +256,9 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """Serves an ASGI app on ``host:port`` (0: a free port) inside the caller's task group.
 
+    With ``tls_cert_file`` and ``tls_key_file`` (PEM) it serves HTTPS only (a certificate or
+    key that cannot be loaded raises :class:`~mesh.errors.ConfigError` naming them).
+
     ``run`` binds first (an unusable address raises :class:`~mesh.errors.ConfigError` naming
     it), signals ``started(port)``, and on cancellation closes the listener and gives open
     connections up to ``grace`` seconds.
@@ -281,6 +285,8 @@ class HttpServer:
         max_header_bytes: int = 16 * 1024,
         max_body_bytes: int = 1 << 20,
         open_access: bool = False,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
     ) -> None:
         self.name = name
         self.header_timeout = header_timeout
@@ -288,18 +294,21 @@ class HttpServer:
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.open_access = open_access
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
         self.app = app
         self.host = host
         self.port = port
         self.grace = grace
 
     def __repr__(self) -> str:
-        return f"<HttpServer http://{self.host}:{self.port}>"
+        return f"<HttpServer {self.url}>"
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls_cert_file else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -316,14 +325,6 @@ class HttpServer:
         return sock
 
     async def run(self, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        sock = self._bind()
-        self.port = int(sock.getsockname()[1])
-        if self.open_access and not is_loopback(self.host):
-            log.warning(
-                "%s HTTP on %s is reachable from other machines and requires no token: "
-                "set a token (http_token_env) or bind 127.0.0.1",
-                self.name, self.url,
-            )  # fmt: skip
         config = uvicorn.Config(
             RequestLimits(self.app, self.max_body_bytes, self.max_header_bytes),
             log_config=None,
@@ -336,7 +337,25 @@ class HttpServer:
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=max(1, int(self.grace)),
+            ssl_certfile=self.tls_cert_file,
+            ssl_keyfile=self.tls_key_file,
         )
+        if self.tls_cert_file is not None:
+            try:
+                config.load()  # builds the SSL context: a bad certificate or key fails here
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"cannot serve HTTPS with certificate {self.tls_cert_file} and key "
+                    f"{self.tls_key_file}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
+        sock = self._bind()
+        self.port = int(sock.getsockname()[1])
+        if self.open_access and not is_loopback(self.host):
+            log.warning(
+                "%s HTTP on %s is reachable from other machines and requires no token: "
+                "set a token (http_token_env) or bind 127.0.0.1",
+                self.name, self.url,
+            )  # fmt: skip
         server = _EmbeddedServer(config)
         done = anyio.Event()
 
