@@ -110,6 +110,10 @@ class NatsConfig(ConfigStruct, frozen=True):
     connect_timeout: PositiveFloat = 2.0
     request_timeout: PositiveFloat = 5.0
     """Bound on every publish acknowledgement and JetStream API call."""
+    creds: str | None = None
+    """Path of the .creds file this client authenticates with."""
+    inbox_prefix: str | None = None
+    """Prefix of this client's reply subjects (``_INBOX.<agent name>`` for an agent when unset)."""
 
 
 class StreamsConfig(ConfigStruct, frozen=True):

@@ -55,6 +55,7 @@ from mesh.envelope import CONTENT_TYPE
 from mesh.errors import ConfigError, TransportError
 from mesh.redact import redact_urls
 from mesh.transport import _jsapi
+from mesh.transport._denials import Denials
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
 from mesh.transport.base import (
     Bucket,
@@ -67,12 +68,15 @@ from mesh.transport.base import (
     KvWatch,
     Message,
     NoResponders,
+    NotFound,
     NotSupported,
     OutMessage,
     PubAck,
+    Refused,
     StoredMessage,
     StreamReader,
     StreamState,
+    Subscription,
     Transport,
 )
 from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM
@@ -80,6 +84,62 @@ from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, E
 __all__ = ["JetStream", "NatsBucket", "NatsDelivery", "PullConsumer"]
 
 log = logging.getLogger(__name__)
+
+
+class _Client(Client):
+    """nats-py's client whose requests (every JetStream API call and publish included) fail
+    at once with :class:`~mesh.transport.Refused` when the server refuses their subject,
+    instead of waiting for the timeout (see :mod:`mesh.transport._denials`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.denials = Denials()
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        inbox = self._inbox_prefix.decode() + "."
+        for refused in self.denials.refused_subscriptions:
+            if refused.startswith(inbox):  # replies can never reach us on this connection
+                raise Refused(f"permission denied: subscribe to {refused}")
+        with self.denials.pending(publish=(subject,), subscribe=(inbox,)) as pending:
+            with pending.scope:
+                return await super().request(subject, payload, timeout, old_style, headers)
+            pending.check()
+        raise AssertionError("unreachable")  # the scope is only cancelled with ``denied`` set
+
+
+async def _unsubscribe(sub: Any) -> None:
+    """Unsubscribe, bounded and shielded; a connection already gone is not an error."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
+        await sub.unsubscribe()
+
+
+class _NatsSubscription(Subscription):
+    def __init__(self, sub: Any, subject: str) -> None:
+        self._sub = sub
+        self.subject = subject
+        self._closed = False
+
+    async def next(self, timeout: float) -> Message | None:
+        try:
+            msg = await self._sub.next_msg(timeout=timeout)
+        except TIMEOUTS:
+            return None
+        except NATS_ERRORS as exc:
+            raise TransportError(f"subscription {self.subject}: {type(exc).__name__}: {exc}") from exc
+        return Message(msg.subject, msg.data, dict(msg.headers or {}))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await _unsubscribe(self._sub)
 
 
 class NatsDelivery(Delivery):
@@ -281,12 +341,13 @@ class JetStream(Transport):
         self.name = name
         self.domain = domain
         """JetStream domain to address (``$JS.<domain>.API``); None: the server's own."""
-        self._nc: Client | None = None
+        self._nc: _Client | None = None
         self._js: JetStreamContext | None = None
         self._windowed: dict[int, JetStreamContext] = {}
         self._closing = False
         self.connected = anyio.Event()
         self.reconnects = 0
+        self._reconnected = anyio.Event()
 
     def __repr__(self) -> str:
         state = "connected" if self._nc is not None and self._nc.is_connected else "disconnected"
@@ -310,8 +371,14 @@ class JetStream(Transport):
 
     async def connect(self) -> None:
         last_logged = [0.0]
+        nc = _Client()
 
         async def on_error(exc: Exception) -> None:
+            refused = nc.denials.report(str(exc))
+            if refused is not None:
+                # Told to whoever waits on it (Refused); one that nobody waits on is worth a line.
+                log.warning("nats %s: permission denied: %s to %s", self.name, *refused)
+                return
             # During an outage nats-py reports every reconnect attempt; one line per 30 s is enough.
             now = anyio.current_time()
             if now - last_logged[0] >= 30:
@@ -323,11 +390,20 @@ class JetStream(Transport):
                 log.warning("nats %s: disconnected", self.name)
 
         async def on_reconnect() -> None:
+            nc.denials.refused_subscriptions.clear()  # re-sent, perhaps with new credentials
             self.reconnects += 1
+            self._reconnected.set()
+            self._reconnected = anyio.Event()
             log.info("nats %s: reconnected", self.name)
 
+        # nats-py types it int; it takes (and we want) half a second.
+        options: dict[str, Any] = {"reconnect_time_wait": 0.5}
+        if self.cfg.creds is not None:
+            options["user_credentials"] = self.cfg.creds
+        if self.cfg.inbox_prefix:
+            options["inbox_prefix"] = self.cfg.inbox_prefix
         try:
-            self._nc = await nats.connect(
+            await nc.connect(
                 self.cfg.servers,
                 name=self.name,
                 user=self.cfg.user,
@@ -337,20 +413,57 @@ class JetStream(Transport):
                 # Bounded for the first connect (nats-py would otherwise loop here forever);
                 # the caller decides whether to try again.
                 max_reconnect_attempts=1,
-                reconnect_time_wait=0.5,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **options,
             )
+        except nats.errors.AuthorizationError:
+            await self._abandon(nc)
+            raise TransportError(
+                f"cannot connect to {redact_urls(self.cfg.servers)}: authorization violation "
+                f"(the server refused {self._credentials_named()}; check them or get new ones)"
+            ) from None
         except NATS_ERRORS as exc:
+            await self._abandon(nc)
             raise TransportError(
                 f"cannot connect to {redact_urls(self.cfg.servers)}: "
                 f"{redact_urls(str(exc) or type(exc).__name__)}"
             ) from exc
+        self._nc = nc
         # Once connected, never give up reconnecting (the default stops after ~2 minutes).
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=self.cfg.request_timeout, domain=self.domain)
         self.connected.set()
+
+    def _credentials_named(self) -> str:
+        if self.cfg.creds is not None:
+            return f"the credentials in {self.cfg.creds}"
+        if self.cfg.user is not None:
+            return f"user {self.cfg.user}"
+        return "an anonymous connection"
+
+    @staticmethod
+    async def _abandon(nc: Client) -> None:
+        """Stop whatever nats-py left running after a failed first connect."""
+        if not nc.is_closed:
+            with anyio.move_on_after(2, shield=True), contextlib.suppress(*NATS_ERRORS):
+                await nc.close()
+
+    async def reconnect(self) -> None:
+        """See :meth:`Transport.reconnect` (nats-py's ``force_reconnect``; the creds file is
+        read again at every connect)."""
+        nc = self.nc
+        reconnected = self._reconnected
+        await nc.force_reconnect()
+        bound = self.cfg.connect_timeout + self.cfg.request_timeout + 1
+        with anyio.move_on_after(bound):
+            await reconnected.wait()
+            return
+        raise TransportError(
+            f"reconnect to {redact_urls(self.cfg.servers)}: not connected again within {bound:g}s "
+            "(still trying in the background)"
+        )
 
     async def aclose(self) -> None:
         """Flush and close the connection (and nats-py's tasks). Idempotent."""
@@ -371,7 +484,7 @@ class JetStream(Transport):
         return self._js
 
     @property
-    def nc(self) -> Client:
+    def nc(self) -> _Client:
         if self._nc is None:
             raise TransportError("not connected")
         return self._nc
@@ -635,6 +748,9 @@ class JetStream(Transport):
                     replicas=replicas,
                     storage=StorageType.MEMORY if memory else StorageType.FILE,
                     description=f"connector mesh: {name}",
+                    # Direct gets name the key in the API subject: what read_key needs, so that
+                    # a permission can allow reading one key and no other.
+                    direct=True,
                 )
                 try:
                     kv = await self.js.create_key_value(config)
@@ -650,6 +766,49 @@ class JetStream(Transport):
         )
         return Message(msg.subject, msg.data, dict(msg.headers or {}))
 
+    async def read_key(self, bucket: str, key: str) -> Entry | None:
+        what = f"KV {bucket}: read {key}"
+        subject = f"{self._api_prefix}.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
+        try:
+            msg = await self.request(subject, b"", timeout=self.cfg.request_timeout)
+        except NoResponders:
+            raise NotFound(f"{what}: no bucket {bucket} that allows direct gets on {self.where}") from None
+        headers = msg.headers
+        status = headers.get("Status", "")
+        if status == "404":
+            return None
+        if status:
+            why = f"{status} {headers.get('Description', '')}".rstrip()
+            raise TransportError(f"{what}: the server answered {why}")
+        if headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        try:
+            revision = int(headers.get("Nats-Sequence", "0"))
+        except ValueError:
+            raise TransportError(f"{what}: unreadable sequence {headers.get('Nats-Sequence')!r}") from None
+        return Entry(key, msg.data, revision)
+
+    async def subscribe(self, subject: str) -> Subscription:
+        nc = self.nc
+        with nc.denials.pending(subscribe=(subject,)) as pending:
+            sub = await translated(f"subscribe {subject}", nc.subscribe(subject))
+            try:
+                await self._flush_subscription(subject)
+                pending.check()
+            except BaseException:
+                await _unsubscribe(sub)
+                raise
+        return _NatsSubscription(sub, subject)
+
+    async def _flush_subscription(self, subject: str) -> None:
+        """Wait until the server has the subscription (and has said whether it refuses it: its
+        error comes before the flush's answer)."""
+        # Shielded (it is bounded): nats-py leaves a cancelled flush's PING future queued, and
+        # the PONG that answers it then raises InvalidStateError in nats-py's read loop.
+        with anyio.CancelScope(shield=True):
+            flush = self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
+            await translated(f"subscribe {subject}", flush)
+
     async def serve(
         self,
         subject: str,
@@ -660,14 +819,12 @@ class JetStream(Transport):
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         # No callback: nats-py would run it in a task of its own and swallow its errors.
-        sub = await translated(f"subscribe {subject}", self.nc.subscribe(subject, queue=queue))
+        nc = self.nc
+        with nc.denials.pending(subscribe=(subject,)) as pending:
+            sub = await translated(f"subscribe {subject}", nc.subscribe(subject, queue=queue))
         try:
-            # Shielded (it is bounded): nats-py leaves a cancelled flush's PING future queued, and
-            # the PONG that answers it then raises InvalidStateError in nats-py's read loop.
-            with anyio.CancelScope(shield=True):
-                await translated(
-                    f"subscribe {subject}", self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
-                )
+            await self._flush_subscription(subject)
+            pending.check()
             task_status.started()
             slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
             async with anyio.create_task_group() as tg:

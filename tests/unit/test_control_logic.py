@@ -45,7 +45,7 @@ async def test_kv_mirror_follows_the_bucket_and_reloads_after_a_reconnect(transp
         await agents.delete("agent.a")
         await until(lambda: set(mirror.entries) == {"agent.b"})
         transport.disconnect()
-        transport.reconnect()
+        transport.restore()
         await until(lambda: mirror.resyncs >= 1)  # a fresh watch after the reconnect
         await agents.put("agent.c", b"3")
         await until(lambda: set(mirror.entries) == {"agent.b", "agent.c"})
