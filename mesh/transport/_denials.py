@@ -41,9 +41,17 @@ class Pending:
     denied: str | None = None
     """``publish to <subject>`` or ``subscribe to <subject>`` once the server refused it."""
 
-    def matches(self, op: str, subject: str) -> bool:
+    def match(self, op: str, subject: str) -> str | None:
+        """The subject as this operation spelled it when it is the refused one (nats-py hands
+        the server's error text over lower-cased, so subjects compare without case)."""
         wanted = self.publish if op == "publish" else self.subscribe
-        return subject in wanted or any(w.endswith(".") and subject.startswith(w) for w in wanted)
+        low = subject.lower()
+        for w in wanted:
+            if w.lower() == low:
+                return w
+            if w.endswith(".") and low.startswith(w.lower()):
+                return w + subject[len(w) :]
+        return None
 
     def check(self) -> None:
         """Raise Refused when the server refused this operation."""
@@ -57,7 +65,8 @@ class Denials:
     def __init__(self) -> None:
         self._pending: set[Pending] = set()
         self.refused_subscriptions: set[str] = set()
-        """Subjects whose subscription the server refused (they stay refused until resubscribed)."""
+        """Subjects (lower-cased) whose subscription the server refused; they stay refused until
+        subscribed again."""
 
     def __repr__(self) -> str:
         refused = len(self.refused_subscriptions)
@@ -71,10 +80,11 @@ class Denials:
             return None
         op, subject = parsed
         if op == "subscribe":
-            self.refused_subscriptions.add(subject)
+            self.refused_subscriptions.add(subject.lower())
         for p in list(self._pending):
-            if p.denied is None and p.matches(op, subject):
-                p.denied = f"{op} to {subject}"
+            spelled = p.match(op, subject) if p.denied is None else None
+            if spelled is not None:
+                p.denied = f"{op} to {spelled}"
                 p.scope.cancel()
         return parsed
 
@@ -83,7 +93,7 @@ class Denials:
         """Track one operation: run it inside ``with p.scope:`` (cancelled when refused), then
         call ``p.check()``."""
         for s in subscribe:
-            self.refused_subscriptions.discard(s)
+            self.refused_subscriptions.discard(s.lower())
         p = Pending(frozenset(publish), frozenset(subscribe))
         self._pending.add(p)
         try:

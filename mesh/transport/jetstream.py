@@ -105,13 +105,17 @@ class _Client(Client):
     ) -> Msg:
         inbox = self._inbox_prefix.decode() + "."
         for refused in self.denials.refused_subscriptions:
-            if refused.startswith(inbox):  # replies can never reach us on this connection
-                raise Refused(f"permission denied: subscribe to {refused}")
+            if refused.startswith(inbox.lower()):  # replies can never reach us on this connection
+                raise Refused(f"permission denied: subscribe to {inbox}{refused[len(inbox) :]}")
         with self.denials.pending(publish=(subject,), subscribe=(inbox,)) as pending:
             with pending.scope:
                 return await super().request(subject, payload, timeout, old_style, headers)
             pending.check()
         raise AssertionError("unreachable")  # the scope is only cancelled with ``denied`` set
+
+
+def _is_authorization_error(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
 async def _unsubscribe(sub: Any) -> None:
@@ -372,8 +376,13 @@ class JetStream(Transport):
     async def connect(self) -> None:
         last_logged = [0.0]
         nc = _Client()
+        unauthorized: list[Exception] = []  # the server refused the credentials at connect
+        first_connect = [True]
 
         async def on_error(exc: Exception) -> None:
+            if first_connect[0] and _is_authorization_error(exc):
+                unauthorized.append(exc)  # said once, by connect's own error
+                return
             refused = nc.denials.report(str(exc))
             if refused is not None:
                 # Told to whoever waits on it (Refused); one that nobody waits on is worth a line.
@@ -418,18 +427,18 @@ class JetStream(Transport):
                 reconnected_cb=on_reconnect,
                 **options,
             )
-        except nats.errors.AuthorizationError:
+        except NATS_ERRORS as exc:
             await self._abandon(nc)
+            if not (unauthorized or _is_authorization_error(exc)):
+                raise TransportError(
+                    f"cannot connect to {redact_urls(self.cfg.servers)}: "
+                    f"{redact_urls(str(exc) or type(exc).__name__)}"
+                ) from exc
             raise TransportError(
                 f"cannot connect to {redact_urls(self.cfg.servers)}: authorization violation "
                 f"(the server refused {self._credentials_named()}; check them or get new ones)"
             ) from None
-        except NATS_ERRORS as exc:
-            await self._abandon(nc)
-            raise TransportError(
-                f"cannot connect to {redact_urls(self.cfg.servers)}: "
-                f"{redact_urls(str(exc) or type(exc).__name__)}"
-            ) from exc
+        first_connect[0] = False
         self._nc = nc
         # Once connected, never give up reconnecting (the default stops after ~2 minutes).
         self._nc.options["max_reconnect_attempts"] = -1
@@ -822,9 +831,13 @@ class JetStream(Transport):
         nc = self.nc
         with nc.denials.pending(subscribe=(subject,)) as pending:
             sub = await translated(f"subscribe {subject}", nc.subscribe(subject, queue=queue))
+            try:
+                await self._flush_subscription(subject)
+                pending.check()
+            except BaseException:
+                await _unsubscribe(sub)
+                raise
         try:
-            await self._flush_subscription(subject)
-            pending.check()
             task_status.started()
             slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
             async with anyio.create_task_group() as tg:

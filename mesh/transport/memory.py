@@ -151,9 +151,7 @@ class _ConsumerState:
 
 
 class _Bucket:
-    def __init__(
-        self, name: str, history: int, publish: Callable[[Message], None] | None = None
-    ) -> None:
+    def __init__(self, name: str, history: int, publish: Callable[[Message], None] | None = None) -> None:
         self.name = name
         self.history = history
         self.publish = publish
