@@ -216,14 +216,17 @@ async def test_registration_rules_revocation_and_audit(nats_server: NatsServer, 
         await _until(degraded, 5)
         assert type(await hb.beat()).__name__ == "HeartbeatAck"
 
-        # Unknown agents and wrong credentials are refused.
-        unknown = await client.request(
-            HeartbeatRequest(
-                agent_id="x", name="ghost", credential="y" * 20, seq=1, sent_at=0, interval=1, version="0"
-            )
+        # Unknown agents, wrong credentials and heartbeats for another agent are refused.
+        ghost = HeartbeatRequest(
+            agent_id="x", name="ghost", credential="y" * 20, seq=1, sent_at=0, interval=1, version="0"
         )
+        unknown = await client.request(ghost, caller="ghost")
         assert isinstance(unknown, Refused)
         assert unknown.code == "unknown"
+        impostor = await client.request(ghost, caller="erp-agent")  # its subject says erp-agent sent it
+        assert isinstance(impostor, Refused)
+        assert impostor.code == "unauthorized"
+        assert "only the agent itself" in impostor.reason
         forged = await client.request(
             HeartbeatRequest(
                 agent_id=creds.agent_id,
@@ -233,7 +236,8 @@ async def test_registration_rules_revocation_and_audit(nats_server: NatsServer, 
                 sent_at=0,
                 interval=1,
                 version="0",
-            )
+            ),
+            caller="erp-agent",
         )
         assert isinstance(forged, Refused)
         assert forged.code == "unauthorized"
@@ -456,7 +460,10 @@ async def test_cli_register_list_health_revoke_audit(nats_server: NatsServer, tm
         assert r.exit_code == 0, r.output
         entries = [json.loads(line) for line in r.output.splitlines()]
         assert [e["kind"] for e in entries] == ["register", "revoke", "deregister"]
-        assert all(e["who"] == "bob@ops" and e["replica"] == cp.name for e in entries)
+        # Who: the caller token of the request's subject (the agent itself registers; the
+        # operator's MESH_ACTOR, reduced to one subject token, revokes and deregisters).
+        assert [e["who"] for e in entries] == ["erp", "bob_ops", "bob_ops"]
+        assert all(e["replica"] == cp.name for e in entries)
         r = await cli(cli_audit.app, "tail", "--kind", "revoke")
         assert r.exit_code == 0
         assert "rotated" in r.output
