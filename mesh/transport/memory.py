@@ -189,8 +189,8 @@ class MemoryBroker:
         self.streams: dict[str, _Stream] = {}
         self.buckets: dict[str, _Bucket] = {}
         self.responders: dict[int, tuple[str, str, Handler]] = {}
-        self.subscribers: dict[MemoryObjectSendStream[Message], str] = {}
-        """Each core subscription's stream and its subject."""
+        self.subscribers: dict[MemoryObjectSendStream[Message], tuple[str, MemoryTransport]] = {}
+        """Each core subscription's stream, its subject and its client."""
         self._ids = itertools.count()
         self._changed = anyio.Event()
 
@@ -208,9 +208,9 @@ class MemoryBroker:
 
     def publish_core(self, msg: Message) -> None:
         """Hand ``msg`` to every core subscription whose subject matches (at most once, no
-        storage: a subscriber that has gone misses it)."""
-        for send, pattern in list(self.subscribers.items()):
-            if not subject_matches(pattern, msg.subject):
+        storage: a subscriber that has gone, or whose client is disconnected, misses it)."""
+        for send, (pattern, client) in list(self.subscribers.items()):
+            if not client.is_connected or not subject_matches(pattern, msg.subject):
                 continue
             try:
                 send.send_nowait(msg)
@@ -371,7 +371,6 @@ class _MemorySubscription(Subscription):
         return None
 
     async def aclose(self) -> None:
-        await anyio.lowlevel.checkpoint()
         self._transport.broker.subscribers.pop(self._send, None)
         self._send.close()
         self._receive.close()
@@ -679,7 +678,7 @@ class MemoryTransport(Transport):
         broker = self._live()
         await anyio.lowlevel.checkpoint()
         send, receive = anyio.create_memory_object_stream[Message](math.inf)
-        broker.subscribers[send] = subject
+        broker.subscribers[send] = (subject, self)
         return _MemorySubscription(self, subject, send, receive)
 
     async def request(

@@ -37,13 +37,15 @@ from mesh.controlplane.audit import tail
 from mesh.controlplane.client import ControlPlaneClient, RequestRefused, register_agent
 from mesh.controlplane.identity import Credentials, load_credentials, save_credentials
 from mesh.controlplane.models import (
-    Heartbeat as HeartbeatRequest,
-)
-from mesh.controlplane.models import (
+    Done,
     HeartbeatPayload,
     Manifest,
     Refused,
+    Revoke,
     StatusReport,
+)
+from mesh.controlplane.models import (
+    Heartbeat as HeartbeatRequest,
 )
 from mesh.controlplane.settings import settings_from
 from mesh.errors import StopError
@@ -243,7 +245,12 @@ async def test_registration_rules_revocation_and_audit(nats_server: NatsServer, 
         assert forged.code == "unauthorized"
 
         # Revoked: heartbeats refused (the agent stops), re-registration refused.
-        done = await client.revoke("erp-agent", reason="laptop stolen", actor="alice")
+        # Sent by alice (the subject's caller token), claiming to be mallory in the body: the
+        # audit trail records alice.
+        done = await client.request(
+            Revoke(name="erp-agent", reason="laptop stolen", actor="mallory"), caller="alice"
+        )
+        assert isinstance(done, Done)
         assert "revoked" in done.message
         with pytest.raises(StopError, match="revoked"):
             await hb.beat()
@@ -278,6 +285,7 @@ async def test_registration_rules_revocation_and_audit(nats_server: NatsServer, 
         kinds = [(r.entry.kind, r.entry.target, r.entry.who) for r in records]
         assert kinds[:2] == [("register", "erp-agent", kinds[0][2]), ("register", "erp-agent", kinds[0][2])]
         assert ("revoke", "erp-agent", "alice") in kinds
+        assert all(who != "mallory" for _, _, who in kinds)
         assert ("deregister", "erp-agent", "alice") in kinds
         assert all(r.subject == f"audit.{r.entry.kind}" and r.entry.replica == cp.name for r in records)
         revoke = next(r for r in records if r.entry.kind == "revoke")

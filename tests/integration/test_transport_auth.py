@@ -133,7 +133,7 @@ async def test_its_own_assignment_key_only(agent: JetStream, admin: JetStream) -
     with pytest.raises(
         Refused,
         match=r"publish to \$JS\.API\.DIRECT\.GET\.KV_mesh_assign\.\$KV\.mesh_assign\.agent\.crm-agent",
-    ):  # noqa: E501
+    ):
         await agent.read_key("mesh_assign", "agent.crm-agent")
     async with await agent.subscribe("$KV.mesh_assign.agent.erp-agent") as sub:
         refused = r"^permission denied: subscribe to \$KV\.mesh_assign\.agent\.crm-agent$"
