@@ -5,15 +5,21 @@ connect is one clear TransportError."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nkeys
 import pytest
 
 from mesh.broker import NatsServer
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.errors import TransportError
-from mesh.transport import DLQ_STREAM, JetStream, Message, OutMessage, Refused
+from mesh.transport import DLQ_STREAM, JetStream, Message, NoResponders, OutMessage, Refused
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -180,3 +186,79 @@ async def test_a_refused_connect_is_one_clear_error(
     with pytest.raises(TransportError, match=r"authorization violation .*an anonymous connection"):
         async with JetStream(NatsConfig(servers=[secured.url]), name="anonymous"):
             pass
+
+
+# --- a rewritten creds file takes effect at reconnect() -------------------------------------------
+# A minimal operator -> account -> user chain of our own (the JWT format nats-server reads), so this
+# test needs nothing from mesh.security.
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(signer: nkeys.KeyPair, subject: str, name: str, nats_claims: dict[str, object]) -> str:
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    claims = {"iat": int(time.time()), "iss": signer.public_key.decode(), "name": name, "sub": subject,
+              "nats": {**nats_claims, "version": 2}}  # fmt: skip
+    claims["jti"] = (
+        base64.b32encode(hashlib.sha256(json.dumps(claims).encode()).digest()).decode().rstrip("=")
+    )
+    body = _b64(json.dumps(claims).encode())
+    signature = _b64(signer.sign(f"{header}.{body}".encode()))
+    return f"{header}.{body}.{signature}"
+
+
+def _keypair(prefix: int) -> nkeys.KeyPair:
+    return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
+
+
+def _creds(jwt: str, seed: bytes) -> str:
+    return (
+        f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+
+
+async def test_reconnect_takes_a_rewritten_creds_file(tmp_path: Path) -> None:
+    operator = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    account = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user = _keypair(nkeys.PREFIX_BYTE_USER)
+    op_pub, acc_pub, user_pub = (k.public_key.decode() for k in (operator, account, user))
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+                 "conn": -1, "leaf": -1}  # fmt: skip
+    op_jwt = _jwt(operator, op_pub, "test-operator", {"type": "operator"})
+    acc_jwt = _jwt(operator, acc_pub, "MESH", {"type": "account", "limits": unlimited})
+    system = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    sys_pub = system.public_key.decode()
+    sys_jwt = _jwt(operator, sys_pub, "SYS", {"type": "account", "limits": unlimited})
+
+    def user_jwt(publish: list[str]) -> str:
+        perms = {"pub": {"allow": publish}, "sub": {"allow": ["_INBOX.erp-agent.>"]}}
+        return _jwt(
+            account, user_pub, "erp-agent", {"type": "user", "subs": -1, "data": -1, "payload": -1, **perms}
+        )
+
+    store = tmp_path / "nats"
+    store.mkdir()
+    conf = tmp_path / "operator.conf"
+    conf.write_text(
+        f'server_name: jwt-test\njetstream {{ store_dir: "{store}" }}\noperator: {op_jwt}\n'
+        f"system_account: {sys_pub}\nresolver: MEMORY\n"
+        f"resolver_preload: {{ {acc_pub}: {acc_jwt}, {sys_pub}: {sys_jwt} }}\n"
+    )
+    creds = tmp_path / "erp-agent.creds"
+    creds.write_text(_creds(user_jwt(["svc.a"]), user.seed))
+    with NatsServer(store, config_file=conf) as server:
+        cfg = NatsConfig(
+            servers=[server.url], creds=str(creds), inbox_prefix="_INBOX.erp-agent", request_timeout=TIMEOUT
+        )
+        async with JetStream(cfg, name="erp-agent") as js:
+            with pytest.raises(NoResponders):  # allowed: nobody serves it
+                await js.request("svc.a", b"", timeout=TIMEOUT)
+            with pytest.raises(Refused, match=r"^permission denied: publish to svc\.b$"):
+                await js.request("svc.b", b"", timeout=TIMEOUT)
+            creds.write_text(_creds(user_jwt(["svc.a", "svc.b"]), user.seed))  # same seed, new JWT
+            await js.reconnect()
+            with pytest.raises(NoResponders):  # allowed now
+                await js.request("svc.b", b"", timeout=TIMEOUT)
