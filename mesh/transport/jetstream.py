@@ -187,18 +187,34 @@ class NatsDelivery(Delivery):
 class PullConsumer(Consumer):
     """A durable pull consumer bound to one (flow, sink); several agent replicas may share it."""
 
-    def __init__(self, sub: JetStreamContext.PullSubscription, name: str) -> None:
+    def __init__(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        name: str,
+        *,
+        denials: Denials | None = None,
+        next_subject: str = "",
+    ) -> None:
         self._sub = sub
         self.name = name
+        self._denials = denials or Denials()
+        self._next_subject = next_subject
+        """The API subject a fetch publishes to (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>``)."""
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        try:
-            msgs = await self._sub.fetch(batch, timeout=timeout)
-        except TIMEOUTS:  # nats-py raises on an empty batch
-            return []
-        except NATS_ERRORS as exc:
-            raise TransportError(f"fetch from {self.name}: {type(exc).__name__}: {exc}") from exc
-        return [NatsDelivery(m) for m in msgs]
+        """See :meth:`Consumer.fetch`; raises Refused when the credentials may not pull from
+        this consumer (instead of answering empty batches forever)."""
+        with self._denials.pending(publish=(self._next_subject,)) as pending:
+            msgs = None
+            with pending.scope:
+                try:
+                    msgs = await self._sub.fetch(batch, timeout=timeout)
+                except TIMEOUTS:  # nats-py raises on an empty batch
+                    pass
+                except NATS_ERRORS as exc:
+                    raise TransportError(f"fetch from {self.name}: {type(exc).__name__}: {exc}") from exc
+            pending.check()
+        return [NatsDelivery(m) for m in msgs or []]
 
     async def pending(self) -> int:
         info = await translated(f"consumer info {self.name}", self._sub.consumer_info())
@@ -740,7 +756,8 @@ class JetStream(Transport):
         sub = await translated(
             f"bind consumer {durable}", self.js.pull_subscribe_bind(durable=durable, stream=stream)
         )
-        return PullConsumer(sub, durable)
+        next_subject = f"{self._api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        return PullConsumer(sub, durable, denials=self.nc.denials, next_subject=next_subject)
 
     async def key_value(
         self, name: str, *, history: int = 1, replicas: int = 1, memory: bool = False, create: bool = True

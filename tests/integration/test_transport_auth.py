@@ -33,6 +33,18 @@ AGENT_PUBLISH = [
     "$JS.API.INFO",
     "$JS.API.STREAM.INFO.MESH_EVENTS",
     "$JS.API.DIRECT.GET.KV_mesh_assign.$KV.mesh_assign.agent.erp-agent",
+    *(
+        subject
+        for c in ("f1-erp", "f3-half")
+        for subject in (
+            f"$JS.API.CONSUMER.CREATE.MESH_EVENTS.{c}",
+            f"$JS.API.CONSUMER.CREATE.MESH_EVENTS.{c}.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.MESH_EVENTS.{c}",
+            f"$JS.API.CONSUMER.INFO.MESH_EVENTS.{c}",
+        )
+    ),
+    "$JS.API.CONSUMER.MSG.NEXT.MESH_EVENTS.f1-erp",  # f3-half: created, but no pulling from it
+    "$JS.ACK.MESH_EVENTS.f1-erp.>",
 ]
 AGENT_SUBSCRIBE = ["_INBOX.erp-agent.>", "mesh.cp.agent.erp-agent", "$KV.mesh_assign.agent.erp-agent"]
 
@@ -120,6 +132,27 @@ async def test_refused_jetstream_api_calls_name_their_subject(agent: JetStream) 
         await agent.stream_info(DLQ_STREAM)
     with pytest.raises(Refused, match=r"publish to \$JS\.API\.STREAM\.DELETE\.MESH_EVENTS"):
         await agent.js.delete_stream("MESH_EVENTS")
+
+
+async def test_its_own_consumers_only(agent: JetStream) -> None:
+    await agent.publish(OutMessage("evt.customer.upserted.erp", b"x", "c-1"))
+    own = await agent.pull_consumer(
+        durable="f1-erp", filter_subject="evt.customer.>", ack_wait=30, max_deliver=3, max_ack_pending=10
+    )
+    got = await own.fetch(5, timeout=5)
+    assert [d.data for d in got] == [b"x"]
+    await got[0].ack()
+    with pytest.raises(Refused, match=r"publish to \$JS\.API\.CONSUMER\..*MESH_EVENTS\.f2-crm"):
+        await agent.pull_consumer(
+            durable="f2-crm", filter_subject="evt.>", ack_wait=30, max_deliver=3, max_ack_pending=10
+        )
+    half = await agent.pull_consumer(
+        durable="f3-half", filter_subject="evt.>", ack_wait=30, max_deliver=3, max_ack_pending=10
+    )
+    with pytest.raises(
+        Refused, match=r"^permission denied: publish to \$JS\.API\.CONSUMER\.MSG\.NEXT\.MESH_EVENTS\.f3-half$"
+    ):
+        await half.fetch(1, timeout=TIMEOUT)  # not an empty batch after the timeout: refused
 
 
 async def test_a_control_plane_request_it_may_not_send_is_refused(agent: JetStream) -> None:
