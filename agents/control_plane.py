@@ -3,9 +3,11 @@
 One process is one *replica*; run several for high availability. Each replica::
 
     HTTP (/healthz /readyz /status /metrics /)          ◄── operators, probes, Prometheus
-    NATS request/reply  <prefix>.agents|status.*        ◄── every replica (queue group), from its mirror
+    NATS request/reply  <prefix>.agents|status|flows    ◄── every replica (queue group), from its mirror
+                        .<caller>
     NATS request/reply  <prefix>.register|deregister|   ◄── the leader only (queue group)
-                        revoke|heartbeat|....*
+                        revoke|heartbeat|flow_apply|
+                        flow_delete|command.<caller>
     KV mesh_agents ──watch──► mirror ──► health sweep, status, metrics
     KV mesh_leader ◄──CAS──► lease (one leader; see mesh.controlplane.lease)
     stream MESH_AUDIT ◄── register / deregister / revoke entries (leader)
