@@ -35,7 +35,7 @@ from mesh.controlplane.identity import load_credentials
 from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
 from mesh.errors import ConfigError, TransportError
 from mesh.readiness import Readiness
-from mesh.transport import Entry, Message, Subscription, Transport
+from mesh.transport import Entry, Message, Refused, Subscription, Transport
 
 __all__ = ["ControlChannel", "command_subject"]
 
@@ -96,17 +96,15 @@ class ControlChannel:
                 continue
             told = ""
             try:
-                sub = await transport.subscribe(f"$KV.{ASSIGN_BUCKET}.{key}")
-            except TransportError as exc:
-                log.debug("subscribe to %s/%s: %s", ASSIGN_BUCKET, key, exc)
-                await anyio.sleep(self.retry_every)
-                continue
-            async with sub:
-                try:
+                async with await transport.subscribe(f"$KV.{ASSIGN_BUCKET}.{key}") as sub:
                     await self._follow(transport, sub, key)
-                except TransportError as exc:
-                    log.debug("read %s/%s: %s", ASSIGN_BUCKET, key, exc)
-                    await anyio.sleep(self.retry_every)
+            except TransportError as exc:
+                # A refusal (credentials that do not cover this agent's key) is the operator's
+                # to fix: say it; anything else is a broker that is away for a moment.
+                level = logging.WARNING if isinstance(exc, Refused) else logging.DEBUG
+                log.log(level, "agent %s: cannot follow its assignment (%s/%s): %s", self.name,
+                        ASSIGN_BUCKET, key, exc)  # fmt: skip
+                await anyio.sleep(self.retry_every)
 
     async def _why_not(self, js: Transport) -> str:
         """Why the agent cannot follow its assignment now ("" when it can)."""

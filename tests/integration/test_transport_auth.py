@@ -13,12 +13,19 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import nkeys
 import pytest
 
+from agents.control import ControlChannel
+from agents.flows import FlowManager
+from mesh.actors import Supervisor
 from mesh.broker import NatsServer
 from mesh.config import NatsConfig, StreamsConfig
+from mesh.controlplane.identity import Credentials, save_credentials
+from mesh.controlplane.models import Assignment, encode
 from mesh.errors import TransportError
+from mesh.readiness import Readiness
 from mesh.transport import DLQ_STREAM, JetStream, Message, NoResponders, OutMessage, Refused
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(60)]
@@ -295,3 +302,50 @@ async def test_reconnect_takes_a_rewritten_creds_file(tmp_path: Path) -> None:
             await js.reconnect()
             with pytest.raises(NoResponders):  # allowed now
                 await js.request("svc.b", b"", timeout=TIMEOUT)
+
+
+async def test_the_control_channel_follows_its_assignment_with_agent_permissions(
+    agent: JetStream, admin: JetStream, tmp_path: Path
+) -> None:
+    bucket = await admin.key_value("mesh_assign")
+    await bucket.put("agent.erp-agent", encode(Assignment(agent="erp-agent", updated_at=1.0)))
+    save_credentials(
+        tmp_path,
+        Credentials(agent_id="a1", name="erp-agent", site="s", token="t" * 32, control_plane="x",
+                    registered_at=0.0),
+    )  # fmt: skip
+    readiness = Readiness(["assignments"])
+    seen: list[float | None] = []
+
+    class Recording(FlowManager):
+        async def sync(self, assignment: Assignment | None) -> None:
+            seen.append(assignment.updated_at if assignment else None)
+            await super().sync(assignment)
+
+    async def connected() -> JetStream:
+        return agent
+
+    async def zero(flow: str) -> int:
+        return 0
+
+    async with Supervisor("auth") as sup:
+        flows = Recording(
+            "erp-agent", sup, lambda h: [], expire_inflight=lambda owner: None, outbox_depth=zero,
+            state_dir=str(tmp_path),
+        )  # fmt: skip
+        channel = ControlChannel(
+            "erp-agent", tmp_path, connected, flows, readiness=readiness, retry_every=0.2
+        )
+        await sup.start("assignments", channel.watch_assignments)
+        with anyio.fail_after(TIMEOUT):
+            await readiness.wait("assignments")
+            assert seen == [1.0]
+            await bucket.put("agent.erp-agent", encode(Assignment(agent="erp-agent", updated_at=2.0)))
+            while seen[-1] != 2.0:
+                await anyio.sleep(0.02)
+            # Each change is read back by key; the agent converges on the last one.
+            await bucket.delete("agent.erp-agent")
+            while seen[-1] is not None:
+                await anyio.sleep(0.02)
+        assert seen == [1.0, 2.0, None]
+        sup.cancel()
