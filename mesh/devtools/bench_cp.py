@@ -312,7 +312,7 @@ async def _simulate(url: str, n: int, interval: float, root: Path, seed: int) ->
                     stats["sent"] += 1
                 cause = ""
                 try:
-                    reply = await client.request(req)
+                    reply = await client.request(req, caller=a.name)  # sent as the agent itself
                 except MeshError as exc:
                     reply = None
                     cause = str(exc)
