@@ -484,7 +484,7 @@ class JetStream(Transport):
                 **options,
             )
         except _TlsRefused as exc:
-            await self._abandon(nc)
+            # No close(): after a failed TLS upgrade nats-py 2.16 would wait on the dead stream.
             raise TransportError(
                 f"cannot connect to {redact_urls(self.cfg.servers)}: "
                 f"{describe_tls_failure(exc.error, self.cfg)}"
