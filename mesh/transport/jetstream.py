@@ -936,9 +936,9 @@ class JetStream(Transport):
                 pending.check()
                 raise TransportError(f"subscription {subject} ended")  # the connection was closed
             finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    with contextlib.suppress(*NATS_ERRORS):
-                        await sub.unsubscribe()
+                quiet = contextlib.suppress(*NATS_ERRORS)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2), quiet:
+                    await sub.unsubscribe()
 
     @classmethod
     async def _answer_released(cls, handler: Handler, msg: Msg, slots: anyio.Semaphore) -> None:
