@@ -61,6 +61,7 @@ from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
 from mesh.transport import Consumer, Delivery, OutMessage, Transport, dlq_subject, event_subject
+from mesh.transport.subjects import consumer_name
 
 __all__ = ["Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
 
@@ -104,7 +105,7 @@ class FlowPlan:
     @property
     def durable(self) -> str:
         """The durable consumer's name: one per (flow, sink system), shared by replicas."""
-        return f"{self.cfg.name}-{self.system}"
+        return consumer_name(self.cfg.name, self.system)
 
     @property
     def filter_subject(self) -> str:
