@@ -1,0 +1,125 @@
+"""Secured nats-servers for the tests: every server the suite starts runs NATS decentralized
+auth (operator mode, full resolver) with one security dir per test session, so no test can
+talk to NATS anonymously (README "Security").
+
+* :class:`SecuredNatsServer`: a :class:`~mesh.broker.NatsServer` started with
+  :func:`~mesh.security.setup.server_config` (its own resolver dir), exposing ``admin_creds``
+  and :meth:`~SecuredNatsServer.nats_config` (a NatsConfig with the admin creds).
+* :func:`issue_agent_creds`: what ``meshctl security issue-agent`` writes, in-process: the
+  least-privilege creds of an agent config's static flows.
+* :func:`create_layout`: the streams an agent checks but never creates (the control plane owns
+  them), created with the admin creds for tests that run agents without a control plane.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from mesh.broker import NatsServer
+from mesh.config import AgentConfig, NatsConfig, StreamsConfig, load_agent_config
+from mesh.security.authority import Authority, read_creds, write_creds
+from mesh.security.jwt import new_seed, public_key_of_seed
+from mesh.security.permissions import permissions_for_agent
+from mesh.security.setup import init_security_dir, server_config
+
+__all__ = [
+    "SecuredNatsServer",
+    "admin_creds",
+    "create_layout",
+    "init_test_security",
+    "issue_agent_creds",
+    "secure_agent",
+]
+
+
+def init_test_security(directory: Path) -> Path:
+    """A security dir in ``directory`` (created once per session by the ``security_dir`` fixture)."""
+    init_security_dir(directory)
+    return directory
+
+
+def admin_creds(security_dir: Path) -> Path:
+    return security_dir / "creds" / "admin.creds"
+
+
+class SecuredNatsServer(NatsServer):
+    """A nats-server that trusts ``security_dir`` and refuses anonymous clients.
+
+    Its config file and resolver dir sit beside ``store_dir`` (``<store_dir>.conf``,
+    ``<store_dir>-resolver``); ``extra_config`` is appended to the config (leaf node blocks).
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        security_dir: Path,
+        *,
+        port: int | None = None,
+        monitor_port: int | None = None,
+        extra_config: str = "",
+        server_name: str | None = None,
+        **kw: Any,
+    ) -> None:
+        store = Path(store_dir)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        conf = store.parent / f"{store.name}.conf"
+        super().__init__(store, port=port, monitor_port=monitor_port, config_file=conf, **kw)
+        self.security_dir = security_dir
+        self.admin_creds = admin_creds(security_dir)
+        text = server_config(
+            security_dir,
+            resolver_dir=store.parent / f"{store.name}-resolver",
+            store_dir=store,
+            port=self.port,
+            server_name=server_name or f"mesh-{self.port}",
+        )
+        conf.write_text(text + extra_config)
+
+    def nats_config(self, **kw: Any) -> NatsConfig:
+        """A NatsConfig for this server with the admin creds (``kw`` overrides)."""
+        return NatsConfig(**{"servers": [self.url], "creds": str(self.admin_creds), **kw})
+
+
+# Until agents stop creating the streams at connect (branch heal: `[streams] manage`, agents only
+# check the streams the control plane owns), an agent with least-privilege creds cannot start:
+# its STREAM.CREATE is refused. Before that lands, agents get the admin creds here.
+_AGENTS_CHECK_STREAMS = "manage" in StreamsConfig.__struct_fields__
+
+
+def issue_agent_creds(config: Path | AgentConfig, security_dir: Path, out: Path | None = None) -> Path:
+    """Write the least-privilege creds of an agent config (``meshctl security issue-agent``):
+    to ``out`` or the config's ``[nats] creds``; the key of an existing file is kept."""
+    cfg = config if isinstance(config, AgentConfig) else load_agent_config(config)
+    target = out or (Path(cfg.nats.creds) if cfg.nats.creds else None)
+    assert target is not None, "the agent config names no [nats] creds"
+    if not _AGENTS_CHECK_STREAMS:
+        admin = read_creds(admin_creds(security_dir))
+        return write_creds(target, admin.jwt, admin.seed)
+    seed: bytes | str = read_creds(target).seed if target.exists() else new_seed("user")
+    authority = Authority.load(security_dir)
+    jwt = authority.issue_user(cfg.agent.name, public_key_of_seed(seed), permissions_for_agent(cfg))
+    return write_creds(target, jwt, seed)
+
+
+def create_layout(server: SecuredNatsServer, streams: StreamsConfig | None = None) -> None:
+    """Create the mesh streams with the admin creds (what the control plane does), for agents
+    that run without one."""
+    from mesh.transport.jetstream import JetStream
+
+    async def main() -> None:
+        async with JetStream(server.nats_config(), name="test-layout") as js:
+            await js.ensure_streams(streams or StreamsConfig())
+
+    anyio.run(main)
+
+
+def secure_agent(config: Path | AgentConfig, server: SecuredNatsServer) -> Path:
+    """Issue the agent's least-privilege creds (:func:`issue_agent_creds`) and make sure the
+    streams it checks exist (:func:`create_layout`, as a control plane would); the creds path."""
+    path = issue_agent_creds(config, server.security_dir)
+    if server.running:
+        create_layout(server)
+    return path
