@@ -13,6 +13,7 @@ talk to NATS anonymously (README "Security").
 
 from __future__ import annotations
 
+import concurrent.futures
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,9 @@ def create_layout(server: SecuredNatsServer, streams: StreamsConfig | None = Non
         async with JetStream(server.nats_config(), name="test-layout") as js:
             await js.ensure_streams(streams or StreamsConfig())
 
-    anyio.run(main)
+    # its own thread: callable from sync tests and from inside an async test's event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, main).result()
 
 
 def secure_agent(config: Path | AgentConfig, server: SecuredNatsServer) -> Path:
