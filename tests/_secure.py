@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 
@@ -51,6 +51,8 @@ class SecuredNatsServer(NatsServer):
 
     Its config file and resolver dir sit beside ``store_dir`` (``<store_dir>.conf``,
     ``<store_dir>-resolver``); ``extra_config`` is appended to the config (leaf node blocks).
+    With ``layout`` every start also creates the mesh streams with the admin creds (what a
+    control plane does), for agents run without one.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class SecuredNatsServer(NatsServer):
         monitor_port: int | None = None,
         extra_config: str = "",
         server_name: str | None = None,
+        layout: bool = False,
         **kw: Any,
     ) -> None:
         store = Path(store_dir)
@@ -69,6 +72,7 @@ class SecuredNatsServer(NatsServer):
         conf = store.parent / f"{store.name}.conf"
         super().__init__(store, port=port, monitor_port=monitor_port, config_file=conf, **kw)
         self.security_dir = security_dir
+        self.layout = layout
         self.admin_creds = admin_creds(security_dir)
         text = server_config(
             security_dir,
@@ -78,6 +82,13 @@ class SecuredNatsServer(NatsServer):
             server_name=server_name or f"mesh-{self.port}",
         )
         conf.write_text(text + extra_config)
+
+    def start(self, timeout: float = 10.0) -> Self:
+        was_running = self.running
+        super().start(timeout)
+        if self.layout and not was_running:
+            create_layout(self)
+        return self
 
     def nats_config(self, **kw: Any) -> NatsConfig:
         """A NatsConfig for this server with the admin creds (``kw`` overrides)."""
