@@ -258,7 +258,8 @@ def test_two_way_sync_converges_and_owners_win(
     _write(crm_db, "UPDATE accounts SET email_address = 'next@crm.example' WHERE account_id = '8'")
     email_8 = "SELECT email FROM customers WHERE id = 8"
     wait_until(lambda: _rows(erp_db, email_8) == [("next@crm.example",)], 30, "the flow going on")
-    result = CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url])
+    env = {"MESH_CREDS": str(nats_server.admin_creds)}
+    result = CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url], env=env)
     assert result.exit_code == 0, result.output
     entries = json.loads(result.output)
     assert len(entries) == 1, entries
