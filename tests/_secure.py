@@ -14,6 +14,7 @@ talk to NATS anonymously (README "Security").
 from __future__ import annotations
 
 import concurrent.futures
+import tomllib
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,6 +34,8 @@ __all__ = [
     "init_test_security",
     "issue_agent_creds",
     "secure_agent",
+    "with_agent_creds",
+    "write_agent_config",
 ]
 
 
@@ -136,4 +139,22 @@ def secure_agent(config: Path | AgentConfig, server: SecuredNatsServer) -> Path:
     path = issue_agent_creds(config, server.security_dir)
     if server.running:
         create_layout(server)
+    return path
+
+
+def with_agent_creds(text: str, creds: Path) -> str:
+    """An agent config's TOML with ``[nats] creds = creds`` and the agent's own inbox prefix
+    (``_INBOX.<agent name>``, which its permissions require); adds ``[nats]`` when missing."""
+    name = tomllib.loads(text)["agent"]["name"]
+    lines = f'creds = "{creds}"\ninbox_prefix = "_INBOX.{name}"\n'
+    if "\n[nats]\n" in text:
+        return text.replace("\n[nats]\n", f"\n[nats]\n{lines}", 1)
+    return f"{text}\n[nats]\n{lines}"
+
+
+def write_agent_config(path: Path, text: str, server: SecuredNatsServer) -> Path:
+    """Write an agent config with its own least-privilege creds (``<path>.creds``, see
+    :func:`with_agent_creds` and :func:`secure_agent`); returns ``path``."""
+    path.write_text(with_agent_creds(text, path.with_suffix(".creds")))
+    secure_agent(path, server)
     return path
