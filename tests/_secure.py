@@ -34,6 +34,7 @@ __all__ = [
     "init_test_security",
     "issue_agent_creds",
     "secure_agent",
+    "secure_config",
     "with_agent_creds",
     "write_agent_config",
 ]
@@ -158,3 +159,13 @@ def write_agent_config(path: Path, text: str, server: SecuredNatsServer) -> Path
     path.write_text(with_agent_creds(text, path.with_suffix(".creds")))
     secure_agent(path, server)
     return path
+
+
+def secure_config(text: str, creds: Path, server: SecuredNatsServer) -> AgentConfig:
+    """Parse an agent config's TOML with its own least-privilege creds at ``creds`` (for agents
+    run in-process; see :func:`with_agent_creds` and :func:`secure_agent`)."""
+    from mesh.config import parse_agent_config
+
+    cfg = parse_agent_config(with_agent_creds(text, creds))
+    secure_agent(cfg, server)
+    return cfg
