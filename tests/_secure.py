@@ -120,13 +120,15 @@ def issue_agent_creds(config: Path | AgentConfig, security_dir: Path, out: Path 
     return write_creds(target, jwt, seed)
 
 
-def create_layout(server: SecuredNatsServer, streams: StreamsConfig | None = None) -> None:
+def create_layout(server: SecuredNatsServer | NatsConfig, streams: StreamsConfig | None = None) -> None:
     """Create the mesh streams with the admin creds (what the control plane does), for agents
-    that run without one."""
+    that run without one; ``server`` may also be the NatsConfig of another server (a leaf)."""
     from mesh.transport.jetstream import JetStream
 
+    cfg = server if isinstance(server, NatsConfig) else server.nats_config()
+
     async def main() -> None:
-        async with JetStream(server.nats_config(), name="test-layout") as js:
+        async with JetStream(cfg, name="test-layout") as js:
             await js.ensure_streams(streams or StreamsConfig())
 
     # its own thread: callable from sync tests and from inside an async test's event loop

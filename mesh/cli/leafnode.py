@@ -68,7 +68,19 @@ def _config(
         str, typer.Option(help="Leaf JetStream fsync: 'always' (no loss on power cut) or e.g. 2m.")
     ] = "always",
     credentials: Annotated[
-        Path | None, typer.Option(help="Credentials file for the hub connection.", show_default=False)
+        Path | None,
+        typer.Option(
+            help="Credentials file of the leaf node's link to the hub (`meshctl security issue-leaf`).",
+            show_default=False,
+        ),
+    ] = None,
+    security_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Mesh security dir (`meshctl security init`): both servers run its operator and the"
+            " link binds to the MESH account (needs --credentials).",
+            show_default=False,
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
     check: Annotated[
@@ -83,6 +95,7 @@ def _config(
             hub=hub, domain=domain, store_dir=store_dir, port=port, name=name, listen=listen,
             monitor_port=monitor_port, hub_domain=hub_domain, sync_interval=sync_interval,
             credentials=credentials, hub_bind=hub_bind, hub_port=hub_port, hub_store_dir=hub_store_dir,
+            security_dir=security_dir,
         )  # fmt: skip
         files = write_leafnode_files(plan, out, force=force, check=check)
     except MeshError as exc:
@@ -100,6 +113,12 @@ def _link(
         list[str], typer.Option(help="Hub URL (repeatable), e.g. nats://hub:4222.", show_default=False)
     ],
     user: Annotated[str | None, typer.Option(help="NATS user.", show_default=False)] = None,
+    creds: Annotated[
+        Path | None,
+        typer.Option(
+            "--creds", envvar="MESH_CREDS", help="Credentials file (env MESH_CREDS).", show_default=False
+        ),
+    ] = None,
     password_env: Annotated[
         str | None, typer.Option(help="Environment variable holding the password.", show_default=False)
     ] = None,
@@ -122,7 +141,9 @@ def _link(
     from mesh.transport import EVENTS_STREAM, JetStream
 
     async def run() -> None:
-        cfg = NatsConfig(servers=server, user=user, password_env=password_env)
+        cfg = NatsConfig(
+            servers=server, user=user, password_env=password_env, creds=None if creds is None else str(creds)
+        )
         async with JetStream(cfg, name="meshctl-leafnode-link") as js:
             changed = await ensure_edge_sourcing(js, domain, streams=StreamsConfig())
             verb = "now sources" if changed else "already sources"

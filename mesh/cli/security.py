@@ -5,6 +5,8 @@
   and prints how to start nats-server with it.
 * ``issue-agent --config agent.toml --dir DIR`` writes the least-privilege ``.creds`` of an agent
   that runs the static flows of its config without a control plane (on-prem, tests).
+* ``issue-leaf --dir DIR --domain D --out PATH`` writes the ``.creds`` a site's leaf node uses
+  for its link to the hub (``meshctl leafnode config --credentials``).
 
 Errors the operator can fix print one line and exit 2.
 """
@@ -121,3 +123,37 @@ def _issue_agent(
         f"wrote {path} for agent {cfg.agent.name}: publishes {len(perms.pub.allow)} subjects,"
         f" subscribes {len(perms.sub.allow)}"
     )
+
+
+@app.command("issue-leaf")
+def _issue_leaf(
+    directory: Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")],
+    domain: Annotated[
+        str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the .creds.", show_default=False)],
+) -> None:
+    """Write the .creds of a site's leaf node for its link to the hub (user leaf-DOMAIN).
+
+    The link binds the leaf's MESH account to the hub's: the user may carry the whole account
+    (the stream subjects never cross: the leaf's remote denies them both ways; events reach the
+    hub only by stream sourcing). Keep the file on the site, 0600.
+    """
+    from mesh.security.authority import Authority, read_creds, write_creds
+    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
+    from mesh.security.permissions import admin_permissions, validate_token
+
+    try:
+        name = f"leaf-{validate_token(domain, 'domain')}"
+        authority = Authority.load(directory)
+        seed: bytes | str = new_seed("user")
+        if out.exists():
+            with contextlib.suppress(InvalidToken):
+                seed = read_creds(out).seed
+        jwt = authority.issue_user(name, public_key_of_seed(seed), admin_permissions())
+        path = write_creds(out, jwt, seed)
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    typer.echo(f"wrote {path} (user {name}): pass it to `meshctl leafnode config --credentials`")
