@@ -28,70 +28,10 @@ from typing import Any
 
 import anyio
 
-from mesh.broker import NatsServer, free_port
-from mesh.config import StreamsConfig
+from mesh.broker import NatsServer
+from mesh.devtools._bench_auth import Secured as _Secured
 
 __all__ = ["run_bench", "run_outage_bench"]
-
-# Until agents stop creating the streams at connect (they only check them once the layout healing
-# lands: `[streams] manage`), an agent with least-privilege creds cannot start (its STREAM.CREATE
-# is refused); until then the benchmark's agents get the admin creds.
-_AGENTS_CHECK_STREAMS = "manage" in StreamsConfig.__struct_fields__
-
-
-class _Secured:
-    """The benchmark's broker runs secured, as production does: NATS decentralized auth from a
-    fresh security dir, each agent its own least-privilege creds, the raw baseline and the setup
-    as the admin."""
-
-    def __init__(self, root: Path) -> None:
-        from mesh.security.setup import init_security_dir
-
-        self.dir = root / "security"
-        init_security_dir(self.dir)
-
-    @property
-    def admin_creds(self) -> Path:
-        return self.dir / "creds" / "admin.creds"
-
-    def server(self, store: Path) -> NatsServer:
-        from mesh.security.setup import server_config
-
-        port = free_port()
-        conf = store.with_name(store.name + ".conf")
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        resolver = store.with_name(store.name + "-resolver")
-        conf.write_text(server_config(self.dir, resolver_dir=resolver, store_dir=store, port=port))
-        return NatsServer(store, port=port, config_file=conf)
-
-    def agent_creds(self, config_text: str, path: Path) -> None:
-        """Write the least-privilege creds of the agent config ``config_text`` to ``path``."""
-        from mesh.config import parse_agent_config
-        from mesh.security.authority import Authority, read_creds, write_creds
-        from mesh.security.jwt import new_seed, public_key_of_seed
-        from mesh.security.permissions import permissions_for_agent
-
-        if not _AGENTS_CHECK_STREAMS:
-            admin = read_creds(self.admin_creds)
-            write_creds(path, admin.jwt, admin.seed)
-            return
-        cfg = parse_agent_config(config_text)
-        seed = new_seed("user")
-        jwt = Authority.load(self.dir).issue_user(
-            cfg.agent.name, public_key_of_seed(seed), permissions_for_agent(cfg)
-        )
-        write_creds(path, jwt, seed)
-
-    async def streams(self, url: str) -> None:
-        """Create the mesh streams as the admin (the control plane's job; agents only check)."""
-        from mesh.config import NatsConfig
-        from mesh.transport import JetStream
-
-        async with JetStream(
-            NatsConfig(servers=[url], creds=str(self.admin_creds)), name="bench-setup"
-        ) as js:
-            await js.ensure_streams(StreamsConfig())
-
 
 _SOURCE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
