@@ -3,7 +3,8 @@
 It owns the stores (outbox, inbox), the NATS link and one supervisor, and wires the delivery
 path's actors (:mod:`agents.delivery`: capture and apply per flow, one relay) with only what each
 uses. Every loop is an actor under that supervisor: a crash restarts that loop with backoff, the
-others keep running. The agent is ready (``readiness``) once stores, NATS link and command
+others keep running. The agent is ready (``readiness``) once stores, NATS link, the streams it
+uses (:mod:`agents.layout`; it waits, without crashing, while one is missing) and command
 channel are up.
 """
 
@@ -23,6 +24,7 @@ from anyio.abc import TaskStatus
 from agents.control import ControlChannel
 from agents.delivery import Apply, Capture, FlowPlan, Relay
 from agents.flows import FlowHandle, FlowManager
+from agents.layout import StreamCheck
 from mesh.actors import Actor, Backoff, Supervisor
 from mesh.adapters import Sink, Source
 from mesh.config import AdapterConfig, AgentConfig
@@ -56,7 +58,9 @@ def open_sink(cfg: AdapterConfig) -> Sink:
 
 
 class NatsLink:
-    """Connects (retrying forever) and ensures the streams; the agent closes it last.
+    """Connects (retrying forever); the agent closes it last. With ``[streams] manage = true``
+    it also creates or updates the streams at connect (otherwise :class:`~agents.layout.StreamCheck`
+    only checks them and creates missing ones when permitted).
 
     The connection outlives every actor: it is closed by :meth:`aclose` only after the
     supervisor has stopped, so in-flight batches can still ack or nak during a graceful stop.
@@ -87,7 +91,8 @@ class NatsLink:
                 js = JetStream(self.cfg.nats, name=self.cfg.agent.name)
                 try:
                     await js.connect()
-                    await js.ensure_streams(self.cfg.streams)
+                    if self.cfg.streams.manage:
+                        await js.ensure_streams(self.cfg.streams)
                 except TransportError as exc:
                     await js.aclose()
                     delay = backoff.delay(attempt)
@@ -122,18 +127,30 @@ class ConnectorAgent:
     """One agent process: its stores, its NATS link, and an actor per flow direction."""
 
     def __init__(
-        self, cfg: AgentConfig, *, metrics: Metrics | None = None, readiness: Readiness | None = None
+        self,
+        cfg: AgentConfig,
+        *,
+        metrics: Metrics | None = None,
+        readiness: Readiness | None = None,
+        stream_check_every: float = 5.0,
+        config_retry: Backoff | None = None,
     ) -> None:
+        """``stream_check_every``: seconds between checks that the streams exist;
+        ``config_retry``: the backoff of a flow failing on its configuration (see
+        :data:`agents.delivery.CONFIG_RETRY`)."""
         self.cfg = cfg
+        self.config_retry = config_retry
         self.metrics = metrics or Metrics()
         self.readiness = readiness or Readiness([])
-        """Ready once stores, NATS link and command channel are up (the runner adds "signals")."""
-        for condition in ("stores", "nats", "commands"):
+        """Ready once stores, NATS link, the streams it needs and the command channel are up (the
+        runner adds "signals")."""
+        for condition in ("stores", "nats", "streams", "commands"):
             self.readiness.require(condition)
         state = Path(cfg.agent.state_dir)
         self.outbox = Outbox(state / "outbox.db")
         self.inbox = Inbox(state / "inbox.db")
         self.link = NatsLink(cfg, self.metrics, self.readiness)
+        self.streams = StreamCheck(self.link.wait, cfg.streams, self.readiness, every=stream_check_every)
         self.consumers: dict[str, Consumer] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
@@ -200,9 +217,10 @@ class ConnectorAgent:
             if self.stopping:
                 sup.cancel()
             await sup.start("nats", self.link.run)
+            await sup.start("streams", self.streams.run)
             relay = Relay(
                 self.outbox, self.link.wait, self.metrics, self.cfg.relay,
-                agent=self.cfg.agent.name, inflight=self.inflight,
+                agent=self.cfg.agent.name, inflight=self.inflight, streams=self.streams,
             )  # fmt: skip
             await sup.start("relay", relay.run)  # the agent's, whatever flows come and go
             a = self.cfg.agent
@@ -233,13 +251,14 @@ class ConnectorAgent:
         if (source_cfg := h.cfg.source) is not None:
             capture = Capture(
                 plan, self.outbox, self.metrics, lambda: open_source(source_cfg),
-                outbox_max_bytes=a.outbox_max_bytes, handle=h,
+                outbox_max_bytes=a.outbox_max_bytes, handle=h, config_retry=self.config_retry,
             )  # fmt: skip
             actors.append((f"capture:{h.name}", capture.run))
         if (sink_cfg := h.cfg.sink) is not None:
             apply = Apply(
                 plan, self.inbox, self.link.wait, self.metrics, lambda: open_sink(sink_cfg),
-                handle=h, inflight=self.inflight, consumers=self.consumers,
+                handle=h, inflight=self.inflight, consumers=self.consumers, streams=self.streams,
+                config_retry=self.config_retry,
             )  # fmt: skip
             actors.append((f"apply:{h.name}", apply.run))
         return actors
@@ -287,9 +306,10 @@ class ConnectorAgent:
             problems.append("NATS disconnected")
         if depth > a.outbox_warn_depth or age > a.outbox_warn_age:
             problems.append(f"outbox backlog {depth}, oldest {age:.0f}s")
-        failing = [f.name for f in flows if f.state == "failing"]
-        if failing:
-            problems.append(f"failing flows: {', '.join(failing)}")
+        for report in flows:  # the reason too: `meshctl agent health` shows this line as WHY
+            if report.state == "failing":
+                why = f": {report.detail}" if report.detail else ""
+                problems.append(f"flow {report.name} failing{why}")
         errors = int(
             metric_total(reg, "mesh_actor_restarts_total")
             + metric_total(reg, "mesh_publish_failures_total")

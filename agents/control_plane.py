@@ -41,7 +41,8 @@ from mesh.controlplane.audit import AuditLog
 from mesh.controlplane.flows import FlowStore
 from mesh.controlplane.health import HealthTracker
 from mesh.controlplane.http import HttpServer, create_app
-from mesh.controlplane.kv import Bucket, KvMirror, ensure_buckets
+from mesh.controlplane.kv import Bucket, KvMirror
+from mesh.controlplane.layout import LayoutKeeper
 from mesh.controlplane.lease import LeaderLease
 from mesh.controlplane.metrics import ControlPlaneMetrics
 from mesh.controlplane.models import (
@@ -101,9 +102,11 @@ class ControlPlane:
         *,
         metrics: ControlPlaneMetrics | None = None,
         transport: Transport | None = None,
+        heal_every: float = 5.0,
     ) -> None:
         """``transport`` defaults to JetStream on ``settings.nats``; the replica owns (and closes)
-        whichever it is given."""
+        whichever it is given. ``heal_every``: seconds between checks that every stream and
+        bucket still exists (a missing one is re-created, see :mod:`mesh.controlplane.layout`)."""
         self.settings = settings
         self.name = settings.name
         self.prefix = settings.subject_prefix
@@ -113,6 +116,7 @@ class ControlPlane:
         self.http: HttpServer | None = None
         self.http_port: int | None = None
         self.buckets: dict[str, Bucket] = {}
+        self.layout = LayoutKeeper(self.js, settings.streams, every=heal_every)
         self.mirror: KvMirror | None = None
         self.lease: LeaderLease | None = None
         self.builder: StatusBuilder | None = None
@@ -178,6 +182,14 @@ class ControlPlane:
             return "KV not loaded yet"
         try:
             with anyio.fail_after(2):
+                missing = await self.layout.find_missing()
+        except (TransportError, TimeoutError) as exc:
+            return f"streams not readable: {exc or 'timed out'}"
+        if missing:
+            self.layout.wake()
+            return "; ".join(f"{m} missing" for m in missing)
+        try:
+            with anyio.fail_after(2):
                 await self.buckets[LEADER_BUCKET].get("leader")
         except (TransportError, TimeoutError) as exc:
             return f"KV not readable: {exc or 'timed out'}"
@@ -194,7 +206,14 @@ class ControlPlane:
             if self._stopping:
                 sup.cancel()
             if s.http_port is not None:
-                self.http = HttpServer(create_app(self, token=token), s.http_host, s.http_port)
+                self.http = HttpServer(
+                    create_app(self, token=token),
+                    s.http_host,
+                    s.http_port,
+                    tls_cert_file=s.http_tls_cert_file,
+                    tls_key_file=s.http_tls_key_file,
+                    open_access=token is None,
+                )
                 self.http_port = await sup.start("http", self.http.run)
             await self._connect()
             self.conditions.set("nats")
@@ -234,6 +253,10 @@ class ControlPlane:
             await sup.start("mirror", self.mirror.run)
             await sup.start("flows-mirror", flows_mirror.run)
             await sup.start("assign-mirror", assign_mirror.run)
+            self.layout.mirrors.update(
+                {AGENTS_BUCKET: self.mirror, FLOWS_BUCKET: flows_mirror, ASSIGN_BUCKET: assign_mirror}
+            )
+            await sup.start("layout", self.layout.run)
             self.conditions.set("kv")
             await sup.start("reads", self._serve_reads)
             await sup.start("lease", self.lease.run)
@@ -259,12 +282,7 @@ class ControlPlane:
             try:
                 if not self.js.is_connected:
                     await self.js.connect()
-                await self.js.ensure_streams(self.settings.streams)
-                self.buckets = await ensure_buckets(
-                    self.js,
-                    replicas=self.settings.streams.replicas,
-                    memory=self.settings.streams.storage == "memory",
-                )
+                self.buckets = await self.layout.ensure()  # streams too
                 self.metrics.nats_connected.set(1)
                 return
             except TransportError as exc:

@@ -12,6 +12,16 @@ Apply, per flow with a ``sink``::
 
     fetch ─► decode ─► check ─► Inbox.seen? ─► Sink.apply (version guard) ─► Inbox.record ─► ack
 
+A flow whose configuration turns out wrong at run time (a wrong password, a missing table or key
+column, a capture trigger not installed, an empty secret: a :class:`~mesh.errors.ConfigError`
+from its adapter or mapping) is marked ``failing`` with a one-line reason (in the log, the
+heartbeat's ``FlowReport.detail`` and ``meshctl agent health``), logged without a traceback,
+and retried on the slow backoff :data:`CONFIG_RETRY`; once the cause is fixed it recovers by
+itself. Tracebacks are for bugs (any other exception, restarted by the supervisor).
+
+A sink flow binds its consumer only while ``MESH_EVENTS`` exists (see :mod:`agents.layout`);
+when the stream or its consumer disappears it waits and binds again, without crashing.
+
 Guarantees: nothing is acked before it is durable; a malformed or refused message is
 dead-lettered with its reason (a :class:`~mesh.envelope.DeadLetter`) and then termed, and the
 flow keeps going (I6); events whose origin is this agent's own system are never applied back to
@@ -34,6 +44,7 @@ import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from agents.flows import FlowHandle
+from agents.layout import StreamCheck
 from mesh.actors import Backoff
 from mesh.adapters import Applied, ChangeBatch, Sink, SinkRecord, Source
 from mesh.config import AdapterConfig, ConsumerConfig, FlowConfig, RelayConfig, RetryConfig
@@ -48,6 +59,7 @@ from mesh.envelope import (
     now_ms,
 )
 from mesh.errors import (
+    ConfigError,
     DecodeError,
     InvalidEnvelope,
     MappingError,
@@ -60,10 +72,19 @@ from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
-from mesh.transport import Consumer, Delivery, OutMessage, Transport, dlq_subject, event_subject
+from mesh.transport import (
+    EVENTS_STREAM,
+    Consumer,
+    Delivery,
+    NotFound,
+    OutMessage,
+    Transport,
+    dlq_subject,
+    event_subject,
+)
 from mesh.transport.subjects import consumer_name
 
-__all__ = ["Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
+__all__ = ["CONFIG_RETRY", "Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +95,15 @@ TransportSource = Callable[[], Awaitable[Transport]]
 
 Inflight = Callable[[str], AbstractContextManager[anyio.CancelScope]]
 """A shielded scope for one unit of in-flight work of ``owner`` (see ``ConnectorAgent.inflight``)."""
+
+
+CONFIG_RETRY = Backoff(base=2.0, cap=300.0)
+"""How a flow failing on its configuration retries: about 2 s, then doubling (with jitter) up
+to 5 minutes between attempts. The count starts again once the flow has worked for longer than
+the cap. ``meshctl flow restart`` (or resume) retries at once."""
+
+_CONSUMER_CHECK_EVERY = 5.0
+"""Seconds between checks, while idle, that the sink's consumer still exists."""
 
 
 @contextlib.contextmanager
@@ -166,8 +196,10 @@ class Capture:
         *,
         outbox_max_bytes: int,
         handle: FlowHandle | None = None,
+        config_retry: Backoff | None = None,
     ) -> None:
         self.plan = plan
+        self.config_retry = config_retry or CONFIG_RETRY
         self.outbox = outbox
         self.metrics = metrics
         self.open_source = source
@@ -199,9 +231,15 @@ class Capture:
         return await self._read(source, cursor)  # woken: read again, now as a drain
 
     async def run(self, task_status: TaskStatus[None]) -> None:
+        """Capture until cancelled (or, draining, caught up); ``started`` once the source is open,
+        or once it has failed on its configuration (the flow is then ``failing``)."""
+        bind(agent=self.plan.agent, flow=self.plan.name)
+        guard = _ConfigGuard(self.plan.name, "capture", self.handle, self.config_retry)
+        await guard.run(self._run, task_status)
+
+    async def _run(self, task_status: TaskStatus[None], working: Callable[[], None]) -> None:
         plan, outbox = self.plan, self.outbox
         flow = plan.name
-        bind(agent=plan.agent, flow=flow)
         captured = self.metrics.captured.labels(flow)
         paused = self.metrics.capture_paused.labels(flow)
         rejected = self.metrics.capture_rejected.labels(flow)
@@ -223,6 +261,7 @@ class Capture:
                     paused.set(0)
                     log.info("flow %s: capture resumed", flow)
                 batch = await self._read(source, cursor)
+                working()
                 if batch is None:
                     log.info("flow %s: capture caught up with the source; drained", flow)
                     return
@@ -293,7 +332,11 @@ class Relay:
         *,
         agent: str = "",
         inflight: Inflight = _shielded,
+        streams: StreamCheck | None = None,
     ) -> None:
+        self.streams = streams
+        """Says whether the streams exist: the relay starts publishing once they do (a stream
+        deleted later just leaves publishes unacknowledged, retried with backoff)."""
         self.outbox = outbox
         self.transport = transport
         self.metrics = metrics
@@ -308,6 +351,9 @@ class Relay:
         bind(agent=self.agent or None)
         task_status.started()
         transport = await self.transport()
+        if self.streams is not None:
+            for stream in self.streams.needed:
+                await self.streams.wait_present(stream)
         cfg, outbox, metrics = self.cfg, self.outbox, self.metrics
         backoff = Backoff(base=0.1, cap=5.0)
         failures = 0
@@ -333,6 +379,8 @@ class Relay:
                 delay = backoff.delay(failures)
                 failures += 1
                 log.warning("%d of %d publishes unacknowledged; retrying in %.1fs", missed, len(rows), delay)
+                if self.streams is not None:
+                    self.streams.wake()  # a deleted stream is one reason: say so in /readyz soon
                 await anyio.sleep(delay)
             else:
                 failures = 0
@@ -352,8 +400,13 @@ class Apply:
         handle: FlowHandle | None = None,
         inflight: Inflight = _shielded,
         consumers: dict[str, Consumer] | None = None,
+        streams: StreamCheck | None = None,
+        config_retry: Backoff | None = None,
     ) -> None:
         self.plan = plan
+        self.streams = streams
+        """Says whether MESH_EVENTS exists; without it a missing stream is retried every second."""
+        self.config_retry = config_retry or CONFIG_RETRY
         self.inbox = inbox
         self.transport = transport
         self.metrics = metrics
@@ -368,31 +421,74 @@ class Apply:
         return f"<Apply {self.plan.name} as {self.plan.durable}>"
 
     async def run(self, task_status: TaskStatus[None]) -> None:
+        """Apply until cancelled (or, draining, nothing is pending); ``started`` once the sink is
+        open, or once it has failed on its configuration (the flow is then ``failing``)."""
+        bind(agent=self.plan.agent, flow=self.plan.name)
+        guard = _ConfigGuard(self.plan.name, "apply", self.handle, self.config_retry)
+        await guard.run(self._run, task_status)
+
+    async def _run(self, task_status: TaskStatus[None], working: Callable[[], None]) -> None:
         plan = self.plan
-        bind(agent=plan.agent, flow=plan.name)
         await plan.compile()
         async with self.open_sink() as sink:
             task_status.started()
             transport = await self.transport()
-            consumer = await transport.pull_consumer(
-                durable=plan.durable,
-                filter_subject=plan.filter_subject,
-                ack_wait=plan.consumer.ack_wait,
-                max_deliver=plan.consumer.max_deliver,
-                max_ack_pending=plan.consumer.max_ack_pending,
-                metadata={"mesh-flow": plan.name, "mesh-sink-system": plan.system},
-            )
-            self.consumers[plan.name] = consumer
-            try:
-                await self._consume(transport, sink, consumer)
-            finally:
-                if self.consumers.get(plan.name) is consumer:
-                    del self.consumers[plan.name]
-                await consumer.aclose()
+            waiting = False
+            while True:
+                if self.streams is not None:
+                    await self.streams.wait_present(EVENTS_STREAM)
+                try:
+                    consumer = await transport.pull_consumer(
+                        durable=plan.durable,
+                        filter_subject=plan.filter_subject,
+                        ack_wait=plan.consumer.ack_wait,
+                        max_deliver=plan.consumer.max_deliver,
+                        max_ack_pending=plan.consumer.max_ack_pending,
+                        metadata={"mesh-flow": plan.name, "mesh-sink-system": plan.system},
+                    )
+                except NotFound as exc:
+                    if not waiting:
+                        log.warning("flow %s: cannot bind consumer %s (%s); waiting for stream %s",
+                                    plan.name, plan.durable, exc, EVENTS_STREAM)  # fmt: skip
+                    waiting = True
+                    await self._gone()
+                    continue
+                if waiting:
+                    log.info("flow %s: consumer %s bound again", plan.name, plan.durable)
+                waiting = False
+                working()
+                self.consumers[plan.name] = consumer
+                try:
+                    await self._consume(transport, sink, consumer)
+                    return
+                except NotFound as exc:
+                    log.warning("flow %s: consumer %s or stream %s gone (%s); binding again once it exists",
+                                plan.name, plan.durable, EVENTS_STREAM, exc)  # fmt: skip
+                    waiting = True
+                finally:
+                    if self.consumers.get(plan.name) is consumer:
+                        del self.consumers[plan.name]
+                    with anyio.CancelScope(shield=True), contextlib.suppress(TransportError):
+                        await consumer.aclose()
+                await self._gone()
+
+    async def _gone(self) -> None:
+        """Wait for the next stream check (or a second, without one)."""
+        if self.streams is not None:
+            await self.streams.recheck()
+            await self.streams.wait_present(EVENTS_STREAM)
+        else:
+            await anyio.sleep(1)
 
     async def _consume(self, transport: Transport, sink: Sink, consumer: Consumer) -> None:
+        """Fetch and apply until cancelled (or drained).
+
+        Raises:
+            NotFound: the consumer or its stream no longer exists (bind again).
+        """
         ccfg = self.plan.consumer
         log.info("flow %s: consuming as %s", self.plan.name, self.plan.durable)
+        verified = anyio.current_time()
         while True:
             await anyio.lowlevel.checkpoint()  # where a stop takes effect, between batches
             # A fetch and the batch it returns are finished even if a stop begins meanwhile
@@ -400,12 +496,21 @@ class Apply:
             # unacked. Whatever is still unsettled at the deadline is released (nak'ed), so
             # another replica or the next start gets it at once instead of after ack_wait.
             batch = _Batch([])
-            with self.inflight(self.plan.name):
-                batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout))
-                if batch.deliveries:
-                    await self.apply_batch(transport, sink, batch)
-            with anyio.CancelScope(shield=True):
-                await batch.release()
+            try:
+                with self.inflight(self.plan.name):
+                    batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout))
+                    if batch.deliveries:
+                        await self.apply_batch(transport, sink, batch)
+            finally:  # also when the sink failed: what it did not settle is redelivered at once
+                with anyio.CancelScope(shield=True):
+                    await batch.release()
+            if batch.deliveries:
+                verified = anyio.current_time()
+            elif anyio.current_time() - verified >= _CONSUMER_CHECK_EVERY:
+                # An empty fetch cannot tell "nothing new" from "the stream was deleted and
+                # recreated under us" (the consumer went with it): ask.
+                await consumer.pending()
+                verified = anyio.current_time()
             if self.handle is not None and self.handle.draining and not batch.deliveries:
                 with contextlib.suppress(TransportError):
                     if await consumer.pending() == 0:
@@ -584,6 +689,62 @@ class Apply:
         self.metrics.dead_lettered.labels(plan.name, letter.error_class).inc()
         self.metrics.handled.labels(plan.name, "dead_lettered").inc()
         # Not recorded in the inbox: a replay of the fixed message must still apply.
+
+
+class _ConfigGuard:
+    """Runs an actor body, turning a :class:`ConfigError` into a ``failing`` flow retried on a
+    slow backoff (see the module docstring); any other exception goes to the supervisor."""
+
+    def __init__(self, flow: str, role: str, handle: FlowHandle | None, backoff: Backoff) -> None:
+        self.flow = flow
+        self.role = role
+        self.handle = handle
+        self.backoff = backoff
+        self.attempt = 0
+        self.failed_at: float | None = None
+
+    async def run(
+        self,
+        body: Callable[[TaskStatus[None], Callable[[], None]], Awaitable[None]],
+        task_status: TaskStatus[None],
+    ) -> None:
+        status = _Once(task_status)
+        while True:
+            try:
+                await body(status, self.working)
+                return
+            except ConfigError as exc:
+                reason = "; ".join(exc.lines())
+                delay = self.backoff.delay(self.attempt)
+                self.attempt += 1
+                self.failed_at = anyio.current_time()
+                if self.handle is not None:
+                    self.handle.problems[self.role] = reason
+                log.warning(
+                    "flow %s: %s failing: %s; retrying in %.1fs (it recovers by itself once fixed)",
+                    self.flow, self.role, reason, delay,
+                )  # fmt: skip
+            status.started()  # the flow is up, as failing: the agent does not wait for it
+            await anyio.sleep(delay)
+
+    def working(self) -> None:
+        """The body made progress: the flow is not failing (any more)."""
+        if self.handle is not None and self.handle.problems.pop(self.role, None) is not None:
+            log.info("flow %s: %s recovered", self.flow, self.role)
+        if self.failed_at is not None and anyio.current_time() - self.failed_at > self.backoff.cap:
+            self.attempt, self.failed_at = 0, None
+
+
+class _Once:
+    """Forwards ``started()`` once (a retried body calls it again)."""
+
+    def __init__(self, inner: TaskStatus[None]) -> None:
+        self.inner: TaskStatus[None] | None = inner
+
+    def started(self, value: None = None) -> None:
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            inner.started(value)
 
 
 def _row_of(env: Envelope) -> dict[str, object]:

@@ -63,6 +63,9 @@ class FlowHandle:
     wake_capture: Callable[[], None] | None = None
     """Interrupts the capture loop's wait for new changes (set while it waits)."""
     actors: list[str] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)
+    """Configuration errors found at run time, by role (``capture``, ``apply``): one line each;
+    the flow reports ``failing`` while any is set (see :data:`agents.delivery.CONFIG_RETRY`)."""
 
     @property
     def name(self) -> str:
@@ -120,7 +123,10 @@ class FlowManager:
     # --- state seen from outside ---------------------------------------------------------------
 
     def report_state(self, h: FlowHandle) -> tuple[str, str]:
-        """(state, detail) for heartbeats: a running flow whose actor keeps failing is ``failing``."""
+        """(state, detail) for heartbeats: a running flow whose actor keeps failing (on its
+        configuration, or crashing) is ``failing``, with a one-line reason."""
+        if h.state in ("running", "draining") and h.problems:
+            return "failing", "; ".join(h.problems.values())
         if h.state == "running":
             for name in h.actors:
                 st = self.sup.actors.get(name)
@@ -134,6 +140,7 @@ class FlowManager:
         """Start the flow's actors; with ``wait``, return only once they are up (adapters open)."""
         h.draining = False
         h.actors = []
+        h.problems.clear()
         for name, actor in self.make_actors(h):
             h.actors.append(name)
             if wait:

@@ -57,9 +57,11 @@ __all__ = [
     "RelayConfig",
     "RetryConfig",
     "StreamsConfig",
+    "TlsConfig",
     "Token",
     "agent_config_type",
     "check_flow",
+    "check_tls_files",
     "decode_adapter_config",
     "decode_flow",
     "flow_config_type",
@@ -102,17 +104,67 @@ class AgentSection(ConfigStruct, frozen=True):
     this file are the operator's own and are not confined."""
 
 
+class TlsConfig(ConfigStruct, frozen=True):
+    """TLS to the NATS server (``[nats.tls]``): the server's certificate is always verified
+    (against ``ca_file``, else the system's CAs) and TLS 1.2 is the least accepted; a client
+    certificate (``cert_file`` + ``key_file``) makes it mutual TLS.
+
+    Relative paths in a config file are resolved against the file's directory; every named file
+    must exist (checked at load by :func:`check_tls_files`, and again at connect).
+    """
+
+    ca_file: str | None = None
+    """PEM file of the CA(s) that signed the server's certificate (default: the system's CAs)."""
+    cert_file: str | None = None
+    """PEM client certificate (mutual TLS); needs ``key_file``."""
+    key_file: str | None = None
+    """PEM private key of ``cert_file``."""
+    server_name: str | None = None
+    """The name the server's certificate must carry when it is not the host in the server URL
+    (e.g. the URL is an IP address); default: the URL's host."""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both (mutual TLS) or neither")
+
+
+def check_tls_files(tls: TlsConfig | None, path: str = "nats.tls") -> list[ConfigProblem]:
+    """One problem (``<path>.<field>``, what is wrong) per TLS file that is not a readable file."""
+    if tls is None:
+        return []
+    problems = []
+    for field in ("ca_file", "cert_file", "key_file"):
+        value = getattr(tls, field)
+        if value is None:
+            continue
+        file = Path(value).expanduser()
+        if not file.is_file():
+            problems.append(ConfigProblem(f"{path}.{field}", f"no such file: {value}"))
+    return problems
+
+
 class NatsConfig(ConfigStruct, frozen=True):
     servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     user: str | None = None
-    password_env: str | None = None
+    password_env: EnvName | None = None
     """Name of the environment variable that holds the password (secrets are referenced)."""
+    password_file: str | None = None
+    """Or a file that holds it (e.g. a Kubernetes secret mount; a trailing newline is dropped;
+    relative to the config file). At most one of ``password_env`` and ``password_file``."""
     creds: str | None = None
-    """Path of the .creds file this client authenticates with."""
+    """Path of the .creds file this client authenticates with (NATS decentralized auth)."""
     inbox_prefix: str | None = None
+    """Inbox prefix of every connection (agents: ``_INBOX.<agent name>``, the only inbox their
+    permissions let them subscribe to)."""
     connect_timeout: PositiveFloat = 2.0
     request_timeout: PositiveFloat = 5.0
     """Bound on every publish acknowledgement and JetStream API call."""
+    tls: TlsConfig | None = None
+    """TLS to the server (``[nats.tls]``); ``tls://`` server URLs need it or the system's CAs."""
+
+    def __post_init__(self) -> None:
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("password_env / password_file: set at most one of them")
 
 
 class StreamsConfig(ConfigStruct, frozen=True):
@@ -122,6 +174,12 @@ class StreamsConfig(ConfigStruct, frozen=True):
     max_age: float = 7 * 24 * 3600.0
     """Seconds events are kept in MESH_EVENTS (0 = forever)."""
     storage: Literal["file", "memory"] = "file"
+    manage: bool | None = None
+    """Whether an *agent* creates the streams (the control plane always owns them and heals
+    them). Unset (the default): create a stream only when it is missing and the agent's NATS
+    permissions allow it (a refusal just means "missing": wait for the control plane);
+    ``true``: also create/update them at connect (a standalone agent without a control plane);
+    ``false``: never create them, only check that they exist."""
 
 
 class RelayConfig(ConfigStruct, frozen=True):
@@ -377,7 +435,7 @@ def _check_data(cfg: AgentConfig, source: str, base: Path) -> list[ConfigProblem
     """Compile every flow's mappings and ownership; every problem of every flow."""
     from mesh.flowdata import compile_flow_data
 
-    problems: list[ConfigProblem] = []
+    problems: list[ConfigProblem] = check_tls_files(_resolve_nats(cfg.nats, base).tls)
     for i, flow in enumerate(cfg.flows):
         try:
             compile_flow_data(flow, source=source, path=f"flows[{i}]", base=base)
@@ -448,7 +506,20 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
         state_dir=resolve(cfg.agent.state_dir),
         allowed_paths=[resolve(p) for p in cfg.agent.allowed_paths],
     )
-    return msgspec.structs.replace(cfg, agent=agent, flows=flows)
+    return msgspec.structs.replace(cfg, agent=agent, flows=flows, nats=_resolve_nats(cfg.nats, base))
+
+
+def _resolve_nats(nats: NatsConfig, base: Path) -> NatsConfig:
+    """``nats`` with its TLS and creds file paths made absolute against ``base``."""
+    resolve = _resolver(base)
+    tls = nats.tls
+    if tls is not None:
+        files = {f: getattr(tls, f) for f in ("ca_file", "cert_file", "key_file")}
+        resolved = {f: None if v is None else resolve(v) for f, v in files.items()}
+        tls = msgspec.structs.replace(tls, **resolved)
+    creds = None if nats.creds is None else resolve(nats.creds)
+    password_file = None if nats.password_file is None else resolve(nats.password_file)
+    return msgspec.structs.replace(nats, tls=tls, creds=creds, password_file=password_file)
 
 
 def _type_problems(raw: dict[str, Any], registry: AdapterRegistry | None) -> list[ConfigProblem]:

@@ -17,7 +17,9 @@
     │   ├── InvalidEnvelope        an envelope that contradicts its subject or the flow (forged?)
     │   ├── RejectedRecord         the external system refused this record (constraint, mapping)
     │   └── MappingError           a flow's mapping cannot turn this record into its target shape
-    ├── ConfigError                fix the configuration; the agent does not start
+    ├── ConfigError                fix the configuration: at load the agent does not start; found
+    │   │                          at run time (wrong password, missing table) the flow is
+    │   │                          ``failing`` with the reason and retried slowly until fixed
     │   └── PluginError            an installed adapter plugin is broken or declared twice
     └── StopError                  the agent must stop (store corrupt, disk full, credentials revoked)
 
@@ -115,6 +117,11 @@ class ConfigProblem(NamedTuple):
 class ConfigError(MeshError):
     """The configuration is invalid: ``problems`` lists every (path, message) found, ``source``
     names the file (or other origin) they are in.
+
+    Raised at load, the agent does not start. Raised at run time by a flow's adapter or mapping
+    (a wrong password, a missing table or key column, an uninstalled capture trigger, an empty
+    secret), it is not a bug: the flow reports ``failing`` with :meth:`lines` joined into one line,
+    is retried on a slow backoff (``agents.delivery.CONFIG_RETRY``) and logs no traceback.
 
     ``str()`` renders one problem per line as ``file: path: message`` (parts that are empty are
     left out), so a caller that needs the parts reads ``problems`` instead of parsing the text.

@@ -87,7 +87,8 @@ class Readiness:
 
     def snapshot(self) -> dict[str, object]:
         """``{"ready": bool, "stopping": bool, "waiting": [names], "checks": {name: {"ok": bool,
-        "detail": str}}}`` (the ``/readyz`` body); ``"detail"`` at the top says why not ready."""
+        "detail": str}}}`` (the ``/readyz`` body); ``"detail"`` at the top says why not ready:
+        ``waiting for <name> (<its detail>), ...``."""
         checks = {n: {"ok": ok, "detail": self._detail.get(n, "")} for n, ok in list(self._state.items())}
         waiting = [n for n, c in checks.items() if not c["ok"]]
         snap: dict[str, object] = {
@@ -99,7 +100,9 @@ class Readiness:
         if self._stopping is not None:
             snap["detail"] = self._stopping
         elif waiting:
-            snap["detail"] = "waiting for " + ", ".join(waiting)
+            # A condition's own reason says more than its name ("stream MESH_EVENTS missing").
+            why = [f"{n} ({d})" if (d := self._detail.get(n)) else n for n in waiting]
+            snap["detail"] = "waiting for " + ", ".join(why)
         return snap
 
     async def wait(self, *names: str) -> None:

@@ -1,10 +1,12 @@
-"""Credentials for the REST sink and source, read from the environment variables the config names.
+"""Credentials for the REST sink and source, read from the environment variables or files the
+config names (``auth`` and the secret headers of ``headers_env`` / ``headers_file``).
 
-Guarantees: a secret is read when the adapter opens (a missing or empty variable is a
-:class:`~mesh.errors.ConfigError` naming the *variable*, never a value), lives only in the
+Guarantees: a secret is read when the adapter opens (a missing or empty variable or file is a
+:class:`~mesh.errors.ConfigError` naming the *variable* or file, never a value), lives only in the
 request headers this module builds, and :meth:`Credentials.redact` removes it (and its basic-auth
 encoding, and every OAuth2 access token issued to us) from any text the adapter is about to put
-in an error or a log line. ``repr`` shows the kind of credential and the variable's name only.
+in an error or a log line. ``repr`` shows the kind of credential and the variable's name (or
+the file's path) only.
 
 OAuth2 client credentials (:class:`OAuth2ClientCredentials`, an ``httpx.Auth``): the token is
 fetched on the first request, shared by concurrent requests (one fetch at a time), reused until
@@ -35,6 +37,7 @@ import msgspec
 
 from adapters.rest.config import RestApiKeyAuth, RestAuth, RestBasicAuth, RestBearerAuth, RestOAuth2Auth
 from mesh.errors import ConfigError, SystemUnavailable
+from mesh.secrets import read_secret
 
 __all__ = ["Credentials", "OAuth2ClientCredentials"]
 
@@ -74,7 +77,8 @@ class OAuth2ClientCredentials(httpx.Auth):
             state = f"token valid {max(0.0, self._expires_at - anyio.current_time()):.0f}s"
         return (
             f"<OAuth2ClientCredentials {cfg.token_url} client_id={cfg.client_id!r} "
-            f"${cfg.client_secret_env} {state} fetched={self.token_requests}>"
+            f"{_ref(cfg.client_secret_env, cfg.client_secret_file)} {state} "
+            f"fetched={self.token_requests}>"
         )
 
     @property
@@ -173,7 +177,7 @@ class OAuth2ClientCredentials(httpx.Auth):
             raise SystemUnavailable(f"{where}: HTTP {status} (retry later)")
         if status >= 300:
             error = self.redact(_describe(doc, body))
-            hint = f"check client_id, ${cfg.client_secret_env}"
+            hint = f"check client_id, {_ref(cfg.client_secret_env, cfg.client_secret_file)}"
             if cfg.scope or cfg.audience:
                 hint += ", scope and audience"
             raise ConfigError(
@@ -228,44 +232,72 @@ class Credentials:
     """
 
     def __init__(
-        self, auth: RestAuth | None, environ: Mapping[str, str] | None = None, *, what: str = "REST"
+        self,
+        auth: RestAuth | None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        what: str = "REST",
+        headers_env: Mapping[str, str] | None = None,
+        headers_file: Mapping[str, str] | None = None,
     ) -> None:
+        """Read every secret now (``headers_env`` / ``headers_file``: secret headers, header
+        name -> variable / file).
+
+        Raises:
+            ConfigError: a variable is unset or empty, a file unreadable or empty (one line
+                naming the field and the variable or file, never the value).
+        """
         self._auth = auth
         env = os.environ if environ is None else environ
         self._headers: dict[str, str] = {}
         self._secrets: list[str] = []
         self._oauth: OAuth2ClientCredentials | None = None
-        if auth is None:
-            return
+        self._secret_headers = sorted({*(headers_env or {}), *(headers_file or {})})
+        for name, var in (headers_env or {}).items():
+            value = read_secret(var, None, field=name, what=what, environ=env, label=f"headers_env.{name}")
+            self._headers[name] = value
+            self._secrets.append(value)
+        for name, file in (headers_file or {}).items():
+            value = read_secret(None, file, field=name, what=what, environ=env, label=f"headers_file.{name}")
+            self._headers[name] = value
+            self._secrets.append(value)
         if isinstance(auth, RestBearerAuth):
-            token = _read(env, auth.token_env, what)
+            token = read_secret(auth.token_env, auth.token_file, field="auth.token", what=what, environ=env)
             self._headers["Authorization"] = f"Bearer {token}"
             self._secrets.append(token)
         elif isinstance(auth, RestBasicAuth):
-            password = _read(env, auth.password_env, what)
+            password = read_secret(
+                auth.password_env, auth.password_file, field="auth.password", what=what, environ=env
+            )
             pair = base64.b64encode(f"{auth.user}:{password}".encode()).decode("ascii")
             self._headers["Authorization"] = f"Basic {pair}"
             self._secrets += [password, pair]
         elif isinstance(auth, RestApiKeyAuth):
-            key = _read(env, auth.key_env, what)
+            key = read_secret(auth.key_env, auth.key_file, field="auth.key", what=what, environ=env)
             self._headers[auth.header] = key
             self._secrets.append(key)
         elif isinstance(auth, RestOAuth2Auth):
-            self._oauth = OAuth2ClientCredentials(auth, _read(env, auth.client_secret_env, what))
+            secret = read_secret(
+                auth.client_secret_env, auth.client_secret_file,
+                field="auth.client_secret", what=what, environ=env,
+            )  # fmt: skip
+            self._oauth = OAuth2ClientCredentials(auth, secret)
         # Longest first, so a secret that contains another is masked whole.
         self._secrets.sort(key=len, reverse=True)
 
     def __repr__(self) -> str:
         auth = self._auth
+        extra = f" secret headers={self._secret_headers}" if self._secret_headers else ""
         if isinstance(auth, RestBearerAuth):
-            return f"<Credentials bearer ${auth.token_env}>"
+            return f"<Credentials bearer {_ref(auth.token_env, auth.token_file)}{extra}>"
         if isinstance(auth, RestBasicAuth):
-            return f"<Credentials basic user={auth.user!r} ${auth.password_env}>"
+            ref = _ref(auth.password_env, auth.password_file)
+            return f"<Credentials basic user={auth.user!r} {ref}{extra}>"
         if isinstance(auth, RestApiKeyAuth):
-            return f"<Credentials api_key {auth.header} ${auth.key_env}>"
+            return f"<Credentials api_key {auth.header} {_ref(auth.key_env, auth.key_file)}{extra}>"
         if self._oauth is not None:
-            return f"<Credentials {self._oauth!r}>"
-        return "<Credentials none>"
+            return f"<Credentials {self._oauth!r}{extra}>"
+        return f"<Credentials none{extra}>"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -291,8 +323,6 @@ class Credentials:
         return text
 
 
-def _read(env: Mapping[str, str], name: str, what: str) -> str:
-    value = env.get(name, "")
-    if not value:
-        raise ConfigError(f"environment variable {name} (a {what} secret) is not set or empty")
-    return value
+def _ref(env: str | None, file: str | None) -> str:
+    """Where a secret comes from, for reprs: ``$VAR`` or ``file:/path``."""
+    return f"${env}" if env is not None else f"file:{file}"

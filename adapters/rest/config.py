@@ -17,6 +17,7 @@ from mesh.config import (
     PositiveFloat,
     PositiveInt,
 )
+from mesh.secrets import SecretFile, exactly_one, secret_header_problem
 
 __all__ = [
     "RestApiKeyAuth",
@@ -38,26 +39,41 @@ __all__ = [
 
 
 class RestBearerAuth(ConfigStruct, frozen=True, tag="bearer", tag_field="type"):
-    """``Authorization: Bearer <token>``, the token read from an environment variable."""
+    """``Authorization: Bearer <token>``, the token read from an environment variable or a file."""
 
-    token_env: EnvName
+    token_env: EnvName | None = None
     """Name of the environment variable that holds the token."""
+    token_file: SecretFile | None = None
+    """Or a file that holds it (e.g. a Kubernetes secret mount; a trailing newline is dropped)."""
+
+    def __post_init__(self) -> None:
+        exactly_one(self.token_env, self.token_file, "token")
 
 
 class RestBasicAuth(ConfigStruct, frozen=True, tag="basic", tag_field="type"):
     """HTTP basic authentication; the password read from an environment variable."""
 
     user: str
-    password_env: EnvName
+    password_env: EnvName | None = None
     """Name of the environment variable that holds the password."""
+    password_file: SecretFile | None = None
+    """Or a file that holds it."""
+
+    def __post_init__(self) -> None:
+        exactly_one(self.password_env, self.password_file, "password")
 
 
 class RestApiKeyAuth(ConfigStruct, frozen=True, tag="api_key", tag_field="type"):
     """An API key sent in a header of its own; the key read from an environment variable."""
 
-    key_env: EnvName
+    key_env: EnvName | None = None
     """Name of the environment variable that holds the key."""
+    key_file: SecretFile | None = None
+    """Or a file that holds it."""
     header: HeaderName = "X-API-Key"
+
+    def __post_init__(self) -> None:
+        exactly_one(self.key_env, self.key_file, "key")
 
 
 class RestOAuth2Auth(ConfigStruct, frozen=True, tag="oauth2", tag_field="type"):
@@ -68,8 +84,10 @@ class RestOAuth2Auth(ConfigStruct, frozen=True, tag="oauth2", tag_field="type"):
     token_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#@]+(/[^#]*)?$")]
     """The authorization server's token endpoint, e.g. ``https://login.example.com/oauth/token``."""
     client_id: Annotated[str, msgspec.Meta(min_length=1)]
-    client_secret_env: EnvName
+    client_secret_env: EnvName | None = None
     """Name of the environment variable that holds the client secret."""
+    client_secret_file: SecretFile | None = None
+    """Or a file that holds it."""
     scope: str | None = None
     """Space-separated scopes to ask for (default: none sent, the server's default)."""
     audience: str | None = None
@@ -84,8 +102,38 @@ class RestOAuth2Auth(ConfigStruct, frozen=True, tag="oauth2", tag_field="type"):
     timeout: PositiveFloat = 10.0
     """Seconds a token request may take."""
 
+    def __post_init__(self) -> None:
+        exactly_one(self.client_secret_env, self.client_secret_file, "client_secret")
+
 
 RestAuth = RestBearerAuth | RestBasicAuth | RestApiKeyAuth | RestOAuth2Auth
+
+_SECRET_FILE_FIELDS = ("token_file", "password_file", "key_file", "client_secret_file")
+
+
+def _resolve_auth(auth: RestAuth | None, resolve: Callable[[str], str]) -> RestAuth | None:
+    """``auth`` with its secret file (if any) made absolute by ``resolve``."""
+    if auth is None:
+        return None
+    for name in _SECRET_FILE_FIELDS:
+        value = getattr(auth, name, None)
+        if value is not None:
+            return msgspec.structs.replace(auth, **{name: resolve(value)})
+    return auth
+
+
+def _check_headers(headers: dict[str, str], env: dict[str, str], files: dict[str, str]) -> None:
+    for name in headers:
+        problem = secret_header_problem(name)
+        if problem is not None:
+            raise ValueError(f"headers.{name}: {problem}")
+    seen: dict[str, str] = {}
+    for table, names in (("headers", headers), ("headers_env", env), ("headers_file", files)):
+        for name in names:
+            other = seen.setdefault(name.lower(), table)
+            if other != table:
+                raise ValueError(f"{table}.{name}: also set in {other}; set each header once")
+
 
 
 class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
@@ -117,9 +165,16 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     fields: list[str] | None = None
     """Send only these fields of the row (default: all of them)."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
-    """Static headers sent with every request (no secrets here: use ``auth``)."""
+    """Static headers sent with every request. No credentials here (``Authorization``,
+    ``Cookie``, ``X-Api-Key`` and names with token/secret/key/password/auth are refused): use
+    ``auth``, ``headers_env`` or ``headers_file``."""
     auth: RestAuth | None = None
     """``[flows.sink.auth]`` with ``type = "bearer" | "basic" | "api_key" | "oauth2"``."""
+    headers_env: dict[HeaderName, EnvName] = msgspec.field(default_factory=dict)
+    """Secret headers from the environment: header name -> variable (read at start)."""
+    headers_file: dict[HeaderName, SecretFile] = msgspec.field(default_factory=dict)
+    """Secret headers from files: header name -> file (read at start, a trailing newline dropped;
+    e.g. a Kubernetes secret mount)."""
     timeout: PositiveFloat = 10.0
     """Seconds one request may take (connect, send, wait, read) before it counts as failed."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
@@ -144,8 +199,16 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     breaker_cooldown: PositiveFloat = 30.0
     """Seconds the open circuit refuses at once before one probe request is let through."""
 
+    def __post_init__(self) -> None:
+        _check_headers(self.headers, self.headers_env, self.headers_file)
+
     def resolved(self, resolve: Callable[[str], str]) -> Self:
-        return msgspec.structs.replace(self, state_path=resolve(self.state_path))
+        return msgspec.structs.replace(
+            self,
+            state_path=resolve(self.state_path),
+            auth=_resolve_auth(self.auth, resolve),
+            headers_file={k: resolve(v) for k, v in self.headers_file.items()},
+        )
 
 
 _ParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -251,9 +314,16 @@ class RestSourceConfig(AdapterConfig, frozen=True, tag="rest"):
     params: dict[str, str] = msgspec.field(default_factory=dict)
     """Static query parameters sent with every listing (filters, ``order``)."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
-    """Static headers sent with every request (no secrets here: use ``auth``)."""
+    """Static headers sent with every request. No credentials here (``Authorization``,
+    ``Cookie``, ``X-Api-Key`` and names with token/secret/key/password/auth are refused): use
+    ``auth``, ``headers_env`` or ``headers_file``."""
     auth: RestAuth | None = None
     """``[flows.source.auth]`` with ``type = "bearer" | "basic" | "api_key" | "oauth2"``."""
+    headers_env: dict[HeaderName, EnvName] = msgspec.field(default_factory=dict)
+    """Secret headers from the environment: header name -> variable (read at start)."""
+    headers_file: dict[HeaderName, SecretFile] = msgspec.field(default_factory=dict)
+    """Secret headers from files: header name -> file (read at start, a trailing newline dropped;
+    e.g. a Kubernetes secret mount)."""
     pagination: RestPagination | None = None
     """``[flows.source.pagination]`` with ``type = "page" | "offset" | "cursor" | "link"``;
     none: one request returns everything."""
@@ -289,7 +359,15 @@ class RestSourceConfig(AdapterConfig, frozen=True, tag="rest"):
     breaker_cooldown: PositiveFloat = 30.0
     """Seconds no request is sent after ``breaker_threshold`` consecutive failures."""
 
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        return msgspec.structs.replace(
+            self,
+            auth=_resolve_auth(self.auth, resolve),
+            headers_file={k: resolve(v) for k, v in self.headers_file.items()},
+        )
+
     def __post_init__(self) -> None:
+        _check_headers(self.headers, self.headers_env, self.headers_file)
         inc = self.incremental
         if isinstance(inc, RestSyncCursor) and self.lookback:
             raise ValueError("lookback: not used with incremental.type = 'cursor_field'")

@@ -119,7 +119,9 @@ class RestSink(Sink):
         if self._client is not None:
             return
         cfg = self._config
-        self._credentials = Credentials(cfg.auth)
+        self._credentials = Credentials(
+            cfg.auth, what="REST sink", headers_env=cfg.headers_env, headers_file=cfg.headers_file
+        )
         await self._store.open()
         self._client = httpx.AsyncClient(
             base_url=cfg.base_url,

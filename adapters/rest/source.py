@@ -191,7 +191,9 @@ class RestSource(Source):
         if self._client is not None:
             return
         cfg = self._config
-        self._credentials = Credentials(cfg.auth, what="REST source")
+        self._credentials = Credentials(
+            cfg.auth, what="REST source", headers_env=cfg.headers_env, headers_file=cfg.headers_file
+        )
         self._client = httpx.AsyncClient(
             base_url=cfg.base_url,
             headers={"Accept": "application/json", **cfg.headers, **self._credentials.headers},

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -25,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from mesh.errors import ConfigError, MeshError, RejectedRecord, SystemUnavailable
+from mesh.secrets import read_secret
 
 # Session settings that make the JSON mapping independent of the server's and the role's
 # defaults: timestamptz in UTC, ISO 8601 intervals, floats printed shortest-exact.
@@ -134,22 +134,24 @@ async def connect(
     password_env: str | None,
     *,
     where: str,
+    password_file: str | None = None,
     connect_timeout: float,
     statement_timeout: float,
 ) -> psycopg.AsyncConnection[tuple[Any, ...]]:
     """An autocommit connection with the mapping's session settings and a statement timeout.
 
     Raises:
-        ConfigError: ``password_env`` names an unset variable, the dsn is malformed, or the
+        ConfigError: ``password_env`` names an unset or empty variable, ``password_file`` an
+            unreadable or empty file, the dsn is malformed, or the
             server refuses the database, role or password.
         SystemUnavailable: the server cannot be reached now.
     """
     kwargs: dict[str, Any] = {}
-    if password_env is not None:
-        password = os.environ.get(password_env)
-        if password is None:
-            raise ConfigError(f"environment variable {password_env} (password_env) is not set", source=where)
-        kwargs["password"] = password
+    if password_env is not None or password_file is not None:
+        try:
+            kwargs["password"] = read_secret(password_env, password_file, field="password", what="PostgreSQL")
+        except ConfigError as exc:
+            raise ConfigError(str(exc), source=where) from None
     try:
         conn = await psycopg.AsyncConnection.connect(
             dsn,

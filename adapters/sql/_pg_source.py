@@ -151,7 +151,7 @@ class PostgresSource(Source):
             return self._conn
         cfg = self._config
         conn = await connect(
-            cfg.dsn, cfg.password_env, where=self._where,
+            cfg.dsn, cfg.password_env, where=self._where, password_file=cfg.password_file,
             connect_timeout=cfg.connect_timeout, statement_timeout=cfg.statement_timeout,
         )  # fmt: skip
         try:

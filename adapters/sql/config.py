@@ -13,6 +13,7 @@ import msgspec
 
 from mesh.config import AdapterConfig, EnvName, PositiveFloat, PositiveInt, Token
 from mesh.errors import ConfigProblem
+from mesh.secrets import SecretFile
 
 __all__ = ["PostgresSinkConfig", "PostgresSourceConfig", "SqliteSinkConfig", "SqliteSourceConfig"]
 
@@ -81,7 +82,15 @@ def _check_pg_dsn(dsn: str) -> None:
         reason = str(exc).split(":", 1)[-1].strip() if "password" not in str(exc) else "unparsable"
         raise ValueError(f"dsn: not a valid libpq connection string ({reason})") from None
     if params.get("password"):
-        raise ValueError("dsn: must not hold a password (name an environment variable in password_env)")
+        raise ValueError(
+            "dsn: must not hold a password (name an environment variable in password_env, "
+            "or a file in password_file)"
+        )
+
+
+def _check_password_refs(env: str | None, file: str | None) -> None:
+    if env is not None and file is not None:
+        raise ValueError("password_env / password_file: set at most one of them")
 
 
 class PostgresSourceConfig(AdapterConfig, frozen=True, tag="postgres"):
@@ -103,6 +112,8 @@ class PostgresSourceConfig(AdapterConfig, frozen=True, tag="postgres"):
     schema: _PgName = "public"
     password_env: EnvName | None = None
     """Name of the environment variable that holds the password (none: trust, peer, .pgpass)."""
+    password_file: SecretFile | None = None
+    """Or a file that holds it (e.g. a Kubernetes secret mount; a trailing newline is dropped)."""
     mode: Literal["changes", "cursor"] = "changes"
     cursor_column: _PgColumns | None = None
     """``cursor`` mode: the column (or columns, compared as one tuple) that grows with every change."""
@@ -127,8 +138,14 @@ class PostgresSourceConfig(AdapterConfig, frozen=True, tag="postgres"):
 
     def __post_init__(self) -> None:
         _check_pg_dsn(self.dsn)
+        _check_password_refs(self.password_env, self.password_file)
         _check_pg_columns(self.key, "key")
         _check_pg_columns(self.cursor_column, "cursor_column")
+
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        if self.password_file is None:
+            return self
+        return msgspec.structs.replace(self, password_file=resolve(self.password_file))
 
     def problems(self) -> list[ConfigProblem]:
         if self.mode == "cursor" and self.cursor_column is None:
@@ -147,6 +164,8 @@ class PostgresSinkConfig(AdapterConfig, frozen=True, tag="postgres"):
     """The key column, or a list of them (``SinkRecord.key`` is then a JSON array of values)."""
     schema: _PgName = "public"
     password_env: EnvName | None = None
+    password_file: SecretFile | None = None
+    """Or a file that holds the password (see the source's ``password_file``)."""
     create_table: bool = False
     """Create the table from the first upserted row (types from the values) when it is missing."""
     connect_timeout: PositiveFloat = 5.0
@@ -155,4 +174,10 @@ class PostgresSinkConfig(AdapterConfig, frozen=True, tag="postgres"):
 
     def __post_init__(self) -> None:
         _check_pg_dsn(self.dsn)
+        _check_password_refs(self.password_env, self.password_file)
         _check_pg_columns(self.key, "key")
+
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        if self.password_file is None:
+            return self
+        return msgspec.structs.replace(self, password_file=resolve(self.password_file))

@@ -40,7 +40,7 @@ __all__ = [
 async def _with_connection(config: PostgresSourceConfig, action: Any) -> Any:
     where = where_of(config.dsn, config.schema, config.table)
     conn = await connect(
-        config.dsn, config.password_env, where=where,
+        config.dsn, config.password_env, where=where, password_file=config.password_file,
         connect_timeout=config.connect_timeout, statement_timeout=config.statement_timeout,
     )  # fmt: skip
     try:

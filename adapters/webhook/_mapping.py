@@ -17,7 +17,7 @@ import msgspec
 from adapters.webhook.config import WebhookSourceConfig
 from mesh.adapters import Change
 
-__all__ = ["EventMapper", "MappingError", "parse_json"]
+__all__ = ["MAX_DEPTH", "EventMapper", "MappingError", "TooDeep", "parse_json"]
 
 _INT_RE = re.compile(r"[+-]?[0-9]{1,19}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -31,13 +31,38 @@ class MappingError(Exception):
     """The body is JSON but not an event (or batch) this source can map: answer 422."""
 
 
-def parse_json(body: bytes) -> Any:
+class TooDeep(msgspec.DecodeError):
+    """The body is JSON nested deeper than the limit."""
+
+
+MAX_DEPTH = 64
+"""Deepest nesting of arrays and objects a body may have (events are shallow documents)."""
+
+
+def parse_json(body: bytes, max_depth: int = MAX_DEPTH) -> Any:
     """The decoded body.
 
     Raises:
-        msgspec.DecodeError: not valid JSON (answer 400).
+        msgspec.DecodeError: not valid JSON, or nested deeper than ``max_depth`` (answer 400;
+            a deep document raises :class:`TooDeep`, never a ``RecursionError``).
     """
-    return _decoder.decode(body)
+    try:
+        document = _decoder.decode(body)
+    except RecursionError:
+        raise TooDeep(f"JSON nested deeper than {max_depth} levels") from None
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > max_depth:
+            raise TooDeep(f"JSON nested deeper than {max_depth} levels")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return document
 
 
 def _get(event: dict[str, Any], path: str) -> Any:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from adapters.webhook.config import WebhookSourceConfig
-from mesh.errors import ConfigError
+from mesh.secrets import read_secret
 
 __all__ = ["SignatureError", "Verifier", "compute_signature"]
 
@@ -88,7 +88,8 @@ class Verifier:
         self._names = list(names)
 
     def __repr__(self) -> str:
-        where = ", ".join(f"${n}" for n in self._names) or f"{len(self._secrets)} secret(s)"
+        refs = (n if n.startswith("file:") else f"${n}" for n in self._names)
+        where = ", ".join(refs) or f"{len(self._secrets)} secret(s)"
         return f"<Verifier {self.signature_header} {self.scheme}/{self.encoding} {where}>"
 
     @classmethod
@@ -96,17 +97,22 @@ class Verifier:
         """The verifier for ``cfg``, its secrets read from ``environ`` (default: the process's).
 
         Raises:
-            ConfigError: a secret variable is unset or empty (the message names the variable).
+            ConfigError: a secret variable is unset or empty, or a secret file unreadable or
+                empty (the message names the variable or file, never a value).
         """
         env = os.environ if environ is None else environ
-        names = [cfg.secret_env, *cfg.rotation_secret_envs]
+        refs: list[tuple[str | None, str | None, str]] = [
+            (cfg.secret_env, cfg.secret_file, "secret"),
+            *((n, None, f"rotation_secret_envs[{i}]") for i, n in enumerate(cfg.rotation_secret_envs)),
+            *((None, f, f"rotation_secret_files[{i}]") for i, f in enumerate(cfg.rotation_secret_files)),
+        ]
+        names = [env_name or f"file:{file}" for env_name, file, _ in refs]
         secrets = []
-        for name in names:
-            value = env.get(name, "")
-            if not value:
-                raise ConfigError(
-                    f"environment variable {name} (a webhook signing secret) is not set or empty"
-                )
+        for env_name, file, field in refs:
+            label = None if field == "secret" else field
+            value = read_secret(
+                env_name, file, field=field, what="webhook signing", environ=env, label=label
+            )
             secrets.append(value.encode())
         return cls(
             secrets,

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Self
 import msgspec
 
 from mesh.config import AdapterConfig, EnvName, FieldPath, HeaderName, PositiveFloat, PositiveInt
+from mesh.secrets import SecretFile, exactly_one
 
 __all__ = ["WebhookSourceConfig"]
 
@@ -23,15 +24,20 @@ class WebhookSourceConfig(AdapterConfig, frozen=True, tag="webhook"):
     """TCP port to listen on (0: a free port, logged at start; a sender needs a fixed one)."""
     state_path: Annotated[str, msgspec.Meta(min_length=1)]
     """The source's own SQLite file: delivery ids already captured (relative to this file)."""
-    secret_env: EnvName
-    """Name of the environment variable that holds the HMAC-SHA256 signing secret."""
     key_field: FieldPath
     """Path of the entity key in each event (a string or an integer)."""
+    secret_env: EnvName | None = None
+    """Name of the environment variable that holds the HMAC-SHA256 signing secret."""
+    secret_file: SecretFile | None = None
+    """Or a file that holds it (e.g. a Kubernetes secret mount; a trailing newline is dropped).
+    Exactly one of ``secret_env`` and ``secret_file``."""
     host: str = "127.0.0.1"
     path: Annotated[str, msgspec.Meta(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")] = "/webhook"
     """The one URL path that accepts POSTs (anything else: 404; other methods: 405)."""
     rotation_secret_envs: list[EnvName] = msgspec.field(default_factory=list)
     """More secrets accepted while a secret is rotated (the old or the new one)."""
+    rotation_secret_files: list[SecretFile] = msgspec.field(default_factory=list)
+    """The same, from files."""
     signature_header: HeaderName = "Webhook-Signature"
     """``t=<unix seconds>,v1=<hmac>[,v1=<hmac>...]`` (Stripe's scheme), or only the signatures
     when ``timestamp_header`` is set. The HMAC is over ``"<timestamp>." + body``."""
@@ -61,6 +67,11 @@ class WebhookSourceConfig(AdapterConfig, frozen=True, tag="webhook"):
     """Also accept a JSON array of events in one request (all captured together, or none)."""
     max_body_bytes: PositiveInt = 1 << 20
     """Larger request bodies are refused with 413."""
+    header_timeout: PositiveFloat = 10.0
+    """Seconds a sender has to send a request's headers (after connecting or after the previous
+    response on a kept-alive connection); a slower one is cut off (slowloris)."""
+    body_timeout: PositiveFloat = 30.0
+    """Seconds a sender has to send a request's body once its headers are in."""
     queue_size: PositiveInt = 1000
     """Requests waiting for the agent to capture them; when full: 503 with ``Retry-After``."""
     ack_timeout: PositiveFloat = 10.0
@@ -73,6 +84,7 @@ class WebhookSourceConfig(AdapterConfig, frozen=True, tag="webhook"):
     """Most changes the capture loop takes per outbox transaction."""
 
     def __post_init__(self) -> None:
+        exactly_one(self.secret_env, self.secret_file, "secret")
         if (self.delete_types or self.accept_types is not None) and self.type_field is None:
             raise ValueError("type_field: required with delete_types or accept_types")
         ts_header = self.timestamp_header
@@ -80,4 +92,9 @@ class WebhookSourceConfig(AdapterConfig, frozen=True, tag="webhook"):
             raise ValueError("timestamp_header: must differ from signature_header")
 
     def resolved(self, resolve: Callable[[str], str]) -> Self:
-        return msgspec.structs.replace(self, state_path=resolve(self.state_path))
+        return msgspec.structs.replace(
+            self,
+            state_path=resolve(self.state_path),
+            secret_file=None if self.secret_file is None else resolve(self.secret_file),
+            rotation_secret_files=[resolve(p) for p in self.rotation_secret_files],
+        )

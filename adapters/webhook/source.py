@@ -75,7 +75,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from adapters.webhook._mapping import EventMapper, MappingError, parse_json
+from adapters.webhook._mapping import EventMapper, MappingError, TooDeep, parse_json
 from adapters.webhook._seen import SeenIds
 from adapters.webhook._signature import Encoding, SignatureError, Verifier, compute_signature
 from adapters.webhook.config import WebhookSourceConfig
@@ -215,7 +215,11 @@ class WebhookSource(Source):
             stack.push_async_callback(self._seen.aclose)
             await self._prune()
             tg = await stack.enter_async_context(anyio.create_task_group())
-            server = HttpServer(self.app, cfg.host, cfg.port, grace=_GRACE, name=f"webhook {cfg.path}")
+            server = HttpServer(
+                self.app, cfg.host, cfg.port, grace=_GRACE, name=f"webhook {cfg.path}",
+                max_body_bytes=cfg.max_body_bytes, header_timeout=cfg.header_timeout,
+                body_timeout=cfg.body_timeout,
+            )  # fmt: skip
             await tg.start(server.run)
             tg.start_soon(self._prune_loop)
         except BaseException:
@@ -434,6 +438,8 @@ class WebhookSource(Source):
             return _error(401, str(exc))
         try:
             document = parse_json(body)
+        except TooDeep as exc:
+            return _error(400, f"body refused: {exc}")
         except msgspec.DecodeError:
             return _error(400, "body is not valid JSON")
         try:

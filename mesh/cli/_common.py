@@ -1,4 +1,8 @@
-"""Helpers shared by the control-plane commands of ``meshctl`` (agent, control-plane, audit)."""
+"""Helpers shared by the control-plane commands of ``meshctl`` (agent, control-plane, audit).
+
+The NATS URL option is here (:data:`ControlPlaneOpt`); the ``--creds``/``--tls-*`` options every
+NATS-talking command gets are in :mod:`mesh.cli._access` and re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,24 @@ from typing import Annotated, TypeVar
 import anyio
 import typer
 
+from mesh.cli._access import (
+    NATS_ACCESS_OPTIONS,
+    CredsOpt,
+    NatsAccess,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    add_nats_options,
+    connection,
+    nats_access,
+    nats_access_defaults,
+    nats_config,
+    talks_to_nats,
+)
 from mesh.cli._output import fail
 from mesh.cli.dlq import quiet_connection_logs
-from mesh.config import NatsConfig
 from mesh.controlplane.client import DEFAULT_PREFIX, ControlPlaneClient, RequestRefused
 from mesh.errors import MeshError
-from mesh.transport import JetStream
 
 _T = TypeVar("_T")
 
@@ -39,12 +55,6 @@ PrefixOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def connection(url: str, timeout: float, name: str = "meshctl") -> JetStream:
-    return JetStream(
-        NatsConfig(servers=[url], connect_timeout=min(timeout, 2.0), request_timeout=timeout), name=name
-    )
 
 
 def run_with_client(
@@ -92,14 +102,25 @@ def timestamp(t: float) -> str:
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_URL",
+    "NATS_ACCESS_OPTIONS",
     "ControlPlaneOpt",
+    "CredsOpt",
     "JsonOpt",
+    "NatsAccess",
     "PrefixOpt",
     "TimeoutOpt",
+    "TlsCaOpt",
+    "TlsCertOpt",
+    "TlsKeyOpt",
+    "add_nats_options",
     "ago",
     "connection",
     "fail",
+    "nats_access",
+    "nats_access_defaults",
+    "nats_config",
     "run_with_client",
     "table",
+    "talks_to_nats",
     "timestamp",
 ]

@@ -26,6 +26,7 @@ from mesh.cli._common import (
     TimeoutOpt,
     ago,
     fail,
+    nats_access_defaults,
     run_with_client,
     table,
 )
@@ -123,6 +124,7 @@ def _register(
         state_dir = state_dir or Path(cfg.agent.state_dir)
         if not os.environ.get("MESH_CONTROL_PLANE") and control_plane == DEFAULT_URL:
             control_plane = cfg.nats.servers[0]
+        nats_access_defaults(cfg.nats)  # its [nats] creds and [nats.tls], unless given here
     if name is None:
         fail("give --name (or --config with the agent's config)")
     if site is None:
@@ -134,7 +136,16 @@ def _register(
         installed = adapter_registry().names()
     except ConfigError as exc:
         fail(exc)
-    manifest = Manifest(adapters=list(adapters or installed), operations=list(operations or []))
+    # Where applied flows may keep files: `flow apply` refuses paths outside these up front.
+    # (the agent runs its flows in its config's state_dir, whatever --state-dir says)
+    allowed = [str(Path(p).resolve()) for p in cfg.agent.allowed_paths] if config is not None else []
+    flow_root = Path(cfg.agent.state_dir) if config is not None else Path(directory)
+    manifest = Manifest(
+        adapters=list(adapters or installed),
+        operations=list(operations or []),
+        state_dir=str(flow_root.resolve()),
+        allowed_paths=allowed,
+    )
     try:
         current = load_credentials(directory)
     except ConfigError as exc:

@@ -23,6 +23,7 @@ from mesh.cli._common import (
     TimeoutOpt,
     ago,
     fail,
+    nats_access,
     run_with_client,
     table,
 )
@@ -94,6 +95,10 @@ def _run(
     http_token_env: Annotated[
         str | None, _opt("Environment variable holding a bearer token the HTTP endpoint requires.")
     ] = None,
+    http_tls_cert: Annotated[
+        str | None, _opt("PEM certificate: serve the HTTP endpoint as HTTPS (with --http-tls-key).")
+    ] = None,
+    http_tls_key: Annotated[str | None, _opt("PEM key of --http-tls-cert.")] = None,
     subject_prefix: Annotated[str | None, _opt("Control-plane subject prefix [mesh.cp].")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="text, or json (one JSON object per line).")] = "text",
@@ -106,6 +111,11 @@ def _run(
     raw: dict[str, Any] = {}
     if nats is not None:
         raw["nats"] = {"servers": [u.strip() for u in nats.split(",") if u.strip()]}
+    access = nats_access()  # --creds / --tls-* (over the settings file's [nats])
+    if access.creds is not None:
+        raw.setdefault("nats", {})["creds"] = access.creds
+    if access.tls is not None:
+        raw.setdefault("nats", {})["tls"] = msgspec.to_builtins(access.tls)
     try:
         if http is not None:
             address = parse_http_address(http)
@@ -117,6 +127,8 @@ def _run(
             ("lease_ttl", lease_ttl),
             ("lease_renew", lease_renew),
             ("http_token_env", http_token_env),
+            ("http_tls_cert_file", http_tls_cert),
+            ("http_tls_key_file", http_tls_key),
             ("subject_prefix", subject_prefix),
         ):
             if value is not None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 import typer
 
+from mesh.cli._access import connection
 from mesh.cli._output import fail
 from mesh.dlq import (
     DEFAULT_NATS_URL,
@@ -25,7 +26,6 @@ from mesh.dlq import (
     DlqFilter,
     ReplayOutcome,
     ReplayReport,
-    connect,
     format_time,
     parse_time,
 )
@@ -116,7 +116,7 @@ def _run(server: str, work: Callable[[DeadLetters], Awaitable[_T]]) -> _T:
 
     async def main() -> _T:
         js: JetStream
-        async with connect(server) as js:
+        async with connection(server, 5.0) as js:
             return await work(DeadLetters(js))
 
     try:

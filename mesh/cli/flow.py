@@ -22,13 +22,14 @@ from mesh.cli._common import (
     PrefixOpt,
     TimeoutOpt,
     ago,
+    connection,
     fail,
     run_with_client,
     table,
 )
 from mesh.cli.dlq import ServerOpt, quiet_connection_logs
 from mesh.controlplane.models import CommandResult, FlowOp
-from mesh.dlq import DEFAULT_NATS_URL, FlowReplay, connect, format_time, parse_time, replay_flow
+from mesh.dlq import DEFAULT_NATS_URL, FlowReplay, format_time, parse_time, replay_flow
 from mesh.errors import MeshError
 
 __all__ = ["app", "print_result"]
@@ -93,7 +94,7 @@ def _replay(
     quiet_connection_logs()
 
     async def main() -> FlowReplay:
-        async with connect(server) as js:
+        async with connection(server, 5.0) as js:
             return await replay_flow(js, name, sink_system=sink_system, since=start, from_seq=from_seq)
 
     try:

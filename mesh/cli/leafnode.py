@@ -17,6 +17,7 @@ from typing import Annotated
 import anyio
 import typer
 
+from mesh.cli._common import nats_config, talks_to_nats
 from mesh.cli._output import fail
 from mesh.errors import MeshError
 
@@ -105,6 +106,7 @@ def _config(
 
 
 @app.command("link")
+@talks_to_nats
 def _link(
     domain: Annotated[
         str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
@@ -113,12 +115,6 @@ def _link(
         list[str], typer.Option(help="Hub URL (repeatable), e.g. nats://hub:4222.", show_default=False)
     ],
     user: Annotated[str | None, typer.Option(help="NATS user.", show_default=False)] = None,
-    creds: Annotated[
-        Path | None,
-        typer.Option(
-            "--creds", envvar="MESH_CREDS", help="Credentials file (env MESH_CREDS).", show_default=False
-        ),
-    ] = None,
     password_env: Annotated[
         str | None, typer.Option(help="Environment variable holding the password.", show_default=False)
     ] = None,
@@ -136,14 +132,12 @@ def _link(
 
     Creates the hub's mesh streams with the default settings when they do not exist yet.
     """
-    from mesh.config import NatsConfig, StreamsConfig
+    from mesh.config import StreamsConfig
     from mesh.leafnode import SourceStatus, edge_source_status, ensure_edge_sourcing, watch_edge_sourcing
     from mesh.transport import EVENTS_STREAM, JetStream
 
     async def run() -> None:
-        cfg = NatsConfig(
-            servers=server, user=user, password_env=password_env, creds=None if creds is None else str(creds)
-        )
+        cfg = nats_config(server, user=user, password_env=password_env)
         async with JetStream(cfg, name="meshctl-leafnode-link") as js:
             changed = await ensure_edge_sourcing(js, domain, streams=StreamsConfig())
             verb = "now sources" if changed else "already sources"

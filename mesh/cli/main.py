@@ -42,6 +42,7 @@ from mesh.cli import (
 from mesh.cli import (
     security as cli_security,
 )
+from mesh.cli._common import add_nats_options
 from mesh.cli._output import fail
 from mesh.errors import ConfigError, MeshError
 
@@ -155,12 +156,20 @@ def _dev_up(
     records: Annotated[int, typer.Option(help="Customers the demo load inserts first.")] = 1000,
     rate: Annotated[float, typer.Option(help="Demo changes per second after the first load.")] = 50.0,
     duration: Annotated[float | None, typer.Option(help="Stop by itself after this many seconds.")] = None,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Run everything over mutual TLS with a throwaway CA, server and client certificate "
+            "made in <data-dir>/tls.",
+        ),
+    ] = False,
 ) -> None:
     """Start nats-server, an on-prem ERP agent, a cloud agent and a demo load; Ctrl-C stops all."""
     from mesh.devtools.dev import run_dev_stack
 
     try:
-        code = run_dev_stack(data_dir=data_dir, records=records, rate=rate, duration=duration)
+        code = run_dev_stack(data_dir=data_dir, records=records, rate=rate, duration=duration, tls=tls)
     except MeshError as exc:
         _fail(exc)
         return
@@ -187,6 +196,10 @@ def _bench(
             run_bench(events=events, rate=rate, seconds=seconds, json_out=json_out)
     except MeshError as exc:
         _fail(exc)
+
+
+# Last, once every command is registered: --creds/--tls-* on every command that talks to NATS.
+add_nats_options(app)
 
 
 def main() -> None:

@@ -22,7 +22,10 @@ Guarantees:
 * **Nothing is stored unless the whole file is valid**, and a refusal lists every problem with
   its path (``flows.toml: flows[1].sink.table: Expected `str`, got `int```): TOML syntax, unknown
   keys, types, adapters that do not exist, agents that are not registered or revoked, an agent
-  whose manifest lacks the adapter, duplicate names.
+  whose manifest lacks the adapter, duplicate names, and a file path (any path field of any
+  adapter, SQLite lookups) that would resolve outside the agent's ``state_dir`` and its
+  ``allowed_paths`` (``../`` escapes, absolute paths elsewhere), with the field path. Dry run
+  and real apply run the same validation, so they agree.
 * Each flow is one KV entry (``mesh_flows``, key ``flow.<name>``) written by compare-and-swap;
   re-applying an unchanged flow changes nothing (same generation), a changed one bumps the
   generation. An agent's share of every flow is written to its assignment (``mesh_assign``,
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
@@ -57,6 +61,7 @@ from mesh.controlplane.models import (
     FlowPart,
     FlowsApplied,
     FlowSpec,
+    Manifest,
     Refused,
     encode,
 )
@@ -64,7 +69,14 @@ from mesh.errors import ConfigError
 from mesh.flowdata import compile_flow_data
 from mesh.plugins import RoleName
 
-__all__ = ["FlowStore", "ParsedFlow", "assignment_key", "flow_key", "parse_flow_file"]
+__all__ = [
+    "FlowStore",
+    "ParsedFlow",
+    "assignment_key",
+    "confinement_problems",
+    "flow_key",
+    "parse_flow_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +204,8 @@ def parse_flow_file(
                 continue  # reported above, side by side
             for p, m in check_flow(flow, path):
                 problem(p, m)
+            for p, m in confinement_problems(flow, agents[agent].manifest, path):
+                problem(p, m)
             # Mappings and ownership are checked here too, except SQLite lookups: their files
             # are the agent's (it checks them when the flow reaches it and reports failing).
             local = any(
@@ -209,6 +223,81 @@ def parse_flow_file(
             parts.append(FlowPart(agent=agent, config=msgspec.to_builtins(flow)))
         parsed.append(ParsedFlow(name=common.name, entity=common.entity, parts=parts))
     return parsed, list(dict.fromkeys(problems))
+
+
+_MARK = "\x00mesh-path-{}\x00"
+
+
+def _path_fields(flow: FlowConfig) -> list[tuple[str, str]]:
+    """(field path below the flow, value) of every file path of ``flow``: whatever its adapters'
+    ``resolved`` hooks (and the mappings' SQLite lookups) treat as a path, found by marking."""
+    values: list[str] = []
+
+    def mark(value: str) -> str:
+        values.append(value)
+        return _MARK.format(len(values) - 1)
+
+    marked: dict[str, Any] = {}
+    for part in ("source", "sink", "to_canonical", "from_canonical"):
+        cfg = getattr(flow, part)
+        if cfg is not None:
+            marked[part] = msgspec.to_builtins(cfg.resolved(mark))
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, str) and value.startswith("\x00mesh-path-"):
+            found.append((where, values[int(value.strip("\x00").rsplit("-", 1)[1])]))
+
+    walk(marked, "")
+    return found
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def confinement_problems(flow: FlowConfig, manifest: Manifest, where: str) -> list[tuple[str, str]]:
+    """(field path, message) for every file path of ``flow`` that would resolve outside the
+    agent's ``state_dir`` and ``allowed_paths`` (as its manifest reports them).
+
+    The check is lexical (``..`` collapsed): the paths are the agent's, not this machine's. The
+    agent checks again with symlinks followed before it runs the flow
+    (:func:`agents.flows.flow_from_assignment`), so this is the early refusal, not the only one.
+    """
+    problems: list[tuple[str, str]] = []
+    state_dir = manifest.state_dir
+    roots = [posixpath.normpath(r) for r in ([state_dir] if state_dir else []) + manifest.allowed_paths]
+    allowed = ", ".join(roots) if roots else "its state_dir"
+    for field, value in _path_fields(flow):
+        if value.startswith("~"):
+            problems.append((f"{where}.{field}", (
+                f"path {value!r} names a home directory; use a path relative to the agent's "
+                "state_dir or an absolute one inside the directories it allows"
+            )))  # fmt: skip
+            continue
+        if posixpath.isabs(value):
+            full = posixpath.normpath(value)
+        elif state_dir:
+            full = posixpath.normpath(posixpath.join(state_dir, value))
+        else:
+            full = posixpath.normpath(value)
+            if full == ".." or full.startswith("../"):
+                problems.append((f"{where}.{field}", (
+                    f"path {value!r} leads outside the agent's state_dir (.. escapes are refused)"
+                )))  # fmt: skip
+            continue
+        if not roots or not any(_inside(full, r) for r in roots):
+            problems.append((f"{where}.{field}", (
+                f"path {value!r} resolves to {full}, outside the directories this agent allows "
+                f"for applied flows ({allowed}; see agent.allowed_paths in its config)"
+            )))  # fmt: skip
+    return problems
 
 
 def _digest(parts: list[FlowPart]) -> str:

@@ -20,7 +20,9 @@ Routes (GET and HEAD only)::
     /metrics        Prometheus text format (names mesh_cp_*)
 
 Guarantees: every error is a small JSON body ``{"error": ..., "status": ...}`` (404, 405, 401,
-500); a failing handler is logged with its traceback but the response never contains one.
+413, 431, 500); a path with a trailing slash is 404, never a redirect (Starlette builds those from
+the Host header); slow clients are cut off (see :class:`HttpServer`); a failing handler is
+logged with its traceback but the response never contains one.
 With a bearer token configured, every route but ``/healthz`` and ``/readyz`` (probes) requires
 ``Authorization: Bearer <token>``; the token is compared in constant time and never echoed.
 """
@@ -32,6 +34,7 @@ import hmac
 import html
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
@@ -49,6 +52,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mesh.controlplane._httpguard import RequestLimits, guarded_h11, is_loopback
 from mesh.controlplane.models import StatusReport, status_schema
 from mesh.errors import ConfigError
 
@@ -168,11 +172,15 @@ def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
         )
     ]
     middleware = [Middleware(_BearerAuth, token=token)] if token else []
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
+    # Starlette would answer "/status/" with a redirect to an absolute URL built from the
+    # request's Host header (an open redirect to any host a client names): 404 instead.
+    app.router.redirect_slashes = False
+    return app
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -248,9 +256,20 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """Serves an ASGI app on ``host:port`` (0: a free port) inside the caller's task group.
 
+    With ``tls_cert_file`` and ``tls_key_file`` (PEM) it serves HTTPS only (a certificate or
+    key that cannot be loaded raises :class:`~mesh.errors.ConfigError` naming them).
+
     ``run`` binds first (an unusable address raises :class:`~mesh.errors.ConfigError` naming
     it), signals ``started(port)``, and on cancellation closes the listener and gives open
     connections up to ``grace`` seconds.
+
+    Against slow or greedy clients: a request's headers must arrive within ``header_timeout``
+    seconds (of connecting, or of the previous response) and its body within ``body_timeout``
+    seconds of the headers, or the connection is closed (slowloris); a header block over
+    ``max_header_bytes`` is answered 431 (400 while still incomplete) and a body over
+    ``max_body_bytes`` 413. With
+    ``open_access`` (no token guards the app) and a non-loopback ``host``, ``run`` logs a
+    warning: anyone who can reach the address can read what the app serves.
     """
 
     def __init__(
@@ -261,20 +280,35 @@ class HttpServer:
         *,
         grace: float = 2.0,
         name: str = "control plane",
+        header_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        max_header_bytes: int = 16 * 1024,
+        max_body_bytes: int = 1 << 20,
+        open_access: bool = False,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
     ) -> None:
         self.name = name
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.open_access = open_access
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
         self.app = app
         self.host = host
         self.port = port
         self.grace = grace
 
     def __repr__(self) -> str:
-        return f"<HttpServer http://{self.host}:{self.port}>"
+        return f"<HttpServer {self.url}>"
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls_cert_file else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -291,20 +325,37 @@ class HttpServer:
         return sock
 
     async def run(self, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        sock = self._bind()
-        self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
-            self.app,
+            RequestLimits(self.app, self.max_body_bytes, self.max_header_bytes),
             log_config=None,
             log_level="warning",
             access_log=False,
             lifespan="off",
-            http="h11",
+            http=guarded_h11(self.header_timeout, self.body_timeout),
+            h11_max_incomplete_event_size=self.max_header_bytes,
             ws="none",
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=max(1, int(self.grace)),
+            ssl_certfile=self.tls_cert_file,
+            ssl_keyfile=self.tls_key_file,
         )
+        if self.tls_cert_file is not None:
+            try:
+                config.load()  # builds the SSL context: a bad certificate or key fails here
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"cannot serve HTTPS with certificate {self.tls_cert_file} and key "
+                    f"{self.tls_key_file}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
+        sock = self._bind()
+        self.port = int(sock.getsockname()[1])
+        if self.open_access and not is_loopback(self.host):
+            log.warning(
+                "%s HTTP on %s is reachable from other machines and requires no token: "
+                "set a token (http_token_env) or bind 127.0.0.1",
+                self.name, self.url,
+            )  # fmt: skip
         server = _EmbeddedServer(config)
         done = anyio.Event()
 

@@ -24,6 +24,7 @@ from mesh.transport import Bucket, Entry, MemoryBucket, NatsBucket, RevisionConf
 
 __all__ = [
     "BUCKETS",
+    "DIRECT_BUCKETS",
     "Bucket",
     "Entry",
     "KvMirror",
@@ -38,17 +39,25 @@ log = logging.getLogger(__name__)
 BUCKETS: dict[str, int] = {AGENTS_BUCKET: 1, FLOWS_BUCKET: 5, ASSIGN_BUCKET: 1, LEADER_BUCKET: 1}
 """Bucket name -> history kept per key."""
 
+DIRECT_BUCKETS: frozenset[str] = frozenset({ASSIGN_BUCKET})
+"""Buckets created with direct get: an agent reads its own assignment key by a request whose
+subject names the key, which a NATS permission can limit (a KV watcher's filter cannot be)."""
+
 
 async def ensure_buckets(
     transport: Transport, *, replicas: int = 1, memory: bool = False
 ) -> dict[str, Bucket]:
-    """Create the control-plane buckets when missing; return them by name. Idempotent.
+    """Create the control-plane buckets when missing (``mesh_assign`` with direct get); return
+    them by name. Idempotent; :class:`~mesh.controlplane.layout.LayoutKeeper` re-creates one that
+    goes missing later.
 
     Raises:
         TransportError: NATS unreachable or JetStream refused.
     """
     return {
-        name: await transport.key_value(name, history=history, replicas=replicas, memory=memory)
+        name: await transport.key_value(
+            name, history=history, replicas=replicas, memory=memory, direct=name in DIRECT_BUCKETS
+        )
         for name, history in BUCKETS.items()
     }
 
@@ -68,6 +77,7 @@ class KvMirror:
         self._gone: dict[str, int] = {}
         self.synced = anyio.Event()
         self.resyncs = 0
+        self._reload = False
 
     def __repr__(self) -> str:
         return f"<KvMirror {self.bucket.name} keys={len(self.entries)} resyncs={self.resyncs}>"
@@ -79,6 +89,11 @@ class KvMirror:
         """Entries whose key starts with ``prefix``, by the key's remainder."""
         n = len(prefix)
         return {k[n:]: e for k, e in self.entries.items() if k.startswith(prefix)}
+
+    def reload(self) -> None:
+        """Drop this copy and load the bucket afresh now (it was re-created: its revisions
+        started again, so nothing held here may be kept as "newer")."""
+        self._reload = True
 
     def apply(self, entry: Entry) -> None:
         current = self.entries.get(entry.key)
@@ -105,19 +120,20 @@ class KvMirror:
         started = False
         while True:
             reconnects = self.js.reconnects
+            fresh, self._reload = self._reload, False
             async with await self.bucket.watch() as watch:
                 snapshot: dict[str, Entry] = {}
                 gone: dict[str, int] = {}
                 loaded = False
                 until = anyio.current_time() + self.resync_every
-                while anyio.current_time() < until and self.js.reconnects == reconnects:
+                while anyio.current_time() < until and self.js.reconnects == reconnects and not self._reload:
                     update = await watch.next(timeout=1.0)
                     if update is None:
                         continue
                     if update.op == "loaded":  # end of the initial values: swap in the fresh copy
                         if not loaded:
                             loaded = True
-                            self._swap(snapshot, gone)
+                            self._swap(snapshot, gone, fresh)
                             if not started:
                                 started = True
                                 task_status.started()
@@ -136,12 +152,13 @@ class KvMirror:
                     log.info("KV %s: reconnected; reloading the mirror", self.bucket.name)
                 self.resyncs += 1
 
-    def _swap(self, snapshot: dict[str, Entry], gone: dict[str, int]) -> None:
-        # Local writes newer than the whole snapshot stay (the watcher delivers them again).
+    def _swap(self, snapshot: dict[str, Entry], gone: dict[str, int], fresh: bool = False) -> None:
+        # Local writes newer than the whole snapshot stay (the watcher delivers them again),
+        # unless the bucket was re-created (``fresh``): then every revision held is stale.
         newest = max((e.revision for e in snapshot.values()), default=0)
         newest = max(newest, *gone.values()) if gone else newest
         for key, e in self.entries.items():
-            if e.revision > newest:
+            if e.revision > newest and not fresh:
                 snapshot[key] = e
         self.entries = snapshot
         self._gone = gone

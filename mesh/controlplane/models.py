@@ -106,10 +106,16 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Manifest(_Msg, frozen=True):
-    """What an agent can do: its adapter kinds and the system operations it exposes."""
+    """What an agent can do: its adapter kinds and the system operations it exposes, and where
+    flows applied to it may keep files (checked by ``meshctl flow apply`` before storing)."""
 
     adapters: list[str] = msgspec.field(default_factory=list)
     operations: list[str] = msgspec.field(default_factory=list)
+    state_dir: str | None = None
+    """The agent's state directory, absolute (None: an agent from before it was reported; then
+    only relative paths that stay below it can be checked and are accepted)."""
+    allowed_paths: list[str] = msgspec.field(default_factory=list)
+    """The agent's ``[agent] allowed_paths``, absolute: other directories applied flows may use."""
 
 
 class FlowReport(_Msg, frozen=True):

@@ -16,9 +16,9 @@ from typing import Annotated, Any
 
 import msgspec
 
-from mesh.config import NatsConfig, StreamsConfig
+from mesh.config import NatsConfig, StreamsConfig, check_tls_files
 from mesh.controlplane.health import HealthPolicy
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, ConfigProblem
 
 __all__ = ["ControlPlaneSettings", "default_replica_name", "load_settings", "settings_from"]
 
@@ -39,13 +39,17 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     """Must match the agents' (the control plane ensures the same streams, MESH_AUDIT included)."""
-    subject_prefix: Annotated[
-        str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$(?!\n)")
-    ] = "mesh.cp"
+    subject_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$(?!\n)")] = (
+        "mesh.cp"
+    )
     http_host: str = "127.0.0.1"
     http_port: Port | None = 8080
     """None: no HTTP endpoint."""
     http_token_env: str | None = None
+    http_tls_cert_file: str | None = None
+    """PEM certificate (chain) the HTTP endpoint serves HTTPS with; needs ``http_tls_key_file``."""
+    http_tls_key_file: str | None = None
+    """PEM private key of ``http_tls_cert_file``."""
     """Name of the environment variable holding the bearer token the HTTP endpoint requires."""
     health: HealthPolicy = msgspec.field(default_factory=HealthPolicy)
     lease_ttl: PositiveFloat = 5.0
@@ -55,6 +59,8 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     """How often health verdicts, gauges and dead-letter depths are refreshed."""
 
     def __post_init__(self) -> None:
+        if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):
+            raise ValueError("http_tls_cert_file and http_tls_key_file go together: give both or neither")
         if not self.lease_renew < self.lease_ttl / 2:
             raise ValueError(
                 f"lease_renew ({self.lease_renew}) must be under lease_ttl/2 ({self.lease_ttl / 2})"
@@ -81,7 +87,7 @@ def settings_from(raw: dict[str, Any], *, source: str = "<flags>") -> ControlPla
         ConfigError: naming ``source``, the field path and the problem.
     """
     try:
-        return msgspec.convert(raw, ControlPlaneSettings)
+        settings = msgspec.convert(raw, ControlPlaneSettings)
     except msgspec.ValidationError as exc:
         text = str(exc)
         path = ""
@@ -89,6 +95,14 @@ def settings_from(raw: dict[str, Any], *, source: str = "<flags>") -> ControlPla
             text, _, rest = text.partition(" - at `$.")
             path = rest.rstrip("`")
         raise ConfigError(f"{text[:1].lower()}{text[1:]}", source=source, path=path) from None
+    problems = check_tls_files(settings.nats.tls)
+    for field in ("http_tls_cert_file", "http_tls_key_file"):
+        value = getattr(settings, field)
+        if value is not None and not Path(value).expanduser().is_file():
+            problems.append(ConfigProblem(field, f"no such file: {value}"))
+    if problems:
+        raise ConfigError(source=source, problems=problems)
+    return settings
 
 
 def load_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> ControlPlaneSettings:

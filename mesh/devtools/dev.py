@@ -29,14 +29,19 @@ import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 import msgspec
 
 from mesh.broker import NatsServer, free_port
+from mesh.config import TlsConfig
 from mesh.errors import StopError
 from mesh.readiness import NotReady, wait_ready
+
+if TYPE_CHECKING:
+    from mesh.devtools._pki import DevPki  # imports cryptography: only with --tls
 
 __all__ = ["run_dev_stack"]
 
@@ -315,7 +320,7 @@ def _in_sync(erp: Path, crm: Path) -> bool:
     return erp_rows == crm_rows
 
 
-async def _sample_event(nats_url: str) -> str | None:
+async def _sample_event(nats_url: str, tls: TlsConfig | None = None) -> str | None:
     """The latest canonical customer event on the broker, decoded and rendered; None if none yet."""
     from mesh.canonical.entities import ENTITIES
     from mesh.config import NatsConfig
@@ -324,7 +329,7 @@ async def _sample_event(nats_url: str) -> str | None:
     from mesh.transport import EVENTS_STREAM, JetStream, event_subject
 
     subject = event_subject(ENTITY, "upserted", "erp")
-    cfg = NatsConfig(servers=[nats_url], connect_timeout=1, request_timeout=2)
+    cfg = NatsConfig(servers=[nats_url], connect_timeout=1, request_timeout=2, tls=tls)
     try:
         with anyio.fail_after(3):
             async with JetStream(cfg, name="meshctl-dev") as js:
@@ -347,21 +352,34 @@ async def _sample_event(nats_url: str) -> str | None:
     return "\n".join([head, *(f"    {line}" for line in body.splitlines())])
 
 
-def run_dev_stack(*, data_dir: Path | None, records: int, rate: float, duration: float | None) -> int:
-    """Run the stack until a signal (or ``duration``); returns the process exit code."""
+def run_dev_stack(
+    *, data_dir: Path | None, records: int, rate: float, duration: float | None, tls: bool = False
+) -> int:
+    """Run the stack until a signal (or ``duration``); returns the process exit code.
+
+    With ``tls`` a throwaway CA, server and client certificate are made in ``<data dir>/tls``
+    and everything (nats-server, control plane, agents, registration) runs over mutual TLS.
+    """
     root = Path(data_dir or tempfile.mkdtemp(prefix="mesh-dev-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    return anyio.run(_run, root, records, rate, duration)
+    return anyio.run(_run, root, records, rate, duration, tls)
 
 
-async def _run(root: Path, records: int, rate: float, duration: float | None) -> int:
+async def _run(root: Path, records: int, rate: float, duration: float | None, tls: bool = False) -> int:
     erp_db, crm_db = root / "erp.db", root / "crm.db"
     for db, schema in ((erp_db, ERP_SCHEMA), (crm_db, CRM_SCHEMA)):
         with sqlite3.connect(db) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(schema)
 
-    nats = NatsServer(root / "nats", log_file=root / "nats-server.log")
+    pki = None
+    if tls:
+        from mesh.devtools._pki import make_dev_pki
+
+        pki = make_dev_pki(root / "tls")
+    nats = NatsServer(
+        root / "nats", log_file=root / "nats-server.log", tls=None if pki is None else pki.server_tls()
+    )
     print(f"mesh dev stack in {root}", flush=True)
     nats.start()
     cp_port = free_port()
@@ -369,14 +387,14 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
     control_plane = _Agent(
         "control-plane",
         ["control-plane", "run", "--nats", nats.url, "--http", f"127.0.0.1:{cp_port}", "--name", "dev-cp",
-         "--stale-after", "15", "--lost-after", "45"],
+         "--stale-after", "15", "--lost-after", "45", *([] if pki is None else pki.cli_args())],
         root / "control-plane.log",
         readyz_url=f"{cp_url}/readyz",
     )  # fmt: skip
     children = [control_plane]
     try:
         return await _start_and_run(root, nats, control_plane, children, cp_url, erp_db, crm_db,
-                                    records, rate, duration)  # fmt: skip
+                                    records, rate, duration, pki)  # fmt: skip
     finally:
         deadline = time.monotonic() + 6
         for a in children:
@@ -390,6 +408,7 @@ async def _run(root: Path, records: int, rate: float, duration: float | None) ->
 async def _start_and_run(
     root: Path, nats: NatsServer, control_plane: _Agent, children: list[_Agent], cp_url: str,
     erp_db: Path, crm_db: Path, records: int, rate: float, duration: float | None,
+    pki: DevPki | None = None,
 ) -> int:  # fmt: skip
     control_plane.start()
     await control_plane.wait_ready()  # registration needs its request handlers
@@ -403,7 +422,7 @@ async def _start_and_run(
         cfg.write_text(_agent_toml(
             name=name, system=system, site=site, state_dir=root / "state" / name, nats_url=nats.url,
             metrics_port=port, flow=flow,
-        ))  # fmt: skip
+        ) + ("" if pki is None else pki.toml()))  # fmt: skip
         argv = ["agent", "run", "--config", str(cfg)]
         url = f"http://127.0.0.1:{port}"
         agents.append(_Agent(name, argv, root / f"{name}.log", f"{url}/metrics", f"{url}/readyz"))
@@ -432,7 +451,13 @@ async def _start_and_run(
                   on evt.{ENTITY}.<upserted|deleted>.erp --[flows.from_canonical]--> CRM table accounts
   agent configs and logs: {root}/*.toml, {root}/*.log
   try: sqlite3 {crm_db} 'SELECT * FROM accounts LIMIT 3'
-  Ctrl-C stops everything.
+  Ctrl-C stops everything.{
+            ""
+            if pki is None
+            else f'''
+  TLS (mutual): certificates in {root / "tls"}; for operator commands:
+    {pki.exports()}'''
+        }
 """,
         flush=True,
     )
@@ -481,7 +506,7 @@ async def _start_and_run(
                 flush=True,
             )
             if not sampled and applied > 0:
-                sample = await _sample_event(nats.url)
+                sample = await _sample_event(nats.url, None if pki is None else pki.client_tls())
                 if sample is not None:
                     print(sample, flush=True)
                     sampled = True

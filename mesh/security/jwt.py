@@ -3,8 +3,8 @@
 The format is nats-io/jwt v2's, which nats-server verifies: a header
 ``{"typ":"JWT","alg":"ed25519-nkey"}``, the claims, both base64url without padding, joined by
 ``.`` and followed by the ed25519 signature of ``header.claims`` by the issuer's nkey. ``jti`` is
-the base32 (no padding) SHA-512/256 (as nats-io/jwt) of the claims JSON without ``jti``. Three claim kinds exist:
-operator, account (JetStream limits, signing keys, revocations) and user (publish/subscribe
+the base32 (no padding) SHA-512/256 (as nats-io/jwt) of the claims JSON without ``jti``. Three
+claim kinds exist: operator, account (JetStream limits, signing keys, revocations) and user (publish/subscribe
 permissions, response permission, issuing account).
 
 :func:`encode` signs claims with a seed; :func:`decode` returns them only when the signature is

@@ -498,9 +498,18 @@ class Transport(_Resource):
 
     @abc.abstractmethod
     async def key_value(
-        self, name: str, *, history: int = 1, replicas: int = 1, memory: bool = False, create: bool = True
+        self,
+        name: str,
+        *,
+        history: int = 1,
+        replicas: int = 1,
+        memory: bool = False,
+        create: bool = True,
+        direct: bool = False,
     ) -> Bucket:
-        """Open a KV bucket, creating it with these settings when missing (``create``).
+        """Open a KV bucket, creating it with these settings when missing (``create``);
+        ``direct``: created with direct get (``allow_direct``), so a key can be read by a
+        request whose subject names it (``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>``).
 
         Raises:
             TransportError: the bucket is missing (and not ``create``) or the broker refused.

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -54,8 +55,16 @@ from mesh.config import NatsConfig, StreamsConfig
 from mesh.envelope import CONTENT_TYPE
 from mesh.errors import ConfigError, TransportError
 from mesh.redact import redact_urls
+from mesh.secrets import read_secret
 from mesh.transport import _jsapi
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
+from mesh.transport._tls import (
+    client_cert_missing,
+    client_ssl_context,
+    describe_tls_failure,
+    server_requires_tls,
+    wants_tls,
+)
 from mesh.transport.base import (
     Bucket,
     Consumer,
@@ -269,6 +278,14 @@ class NatsBucket(Bucket):
         return _NatsWatch(watcher, self.name)
 
 
+class _TlsRefused(Exception):
+    """The first connect failed in its TLS handshake (carries the ssl error)."""
+
+    def __init__(self, error: ssl.SSLError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class JetStream(Transport):
     """Owns one NATS connection and everything nats-py spawns for it.
 
@@ -301,23 +318,39 @@ class JetStream(Transport):
         return ", ".join(self.cfg.servers)
 
     def _password(self) -> str | None:
-        if self.cfg.password_env is None:
+        if self.cfg.password_env is None and self.cfg.password_file is None:
             return None
-        value = os.environ.get(self.cfg.password_env)
-        if value is None:
-            raise ConfigError(f"nats.password_env: environment variable {self.cfg.password_env} is not set")
-        return value
+        return read_secret(
+            self.cfg.password_env, self.cfg.password_file, field="nats.password", what="NATS"
+        )
 
-    def _creds(self) -> str | None:
+    def _tls_and_creds(self) -> tuple[ssl.SSLContext | None, str | None]:
+        """The client SSL context (None: plaintext) and the creds file, both checked (files read
+        here, before the event loop's connect)."""
+        tls = client_ssl_context(self.cfg.tls) if wants_tls(self.cfg) else None
         creds = self.cfg.creds
         if creds is not None and not os.path.isfile(creds):
-            raise ConfigError(f"nats.creds: {creds} does not exist (or is not a file)")
-        return creds
+            raise ConfigError(f"no such credentials file: {creds}", path="nats.creds")
+        return tls, creds
 
     async def connect(self) -> None:
+        """Connect (TLS when ``cfg.tls`` is set or a URL is ``tls://``; see :mod:`._tls`).
+
+        Raises:
+            ConfigError: a TLS file or the creds file is missing or unreadable.
+            TransportError: no server reachable, or the TLS handshake failed (one line that says
+                why: unknown CA, client certificate required, wrong host name), or ``cfg.tls``
+                is set and the server does not use TLS.
+        """
         last_logged = [0.0]
+        tls, creds = self._tls_and_creds()
+        connecting = [True]
 
         async def on_error(exc: Exception) -> None:
+            if connecting[0] and isinstance(exc, ssl.SSLError):
+                # A failed TLS upgrade leaves nats-py 2.16 waiting forever for the plain stream
+                # to close (its protocol was handed to the TLS layer): stop the first connect here.
+                raise _TlsRefused(exc)
             # During an outage nats-py reports every reconnect attempt; one line per 30 s is enough.
             now = anyio.current_time()
             if now - last_logged[0] >= 30:
@@ -332,29 +365,44 @@ class JetStream(Transport):
             self.reconnects += 1
             log.info("nats %s: reconnected", self.name)
 
+        nc = Client()
         try:
-            self._nc = await nats.connect(
+            await nc.connect(
                 self.cfg.servers,
                 name=self.name,
                 user=self.cfg.user,
                 password=self._password(),
-                user_credentials=self._creds(),
                 inbox_prefix=self.cfg.inbox_prefix or "_INBOX",
                 connect_timeout=max(1, int(self.cfg.connect_timeout)),
+                tls=tls,
+                tls_hostname=self.cfg.tls.server_name if self.cfg.tls else None,
+                user_credentials=creds,
                 allow_reconnect=True,
                 # Bounded for the first connect (nats-py would otherwise loop here forever);
                 # the caller decides whether to try again.
                 max_reconnect_attempts=1,
-                reconnect_time_wait=0.5,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, used as seconds (float works)
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
             )
-        except NATS_ERRORS as exc:
+        except _TlsRefused as exc:
             raise TransportError(
                 f"cannot connect to {redact_urls(self.cfg.servers)}: "
-                f"{redact_urls(str(exc) or type(exc).__name__)}"
-            ) from exc
+                f"{describe_tls_failure(exc.error, self.cfg)}"
+            ) from None
+        except NATS_ERRORS as exc:
+            why = client_cert_missing(nc, self.cfg) or redact_urls(str(exc) or type(exc).__name__)
+            raise TransportError(f"cannot connect to {redact_urls(self.cfg.servers)}: {why}") from exc
+        finally:
+            connecting[0] = False
+        self._nc = nc
+        if tls is not None and not server_requires_tls(self._nc):
+            await self.aclose()
+            raise TransportError(
+                f"cannot connect to {redact_urls(self.cfg.servers)}: the server does not use TLS "
+                "but TLS is configured; refusing a plaintext connection"
+            )
         # Once connected, never give up reconnecting (the default stops after ~2 minutes).
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=self.cfg.request_timeout, domain=self.domain)
@@ -629,7 +677,14 @@ class JetStream(Transport):
         return PullConsumer(sub, durable)
 
     async def key_value(
-        self, name: str, *, history: int = 1, replicas: int = 1, memory: bool = False, create: bool = True
+        self,
+        name: str,
+        *,
+        history: int = 1,
+        replicas: int = 1,
+        memory: bool = False,
+        create: bool = True,
+        direct: bool = False,
     ) -> NatsBucket:
         with translate(f"open bucket {name}"):
             try:
@@ -643,6 +698,7 @@ class JetStream(Transport):
                     replicas=replicas,
                     storage=StorageType.MEMORY if memory else StorageType.FILE,
                     description=f"connector mesh: {name}",
+                    direct=direct,
                 )
                 try:
                     kv = await self.js.create_key_value(config)

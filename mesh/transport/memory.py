@@ -602,7 +602,14 @@ class MemoryTransport(Transport):
         return _MemoryConsumer(self, state, durable)
 
     async def key_value(
-        self, name: str, *, history: int = 1, replicas: int = 1, memory: bool = False, create: bool = True
+        self,
+        name: str,
+        *,
+        history: int = 1,
+        replicas: int = 1,
+        memory: bool = False,
+        create: bool = True,
+        direct: bool = False,
     ) -> MemoryBucket:
         broker = self._live()
         await anyio.lowlevel.checkpoint()

@@ -316,5 +316,5 @@ async def test_transport_uses_the_agents_creds_and_inbox_prefix(secured: Secured
 
 async def test_missing_creds_file_is_a_config_error(secured: Secured, tmp_path: Path) -> None:
     cfg = NatsConfig(servers=[secured.url], creds=str(tmp_path / "nope.creds"))
-    with pytest.raises(ConfigError, match=r"nats\.creds: .*nope\.creds does not exist"):
+    with pytest.raises(ConfigError, match=r"no such credentials file: .*nope\.creds"):
         await JetStream(cfg, name="x").connect()

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,36 +28,69 @@ from tests.integration._harness import AgentProcess, ErpLoad, agent_toml, make_e
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
+class NotifyReceiver:
+    """The systemd side of sd_notify: a unix datagram socket read continuously by a thread, as
+    systemd reads it. (Not reading would fill the kernel queue, only 10 datagrams by default
+    (net.unix.max_dgram_qlen), after which the agent drops its notifications by design: a test
+    that reads only now and then would lose STOPPING=1 behind a pile of WATCHDOG=1 pings.)"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self._sock.settimeout(0.1)
+        self._got: list[bytes] = []
+        self._seen = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._cond:
+                self._got.append(data)
+                self._cond.notify_all()
+
+    def until(self, wanted: bytes, timeout: float = 30) -> list[bytes]:
+        """Datagrams not yet returned, up to and including the first that starts with ``wanted``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for i in range(self._seen, len(self._got)):
+                    if self._got[i].startswith(wanted):
+                        out, self._seen = self._got[self._seen : i + 1], i + 1
+                        return out
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {wanted!r} within {timeout}s; got {self._got[self._seen :]}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
 @pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = tmp_path / "notify.sock"
-    sock.bind(str(path))
+def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
+    receiver = NotifyReceiver(tmp_path / "notify.sock")
     try:
-        yield sock, str(path)
+        yield receiver
     finally:
-        sock.close()
-
-
-def _receive_until(sock: socket.socket, wanted: bytes, timeout: float = 30) -> list[bytes]:
-    """Datagrams up to and including the first that starts with ``wanted``."""
-    got: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            data = sock.recv(4096)
-        except TimeoutError:
-            raise AssertionError(f"no {wanted!r} within {timeout}s; got {got}") from None
-        got.append(data)
-        if data.startswith(wanted):
-            return got
+        receiver.close()
 
 
 def test_agent_readiness_follows_nats_and_notifies_systemd(
-    tmp_path: Path, security_dir: Path, notify_socket: tuple[socket.socket, str]
+    tmp_path: Path, security_dir: Path, notify_socket: NotifyReceiver
 ) -> None:
-    sock, path = notify_socket
+    path = notify_socket.path
     server = NatsServer(tmp_path / "nats", security_dir, layout=True)
     erp = tmp_path / "erp.db"
     make_erp(erp)
@@ -75,16 +109,16 @@ def test_agent_readiness_follows_nats_and_notifies_systemd(
         assert snap["ready"] is False
         assert "nats" in snap["waiting"]  # type: ignore[operator]
         # The watchdog pings come from the event loop whether or not the agent is ready.
-        before = _receive_until(sock, b"WATCHDOG=1")
+        before = notify_socket.until(b"WATCHDOG=1")
         assert not any(d.startswith(b"READY=1") for d in before)
 
         server.start()
         snap = agent.wait_ready()
         assert snap["checks"] == {  # every condition, each met
             name: {"ok": True, "detail": snap["checks"][name]["detail"]}  # type: ignore[index]
-            for name in ("signals", "stores", "nats", "assignments", "commands")
+            for name in ("signals", "stores", "nats", "streams", "assignments", "commands")
         }
-        assert _receive_until(sock, b"READY=1")[-1] == b"READY=1\nSTATUS=agent erp-agent ready"
+        assert notify_socket.until(b"READY=1")[-1] == b"READY=1\nSTATUS=agent erp-agent ready"
         url = agent.readyz_url
         assert url is not None
         base = url.removesuffix("/readyz")
@@ -98,7 +132,7 @@ def test_agent_readiness_follows_nats_and_notifies_systemd(
         agent.wait_ready()
 
         assert agent.terminate() == 0
-        assert _receive_until(sock, b"STOPPING=1")[-1] == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
+        assert notify_socket.until(b"STOPPING=1")[-1] == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
         assert read_endpoint_file(state) is None  # removed on a clean exit
     finally:
         agent.kill()
@@ -107,12 +141,12 @@ def test_agent_readiness_follows_nats_and_notifies_systemd(
 
 
 def test_control_plane_readiness_and_sd_notify(
-    tmp_path: Path, security_dir: Path, notify_socket: tuple[socket.socket, str]
+    tmp_path: Path, security_dir: Path, notify_socket: NotifyReceiver
 ) -> None:
     """`meshctl control-plane run`: /readyz 503 naming what it waits for while NATS is away,
     200 and READY=1 once its signal handlers, NATS link, KV buckets and request handlers are up,
     STOPPING=1 on SIGTERM."""
-    sock, path = notify_socket
+    path = notify_socket.path
     server = NatsServer(tmp_path / "nats", security_dir)
     port = free_port()
     log = tmp_path / "cp.log"
@@ -134,9 +168,9 @@ def test_control_plane_readiness_and_sd_notify(
         assert "nats" in str(answer[1]["reason"])
         server.start()
         assert wait_ready(url, timeout=30, alive=lambda: proc.poll() is None) == {"ready": True}
-        assert _receive_until(sock, b"READY=1")[-1] == b"READY=1\nSTATUS=control plane cp1 ready"
+        assert notify_socket.until(b"READY=1")[-1] == b"READY=1\nSTATUS=control plane cp1 ready"
         proc.send_signal(signal.SIGTERM)
-        assert _receive_until(sock, b"STOPPING=1")[-1] == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
+        assert notify_socket.until(b"STOPPING=1")[-1] == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
         assert proc.wait(15) == 0
     finally:
         if proc.poll() is None:

@@ -51,7 +51,7 @@ def test_conditions_stopping_and_snapshot() -> None:
     assert snap["waiting"] == ["nats"]
     assert snap["checks"] == {"stores": {"ok": True, "detail": ""},
                               "nats": {"ok": False, "detail": "NATS disconnected"}}  # fmt: skip
-    assert snap["detail"] == "waiting for nats"
+    assert snap["detail"] == "waiting for nats (NATS disconnected)"
     r.set("nats")
     assert r.ready
     assert r.ever_ready

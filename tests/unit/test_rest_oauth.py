@@ -317,7 +317,7 @@ def test_oauth2_auth_config_parses() -> None:
         client_secret_env="CLIENT_SECRET",
         audience="https://api.example.com",
     )
-    missing = r"flows\[0\]\.sink\.auth: object missing required field `client_secret_env`"
+    missing = r"flows\[0\]\.sink\.auth: client_secret_env / client_secret_file: set exactly one of them"
     with pytest.raises(ConfigError, match=missing):
         parse_agent_config(AGENT)
     bad_url = r"flows\[0\]\.sink\.auth\.token_url: expected `str` matching regex"

@@ -173,6 +173,7 @@ def test_any_text_is_a_clear_error_never_a_crash(text: str) -> None:
         (USER[:-1] + ("A" if USER[-1] != "A" else "B"), None, "checksum|not an nkey"),
         (USER, "account", "not an account public key"),
     ],
+    ids=["not-base32", "bad-checksum", "wrong-kind"],
 )
 def test_bad_public_keys(key: str, kind: str | None, message: str) -> None:
     with pytest.raises(InvalidToken, match=message):
