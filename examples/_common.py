@@ -52,11 +52,6 @@ from mesh.broker import NatsServer, free_port
 from mesh.config import AgentConfig, StreamsConfig, load_agent_config
 from mesh.errors import ConfigError, MeshError
 
-# Until agents stop creating the streams at connect (they only check them once the layout healing
-# lands: `[streams] manage`), an agent with least-privilege creds cannot start (its STREAM.CREATE
-# is refused); until then the example's agents get the admin creds.
-_AGENTS_CHECK_STREAMS = "manage" in StreamsConfig.__struct_fields__
-
 __all__ = [
     "DATA_DIR",
     "NORTHWIND_SQL",
@@ -483,7 +478,7 @@ class Stack:
 
     async def _streams(self) -> None:
         """Create the mesh streams with the admin creds (the control plane's job elsewhere)."""
-        from mesh.config import NatsConfig, StreamsConfig
+        from mesh.config import NatsConfig
         from mesh.transport import JetStream
 
         assert self.nats_server is not None
@@ -546,14 +541,10 @@ class Stack:
 
     def _issue_creds(self, cfg: AgentConfig, path: Path) -> None:
         """The agent's own least-privilege creds (``meshctl security issue-agent``)."""
-        from mesh.security.authority import Authority, read_creds, write_creds
+        from mesh.security.authority import Authority, write_creds
         from mesh.security.jwt import new_seed, public_key_of_seed
         from mesh.security.permissions import permissions_for_agent
 
-        if not _AGENTS_CHECK_STREAMS:  # see _AGENTS_CHECK_STREAMS: the admin's, until then
-            admin = read_creds(self.admin_creds)
-            write_creds(path, admin.jwt, admin.seed)
-            return
         seed = new_seed("user")
         authority = Authority.load(self.root / "security")
         jwt = authority.issue_user(cfg.agent.name, public_key_of_seed(seed), permissions_for_agent(cfg))

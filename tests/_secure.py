@@ -99,21 +99,12 @@ class SecuredNatsServer(NatsServer):
         return NatsConfig(**{"servers": [self.url], "creds": str(self.admin_creds), **kw})
 
 
-# Until agents stop creating the streams at connect (branch heal: `[streams] manage`, agents only
-# check the streams the control plane owns), an agent with least-privilege creds cannot start:
-# its STREAM.CREATE is refused. Before that lands, agents get the admin creds here.
-_AGENTS_CHECK_STREAMS = "manage" in StreamsConfig.__struct_fields__
-
-
 def issue_agent_creds(config: Path | AgentConfig, security_dir: Path, out: Path | None = None) -> Path:
     """Write the least-privilege creds of an agent config (``meshctl security issue-agent``):
     to ``out`` or the config's ``[nats] creds``; the key of an existing file is kept."""
     cfg = config if isinstance(config, AgentConfig) else load_agent_config(config)
     target = out or (Path(cfg.nats.creds) if cfg.nats.creds else None)
     assert target is not None, "the agent config names no [nats] creds"
-    if not _AGENTS_CHECK_STREAMS:
-        admin = read_creds(admin_creds(security_dir))
-        return write_creds(target, admin.jwt, admin.seed)
     seed: bytes | str = read_creds(target).seed if target.exists() else new_seed("user")
     authority = Authority.load(security_dir)
     jwt = authority.issue_user(cfg.agent.name, public_key_of_seed(seed), permissions_for_agent(cfg))

@@ -11,11 +11,6 @@ from mesh.config import StreamsConfig
 
 __all__ = ["Secured"]
 
-# Until agents stop creating the streams at connect (they only check them once the layout healing
-# lands: `[streams] manage`), an agent with least-privilege creds cannot start (its STREAM.CREATE
-# is refused); until then the benchmark's agents get the admin creds.
-_AGENTS_CHECK_STREAMS = "manage" in StreamsConfig.__struct_fields__
-
 
 class Secured:
     """A fresh security dir in ``root/security`` and the secured nats-servers it trusts."""
@@ -43,14 +38,10 @@ class Secured:
     def agent_creds(self, config_text: str, path: Path) -> None:
         """Write the least-privilege creds of the agent config ``config_text`` to ``path``."""
         from mesh.config import parse_agent_config
-        from mesh.security.authority import Authority, read_creds, write_creds
+        from mesh.security.authority import Authority, write_creds
         from mesh.security.jwt import new_seed, public_key_of_seed
         from mesh.security.permissions import permissions_for_agent
 
-        if not _AGENTS_CHECK_STREAMS:
-            admin = read_creds(self.admin_creds)
-            write_creds(path, admin.jwt, admin.seed)
-            return
         cfg = parse_agent_config(config_text)
         seed = new_seed("user")
         jwt = Authority.load(self.dir).issue_user(

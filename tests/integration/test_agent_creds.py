@@ -11,7 +11,6 @@ import anyio
 import nats
 import pytest
 
-from mesh.config import StreamsConfig
 from tests._secure import SecuredNatsServer, create_layout
 from tests.integration._harness import AgentProcess, ErpLoad, agent_toml, make_crm, make_erp, rows, wait_until
 
@@ -41,10 +40,6 @@ def configs(tmp: Path, server: SecuredNatsServer) -> tuple[Path, Path, Path, Pat
     return erp, crm, erp_cfg, crm_cfg
 
 
-@pytest.mark.skipif(
-    "manage" not in StreamsConfig.__struct_fields__,
-    reason="agents still create the streams at connect (needs branch heal: agents only check them)",
-)
 def test_agent_with_issued_creds_syncs_its_flow(tmp_path: Path, nats_server: SecuredNatsServer) -> None:
     erp, crm, erp_cfg, crm_cfg = configs(tmp_path, nats_server)
     create_layout(nats_server)  # the control plane's job; this mesh runs without one
