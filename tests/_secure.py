@@ -54,7 +54,8 @@ class SecuredNatsServer(NatsServer):
     """A nats-server that trusts ``security_dir`` and refuses anonymous clients.
 
     Its config file and resolver dir sit beside ``store_dir`` (``<store_dir>.conf``,
-    ``<store_dir>-resolver``); ``extra_config`` is appended to the config (leaf node blocks).
+    ``<store_dir>-resolver``); ``tls``, ``extra_config`` and the other keywords go to
+    :class:`~mesh.broker.NatsServer`, which composes them with this config.
     With ``layout`` every start also creates the mesh streams with the admin creds (what a
     control plane does), for agents run without one.
     """
@@ -66,7 +67,6 @@ class SecuredNatsServer(NatsServer):
         *,
         port: int | None = None,
         monitor_port: int | None = None,
-        extra_config: str = "",
         server_name: str | None = None,
         layout: bool = False,
         **kw: Any,
@@ -85,7 +85,7 @@ class SecuredNatsServer(NatsServer):
             port=self.port,
             server_name=server_name or f"mesh-{self.port}",
         )
-        conf.write_text(text + extra_config)
+        conf.write_text(text)
 
     def start(self, timeout: float = 10.0) -> Self:
         was_running = self.running
