@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trustme
 
+from mesh.broker import NatsServer as BrokerProcess
 from mesh.broker import ServerTls, free_port
 from mesh.config import NatsConfig, StreamsConfig, TlsConfig
 from mesh.errors import TransportError
@@ -307,7 +308,8 @@ def test_a_config_file_composes_with_tls_and_an_extra_block(pki: Pki, tmp_path: 
     conf = tmp_path / "site.conf"
     conf.write_text(f'server_name: "site-a"\njetstream {{\n  store_dir: "{store}"\n}}\n')
     tls = ServerTls(pki.server, pki.server)
-    with NatsServer(store, config_file=conf, tls=tls, extra_config="max_payload: 32768") as server:
+    # Only its monitoring endpoint is read (no client connects): the broker's own config composition.
+    with BrokerProcess(store, config_file=conf, tls=tls, extra_config="max_payload: 32768") as server:
         varz = _varz(server)
     assert varz["server_name"] == "site-a"
     assert varz["tls_required"] is True

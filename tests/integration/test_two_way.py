@@ -269,9 +269,9 @@ def test_two_way_sync_converges_and_owners_win(
     assert "MappingError" in text
     assert "accounts-out" in text
     # Replaying it would only be refused again downstream: replay skips it and says what to do.
-    result = CliRunner().invoke(cli_dlq.app, ["replay", "--flow", "accounts-out", "--server", url])
+    result = CliRunner().invoke(cli_dlq.app, ["replay", "--flow", "accounts-out", "--server", url], env=env)
     out = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert "refused by the capture side's mapping" in out, out
     assert "change the record at its source again" in out
-    entries = json.loads(CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url]).output)
+    entries = json.loads(CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url], env=env).output)
     assert len(entries) == 1, "a skipped entry stays in the DLQ"
