@@ -439,6 +439,18 @@ servers = ["{plan.agent_url}"]
 def render_instructions(plan: LeafnodePlan, files: LeafnodeFiles) -> str:
     """What to run where (printed by ``meshctl leafnode config``)."""
     p = plan
+    secured = (
+        f"""
+Secured ({p.security_dir}): both servers run the mesh's operator, each with its own account
+resolver dir beside its store; the link authenticates with {p.credentials} and binds the site's
+MESH account to the hub's. Operator commands (step 2) take --creds <admin.creds>; the site's
+streams are created once with the admin creds against the leaf (agents only check them); each
+edge agent gets its own creds (`meshctl security issue-agent --config <agent.toml> --dir
+{p.security_dir}`) named in its [nats] creds, with inbox_prefix = "_INBOX.<agent name>".
+"""
+        if p.security_dir is not None
+        else ""
+    )
     return f"""\
 Leaf node "{p.name}" (JetStream domain "{p.domain}") -> hub {p.hub_display} (domain "{p.hub_domain}")
 
@@ -464,7 +476,7 @@ On site:
 
 While the WAN is down the edge agents keep capturing and publishing into the leaf's JetStream;
 when it returns the hub's MESH_EVENTS catches up by itself, in order, without duplicates.
-"""
+{secured}"""
 
 
 def check_nats_config(path: Path, *, binary: str | None = None, timeout: float = 15.0) -> None:

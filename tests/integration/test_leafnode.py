@@ -238,8 +238,9 @@ def test_secured_config_binds_the_link_to_the_mesh_account(tmp_path: Path, secur
     assert code == 2
     assert "--security-dir needs --credentials" in err
     creds = tmp_path / "leaf.creds"
-    code, _, err = meshctl_leafnode(*argv, "--credentials", str(creds))
+    code, out, err = meshctl_leafnode(*argv, "--credentials", str(creds))
     assert code == 0, err
+    assert "meshctl security issue-agent" in out
     mesh_account = json.loads((security_dir / "security.json").read_text())["mesh_account"]
     leaf_conf = (tmp_path / "out" / "leaf.conf").read_text()
     assert f'account: "{mesh_account}"' in leaf_conf

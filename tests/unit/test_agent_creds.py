@@ -143,3 +143,22 @@ def test_issue_agent_warns_about_another_inbox_prefix(sec: Path, tmp_path: Path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0
     assert "_INBOX.crm-agent" in result.output
+
+
+def test_issue_leaf_writes_a_private_mesh_user_for_the_link(sec: Path, tmp_path: Path) -> None:
+    out = tmp_path / "leaf" / "leaf-edge.creds"
+    args = ["security", "issue-leaf", "--dir", str(sec), "--domain", "edge", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    creds = read_creds(out)
+    claims = Authority.load(sec).verify_user(creds.jwt)
+    assert claims.name == "leaf-edge"
+    assert isinstance(claims.nats, UserClaims)
+    assert claims.nats.pub.allow == [">"]
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0
+    assert read_creds(out).public_key == creds.public_key  # re-issued with the same key
+    bad = CliRunner().invoke(app, [*args[:-4], "--domain", "a.b", "--out", str(out)])
+    assert bad.exit_code == 2
+    assert "not a single NATS subject token" in bad.output
