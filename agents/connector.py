@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import msgspec
 from anyio.abc import TaskStatus
 
 from agents.control import ControlChannel
@@ -27,7 +28,7 @@ from agents.flows import FlowHandle, FlowManager
 from agents.layout import StreamCheck
 from mesh.actors import Actor, Backoff, Supervisor
 from mesh.adapters import Sink, Source
-from mesh.config import AdapterConfig, AgentConfig
+from mesh.config import AdapterConfig, AgentConfig, NatsConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.errors import TransportError
 from mesh.heartbeat import Heartbeat, metric_total
@@ -38,9 +39,27 @@ from mesh.redact import redact_urls
 from mesh.store import Inbox, Outbox, private_dir
 from mesh.transport import Consumer, JetStream
 
-__all__ = ["Apply", "Capture", "ConnectorAgent", "FlowPlan", "NatsLink", "Relay", "open_sink", "open_source"]
+__all__ = [
+    "Apply",
+    "Capture",
+    "ConnectorAgent",
+    "FlowPlan",
+    "NatsLink",
+    "Relay",
+    "agent_nats_config",
+    "open_sink",
+    "open_source",
+]
 
 log = logging.getLogger(__name__)
+
+
+def agent_nats_config(cfg: AgentConfig) -> NatsConfig:
+    """The agent's NATS settings, with its own reply subjects: ``inbox_prefix`` defaults to
+    ``_INBOX.<agent name>``, the only inbox its credentials may subscribe to."""
+    if cfg.nats.inbox_prefix:
+        return cfg.nats
+    return msgspec.structs.replace(cfg.nats, inbox_prefix=f"_INBOX.{cfg.agent.name}")
 
 
 def open_source(cfg: AdapterConfig) -> Source:
@@ -88,7 +107,7 @@ class NatsLink:
             backoff = Backoff(base=0.25, cap=5.0)
             attempt = 0
             while True:
-                js = JetStream(self.cfg.nats, name=self.cfg.agent.name)
+                js = JetStream(agent_nats_config(self.cfg), name=self.cfg.agent.name)
                 try:
                     await js.connect()
                     if self.cfg.streams.manage:

@@ -1,12 +1,16 @@
 """A connector agent's side of the control plane: its assignment and its commands.
 
-* :meth:`ControlChannel.watch_assignments` watches key ``agent.<name>`` of KV bucket
+* :meth:`ControlChannel.watch_assignments` follows key ``agent.<name>`` of KV bucket
   ``mesh_assign`` and hands every new :class:`~mesh.controlplane.models.Assignment` to the
   :class:`~agents.flows.FlowManager`. Only a registered agent (credentials in its state dir)
-  watches; a deleted key (flow deleted, agent revoked or deregistered) means "no assigned flows".
-  JetStream watches can miss updates after a server restart, so the watch is re-created after
-  every reconnect and every ``resync_every`` seconds (the manager ignores an assignment it
-  already runs).
+  follows it; a deleted key (flow deleted, agent revoked or deregistered) means "no assigned
+  flows". No KV watcher: its key filter sits in a request body no permission can limit. The
+  agent reads its key by a JetStream direct get that names the key in its subject
+  (:meth:`~mesh.transport.Transport.read_key`) and learns of changes from a core subscription
+  on ``$KV.mesh_assign.agent.<name>`` (every put and delete is published there), reading the
+  key again on each. A core subscription misses what is published while the connection is
+  away, so the key is read again after every reconnect and every ``resync_every`` seconds (the
+  manager ignores an assignment it already runs).
 * :meth:`ControlChannel.serve_commands` answers ``<prefix>.agent.<name>`` requests
   (:class:`~mesh.controlplane.models.AgentCommand`: pause, resume, drain, restart) with a
   :class:`~mesh.controlplane.models.CommandResult`; a malformed request gets a failed result
@@ -31,7 +35,7 @@ from mesh.controlplane.identity import load_credentials
 from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
 from mesh.errors import ConfigError, TransportError
 from mesh.readiness import Readiness
-from mesh.transport import KvWatch, Message, Transport
+from mesh.transport import Entry, Message, Refused, Subscription, Transport
 
 __all__ = ["ControlChannel", "command_subject"]
 
@@ -92,14 +96,15 @@ class ControlChannel:
                 continue
             told = ""
             try:
-                bucket = await transport.key_value(ASSIGN_BUCKET, create=False)
-                watch = await bucket.watch(key)
+                async with await transport.subscribe(f"$KV.{ASSIGN_BUCKET}.{key}") as sub:
+                    await self._follow(transport, sub, key)
             except TransportError as exc:
-                log.debug("watch %s/%s: %s", ASSIGN_BUCKET, key, exc)
+                # A refusal (credentials that do not cover this agent's key) is the operator's
+                # to fix: say it; anything else is a broker that is away for a moment.
+                level = logging.WARNING if isinstance(exc, Refused) else logging.DEBUG
+                log.log(level, "agent %s: cannot follow its assignment (%s/%s): %s", self.name,
+                        ASSIGN_BUCKET, key, exc)  # fmt: skip
                 await anyio.sleep(self.retry_every)
-                continue
-            async with watch:
-                await self._follow(transport, watch)
 
     async def _why_not(self, js: Transport) -> str:
         """Why the agent cannot follow its assignment now ("" when it can)."""
@@ -113,32 +118,39 @@ class ControlChannel:
             return "not registered (`meshctl agent register`)"
         return ""
 
-    async def _follow(self, transport: Transport, watch: KvWatch) -> None:
+    async def _follow(self, transport: Transport, sub: Subscription, key: str) -> None:
+        """Read the key (the subscription is already in place, so no change can slip between),
+        then again on every message on its subject, until a reconnect or ``resync_every``.
+
+        Raises:
+            TransportError: the key could not be read (the caller retries).
+        """
         reconnects = transport.reconnects
         until = anyio.current_time() + self.resync_every
-        seen_initial = False
-        got_value = False
+        last = await self._apply(await transport.read_key(ASSIGN_BUCKET, key), None, first=True)
+        if self.readiness is not None:
+            self.readiness.set("assignments")
         while anyio.current_time() < until and transport.reconnects == reconnects:
-            update = await watch.next(timeout=1.0)
-            if update is None:
+            if await sub.next(timeout=1.0) is None:
                 continue
-            if update.op == "loaded":  # end of the current value(s)
-                if not seen_initial and not got_value:
-                    await self.flows.sync(None)
-                if not seen_initial and self.readiness is not None:
-                    self.readiness.set("assignments")
-                seen_initial = True
-                continue
-            got_value = True
-            if update.op == "delete" or not update.value:
-                await self.flows.sync(None)
-                continue
-            try:
-                assignment = _assignment.decode(update.value)
-            except msgspec.DecodeError as exc:
-                log.error("agent %s: unreadable assignment (rev %s): %s", self.name, update.revision, exc)
-                continue
-            await self.flows.sync(assignment)
+            last = await self._apply(await transport.read_key(ASSIGN_BUCKET, key), last)
+
+    async def _apply(self, entry: Entry | None, last: int | None, *, first: bool = False) -> int | None:
+        """Hand the assignment in ``entry`` (None: deleted, no flows) to the flow manager unless
+        it is the revision handed over last; returns the revision now in force (0: none)."""
+        revision = entry.revision if entry is not None else 0
+        if revision == last and not first:
+            return last
+        if entry is None or not entry.value:
+            await self.flows.sync(None)
+            return revision
+        try:
+            assignment = _assignment.decode(entry.value)
+        except msgspec.DecodeError as exc:
+            log.error("agent %s: unreadable assignment (rev %s): %s", self.name, entry.revision, exc)
+            return revision
+        await self.flows.sync(assignment)
+        return revision
 
     # --- commands ------------------------------------------------------------------------------
 

@@ -3,12 +3,19 @@
 One process is one *replica*; run several for high availability. Each replica::
 
     HTTP (/healthz /readyz /status /metrics /)          ◄── operators, probes, Prometheus
-    NATS request/reply  <prefix>.agents|status          ◄── every replica (queue group), from its mirror
+    NATS request/reply  <prefix>.agents|status|flows    ◄── every replica (queue group), from its mirror
+                        .<caller>
     NATS request/reply  <prefix>.register|deregister|   ◄── the leader only (queue group)
-                        revoke|heartbeat
+                        revoke|heartbeat|flow_apply|
+                        flow_delete|command.<caller>
     KV mesh_agents ──watch──► mirror ──► health sweep, status, metrics
     KV mesh_leader ◄──CAS──► lease (one leader; see mesh.controlplane.lease)
     stream MESH_AUDIT ◄── register / deregister / revoke entries (leader)
+
+Requests arrive on ``<prefix>.<kind>.<caller>``; the caller token is the requester's identity
+(NATS permissions decide who may publish there): the audit trail and every ``actor`` record it,
+whatever the body says, and a registration or heartbeat naming another agent than its caller is
+refused (``unauthorized``).
 
 Guarantees: exactly one replica serves writes at a time, as far as the lease can tell (a leader
 that cannot renew steps down before a follower may take over), and every write is a KV
@@ -310,7 +317,7 @@ class ControlPlane:
                 serial = kind in ("register", "deregister", "revoke")
                 await tg.start(
                     functools.partial(
-                        self.js.serve, f"{self.prefix}.{kind}", functools.partial(self._handle, kind),
+                        self.js.serve, f"{self.prefix}.{kind}.*", functools.partial(self._handle, kind),
                         queue=f"{self.prefix}.{group}", max_concurrent=1 if serial else _CONCURRENCY,
                     )
                 )  # fmt: skip
@@ -339,13 +346,17 @@ class ControlPlane:
         began = time.perf_counter()
         outcome = "ok"
         reply: Reply
+        caller = msg.subject.rsplit(".", 1)[-1]  # the subject's last token: who sent it
         try:
             req = decode_request(msg.data)
             tag = req.__struct_config__.tag
             if tag != kind:
                 reply = Refused(code="invalid", reason=f"a {tag!r} request sent to {msg.subject}")
+            elif isinstance(req, Register | Heartbeat) and req.name != caller:
+                why = f"{caller!r} may not send a {kind} for agent {req.name!r} (only the agent itself)"
+                reply = Refused(code="unauthorized", reason=why)
             else:
-                reply = await self._dispatch(req)
+                reply = await self._dispatch(_as_caller(req, caller))
         except DecodeError as exc:
             reply = Refused(code="invalid", reason=str(exc))
         except TransportError as exc:
@@ -584,6 +595,18 @@ class ControlPlane:
             log.debug("dead-letter depths: %s", exc)
             return self.dlq_depths
         return {subject.removeprefix("dlq."): n for subject, n in info.subjects.items()}
+
+
+def _as_caller(req: Request, caller: str) -> Request:
+    """``req`` with its ``actor`` (who did it, for the audit trail and the records) set to the
+    caller token of its subject: the identity the broker authenticated, not the body's claim."""
+    claimed = getattr(req, "actor", None)
+    if claimed is None or claimed == caller:
+        return req
+    if claimed:
+        tag = req.__struct_config__.tag
+        log.debug("%s request from %s claims actor %r; recorded as %s", tag, caller, claimed, caller)
+    return msgspec.structs.replace(req, actor=caller)
 
 
 async def _main(settings: ControlPlaneSettings) -> None:

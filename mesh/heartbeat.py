@@ -77,7 +77,8 @@ class Heartbeat:
         self.timeout = timeout if timeout is not None else min(interval, 5.0)
         self.version = version or mesh_version()
         self.stop_when_revoked = stop_when_revoked
-        self._client = ControlPlaneClient(nats, prefix=prefix, timeout=self.timeout)
+        # Sent as the agent itself: the only heartbeat subject its credentials allow.
+        self._client = ControlPlaneClient(nats, prefix=prefix, timeout=self.timeout, caller=agent_name)
         self.seq = 0
         self.sent = 0
         self.accepted = 0

@@ -1,5 +1,10 @@
 """Talk to the control plane over NATS request/reply (used by ``meshctl`` and the agents).
 
+Every request goes to ``<prefix>.<kind>.<caller>``: the caller (an operator's name, or the
+agent's own for its registration and heartbeats) is a subject token, so the broker's
+permissions decide who may send what, and the control plane records that token, not a name
+the body claims.
+
 Guarantees: every request is bounded by ``timeout``. While no replica serves a subject (no
 control plane running, or a leader election in progress after a failover) the client keeps
 asking until the deadline, so a request sent during a failover lands on the new leader. A refusal
@@ -9,6 +14,7 @@ raises :class:`RequestRefused` with the control plane's code and reason; transpo
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -48,9 +54,19 @@ from mesh.controlplane.models import (
 from mesh.errors import PermanentError, TransportError
 from mesh.transport import NoReply, NoResponders, Transport
 
-__all__ = ["DEFAULT_PREFIX", "ControlPlaneClient", "RequestRefused", "register_agent"]
+__all__ = ["DEFAULT_PREFIX", "ControlPlaneClient", "RequestRefused", "caller_token", "register_agent"]
 
 DEFAULT_PREFIX = "mesh.cp"
+
+_NOT_IN_TOKEN = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def caller_token(name: str) -> str:
+    """``name`` as one subject token (letters, digits, ``_`` and ``-``; anything else becomes
+    ``_``, at most 64 characters): ``alice@host.example`` -> ``alice_host_example``."""
+    token = _NOT_IN_TOKEN.sub("_", name).strip("_")[:64]
+    return token or "unknown"
+
 
 _R = TypeVar("_R")
 
@@ -70,7 +86,9 @@ class ControlPlaneClient:
     """Requests to the control plane through one connected :class:`~mesh.transport.Transport`.
 
     ``js`` may also be a zero-argument async callable returning one (an agent's link that may
-    still be connecting).
+    still be connecting). ``caller`` names who sends the requests (the last subject token);
+    by default the acting operator (:func:`~mesh.controlplane.models.default_actor`:
+    ``$MESH_ACTOR`` or ``user@host``) reduced by :func:`caller_token`.
     """
 
     def __init__(
@@ -79,13 +97,20 @@ class ControlPlaneClient:
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = 5.0,
+        caller: str | None = None,
     ) -> None:
         self._js = js
         self.prefix = prefix
         self.timeout = timeout
+        self.caller = caller_token(caller if caller is not None else default_actor())
 
     def __repr__(self) -> str:
-        return f"<ControlPlaneClient {self.prefix} timeout={self.timeout}s>"
+        return f"<ControlPlaneClient {self.prefix} caller={self.caller} timeout={self.timeout}s>"
+
+    def subject(self, req: Request, caller: str | None = None) -> str:
+        """The subject ``req`` is sent on: ``<prefix>.<kind>.<caller>``."""
+        who = caller_token(caller) if caller else self.caller
+        return f"{self.prefix}.{req.__struct_config__.tag}.{who}"
 
     async def connection(self) -> Transport:
         """The connection requests go through (waiting for it when given a provider)."""
@@ -93,14 +118,19 @@ class ControlPlaneClient:
             return self._js
         return await self._js()
 
-    async def request(self, req: Request, *, timeout: float | None = None) -> Reply:
-        """Send ``req`` to ``<prefix>.<kind>`` and return the decoded reply (a Refused included).
+    async def request(
+        self, req: Request, *, timeout: float | None = None, caller: str | None = None
+    ) -> Reply:
+        """Send ``req`` to ``<prefix>.<kind>.<caller>`` (this client's caller unless given) and
+        return the decoded reply (a Refused included).
 
         Raises:
+            Refused: the broker's permissions do not let this connection send it
+                (:class:`mesh.transport.Refused`, a TransportError).
             TransportError: no answer within the timeout, or no control plane serving it.
         """
         budget = self.timeout if timeout is None else timeout
-        subject = f"{self.prefix}.{req.__struct_config__.tag}"
+        subject = self.subject(req, caller)
         data = encode(req)
         deadline = anyio.current_time() + budget
         transport = await self.connection()
@@ -122,8 +152,8 @@ class ControlPlaneClient:
                 ) from None
             return decode_reply(msg.data)
 
-    async def _expect(self, req: Request, kind: type[_R]) -> _R:
-        reply = await self.request(req)
+    async def _expect(self, req: Request, kind: type[_R], caller: str | None = None) -> _R:
+        reply = await self.request(req, caller=caller)
         if isinstance(reply, Refused):
             raise RequestRefused(reply.code, reply.reason, reply.problems)
         if not isinstance(reply, kind):
@@ -131,14 +161,17 @@ class ControlPlaneClient:
         return reply
 
     async def register(self, req: Register) -> Registered:
-        """Register (idempotent for the same identity). Raises RequestRefused."""
-        return await self._expect(req, Registered)
+        """Register (idempotent for the same identity), sent as the agent itself (caller =
+        ``req.name``, the only register subject its enrollment token allows). Raises
+        RequestRefused."""
+        return await self._expect(req, Registered, caller=req.name)
 
     async def deregister(self, name: str, *, actor: str | None = None) -> Done:
-        return await self._expect(Deregister(name=name, actor=actor or default_actor()), Done)
+        return await self._expect(Deregister(name=name, actor=actor or default_actor()), Done, actor)
 
     async def revoke(self, name: str, *, reason: str = "", actor: str | None = None) -> Done:
-        return await self._expect(Revoke(name=name, reason=reason, actor=actor or default_actor()), Done)
+        req = Revoke(name=name, reason=reason, actor=actor or default_actor())
+        return await self._expect(req, Done, actor)
 
     async def agents(self, name: str | None = None) -> Agents:
         """Every agent (or the one named; RequestRefused ``unknown`` if there is none)."""
@@ -152,10 +185,10 @@ class ControlPlaneClient:
     ) -> FlowsApplied:
         """Validate and store a flow file. Raises RequestRefused (``invalid``: ``problems``)."""
         req = ApplyFlows(text=text, source=source, dry_run=dry_run, actor=actor or default_actor())
-        return await self._expect(req, FlowsApplied)
+        return await self._expect(req, FlowsApplied, actor)
 
     async def delete_flow(self, name: str, *, actor: str | None = None) -> Done:
-        return await self._expect(DeleteFlow(name=name, actor=actor or default_actor()), Done)
+        return await self._expect(DeleteFlow(name=name, actor=actor or default_actor()), Done, actor)
 
     async def flows(self, name: str | None = None) -> Flows:
         return await self._expect(ListFlows(name=name), Flows)
@@ -172,7 +205,7 @@ class ControlPlaneClient:
         """Pause/resume/drain/restart a flow (or every flow of ``agent``) and wait for the
         agents' results (``timeout`` per agent, plus the request's own margin)."""
         req = FlowCommand(op=op, flow=flow, agent=agent, timeout=timeout, actor=actor or default_actor())
-        reply = await self.request(req, timeout=timeout + 10)
+        reply = await self.request(req, timeout=timeout + 10, caller=actor)
         if isinstance(reply, Refused):
             raise RequestRefused(reply.code, reply.reason, reply.problems)
         if not isinstance(reply, CommandResult):

@@ -1,9 +1,11 @@
 """Control-plane messages and records: frozen msgspec Structs, JSON on the wire and in KV.
 
-Requests travel by NATS request/reply on ``<prefix>.<kind>`` (default prefix ``mesh.cp``); the
-body is one member of the :data:`Request` tagged union (``"kind"`` field) and the reply one
-member of :data:`Reply`. JSON rather than MessagePack: these messages are few and small, and an
-operator can read them with any NATS tool. Guarantees:
+Requests travel by NATS request/reply on ``<prefix>.<kind>.<caller>`` (default prefix
+``mesh.cp``; the caller token is the sender's identity, which the control plane records as the
+``actor`` whatever a body's ``actor`` field claims); the body is one member of the
+:data:`Request` tagged union (``"kind"`` field) and the reply one member of :data:`Reply`. JSON
+rather than MessagePack: these messages are few and small, and an operator can read them with
+any NATS tool. Guarantees:
 
 * Every field added later gets a default, so an older agent and a newer control plane (or the
   reverse) still understand each other; unknown fields are ignored on decode.
@@ -214,7 +216,8 @@ class Register(_Req, frozen=True, tag="register"):
     credential: str | None = None
     """The credential the agent already holds, if any: when it matches, none is reissued."""
     actor: str = ""
-    """Who asked (operator or automation), for the audit trail."""
+    """Who the sender says asked; the control plane replaces it with the caller token of the
+    request's subject (the authenticated identity) before anything records it."""
 
 
 class Deregister(_Req, frozen=True, tag="deregister"):

@@ -315,7 +315,7 @@ async def _simulate(
                     stats["sent"] += 1
                 cause = ""
                 try:
-                    reply = await client.request(req)
+                    reply = await client.request(req, caller=a.name)  # sent as the agent itself
                 except MeshError as exc:
                     reply = None
                     cause = str(exc)

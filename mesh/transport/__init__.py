@@ -24,6 +24,7 @@ from mesh.transport.base import (
     StoredMessage,
     StreamReader,
     StreamState,
+    Subscription,
     Transport,
 )
 from mesh.transport.jetstream import JetStream, NatsBucket, PullConsumer
@@ -68,6 +69,7 @@ __all__ = [
     "StoredMessage",
     "StreamReader",
     "StreamState",
+    "Subscription",
     "Transport",
     "dlq_subject",
     "event_subject",

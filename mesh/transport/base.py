@@ -58,6 +58,7 @@ __all__ = [
     "StoredMessage",
     "StreamReader",
     "StreamState",
+    "Subscription",
     "Transport",
 ]
 
@@ -295,6 +296,23 @@ class KvWatch(_Resource):
         """The next update, or None when none came within ``timeout``. Raises TransportError."""
 
 
+class Subscription(_Resource):
+    """A core (non-stream) subscription to one subject: each message published on it while the
+    subscription lives, at most once, nothing stored. Messages published while the connection
+    is away are lost: a reader that must converge re-reads its state after
+    :attr:`Transport.reconnects` changes."""
+
+    subject: str
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.subject}>"
+
+    @abc.abstractmethod
+    async def next(self, timeout: float) -> Message | None:
+        """The next message, or None when none came within ``timeout``.
+        Raises TransportError when the subscription has ended."""
+
+
 class Bucket(abc.ABC):
     """Compare-and-swap access to one KV bucket. Revisions grow with every change to any key
     of the bucket. Every method raises TransportError when the broker does not answer."""
@@ -358,6 +376,17 @@ class Transport(_Resource):
     @abc.abstractmethod
     async def connect(self) -> None:
         """Connect once (bounded). Raises TransportError when no server answers."""
+
+    @abc.abstractmethod
+    async def reconnect(self) -> None:
+        """Drop the connection and establish it again (bounded), reading the credentials anew:
+        a rewritten creds file takes effect. Counts in :attr:`reconnects` like any reconnect;
+        subscriptions and consumers bound before it keep working after it.
+
+        Raises:
+            TransportError: not connected again within the connect timeout (the transport
+                keeps trying in the background, as after any lost connection).
+        """
 
     @abc.abstractmethod
     async def ensure_streams(self, cfg: StreamsConfig) -> None:
@@ -516,6 +545,30 @@ class Transport(_Resource):
         """
 
     @abc.abstractmethod
+    async def read_key(self, bucket: str, key: str) -> Entry | None:
+        """The current value of ``key`` in KV bucket ``bucket``, or None when absent, deleted or
+        purged. One JetStream direct get whose API subject names the key
+        (``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>``), so a subject permission can
+        limit who reads which key; nothing else is asked of the broker (no stream info).
+
+        Raises:
+            NotFound: no such bucket, or it does not allow direct gets.
+            Refused: the credentials may not read this key.
+            TransportError: the broker did not answer.
+        """
+
+    @abc.abstractmethod
+    async def subscribe(self, subject: str) -> Subscription:
+        """Subscribe to ``subject`` (wildcards allowed); the broker routes messages to it once
+        this returns (the subscription is flushed to the server):
+        ``async with await transport.subscribe(subject) as sub``.
+
+        Raises:
+            Refused: the credentials may not subscribe to ``subject``.
+            TransportError: the connection is down.
+        """
+
+    @abc.abstractmethod
     async def request(
         self, subject: str, data: bytes, *, timeout: float, headers: dict[str, str] | None = None
     ) -> Message:
@@ -524,6 +577,7 @@ class Transport(_Resource):
         Raises:
             NoResponders: nobody serves ``subject``.
             NoReply: no reply within ``timeout``.
+            Refused: the credentials may not publish to ``subject`` (or not receive replies).
             TransportError: the connection is down.
         """
 
@@ -541,5 +595,5 @@ class Transport(_Resource):
 
         Up to ``max_concurrent`` requests are handled at once (0: no limit; 1: one at a time, in
         arrival order). ``task_status.started()`` once the broker routes requests here. Replicas
-        sharing a ``queue`` share the requests. Raises TransportError when the subscription
-        fails or ends."""
+        sharing a ``queue`` share the requests. Raises Refused when the credentials may not
+        subscribe to ``subject``, TransportError when the subscription fails or ends."""

@@ -57,6 +57,7 @@ from mesh.errors import ConfigError, TransportError
 from mesh.redact import redact_urls
 from mesh.secrets import read_secret
 from mesh.transport import _jsapi
+from mesh.transport._denials import Denials
 from mesh.transport._nats import NATS_ERRORS, TIMEOUTS, translate, translated
 from mesh.transport._tls import (
     client_cert_missing,
@@ -76,12 +77,15 @@ from mesh.transport.base import (
     KvWatch,
     Message,
     NoResponders,
+    NotFound,
     NotSupported,
     OutMessage,
     PubAck,
+    Refused,
     StoredMessage,
     StreamReader,
     StreamState,
+    Subscription,
     Transport,
 )
 from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM
@@ -89,6 +93,66 @@ from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, E
 __all__ = ["JetStream", "NatsBucket", "NatsDelivery", "PullConsumer"]
 
 log = logging.getLogger(__name__)
+
+
+class _Client(Client):
+    """nats-py's client whose requests (every JetStream API call and publish included) fail
+    at once with :class:`~mesh.transport.Refused` when the server refuses their subject,
+    instead of waiting for the timeout (see :mod:`mesh.transport._denials`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.denials = Denials()
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        inbox = self._inbox_prefix.decode() + "."
+        for refused in self.denials.refused_subscriptions:
+            if refused.startswith(inbox.lower()):  # replies can never reach us on this connection
+                raise Refused(f"permission denied: subscribe to {inbox}{refused[len(inbox) :]}")
+        with self.denials.pending(publish=(subject,), subscribe=(inbox,)) as pending:
+            with pending.scope:
+                return await super().request(subject, payload, timeout, old_style, headers)
+            pending.check()
+        raise AssertionError("unreachable")  # the scope is only cancelled with ``denied`` set
+
+
+def _is_authorization_error(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
+async def _unsubscribe(sub: Any) -> None:
+    """Unsubscribe, bounded and shielded; a connection already gone is not an error."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*NATS_ERRORS):
+        await sub.unsubscribe()
+
+
+class _NatsSubscription(Subscription):
+    def __init__(self, sub: Any, subject: str) -> None:
+        self._sub = sub
+        self.subject = subject
+        self._closed = False
+
+    async def next(self, timeout: float) -> Message | None:
+        try:
+            msg = await self._sub.next_msg(timeout=timeout)
+        except TIMEOUTS:
+            return None
+        except NATS_ERRORS as exc:
+            raise TransportError(f"subscription {self.subject}: {type(exc).__name__}: {exc}") from exc
+        return Message(msg.subject, msg.data, dict(msg.headers or {}))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await _unsubscribe(self._sub)
 
 
 class NatsDelivery(Delivery):
@@ -132,18 +196,34 @@ class NatsDelivery(Delivery):
 class PullConsumer(Consumer):
     """A durable pull consumer bound to one (flow, sink); several agent replicas may share it."""
 
-    def __init__(self, sub: JetStreamContext.PullSubscription, name: str) -> None:
+    def __init__(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        name: str,
+        *,
+        denials: Denials | None = None,
+        next_subject: str = "",
+    ) -> None:
         self._sub = sub
         self.name = name
+        self._denials = denials or Denials()
+        self._next_subject = next_subject
+        """The API subject a fetch publishes to (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>``)."""
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        try:
-            msgs = await self._sub.fetch(batch, timeout=timeout)
-        except TIMEOUTS:  # nats-py raises on an empty batch
-            return []
-        except NATS_ERRORS as exc:
-            raise TransportError(f"fetch from {self.name}: {type(exc).__name__}: {exc}") from exc
-        return [NatsDelivery(m) for m in msgs]
+        """See :meth:`Consumer.fetch`; raises Refused when the credentials may not pull from
+        this consumer (instead of answering empty batches forever)."""
+        with self._denials.pending(publish=(self._next_subject,)) as pending:
+            msgs = None
+            with pending.scope:
+                try:
+                    msgs = await self._sub.fetch(batch, timeout=timeout)
+                except TIMEOUTS:  # nats-py raises on an empty batch
+                    pass
+                except NATS_ERRORS as exc:
+                    raise TransportError(f"fetch from {self.name}: {type(exc).__name__}: {exc}") from exc
+            pending.check()
+        return [NatsDelivery(m) for m in msgs or []]
 
     async def pending(self) -> int:
         info = await translated(f"consumer info {self.name}", self._sub.consumer_info())
@@ -298,12 +378,13 @@ class JetStream(Transport):
         self.name = name
         self.domain = domain
         """JetStream domain to address (``$JS.<domain>.API``); None: the server's own."""
-        self._nc: Client | None = None
+        self._nc: _Client | None = None
         self._js: JetStreamContext | None = None
         self._windowed: dict[int, JetStreamContext] = {}
         self._closing = False
         self.connected = anyio.Event()
         self.reconnects = 0
+        self._reconnected = anyio.Event()
 
     def __repr__(self) -> str:
         state = "connected" if self._nc is not None and self._nc.is_connected else "disconnected"
@@ -344,13 +425,23 @@ class JetStream(Transport):
         """
         last_logged = [0.0]
         tls, creds = self._tls_and_creds()
-        connecting = [True]
+        nc = _Client()
+        unauthorized: list[Exception] = []  # the server refused the credentials at connect
+        first_connect = [True]
 
         async def on_error(exc: Exception) -> None:
-            if connecting[0] and isinstance(exc, ssl.SSLError):
+            if first_connect[0] and isinstance(exc, ssl.SSLError):
                 # A failed TLS upgrade leaves nats-py 2.16 waiting forever for the plain stream
                 # to close (its protocol was handed to the TLS layer): stop the first connect here.
                 raise _TlsRefused(exc)
+            if first_connect[0] and _is_authorization_error(exc):
+                unauthorized.append(exc)  # said once, by connect's own error
+                return
+            refused = nc.denials.report(str(exc))
+            if refused is not None:
+                # Told to whoever waits on it (Refused); one that nobody waits on is worth a line.
+                log.warning("nats %s: permission denied: %s to %s", self.name, *refused)
+                return
             # During an outage nats-py reports every reconnect attempt; one line per 30 s is enough.
             now = anyio.current_time()
             if now - last_logged[0] >= 30:
@@ -362,40 +453,53 @@ class JetStream(Transport):
                 log.warning("nats %s: disconnected", self.name)
 
         async def on_reconnect() -> None:
+            nc.denials.refused_subscriptions.clear()  # re-sent, perhaps with new credentials
             self.reconnects += 1
+            self._reconnected.set()
+            self._reconnected = anyio.Event()
             log.info("nats %s: reconnected", self.name)
 
-        nc = Client()
+        # nats-py types it int; it takes (and we want) half a second.
+        options: dict[str, Any] = {"reconnect_time_wait": 0.5}
+        if creds is not None:
+            options["user_credentials"] = creds
+        if self.cfg.inbox_prefix:
+            options["inbox_prefix"] = self.cfg.inbox_prefix
         try:
             await nc.connect(
                 self.cfg.servers,
                 name=self.name,
                 user=self.cfg.user,
                 password=self._password(),
-                inbox_prefix=self.cfg.inbox_prefix or "_INBOX",
                 connect_timeout=max(1, int(self.cfg.connect_timeout)),
                 tls=tls,
                 tls_hostname=self.cfg.tls.server_name if self.cfg.tls else None,
-                user_credentials=creds,
                 allow_reconnect=True,
                 # Bounded for the first connect (nats-py would otherwise loop here forever);
                 # the caller decides whether to try again.
                 max_reconnect_attempts=1,
-                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, used as seconds (float works)
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **options,
             )
         except _TlsRefused as exc:
+            await self._abandon(nc)
             raise TransportError(
                 f"cannot connect to {redact_urls(self.cfg.servers)}: "
                 f"{describe_tls_failure(exc.error, self.cfg)}"
             ) from None
         except NATS_ERRORS as exc:
-            why = client_cert_missing(nc, self.cfg) or redact_urls(str(exc) or type(exc).__name__)
-            raise TransportError(f"cannot connect to {redact_urls(self.cfg.servers)}: {why}") from exc
+            await self._abandon(nc)
+            if not (unauthorized or _is_authorization_error(exc)):
+                why = client_cert_missing(nc, self.cfg) or redact_urls(str(exc) or type(exc).__name__)
+                raise TransportError(f"cannot connect to {redact_urls(self.cfg.servers)}: {why}") from exc
+            raise TransportError(
+                f"cannot connect to {redact_urls(self.cfg.servers)}: authorization violation "
+                f"(the server refused {self._credentials_named()}; check them or get new ones)"
+            ) from None
         finally:
-            connecting[0] = False
+            first_connect[0] = False
         self._nc = nc
         if tls is not None and not server_requires_tls(self._nc):
             await self.aclose()
@@ -407,6 +511,35 @@ class JetStream(Transport):
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=self.cfg.request_timeout, domain=self.domain)
         self.connected.set()
+
+    def _credentials_named(self) -> str:
+        if self.cfg.creds is not None:
+            return f"the credentials in {self.cfg.creds}"
+        if self.cfg.user is not None:
+            return f"user {self.cfg.user}"
+        return "an anonymous connection"
+
+    @staticmethod
+    async def _abandon(nc: Client) -> None:
+        """Stop whatever nats-py left running after a failed first connect."""
+        if not nc.is_closed:
+            with anyio.move_on_after(2, shield=True), contextlib.suppress(*NATS_ERRORS):
+                await nc.close()
+
+    async def reconnect(self) -> None:
+        """See :meth:`Transport.reconnect` (nats-py's ``force_reconnect``; the creds file is
+        read again at every connect)."""
+        nc = self.nc
+        reconnected = self._reconnected
+        await nc.force_reconnect()
+        bound = self.cfg.connect_timeout + self.cfg.request_timeout + 1
+        with anyio.move_on_after(bound):
+            await reconnected.wait()
+            return
+        raise TransportError(
+            f"reconnect to {redact_urls(self.cfg.servers)}: not connected again within {bound:g}s "
+            "(still trying in the background)"
+        )
 
     async def aclose(self) -> None:
         """Flush and close the connection (and nats-py's tasks). Idempotent."""
@@ -427,7 +560,7 @@ class JetStream(Transport):
         return self._js
 
     @property
-    def nc(self) -> Client:
+    def nc(self) -> _Client:
         if self._nc is None:
             raise TransportError("not connected")
         return self._nc
@@ -674,7 +807,8 @@ class JetStream(Transport):
         sub = await translated(
             f"bind consumer {durable}", self.js.pull_subscribe_bind(durable=durable, stream=stream)
         )
-        return PullConsumer(sub, durable)
+        next_subject = f"{self._api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        return PullConsumer(sub, durable, denials=self.nc.denials, next_subject=next_subject)
 
     async def key_value(
         self,
@@ -698,6 +832,8 @@ class JetStream(Transport):
                     replicas=replicas,
                     storage=StorageType.MEMORY if memory else StorageType.FILE,
                     description=f"connector mesh: {name}",
+                    # Direct gets name the key in the API subject: what read_key needs, so that
+                    # a permission can allow reading one key and no other.
                     direct=direct,
                 )
                 try:
@@ -714,6 +850,49 @@ class JetStream(Transport):
         )
         return Message(msg.subject, msg.data, dict(msg.headers or {}))
 
+    async def read_key(self, bucket: str, key: str) -> Entry | None:
+        what = f"KV {bucket}: read {key}"
+        subject = f"{self._api_prefix}.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
+        try:
+            msg = await self.request(subject, b"", timeout=self.cfg.request_timeout)
+        except NoResponders:
+            raise NotFound(f"{what}: no bucket {bucket} that allows direct gets on {self.where}") from None
+        headers = msg.headers
+        status = headers.get("Status", "")
+        if status == "404":
+            return None
+        if status:
+            why = f"{status} {headers.get('Description', '')}".rstrip()
+            raise TransportError(f"{what}: the server answered {why}")
+        if headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        try:
+            revision = int(headers.get("Nats-Sequence", "0"))
+        except ValueError:
+            raise TransportError(f"{what}: unreadable sequence {headers.get('Nats-Sequence')!r}") from None
+        return Entry(key, msg.data, revision)
+
+    async def subscribe(self, subject: str) -> Subscription:
+        nc = self.nc
+        with nc.denials.pending(subscribe=(subject,)) as pending:
+            sub = await translated(f"subscribe {subject}", nc.subscribe(subject))
+            try:
+                await self._flush_subscription(subject)
+                pending.check()
+            except BaseException:
+                await _unsubscribe(sub)
+                raise
+        return _NatsSubscription(sub, subject)
+
+    async def _flush_subscription(self, subject: str) -> None:
+        """Wait until the server has the subscription (and has said whether it refuses it: its
+        error comes before the flush's answer)."""
+        # Shielded (it is bounded): nats-py leaves a cancelled flush's PING future queued, and
+        # the PONG that answers it then raises InvalidStateError in nats-py's read loop.
+        with anyio.CancelScope(shield=True):
+            flush = self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
+            await translated(f"subscribe {subject}", flush)
+
     async def serve(
         self,
         subject: str,
@@ -724,14 +903,16 @@ class JetStream(Transport):
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         # No callback: nats-py would run it in a task of its own and swallow its errors.
-        sub = await translated(f"subscribe {subject}", self.nc.subscribe(subject, queue=queue))
+        nc = self.nc
+        with nc.denials.pending(subscribe=(subject,)) as pending:
+            sub = await translated(f"subscribe {subject}", nc.subscribe(subject, queue=queue))
+            try:
+                await self._flush_subscription(subject)
+                pending.check()
+            except BaseException:
+                await _unsubscribe(sub)
+                raise
         try:
-            # Shielded (it is bounded): nats-py leaves a cancelled flush's PING future queued, and
-            # the PONG that answers it then raises InvalidStateError in nats-py's read loop.
-            with anyio.CancelScope(shield=True):
-                await translated(
-                    f"subscribe {subject}", self.nc.flush(timeout=max(1, int(self.cfg.request_timeout)))
-                )
             task_status.started()
             slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
             async with anyio.create_task_group() as tg:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NoReturn
@@ -45,6 +45,7 @@ from mesh.transport.base import (
     StoredMessage,
     StreamReader,
     StreamState,
+    Subscription,
     Transport,
 )
 from mesh.transport.subjects import EVENTS_STREAM, STREAM_SUBJECTS, subject_matches
@@ -150,9 +151,11 @@ class _ConsumerState:
 
 
 class _Bucket:
-    def __init__(self, name: str, history: int) -> None:
+    def __init__(self, name: str, history: int, publish: Callable[[Message], None] | None = None) -> None:
         self.name = name
         self.history = history
+        self.publish = publish
+        """Where every change is also published, on ``$KV.<bucket>.<key>`` (as JetStream does)."""
         self.data: dict[str, Entry] = {}
         self.seq = 0
         self.watchers: dict[MemoryObjectSendStream[KvUpdate], str] = {}
@@ -173,6 +176,9 @@ class _Bucket:
                 w.send_nowait(update)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self.watchers.pop(w, None)
+        if self.publish is not None:
+            headers = {"KV-Operation": "DEL"} if value is None else {}
+            self.publish(Message(f"$KV.{self.name}.{key}", value or b"", headers))
         return self.seq
 
 
@@ -183,6 +189,8 @@ class MemoryBroker:
         self.streams: dict[str, _Stream] = {}
         self.buckets: dict[str, _Bucket] = {}
         self.responders: dict[int, tuple[str, str, Handler]] = {}
+        self.subscribers: dict[MemoryObjectSendStream[Message], tuple[str, MemoryTransport]] = {}
+        """Each core subscription's stream, its subject and its client."""
         self._ids = itertools.count()
         self._changed = anyio.Event()
 
@@ -197,6 +205,17 @@ class MemoryBroker:
     async def wait_change(self, until: float) -> None:
         with anyio.move_on_after(max(0.0, until - anyio.current_time())):
             await self._changed.wait()
+
+    def publish_core(self, msg: Message) -> None:
+        """Hand ``msg`` to every core subscription whose subject matches (at most once, no
+        storage: a subscriber that has gone, or whose client is disconnected, misses it)."""
+        for send, (pattern, client) in list(self.subscribers.items()):
+            if not client.is_connected or not subject_matches(pattern, msg.subject):
+                continue
+            try:
+                send.send_nowait(msg)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.subscribers.pop(send, None)
 
     def stream_for(self, subject: str) -> _Stream | None:
         for s in self.streams.values():
@@ -330,6 +349,33 @@ class _MemoryWatch(KvWatch):
         self._receive.close()
 
 
+class _MemorySubscription(Subscription):
+    def __init__(
+        self,
+        transport: MemoryTransport,
+        subject: str,
+        send: MemoryObjectSendStream[Message],
+        receive: MemoryObjectReceiveStream[Message],
+    ) -> None:
+        self._transport = transport
+        self.subject = subject
+        self._send = send
+        self._receive = receive
+
+    async def next(self, timeout: float) -> Message | None:
+        with anyio.move_on_after(timeout):
+            try:
+                return await self._receive.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise TransportError(f"subscription {self.subject}: closed") from None
+        return None
+
+    async def aclose(self) -> None:
+        self._transport.broker.subscribers.pop(self._send, None)
+        self._send.close()
+        self._receive.close()
+
+
 class MemoryBucket(Bucket):
     """:class:`Bucket` in memory with JetStream KV's revision rules (one sequence per bucket).
 
@@ -390,7 +436,7 @@ class MemoryBucket(Bucket):
 class MemoryTransport(Transport):
     """A client of a :class:`MemoryBroker` (its own when none is given).
 
-    :meth:`disconnect` / :meth:`reconnect` simulate an outage: calls meanwhile raise
+    :meth:`disconnect` / :meth:`restore` simulate an outage: calls meanwhile raise
     :class:`~mesh.errors.TransportError`, as on a JetStream connection that is away.
     """
 
@@ -425,15 +471,22 @@ class MemoryTransport(Transport):
         self.connected.set()
 
     def disconnect(self) -> None:
-        """Simulate a lost connection (until :meth:`reconnect`)."""
+        """Simulate a lost connection (until :meth:`restore`)."""
         self._up = False
         self.broker.changed()
 
-    def reconnect(self) -> None:
+    def restore(self) -> None:
         """End a simulated outage; counts as a reconnect."""
         if not self._closed:
             self._up = True
             self.reconnects += 1
+
+    async def reconnect(self) -> None:
+        """Drop the (simulated) connection and establish it again at once."""
+        self._live()
+        self.disconnect()
+        await anyio.lowlevel.checkpoint()
+        self.restore()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -617,8 +670,23 @@ class MemoryTransport(Transport):
         if b is None:
             if not create:
                 raise TransportError(f"KV bucket {name} does not exist")
-            b = broker.buckets[name] = _Bucket(name, history)
+            b = broker.buckets[name] = _Bucket(name, history, broker.publish_core)
         return MemoryBucket(name, _state=b)
+
+    async def read_key(self, bucket: str, key: str) -> Entry | None:
+        broker = self._live()
+        await anyio.lowlevel.checkpoint()
+        b = broker.buckets.get(bucket)
+        if b is None:
+            raise NotFound(f"KV {bucket}: read {key}: no bucket {bucket}")
+        return b.data.get(key)
+
+    async def subscribe(self, subject: str) -> Subscription:
+        broker = self._live()
+        await anyio.lowlevel.checkpoint()
+        send, receive = anyio.create_memory_object_stream[Message](math.inf)
+        broker.subscribers[send] = (subject, self)
+        return _MemorySubscription(self, subject, send, receive)
 
     async def request(
         self, subject: str, data: bytes, *, timeout: float, headers: dict[str, str] | None = None

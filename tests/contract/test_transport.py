@@ -21,6 +21,7 @@ from mesh.errors import TransportError
 from mesh.transport import (
     EVENTS_STREAM,
     Consumer,
+    Entry,
     JetStream,
     KvUpdate,
     MemoryBroker,
@@ -66,7 +67,7 @@ class MemoryBackend(Backend):
             await clients[0].publish(OutMessage(SUBJECT, b"x", "during-outage"))
         for c in clients:
             assert isinstance(c, MemoryTransport)
-            c.reconnect()
+            c.restore()
 
 
 class JetStreamBackend(Backend):
@@ -284,6 +285,38 @@ async def test_kv_watch_of_an_empty_bucket_says_loaded(transport: Transport) -> 
         assert await _next(w.next) == KvUpdate("loaded")
 
 
+async def test_read_key_gives_the_live_value_or_none(transport: Transport) -> None:
+    bucket = await transport.key_value("kv_direct", direct=True)
+    assert await transport.read_key("kv_direct", "agent.a") is None
+    other = await bucket.put("agent.b", b"other")
+    rev = await bucket.put("agent.a", b"one")
+    assert await transport.read_key("kv_direct", "agent.a") == Entry("agent.a", b"one", rev)
+    rev = await bucket.put("agent.a", b"two")
+    assert await transport.read_key("kv_direct", "agent.a") == Entry("agent.a", b"two", rev)
+    await bucket.delete("agent.a")
+    assert await transport.read_key("kv_direct", "agent.a") is None  # a delete marker is no value
+    assert await transport.read_key("kv_direct", "agent.b") == Entry("agent.b", b"other", other)
+    with pytest.raises(NotFound):
+        await transport.read_key("kv_nowhere", "agent.a")
+
+
+async def test_subscribe_gets_each_message_on_its_subject_from_then_on(transport: Transport) -> None:
+    bucket = await transport.key_value("kv_follow", direct=True)
+    await bucket.put("agent.a", b"before")  # before the subscription: not delivered
+    async with await transport.subscribe("$KV.kv_follow.agent.a") as sub:
+        assert await sub.next(timeout=0.2) is None
+        await bucket.put("agent.b", b"not mine")
+        await bucket.put("agent.a", b"one")
+        got = await sub.next(timeout=5)
+        assert got is not None
+        assert (got.subject, got.data) == ("$KV.kv_follow.agent.a", b"one")
+        await bucket.delete("agent.a")
+        got = await sub.next(timeout=5)
+        assert got is not None
+        assert got.headers.get("KV-Operation") == "DEL"
+        assert await sub.next(timeout=0.2) is None
+
+
 async def _next(next_: Callable[[float], object]) -> KvUpdate:
     with anyio.fail_after(10):
         while True:
@@ -335,6 +368,23 @@ async def test_reconnects_after_an_outage_and_keeps_durable_state(backend: Backe
         again = await c.fetch(10, timeout=3)
         assert [d.data for d in again] == [b"m1"]  # m0 stays acked across the outage
         await again[0].ack()
+
+
+async def test_reconnect_on_demand_keeps_subscriptions_and_consumers(transport: Transport) -> None:
+    before = transport.reconnects
+    c = await consumer(transport, name="kept")
+    await transport.publish(msg(0))
+    bucket = await transport.key_value("kv_again", direct=True)
+    async with await transport.subscribe("$KV.kv_again.k") as sub:
+        await transport.reconnect()
+        assert transport.is_connected
+        assert transport.reconnects == before + 1
+        await bucket.put("k", b"after")
+        got = await sub.next(timeout=5)
+        assert got is not None
+        assert got.data == b"after"
+    delivered = await c.fetch(5, timeout=2)
+    assert [d.data for d in delivered] == [b"m0"]
 
 
 async def test_close_is_idempotent_and_final(backend: Backend) -> None:

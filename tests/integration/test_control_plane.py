@@ -36,13 +36,15 @@ from mesh.controlplane.audit import tail
 from mesh.controlplane.client import ControlPlaneClient, RequestRefused, register_agent
 from mesh.controlplane.identity import Credentials, load_credentials, save_credentials
 from mesh.controlplane.models import (
-    Heartbeat as HeartbeatRequest,
-)
-from mesh.controlplane.models import (
+    Done,
     HeartbeatPayload,
     Manifest,
     Refused,
+    Revoke,
     StatusReport,
+)
+from mesh.controlplane.models import (
+    Heartbeat as HeartbeatRequest,
 )
 from mesh.controlplane.settings import settings_from
 from mesh.errors import StopError
@@ -221,14 +223,17 @@ async def test_registration_rules_revocation_and_audit(nats_server: NatsServer, 
         await _until(degraded, 5)
         assert type(await hb.beat()).__name__ == "HeartbeatAck"
 
-        # Unknown agents and wrong credentials are refused.
-        unknown = await client.request(
-            HeartbeatRequest(
-                agent_id="x", name="ghost", credential="y" * 20, seq=1, sent_at=0, interval=1, version="0"
-            )
+        # Unknown agents, wrong credentials and heartbeats for another agent are refused.
+        ghost = HeartbeatRequest(
+            agent_id="x", name="ghost", credential="y" * 20, seq=1, sent_at=0, interval=1, version="0"
         )
+        unknown = await client.request(ghost, caller="ghost")
         assert isinstance(unknown, Refused)
         assert unknown.code == "unknown"
+        impostor = await client.request(ghost, caller="erp-agent")  # its subject says erp-agent sent it
+        assert isinstance(impostor, Refused)
+        assert impostor.code == "unauthorized"
+        assert "only the agent itself" in impostor.reason
         forged = await client.request(
             HeartbeatRequest(
                 agent_id=creds.agent_id,
@@ -238,13 +243,19 @@ async def test_registration_rules_revocation_and_audit(nats_server: NatsServer, 
                 sent_at=0,
                 interval=1,
                 version="0",
-            )
+            ),
+            caller="erp-agent",
         )
         assert isinstance(forged, Refused)
         assert forged.code == "unauthorized"
 
         # Revoked: heartbeats refused (the agent stops), re-registration refused.
-        done = await client.revoke("erp-agent", reason="laptop stolen", actor="alice")
+        # Sent by alice (the subject's caller token), claiming to be mallory in the body: the
+        # audit trail records alice.
+        done = await client.request(
+            Revoke(name="erp-agent", reason="laptop stolen", actor="mallory"), caller="alice"
+        )
+        assert isinstance(done, Done)
         assert "revoked" in done.message
         with pytest.raises(StopError, match="revoked"):
             await hb.beat()
@@ -279,6 +290,7 @@ async def test_registration_rules_revocation_and_audit(nats_server: NatsServer, 
         kinds = [(r.entry.kind, r.entry.target, r.entry.who) for r in records]
         assert kinds[:2] == [("register", "erp-agent", kinds[0][2]), ("register", "erp-agent", kinds[0][2])]
         assert ("revoke", "erp-agent", "alice") in kinds
+        assert all(who != "mallory" for _, _, who in kinds)
         assert ("deregister", "erp-agent", "alice") in kinds
         assert all(r.subject == f"audit.{r.entry.kind}" and r.entry.replica == cp.name for r in records)
         revoke = next(r for r in records if r.entry.kind == "revoke")
@@ -465,7 +477,10 @@ async def test_cli_register_list_health_revoke_audit(nats_server: NatsServer, tm
         assert r.exit_code == 0, r.output
         entries = [json.loads(line) for line in r.output.splitlines()]
         assert [e["kind"] for e in entries] == ["register", "revoke", "deregister"]
-        assert all(e["who"] == "bob@ops" and e["replica"] == cp.name for e in entries)
+        # Who: the caller token of the request's subject (the agent itself registers; the
+        # operator's MESH_ACTOR, reduced to one subject token, revokes and deregisters).
+        assert [e["who"] for e in entries] == ["erp", "bob_ops", "bob_ops"]
+        assert all(e["replica"] == cp.name for e in entries)
         r = await cli(cli_audit.app, "tail", "--kind", "revoke")
         assert r.exit_code == 0
         assert "rotated" in r.output
