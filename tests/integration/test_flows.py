@@ -32,7 +32,7 @@ from mesh.cli import (
 )
 from mesh.readiness import NotReady, wait_ready
 from tests._secure import SecuredNatsServer as NatsServer
-from tests._secure import admin_creds
+from tests._secure import admin_creds, secure_agent
 from tests.integration._harness import (
     AgentProcess,
     ErpLoad,
@@ -356,7 +356,7 @@ def test_agent_commands_and_unknown_targets(
             state=tmp_path / "es",
             url=url,
             source=erp_db,
-            creds=nats_server.admin_creds,
+            creds=tmp_path / "erp-agent.creds",
         )
     )
     crm_cfg = tmp_path / "crm.toml"
@@ -367,10 +367,11 @@ def test_agent_commands_and_unknown_targets(
             state=tmp_path / "cs",
             url=url,
             sink=crm_db,
-            creds=nats_server.admin_creds,
+            creds=tmp_path / "crm-agent.creds",
         )
     )
-    for cfg in (erp_cfg, crm_cfg):
+    for cfg in (erp_cfg, crm_cfg):  # their own flows: their own least-privilege creds
+        secure_agent(cfg, nats_server)
         _cli(cli_agent_cp.app, "register", "--config", str(cfg), "--control-plane", url)
     agents = [AgentProcess(erp_cfg, tmp_path / "erp.log"), AgentProcess(crm_cfg, tmp_path / "crm.log")]
     for a in agents:

@@ -22,7 +22,6 @@ from agents.connector import ConnectorAgent
 from agents.control_plane import ControlPlane
 from mesh.actors import Backoff
 from mesh.cli import agent_cp as cli_agent_cp
-from mesh.config import parse_agent_config
 from mesh.controlplane.client import ControlPlaneClient, register_agent
 from mesh.controlplane.identity import save_credentials
 from mesh.controlplane.models import Manifest
@@ -31,7 +30,7 @@ from mesh.metrics import Metrics
 from mesh.transport import JetStream
 from tests._pg import PASSWORD, PASSWORD_ROLE, PgCluster
 from tests._secure import SecuredNatsServer as NatsServer
-from tests._secure import with_agent_creds
+from tests._secure import secure_config
 from tests.integration._harness import CUSTOMERS, agent_toml, make_erp
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(90)]
@@ -52,9 +51,9 @@ async def _mesh(server: NatsServer, tmp: Path, *tomls: str) -> AsyncIterator[lis
         {"name": "cp1", "nats": {"servers": [server.url], "request_timeout": 2.0, "creds": cp_creds}}
     )
     cp = ControlPlane(settings)
-    # Registered agents heartbeat to the control plane: until it issues each its JWT at
-    # registration (enrollment, caller token in the subject), they connect as the admin.
-    cfgs = [parse_agent_config(with_agent_creds(_fast_heartbeats(t), server.admin_creds)) for t in tomls]
+    # Registered, with their static flows: each its own least-privilege creds (heartbeats go to
+    # <prefix>.heartbeat.<its name>, which its permissions allow).
+    cfgs = [secure_config(_fast_heartbeats(t), tmp / f"agent-{i}.creds", server) for i, t in enumerate(tomls)]
     agents = [ConnectorAgent(c, metrics=Metrics(), config_retry=FAST_RETRY) for c in cfgs]
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(20):
