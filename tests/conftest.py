@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.broker import NatsServer
 from tests._pg import northwind_template, pg_cluster, pg_db  # noqa: F401 - PostgreSQL fixtures
+from tests._secure import SecuredNatsServer, init_test_security
 
 TESTS = Path(__file__).resolve().parent
 SHARED_DATA = Path(os.environ.get("MESH_DATA_DIR") or TESTS.parents[1] / "shared" / "data")
@@ -55,10 +55,19 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object
     return request.param  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="session")
+def security_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mesh security dir (operator, accounts, admin creds) for the whole session."""
+    return init_test_security(tmp_path_factory.mktemp("security") / "sec")
+
+
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A real nats-server with JetStream on a random loopback port and a temp store dir."""
-    server = NatsServer(tmp_path / "nats")
+def nats_server(tmp_path: Path, security_dir: Path) -> Iterator[SecuredNatsServer]:
+    """A real nats-server with JetStream on a random loopback port and a temp store dir, secured:
+    operator mode with :func:`security_dir`'s accounts and its own resolver dir; anonymous
+    clients are refused. ``nats_server.admin_creds`` / ``nats_server.nats_config()`` connect as
+    the admin."""
+    server = SecuredNatsServer(tmp_path / "nats", security_dir)
     server.start()
     try:
         yield server

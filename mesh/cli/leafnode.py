@@ -69,7 +69,19 @@ def _config(
         str, typer.Option(help="Leaf JetStream fsync: 'always' (no loss on power cut) or e.g. 2m.")
     ] = "always",
     credentials: Annotated[
-        Path | None, typer.Option(help="Credentials file for the hub connection.", show_default=False)
+        Path | None,
+        typer.Option(
+            help="Credentials file of the leaf node's link to the hub (`meshctl security issue-leaf`).",
+            show_default=False,
+        ),
+    ] = None,
+    security_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Mesh security dir (`meshctl security init`): both servers run its operator and the"
+            " link binds to the MESH account (needs --credentials).",
+            show_default=False,
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
     check: Annotated[
@@ -84,6 +96,7 @@ def _config(
             hub=hub, domain=domain, store_dir=store_dir, port=port, name=name, listen=listen,
             monitor_port=monitor_port, hub_domain=hub_domain, sync_interval=sync_interval,
             credentials=credentials, hub_bind=hub_bind, hub_port=hub_port, hub_store_dir=hub_store_dir,
+            security_dir=security_dir,
         )  # fmt: skip
         files = write_leafnode_files(plan, out, force=force, check=check)
     except MeshError as exc:

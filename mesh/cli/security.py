@@ -3,12 +3,17 @@
 * ``init DIR`` creates the operator, the SYS and MESH accounts, their keys, the admin,
   control-plane and sys credentials and the nats-server auth config with the full resolver,
   and prints how to start nats-server with it.
+* ``issue-agent --config agent.toml --dir DIR`` writes the least-privilege ``.creds`` of an agent
+  that runs the static flows of its config without a control plane (on-prem, tests).
+* ``issue-leaf --dir DIR --domain D --out PATH`` writes the ``.creds`` a site's leaf node uses
+  for its link to the hub (``meshctl leafnode config --credentials``).
 
 Errors the operator can fix print one line and exit 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +21,7 @@ import typer
 
 from mesh.cli._output import fail
 from mesh.errors import MeshError
+from mesh.security.permissions import DEFAULT_PREFIX
 
 __all__ = ["app"]
 
@@ -54,3 +60,100 @@ def _init(
         f" (or MESH_CREDS={root / 'creds' / 'admin.creds'});"
         f" the control plane uses creds/control-plane.creds and creds/sys.creds."
     )
+
+
+@app.command("issue-agent")
+def _issue_agent(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The agent's config file (TOML).")],
+    directory: Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write the .creds (default: the config's [nats] creds).",
+            show_default=False,
+        ),
+    ] = None,
+    prefix: Annotated[
+        str,
+        typer.Option(
+            "--subject-prefix", envvar="MESH_CP_PREFIX", help="Control-plane subject prefix.", hidden=True
+        ),
+    ] = DEFAULT_PREFIX,
+) -> None:
+    """Write the .creds of the agent in --config, allowed exactly what its static flows need.
+
+    For an agent run without a control plane: it may publish events of its own system (flows
+    with a source), consume its own durable consumers (flows with a sink), dead-letter into its
+    flows' DLQ subjects, and nothing else (README "Security", permission table). The agent's key
+    is kept when the file already holds one (re-issue after a flow change); the file is 0600.
+    Set ``[nats] inbox_prefix = "_INBOX.<agent name>"`` in the agent config.
+    """
+    from mesh.config import load_agent_config
+    from mesh.security.authority import Authority, read_creds, write_creds
+    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
+    from mesh.security.permissions import inbox_prefix, permissions_for_agent
+
+    try:
+        cfg = load_agent_config(config)
+        target = out if out is not None else (Path(cfg.nats.creds) if cfg.nats.creds else None)
+        if target is None:
+            fail(f"{config}: no [nats] creds path in the config: pass --out PATH or set [nats] creds")
+        authority = Authority.load(directory)
+        perms = permissions_for_agent(cfg, prefix)
+        seed: bytes | str = new_seed("user")
+        if target.exists():  # same identity, new permissions (not a creds file: a new key)
+            with contextlib.suppress(InvalidToken):
+                seed = read_creds(target).seed
+        jwt = authority.issue_user(cfg.agent.name, public_key_of_seed(seed), perms)
+        path = write_creds(target, jwt, seed)
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write the creds of agent {config}: {exc.strerror or exc}")
+    wanted = inbox_prefix(cfg.agent.name)
+    if cfg.nats.inbox_prefix not in (None, wanted):
+        typer.secho(
+            f"warning: {config}: [nats] inbox_prefix is {cfg.nats.inbox_prefix!r}; these creds only"
+            f" receive replies on {wanted!r}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"wrote {path} for agent {cfg.agent.name}: publishes {len(perms.pub.allow)} subjects,"
+        f" subscribes {len(perms.sub.allow)}"
+    )
+
+
+@app.command("issue-leaf")
+def _issue_leaf(
+    directory: Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")],
+    domain: Annotated[
+        str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the .creds.", show_default=False)],
+) -> None:
+    """Write the .creds of a site's leaf node for its link to the hub (user leaf-DOMAIN).
+
+    The link binds the leaf's MESH account to the hub's: the user may carry the whole account
+    (the stream subjects never cross: the leaf's remote denies them both ways; events reach the
+    hub only by stream sourcing). Keep the file on the site, 0600.
+    """
+    from mesh.security.authority import Authority, read_creds, write_creds
+    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
+    from mesh.security.permissions import admin_permissions, validate_token
+
+    try:
+        name = f"leaf-{validate_token(domain, 'domain')}"
+        authority = Authority.load(directory)
+        seed: bytes | str = new_seed("user")
+        if out.exists():
+            with contextlib.suppress(InvalidToken):
+                seed = read_creds(out).seed
+        jwt = authority.issue_user(name, public_key_of_seed(seed), admin_permissions())
+        path = write_creds(out, jwt, seed)
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    typer.echo(f"wrote {path} (user {name}): pass it to `meshctl leafnode config --credentials`")

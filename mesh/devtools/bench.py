@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 
 from mesh.broker import NatsServer
+from mesh.devtools._bench_auth import Secured as _Secured
 
 __all__ = ["run_bench", "run_outage_bench"]
 
@@ -63,6 +64,8 @@ system = "{system}"
 state_dir = "{root / "state" / name}"
 [nats]
 servers = ["{url}"]
+creds = "{root / "creds" / name}.creds"
+inbox_prefix = "_INBOX.{name}"
 [relay]
 batch_size = 2000
 window = 512
@@ -103,7 +106,7 @@ key = "id"
 class _Mesh:
     """A source agent and a sink agent as child processes, with their SQLite systems."""
 
-    def __init__(self, root: Path, url: str) -> None:
+    def __init__(self, root: Path, url: str, sec: _Secured) -> None:
         self.root = root
         root.mkdir(parents=True)
         self.src_db, self.dst_db = root / "source.db", root / "target.db"
@@ -119,7 +122,9 @@ class _Mesh:
             ("bench-dst", "crm", _sink_flow(self.dst_db)),
         ):
             path = root / f"{name}.toml"
-            path.write_text(_agent_toml(name, system, root, url, flow))
+            text = _agent_toml(name, system, root, url, flow)
+            path.write_text(text)
+            sec.agent_creds(text, root / "creds" / f"{name}.creds")
             self.configs.append(path)
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -182,8 +187,9 @@ async def _wait_applied(mesh: _Mesh, n: int, timeout: float) -> float:
     return time.perf_counter() - start
 
 
-async def _mesh_drain(root: Path, url: str, events: int) -> dict[str, Any]:
-    mesh = _Mesh(root, url)
+async def _mesh_drain(root: Path, url: str, events: int, sec: _Secured) -> dict[str, Any]:
+    mesh = _Mesh(root, url, sec)
+    await sec.streams(url)
     await mesh.install_capture()
     for first in range(1, events + 1, 5000):
         _insert(mesh.src_db, first, min(5000, events + 1 - first))
@@ -200,8 +206,9 @@ async def _mesh_drain(root: Path, url: str, events: int) -> dict[str, Any]:
     return {"events": events, "seconds": elapsed, "rate": events / elapsed, "peak_rss_mb": rss}
 
 
-async def _mesh_latency(root: Path, url: str, rate: int, seconds: float) -> dict[str, Any]:
-    mesh = _Mesh(root, url)
+async def _mesh_latency(root: Path, url: str, rate: int, seconds: float, sec: _Secured) -> dict[str, Any]:
+    mesh = _Mesh(root, url, sec)
+    await sec.streams(url)
     await mesh.install_capture()
     mesh.start()
     try:
@@ -251,12 +258,12 @@ def _percentiles(lat: list[float]) -> dict[str, float]:
     return {"p50_ms": qs[49], "p99_ms": qs[98], "max_ms": max(lat)}
 
 
-async def _raw(url: str, events: int, rate: int, seconds: float) -> dict[str, Any]:
-    """The baseline: nats-py alone, no stores."""
+async def _raw(url: str, events: int, rate: int, seconds: float, creds: Path) -> dict[str, Any]:
+    """The baseline: nats-py alone, no stores (as the admin: same server, same auth)."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, user_credentials=str(creds))
     try:
         js = nc.jetstream(timeout=5)
         await js.add_stream(StreamConfig(name="RAW", subjects=["raw.>"], duplicate_window=120))
@@ -329,9 +336,9 @@ async def _raw(url: str, events: int, rate: int, seconds: float) -> dict[str, An
     }
 
 
-async def _outage(root: Path, server: NatsServer, events: int) -> dict[str, Any]:
+async def _outage(root: Path, server: NatsServer, events: int, sec: _Secured) -> dict[str, Any]:
     """Capture ``events`` changes with the broker down, then bring it up and time the drain."""
-    mesh = _Mesh(root, server.url)
+    mesh = _Mesh(root, server.url, sec)
     await mesh.install_capture()
     mesh.start("bench-src")  # the broker is down: the agent captures into its outbox only
     t0 = time.perf_counter()
@@ -347,6 +354,7 @@ async def _outage(root: Path, server: NatsServer, events: int) -> dict[str, Any]
             payload = int(c.execute("SELECT sum(length(data)) FROM outbox").fetchone()[0])
         disk = sum(p.stat().st_size for p in outbox.parent.glob("outbox.db*"))
         await anyio.to_thread.run_sync(server.start)
+        await sec.streams(server.url)
         mesh.start("bench-dst")
         t1 = time.perf_counter()
         await _wait_applied(mesh, events, timeout=600)
@@ -375,11 +383,14 @@ def _outbox_rows(path: Path) -> int:
 def run_outage_bench(*, events: int, json_out: Path | None) -> dict[str, Any]:
     """How long an outage the edge survives per GiB of disk, and how fast it drains after."""
     root = Path(tempfile.mkdtemp(prefix="mesh-outage-"))
-    server = NatsServer(root / "nats")  # started only after the capture
+    sec = _Secured(root)
+    server = sec.server(root / "nats")  # started only after the capture
     try:
         print(f"outage: {events} changes captured with the broker down, then drained ...", flush=True)
-        res = anyio.run(_outage, root / "run", server, events)
-        raw = anyio.run(_raw, server.url, events, 1000, 0.5, backend_options={"use_uvloop": True})
+        res = anyio.run(_outage, root / "run", server, events, sec)
+        raw = anyio.run(
+            _raw, server.url, events, 1000, 0.5, sec.admin_creds, backend_options={"use_uvloop": True}
+        )
     finally:
         server.stop()
     res["raw_drain_rate"] = raw["drain"]["rate"]
@@ -399,14 +410,17 @@ def run_outage_bench(*, events: int, json_out: Path | None) -> dict[str, Any]:
 
 def run_bench(*, events: int, rate: int, seconds: float, json_out: Path | None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    with NatsServer(root / "nats") as server:
-        print(f"nats-server {server.url}; work dir {root}", flush=True)
+    sec = _Secured(root)
+    with sec.server(root / "nats") as server:
+        print(f"nats-server {server.url} (secured: {sec.dir}); work dir {root}", flush=True)
         print(f"raw nats-py: drain {events} + paced {rate}/s for {seconds:.0f}s ...", flush=True)
-        raw = anyio.run(_raw, server.url, events, rate, seconds, backend_options={"use_uvloop": True})
+        raw = anyio.run(
+            _raw, server.url, events, rate, seconds, sec.admin_creds, backend_options={"use_uvloop": True}
+        )
         print(f"mesh: drain {events} ...", flush=True)
-        drain = anyio.run(_mesh_drain, root / "drain", server.url, events)
+        drain = anyio.run(_mesh_drain, root / "drain", server.url, events, sec)
         print(f"mesh: paced {rate}/s for {seconds:.0f}s ...", flush=True)
-        latency = anyio.run(_mesh_latency, root / "latency", server.url, rate, seconds)
+        latency = anyio.run(_mesh_latency, root / "latency", server.url, rate, seconds, sec)
     result = {
         "raw": raw,
         "mesh": {"drain": drain, "latency": latency},

@@ -63,6 +63,7 @@ from mesh.controlplane.models import (
     Refused,
     mesh_version,
 )
+from mesh.devtools._bench_auth import Secured as _Secured
 from mesh.errors import MeshError
 from mesh.transport import JetStream
 
@@ -231,7 +232,9 @@ def _emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-async def _simulate(url: str, n: int, interval: float, root: Path, seed: int) -> None:
+async def _simulate(
+    url: str, n: int, interval: float, root: Path, seed: int, creds: str | None = None
+) -> None:
     """Register ``n`` agents, beat until told ``stop`` on stdin; report on stdout (JSON lines)."""
     rng = random.Random(seed)
     agents = _sim_agents(n, root)
@@ -248,7 +251,7 @@ async def _simulate(url: str, n: int, interval: float, root: Path, seed: int) ->
     async with AsyncExitStack() as stack:
         clients = []
         for i in range(max(1, math.ceil(n / _AGENTS_PER_CONNECTION))):
-            cfg = NatsConfig(servers=[url], request_timeout=timeout)
+            cfg = NatsConfig(servers=[url], request_timeout=timeout, creds=creds)
             js = await stack.enter_async_context(JetStream(cfg, name=f"bench-cp-sim-{i}"))
             clients.append(ControlPlaneClient(js, timeout=timeout))
 
@@ -394,7 +397,9 @@ async def _simulate(url: str, n: int, interval: float, root: Path, seed: int) ->
 class _Child:
     """A child process started in its own session, stopped by PID (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, name: str, args: list[str], log: Path, *, pipes: bool = False) -> None:
+    def __init__(
+        self, name: str, args: list[str], log: Path, *, pipes: bool = False, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log = log
         self._stdout: _Lines | None = None
@@ -405,6 +410,7 @@ class _Child:
                 stdout=subprocess.PIPE if pipes else out,
                 stderr=out,
                 start_new_session=True,  # Ctrl-C reaches the driver only; it stops us in order
+                env={**os.environ, **(env or {})},
             )
 
     @property
@@ -529,7 +535,7 @@ async def _wait_ready(http: httpx.AsyncClient, cp: _Child, timeout: float) -> No
 
 
 async def _run(
-    args: argparse.Namespace, root: Path, server: NatsServer, children: list[_Child]
+    args: argparse.Namespace, root: Path, server: NatsServer, children: list[_Child], security: Path
 ) -> dict[str, Any]:
     py = sys.executable
     port = free_port()
@@ -539,6 +545,7 @@ async def _run(
         [py, "-m", "mesh", "control-plane", "run", "--nats", server.url, "--http", f"127.0.0.1:{port}",
          "--name", "bench-cp", "--log-level", "warning", *cp_config],
         root / "control-plane.log",
+        env={"MESH_CREDS": str(security / "creds" / "control-plane.creds")},
     )  # fmt: skip
     children.append(cp)
     pids = {"control_plane": cp.pid, "nats_server": server.pid or 0}
@@ -561,7 +568,8 @@ async def _run(
         sim = _Child(
             "simulator",
             [py, "-m", "mesh.devtools.bench_cp", "--simulate", server.url, "--agents", str(args.agents),
-             "--interval", str(args.interval), "--state-dir", str(root / "agents")],
+             "--interval", str(args.interval), "--state-dir", str(root / "agents"),
+             "--creds", str(security / "creds" / "admin.creds")],
             root / "simulator.log",
             pipes=True,
         )  # fmt: skip
@@ -700,12 +708,13 @@ def run_cp_bench(
         cp_config=cp_config,
     )
     root = Path(tempfile.mkdtemp(prefix="mesh-bench-cp-"))
-    server = NatsServer(root / "nats")
+    sec = _Secured(root)
+    server = sec.server(root / "nats")
     children: list[_Child] = []
     try:
         server.start()
-        _say(f"nats-server {server.url} (pid {server.pid}); work dir {root}")
-        res = anyio.run(_run, args, root, server, children, backend_options={"use_uvloop": True})
+        _say(f"nats-server {server.url} (pid {server.pid}, secured: {sec.dir}); work dir {root}")
+        res = anyio.run(_run, args, root, server, children, sec.dir, backend_options={"use_uvloop": True})
     finally:
         for child in reversed(children):  # simulator, control plane: by PID, in that order
             child.stop()
@@ -755,6 +764,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", default=None, help="also write the figures here ('-': stdout)")
     p.add_argument("--simulate", metavar="NATS_URL", default=None, help=argparse.SUPPRESS)
     p.add_argument("--state-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--creds", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     return p
 
@@ -764,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.simulate is not None:
         anyio.run(
-            _simulate, args.simulate, args.agents, args.interval, Path(args.state_dir), args.seed,
+            _simulate, args.simulate, args.agents, args.interval, Path(args.state_dir), args.seed, args.creds,
             backend_options={"use_uvloop": True},
         )  # fmt: skip
         return 0

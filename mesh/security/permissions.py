@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from mesh.errors import ConfigError
 from mesh.security.jwt import Permission, Permissions, ResponsePermission
-from mesh.transport.subjects import DLQ_STREAM, EVENTS_STREAM
+from mesh.transport.subjects import DLQ_STREAM, EVENTS_STREAM, consumer_name
+
+if TYPE_CHECKING:
+    from mesh.config import AgentConfig
 
 __all__ = [
     "ASSIGN_BUCKET",
@@ -28,6 +32,7 @@ __all__ = [
     "enrollment_permissions",
     "inbox_prefix",
     "permission_table",
+    "permissions_for_agent",
     "validate_prefix",
     "validate_token",
 ]
@@ -113,6 +118,22 @@ def agent_permissions(
     pub.append(assignment_get_subject(name))
     sub = [f"{inbox_prefix(name)}.>", f"{prefix}.agent.{name}", assignment_subject(name)]
     return Permissions(pub=Permission(allow=pub), sub=Permission(allow=sub), resp=ResponsePermission(1, 0))
+
+
+def permissions_for_agent(cfg: AgentConfig, prefix: str = DEFAULT_PREFIX) -> Permissions:
+    """:func:`agent_permissions` for an agent that runs the static flows of its own config
+    (``[[flows]]``; no control plane assigns it any): it publishes events of its system when a
+    flow has a source, consumes ``<flow>-<its system>`` (:func:`~mesh.transport.subjects.consumer_name`)
+    for each flow with a sink, and may dead-letter into ``dlq.<flow>`` for every flow (the
+    capture side dead-letters rows its mapping refuses, the apply side failed envelopes).
+
+    Raises:
+        ConfigError: a name that is not one subject token, or a bad prefix.
+    """
+    a = cfg.agent
+    systems = [a.system] if any(f.source is not None for f in cfg.flows) else []
+    consumers = [consumer_name(f.name, a.system) for f in cfg.flows if f.sink is not None]
+    return agent_permissions(a.name, systems, consumers, [f.name for f in cfg.flows], prefix)
 
 
 def enrollment_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> Permissions:

@@ -11,6 +11,7 @@ __all__ = [
     "DLQ_STREAM",
     "EVENTS_STREAM",
     "STREAM_SUBJECTS",
+    "consumer_name",
     "dlq_subject",
     "event_subject",
     "subject_matches",
@@ -38,6 +39,13 @@ def event_subject(entity: str, event: str, origin: str) -> str:
 def dlq_subject(flow: str) -> str:
     """``dlq.<flow>``: where a flow's dead letters go (stream ``MESH_DLQ``)."""
     return f"dlq.{flow}"
+
+
+def consumer_name(flow: str, system: str) -> str:
+    """``<flow>-<sink system>``: the durable consumer on MESH_EVENTS of ``flow`` at the agent
+    fronting ``system``. One per (flow, sink system), shared by that agent's replicas; one subject
+    token, so an agent's permissions can name exactly its own consumers."""
+    return f"{flow}-{system}"
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

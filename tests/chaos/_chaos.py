@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from mesh.broker import NatsServer
+from mesh.config import NatsConfig
+from tests._secure import SecuredNatsServer, create_layout, issue_agent_creds
 from tests.integration._harness import (
     AgentProcess,
     agent_toml,
@@ -230,9 +232,14 @@ class _MeshBase:
 
     kinds: tuple[str, ...] = ()
 
-    def __init__(self, tmp: Path, servers: dict[str, NatsServer], *, source_url: str, sink_url: str) -> None:
+    def __init__(
+        self, tmp: Path, servers: dict[str, NatsServer], *, source_url: str, sink_url: str, security_dir: Path
+    ) -> None:
         self.tmp = tmp
         self.servers = servers
+        self.security_dir = security_dir
+        self.admin_creds = security_dir / "creds" / "admin.creds"
+        """Every server runs this mesh's operator; the test's own looks use the admin creds."""
         self.sink_url = sink_url
         """Where the sink agent, its consumer and its DLQ live."""
         self.erp, self.crm = tmp / "erp.db", tmp / "crm.db"
@@ -243,11 +250,13 @@ class _MeshBase:
             ("source", "erp-agent", "erp", source_url, {"source": self.erp}),
             ("sink", "crm-agent", "crm", sink_url, {"sink": self.crm}),
         ):
-            text = agent_toml(name=name, system=system, state=tmp / "state" / name, url=url, **kw)  # type: ignore[arg-type]
+            text = agent_toml(name=name, system=system, state=tmp / "state" / name, url=url,
+                              creds=tmp / f"{name}.creds", **kw)  # type: ignore[arg-type]  # fmt: skip
             if role == "sink":
                 text = _sink_toml(text)
             cfg = tmp / f"{name}.toml"
             cfg.write_text(text)
+            issue_agent_creds(cfg, security_dir)
             self.agents[role] = AgentProcess(cfg, tmp / f"{name}.log")
         # Held by whoever takes an agent down on purpose, so the watchdog can tell a planned death
         # from an agent that exited on its own.
@@ -335,9 +344,12 @@ class Mesh(_MeshBase):
 
     kinds: tuple[str, ...] = SINGLE_BROKER_KINDS
 
-    def __init__(self, tmp: Path) -> None:
-        self.server = NatsServer(tmp / "nats")
-        super().__init__(tmp, {"nats": self.server}, source_url=self.server.url, sink_url=self.server.url)
+    def __init__(self, tmp: Path, security_dir: Path) -> None:
+        self.server = SecuredNatsServer(tmp / "nats", security_dir, layout=True)
+        super().__init__(
+            tmp, {"nats": self.server}, source_url=self.server.url, sink_url=self.server.url,
+            security_dir=security_dir,
+        )  # fmt: skip
 
     @property
     def broker_starts(self) -> int:
@@ -353,17 +365,21 @@ class HybridMesh(_MeshBase):
 
     kinds = HYBRID_KINDS
 
-    def __init__(self, tmp: Path) -> None:
-        topo = make_topology(tmp)
+    def __init__(self, tmp: Path, security_dir: Path) -> None:
+        topo = make_topology(tmp, security_dir)
         # Same port and upstream (the configs name them), without the base proxy's cut race.
         self.link = topo.link = SealedLinkProxy.replacing(topo.link)
         self.hub, self.leaf = topo.hub, topo.leaf
         self.topology = topo
         assert topo.edge_url == self.leaf.url
         super().__init__(
-            tmp, {"hub": self.hub, "leaf": self.leaf}, source_url=topo.edge_url, sink_url=self.hub.url
+            tmp,
+            {"hub": self.hub, "leaf": self.leaf},
+            source_url=topo.edge_url,
+            sink_url=self.hub.url,
+            security_dir=security_dir,
         )
-        self.watcher = LinkWatcher(self.hub.url, tmp / "link-watch.log")
+        self.watcher = LinkWatcher(self.hub.url, tmp / "link-watch.log", self.admin_creds)
         self.watcher_lock = threading.Lock()
 
     def start(self) -> None:
@@ -373,8 +389,20 @@ class HybridMesh(_MeshBase):
         if not wait_for(lambda: leaf_connected(self.hub), 15, 0.1):
             raise AssertionError(f"the leaf node did not connect to the hub; see {self.leaf.log_file}")
         # What the operator runs once (`meshctl leafnode link`), then as a service (`--watch`).
-        code, out, err = meshctl_leafnode("link", "--domain", EDGE, "--server", self.hub.url, "--wait", "0")
+        code, out, err = meshctl_leafnode(
+            "link",
+            "--domain",
+            EDGE,
+            "--server",
+            self.hub.url,
+            "--wait",
+            "0",
+            "--creds",
+            str(self.admin_creds),
+        )
         assert code == 0, f"meshctl leafnode link failed: {out}{err}"
+        # The site's operator creates the leaf's streams (edge agents only check them).
+        create_layout(NatsConfig(servers=[self.leaf.url], creds=str(self.admin_creds)))
         self.watcher.start()
         self.start_agents()
 
@@ -843,10 +871,10 @@ class ChaosLoad:
 # Reconciliation
 
 
-async def _jetstream_state(url: str) -> dict[str, Any]:
+async def _jetstream_state(url: str, creds: Path) -> dict[str, Any]:
     import nats
 
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1, user_credentials=str(creds))
     try:
         js = nc.jetstream(timeout=5)
         dlq = await js.stream_info(DLQ_STREAM)
@@ -871,10 +899,10 @@ async def _jetstream_state(url: str) -> dict[str, Any]:
         await nc.close()
 
 
-def jetstream_state(url: str) -> dict[str, Any]:
+def jetstream_state(url: str, creds: Path) -> dict[str, Any]:
     """DLQ depth (and the first few DLQ entries' headers), stream size and the sink consumer."""
     try:
-        return asyncio.run(_jetstream_state(url))
+        return asyncio.run(_jetstream_state(url, creds))
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -963,15 +991,15 @@ def reconcile(mesh: _MeshBase) -> Reconciliation:
         assert_effect_once(mesh.crm)
     except AssertionError as exc:
         rec.effect_once_error = str(exc)
-    rec.settled = consumer_settled(mesh.sink_url, SINK_DURABLE)
-    rec.jetstream = jetstream_state(mesh.sink_url)
+    rec.settled = consumer_settled(mesh.sink_url, SINK_DURABLE, mesh.admin_creds)
+    rec.jetstream = jetstream_state(mesh.sink_url, mesh.admin_creds)
     return rec
 
 
-def _stream_state(url: str) -> dict[str, Any]:
+def _stream_state(url: str, creds: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stream in (EVENTS_STREAM, DLQ_STREAM):
-        info = stream_info(url, stream)
+        info = stream_info(url, creds, stream)
         if "error" in info:
             out[stream] = {"error": info["error"]}
             continue
@@ -991,7 +1019,7 @@ def edge_state(mesh: HybridMesh) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, server in (("leaf", mesh.leaf), ("hub", mesh.hub)):
         try:
-            out[name] = _stream_state(server.url)
+            out[name] = _stream_state(server.url, mesh.admin_creds)
         except Exception as exc:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
     return out

@@ -27,6 +27,7 @@ from typing import Any
 
 from adapters.rest._state import default_target
 from mesh.broker import free_port
+from tests._secure import write_agent_config
 from tests.chaos._chaos import (
     DLQ_STREAM,
     FLOW,
@@ -184,8 +185,10 @@ class RestMesh(Mesh):
 
     kinds = REST_KINDS
 
-    def __init__(self, tmp: Path) -> None:
-        super().__init__(tmp)  # also writes an unused SQLite CRM and its sink config: replaced here
+    def __init__(self, tmp: Path, security_dir: Path) -> None:
+        super().__init__(
+            tmp, security_dir
+        )  # also writes an unused SQLite CRM and its sink config: replaced here
         self.api = ApiProcess(tmp / "crm-api.db", tmp / "crm-api.log", free_port())
         self.api_lock = threading.Lock()
         self.api_db = self.api.db
@@ -194,7 +197,8 @@ class RestMesh(Mesh):
         self.rest_state = state / "rest-versions.db"
         self.rest_target = default_target(self.api.url, "/customers/{key}")
         cfg = tmp / "crm-agent.toml"
-        cfg.write_text(rest_sink_toml(name="crm-agent", state=state, url=self.server.url, api=self.api.url))
+        text = rest_sink_toml(name="crm-agent", state=state, url=self.server.url, api=self.api.url)
+        write_agent_config(cfg, text, self.server)
         self.agents["sink"] = _TokenAgent(cfg, tmp / "crm-agent.log")
         self.api_chaos: dict[str, float] = defaultdict(float)
         """Seconds of each misbehaviour asked of the API."""
@@ -415,6 +419,6 @@ def reconcile_rest(mesh: RestMesh) -> RestReconciliation:
             rec.behind.append((key, (version, deleted), store.get(key)))
     rec.last_write_wrong += [(k, None, w) for k, w in last_write.items() if k not in last]
     rec.behind += [(k, None, v) for k, v in store.items() if k not in last]
-    rec.settled = consumer_settled(mesh.sink_url, SINK_DURABLE)
-    rec.jetstream = jetstream_state(mesh.sink_url)
+    rec.settled = consumer_settled(mesh.sink_url, SINK_DURABLE, mesh.admin_creds)
+    rec.jetstream = jetstream_state(mesh.sink_url, mesh.admin_creds)
     return rec

@@ -76,11 +76,11 @@ def _seeded(run: Callable[[int], None], replay: str) -> None:
         raise
 
 
-def test_sync_under_chaos(tmp_path: Path) -> None:
-    _seeded(lambda seed: _sync_under_chaos(tmp_path, seed, hybrid=False), "bin/chaos")
+def test_sync_under_chaos(tmp_path: Path, security_dir: Path) -> None:
+    _seeded(lambda seed: _sync_under_chaos(tmp_path, security_dir, seed, hybrid=False), "bin/chaos")
 
 
-def test_sync_under_chaos_hybrid(tmp_path: Path) -> None:
+def test_sync_under_chaos_hybrid(tmp_path: Path, security_dir: Path) -> None:
     """ERP SQLite -> source agent -> on-prem LEAF nats-server (JetStream domain ``edge``) == WAN
     ==> cloud HUB nats-server, whose MESH_EVENTS sources the leaf's -> sink agent -> CRM SQLite,
     both servers from the files ``meshctl leafnode config`` writes, the WAN a TCP proxy.
@@ -104,12 +104,12 @@ def test_sync_under_chaos_hybrid(tmp_path: Path) -> None:
     least once); about 60-75 s on 2 cores.
     """
     _seeded(
-        lambda seed: _sync_under_chaos(tmp_path, seed, hybrid=True),
+        lambda seed: _sync_under_chaos(tmp_path, security_dir, seed, hybrid=True),
         "bin/chaos -k under_chaos_hybrid",
     )
 
 
-def _sync_under_chaos(tmp_path: Path, seed: int, *, hybrid: bool) -> None:
+def _sync_under_chaos(tmp_path: Path, security_dir: Path, seed: int, *, hybrid: bool) -> None:
     events = int(_env("MESH_CHAOS_EVENTS", 50_000))
     fault_count = int(_env("MESH_CHAOS_FAULTS", 24))
     seconds = _env("MESH_CHAOS_SECONDS", 60.0)
@@ -123,7 +123,7 @@ def _sync_under_chaos(tmp_path: Path, seed: int, *, hybrid: bool) -> None:
     for fault in schedule:
         print(f"  {fault}")
 
-    mesh: _MeshBase = HybridMesh(tmp_path) if hybrid else Mesh(tmp_path)
+    mesh: _MeshBase = HybridMesh(tmp_path, security_dir) if hybrid else Mesh(tmp_path, security_dir)
     mesh.install_capture()
     load = ChaosLoad(mesh.erp, seed, events)
     injector = FaultInjector(mesh, schedule)
@@ -148,7 +148,8 @@ def _sync_under_chaos(tmp_path: Path, seed: int, *, hybrid: bool) -> None:
         def converged() -> bool:
             if isinstance(mesh, HybridMesh) and not streams_caught_up(mesh):
                 return False
-            return rows(mesh.erp) == rows(mesh.crm) and consumer_settled(mesh.sink_url, SINK_DURABLE)
+            settled = consumer_settled(mesh.sink_url, SINK_DURABLE, mesh.admin_creds)
+            return rows(mesh.erp) == rows(mesh.crm) and settled
 
         ok = wait_for(converged, CONVERGE_TIMEOUT)
         converged_at = time.monotonic()
@@ -252,7 +253,7 @@ def test_seed_replays_load(tmp_path: Path) -> None:
     assert set(dumps[0][1]) == {"insert", "update", "delete", "reinsert", "churn"}, dumps[0][1]
 
 
-def test_sync_under_chaos_rest(tmp_path: Path) -> None:
+def test_sync_under_chaos_rest(tmp_path: Path, security_dir: Path) -> None:
     """ERP SQLite -> source agent -> nats-server -> sink agent with a REST sink -> the fake CRM
     API (:mod:`tests.fakes.crm_api`) as its own process, with a bearer token from the
     environment, a 2 s request timeout, 3 attempts, Retry-After honoured up to 2 s and a circuit
@@ -271,10 +272,12 @@ def test_sync_under_chaos_rest(tmp_path: Path) -> None:
     Defaults: 10,000 events over 45 s with 24 faults (every kind at least once); about 70-80 s
     on 2 cores.
     """
-    _seeded(lambda seed: _rest_sync_under_chaos(tmp_path, seed), "bin/chaos -k under_chaos_rest")
+    _seeded(
+        lambda seed: _rest_sync_under_chaos(tmp_path, security_dir, seed), "bin/chaos -k under_chaos_rest"
+    )
 
 
-def _rest_sync_under_chaos(tmp_path: Path, seed: int) -> None:
+def _rest_sync_under_chaos(tmp_path: Path, security_dir: Path, seed: int) -> None:
     events = int(_env("MESH_CHAOS_REST_EVENTS", 10_000))
     fault_count = int(_env("MESH_CHAOS_FAULTS", 24))
     seconds = _env("MESH_CHAOS_REST_SECONDS", 45.0)
@@ -286,7 +289,7 @@ def _rest_sync_under_chaos(tmp_path: Path, seed: int) -> None:
     for fault in schedule:
         print(f"  {fault}")
 
-    mesh = RestMesh(tmp_path)
+    mesh = RestMesh(tmp_path, security_dir)
     mesh.install_capture()
     load = ChaosLoad(mesh.erp, seed, events)
     injector = RestFaultInjector(mesh, schedule)
@@ -309,7 +312,7 @@ def _rest_sync_under_chaos(tmp_path: Path, seed: int) -> None:
         faults_done = max(injector.last_end, t0)
 
         def converged() -> bool:
-            return api_matches(mesh) and consumer_settled(mesh.sink_url, SINK_DURABLE)
+            return api_matches(mesh) and consumer_settled(mesh.sink_url, SINK_DURABLE, mesh.admin_creds)
 
         ok = wait_for(converged, CONVERGE_TIMEOUT)
         converged_at = time.monotonic()

@@ -16,8 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from mesh.broker import NatsServer
-from mesh.config import NatsConfig, StreamsConfig
+from mesh.config import StreamsConfig
 from mesh.errors import TransportError
 from mesh.transport import (
     EVENTS_STREAM,
@@ -35,6 +34,7 @@ from mesh.transport import (
     RevisionConflict,
     Transport,
 )
+from tests._secure import SecuredNatsServer as NatsServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -75,7 +75,7 @@ class JetStreamBackend(Backend):
         self.server = server
 
     def client(self, name: str) -> Transport:
-        return JetStream(NatsConfig(servers=[self.server.url], request_timeout=2.0), name=name)
+        return JetStream(self.server.nats_config(request_timeout=2.0), name=name)
 
     async def outage(self, clients: list[Transport]) -> None:
         before = [c.reconnects for c in clients]

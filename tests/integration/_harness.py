@@ -73,7 +73,12 @@ def agent_toml(
     source: Path | None = None,
     sink: Path | None = None,
     extra: str = "",
+    creds: Path | None = None,
 ) -> str:
+    """An agent config with one flow ``customers``; with ``creds``, the agent authenticates with
+    that file and takes replies on ``_INBOX.<name>`` (issue the file with
+    :func:`tests._secure.secure_agent`)."""
+    auth = f'creds = "{creds}"\ninbox_prefix = "_INBOX.{name}"\n' if creds is not None else ""
     text = f"""
 log_level = "info"
 [agent]
@@ -83,7 +88,7 @@ state_dir = "{state}"
 [nats]
 servers = ["{url}"]
 request_timeout = 2.0
-[[flows]]
+{auth}[[flows]]
 name = "customers"
 entity = "customer"
 [flows.consumer]
@@ -202,15 +207,15 @@ def assert_effect_once(crm: Path) -> None:
     assert data_writes <= len(log), f"{data_writes} data writes for {len(log)} applied versions"
 
 
-def consumer_settled(url: str, durable: str, stream: str = "MESH_EVENTS") -> bool:
+def consumer_settled(url: str, durable: str, creds: Path, stream: str = "MESH_EVENTS") -> bool:
     """True when the durable consumer has nothing pending and nothing awaiting an ack, so no
-    redelivery can still arrive."""
+    redelivery can still arrive (asked with ``creds``, e.g. the admin's)."""
     import asyncio
 
     import nats
 
     async def check() -> bool:
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1, user_credentials=str(creds))
         try:
             info = await nc.jetstream().consumer_info(stream, durable)
         finally:

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from mesh.broker import NatsServer, free_port
 from mesh.cli.leafnode import app
+from mesh.cli.security import app as security_app
 
 EDGE = "edge"
 
@@ -33,6 +34,12 @@ class LeafTopology:
     conf_dir: Path
     edge_url: str
     """What the generated agent fragment tells edge agents to connect to."""
+    security_dir: Path
+    """Both servers run this mesh's operator (``meshctl leafnode config --security-dir``)."""
+
+    @property
+    def admin_creds(self) -> Path:
+        return self.security_dir / "creds" / "admin.creds"
 
     def stop(self) -> None:
         self.leaf.stop()
@@ -48,17 +55,25 @@ def meshctl_leafnode(*args: str) -> tuple[int, str, str]:
     return res.exit_code, res.stdout, res.stderr
 
 
-def make_topology(tmp: Path) -> LeafTopology:
-    """Generate the configs on random loopback ports and wrap both servers (not started). The
-    leaf reaches the hub's leaf port through a :class:`LinkProxy` (``topology.link``)."""
+def make_topology(tmp: Path, security_dir: Path) -> LeafTopology:
+    """Generate the configs on random loopback ports and wrap both servers (not started), both
+    secured by ``security_dir``, the leaf linked as user leaf-edge (``meshctl security
+    issue-leaf``). The leaf reaches the hub's leaf port through a :class:`LinkProxy`
+    (``topology.link``)."""
     hub_port, hub_mon, leaf_link, leaf_port, leaf_mon = (free_port() for _ in range(5))
     link = LinkProxy(leaf_link)
     conf = tmp / "conf"
+    leaf_creds = tmp / "leaf-edge.creds"
+    issued = CliRunner().invoke(
+        security_app, ["issue-leaf", "--dir", str(security_dir), "--domain", EDGE, "--out", str(leaf_creds)]
+    )
+    assert issued.exit_code == 0, issued.output
     code, out, err = meshctl_leafnode(
         "config", "--hub", f"nats-leaf://127.0.0.1:{link.port}", "--domain", EDGE,
         "--store-dir", str(tmp / "leaf"), "--out", str(conf), "--port", str(leaf_port),
         "--monitor-port", str(leaf_mon), "--hub-bind", "127.0.0.1", "--hub-port", str(hub_port),
-        "--hub-store-dir", str(tmp / "hub"),
+        "--hub-store-dir", str(tmp / "hub"), "--security-dir", str(security_dir),
+        "--credentials", str(leaf_creds),
     )  # fmt: skip
     assert code == 0, err
     assert "meshctl leafnode link" in out
@@ -72,7 +87,7 @@ def make_topology(tmp: Path) -> LeafTopology:
     hub = NatsServer(tmp / "hub", port=hub_port, monitor_port=hub_mon, config_file=conf / "hub.conf")
     leaf = NatsServer(tmp / "leaf", port=leaf_port, monitor_port=leaf_mon, config_file=conf / "leaf.conf")
     fragment = tomllib.loads((conf / "agent-nats.toml").read_text())
-    return LeafTopology(hub, leaf, link, conf, fragment["nats"]["servers"][0])
+    return LeafTopology(hub, leaf, link, conf, fragment["nats"]["servers"][0], security_dir)
 
 
 def leaf_connected(hub: NatsServer) -> bool:
@@ -83,11 +98,11 @@ def leaf_connected(hub: NatsServer) -> bool:
         return False
 
 
-def stream_info(url: str, stream: str = "MESH_EVENTS") -> dict[str, object]:
-    """Raw ``STREAM.INFO`` of the server's own domain (state, config, sources)."""
+def stream_info(url: str, creds: Path, stream: str = "MESH_EVENTS") -> dict[str, object]:
+    """Raw ``STREAM.INFO`` of the server's own domain (state, config, sources), asked with ``creds``."""
 
     async def get() -> dict[str, object]:
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1, user_credentials=str(creds))
         try:
             reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2)
         finally:
@@ -97,8 +112,8 @@ def stream_info(url: str, stream: str = "MESH_EVENTS") -> dict[str, object]:
     return asyncio.run(get())
 
 
-def stream_messages(url: str, stream: str = "MESH_EVENTS") -> int:
-    state = stream_info(url, stream)["state"]
+def stream_messages(url: str, creds: Path, stream: str = "MESH_EVENTS") -> int:
+    state = stream_info(url, creds, stream)["state"]
     assert isinstance(state, dict)
     return int(state["messages"])
 
@@ -173,16 +188,18 @@ class LinkProxy:
 class LinkWatcher:
     """``meshctl leafnode link --watch`` against the hub, as a child process."""
 
-    def __init__(self, hub_url: str, log: Path) -> None:
+    def __init__(self, hub_url: str, log: Path, creds: Path) -> None:
         self.hub_url = hub_url
         self.log = log
+        self.creds = creds
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "from mesh.cli.leafnode import app; app()", "link",
-                 "--domain", EDGE, "--server", self.hub_url, "--wait", "0", "--watch"],
+                 "--domain", EDGE, "--server", self.hub_url, "--wait", "0", "--watch",
+                 "--creds", str(self.creds)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
 

@@ -11,19 +11,18 @@ import pytest
 from typer.testing import CliRunner
 
 from agents.control_plane import ControlPlane
-from mesh.broker import NatsServer
 from mesh.cli import agent_cp as cli_agent_cp
 from mesh.cli import flow as cli_flow
-from mesh.config import NatsConfig
 from mesh.controlplane.client import ControlPlaneClient
 from mesh.controlplane.settings import settings_from
 from mesh.transport import JetStream
+from tests._secure import SecuredNatsServer as NatsServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(90)]
 
 
-def _cli(app: object, *args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(app, list(args))  # type: ignore[arg-type]
+def _cli(app: object, *args: str, creds: Path, code: int = 0) -> str:
+    result = CliRunner().invoke(app, list(args), env={"MESH_CREDS": str(creds)})  # type: ignore[arg-type]
     assert result.exit_code == code, f"exit {result.exit_code} (expected {code}): {result.output}"
     assert "Traceback" not in result.output
     return result.output
@@ -53,23 +52,27 @@ async def test_register_reports_the_dirs_and_apply_refuses_paths_outside(
         f'[agent]\nname = "crm-agent"\nsystem = "crm"\nstate_dir = "crm-state"\n'
         f'allowed_paths = ["exports"]\n[nats]\nservers = ["{url}"]\n'
     )
-    cp = ControlPlane(settings_from({"name": "cp1", "nats": {"servers": [url], "request_timeout": 2.0}}))
+    cp_creds = str(nats_server.security_dir / "creds" / "control-plane.creds")
+    cp = ControlPlane(
+        settings_from({"name": "cp1", "nats": {"servers": [url], "request_timeout": 2.0, "creds": cp_creds}})
+    )
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(15):
             await tg.start(lambda task_status: cp.run(task_status=task_status))
             await cp.lease.wait(leader=True)  # type: ignore[union-attr]
 
         def cli(app: object, *args: str, code: int = 0) -> str:
-            return _cli(app, *args, "--control-plane", url, code=code)
+            return _cli(app, *args, "--control-plane", url, creds=nats_server.admin_creds, code=code)
 
         await anyio.to_thread.run_sync(lambda: cli(cli_agent_cp.app, "register", "--config", str(config)))
-        async with JetStream(NatsConfig(servers=[url], request_timeout=2.0), name="test") as js:
+        async with JetStream(nats_server.nats_config(request_timeout=2.0), name="test") as js:
             (record,) = (await ControlPlaneClient(js, timeout=5).agents("crm-agent")).agents
         assert record.manifest.state_dir == str(state.resolve())
         assert record.manifest.allowed_paths == [str(shared.resolve())]
 
         bad = tmp_path / "bad.toml"
         bad.write_text(_flow("../elsewhere/crm.db"))
+
         def refused(*extra: str) -> str:
             return cli(cli_flow.app, "apply", str(bad), *extra, code=1)
 

@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agents.control_plane import ControlPlane
-from mesh.broker import NatsServer, free_port
+from mesh.broker import free_port
 from mesh.cli import (
     agent_cp as cli_agent_cp,
 )
@@ -32,7 +32,6 @@ from mesh.cli import (
 from mesh.cli import (
     cp as cli_cp,
 )
-from mesh.config import NatsConfig
 from mesh.controlplane.audit import tail
 from mesh.controlplane.client import ControlPlaneClient, RequestRefused, register_agent
 from mesh.controlplane.identity import Credentials, load_credentials, save_credentials
@@ -52,6 +51,7 @@ from mesh.errors import StopError
 from mesh.heartbeat import Heartbeat
 from mesh.readiness import NotReady, wait_ready
 from mesh.transport import JetStream
+from tests._secure import SecuredNatsServer as NatsServer
 from tests.integration._harness import log_tail
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -60,10 +60,15 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = Manifest(adapters=["sqlite"], operations=[])
 
 
+def _cp_creds(server: NatsServer) -> Path:
+    """The control plane's own identity (``meshctl security init``: creds/control-plane.creds)."""
+    return server.security_dir / "creds" / "control-plane.creds"
+
+
 def _settings(server: NatsServer, name: str = "cp1", **extra: Any) -> Any:
     raw: dict[str, Any] = {
         "name": name,
-        "nats": {"servers": [server.url], "request_timeout": 2.0},
+        "nats": {"servers": [server.url], "request_timeout": 2.0, "creds": str(_cp_creds(server))},
         "http_port": 0,
         "sweep_interval": 0.2,
         "health": {"stale_after": 1.0, "lost_after": 2.5},
@@ -87,7 +92,7 @@ async def _control_plane(server: NatsServer, **extra: Any) -> AsyncIterator[Cont
 
 @asynccontextmanager
 async def _nats(server: NatsServer) -> AsyncIterator[JetStream]:
-    async with JetStream(NatsConfig(servers=[server.url], request_timeout=2.0), name="test") as js:
+    async with JetStream(server.nats_config(request_timeout=2.0), name="test") as js:
         yield js
 
 
@@ -392,7 +397,11 @@ async def test_http_endpoints_errors_and_readiness(
 
 async def test_cli_register_list_health_revoke_audit(nats_server: NatsServer, tmp_path: Path) -> None:
     runner = CliRunner()
-    env = {"MESH_CONTROL_PLANE": nats_server.url, "MESH_ACTOR": "bob@ops"}
+    env = {
+        "MESH_CONTROL_PLANE": nats_server.url,
+        "MESH_ACTOR": "bob@ops",
+        "MESH_CREDS": str(nats_server.admin_creds),
+    }
 
     async def cli(app: Any, *args: str) -> Any:
         return await anyio.to_thread.run_sync(lambda: runner.invoke(app, list(args), env=env))
@@ -501,7 +510,11 @@ class _CpProcess:
         ]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy()
+                args,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "MESH_CREDS": str(_cp_creds(server))},
             )
 
     def status(self) -> dict[str, Any] | None:

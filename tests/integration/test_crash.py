@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh.broker import NatsServer
 from mesh.faults import CRASH_POINTS
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import issue_agent_creds
 from tests.integration._harness import (
     AgentProcess,
     ErpLoad,
@@ -35,8 +36,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.crash, pytest.mark.timeout(24
 KILLS_PER_TARGET = 4
 
 
-def _setup(tmp: Path) -> tuple[NatsServer, Path, Path, AgentProcess, AgentProcess]:
-    server = NatsServer(tmp / "nats")
+def _setup(tmp: Path, security_dir: Path) -> tuple[NatsServer, Path, Path, AgentProcess, AgentProcess]:
+    server = NatsServer(tmp / "nats", security_dir, layout=True)
     erp, crm = tmp / "erp.db", tmp / "crm.db"
     make_erp(erp)
     make_crm(crm)
@@ -44,7 +45,8 @@ def _setup(tmp: Path) -> tuple[NatsServer, Path, Path, AgentProcess, AgentProces
     for name, system, kw in (("erp-agent", "erp", {"source": erp}), ("crm-agent", "crm", {"sink": crm})):
         cfg = tmp / f"{name}.toml"
         cfg.write_text(agent_toml(name=name, system=system, state=tmp / "state" / name,
-                                  url=server.url, **kw))  # type: ignore[arg-type]  # fmt: skip
+                                  url=server.url, creds=tmp / f"{name}.creds", **kw))  # type: ignore[arg-type]  # fmt: skip
+        issue_agent_creds(cfg, security_dir)
         procs.append(AgentProcess(cfg, tmp / f"{name}.log"))
     return server, erp, crm, procs[0], procs[1]
 
@@ -54,10 +56,10 @@ def _setup(tmp: Path) -> tuple[NatsServer, Path, Path, AgentProcess, AgentProces
     [["source"], ["sink"], ["broker"], ["source", "sink", "broker"]],
     ids=["source", "sink", "broker", "all"],
 )
-def test_sigkill_during_sync(tmp_path: Path, targets: list[str]) -> None:
+def test_sigkill_during_sync(tmp_path: Path, security_dir: Path, targets: list[str]) -> None:
     seed = int(os.environ.get("MESH_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    server, erp, crm, source, sink = _setup(tmp_path)
+    server, erp, crm, source, sink = _setup(tmp_path, security_dir)
     load = ErpLoad(erp, seed=seed)
     load.insert(3000)
     # Waits long enough that agents are past start-up and mid-batch when killed.
@@ -98,7 +100,11 @@ def test_sigkill_during_sync(tmp_path: Path, targets: list[str]) -> None:
         wait_until(lambda: rows(erp) == rows(crm), 90, "CRM to match ERP after the crashes")
         # Redeliveries of messages applied but not acked before a kill arrive after ack_wait:
         # wait for them, since a double effect would show only then.
-        wait_until(lambda: consumer_settled(server.url, "customers-crm"), 30, "the consumer to settle")
+        wait_until(
+            lambda: consumer_settled(server.url, "customers-crm", server.admin_creds),
+            30,
+            "the consumer to settle",
+        )
         wait_until(lambda: rows(erp) == rows(crm), 10, "CRM to match ERP once settled")
         assert source.alive, f"the source agent died on its own; see {source.log}"
         assert sink.alive, f"the sink agent died on its own; see {sink.log}"
@@ -114,13 +120,13 @@ def test_sigkill_during_sync(tmp_path: Path, targets: list[str]) -> None:
     assert len(rows(crm)) > 1000
 
 
-def test_sigkill_at_every_crash_point(tmp_path: Path) -> None:
+def test_sigkill_at_every_crash_point(tmp_path: Path, security_dir: Path) -> None:
     """Agents SIGKILL themselves inside the windows that matter (after the sink wrote but before
     the inbox recorded, after the PubAck but before the outbox row went, around the capture
     commit); a watchdog restarts them. The result must still be exact."""
     seed = int(os.environ.get("MESH_CRASH_SEED", random.randrange(1 << 30)))
     print(f"seed={seed}")
-    server, erp, crm, source, sink = _setup(tmp_path)
+    server, erp, crm, source, sink = _setup(tmp_path, security_dir)
     load = ErpLoad(erp, seed=seed)
     load.insert(1000)
     faults = {"MESH_CRASH_POINTS": ",".join(f"{p}:0.03" for p in CRASH_POINTS)}
@@ -144,7 +150,11 @@ def test_sigkill_at_every_crash_point(tmp_path: Path) -> None:
             agent.kill()
             agent.start()
         wait_until(lambda: rows(erp) == rows(crm), 90, "CRM to match ERP")
-        wait_until(lambda: consumer_settled(server.url, "customers-crm"), 30, "the consumer to settle")
+        wait_until(
+            lambda: consumer_settled(server.url, "customers-crm", server.admin_creds),
+            30,
+            "the consumer to settle",
+        )
         wait_until(lambda: rows(erp) == rows(crm), 10, "CRM to match ERP once settled")
     finally:
         source.kill()

@@ -30,7 +30,8 @@ import pytest
 
 from adapters.files.runs import RunRecord, read_runs
 from adapters.sql.sqlite import install_change_capture
-from mesh.broker import NatsServer
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import write_agent_config
 from tests.conftest import SHARED_DATA
 from tests.integration._harness import AgentProcess, consumer_settled, wait_until
 
@@ -142,9 +143,11 @@ def target_rows(db: Path) -> list[tuple[object, ...]]:
         ).fetchall()
 
 
-def stream_messages(url: str, stream: str = "MESH_EVENTS") -> int:
+def stream_messages(server: NatsServer, stream: str = "MESH_EVENTS") -> int:
     async def count() -> int:
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+        nc = await nats.connect(
+            server.url, connect_timeout=2, max_reconnect_attempts=1, user_credentials=str(server.admin_creds)
+        )
         try:
             info = await nc.jetstream().stream_info(stream)
         finally:
@@ -155,16 +158,16 @@ def stream_messages(url: str, stream: str = "MESH_EVENTS") -> int:
 
 
 @needs_northwind
-def test_csv_import_survives_sigkill_mid_file(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path / "nats")
+def test_csv_import_survives_sigkill_mid_file(tmp_path: Path, security_dir: Path) -> None:
+    server = NatsServer(tmp_path / "nats", security_dir, layout=True)
     server.start()
     (tmp_path / "inbox").mkdir()
     staged = tmp_path / "order_lines.csv"
     good, bad = make_order_lines(staged)
     checksum = hashlib.sha256(staged.read_bytes()).hexdigest()
     importer_cfg, sink_cfg = tmp_path / "files-agent.toml", tmp_path / "erp-agent.toml"
-    importer_cfg.write_text(importer_toml(tmp_path, server.url))
-    sink_cfg.write_text(sink_toml(tmp_path, server.url))
+    write_agent_config(importer_cfg, importer_toml(tmp_path, server.url), server)
+    write_agent_config(sink_cfg, sink_toml(tmp_path, server.url), server)
     importer = AgentProcess(importer_cfg, tmp_path / "files-agent.log")
     sink = AgentProcess(sink_cfg, tmp_path / "erp-agent.log")
     kills = 0
@@ -201,7 +204,11 @@ def test_csv_import_survives_sigkill_mid_file(tmp_path: Path) -> None:
 
         wait_until(lambda: status() == "complete", 60, "the import to complete")
         wait_until(lambda: len(target_rows(tmp_path / "erp.db")) >= len(good), 60, "every row at the sink")
-        wait_until(lambda: consumer_settled(server.url, "order-lines-erp"), 30, "the consumer to settle")
+        wait_until(
+            lambda: consumer_settled(server.url, "order-lines-erp", server.admin_creds),
+            30,
+            "the consumer to settle",
+        )
     finally:
         importer.terminate()
         sink.terminate()
@@ -211,7 +218,7 @@ def test_csv_import_survives_sigkill_mid_file(tmp_path: Path) -> None:
     assert len(rows) == len(good)
     expected = [(r[0], int(r[1]), r[2], r[3], r[4], r[5], int(r[6]), r[7]) for r in good]
     assert rows == expected  # "000123" stays a string, decimals stay their exact text
-    assert stream_messages(server.url) == len(good)  # one event per row: no re-read with another id
+    assert stream_messages(server) == len(good)  # one event per row: no re-read with another id
     server.stop()
 
     [run] = read_runs(tmp_path / "s-files" / "order-lines.db")
@@ -316,18 +323,18 @@ def customers(db: Path) -> dict[str, dict[str, str]]:
 
 
 @needs_northwind
-def test_sqlite_changes_export_to_csv_files_exactly_once(tmp_path: Path) -> None:
+def test_sqlite_changes_export_to_csv_files_exactly_once(tmp_path: Path, security_dir: Path) -> None:
     erp = tmp_path / "erp.db"
     with closing(sqlite3.connect(erp)) as c:
         c.execute("PRAGMA journal_mode=WAL")
         c.executescript(CUSTOMERS)
     anyio.run(lambda: install_change_capture(erp, "customers"))
     (tmp_path / "out").mkdir()
-    server = NatsServer(tmp_path / "nats")
+    server = NatsServer(tmp_path / "nats", security_dir, layout=True)
     server.start()
     exporter_cfg, source_cfg = tmp_path / "export-agent.toml", tmp_path / "erp-agent.toml"
-    exporter_cfg.write_text(exporter_toml(tmp_path, server.url))
-    source_cfg.write_text(source_toml(tmp_path, server.url))
+    write_agent_config(exporter_cfg, exporter_toml(tmp_path, server.url), server)
+    write_agent_config(source_cfg, source_toml(tmp_path, server.url), server)
     exporter = AgentProcess(exporter_cfg, tmp_path / "export-agent.log")
     source = AgentProcess(source_cfg, tmp_path / "erp-agent.log")
     state = tmp_path / "s-export" / "customers-export.db"

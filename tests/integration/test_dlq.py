@@ -20,12 +20,14 @@ from typer import Typer
 from typer.testing import CliRunner, Result
 
 from agents.connector import ConnectorAgent
-from mesh.broker import NatsServer, free_port
+from mesh.broker import free_port
 from mesh.cli.dlq import app as dlq_app
 from mesh.cli.flow import app as flow_app
 from mesh.config import parse_agent_config
 from mesh.dlq import DLQ_HEADERS
 from mesh.metrics import Metrics
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_agent
 from tests.integration._harness import (
     WRITE_LOG,
     ErpLoad,
@@ -70,9 +72,11 @@ COMMIT;
 
 
 async def cli(app: Typer, *args: str, server: NatsServer | str, stdin: str | None = None) -> Result:
-    """Run a command of ``app`` in a worker thread (it runs its own event loop)."""
+    """Run a command of ``app`` in a worker thread (it runs its own event loop), as the admin
+    (``MESH_CREDS``)."""
     url = server if isinstance(server, str) else server.url
-    invoke = functools.partial(runner.invoke, app, [*args, "--server", url], input=stdin)
+    env = {} if isinstance(server, str) else {"MESH_CREDS": str(server.admin_creds)}
+    invoke = functools.partial(runner.invoke, app, [*args, "--server", url], input=stdin, env=env)
     result = await anyio.to_thread.run_sync(invoke)
     assert "Traceback" not in result.output, result.output
     return result
@@ -93,8 +97,8 @@ async def running(*agents: ConnectorAgent) -> AsyncIterator[None]:
         tg.cancel_scope.cancel()
 
 
-async def stream_count(url: str, stream: str) -> int:
-    nc = await nats.connect(url)
+async def stream_count(server: NatsServer, stream: str) -> int:
+    nc = await nats.connect(server.url, user_credentials=str(server.admin_creds))
     try:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:
@@ -112,8 +116,8 @@ async def wait_for(what: str, predicate: object, timeout: float = 15) -> None:
             await anyio.sleep(0.1)
 
 
-async def consumer_settled(url: str, durable: str = "customers-crm") -> bool:
-    nc = await nats.connect(url)
+async def consumer_settled(server: NatsServer, durable: str = "customers-crm") -> bool:
+    nc = await nats.connect(server.url, user_credentials=str(server.admin_creds))
     try:
         info = await nc.jetstream().consumer_info("MESH_EVENTS", durable)
     finally:
@@ -130,12 +134,17 @@ def writes(db: Path, key: str) -> tuple[int, int]:
 
 
 def agents(tmp: Path, server: NatsServer, erp: Path, crm: Path) -> tuple[ConnectorAgent, ConnectorAgent]:
-    erp_cfg = agent_toml(name="erp-agent", system="erp", state=tmp / "s-erp", url=server.url, source=erp)
-    crm_cfg = agent_toml(name="crm-agent", system="crm", state=tmp / "s-crm", url=server.url, sink=crm)
-    return (
-        ConnectorAgent(parse_agent_config(erp_cfg), metrics=Metrics()),
-        ConnectorAgent(parse_agent_config(crm_cfg), metrics=Metrics()),
-    )
+    erp_cfg = parse_agent_config(agent_toml(
+        name="erp-agent", system="erp", state=tmp / "s-erp", url=server.url, source=erp,
+        creds=tmp / "erp-agent.creds",
+    ))  # fmt: skip
+    crm_cfg = parse_agent_config(agent_toml(
+        name="crm-agent", system="crm", state=tmp / "s-crm", url=server.url, sink=crm,
+        creds=tmp / "crm-agent.creds",
+    ))  # fmt: skip
+    secure_agent(erp_cfg, server)
+    secure_agent(crm_cfg, server)
+    return ConnectorAgent(erp_cfg, metrics=Metrics()), ConnectorAgent(crm_cfg, metrics=Metrics())
 
 
 async def test_rejected_record_is_listed_shown_then_fixed_and_replayed_once(
@@ -154,11 +163,10 @@ async def test_rejected_record_is_listed_shown_then_fixed_and_replayed_once(
                 for i in range(1, 8)
             ],
         )
-    url = nats_server.url
     erp_agent, crm_agent = agents(tmp_path, nats_server, erp, crm)
     async with running(erp_agent, crm_agent):
         await wait_for("6 rows and 1 dead letter", lambda: len(rows(crm)) == 6)
-        await wait_for("the dead letter", lambda: stream_count(url, "MESH_DLQ"))
+        await wait_for("the dead letter", lambda: stream_count(nats_server, "MESH_DLQ"))
         assert [r[0] for r in rows(crm)] == [1, 2, 3, 4, 5, 7]
 
         # list, with every filter matching and not matching
@@ -207,10 +215,10 @@ async def test_rejected_record_is_listed_shown_then_fixed_and_replayed_once(
         # fix the cause, then replay: --keep twice (the second is a duplicate inside the window)
         with sqlite3.connect(crm) as c:
             c.executescript(RELAX_CHECK + WRITE_LOG)
-        events = await stream_count(url, "MESH_EVENTS")
+        events = await stream_count(nats_server, "MESH_EVENTS")
         dry = await cli(dlq_app, "replay", "--dry-run", server=nats_server)
         assert "would replay 1 entry" in dry.output
-        assert await stream_count(url, "MESH_EVENTS") == events
+        assert await stream_count(nats_server, "MESH_EVENTS") == events
         kept = await cli(dlq_app, "replay", str(seq), "--keep", server=nats_server)
         assert kept.exit_code == 0, kept.output
         assert "replayed 1, failed 0, skipped 0; kept in the DLQ" in kept.output
@@ -219,11 +227,11 @@ async def test_rejected_record_is_listed_shown_then_fixed_and_replayed_once(
         assert "replayed 1 (1 already stored inside the duplicate window)" in again.output
         done = await cli(dlq_app, "replay", "--error", "RejectedRecord", server=nats_server)
         assert "1 deleted from MESH_DLQ" in done.output
-        assert await stream_count(url, "MESH_EVENTS") == events + 1  # stored once
-        assert await stream_count(url, "MESH_DLQ") == 0
+        assert await stream_count(nats_server, "MESH_EVENTS") == events + 1  # stored once
+        assert await stream_count(nats_server, "MESH_DLQ") == 0
         nothing = await cli(dlq_app, "replay", server=nats_server)
         assert "nothing to replay" in nothing.output
-        await wait_for("the sink to settle", lambda: consumer_settled(url))
+        await wait_for("the sink to settle", lambda: consumer_settled(nats_server))
         await anyio.sleep(0.3)
     assert rows(crm) == rows(erp)
     assert writes(crm, "6") == (1, 1)  # applied exactly once
@@ -237,7 +245,7 @@ async def test_purge_removes_only_what_the_filters_match(tmp_path: Path, nats_se
     assert "does not exist yet" in missing.output
     assert json.loads((await cli(dlq_app, "list", "--json", server=nats_server)).output) == []
 
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
     js = nc.jetstream()
     await js.add_stream(name="MESH_DLQ", subjects=["dlq.>"])
     await js.add_stream(name="MESH_EVENTS", subjects=["evt.>"])
@@ -304,7 +312,6 @@ async def test_flow_replay_redelivers_everything_and_changes_nothing(
     load.insert(200)
     load.update(80)
     load.delete(20)
-    url = nats_server.url
     erp_agent, crm_agent = agents(tmp_path, nats_server, erp, crm)
     metrics = crm_agent.metrics.registry
 
@@ -323,8 +330,8 @@ async def test_flow_replay_redelivers_everything_and_changes_nothing(
 
     async with running(erp_agent, crm_agent):
         await wait_for("sync", lambda: rows(erp) == rows(crm), timeout=30)
-        await wait_for("the sink to settle", lambda: consumer_settled(url))
-        events = await stream_count(url, "MESH_EVENTS")
+        await wait_for("the sink to settle", lambda: consumer_settled(nats_server))
+        events = await stream_count(nats_server, "MESH_EVENTS")
         assert events >= 180
         before_rows, before_logs = rows(crm), log_sizes()
         applied, duplicates = consumed("applied"), consumed("duplicate")
@@ -335,7 +342,7 @@ async def test_flow_replay_redelivers_everything_and_changes_nothing(
         assert "redelivering from stream seq 1" in result.output
         assert "now pending: " in result.output
         await wait_for("every event again", lambda: consumed("duplicate") >= duplicates + events)
-        await wait_for("the sink to settle", lambda: consumer_settled(url))
+        await wait_for("the sink to settle", lambda: consumer_settled(nats_server))
 
         since = await cli(
             flow_app, "replay", "customers", "--since", "1h", "--sink-system", "crm", server=nats_server
@@ -343,7 +350,7 @@ async def test_flow_replay_redelivers_everything_and_changes_nothing(
         assert since.exit_code == 0, since.output
         assert "redelivering from stream seq 1 (first message since" in since.output
         await wait_for("every event a third time", lambda: consumed("duplicate") >= duplicates + 2 * events)
-        await wait_for("the sink to settle", lambda: consumer_settled(url))
+        await wait_for("the sink to settle", lambda: consumer_settled(nats_server))
 
         ahead = await cli(flow_app, "replay", "customers", "--from-seq", "5000", server=nats_server)
         assert ahead.exit_code == 0

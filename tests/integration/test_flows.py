@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mesh.broker import NatsServer, free_port
+from mesh.broker import free_port
 from mesh.cli import (
     agent_cp as cli_agent_cp,
 )
@@ -31,6 +31,8 @@ from mesh.cli import (
     flow as cli_flow,
 )
 from mesh.readiness import NotReady, wait_ready
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import admin_creds, secure_agent
 from tests.integration._harness import (
     AgentProcess,
     ErpLoad,
@@ -47,6 +49,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 runner = CliRunner()
 
+# Until the control plane issues each registered agent its JWT (enrollment: `meshctl agent token
+# create`, `meshctl agent register --token`, re-issued on every assignment change), agents whose
+# flows the control plane assigns connect with the admin creds here; the operator CLI always does.
+
+
+@pytest.fixture(autouse=True)
+def _admin_cli(security_dir: Path) -> Iterator[None]:
+    """Every `meshctl` command of this module runs as the admin (MESH_CREDS)."""
+    runner.env = {"MESH_CREDS": str(admin_creds(security_dir))}
+    yield
+    runner.env = {}
+
 
 def _cli(app: object, *args: str, code: int = 0) -> str:
     result = runner.invoke(app, list(args))  # type: ignore[arg-type]
@@ -56,7 +70,7 @@ def _cli(app: object, *args: str, code: int = 0) -> str:
     return out
 
 
-def _agent_config(path: Path, name: str, system: str, url: str, *, adapters: str = "") -> Path:
+def _agent_config(path: Path, name: str, system: str, url: str, creds: Path, *, adapters: str = "") -> Path:
     path.write_text(
         f"""
 log_level = "info"
@@ -70,6 +84,8 @@ shutdown_grace = 5.0
 [nats]
 servers = ["{url}"]
 request_timeout = 2.0
+creds = "{creds}"
+inbox_prefix = "_INBOX.{name}"
 """
     )
     return path
@@ -113,6 +129,7 @@ def control_plane(nats_server: NatsServer, tmp_path: Path) -> Iterator[str]:
         [sys.executable, "-m", "mesh", "control-plane", "run", "--nats", nats_server.url,
          "--http", f"127.0.0.1:{port}", "--name", "cp1", "--stale-after", "3", "--lost-after", "6"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MESH_CREDS": str(nats_server.security_dir / "creds" / "control-plane.creds")},
     )  # fmt: skip
     try:
         try:
@@ -169,8 +186,8 @@ def test_apply_pause_resume_reconfigure_drain_delete(
     erp_db, crm_db = tmp_path / "erp.db", tmp_path / "crm.db"
     make_erp(erp_db)
     make_crm(crm_db)
-    erp_cfg = _agent_config(tmp_path / "erp-agent.toml", "erp-agent", "erp", url)
-    crm_cfg = _agent_config(tmp_path / "crm-agent.toml", "crm-agent", "crm", url)
+    erp_cfg = _agent_config(tmp_path / "erp-agent.toml", "erp-agent", "erp", url, nats_server.admin_creds)
+    crm_cfg = _agent_config(tmp_path / "crm-agent.toml", "crm-agent", "crm", url, nats_server.admin_creds)
     _cli(cli_agent_cp.app, "register", "--config", str(erp_cfg), "--control-plane", url)
     _cli(
         cli_agent_cp.app, "register", "--config", str(crm_cfg), "--adapter", "sqlite", "--control-plane", url
@@ -333,13 +350,28 @@ def test_agent_commands_and_unknown_targets(
     make_crm(crm_db)
     erp_cfg = tmp_path / "erp.toml"
     erp_cfg.write_text(
-        agent_toml(name="erp-agent", system="erp", state=tmp_path / "es", url=url, source=erp_db)
+        agent_toml(
+            name="erp-agent",
+            system="erp",
+            state=tmp_path / "es",
+            url=url,
+            source=erp_db,
+            creds=tmp_path / "erp-agent.creds",
+        )
     )
     crm_cfg = tmp_path / "crm.toml"
     crm_cfg.write_text(
-        agent_toml(name="crm-agent", system="crm", state=tmp_path / "cs", url=url, sink=crm_db)
+        agent_toml(
+            name="crm-agent",
+            system="crm",
+            state=tmp_path / "cs",
+            url=url,
+            sink=crm_db,
+            creds=tmp_path / "crm-agent.creds",
+        )
     )
-    for cfg in (erp_cfg, crm_cfg):
+    for cfg in (erp_cfg, crm_cfg):  # their own flows: their own least-privilege creds
+        secure_agent(cfg, nats_server)
         _cli(cli_agent_cp.app, "register", "--config", str(cfg), "--control-plane", url)
     agents = [AgentProcess(erp_cfg, tmp_path / "erp.log"), AgentProcess(crm_cfg, tmp_path / "crm.log")]
     for a in agents:

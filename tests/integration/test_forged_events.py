@@ -10,9 +10,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from mesh.broker import NatsServer
 from mesh.cli.dlq import app as dlq_app
 from mesh.envelope import Envelope, encode, encode_payload, envelope_id
+from tests._secure import SecuredNatsServer as NatsServer
 from tests.integration._harness import rows
 from tests.integration.test_dlq import cli, listed, stream_count, wait_for
 from tests.integration.test_sync import Mesh, running
@@ -35,16 +35,27 @@ async def test_forged_events_are_dead_lettered_and_never_reach_the_target(
     mesh.load.insert(5)
     async with running(mesh.agent("erp"), mesh.agent("crm")):
         await mesh.wait_synced()
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
+        # a compromised ERP agent: its own creds may publish its origin, with any version
+        nc = await nats.connect(
+            nats_server.url,
+            user_credentials=str(tmp_path / "erp-agent.creds"),
+            inbox_prefix="_INBOX.erp-agent",
+        )
         huge = forged("3", 2**62)  # would lock key 3 against every later ERP change
-        await js.publish("evt.customer.upserted.erp", encode(huge), headers={"Nats-Msg-Id": huge.id})
+        await nc.jetstream().publish(
+            "evt.customer.upserted.erp", encode(huge), headers={"Nats-Msg-Id": huge.id}
+        )
+        await nc.close()
+        # another system's identity claiming the ERP in the envelope (the admin stands in for it)
+        nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
         spoofed = forged("4", 10, origin="erp")  # claims the ERP, arrives from "billing"
-        await js.publish("evt.customer.upserted.billing", encode(spoofed), headers={"Nats-Msg-Id": "s-1"})
+        await nc.jetstream().publish(
+            "evt.customer.upserted.billing", encode(spoofed), headers={"Nats-Msg-Id": "s-1"}
+        )
         await nc.close()
 
         async def two_dead_letters() -> bool:
-            return await stream_count(nats_server.url, "MESH_DLQ") >= 2
+            return await stream_count(nats_server, "MESH_DLQ") >= 2
 
         await wait_for("two dead letters", two_dead_letters)
         mesh.load.update(5)  # every key, 3 and 4 included: the real changes still apply

@@ -17,12 +17,12 @@ import pytest
 
 from agents.connector import ConnectorAgent
 from agents.control_plane import ControlPlane
-from mesh.broker import NatsServer
-from mesh.config import parse_agent_config
 from mesh.controlplane.settings import settings_from
 from mesh.endpoint import AgentEndpoint
 from mesh.metrics import Metrics
 from mesh.readiness import probe
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config
 from tests.integration._harness import agent_toml, make_crm, make_erp
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(90)]
@@ -61,10 +61,18 @@ def _insert(erp: Path, key: int, name: str) -> None:
         c.execute("INSERT INTO customers (id, name) VALUES (?, ?)", (key, name))
 
 
+def _cp_creds(server: NatsServer) -> str:
+    return str(server.security_dir / "creds" / "control-plane.creds")
+
+
 @asynccontextmanager
 async def _mesh(server: NatsServer, tmp: Path, erp: Path, crm: Path) -> AsyncIterator[dict[str, Any]]:
     settings = settings_from(
-        {"name": "cp1", "nats": {"servers": [server.url], "request_timeout": 2.0}, "http_port": 0}
+        {
+            "name": "cp1",
+            "nats": {"servers": [server.url], "request_timeout": 2.0, "creds": _cp_creds(server)},
+            "http_port": 0,
+        }
     )
     cp = ControlPlane(settings, heal_every=3600)  # heals on demand only: the 503 stays visible
     url = server.url
@@ -72,7 +80,12 @@ async def _mesh(server: NatsServer, tmp: Path, erp: Path, crm: Path) -> AsyncIte
         agent_toml(name="erp-agent", system="erp", state=tmp / "s-erp", url=url, source=erp, extra=NO_MANAGE),
         agent_toml(name="crm-agent", system="crm", state=tmp / "s-crm", url=url, sink=crm, extra=NO_MANAGE),
     ]
-    agents = [ConnectorAgent(parse_agent_config(c), metrics=Metrics(), stream_check_every=0.2) for c in cfgs]
+    agents = [
+        ConnectorAgent(
+            secure_config(c, tmp / f"agent-{i}.creds", server), metrics=Metrics(), stream_check_every=0.2
+        )
+        for i, c in enumerate(cfgs)
+    ]
     endpoints = [AgentEndpoint(a.metrics.registry, a.readiness, "127.0.0.1", 0) for a in agents]
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(20):
@@ -104,7 +117,7 @@ async def test_deleted_stream_and_bucket_make_readyz_503_then_heal_and_delivery_
         _insert(erp, 1, "before")
         await _delivered(crm, 1, "before")
 
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
         try:
             js = nc.jetstream()
             await js.delete_stream("MESH_EVENTS")
@@ -130,12 +143,17 @@ async def test_deleted_stream_and_bucket_make_readyz_503_then_heal_and_delivery_
 
 
 async def test_the_control_plane_heals_a_missing_stream_and_bucket_by_itself(nats_server: NatsServer) -> None:
-    settings = settings_from({"name": "cp1", "nats": {"servers": [nats_server.url], "request_timeout": 2.0}})
+    settings = settings_from(
+        {
+            "name": "cp1",
+            "nats": {"servers": [nats_server.url], "request_timeout": 2.0, "creds": _cp_creds(nats_server)},
+        }
+    )
     cp = ControlPlane(settings, heal_every=0.2)
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(20):
             await tg.start(lambda task_status: cp.run(task_status=task_status))
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
         try:
             js = nc.jetstream()
             kv = await js.key_value("mesh_assign")

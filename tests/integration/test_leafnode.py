@@ -6,17 +6,19 @@ Both servers run from the files ``meshctl leafnode config`` writes, on random lo
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from mesh.broker import NatsServer
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.errors import ConfigError
 from mesh.leafnode import check_nats_config, edge_source_status, ensure_domain_source, ensure_edge_sourcing
 from mesh.transport import EVENTS_STREAM, JetStream, OutMessage
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import create_layout, issue_agent_creds
 from tests.integration._harness import (
     AgentProcess,
     ErpLoad,
@@ -44,10 +46,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 @pytest.mark.parametrize("outage", ["wan-cut", "hub-crash"])
-def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) -> None:
+def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, security_dir: Path, outage: str) -> None:
     """``wan-cut``: the link between leaf and hub drops while both servers and the cloud agent
     stay up. ``hub-crash``: the hub is SIGKILLed and restarted on the same port and store."""
-    topo = make_topology(tmp_path)
+    topo = make_topology(tmp_path, security_dir)
+    admin = topo.admin_creds
     hub, leaf, link = topo.hub, topo.leaf, topo.link
     assert topo.edge_url == leaf.url  # the agents' fragment points at the local leaf
     erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
@@ -61,10 +64,11 @@ def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) ->
     ):
         cfg = tmp_path / f"{name}.toml"
         cfg.write_text(agent_toml(name=name, system=system, state=tmp_path / "state" / name,
-                                  url=url, **kw))  # type: ignore[arg-type]  # fmt: skip
+                                  url=url, creds=tmp_path / f"{name}.creds", **kw))  # type: ignore[arg-type]  # fmt: skip
+        issue_agent_creds(cfg, security_dir)
         agents.append(AgentProcess(cfg, tmp_path / f"{name}.log"))
     source, sink = agents
-    watcher = LinkWatcher(hub.url, tmp_path / "link-watch.log")
+    watcher = LinkWatcher(hub.url, tmp_path / "link-watch.log", admin)
     load = ErpLoad(erp, seed=7)
     stop = threading.Event()
 
@@ -79,21 +83,27 @@ def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) ->
         leaf.start()
         wait_until(lambda: leaf_connected(hub), 15, "the leaf node to connect to the hub")
         # Linked before any edge agent created the leaf's stream: the hub waits for it.
-        code, out, err = meshctl_leafnode("link", "--domain", EDGE, "--server", hub.url, "--wait", "0")
+        code, out, err = meshctl_leafnode(
+            "link", "--domain", EDGE, "--server", hub.url, "--wait", "0", "--creds", str(admin)
+        )
         assert code == 0, err
         assert "now sources" in out
         assert "not active yet" in err
+        # The site's operator creates the leaf's streams (edge agents only check them).
+        create_layout(NatsConfig(servers=[leaf.url], creds=str(admin)))
         watcher.start()
         source.start()
         sink.start()
         load.insert(300)
         wait_until(lambda: rows(erp) == rows(crm), 30, "the first rows to reach the CRM through the hub")
-        code, out, err = meshctl_leafnode("link", "--domain", EDGE, "--server", hub.url, "--wait", "5")
+        code, out, err = meshctl_leafnode(
+            "link", "--domain", EDGE, "--server", hub.url, "--wait", "5", "--creds", str(admin)
+        )
         assert code == 0, err
         assert "already sources" in out  # idempotent
         assert "source active" in out
         # The sink agent's ensure_streams updated the hub stream: its source must have survived.
-        sources = stream_info(hub.url)["config"]["sources"]  # type: ignore[index]
+        sources = stream_info(hub.url, admin)["config"]["sources"]  # type: ignore[index]
         assert [s["external"]["api"] for s in sources] == [f"$JS.{EDGE}.API"]
 
         # --- the outage ---------------------------------------------------------------------
@@ -102,7 +112,7 @@ def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) ->
             wait_until(lambda: not leaf_connected(hub), 10, "the hub to see the leaf gone")
         else:
             hub.kill()
-        before = stream_messages(leaf.url)
+        before = stream_messages(leaf.url, admin)
         crm_before = rows(crm)
         loader = threading.Thread(target=drive, daemon=True)
         loader.start()
@@ -112,7 +122,7 @@ def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) ->
         load.insert(200)
         # The edge kept working: everything captured went from its outbox into the leaf.
         wait_until(lambda: outbox_depth(edge_state) == 0, 20, "the edge outbox to drain into the leaf")
-        during = stream_messages(leaf.url)
+        during = stream_messages(leaf.url, admin)
         assert during >= before + 200, f"leaf stream grew from {before} to {during} only"
         assert rows(crm) == crm_before, "the CRM changed during the outage"
         assert rows(erp) != crm_before
@@ -124,9 +134,11 @@ def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) ->
         else:
             hub.start()
         wait_until(lambda: rows(erp) == rows(crm), 45, "the CRM to catch up after the outage")
-        wait_until(lambda: consumer_settled(hub.url, "customers-crm"), 30, "the consumer to settle")
+        wait_until(lambda: consumer_settled(hub.url, "customers-crm", admin), 30, "the consumer to settle")
         # Every event of the leaf is in the hub exactly once (the sourcing resumed where it was).
-        wait_until(lambda: stream_messages(hub.url) == stream_messages(leaf.url), 10, "hub == leaf")
+        wait_until(
+            lambda: stream_messages(hub.url, admin) == stream_messages(leaf.url, admin), 10, "hub == leaf"
+        )
         assert rows(erp) == rows(crm)
         assert source.alive, f"the edge agent died; see {source.log}"
         assert sink.alive, f"the cloud agent died; see {sink.log}"
@@ -144,10 +156,10 @@ def test_edge_keeps_publishing_through_an_outage(tmp_path: Path, outage: str) ->
 
 
 @pytest.mark.anyio
-async def test_sourcing_is_idempotent_and_survives_ensure_streams(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path / "nats").start()
+async def test_sourcing_is_idempotent_and_survives_ensure_streams(tmp_path: Path, security_dir: Path) -> None:
+    server = NatsServer(tmp_path / "nats", security_dir).start()
     try:
-        async with JetStream(NatsConfig(servers=[server.url], request_timeout=2.0), name="t") as js:
+        async with JetStream(server.nats_config(request_timeout=2.0), name="t") as js:
             streams = StreamsConfig(duplicate_window=60)
             assert await ensure_edge_sourcing(js, "site-a", streams=streams)  # creates the stream
             assert not await ensure_edge_sourcing(js, "site-a")
@@ -216,3 +228,25 @@ def test_config_refuses_to_overwrite_and_files_pass_nats_server_check(tmp_path: 
     broken.write_text('jetstream { sync_interval: "often" }\n')
     with pytest.raises(ConfigError, match="nats-server refused the file"):
         check_nats_config(broken)
+
+
+def test_secured_config_binds_the_link_to_the_mesh_account(tmp_path: Path, security_dir: Path) -> None:
+    argv = ["config", "--hub", "nats-leaf://hub.example.com", "--domain", "edge", "--store-dir",
+            str(tmp_path / "js"), "--out", str(tmp_path / "out"),
+            "--security-dir", str(security_dir)]  # fmt: skip
+    code, _, err = meshctl_leafnode(*argv)
+    assert code == 2
+    assert "--security-dir needs --credentials" in err
+    creds = tmp_path / "leaf.creds"
+    code, out, err = meshctl_leafnode(*argv, "--credentials", str(creds))
+    assert code == 0, err
+    assert "meshctl security issue-agent" in out
+    mesh_account = json.loads((security_dir / "security.json").read_text())["mesh_account"]
+    leaf_conf = (tmp_path / "out" / "leaf.conf").read_text()
+    assert f'account: "{mesh_account}"' in leaf_conf
+    assert f'credentials: "{creds}"' in leaf_conf
+    for name in ("leaf.conf", "hub.conf"):
+        text = (tmp_path / "out" / name).read_text()
+        assert "resolver: {" in text
+        assert f"operator: {json.dumps(str(security_dir / 'operator.jwt'))}" in text
+    assert "# creds = " in (tmp_path / "out" / "agent-nats.toml").read_text()

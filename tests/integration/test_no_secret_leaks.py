@@ -23,15 +23,15 @@ from typer.testing import CliRunner
 
 from agents.connector import ConnectorAgent
 from agents.control_plane import ControlPlane
-from mesh.broker import NatsServer
 from mesh.cli import flow as cli_flow
-from mesh.config import NatsConfig, parse_agent_config
+from mesh.config import parse_agent_config
 from mesh.controlplane.audit import tail
 from mesh.controlplane.client import ControlPlaneClient, register_agent
 from mesh.controlplane.identity import save_credentials
 from mesh.controlplane.models import Manifest
 from mesh.controlplane.settings import settings_from
 from mesh.transport import JetStream
+from tests._secure import SecuredNatsServer as NatsServer
 from tests.fakes.crm_api import serve_crm_api
 from tests.integration._harness import make_erp
 
@@ -41,7 +41,9 @@ TOKEN = "tok-9f3aQ-LEAKCHECK-bearer"
 API_KEY = "key-77c1Z-LEAKCHECK-header"
 
 
-def _agent_toml(name: str, system: str, state: Path, url: str, allowed: Path) -> str:
+def _agent_toml(name: str, system: str, state: Path, url: str, allowed: Path, creds: Path) -> str:
+    # the control plane assigns these agents their flows: until it issues each one its JWT at
+    # registration (enrollment), they connect as the admin
     return f"""
 [agent]
 name = "{name}"
@@ -52,6 +54,7 @@ heartbeat_interval = 0.5
 [nats]
 servers = ["{url}"]
 request_timeout = 2.0
+creds = "{creds}"
 """
 
 
@@ -112,7 +115,8 @@ async def test_no_secret_in_kv_flow_get_status_audit_dlq_or_logs(
         state.mkdir(mode=0o700)
     (states["crm-agent"] / "crm.token").write_text(TOKEN + "\n")
     settings = settings_from({
-        "name": "cp1", "nats": {"servers": [url], "request_timeout": 2.0}, "http_port": 0,
+        "name": "cp1", "nats": {"servers": [url], "request_timeout": 2.0,
+                 "creds": str(nats_server.security_dir / "creds" / "control-plane.creds")}, "http_port": 0,
         "sweep_interval": 0.2, "health": {"stale_after": 5.0, "lost_after": 10.0},
     })  # fmt: skip
     cp = ControlPlane(settings)
@@ -124,7 +128,7 @@ async def test_no_secret_in_kv_flow_get_status_audit_dlq_or_logs(
         with anyio.fail_after(15):
             await tg.start(lambda task_status: cp.run(task_status=task_status))
             await cp.lease.wait(leader=True)  # type: ignore[union-attr]
-        async with JetStream(NatsConfig(servers=[url], request_timeout=2.0), name="test") as js:
+        async with JetStream(nats_server.nats_config(request_timeout=2.0), name="test") as js:
             client = ControlPlaneClient(js, timeout=5)
             agents = {}
             for (name, state), system in zip(states.items(), ("erp", "crm"), strict=True):
@@ -135,7 +139,9 @@ async def test_no_secret_in_kv_flow_get_status_audit_dlq_or_logs(
                     client, name=name, site="s", state_dir=str(state), manifest=manifest, current=None
                 )
                 save_credentials(state, creds)
-                cfg = parse_agent_config(_agent_toml(name, system, state, url, tmp_path), base=tmp_path)
+                cfg = parse_agent_config(
+                    _agent_toml(name, system, state, url, tmp_path, nats_server.admin_creds), base=tmp_path
+                )
                 agents[name] = ConnectorAgent(cfg)
                 await tg.start(agents[name].run)
             applied = await client.apply_flows(_flow_file(erp_db, api.url), source="flows.toml")
@@ -151,7 +157,7 @@ async def test_no_secret_in_kv_flow_get_status_audit_dlq_or_logs(
                     await anyio.sleep(0.1)
             assert api.record("customers", "1") is not None  # the token did authenticate
 
-            nc = await nats.connect(url)
+            nc = await nats.connect(url, user_credentials=str(nats_server.admin_creds))
             try:
                 kv = await nc.jetstream().key_value("mesh_flows")
                 for key in await kv.keys():
@@ -173,7 +179,11 @@ async def test_no_secret_in_kv_flow_get_status_audit_dlq_or_logs(
                     outputs[f"HTTP {path}"] = (await http.get(base + path)).content
 
             def cli(*args: str) -> str:
-                result = CliRunner().invoke(cli_flow.app, [*args, "--control-plane", url])
+                result = CliRunner().invoke(
+                    cli_flow.app,
+                    [*args, "--control-plane", url],
+                    env={"MESH_CREDS": str(nats_server.admin_creds)},
+                )
                 assert result.exit_code == 0, result.output
                 return result.output
 

@@ -16,9 +16,9 @@ import anyio
 import pytest
 
 from agents.connector import ConnectorAgent
-from mesh.broker import NatsServer
-from mesh.config import parse_agent_config
 from tests._pg import PgCluster
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config
 from tests.integration._harness import ErpLoad, agent_toml, make_erp, rows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -128,7 +128,8 @@ async def test_northwind_postgres_to_sqlite(
     with closing(sqlite3.connect(target)) as conn:
         conn.executescript(SQLITE_TARGET)
     erp_toml, crm_toml = northwind_agents(tmp_path, nats_server.url, pg_cluster.dsn(dbname), target)
-    erp, crm = ConnectorAgent(parse_agent_config(erp_toml)), ConnectorAgent(parse_agent_config(crm_toml))
+    erp = ConnectorAgent(secure_config(erp_toml, tmp_path / "erp-agent.creds", nats_server))
+    crm = ConnectorAgent(secure_config(crm_toml, tmp_path / "crm-agent.creds", nats_server))
     try:
         async with running(erp, crm):
             await wait_same(pg_cluster, dbname, target)
@@ -208,10 +209,11 @@ async def test_sqlite_to_postgres(
     make_erp(erp_db)
     load = ErpLoad(erp_db, seed=7)
     load.insert(1500)
-    erp = ConnectorAgent(parse_agent_config(agent_toml(
+    erp = ConnectorAgent(secure_config(agent_toml(
         name="erp-agent", system="erp", state=tmp_path / "s-erp", url=nats_server.url, source=erp_db,
-    )))  # fmt: skip
-    crm = ConnectorAgent(parse_agent_config(pg_crm_toml(tmp_path, nats_server.url, pg_cluster.dsn(pg_db))))
+    ), tmp_path / "erp-agent.creds", nats_server))  # fmt: skip
+    crm_toml = pg_crm_toml(tmp_path, nats_server.url, pg_cluster.dsn(pg_db))
+    crm = ConnectorAgent(secure_config(crm_toml, tmp_path / "crm-agent.creds", nats_server))
 
     def pg_rows() -> list[tuple[Any, ...]]:
         with pg_cluster.connect(pg_db) as db:

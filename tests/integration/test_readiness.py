@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh.broker import NatsServer, free_port
+from mesh.broker import free_port
 from mesh.endpoint import read_endpoint_file
 from mesh.readiness import probe, wait_ready
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import issue_agent_creds
 from tests.integration._harness import AgentProcess, ErpLoad, agent_toml, make_erp, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -67,7 +69,7 @@ class NotifyReceiver:
                         return out
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no {wanted!r} within {timeout}s; got {self._got[self._seen:]}")
+                    raise AssertionError(f"no {wanted!r} within {timeout}s; got {self._got[self._seen :]}")
                 self._cond.wait(left)
 
     def close(self) -> None:
@@ -86,16 +88,20 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifyReceiver]:
 
 
 def test_agent_readiness_follows_nats_and_notifies_systemd(
-    tmp_path: Path, notify_socket: NotifyReceiver
+    tmp_path: Path, security_dir: Path, notify_socket: NotifyReceiver
 ) -> None:
     path = notify_socket.path
-    server = NatsServer(tmp_path / "nats")
+    server = NatsServer(tmp_path / "nats", security_dir, layout=True)
     erp = tmp_path / "erp.db"
     make_erp(erp)
     ErpLoad(erp).insert(50)
     cfg = tmp_path / "erp-agent.toml"
     state = tmp_path / "erp-agent"
-    cfg.write_text(agent_toml(name="erp-agent", system="erp", state=state, url=server.url, source=erp))
+    creds = tmp_path / "erp-agent.creds"
+    cfg.write_text(
+        agent_toml(name="erp-agent", system="erp", state=state, url=server.url, source=erp, creds=creds)
+    )
+    issue_agent_creds(cfg, security_dir)
     agent = AgentProcess(cfg, tmp_path / "erp-agent.log")
     try:
         agent.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}, wait=False)
@@ -135,13 +141,13 @@ def test_agent_readiness_follows_nats_and_notifies_systemd(
 
 
 def test_control_plane_readiness_and_sd_notify(
-    tmp_path: Path, notify_socket: NotifyReceiver
+    tmp_path: Path, security_dir: Path, notify_socket: NotifyReceiver
 ) -> None:
     """`meshctl control-plane run`: /readyz 503 naming what it waits for while NATS is away,
     200 and READY=1 once its signal handlers, NATS link, KV buckets and request handlers are up,
     STOPPING=1 on SIGTERM."""
     path = notify_socket.path
-    server = NatsServer(tmp_path / "nats")
+    server = NatsServer(tmp_path / "nats", security_dir)
     port = free_port()
     log = tmp_path / "cp.log"
     with open(log, "ab") as out:
@@ -149,7 +155,8 @@ def test_control_plane_readiness_and_sd_notify(
             [sys.executable, "-m", "mesh", "control-plane", "run", "--nats", server.url,
              "--http", f"127.0.0.1:{port}", "--name", "cp1"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "NOTIFY_SOCKET": path},
+            env={**os.environ, "NOTIFY_SOCKET": path,
+                 "MESH_CREDS": str(security_dir / "creds" / "control-plane.creds")},
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}/readyz"
     try:

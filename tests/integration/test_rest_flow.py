@@ -14,9 +14,9 @@ import nats
 import pytest
 
 from agents.connector import ConnectorAgent
-from mesh.broker import NatsServer
-from mesh.config import parse_agent_config
 from mesh.metrics import Metrics
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config
 from tests.fakes.crm_api import serve_crm_api
 from tests.integration._harness import ErpLoad, agent_toml, make_erp, rows
 
@@ -69,13 +69,16 @@ async def test_rest_target_misbehaving_for_a_while(
     make_erp(erp_db)
     load = ErpLoad(erp_db, seed=3)
     load.insert(1500)
-    erp = ConnectorAgent(parse_agent_config(agent_toml(
+    erp = ConnectorAgent(secure_config(agent_toml(
         name="erp-agent", system="erp", state=tmp_path / "s-erp", url=nats_server.url, source=erp_db,
-    )))  # fmt: skip
+    ), tmp_path / "erp-agent.creds", nats_server))  # fmt: skip
     metrics = Metrics()
     async with serve_crm_api(tmp_path / "api.db", token=TOKEN) as api:
         crm = ConnectorAgent(
-            parse_agent_config(crm_agent_toml(tmp_path, nats_server.url, api.url)), metrics=metrics
+            secure_config(
+                crm_agent_toml(tmp_path, nats_server.url, api.url), tmp_path / "crm-agent.creds", nats_server
+            ),
+            metrics=metrics,
         )
         async with anyio.create_task_group() as tg:
             await tg.start(erp.run)
@@ -120,7 +123,7 @@ async def test_rest_target_misbehaving_for_a_while(
     for w in writes:  # each (key, version) took effect once
         assert (w.key, w.version, w.op) not in seen, w
         seen.add((w.key, w.version, w.op))
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
     info = await nc.jetstream().stream_info("MESH_DLQ")
     await nc.close()
     assert info.state.messages == 0

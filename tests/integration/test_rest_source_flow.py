@@ -18,9 +18,10 @@ import nats
 import pytest
 
 from agents.connector import ConnectorAgent
-from mesh.broker import NatsServer
-from mesh.config import AgentConfig, parse_agent_config
+from mesh.config import AgentConfig
 from mesh.metrics import Metrics
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config
 from tests.fakes.rest_source_api import OAuthClient, RestSourceApi, serve_rest_source_api
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(120)]
@@ -42,8 +43,10 @@ END;
 """
 
 
-def api_agent(tmp: Path, nats_url: str, api_url: str) -> AgentConfig:
-    return parse_agent_config(f"""
+def api_agent(tmp: Path, server: NatsServer, api_url: str) -> AgentConfig:
+    nats_url = server.url
+    return secure_config(
+        f"""
 [agent]
 name = "api-agent"
 system = "crm"
@@ -83,11 +86,16 @@ type = "oauth2"
 token_url = "{api_url}/oauth/token"
 client_id = "mesh-agent"
 client_secret_env = "API_CLIENT_SECRET"
-""")
+""",
+        tmp / "api-agent.creds",
+        server,
+    )
 
 
-def erp_agent(tmp: Path, nats_url: str) -> AgentConfig:
-    return parse_agent_config(f"""
+def erp_agent(tmp: Path, server: NatsServer) -> AgentConfig:
+    nats_url = server.url
+    return secure_config(
+        f"""
 [agent]
 name = "erp-agent"
 system = "erp"
@@ -109,7 +117,10 @@ adapter = "sqlite"
 path = "{tmp / "target.db"}"
 table = "contacts"
 key = "id"
-""")
+""",
+        tmp / "erp-agent.creds",
+        server,
+    )
 
 
 def target_rows(db: Path) -> dict[str, tuple[Any, ...]]:
@@ -152,14 +163,14 @@ async def test_rest_api_to_sqlite_through_misbehaviour_and_a_restart(
         api.unfreeze()
         for i in range(121, 201):
             api.put("contacts", i, name=f"c{i}", email=f"c{i}@example.com")
-        erp = ConnectorAgent(erp_agent(tmp_path, nats_server.url))
+        erp = ConnectorAgent(erp_agent(tmp_path, nats_server))
         async with anyio.create_task_group() as tg:
             await tg.start(erp.run)
 
             async def run_api_agent(
                 metrics: Metrics, done: anyio.Event, *, task_status: Any = anyio.TASK_STATUS_IGNORED
             ) -> None:
-                agent = ConnectorAgent(api_agent(tmp_path, nats_server.url, api.url), metrics=metrics)
+                agent = ConnectorAgent(api_agent(tmp_path, nats_server, api.url), metrics=metrics)
                 try:
                     async with anyio.create_task_group() as inner:
                         await inner.start(agent.run)
@@ -212,7 +223,7 @@ async def test_rest_api_to_sqlite_through_misbehaviour_and_a_restart(
     for key, version in log:  # each version took effect once, in order
         assert version > last.get(key, -1), f"key {key}: version {version} after {last.get(key)}"
         last[key] = version
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
     try:
         js = nc.jetstream()
         events = (await js.stream_info("MESH_EVENTS")).state.messages

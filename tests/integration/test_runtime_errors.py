@@ -21,9 +21,7 @@ from typer.testing import CliRunner
 from agents.connector import ConnectorAgent
 from agents.control_plane import ControlPlane
 from mesh.actors import Backoff
-from mesh.broker import NatsServer
 from mesh.cli import agent_cp as cli_agent_cp
-from mesh.config import NatsConfig, parse_agent_config
 from mesh.controlplane.client import ControlPlaneClient, register_agent
 from mesh.controlplane.identity import save_credentials
 from mesh.controlplane.models import Manifest
@@ -31,6 +29,8 @@ from mesh.controlplane.settings import settings_from
 from mesh.metrics import Metrics
 from mesh.transport import JetStream
 from tests._pg import PASSWORD, PASSWORD_ROLE, PgCluster
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config
 from tests.integration._harness import CUSTOMERS, agent_toml, make_erp
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(90)]
@@ -46,14 +46,19 @@ def _fast_heartbeats(toml: str) -> str:
 @asynccontextmanager
 async def _mesh(server: NatsServer, tmp: Path, *tomls: str) -> AsyncIterator[list[ConnectorAgent]]:
     """A control plane and the agents of ``tomls``, registered (so they send heartbeats)."""
-    settings = settings_from({"name": "cp1", "nats": {"servers": [server.url], "request_timeout": 2.0}})
+    cp_creds = str(server.security_dir / "creds" / "control-plane.creds")
+    settings = settings_from(
+        {"name": "cp1", "nats": {"servers": [server.url], "request_timeout": 2.0, "creds": cp_creds}}
+    )
     cp = ControlPlane(settings)
-    cfgs = [parse_agent_config(_fast_heartbeats(t)) for t in tomls]
+    # Registered, with their static flows: each its own least-privilege creds (heartbeats go to
+    # <prefix>.heartbeat.<its name>, which its permissions allow).
+    cfgs = [secure_config(_fast_heartbeats(t), tmp / f"agent-{i}.creds", server) for i, t in enumerate(tomls)]
     agents = [ConnectorAgent(c, metrics=Metrics(), config_retry=FAST_RETRY) for c in cfgs]
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(20):
             await tg.start(lambda task_status: cp.run(task_status=task_status))
-            async with JetStream(NatsConfig(servers=[server.url], request_timeout=2.0), name="test") as js:
+            async with JetStream(server.nats_config(request_timeout=2.0), name="test") as js:
                 client = ControlPlaneClient(js, timeout=5)
                 for c in cfgs:
                     _, creds = await register_agent(
@@ -74,7 +79,7 @@ async def _mesh(server: NatsServer, tmp: Path, *tomls: str) -> AsyncIterator[lis
 async def _health(server: NatsServer, name: str) -> tuple[int, dict[str, Any]]:
     """``meshctl agent health NAME --json``: (exit code, the agent's view)."""
     runner = CliRunner()
-    env = {"MESH_CONTROL_PLANE": server.url}
+    env = {"MESH_CONTROL_PLANE": server.url, "MESH_CREDS": str(server.admin_creds)}
     r = await anyio.to_thread.run_sync(
         lambda: runner.invoke(cli_agent_cp.app, ["health", name, "--json"], env=env)
     )

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.broker import NatsServer
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import issue_agent_creds
 from tests.integration._harness import (
     AgentProcess,
     ErpLoad,
@@ -29,21 +30,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 GRACE = 3.0
 
 
-def test_sigterm_mid_sync_exits_cleanly_and_loses_nothing(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path / "nats")
+def test_sigterm_mid_sync_exits_cleanly_and_loses_nothing(tmp_path: Path, security_dir: Path) -> None:
+    server = NatsServer(tmp_path / "nats", security_dir, layout=True)
     erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
     make_erp(erp)
     make_crm(crm)
     agents = {}
     for name, system, kw in (("erp-agent", "erp", {"source": erp}), ("crm-agent", "crm", {"sink": crm})):
         cfg = tmp_path / f"{name}.toml"
-        text = agent_toml(name=name, system=system, state=tmp_path / name, url=server.url, **kw)  # type: ignore[arg-type]
+        text = agent_toml(name=name, system=system, state=tmp_path / name, url=server.url,
+                          creds=tmp_path / f"{name}.creds", **kw)  # type: ignore[arg-type]  # fmt: skip
         # a long ack_wait: a message held by a stopped agent and not released would stall the sync
         text = text.replace("ack_wait = 5.0", "ack_wait = 60.0")
         text = text.replace(
             f'state_dir = "{tmp_path / name}"', f'state_dir = "{tmp_path / name}"\nshutdown_grace = {GRACE}'
         )
         cfg.write_text(text)
+        issue_agent_creds(cfg, security_dir)
         agents[name] = AgentProcess(cfg, tmp_path / f"{name}.log")
     source, sink = agents["erp-agent"], agents["crm-agent"]
     load = ErpLoad(erp, seed=7)
@@ -74,7 +77,11 @@ def test_sigterm_mid_sync_exits_cleanly_and_loses_nothing(tmp_path: Path) -> Non
         loader.join()
         # With ack_wait at 60 s, converging well before that shows nothing was left held.
         wait_until(lambda: rows(erp) == rows(crm), 45, "CRM to match ERP")
-        wait_until(lambda: consumer_settled(server.url, "customers-crm"), 10, "the consumer to settle")
+        wait_until(
+            lambda: consumer_settled(server.url, "customers-crm", server.admin_creds),
+            10,
+            "the consumer to settle",
+        )
     finally:
         stop.set()
         source.kill()
@@ -88,17 +95,18 @@ def test_sigterm_mid_sync_exits_cleanly_and_loses_nothing(tmp_path: Path) -> Non
     assert "Traceback" not in log
 
 
-def test_sigterm_right_after_start_exits_cleanly(tmp_path: Path) -> None:
+def test_sigterm_right_after_start_exits_cleanly(tmp_path: Path, security_dir: Path) -> None:
     """A SIGTERM that arrives while the agent is still starting (signal handlers installed, but
     stores, NATS link or command channel not up yet) stops it cleanly with exit 0; /readyz said
     "not ready" until then. The harness sends it as soon as the "signals" check is met."""
-    server = NatsServer(tmp_path / "nats")
+    server = NatsServer(tmp_path / "nats", security_dir, layout=True)
     erp = tmp_path / "erp.db"
     make_erp(erp)
     ErpLoad(erp, seed=1).insert(500)
     cfg = tmp_path / "erp-agent.toml"
     cfg.write_text(agent_toml(name="erp-agent", system="erp", state=tmp_path / "erp-agent", url=server.url,
-                              source=erp))  # fmt: skip
+                              source=erp, creds=tmp_path / "erp-agent.creds"))  # fmt: skip
+    issue_agent_creds(cfg, security_dir)
     agent = AgentProcess(cfg, tmp_path / "erp-agent.log")
     try:
         # NATS is not running: the agent cannot become ready, and stops cleanly anyway.

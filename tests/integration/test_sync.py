@@ -13,10 +13,11 @@ import nats
 import pytest
 
 from agents.connector import ConnectorAgent
-from mesh.broker import NatsServer
 from mesh.config import parse_agent_config
 from mesh.envelope import Envelope, encode, encode_payload, envelope_id
 from mesh.metrics import Metrics
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import create_layout, secure_agent
 from tests.integration._harness import (
     ErpLoad,
     agent_toml,
@@ -39,14 +40,19 @@ class Mesh:
         self.load = ErpLoad(self.erp)
         self.erp_metrics, self.crm_metrics = Metrics(), Metrics()
 
-    def agent(self, name: str) -> ConnectorAgent:
+    def toml(self, name: str) -> str:
+        """The config of ``erp`` (source) or ``crm`` (sink), with its own least-privilege creds."""
+        url, tmp = self.server.url, self.tmp
         if name == "erp":
-            text = agent_toml(name="erp-agent", system="erp", state=self.tmp / "s-erp",
-                              url=self.server.url, source=self.erp)  # fmt: skip
-            return ConnectorAgent(parse_agent_config(text), metrics=self.erp_metrics)
-        text = agent_toml(name="crm-agent", system="crm", state=self.tmp / "s-crm",
-                          url=self.server.url, sink=self.crm)  # fmt: skip
-        return ConnectorAgent(parse_agent_config(text), metrics=self.crm_metrics)
+            return agent_toml(name="erp-agent", system="erp", state=tmp / "s-erp", url=url,
+                              source=self.erp, creds=tmp / "erp-agent.creds")  # fmt: skip
+        return agent_toml(name="crm-agent", system="crm", state=tmp / "s-crm", url=url,
+                          sink=self.crm, creds=tmp / "crm-agent.creds")  # fmt: skip
+
+    def agent(self, name: str, text: str | None = None) -> ConnectorAgent:
+        cfg = parse_agent_config(text or self.toml(name))
+        secure_agent(cfg, self.server)
+        return ConnectorAgent(cfg, metrics=self.erp_metrics if name == "erp" else self.crm_metrics)
 
     async def wait_synced(self, timeout: float = 60) -> None:
         with anyio.fail_after(timeout):
@@ -90,7 +96,7 @@ async def test_malformed_message_is_dead_lettered_and_flow_continues(
     mesh.load.insert(20)
     async with running(mesh.agent("erp"), mesh.agent("crm")):
         await mesh.wait_synced()
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
         js = nc.jetstream()
         await js.publish("evt.customer.upserted.erp", b"\xc1 not msgpack",
                          headers={"Nats-Msg-Id": "garbage-1"})  # fmt: skip
@@ -130,7 +136,7 @@ async def test_own_origin_is_never_applied_back(tmp_path: Path, nats_server: Nat
     crm = mesh.agent("crm")
     async with running(crm):
         await crm.link.wait()  # the streams exist once the agent is connected
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
         js = nc.jetstream()
         for origin, key in (("crm", "1"), ("erp", "2")):
             env = Envelope(id=envelope_id("customers", origin, key, 1), kind="customer.upserted",
@@ -153,8 +159,8 @@ async def test_own_origin_is_never_applied_back(tmp_path: Path, nats_server: Nat
     )
 
 
-async def test_outbox_buffers_while_broker_down_then_drains(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path / "nats")  # not started yet
+async def test_outbox_buffers_while_broker_down_then_drains(tmp_path: Path, security_dir: Path) -> None:
+    server = NatsServer(tmp_path / "nats", security_dir)  # not started yet
     mesh = Mesh(tmp_path, server)
     erp = mesh.agent("erp")
     async with anyio.create_task_group() as tg:
@@ -169,6 +175,7 @@ async def test_outbox_buffers_while_broker_down_then_drains(tmp_path: Path) -> N
             "mesh_published_messages_total", {"flow": "customers"}
         )
         await anyio.to_thread.run_sync(server.start)
+        await anyio.to_thread.run_sync(create_layout, server)  # what a control plane does
         try:
             await tg.start(mesh.agent("crm").run)
             await mesh.wait_synced(timeout=60)
@@ -202,6 +209,8 @@ system = "{system}"
 state_dir = "{tmp_path / name}"
 [nats]
 servers = ["{nats_server.url}"]
+creds = "{tmp_path / name}.creds"
+inbox_prefix = "_INBOX.{name}"
 [[flows]]
 name = "{capture}"
 entity = "{capture[:-1]}"
@@ -223,8 +232,11 @@ table = "{apply}"
 key = "{"id" if apply == "customers" else "sku"}"
 """
 
-    a = ConnectorAgent(parse_agent_config(config("erp-agent", "erp", erp, "customers", "products")))
-    b = ConnectorAgent(parse_agent_config(config("crm-agent", "crm", crm, "products", "customers")))
+    a_cfg = parse_agent_config(config("erp-agent", "erp", erp, "customers", "products"))
+    b_cfg = parse_agent_config(config("crm-agent", "crm", crm, "products", "customers"))
+    secure_agent(a_cfg, nats_server)
+    secure_agent(b_cfg, nats_server)
+    a, b = ConnectorAgent(a_cfg), ConnectorAgent(b_cfg)
     ErpLoad(erp).insert(100)
     with sqlite3.connect(crm) as c:
         c.executemany(
@@ -245,24 +257,22 @@ key = "{"id" if apply == "customers" else "sku"}"
     assert len(table(crm, "customers")) == 100
     assert len(table(erp, "products")) == 50
     # Nothing was captured again from the applied side: the stream holds each change once.
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
     info = await nc.jetstream().stream_info("MESH_EVENTS")
     await nc.close()
     assert info.state.messages == 150
 
 
-async def test_full_outbox_pauses_capture_and_loses_nothing(tmp_path: Path) -> None:
+async def test_full_outbox_pauses_capture_and_loses_nothing(tmp_path: Path, security_dir: Path) -> None:
     """Bounded disk at the edge: with the broker away, capture stops at outbox_max_bytes (the ERP
     keeps its changes in its change table), warns, and everything flows once the broker is back."""
     import sqlite3
 
-    server = NatsServer(tmp_path / "nats")  # not started yet
+    server = NatsServer(tmp_path / "nats", security_dir)  # not started yet
     mesh = Mesh(tmp_path, server)
-    text = agent_toml(
-        name="erp-agent", system="erp", state=tmp_path / "s-erp", url=server.url, source=mesh.erp
-    )
+    text = mesh.toml("erp")
     text = text.replace("[nats]", "outbox_max_bytes = 30000\noutbox_warn_depth = 10\n[nats]", 1)
-    erp = ConnectorAgent(parse_agent_config(text), metrics=mesh.erp_metrics)
+    erp = mesh.agent("erp", text)
     registry = mesh.erp_metrics.registry
     mesh.load.insert(1000)
     async with anyio.create_task_group() as tg:
@@ -280,6 +290,7 @@ async def test_full_outbox_pauses_capture_and_loses_nothing(tmp_path: Path) -> N
             while registry.get_sample_value("mesh_outbox_over_threshold") != 1:
                 await anyio.sleep(0.05)
         await anyio.to_thread.run_sync(server.start)
+        await anyio.to_thread.run_sync(create_layout, server)  # what a control plane does
         try:
             await tg.start(mesh.agent("crm").run)
             await mesh.wait_synced(timeout=60)
@@ -306,12 +317,10 @@ async def test_poison_record_is_retried_per_policy_then_dead_lettered_without_bl
             CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT, country TEXT,
                 credit_limit_cents INTEGER NOT NULL CHECK (credit_limit_cents < 900000000), balance REAL);
         """)
-    text = agent_toml(
-        name="crm-agent", system="crm", state=tmp_path / "s-crm", url=nats_server.url, sink=mesh.crm
-    )
+    text = mesh.toml("crm")
     text = text.replace("ack_wait = 5.0", "ack_wait = 5.0\nmax_deliver = 3")
     text = text.replace("[flows.retry]", '[flows.retry]\nerrors = { RejectedRecord = "retry" }')
-    crm = ConnectorAgent(parse_agent_config(text), metrics=mesh.crm_metrics)
+    crm = mesh.agent("crm", text)
     mesh.load.insert(300)
     with sqlite3.connect(mesh.erp) as c:
         poison = [r[0] for r in c.execute("SELECT id FROM customers WHERE credit_limit_cents >= 900000000")]
@@ -320,7 +329,7 @@ async def test_poison_record_is_retried_per_policy_then_dead_lettered_without_bl
         with anyio.fail_after(30):
             while len(rows(mesh.crm)) < 300 - len(poison):
                 await anyio.sleep(0.1)
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
         sub = await nc.jetstream().pull_subscribe("dlq.customers", durable="t", stream="MESH_DLQ")
         dead: list[nats.aio.msg.Msg] = []
         with anyio.fail_after(30):

@@ -20,10 +20,13 @@ import httpx
 import pytest
 import trustme
 
-from mesh.broker import NatsServer, ServerTls, free_port
+from mesh.broker import NatsServer as BrokerProcess
+from mesh.broker import ServerTls, free_port
 from mesh.config import NatsConfig, StreamsConfig, TlsConfig
 from mesh.errors import TransportError
 from mesh.transport import EVENTS_STREAM, JetStream
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import create_layout, issue_agent_creds
 from tests.integration._harness import (
     AgentProcess,
     agent_toml,
@@ -72,10 +75,11 @@ def pki(tmp_path: Path) -> Pki:
 
 
 @pytest.fixture
-def mtls_server(pki: Pki, tmp_path: Path) -> Iterator[NatsServer]:
-    """TLS required, client certificates signed by ``pki.ca`` required (mutual TLS)."""
+def mtls_server(pki: Pki, tmp_path: Path, security_dir: Path) -> Iterator[NatsServer]:
+    """TLS required, client certificates signed by ``pki.ca`` required (mutual TLS); secured
+    (operator mode) like every server of the suite."""
     tls = ServerTls(pki.server, pki.server, ca_file=pki.ca, verify=True)
-    with NatsServer(tmp_path / "nats", tls=tls, extra_config="max_payload: 65536") as server:
+    with NatsServer(tmp_path / "nats", security_dir, tls=tls, extra_config="max_payload: 65536") as server:
         yield server
 
 
@@ -102,7 +106,7 @@ async def test_mutual_tls_connects_and_the_extra_config_block_composes(
     assert varz["tls_required"] is True
     assert varz["tls_verify"] is True
     assert varz["max_payload"] == 65536
-    cfg = NatsConfig(servers=[mtls_server.url], request_timeout=5.0, tls=pki.client_tls())
+    cfg = mtls_server.nats_config(request_timeout=5.0, tls=pki.client_tls())
     async with JetStream(cfg, name="test") as js:
         await js.ensure_streams(StreamsConfig(storage="memory"))
         state = await js.stream_info(EVENTS_STREAM)
@@ -111,23 +115,24 @@ async def test_mutual_tls_connects_and_the_extra_config_block_composes(
 
 @pytest.mark.anyio
 async def test_each_handshake_failure_is_one_line_that_says_why(mtls_server: NatsServer, pki: Pki) -> None:
-    url = mtls_server.url
-    plain = await _connect_error(NatsConfig(servers=[url]))
+    plain = await _connect_error(mtls_server.nats_config())
     assert "the server's certificate is not signed by a CA this host trusts" in plain
     assert "--tls-ca" in plain
-    unknown = await _connect_error(NatsConfig(servers=[url], tls=TlsConfig(ca_file=str(pki.other_ca))))
+    unknown = await _connect_error(mtls_server.nats_config(tls=TlsConfig(ca_file=str(pki.other_ca))))
     assert f"the server's certificate is not signed by {pki.other_ca}" in unknown
-    no_cert = await _connect_error(NatsConfig(servers=[url], tls=pki.client_tls(cert=False)))
+    no_cert = await _connect_error(mtls_server.nats_config(tls=pki.client_tls(cert=False)))
     assert "the server requires a client certificate (mutual TLS)" in no_cert
 
 
 @pytest.mark.anyio
-async def test_a_certificate_for_another_host_is_refused_unless_named(pki: Pki, tmp_path: Path) -> None:
-    with NatsServer(tmp_path / "nats", tls=ServerTls(pki.elsewhere, pki.elsewhere)) as server:
-        text = await _connect_error(NatsConfig(servers=[server.url], tls=pki.client_tls(cert=False)))
+async def test_a_certificate_for_another_host_is_refused_unless_named(
+    pki: Pki, tmp_path: Path, security_dir: Path
+) -> None:
+    with NatsServer(tmp_path / "nats", security_dir, tls=ServerTls(pki.elsewhere, pki.elsewhere)) as server:
+        text = await _connect_error(server.nats_config(tls=pki.client_tls(cert=False)))
         assert "the server's certificate does not name the host in the server URL" in text
         named = TlsConfig(ca_file=str(pki.ca), server_name="nats.elsewhere.test")
-        async with JetStream(NatsConfig(servers=[server.url], tls=named), name="test") as js:
+        async with JetStream(server.nats_config(tls=named), name="test") as js:
             await js.ensure_streams(StreamsConfig(storage="memory"))
 
 
@@ -135,7 +140,7 @@ async def test_a_certificate_for_another_host_is_refused_unless_named(pki: Pki, 
 async def test_tls_configured_against_a_plaintext_server_is_refused(
     nats_server: NatsServer, pki: Pki
 ) -> None:
-    text = await _connect_error(NatsConfig(servers=[nats_server.url], tls=pki.client_tls(cert=False)))
+    text = await _connect_error(nats_server.nats_config(tls=pki.client_tls(cert=False)))
     assert "the server does not use TLS but TLS is configured" in text
 
 
@@ -153,6 +158,8 @@ def test_control_plane_and_cli_over_mutual_tls_with_https(
 ) -> None:
     port = free_port()
     tls_env = {"MESH_TLS_CA": str(pki.ca), "MESH_TLS_CERT": str(pki.client), "MESH_TLS_KEY": str(pki.client)}
+    cp_env = {**tls_env, "MESH_CREDS": str(mtls_server.security_dir / "creds" / "control-plane.creds")}
+    tls_env["MESH_CREDS"] = str(mtls_server.admin_creds)  # the operator's meshctl
     log = tmp_path / "cp.log"
     args = [
         sys.executable, "-m", "mesh", "control-plane", "run", "--nats", mtls_server.url, "--name", "cp-tls",
@@ -160,7 +167,7 @@ def test_control_plane_and_cli_over_mutual_tls_with_https(
     ]  # fmt: skip
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **tls_env}
+            args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **cp_env}
         )
     try:
 
@@ -187,7 +194,15 @@ def test_control_plane_and_cli_over_mutual_tls_with_https(
         assert ok.returncode == 0, ok.stderr
         assert "answered by cp-tls" in ok.stdout
         flags = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client), "--tls-key", str(pki.client)]
-        listed = _meshctl("agent", "list", "--control-plane", mtls_server.url, *flags)
+        listed = _meshctl(
+            "agent",
+            "list",
+            "--control-plane",
+            mtls_server.url,
+            *flags,
+            "--creds",
+            str(mtls_server.admin_creds),
+        )
         assert listed.returncode == 0, listed.stderr
 
         no_cert = _meshctl(
@@ -227,10 +242,18 @@ def test_agents_read_nats_tls_from_their_config_and_sync_over_mutual_tls(
         cfg = tmp_path / f"{name}.toml"
         state = tmp_path / "state" / name
         text = agent_toml(
-            name=name, system=system, state=state, url=mtls_server.url, source=source, sink=sink
+            name=name,
+            system=system,
+            state=state,
+            url=mtls_server.url,
+            source=source,
+            sink=sink,
+            creds=tmp_path / f"{name}.creds",
         )
         cfg.write_text(text + tls)
+        issue_agent_creds(cfg, mtls_server.security_dir)
         procs.append(AgentProcess(cfg, tmp_path / f"{name}.log"))
+    create_layout(mtls_server.nats_config(tls=pki.client_tls()))  # the control plane's job
     try:
         for p in procs:
             p.start()
@@ -285,7 +308,8 @@ def test_a_config_file_composes_with_tls_and_an_extra_block(pki: Pki, tmp_path: 
     conf = tmp_path / "site.conf"
     conf.write_text(f'server_name: "site-a"\njetstream {{\n  store_dir: "{store}"\n}}\n')
     tls = ServerTls(pki.server, pki.server)
-    with NatsServer(store, config_file=conf, tls=tls, extra_config="max_payload: 32768") as server:
+    # Only its monitoring endpoint is read (no client connects): the broker's own config composition.
+    with BrokerProcess(store, config_file=conf, tls=tls, extra_config="max_payload: 32768") as server:
         varz = _varz(server)
     assert varz["server_name"] == "site-a"
     assert varz["tls_required"] is True

@@ -5,16 +5,17 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from mesh.broker import NatsServer, free_port
+from mesh.broker import free_port
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.errors import TransportError
 from mesh.transport import EVENTS_STREAM, JetStream, OutMessage
+from tests._secure import SecuredNatsServer as NatsServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 def cfg(server: NatsServer, **kw: object) -> NatsConfig:
-    return NatsConfig(servers=[server.url], request_timeout=2.0, **kw)  # type: ignore[arg-type]
+    return server.nats_config(request_timeout=2.0, **kw)
 
 
 async def test_streams_are_ensured_idempotently(nats_server: NatsServer) -> None:

@@ -24,8 +24,10 @@ import nats
 import pytest
 from typer.testing import CliRunner
 
-from mesh.broker import NatsServer, free_port
+from mesh.broker import free_port
 from mesh.cli import dlq as cli_dlq
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_agent
 from tests.integration._harness import AgentProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -90,6 +92,8 @@ metrics_port = {metrics_port}
 [nats]
 servers = ["{url}"]
 request_timeout = 2.0
+creds = "{tmp / name}.creds"
+inbox_prefix = "_INBOX.{name}"
 
 [[flows]]
 name = "{table}-out"
@@ -133,9 +137,9 @@ def _write(db: Path, sql: str, *params: object) -> None:
         c.execute(sql, params)
 
 
-def _events(url: str) -> int:
+def _events(url: str, creds: Path) -> int:
     async def count() -> int:
-        nc = await nats.connect(url, max_reconnect_attempts=1)
+        nc = await nats.connect(url, max_reconnect_attempts=1, user_credentials=str(creds))
         try:
             info = await nc.jetstream().stream_info("MESH_EVENTS")
             return int(info.state.messages)
@@ -145,13 +149,13 @@ def _events(url: str) -> int:
     return asyncio.run(count())
 
 
-def _settle(url: str, quiet: float = 2.0, timeout: float = 30.0) -> int:
+def _settle(url: str, creds: Path, quiet: float = 2.0, timeout: float = 30.0) -> int:
     """Wait until no new event appeared for ``quiet`` seconds; the stream's message count."""
     deadline = time.monotonic() + timeout
-    last, since = _events(url), time.monotonic()
+    last, since = _events(url, creds), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.25)
-        now = _events(url)
+        now = _events(url, creds)
         if now != last:
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet:
@@ -183,6 +187,8 @@ def agents(nats_server: NatsServer, tmp_path: Path) -> Iterator[tuple[Path, Path
     crm = _agent(tmp_path, "crm-agent", "crm", url, crm_db, "accounts", "account_id",
                  to_canonical=CRM_TO_CANONICAL, from_canonical=CRM_FROM_CANONICAL,
                  metrics_port=crm_port)  # fmt: skip
+    for cfg in (erp, crm):
+        secure_agent(cfg, nats_server)
     procs = [AgentProcess(erp, tmp_path / "erp.log"), AgentProcess(crm, tmp_path / "crm.log")]
     for p in procs:
         p.start()
@@ -205,7 +211,7 @@ def test_two_way_sync_converges_and_owners_win(
     for i in range(1, 21):
         _write(erp_db, "INSERT INTO customers VALUES (?, ?, NULL, ?)", i, f"Customer {i}", i * 10_050)
     wait_until(lambda: len(_rows(crm_db, crm_rows)) == 20, 30, "ERP customers to reach the CRM")
-    before = _settle(url)
+    before = _settle(url, nats_server.admin_creds)
     assert _rows(crm_db, crm_rows)[0] == ("1", "Customer 1", None, "100.50")
 
     # One change on one side: a bounded number of events (the change, the other side's write
@@ -213,7 +219,7 @@ def test_two_way_sync_converges_and_owners_win(
     _write(crm_db, "UPDATE accounts SET email_address = 'ada@crm.example' WHERE account_id = '3'")
     email_3 = "SELECT email FROM customers WHERE id = 3"
     wait_until(lambda: _rows(erp_db, email_3) == [("ada@crm.example",)], 30, "CRM e-mail at the ERP")
-    after = _settle(url)
+    after = _settle(url, nats_server.admin_creds)
     assert 1 <= after - before <= 3, f"{after - before} events for one change"
 
     # Conflicting changes to the same customer on both sides at once: owners win, field by field.
@@ -227,7 +233,7 @@ def test_two_way_sync_converges_and_owners_win(
     crm_5 = "SELECT account_id, company, email_address, credit_limit FROM accounts WHERE account_id = '5'"
     wait_until(lambda: _rows(erp_db, erp_5) == [expected_erp] and _rows(crm_db, crm_5) == [expected_crm], 30,
                "both sides to converge on the owners' values")  # fmt: skip
-    settled = _settle(url)
+    settled = _settle(url, nats_server.admin_creds)
     assert settled - after <= 8, f"{settled - after} events for two conflicting changes"
     assert _rows(erp_db, erp_5) == [expected_erp]
     assert _rows(crm_db, crm_5) == [expected_crm]
@@ -252,7 +258,8 @@ def test_two_way_sync_converges_and_owners_win(
     _write(crm_db, "UPDATE accounts SET email_address = 'next@crm.example' WHERE account_id = '8'")
     email_8 = "SELECT email FROM customers WHERE id = 8"
     wait_until(lambda: _rows(erp_db, email_8) == [("next@crm.example",)], 30, "the flow going on")
-    result = CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url])
+    env = {"MESH_CREDS": str(nats_server.admin_creds)}
+    result = CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url], env=env)
     assert result.exit_code == 0, result.output
     entries = json.loads(result.output)
     assert len(entries) == 1, entries
@@ -262,9 +269,9 @@ def test_two_way_sync_converges_and_owners_win(
     assert "MappingError" in text
     assert "accounts-out" in text
     # Replaying it would only be refused again downstream: replay skips it and says what to do.
-    result = CliRunner().invoke(cli_dlq.app, ["replay", "--flow", "accounts-out", "--server", url])
+    result = CliRunner().invoke(cli_dlq.app, ["replay", "--flow", "accounts-out", "--server", url], env=env)
     out = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert "refused by the capture side's mapping" in out, out
     assert "change the record at its source again" in out
-    entries = json.loads(CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url]).output)
+    entries = json.loads(CliRunner().invoke(cli_dlq.app, ["list", "--json", "--server", url], env=env).output)
     assert len(entries) == 1, "a skipped entry stays in the DLQ"

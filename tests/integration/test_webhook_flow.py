@@ -22,8 +22,9 @@ import pytest
 
 from adapters.webhook.source import sign
 from agents.connector import ConnectorAgent
-from mesh.broker import NatsServer, free_port
-from mesh.config import parse_agent_config
+from mesh.broker import free_port
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config, write_agent_config
 from tests.integration._harness import (
     AgentProcess,
     agent_toml,
@@ -152,12 +153,14 @@ def expected_rows(plan: dict[int, list[dict[str, Any]]]) -> list[tuple[object, .
     return out
 
 
-async def settle(crm: Path, nats_url: str, total: int) -> None:
+async def settle(crm: Path, server: NatsServer, total: int) -> None:
     with anyio.fail_after(60):
         while len(applied(crm)) < total:
             await anyio.sleep(0.1)
         # A duplicate would be a later stream message: wait until the consumer has nothing left.
-        while not await anyio.to_thread.run_sync(consumer_settled, nats_url, "customers-crm"):
+        while not await anyio.to_thread.run_sync(
+            consumer_settled, server.url, "customers-crm", server.admin_creds
+        ):
             await anyio.sleep(0.1)
 
 
@@ -172,15 +175,15 @@ def check_exactly_once(crm: Path, plan: dict[int, list[dict[str, Any]]], senders
     assert rows(crm) == expected_rows(plan)
 
 
-def crm_agent(tmp: Path, nats_url: str, crm: Path) -> ConnectorAgent:
-    text = agent_toml(name="crm-agent", system="crm", state=tmp / "s-crm", url=nats_url, sink=crm)
-    return ConnectorAgent(parse_agent_config(text))
+def crm_agent(tmp: Path, server: NatsServer, crm: Path) -> ConnectorAgent:
+    text = agent_toml(name="crm-agent", system="crm", state=tmp / "s-crm", url=server.url, sink=crm)
+    return ConnectorAgent(secure_config(text, tmp / "crm-agent.creds", server))
 
 
 async def test_signed_events_arrive_exactly_once(tmp_path: Path, nats_server: NatsServer) -> None:
     port = free_port()
     config = tmp_path / "billing-agent.toml"
-    config.write_text(billing_agent_toml(tmp_path, nats_server.url, port))
+    write_agent_config(config, billing_agent_toml(tmp_path, nats_server.url, port), nats_server)
     crm = tmp_path / "crm.db"
     make_crm(crm)
     billing = AgentProcess(config, tmp_path / "billing-agent.log")
@@ -189,7 +192,7 @@ async def test_signed_events_arrive_exactly_once(tmp_path: Path, nats_server: Na
     billing.start(env={SECRET_ENV: SECRET})
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(crm_agent(tmp_path, nats_server.url, crm).run)
+            await tg.start(crm_agent(tmp_path, nats_server, crm).run)
             await senders.run()
             # A sender that missed our 2xx re-sends: answered 200 "duplicate", nothing new.
             async with httpx.AsyncClient(timeout=10) as client:
@@ -206,7 +209,7 @@ async def test_signed_events_arrive_exactly_once(tmp_path: Path, nats_server: Na
                     senders.url, content=body, headers={"Webhook-Signature": "t=1,v1=00"}
                 )
                 assert forged.status_code == 401
-            await settle(crm, nats_server.url, sum(len(e) for e in plan.values()))
+            await settle(crm, nats_server, sum(len(e) for e in plan.values()))
             tg.cancel_scope.cancel()
         assert billing.alive, f"the billing agent died; see {billing.log}"
         assert billing.terminate() == 0
@@ -231,7 +234,7 @@ async def test_sigkill_right_after_2xx_loses_and_doubles_nothing(
     print(f"seed={seed}")
     port = free_port()
     config = tmp_path / "billing-agent.toml"
-    config.write_text(billing_agent_toml(tmp_path, nats_server.url, port))
+    write_agent_config(config, billing_agent_toml(tmp_path, nats_server.url, port), nats_server)
     crm = tmp_path / "crm.db"
     make_crm(crm)
     billing = AgentProcess(config, tmp_path / "billing-agent.log")
@@ -269,11 +272,11 @@ async def test_sigkill_right_after_2xx_loses_and_doubles_nothing(
     billing.start(env=env)
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(crm_agent(tmp_path, nats_server.url, crm).run)
+            await tg.start(crm_agent(tmp_path, nats_server, crm).run)
             tg.start_soon(killer)
             tg.start_soon(watchdog)
             await senders.run()
-            await settle(crm, nats_server.url, total)
+            await settle(crm, nats_server, total)
             tg.cancel_scope.cancel()
         print(f"kills at (2xx, in flight)={kills} deaths={deaths} answers={dict(senders.answers)}")
         assert len(kills) == len(kill_after)

@@ -15,9 +15,9 @@ import anyio
 import pytest
 
 from agents.connector import ConnectorAgent
-from mesh.broker import NatsServer
-from mesh.config import parse_agent_config
 from mesh.metrics import Metrics
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -27,14 +27,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def agent(name: str, system: str, tmp: Path, url: str, side: str) -> ConnectorAgent:
+def agent(name: str, system: str, tmp: Path, server: NatsServer, side: str) -> ConnectorAgent:
     text = f"""
 [agent]
 name = "{name}"
 system = "{system}"
 state_dir = "{tmp / ("s-" + name)}"
 [nats]
-servers = ["{url}"]
+servers = ["{server.url}"]
 [[flows]]
 name = "customers"
 entity = "customer"
@@ -42,7 +42,7 @@ entity = "customer"
 fetch_timeout = 0.2
 {side}
 """
-    return ConnectorAgent(parse_agent_config(text), metrics=Metrics())
+    return ConnectorAgent(secure_config(text, tmp / f"{name}.creds", server), metrics=Metrics())
 
 
 @asynccontextmanager
@@ -84,8 +84,8 @@ async def test_a_flow_from_a_jsonl_file_to_json_files_per_key(
         f'[flows.source]\nadapter = "jsonl"\npath = "{feed}"\ndeleted_field = "gone"\npoll_interval = 0.02'
     )
     sink = f'[flows.sink]\nadapter = "jsonl"\ndirectory = "{out}"'
-    files = agent("files-agent", "files", tmp_path, nats_server.url, source)
-    crm = agent("crm-agent", "crm", tmp_path, nats_server.url, sink)
+    files = agent("files-agent", "files", tmp_path, nats_server, source)
+    crm = agent("crm-agent", "crm", tmp_path, nats_server, sink)
     async with running(files, crm):
         append(feed, *({"id": i, "name": f"n{i}"} for i in range(1, 101)))
         await until(lambda: len(held(out)) == 100)
