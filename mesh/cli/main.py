@@ -72,6 +72,7 @@ app.add_typer(cli_capture.app, name="capture")
 app.add_typer(cli_security.app, name="security")
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
+agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)
