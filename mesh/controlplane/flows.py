@@ -530,15 +530,18 @@ class FlowStore:
             grant = ""
             if self.security is not None and rec.public_key:
                 grant = self.security.wanted_digest(rec, flows)
+            old: Assignment | None = None
             if entry is not None:
                 try:
                     old = _assignment.decode(entry.value)
-                    if old.flows == flows and old.credentials_for == grant:
-                        continue
                 except msgspec.DecodeError:
-                    pass
+                    old = None
+                if old is not None and old.flows == flows and old.credentials_for == grant:
+                    continue
             jwt = ""
-            if grant:
+            if grant and old is not None and old.credentials_for == grant and old.credentials_jwt:
+                jwt = old.credentials_jwt  # same permissions (a pause, say): no new JWT, no reconnect
+            elif grant:
                 assert self.security is not None
                 jwt, grant = self.security.issue(rec, flows)
             value = encode(

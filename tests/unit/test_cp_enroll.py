@@ -145,6 +145,10 @@ async def test_the_jwt_is_reissued_into_the_assignment_when_flows_change(tmp_pat
     assert consume in claims.nats.pub.allow
     assert "dlq.customers" in claims.nats.pub.allow
     assert "evt.*.*.crm" in claims.nats.pub.allow  # its token's system
+    await w.store.set_desired("customers", "paused", "admin")  # same permissions: same JWT
+    paused = w.assignment("crm")
+    assert paused.flows[0].desired == "paused"
+    assert paused.credentials_jwt == second.credentials_jwt
     erp = decode(w.assignment("erp").credentials_jwt, kind=UserClaims)
     assert isinstance(erp.nats, UserClaims)
     assert "evt.*.*.erp" in erp.nats.pub.allow
