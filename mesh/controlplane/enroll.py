@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import anyio
 import msgspec
 
 from mesh.config import NatsConfig
@@ -103,6 +104,7 @@ class Enrollment:
             nats, creds=str(Path(authority.directory, "creds", "sys.creds").absolute()), inbox_prefix=None
         )
         self._sys: Transport | None = None
+        self._pushing = anyio.Lock()  # one push at a time, one SYS connection
 
     def __repr__(self) -> str:
         return f"<Enrollment {self.authority.directory}>"
@@ -259,14 +261,15 @@ class Enrollment:
         """Push the MESH account JWT with the whole revocation list (read from KV). Returns ""
         or why it failed (one line)."""
         try:
-            current = await self.bucket.get(REVOCATIONS_KEY)
-            revoked = _revocations.decode(current.value) if current is not None and current.value else {}
-            account = self.authority.revoked_account_jwt(revoked)
-            if self._sys is None:
-                sys = JetStream(self._sys_cfg, name="control-plane:sys")
-                await sys.connect()
-                self._sys = sys
-            await push_account(self._sys, account)
+            async with self._pushing:
+                current = await self.bucket.get(REVOCATIONS_KEY)
+                revoked = _revocations.decode(current.value) if current is not None and current.value else {}
+                account = self.authority.revoked_account_jwt(revoked)
+                if self._sys is None:
+                    sys = JetStream(self._sys_cfg, name="control-plane:sys")
+                    await sys.connect()
+                    self._sys = sys
+                await push_account(self._sys, account)
         except (TransportError, ConfigError, InvalidToken, msgspec.DecodeError) as exc:
             log.error("could not push the MESH account JWT (revocations) to nats-server: %s", exc)
             return f"could not push the revocation list to nats-server: {exc}"
