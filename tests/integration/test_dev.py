@@ -116,6 +116,14 @@ def test_sigterm_stops_everything_within_10s(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "no status line within 60 s"
     assert _processes_mentioning(str(data)), "expected nats-server and agents to be running"
     anyio.run(_anonymous_refused, url, data / "creds" / "admin.creds")
+    # the banner's two exports are all an operator command needs
+    env = {**os.environ, "MESH_NATS_URL": url, "MESH_CREDS": str(data / "creds" / "admin.creds")}
+    listed = subprocess.run(
+        [sys.executable, "-m", "mesh", "agent", "list"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "erp-agent" in listed.stdout
+    assert "cloud-agent" in listed.stdout
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=15)
