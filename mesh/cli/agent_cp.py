@@ -434,15 +434,19 @@ def _token_create(
         list[str] | None,
         typer.Option(
             "--system",
-            help="A system the agent may publish events of (repeat); its static flows run only "
-            "within these.",
+            help="A system the agent may publish events of (repeat); its static flows run "
+            "only within these.",
             show_default=False,
         ),
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write the token to this file (0600) instead of stdout.",
-                     show_default=False),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the token to this file (0600) instead of stdout.",
+            show_default=False,
+        ),
     ] = None,
     control_plane: ControlPlaneOpt = DEFAULT_URL,
     timeout: TimeoutOpt = 10.0,
