@@ -256,8 +256,9 @@ class ConnectorAgent:
             )  # fmt: skip
             await sup.start("heartbeat", heartbeat.run)
             control = ControlChannel(
-                a.name, a.state_dir, self.link.wait, self.flows, readiness=self.readiness
-            )
+                a.name, a.state_dir, self.link.wait, self.flows, readiness=self.readiness,
+                creds=self.cfg.nats.creds,
+            )  # fmt: skip
             await sup.start("assignments", control.watch_assignments)
             await sup.start("commands", control.serve_commands)
             log.info("agent %s running %d flow(s)", a.name, len(self.cfg.flows))

@@ -11,6 +11,10 @@
   key again on each. A core subscription misses what is published while the connection is
   away, so the key is read again after every reconnect and every ``resync_every`` seconds (the
   manager ignores an assignment it already runs).
+  Security on, the assignment carries the agent's user JWT for exactly its flows: when it
+  differs from the one in the agent's creds file (``creds``), the file is rewritten (same seed,
+  mode 0600, atomically) and the connection re-established with it **before** the flows are
+  synced, so new flows start with the permissions they need.
 * :meth:`ControlChannel.serve_commands` answers ``<prefix>.agent.<name>`` requests
   (:class:`~mesh.controlplane.models.AgentCommand`: pause, resume, drain, restart) with a
   :class:`~mesh.controlplane.models.CommandResult`; a malformed request gets a failed result
@@ -35,6 +39,8 @@ from mesh.controlplane.identity import load_credentials
 from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
 from mesh.errors import ConfigError, TransportError
 from mesh.readiness import Readiness
+from mesh.security.authority import read_creds, write_creds
+from mesh.security.jwt import InvalidToken, UserClaims, decode
 from mesh.transport import Entry, Message, Refused, Subscription, Transport
 
 __all__ = ["ControlChannel", "command_subject"]
@@ -62,7 +68,11 @@ class ControlChannel:
         resync_every: float = 30.0,
         retry_every: float = 5.0,
         readiness: Readiness | None = None,
+        creds: str | Path | None = None,
     ) -> None:
+        """``creds``: the agent's ``[nats] creds`` file, rewritten when its assignment brings a
+        new JWT (None: security off, JWTs in assignments are ignored)."""
+        self.creds = Path(creds) if creds is not None else None
         self.name = name
         self.readiness = readiness
         if readiness is not None:
@@ -127,15 +137,49 @@ class ControlChannel:
         """
         reconnects = transport.reconnects
         until = anyio.current_time() + self.resync_every
-        last = await self._apply(await transport.read_key(ASSIGN_BUCKET, key), None, first=True)
+        last = await self._apply(await transport.read_key(ASSIGN_BUCKET, key), None, first=True,
+                                 transport=transport)  # fmt: skip
         if self.readiness is not None:
             self.readiness.set("assignments")
         while anyio.current_time() < until and transport.reconnects == reconnects:
             if await sub.next(timeout=1.0) is None:
                 continue
-            last = await self._apply(await transport.read_key(ASSIGN_BUCKET, key), last)
+            last = await self._apply(await transport.read_key(ASSIGN_BUCKET, key), last, transport=transport)
 
-    async def _apply(self, entry: Entry | None, last: int | None, *, first: bool = False) -> int | None:
+    async def _renew_creds(self, jwt: str, transport: Transport) -> None:
+        """Write ``jwt`` into the creds file (same seed) and reconnect, unless it is the JWT the
+        file already holds or not one for this agent's key (then logged, nothing changes).
+
+        Raises:
+            TransportError: the reconnect did not complete (the caller retries).
+        """
+        if self.creds is None or not jwt:
+            return
+        path = self.creds
+        try:
+            current = await anyio.to_thread.run_sync(read_creds, path)
+            claims = decode(jwt, kind=UserClaims)
+        except (ConfigError, InvalidToken) as exc:
+            log.error("agent %s: cannot take the JWT of its assignment (%s): %s", self.name, path, exc)
+            return
+        if current.jwt == jwt:
+            return
+        if claims.sub != current.public_key or claims.name != self.name:
+            log.error("agent %s: its assignment carries a JWT for another key or name (%s, %s); "
+                      "register it again", self.name, claims.name, claims.sub[:12])  # fmt: skip
+            return
+        await anyio.to_thread.run_sync(write_creds, path, jwt, current.seed)
+        log.info("agent %s: new NATS credentials for its assigned flows; reconnecting", self.name)
+        await transport.reconnect()
+
+    async def _apply(
+        self,
+        entry: Entry | None,
+        last: int | None,
+        *,
+        first: bool = False,
+        transport: Transport | None = None,
+    ) -> int | None:
         """Hand the assignment in ``entry`` (None: deleted, no flows) to the flow manager unless
         it is the revision handed over last; returns the revision now in force (0: none)."""
         revision = entry.revision if entry is not None else 0
@@ -149,6 +193,8 @@ class ControlChannel:
         except msgspec.DecodeError as exc:
             log.error("agent %s: unreadable assignment (rev %s): %s", self.name, entry.revision, exc)
             return revision
+        if transport is not None:
+            await self._renew_creds(assignment.credentials_jwt, transport)
         await self.flows.sync(assignment)
         return revision
 

@@ -45,6 +45,7 @@ from agents.control import command_subject
 from agents.runner import run_until_signalled
 from mesh.actors import Backoff, Supervisor
 from mesh.controlplane.audit import AuditLog
+from mesh.controlplane.enroll import Enrollment
 from mesh.controlplane.flows import FlowStore
 from mesh.controlplane.health import HealthTracker
 from mesh.controlplane.http import HttpServer, create_app
@@ -75,12 +76,15 @@ from mesh.controlplane.models import (
     Heartbeat,
     ListAgents,
     ListFlows,
+    ListTokens,
     Refused,
     Register,
+    Registered,
     Reply,
     Request,
     Revoke,
     StatusReport,
+    TokenCreate,
     decode_request,
     encode,
     mesh_version,
@@ -91,6 +95,7 @@ from mesh.controlplane.status import StatusBuilder, flow_views
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
 from mesh.sdnotify import Notifier
+from mesh.security.authority import Authority
 from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders, NotFound, Transport
 
 __all__ = ["ControlPlane", "run_control_plane_process"]
@@ -129,6 +134,9 @@ class ControlPlane:
         self.builder: StatusBuilder | None = None
         self.agent_registry: Registry | None = None
         self.flow_store: FlowStore | None = None
+        self.authority = Authority.load(settings.security_dir) if settings.security_dir else None
+        """Security on (``settings.security_dir``): issues tokens and JWTs, pushes revocations."""
+        self.enrollment: Enrollment | None = None
         self.tracker = HealthTracker()
         self.dlq_depths: dict[str, int] = {}
         self._audit: AuditLog | None = None
@@ -232,12 +240,17 @@ class ControlPlane:
             async def append(kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
                 await audit.append(kind, who=who, target=target, what=what, detail=detail)
 
+            if self.authority is not None:
+                self.enrollment = Enrollment(
+                    self.authority, agents, self.mirror, nats=s.nats, prefix=self.prefix
+                )
             self.agent_registry = Registry(
                 agents,
                 replica=self.name,
                 mirror=self.mirror,
                 audit=append,
                 on_audit_failure=self.metrics.audit_failures.inc,
+                security=self.enrollment,
             )
             self.lease = LeaderLease(
                 self.buckets[LEADER_BUCKET],
@@ -256,6 +269,7 @@ class ControlPlane:
                 assign_mirror=assign_mirror,
                 agents_mirror=self.mirror,
                 audit=append,
+                security=self.enrollment,
             )
             await sup.start("mirror", self.mirror.run)
             await sup.start("flows-mirror", flows_mirror.run)
@@ -269,6 +283,8 @@ class ControlPlane:
             await sup.start("lease", self.lease.run)
             await sup.start("writes", self._serve_writes)
             await sup.start("sweep", self._sweep)
+            if self.enrollment is not None:
+                await sup.start("account-push", self._push_account)
             log.info(
                 "control plane %s up: NATS %s, subjects %s.*, HTTP %s",
                 self.name,
@@ -298,6 +314,29 @@ class ControlPlane:
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning("control plane %s: NATS not ready (%s); retrying", self.name, exc)
                 await anyio.sleep(delay)
+
+    async def _push_account(self, task_status: TaskStatus[None]) -> None:
+        """Push the MESH account JWT with the whole revocation list now and after every
+        reconnect (a nats-server restarted with an older resolver copy gets the list again)."""
+        assert self.enrollment is not None
+        task_status.started()
+        backoff = Backoff(base=0.5, cap=10.0)
+        attempt = 0
+        pushed_at = -1
+        try:
+            while True:
+                reconnects = self.js.reconnects
+                if reconnects != pushed_at and self.js.is_connected and self.mirror is not None:
+                    await self.mirror.synced.wait()
+                    if await self.enrollment.push():
+                        await anyio.sleep(backoff.delay(attempt))
+                        attempt += 1
+                        continue
+                    pushed_at, attempt = reconnects, 0
+                await anyio.sleep(1.0)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.enrollment.aclose()
 
     def _on_role(self, leader: bool) -> None:
         self.metrics.is_leader.set(1 if leader else 0)
@@ -383,7 +422,32 @@ class ControlPlane:
         if isinstance(req, Register):
             reply: Reply = await registry.register(req)
             await store.reconcile()
+            if isinstance(reply, Registered) and self.enrollment is not None:
+                jwt = store.credentials_jwt(req.name)
+                if jwt is None:
+                    return Refused(code="internal", reason=f"no credentials could be issued for {req.name}")
+                reply = msgspec.structs.replace(reply, jwt=jwt)
             return reply
+        if isinstance(req, TokenCreate):
+            if self.enrollment is None:
+                return Refused(code="invalid", reason=_SECURITY_OFF)
+            created = await self.enrollment.create_token(req)
+            if not isinstance(created, Refused) and self._audit is not None:
+                systems = ",".join(sorted(set(req.systems))) or "none"
+                what = f"created an enrollment token for agent {req.name} (systems {systems}, "
+                what += f"ttl {req.ttl:g}s)"
+                detail = {"token_id": created.token_id, "expires": str(created.expires), "systems": systems}
+                try:
+                    await self._audit.append("token_create", who=req.actor, target=req.name, what=what,
+                                             detail=detail)  # fmt: skip
+                except TransportError as exc:
+                    log.error("audit: %s (the token for %s stands)", exc, req.name)
+                    self.metrics.audit_failures.inc()
+            return created
+        if isinstance(req, ListTokens):
+            if self.enrollment is None:
+                return Refused(code="invalid", reason=_SECURITY_OFF)
+            return self.enrollment.tokens()
         if isinstance(req, Deregister):
             reply = await registry.deregister(req)
             await store.reconcile()  # its assignment goes: it stops its flows
@@ -595,6 +659,12 @@ class ControlPlane:
             log.debug("dead-letter depths: %s", exc)
             return self.dlq_depths
         return {subject.removeprefix("dlq."): n for subject, n in info.subjects.items()}
+
+
+_SECURITY_OFF = (
+    "security is off on this control plane (started without --security-dir / MESH_SECURITY_DIR): "
+    "it issues no enrollment tokens or NATS credentials"
+)
 
 
 def _as_caller(req: Request, caller: str) -> Request:

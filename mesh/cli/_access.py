@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_type_hints
 
+import msgspec
 import typer
 from typer.models import OptionInfo
 
@@ -199,8 +200,22 @@ def add_nats_options(app: typer.Typer) -> None:
             add_nats_options(group.typer_instance)
 
 
-def connection(url: str, timeout: float, name: str = "meshctl") -> JetStream:
-    """A JetStream for ``url`` with the command's ``--creds``/``--tls-*`` (``async with`` it)."""
-    return JetStream(
-        nats_config([url], connect_timeout=min(timeout, 2.0), request_timeout=timeout), name=name
+def connection(
+    url: str,
+    timeout: float,
+    name: str = "meshctl",
+    *,
+    creds: str | None = None,
+    inbox_prefix: str | None = None,
+) -> JetStream:
+    """A JetStream for ``url`` with the command's ``--creds``/``--tls-*`` (``async with`` it).
+
+    ``creds`` replaces the command's creds (an agent registering with its enrollment token or
+    its own creds file) and ``inbox_prefix`` its reply subjects (``_INBOX.<agent>``: the only
+    inbox such creds may subscribe to)."""
+    cfg = nats_config(
+        [url], connect_timeout=min(timeout, 2.0), request_timeout=timeout, inbox_prefix=inbox_prefix
     )
+    if creds is not None:
+        cfg = msgspec.structs.replace(cfg, creds=creds)
+    return JetStream(cfg, name=name)

@@ -58,14 +58,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def run_with_client(
-    url: str, timeout: float, prefix: str, work: Callable[[ControlPlaneClient], Awaitable[_T]]
+    url: str,
+    timeout: float,
+    prefix: str,
+    work: Callable[[ControlPlaneClient], Awaitable[_T]],
+    *,
+    creds: str | None = None,
+    inbox_prefix: str | None = None,
 ) -> _T:
     """Connect, run ``work`` with a client, close. A refusal exits 1, any other mesh error 2,
-    each with one line on stderr."""
+    each with one line on stderr. ``creds``/``inbox_prefix``: see :func:`connection`."""
     quiet_connection_logs()
 
     async def main() -> _T:
-        async with connection(url, timeout) as js:
+        async with connection(url, timeout, creds=creds, inbox_prefix=inbox_prefix) as js:
             return await work(ControlPlaneClient(js, prefix=prefix, timeout=timeout))
 
     try:

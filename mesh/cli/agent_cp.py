@@ -1,4 +1,10 @@
-"""``meshctl agent register|deregister|revoke|list|health``: agents and the control plane.
+"""``meshctl agent register|deregister|revoke|list|health|token``: agents and the control plane.
+
+Security on (the control plane runs with ``--security-dir``): ``agent token create`` makes a
+one-time enrollment token for one agent name; ``agent register --config agent.toml --token T``
+generates the agent's NATS key (or keeps the seed of its existing creds file), registers with
+the token's credentials, and writes the returned user JWT with the agent's seed to the config's
+``[nats] creds`` file (0600). A registered agent re-registers with its own creds, no token.
 
 The control plane is reached over NATS: ``--control-plane URL``, else ``$MESH_CONTROL_PLANE``,
 else ``$MESH_NATS_URL``, else ``nats://127.0.0.1:4222`` (``register --config agent.toml`` takes
@@ -10,9 +16,13 @@ a stack trace.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import typer
@@ -39,6 +49,11 @@ from mesh.controlplane.identity import (
 )
 from mesh.controlplane.models import AgentView, FlowOp, Manifest
 from mesh.errors import ConfigError
+from mesh.security.authority import EnrollmentToken, parse_enrollment_token, read_creds, write_creds
+from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
+
+if TYPE_CHECKING:
+    from mesh.config import AgentConfig
 
 __all__ = ["app", "default_state_dir"]
 
@@ -106,11 +121,26 @@ def _register(
             "--operation", help="A system operation the agent exposes (repeat).", show_default=False
         ),
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="MESH_ENROLL_TOKEN",
+            help="Enrollment token (`meshctl agent token create`; env MESH_ENROLL_TOKEN): security "
+            "on, writes the agent's NATS creds to its config's [nats] creds.",
+            show_default=False,
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option("--token-file", help="Read the enrollment token from this file.", show_default=False),
+    ] = None,
     control_plane: ControlPlaneOpt = DEFAULT_URL,
     timeout: TimeoutOpt = 10.0,
     prefix: PrefixOpt = DEFAULT_PREFIX,
 ) -> None:
-    """Register an agent (idempotent) and store its id and credentials in its state dir (0600)."""
+    """Register an agent (idempotent) and store its id and credentials in its state dir (0600);
+    with --token (or an existing [nats] creds file), also its NATS creds."""
     from mesh.config import load_agent_config
     from mesh.plugins import adapter_registry
 
@@ -125,6 +155,16 @@ def _register(
         if not os.environ.get("MESH_CONTROL_PLANE") and control_plane == DEFAULT_URL:
             control_plane = cfg.nats.servers[0]
         nats_access_defaults(cfg.nats)  # its [nats] creds and [nats.tls], unless given here
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            fail(f"--token-file: cannot read {token_file}: {exc.strerror}")
+    enroll = None
+    if token is not None or (config is not None and cfg.nats.creds is not None):
+        if config is None:
+            fail("--token needs --config (the agent's config, whose [nats] creds receives its credentials)")
+        enroll = _enrollment(cfg, token, name)
     if name is None:
         fail("give --name (or --config with the agent's config)")
     if site is None:
@@ -151,15 +191,89 @@ def _register(
     except ConfigError as exc:
         fail(exc)
 
+    if config is not None:
+        manifest = msgspec.structs.replace(
+            manifest,
+            system=cfg.agent.system,
+            sources=[f.name for f in cfg.flows if f.source is not None],
+            sinks=[f.name for f in cfg.flows if f.sink is not None],
+        )
+
     async def work(client: ControlPlaneClient) -> tuple[str, str]:
         reply, creds = await register_agent(
-            client, name=agent, site=where, state_dir=str(directory), manifest=manifest, current=current
-        )
+            client, name=agent, site=where, state_dir=str(directory), manifest=manifest, current=current,
+            public_key=enroll.public_key if enroll else None,
+            enrollment=enroll.token_id if enroll else None,
+        )  # fmt: skip
         path = save_credentials(directory, creds)
-        return reply.message or f"registered {agent} as {reply.agent_id}", str(path)
+        message = reply.message or f"registered {agent} as {reply.agent_id}"
+        if enroll is not None and reply.jwt:
+            write_creds(enroll.creds_path, reply.jwt, enroll.seed)
+            message += f"; NATS creds in {enroll.creds_path}"
+        elif enroll is not None and enroll.token is not None:
+            raise ConfigError("the control plane issued no NATS credentials (is its security on?)")
+        return message, str(path)
 
-    message, path = run_with_client(control_plane, timeout, prefix, work)
+    if enroll is None:
+        message, path = run_with_client(control_plane, timeout, prefix, work)
+    else:
+        with enroll.connect_creds() as connect_with:
+            message, path = run_with_client(
+                control_plane, timeout, prefix, work, creds=connect_with, inbox_prefix=f"_INBOX.{agent}"
+            )
     typer.echo(f"{message} (credentials in {path})")
+
+
+class _Enroll:
+    """What an agent registers with, security on: its seed and public key, the enrollment
+    token (None: it re-registers with its own creds file), and where its creds go."""
+
+    def __init__(self, creds_path: Path, seed: str, token: EnrollmentToken | None) -> None:
+        self.creds_path = creds_path
+        self.seed = seed
+        self.public_key = public_key_of_seed(seed)
+        self.token = token
+        self.token_id = token.token_id if token is not None else None
+
+    @contextlib.contextmanager
+    def connect_creds(self) -> Iterator[str]:
+        """The creds file to connect with: the token's (a temporary 0600 file, removed after)
+        or the agent's own."""
+        if self.token is None:
+            yield str(self.creds_path)
+            return
+        with tempfile.TemporaryDirectory(prefix="mesh-enroll-") as tmp:
+            yield str(write_creds(Path(tmp) / "enroll.creds", self.token.jwt, self.token.seed))
+
+
+def _enrollment(cfg: AgentConfig, token: str | None, name: str | None) -> _Enroll:
+    """Check the token and the config's creds path; the agent's seed (its creds file's, else new).
+    Exits 2 with one line on any problem."""
+    agent = name or cfg.agent.name
+    if cfg.nats.creds is None:
+        fail(f"agent {agent}: its config has no [nats] creds = \"<path>\": add one (where its NATS "
+             "credentials are written) and register again")  # fmt: skip
+    path = Path(cfg.nats.creds)
+    parsed = None
+    if token is not None:
+        try:
+            parsed = parse_enrollment_token(token)
+        except InvalidToken as exc:
+            fail(f"--token: {exc}")
+        if parsed.name != agent:
+            fail(f"--token: the enrollment token is for agent {parsed.name!r}, not {agent!r}")
+    seed: str
+    if path.exists():
+        try:
+            seed = read_creds(path).seed
+        except (ConfigError, InvalidToken) as exc:
+            fail(f"{path}: {exc} (remove it to start with a new key)")
+    elif parsed is None:
+        fail(f"agent {agent}: {path} does not exist and no --token given: ask for an enrollment token "
+             f"(`meshctl agent token create --name {agent}`)")  # fmt: skip
+    else:
+        seed = new_seed("user").decode()
+    return _Enroll(path, seed, parsed)
 
 
 @app.command("deregister")
@@ -284,3 +398,107 @@ _agent_command(
 _agent_command("resume", "Resume every paused or drained flow of the agent.")
 _agent_command("drain", "Drain every flow of the agent (capture stops, backlog published and applied).")
 _agent_command("restart", "Restart every flow of the agent (adapters reopened; the process keeps running).")
+
+
+token_app = typer.Typer(
+    name="token",
+    help="Enrollment tokens: one-time, expiring permission for one agent name to register.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(token_app)
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_ttl(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``1h``, ``7d`` as seconds. Raises ConfigError."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:])
+    number = t[:-1] if unit is not None else t
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise ConfigError(f"--ttl: expected a duration like 30m, 1h or 7d, got {text!r}") from None
+    if not value > 0:
+        raise ConfigError(f"--ttl: must be positive, got {text!r}")
+    return value
+
+
+@token_app.command("create")
+def _token_create(
+    name: Annotated[str, typer.Option("--name", help="The agent the token enrolls.", show_default=False)],
+    ttl: Annotated[str, typer.Option("--ttl", help="How long it stays valid (30m, 1h, 7d).")] = "1h",
+    systems: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--system",
+            help="A system the agent may publish events of (repeat); its static flows run "
+            "only within these.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the token to this file (0600) instead of stdout.",
+            show_default=False,
+        ),
+    ] = None,
+    control_plane: ControlPlaneOpt = DEFAULT_URL,
+    timeout: TimeoutOpt = 10.0,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    """Create a one-time enrollment token for agent NAME (the control plane must run with
+    --security-dir). Give it to whoever runs `meshctl agent register --token`."""
+    try:
+        seconds = _parse_ttl(ttl)
+    except ConfigError as exc:
+        fail(exc)
+    made = run_with_client(
+        control_plane, timeout, prefix, lambda c: c.token_create(name, ttl=seconds, systems=systems)
+    )
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made.expires))
+    if output is not None:
+        from mesh.security._files import write_private
+
+        write_private(output, made.token + "\n")
+        typer.echo(f"enrollment token for {made.name} written to {output} (expires {expires})")
+    else:
+        typer.echo(made.token)
+        typer.echo(f"(one use, for agent {made.name}, expires {expires})", err=True)
+
+
+@token_app.command("list")
+def _token_list(
+    as_json: JsonOpt = False,
+    control_plane: ControlPlaneOpt = DEFAULT_URL,
+    timeout: TimeoutOpt = 5.0,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    """List enrollment tokens (id, agent, systems, expiry, used; never the tokens themselves)."""
+    reply = run_with_client(control_plane, timeout, prefix, lambda c: c.tokens())
+    if as_json:
+        typer.echo(msgspec.json.format(msgspec.json.encode(reply.tokens), indent=2).decode())
+        return
+    if not reply.tokens:
+        typer.echo("no enrollment tokens")
+        return
+    now = time.time()
+    table(
+        ("AGENT", "SYSTEMS", "STATE", "EXPIRES", "CREATED BY", "ID"),
+        [
+            (
+                t.name,
+                ",".join(t.systems) or "-",
+                "used" if t.used else ("expired" if t.expires <= now else "valid"),
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t.expires)),
+                t.created_by,
+                t.token_id,
+            )
+            for t in reply.tokens
+        ],
+    )

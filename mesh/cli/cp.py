@@ -100,6 +100,17 @@ def _run(
     ] = None,
     http_tls_key: Annotated[str | None, _opt("PEM key of --http-tls-cert.")] = None,
     subject_prefix: Annotated[str | None, _opt("Control-plane subject prefix [mesh.cp].")] = None,
+    security_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--security-dir",
+            envvar="MESH_SECURITY_DIR",
+            help="Dir of `meshctl security init`: security on (enrollment tokens, agents' JWTs, "
+            "revocations; connects with its creds/control-plane.creds unless --creds) "
+            "(env MESH_SECURITY_DIR).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="text, or json (one JSON object per line).")] = "text",
 ) -> None:
@@ -130,6 +141,7 @@ def _run(
             ("http_tls_cert_file", http_tls_cert),
             ("http_tls_key_file", http_tls_key),
             ("subject_prefix", subject_prefix),
+            ("security_dir", None if security_dir is None else str(Path(security_dir).absolute())),
         ):
             if value is not None:
                 raw[key] = value

@@ -72,6 +72,7 @@ app.add_typer(cli_capture.app, name="capture")
 app.add_typer(cli_security.app, name="security")
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
+agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)
@@ -164,12 +165,22 @@ def _dev_up(
             "made in <data-dir>/tls.",
         ),
     ] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="No NATS auth (anonymous connections), for debugging. Default: secured with JWTs "
+            "from <data-dir>/security, each agent with its own creds in <data-dir>/creds.",
+        ),
+    ] = False,
 ) -> None:
     """Start nats-server, an on-prem ERP agent, a cloud agent and a demo load; Ctrl-C stops all."""
     from mesh.devtools.dev import run_dev_stack
 
     try:
-        code = run_dev_stack(data_dir=data_dir, records=records, rate=rate, duration=duration, tls=tls)
+        code = run_dev_stack(
+            data_dir=data_dir, records=records, rate=rate, duration=duration, tls=tls, insecure=insecure
+        )
     except MeshError as exc:
         _fail(exc)
         return

@@ -37,6 +37,7 @@ from mesh.controlplane.models import (
     GetStatus,
     ListAgents,
     ListFlows,
+    ListTokens,
     Manifest,
     RefusalCode,
     Refused,
@@ -46,6 +47,9 @@ from mesh.controlplane.models import (
     Request,
     Revoke,
     StatusReport,
+    TokenCreate,
+    TokenCreated,
+    Tokens,
     decode_reply,
     default_actor,
     encode,
@@ -173,6 +177,17 @@ class ControlPlaneClient:
         req = Revoke(name=name, reason=reason, actor=actor or default_actor())
         return await self._expect(req, Done, actor)
 
+    async def token_create(
+        self, name: str, *, ttl: float, systems: list[str] | None = None, actor: str | None = None
+    ) -> TokenCreated:
+        """A one-time enrollment token for agent ``name`` (security on). Raises RequestRefused."""
+        req = TokenCreate(name=name, ttl=ttl, systems=list(systems or []), actor=actor or default_actor())
+        return await self._expect(req, TokenCreated, actor)
+
+    async def tokens(self) -> Tokens:
+        """Every enrollment token recorded (ids, names, systems, expiry, used; not the tokens)."""
+        return await self._expect(ListTokens(), Tokens)
+
     async def agents(self, name: str | None = None) -> Agents:
         """Every agent (or the one named; RequestRefused ``unknown`` if there is none)."""
         return await self._expect(ListAgents(name=name), Agents)
@@ -222,9 +237,13 @@ async def register_agent(
     manifest: Manifest,
     current: Credentials | None,
     actor: str | None = None,
+    public_key: str | None = None,
+    enrollment: str | None = None,
 ) -> tuple[Registered, Credentials]:
     """Register the agent whose state dir is ``state_dir`` and return the reply and the
-    credentials to keep (the current ones when the control plane issued none).
+    credentials to keep (the current ones when the control plane issued none). Security on:
+    ``public_key`` is the agent's NATS user key (the reply's ``jwt`` is issued for it) and
+    ``enrollment`` the id of the enrollment token it connected with (None: its key is known).
 
     Raises:
         RequestRefused: name taken by another identity, agent revoked, invalid request.
@@ -243,6 +262,8 @@ async def register_agent(
             manifest=manifest,
             credential=sent_credential,
             actor=actor or default_actor(),
+            public_key=public_key,
+            enrollment=enrollment,
         )
     )
     js = await client.connection()

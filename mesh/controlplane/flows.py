@@ -43,7 +43,7 @@ import posixpath
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -68,6 +68,9 @@ from mesh.controlplane.models import (
 from mesh.errors import ConfigError
 from mesh.flowdata import compile_flow_data
 from mesh.plugins import RoleName
+
+if TYPE_CHECKING:
+    from mesh.controlplane.enroll import Enrollment
 
 __all__ = [
     "FlowStore",
@@ -318,7 +321,11 @@ class FlowStore:
         assign_mirror: KvMirror,
         agents_mirror: KvMirror,
         audit: AuditFn | None = None,
+        security: Enrollment | None = None,
     ) -> None:
+        """``security``: security on; every registered agent then has an assignment carrying
+        its user JWT, re-issued whenever its flows (so its permissions) change."""
+        self.security = security
         self.flows = flows
         self.assign = assign
         self.flows_mirror = flows_mirror
@@ -484,12 +491,26 @@ class FlowStore:
             return new
         raise RevisionConflict(f"flow {name} kept changing")
 
+    def credentials_jwt(self, agent: str) -> str | None:
+        """The user JWT in ``agent``'s assignment (security on), None when there is none."""
+        entry = self.assign_mirror.get(assignment_key(agent))
+        if entry is None or not entry.value:
+            return None
+        try:
+            return _assignment.decode(entry.value).credentials_jwt or None
+        except msgspec.DecodeError:
+            return None
+
     async def reconcile(self) -> int:
         """Write every agent's assignment from the flows and the registry; returns how many
-        assignments changed. Revoked and unregistered agents get none."""
+        assignments changed. Revoked and unregistered agents get none. Security on: every
+        active agent with a public key gets one (possibly without flows) with a JWT for exactly
+        these flows, re-issued when its permissions change."""
         specs = self.specs()
         agents = self.agents()
         wanted: dict[str, list[AssignedFlow]] = {}
+        if self.security is not None:
+            wanted = {n: [] for n, r in agents.items() if r.state != "revoked" and r.public_key}
         for spec in specs.values():
             for part in spec.parts:
                 rec = agents.get(part.agent)
@@ -505,13 +526,28 @@ class FlowStore:
         for agent, flows in wanted.items():
             flows.sort(key=lambda f: f.name)
             entry = current.get(agent)
+            rec = agents[agent]
+            grant = ""
+            if self.security is not None and rec.public_key:
+                grant = self.security.wanted_digest(rec, flows)
+            old: Assignment | None = None
             if entry is not None:
                 try:
-                    if _assignment.decode(entry.value).flows == flows:
-                        continue
+                    old = _assignment.decode(entry.value)
                 except msgspec.DecodeError:
-                    pass
-            value = encode(Assignment(agent=agent, flows=flows, updated_at=time.time()))
+                    old = None
+                if old is not None and old.flows == flows and old.credentials_for == grant:
+                    continue
+            jwt = ""
+            if grant and old is not None and old.credentials_for == grant and old.credentials_jwt:
+                jwt = old.credentials_jwt  # same permissions (a pause, say): no new JWT, no reconnect
+            elif grant:
+                assert self.security is not None
+                jwt, grant = self.security.issue(rec, flows)
+            value = encode(
+                Assignment(agent=agent, flows=flows, updated_at=time.time(), credentials_jwt=jwt,
+                           credentials_for=grant)
+            )  # fmt: skip
             revision = await self.assign.put(assignment_key(agent), value)
             self.assign_mirror.apply(Entry(assignment_key(agent), value, revision))
             changed += 1

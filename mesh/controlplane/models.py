@@ -66,6 +66,7 @@ __all__ = [
     "HeartbeatRecord",
     "ListAgents",
     "ListFlows",
+    "ListTokens",
     "Manifest",
     "RefusalCode",
     "Refused",
@@ -76,6 +77,11 @@ __all__ = [
     "Request",
     "Revoke",
     "StatusReport",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenRecord",
+    "TokenView",
+    "Tokens",
     "decode_reply",
     "decode_request",
     "default_actor",
@@ -118,6 +124,13 @@ class Manifest(_Msg, frozen=True):
     only relative paths that stay below it can be checked and are accepted)."""
     allowed_paths: list[str] = msgspec.field(default_factory=list)
     """The agent's ``[agent] allowed_paths``, absolute: other directories applied flows may use."""
+    system: str = ""
+    """The system the agent fronts (``[agent] system``): the origin it publishes, the sink
+    system in its consumers' names (``<flow>-<system>``)."""
+    sources: list[str] = msgspec.field(default_factory=list)
+    """Static flows of its config file with a source (it publishes their events)."""
+    sinks: list[str] = msgspec.field(default_factory=list)
+    """Static flows of its config file with a sink (it consumes ``<flow>-<system>``)."""
 
 
 class FlowReport(_Msg, frozen=True):
@@ -178,6 +191,25 @@ class AgentRecord(_Msg, frozen=True):
     revoked_at: float | None = None
     revoked_by: str | None = None
     revoke_reason: str = ""
+    public_key: str = ""
+    """The agent's NATS user public key (security on; its seed never leaves the agent)."""
+    systems: list[str] = msgspec.field(default_factory=list)
+    """The systems its enrollment token granted: it may publish their events, and run its
+    static flows only within them."""
+
+
+class TokenRecord(_Msg, frozen=True):
+    """An enrollment token, as stored in ``mesh_agents`` under ``token.<id>`` (the id is the
+    token's user public key; the token itself is never stored)."""
+
+    token_id: str
+    name: str
+    systems: list[str] = msgspec.field(default_factory=list)
+    expires: float = 0.0
+    created_at: float = 0.0
+    created_by: str = ""
+    used: bool = False
+    used_at: float | None = None
 
 
 class HeartbeatRecord(_Msg, frozen=True):
@@ -218,6 +250,12 @@ class Register(_Req, frozen=True, tag="register"):
     actor: str = ""
     """Who the sender says asked; the control plane replaces it with the caller token of the
     request's subject (the authenticated identity) before anything records it."""
+    public_key: str | None = None
+    """Security on: the agent's NATS user public key (it keeps the seed); the reply carries
+    its user JWT."""
+    enrollment: str | None = None
+    """Security on: the id of the enrollment token it connected with (a new agent, or a new
+    public key, needs a valid unused one)."""
 
 
 class Deregister(_Req, frozen=True, tag="deregister"):
@@ -256,6 +294,21 @@ class ListAgents(_Req, frozen=True, tag="agents"):
 
 class GetStatus(_Req, frozen=True, tag="status"):
     """Read: the whole status document (``/status``). Any replica answers."""
+
+
+class TokenCreate(_Req, frozen=True, tag="token_create"):
+    """Create a one-time enrollment token for agent ``name`` (leader; security on). Answered by
+    :class:`TokenCreated` or :class:`Refused`."""
+
+    name: Token
+    ttl: Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)] = 3600.0
+    systems: list[Token] = msgspec.field(default_factory=list)
+    """The systems the agent may publish events of (and run its static flows within)."""
+    actor: str = ""
+
+
+class ListTokens(_Req, frozen=True, tag="tokens"):
+    """Read: every enrollment token recorded (never the token strings)."""
 
 
 FlowOp = Literal["pause", "resume", "drain", "restart"]
@@ -305,11 +358,13 @@ class FlowCommand(_Req, frozen=True, tag="command"):
 
 Request = (
     Register | Deregister | Revoke | Heartbeat | ListAgents | GetStatus | ApplyFlows | DeleteFlow | ListFlows
-    | FlowCommand
+    | FlowCommand | TokenCreate | ListTokens
 )
-WRITE_KINDS = ("register", "deregister", "revoke", "heartbeat", "flow_apply", "flow_delete", "command")
+WRITE_KINDS = (
+    "register", "deregister", "revoke", "heartbeat", "flow_apply", "flow_delete", "command", "token_create"
+)
 """Request kinds only the leader serves."""
-READ_KINDS = ("agents", "status", "flows")
+READ_KINDS = ("agents", "status", "flows", "tokens")
 """Request kinds every replica serves (from its KV mirror)."""
 
 
@@ -327,6 +382,30 @@ class Registered(_Rep, frozen=True, tag="registered"):
     """A new credential to store; ``None`` when the one the agent sent is still valid."""
     created: bool = False
     message: str = ""
+    jwt: str | None = None
+    """Security on: the agent's NATS user JWT (for the public key it sent)."""
+
+
+class TokenCreated(_Rep, frozen=True, tag="token_created"):
+    token: str
+    """The token string (``MESHENROLL1.``...): give it to whoever registers the agent."""
+    token_id: str
+    name: str
+    expires: float
+
+
+class TokenView(_Msg, frozen=True):
+    token_id: str
+    name: str
+    systems: list[str]
+    expires: float
+    created_at: float
+    created_by: str
+    used: bool
+
+
+class Tokens(_Rep, frozen=True, tag="tokens"):
+    tokens: list[TokenView]
 
 
 class Done(_Rep, frozen=True, tag="done"):
@@ -471,6 +550,11 @@ class Assignment(_Msg, frozen=True):
     agent: str
     flows: list[AssignedFlow] = msgspec.field(default_factory=list)
     updated_at: float = 0.0
+    credentials_jwt: str = ""
+    """Security on: the agent's user JWT for these flows (re-issued whenever they change); the
+    agent writes it to its creds file (same seed) and reconnects before it starts them."""
+    credentials_for: str = ""
+    """Digest of the public key and permissions ``credentials_jwt`` was issued for."""
 
 
 class AgentCommand(_Msg, frozen=True):
@@ -532,6 +616,7 @@ class Flows(_Rep, frozen=True, tag="flows"):
 
 Reply = (
     Registered | Done | Refused | HeartbeatAck | Agents | StatusReport | CommandResult | FlowsApplied | Flows
+    | TokenCreated | Tokens
 )
 
 

@@ -25,6 +25,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -44,6 +45,9 @@ from mesh.controlplane.models import (
     encode,
 )
 from mesh.errors import TransportError
+
+if TYPE_CHECKING:
+    from mesh.controlplane.enroll import Enrollment
 
 __all__ = ["AuditFn", "Registry", "agent_key", "heartbeat_key"]
 
@@ -80,7 +84,11 @@ class Registry:
         mirror: KvMirror | None = None,
         audit: AuditFn | None = None,
         on_audit_failure: Callable[[], None] | None = None,
+        security: Enrollment | None = None,
     ) -> None:
+        """``security``: security on (registration needs an enrollment token or the agent's
+        known public key; deregistration and revocation revoke its key); None: off."""
+        self.security = security
         self.bucket = bucket
         self.replica = replica
         self.mirror = mirror
@@ -116,13 +124,62 @@ class Registry:
                 return entry
         return await self.bucket.get(key)
 
+    async def _enroll(self, req: Register) -> tuple[str, list[str] | None] | Refused:
+        """Security on: (the agent's public key, the systems of the token it used or None when
+        it needs none: its known key), or why it may not register."""
+        assert self.security is not None
+        why = self.security.check_public_key(req.public_key)
+        if why is not None:
+            return Refused(
+                code="invalid",
+                reason=f"security is on: registering {req.name} needs its NATS public key and an "
+                f"enrollment token (`meshctl agent token create --name {req.name}`, then "
+                f"`meshctl agent register --token ...`): {why}",
+            )
+        assert req.public_key is not None
+        current = await self.bucket.get(agent_key(req.name))
+        if current is not None:
+            rec = _record.decode(current.value)
+            if rec.state == "revoked":
+                why = _revoked(rec) + "; deregister it before registering again"
+                return Refused(code="revoked", reason=why)
+            if rec.public_key == req.public_key:
+                return req.public_key, None
+        if not req.enrollment:
+            what = "a new public key" if current is not None else "a new agent"
+            return Refused(
+                code="unauthorized",
+                reason=f"{req.name} registers with {what}: that needs an enrollment token "
+                f"(`meshctl agent token create --name {req.name}`, then "
+                "`meshctl agent register --token ...`)",
+            )
+        claimed = await self.security.claim(req.enrollment, req.name)
+        if isinstance(claimed, Refused):
+            return claimed
+        return req.public_key, claimed.systems
+
     async def register(self, req: Register) -> Registered | Refused:
         key = agent_key(req.name)
+        pk = ""
+        systems: list[str] | None = None
+        if self.security is None and req.enrollment:
+            return Refused(
+                code="invalid",
+                reason="security is off on this control plane (no --security-dir): it issues no "
+                "NATS credentials; register without --token",
+            )
+        if self.security is not None:
+            enrolled = await self._enroll(req)
+            if isinstance(enrolled, Refused):
+                return enrolled
+            pk, systems = enrolled
         for _ in range(_ATTEMPTS):
             current = await self.bucket.get(key)
             now = time.time()
             token = secrets.token_urlsafe(32)
             if current is None:
+                if self.security is not None and systems is None:
+                    return Refused(code="unknown", reason=f"agent {req.name} was deregistered meanwhile")
                 rec = AgentRecord(
                     agent_id=uuid.uuid4().hex,
                     name=req.name,
@@ -134,6 +191,8 @@ class Registry:
                     manifest=req.manifest,
                     registered_at=now,
                     updated_at=now,
+                    public_key=pk,
+                    systems=systems or [],
                 )
                 value = encode(rec)
                 try:
@@ -154,7 +213,9 @@ class Registry:
                     message=f"registered {req.name} as {rec.agent_id}",
                 )
             rec = _record.decode(current.value)
-            if not _same(req.identity, rec.identity):
+            # With security on, the broker vouches for the caller, and a token (or its key)
+            # for this name is the operator's consent: the identity token does not decide.
+            if self.security is None and not _same(req.identity, rec.identity):
                 return Refused(
                     code="conflict",
                     reason=f"agent name {req.name!r} is already registered by another identity (agent id "
@@ -174,6 +235,9 @@ class Registry:
                 manifest=req.manifest,
                 updated_at=now,
                 credential=rec.credential if keep else digest(token),
+                identity=digest(req.identity) if self.security is not None else rec.identity,
+                public_key=pk or rec.public_key,
+                systems=rec.systems if systems is None else systems,
             )
             value = encode(new)
             try:
@@ -181,6 +245,10 @@ class Registry:
             except RevisionConflict:
                 continue
             self._stored(key, value, revision)
+            if self.security is not None and rec.public_key and rec.public_key != new.public_key:
+                problem = await self.security.revoke_key(rec.public_key)  # the old key is done
+                if problem:
+                    log.error("agent %s: old key not revoked: %s", req.name, problem)
             how = "credential kept" if keep else "new credential issued"
             what = f"re-registered agent {req.name} (same identity, {how})"
             log.info("%s by %s", what, req.actor or "unknown")
@@ -213,6 +281,7 @@ class Registry:
                 await self.bucket.delete(heartbeat_key(req.name))
                 self._removed(heartbeat_key(req.name), hb.revision)
             what = f"deregistered agent {req.name} ({rec.agent_id})"
+            what += await self._revoke_key(rec)
             log.info("%s by %s", what, req.actor or "unknown")
             await self._audit_entry("deregister", req.actor, req.name, what, _details(rec))
             return Done(message=what)
@@ -243,12 +312,21 @@ class Registry:
                 continue
             self._stored(key, value, revision)
             what = f"revoked agent {req.name} ({rec.agent_id})" + (f": {req.reason}" if req.reason else "")
+            what += await self._revoke_key(rec)
             log.warning("%s by %s", what, req.actor or "unknown")
             await self._audit_entry(
                 "revoke", req.actor, req.name, what, {**_details(rec), "reason": req.reason}
             )
             return Done(message=what)
         return Refused(code="internal", reason=f"revocation of {req.name} kept racing other changes")
+
+    async def _revoke_key(self, rec: AgentRecord) -> str:
+        """Security on: revoke the agent's NATS key (the server drops its connections); what to
+        add to the message (the push failure, if any)."""
+        if self.security is None or not rec.public_key:
+            return ""
+        problem = await self.security.revoke_key(rec.public_key)
+        return f" (NATS key revoked{'; ' + problem if problem else ''})"
 
     async def heartbeat(self, req: Heartbeat) -> HeartbeatAck | Refused:
         current = await self._cached(agent_key(req.name))

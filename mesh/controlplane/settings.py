@@ -52,6 +52,10 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     """PEM private key of ``http_tls_cert_file``."""
     """Name of the environment variable holding the bearer token the HTTP endpoint requires."""
     health: HealthPolicy = msgspec.field(default_factory=HealthPolicy)
+    security_dir: str | None = None
+    """The dir of ``meshctl security init`` (env MESH_SECURITY_DIR): security on. The replica
+    issues enrollment tokens and agents' user JWTs, pushes revocations, and connects with
+    ``creds/control-plane.creds`` unless ``nats.creds`` is set. None: security off."""
     lease_ttl: PositiveFloat = 5.0
     """Seconds without a lease renewal after which a follower takes over (failover time ~ this)."""
     lease_renew: PositiveFloat = 1.0
@@ -96,6 +100,17 @@ def settings_from(raw: dict[str, Any], *, source: str = "<flags>") -> ControlPla
             path = rest.rstrip("`")
         raise ConfigError(f"{text[:1].lower()}{text[1:]}", source=source, path=path) from None
     problems = check_tls_files(settings.nats.tls)
+    if settings.security_dir is not None:
+        sec = Path(settings.security_dir).expanduser()
+        if not (sec / "security.json").is_file():
+            problems.append(ConfigProblem(
+                "security_dir", f"{sec} is not a mesh security dir (run `meshctl security init {sec}`)"
+            ))  # fmt: skip
+        elif settings.nats.creds is None:
+            creds = str((sec / "creds" / "control-plane.creds").absolute())
+            settings = msgspec.structs.replace(
+                settings, nats=msgspec.structs.replace(settings.nats, creds=creds)
+            )
     for field in ("http_tls_cert_file", "http_tls_key_file"):
         value = getattr(settings, field)
         if value is not None and not Path(value).expanduser().is_file():

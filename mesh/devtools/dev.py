@@ -12,6 +12,14 @@ CRM's columns (``[flows.from_canonical]``). The banner names the entity and sche
 line repeats it, and once data flows one event is read back from JetStream and printed decoded.
 It prints what is happening and where to look, and on Ctrl-C or SIGTERM stops everything it
 started within 10 seconds.
+
+Secured by default (``--insecure``: anonymous, for debugging): ``meshctl security init`` in
+``<data-dir>/security`` (kept and reused on the next run), nats-server with that operator and
+its full resolver (anonymous connections refused), the control plane with the security dir,
+one enrollment token per agent (with its system) created with the admin's creds, and each agent
+registered with its token, so each has exactly one creds file, ``<data-dir>/creds/<agent>.creds``,
+with the least privilege of the permission table. The admin's creds are
+``<data-dir>/creds/admin.creds``; the banner prints the ``export`` lines for operator commands.
 """
 
 from __future__ import annotations
@@ -75,8 +83,13 @@ _NAMES = ["Alfreds", "Ana Trujillo", "Antonio Moreno", "Around the Horn", "Bergl
 
 
 def _agent_toml(
-    *, name: str, system: str, site: str, state_dir: Path, nats_url: str, metrics_port: int, flow: str
-) -> str:
+    *, name: str, system: str, site: str, state_dir: Path, nats_url: str, metrics_port: int, flow: str,
+    creds: Path | None = None,
+) -> str:  # fmt: skip
+    creds_line = ""
+    if creds is not None:
+        creds_line = f'creds = "{creds}"  # written by `meshctl agent register --token`\n'
+
     return f"""\
 # Written by `meshctl dev up`. Run by hand with: meshctl agent run --config {name}.toml
 log_level = "info"
@@ -91,7 +104,7 @@ heartbeat_interval = 2.0
 
 [nats]
 servers = ["{nats_url}"]
-
+{creds_line}
 {flow}"""
 
 
@@ -320,7 +333,7 @@ def _in_sync(erp: Path, crm: Path) -> bool:
     return erp_rows == crm_rows
 
 
-async def _sample_event(nats_url: str, tls: TlsConfig | None = None) -> str | None:
+async def _sample_event(nats_url: str, tls: TlsConfig | None = None, creds: Path | None = None) -> str | None:
     """The latest canonical customer event on the broker, decoded and rendered; None if none yet."""
     from mesh.canonical.entities import ENTITIES
     from mesh.config import NatsConfig
@@ -329,7 +342,10 @@ async def _sample_event(nats_url: str, tls: TlsConfig | None = None) -> str | No
     from mesh.transport import EVENTS_STREAM, JetStream, event_subject
 
     subject = event_subject(ENTITY, "upserted", "erp")
-    cfg = NatsConfig(servers=[nats_url], connect_timeout=1, request_timeout=2, tls=tls)
+    cfg = NatsConfig(
+        servers=[nats_url], connect_timeout=1, request_timeout=2, tls=tls,
+        creds=None if creds is None else str(creds),
+    )  # fmt: skip
     try:
         with anyio.fail_after(3):
             async with JetStream(cfg, name="meshctl-dev") as js:
@@ -353,19 +369,62 @@ async def _sample_event(nats_url: str, tls: TlsConfig | None = None) -> str | No
 
 
 def run_dev_stack(
-    *, data_dir: Path | None, records: int, rate: float, duration: float | None, tls: bool = False
+    *,
+    data_dir: Path | None,
+    records: int,
+    rate: float,
+    duration: float | None,
+    tls: bool = False,
+    insecure: bool = False,
 ) -> int:
     """Run the stack until a signal (or ``duration``); returns the process exit code.
 
     With ``tls`` a throwaway CA, server and client certificate are made in ``<data dir>/tls``
     and everything (nats-server, control plane, agents, registration) runs over mutual TLS.
+    Secured (NATS JWT auth, see the module doc) unless ``insecure``.
+
+    Raises:
+        ConfigError: ``<data dir>/security`` exists but is not a complete security dir.
     """
     root = Path(data_dir or tempfile.mkdtemp(prefix="mesh-dev-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    return anyio.run(_run, root, records, rate, duration, tls)
+    sec = None if insecure else _security(root)
+    return anyio.run(_run, root, records, rate, duration, tls, sec)
 
 
-async def _run(root: Path, records: int, rate: float, duration: float | None, tls: bool = False) -> int:
+@dataclass(frozen=True)
+class _Security:
+    dir: Path
+    admin: Path
+    auth_config: str
+
+    def agent_creds(self, root: Path, name: str) -> Path:
+        return root / "creds" / f"{name}.creds"
+
+
+def _security(root: Path) -> _Security:
+    """The stack's security dir (made on the first run, reused after) and the admin's creds
+    copied to ``<root>/creds/admin.creds``."""
+    from mesh.security._files import private_dir, write_private
+    from mesh.security.setup import auth_config, init_security_dir
+
+    sec = root / "security"
+    if not (sec / "security.json").is_file():
+        init_security_dir(sec, force=True, resolver_dir=root / "nats-resolver")
+    private_dir(root / "nats-resolver")
+    private_dir(root / "creds", tighten=True)
+    admin = write_private(root / "creds" / "admin.creds", (sec / "creds" / "admin.creds").read_text())
+    return _Security(sec, admin, auth_config(sec, root / "nats-resolver"))
+
+
+async def _run(
+    root: Path,
+    records: int,
+    rate: float,
+    duration: float | None,
+    tls: bool = False,
+    sec: _Security | None = None,
+) -> int:
     erp_db, crm_db = root / "erp.db", root / "crm.db"
     for db, schema in ((erp_db, ERP_SCHEMA), (crm_db, CRM_SCHEMA)):
         with sqlite3.connect(db) as conn:
@@ -378,8 +437,9 @@ async def _run(root: Path, records: int, rate: float, duration: float | None, tl
 
         pki = make_dev_pki(root / "tls")
     nats = NatsServer(
-        root / "nats", log_file=root / "nats-server.log", tls=None if pki is None else pki.server_tls()
-    )
+        root / "nats", log_file=root / "nats-server.log", tls=None if pki is None else pki.server_tls(),
+        extra_config=None if sec is None else sec.auth_config,
+    )  # fmt: skip
     print(f"mesh dev stack in {root}", flush=True)
     nats.start()
     cp_port = free_port()
@@ -387,14 +447,15 @@ async def _run(root: Path, records: int, rate: float, duration: float | None, tl
     control_plane = _Agent(
         "control-plane",
         ["control-plane", "run", "--nats", nats.url, "--http", f"127.0.0.1:{cp_port}", "--name", "dev-cp",
-         "--stale-after", "15", "--lost-after", "45", *([] if pki is None else pki.cli_args())],
+         "--stale-after", "15", "--lost-after", "45", *([] if pki is None else pki.cli_args()),
+         *([] if sec is None else ["--security-dir", str(sec.dir)])],
         root / "control-plane.log",
         readyz_url=f"{cp_url}/readyz",
     )  # fmt: skip
     children = [control_plane]
     try:
         return await _start_and_run(root, nats, control_plane, children, cp_url, erp_db, crm_db,
-                                    records, rate, duration, pki)  # fmt: skip
+                                    records, rate, duration, pki, sec)  # fmt: skip
     finally:
         deadline = time.monotonic() + 6
         for a in children:
@@ -408,7 +469,7 @@ async def _run(root: Path, records: int, rate: float, duration: float | None, tl
 async def _start_and_run(
     root: Path, nats: NatsServer, control_plane: _Agent, children: list[_Agent], cp_url: str,
     erp_db: Path, crm_db: Path, records: int, rate: float, duration: float | None,
-    pki: DevPki | None = None,
+    pki: DevPki | None = None, sec: _Security | None = None,
 ) -> int:  # fmt: skip
     control_plane.start()
     await control_plane.wait_ready()  # registration needs its request handlers
@@ -421,19 +482,38 @@ async def _start_and_run(
         cfg = root / f"{name}.toml"
         cfg.write_text(_agent_toml(
             name=name, system=system, site=site, state_dir=root / "state" / name, nats_url=nats.url,
-            metrics_port=port, flow=flow,
+            metrics_port=port, flow=flow, creds=None if sec is None else sec.agent_creds(root, name),
         ) + ("" if pki is None else pki.toml()))  # fmt: skip
         argv = ["agent", "run", "--config", str(cfg)]
         url = f"http://127.0.0.1:{port}"
         agents.append(_Agent(name, argv, root / f"{name}.log", f"{url}/metrics", f"{url}/readyz"))
-    for a, site in zip(agents, ("plant-1", "cloud"), strict=True):
-        # Register with the control plane (idempotent), so heartbeats are accepted.
+    tls_args = [] if pki is None else pki.cli_args()
+    for a, site, system in zip(agents, ("plant-1", "cloud"), ("erp", "crm"), strict=True):
+        enroll: list[str] = []
+        if sec is not None:
+            # One enrollment token per agent, for its system, made with the admin's creds.
+            token = root / "creds" / f"{a.name}.token"
+            made = await anyio.run_process(
+                [sys.executable, "-m", "mesh", "agent", "token", "create", "--name", a.name,
+                 "--system", system, "--ttl", "10m", "--output", str(token), "--control-plane", nats.url,
+                 "--creds", str(sec.admin), "--timeout", "15", *tls_args],
+                check=False,
+            )  # fmt: skip
+            if made.returncode != 0:
+                raise StopError(f"enrollment token for {a.name}: {made.stderr.decode().strip()}")
+            enroll = ["--token-file", str(token)]
+        # Register with the control plane (idempotent), so heartbeats are accepted; secured, it
+        # also writes the agent's creds file.
         reg = await anyio.run_process(
             [sys.executable, "-m", "mesh", "agent", "register", "--config", str(root / f"{a.name}.toml"),
-             "--site", site, "--control-plane", nats.url, "--timeout", "15"],
+             "--site", site, "--control-plane", nats.url, "--timeout", "15", *enroll],
             check=False,
         )  # fmt: skip
+        if sec is not None:
+            (root / "creds" / f"{a.name}.token").unlink(missing_ok=True)  # used: worthless now
         if reg.returncode != 0:
+            if sec is not None:
+                raise StopError(f"registering {a.name} failed: {reg.stderr.decode().strip()}")
             print(f"warning: registering {a.name} failed: {reg.stderr.decode().strip()}", flush=True)
         a.start()
         children.append(a)
@@ -441,6 +521,9 @@ async def _start_and_run(
         await a.wait_ready()  # stores, NATS link, command channel, signal handlers
     erp, cloud = agents
 
+    exports = f"export MESH_NATS_URL={nats.url}"
+    if sec is not None:
+        exports += f"\n    export MESH_CREDS={sec.admin}"
     print(
         f"""
   status page   {cp_url}/   (JSON {cp_url}/status, metrics {cp_url}/metrics)
@@ -457,7 +540,15 @@ async def _start_and_run(
             else f'''
   TLS (mutual): certificates in {root / "tls"}; for operator commands:
     {pki.exports()}'''
+        }{
+            '''
+  security: OFF (--insecure): anonymous NATS'''
+            if sec is None
+            else f'''
+  security: NATS JWT auth ({sec.dir}); agents' creds in {root / "creds"}; anonymous is refused'''
         }
+  for operator commands (meshctl agent list, flow get, audit ...):
+    {exports}
 """,
         flush=True,
     )
@@ -506,7 +597,9 @@ async def _start_and_run(
                 flush=True,
             )
             if not sampled and applied > 0:
-                sample = await _sample_event(nats.url, None if pki is None else pki.client_tls())
+                sample = await _sample_event(
+                    nats.url, None if pki is None else pki.client_tls(), None if sec is None else sec.admin
+                )
                 if sample is not None:
                     print(sample, flush=True)
                     sampled = True
