@@ -104,6 +104,14 @@ class MappingError(PermanentError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character (line breaks, terminal escapes) written as its
+    escape (``\\n``, ``\\x1b``): a problem stays one line whatever a config file's keys hold."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class ConfigProblem(NamedTuple):
     """One thing wrong with a configuration: where (a field path such as ``flows[0].source.table``,
     or ``""`` for the file as a whole) and what."""
@@ -117,7 +125,8 @@ class ConfigError(MeshError):
     names the file (or other origin) they are in.
 
     ``str()`` renders one problem per line as ``file: path: message`` (parts that are empty are
-    left out), so a caller that needs the parts reads ``problems`` instead of parsing the text.
+    left out; unprintable characters in a path or message, such as a line break in a key, are
+    written as escapes, so each problem is exactly one line), so a caller that needs the parts reads ``problems`` instead of parsing the text.
     ``ConfigError(message, path=...)`` is the one-problem form.
     """
 
@@ -129,9 +138,9 @@ class ConfigError(MeshError):
         path: str | None = None,
         problems: Iterable[tuple[str, str]] = (),
     ) -> None:
-        listed = [ConfigProblem(p, m) for p, m in problems]
+        listed = [ConfigProblem(_printable(p), _printable(m)) for p, m in problems]
         if message is not None:
-            listed.insert(0, ConfigProblem(path or "", message))
+            listed.insert(0, ConfigProblem(_printable(path or ""), _printable(message)))
         if not listed:
             raise ValueError("ConfigError needs a message or at least one problem")
         self.source = source
