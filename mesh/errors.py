@@ -83,7 +83,8 @@ class InvalidEnvelope(PermanentError):
         self.field = field
         self.got = got
         self.expected = expected
-        super().__init__(f"envelope {field} {got!r}: expected {expected}")
+        # ``expected`` may quote the subject, which the sender chose: kept to one printable line.
+        super().__init__(_printable(f"envelope {field} {got!r}: expected {expected}"))
 
 
 class RejectedRecord(PermanentError):
@@ -126,7 +127,8 @@ class ConfigError(MeshError):
 
     ``str()`` renders one problem per line as ``file: path: message`` (parts that are empty are
     left out; unprintable characters in a path or message, such as a line break in a key, are
-    written as escapes, so each problem is exactly one line), so a caller that needs the parts reads ``problems`` instead of parsing the text.
+    written as escapes, so each problem is exactly one line), so a caller that needs the parts
+    reads ``problems`` instead of parsing the text.
     ``ConfigError(message, path=...)`` is the one-problem form.
     """
 

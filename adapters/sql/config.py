@@ -6,6 +6,7 @@ import this module, never the drivers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Literal, Self
 
@@ -68,6 +69,10 @@ def _check_pg_columns(value: str | list[str] | None, field: str) -> None:
             raise ValueError(f"{field}: a column name cannot contain NUL")
 
 
+_QUOTED = re.compile(r'"[^"]*"')
+"""A double-quoted fragment of a libpq error message."""
+
+
 def _check_pg_dsn(dsn: str) -> None:
     """Refuse a password in any form libpq accepts (``password=``, URL userinfo, ``?password=``,
     percent-encoded keys or values): parsed by libpq itself through psycopg, so what is checked
@@ -78,7 +83,10 @@ def _check_pg_dsn(dsn: str) -> None:
     try:
         params = conninfo_to_dict(dsn)
     except PsycopgError as exc:
-        reason = str(exc).split(":", 1)[-1].strip() if "password" not in str(exc) else "unparsable"
+        # libpq quotes the part of the DSN it stumbled on ('missing "=" after "<token>"'), and
+        # that part may be a password typed without its key: every quoted part is left out.
+        reason = " ".join(str(exc).split()) if "password" not in str(exc) else "unparsable"
+        reason = _QUOTED.sub(lambda m: m[0] if m[0] == '"="' else '"…"', reason)
         raise ValueError(f"dsn: not a valid libpq connection string ({reason})") from None
     if params.get("password"):
         raise ValueError("dsn: must not hold a password (name an environment variable in password_env)")

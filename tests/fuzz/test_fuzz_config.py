@@ -43,8 +43,13 @@ def test_any_text_parses_or_raises_config_error(text: str) -> None:
     _parse(text)
 
 
-@given(st.dictionaries(st.sampled_from(["agent", "nats", "streams", "relay", "flows", "log_level"]) | text_any,
-                       toml_values, max_size=6))  # fmt: skip
+@given(
+    st.dictionaries(
+        st.sampled_from(["agent", "nats", "streams", "relay", "flows", "log_level"]) | text_any,
+        toml_values,
+        max_size=6,
+    )
+)
 def test_any_toml_document_parses_or_raises_config_error(doc: dict[str, Any]) -> None:
     _parse(toml_document(doc))
 
@@ -53,16 +58,28 @@ def test_any_toml_document_parses_or_raises_config_error(doc: dict[str, Any]) ->
 
 VALID: dict[str, Any] = {
     "log_level": "info",
-    "agent": {"name": "erp-agent", "system": "erp", "state_dir": "state", "site": "plant-1",
-              "allowed_paths": ["shared"]},
+    "agent": {
+        "name": "erp-agent",
+        "system": "erp",
+        "state_dir": "state",
+        "site": "plant-1",
+        "allowed_paths": ["shared"],
+    },
     "nats": {"servers": ["nats://127.0.0.1:4222"], "connect_timeout": 2.0},
     "streams": {"replicas": 1, "storage": "file"},
     "relay": {"batch_size": 100},
     "flows": [
         {
-            "name": "customers", "entity": "customer",
-            "source": {"adapter": "sqlite", "path": "erp.db", "table": "customers", "key": "id",
-                       "mode": "cursor", "cursor_column": "rev"},
+            "name": "customers",
+            "entity": "customer",
+            "source": {
+                "adapter": "sqlite",
+                "path": "erp.db",
+                "table": "customers",
+                "key": "id",
+                "mode": "cursor",
+                "cursor_column": "rev",
+            },
             "consumer": {"max_deliver": 5, "max_version_skew": 60.0},
             "retry": {"initial_delay": 1.0, "errors": {"RejectedRecord": "retry"}},
             "to_canonical": {
@@ -71,29 +88,49 @@ VALID: dict[str, Any] = {
                     "name": {"from": "company", "transform": ["trim"]},
                     "credit_limit": {"from": "limit", "convert": "money", "currency": "EUR"},
                     "billing_address.country": {"from": "country", "lookup": "countries"},
-                    "updated_at": {"from": "modified", "convert": "datetime", "format": "%d.%m.%Y %H:%M",
-                                   "timezone": "Europe/Berlin"},
+                    "updated_at": {
+                        "from": "modified",
+                        "convert": "datetime",
+                        "format": "%d.%m.%Y %H:%M",
+                        "timezone": "Europe/Berlin",
+                    },
                 },
                 "lookups": {"countries": {"values": {"Germany": "DE", "France": "FR"}}},
             },
         },
         {
-            "name": "orders", "entity": "sales_order", "accept_origins": ["crm"],
-            "sink": {"adapter": "postgres", "dsn": "host=db dbname=erp user=mesh", "table": "orders",
-                     "key": ["order_id"], "password_env": "PGPASSWORD"},
+            "name": "orders",
+            "entity": "sales_order",
+            "accept_origins": ["crm"],
+            "sink": {
+                "adapter": "postgres",
+                "dsn": "host=db dbname=erp user=mesh",
+                "table": "orders",
+                "key": ["order_id"],
+                "password_env": "PGPASSWORD",
+            },
             "ownership": {"system_of_record": "crm", "fields": {"reference": ["crm", "erp"]}},
         },
         {
-            "name": "hooks", "entity": "payment",
-            "source": {"adapter": "webhook", "port": 8080, "state_path": "hooks.db", "secret_env": "HOOK_SECRET",
-                       "key_field": "data.id", "type_field": "type", "delete_types": ["payment.deleted"]},
+            "name": "hooks",
+            "entity": "payment",
+            "source": {
+                "adapter": "webhook",
+                "port": 8080,
+                "state_path": "hooks.db",
+                "secret_env": "HOOK_SECRET",
+                "key_field": "data.id",
+                "type_field": "type",
+                "delete_types": ["payment.deleted"],
+            },
         },
         {
-            "name": "export", "entity": "customer",
+            "name": "export",
+            "entity": "customer",
             "sink": {"adapter": "csv", "out_dir": "out", "state_path": "export.db"},
         },
     ],
-}  # fmt: skip
+}
 
 
 def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -130,13 +167,17 @@ def mutated_configs(draw: st.DrawFn) -> dict[str, Any]:
         else:  # a near miss of the same type: the edges of ranges, odd names, empty things
             old = parent[last]
             if isinstance(old, str):
-                parent[last] = draw(st.sampled_from(["", " ", "a\n", "../x", "x" * 300, old + "\n", old.upper()])
-                                    | text_any)  # fmt: skip
+                parent[last] = draw(
+                    st.sampled_from(["", " ", "a\n", "../x", "x" * 300, old + "\n", old.upper()]) | text_any
+                )
             elif isinstance(old, bool):
                 parent[last] = not old
             elif isinstance(old, int | float):
-                parent[last] = draw(st.sampled_from([0, -1, 2**63 - 1, -(2**63), 0.0, -0.0, 1e308, float("inf"),
-                                                     float("nan"), 65536]))  # fmt: skip
+                parent[last] = draw(
+                    st.sampled_from(
+                        [0, -1, 2**63 - 1, -(2**63), 0.0, -0.0, 1e308, float("inf"), float("nan"), 65536]
+                    )
+                )
             elif isinstance(old, list):
                 parent[last] = draw(st.sampled_from([[], old * 2, [old]]))
             else:
@@ -162,11 +203,14 @@ def test_generated_valid_configs_are_accepted(flows: list[str], agent: str, syst
     doc = {
         "agent": {"name": agent, "system": system, "state_dir": "state"},
         "flows": [
-            {"name": f, "entity": "customer",
-             "sink": {"adapter": "sqlite", "path": f"{f}.db", "table": "t", "key": "id"}}
+            {
+                "name": f,
+                "entity": "customer",
+                "sink": {"adapter": "sqlite", "path": f"{f}.db", "table": "t", "key": "id"},
+            }
             for f in flows
         ],
-    }  # fmt: skip
+    }
     cfg = _parse(toml_document(doc))
     assert cfg is not None
     assert (cfg.agent.name, cfg.agent.system) == (agent, system)

@@ -24,12 +24,24 @@ from mesh.envelope import DEAD_LETTER_HEADERS, DeadLetter, Envelope, decode, enc
 from mesh.errors import DecodeError, InvalidEnvelope, MappingError
 from mesh.flowdata import compile_flow_data
 from mesh.metrics import Metrics
-from tests.fuzz._support import assert_clear, json_values, names, text_any
+from tests.fuzz._support import assert_clear, names, text_any
 
 pytestmark = pytest.mark.timeout(600)
 
-FIELDS = ("id", "kind", "flow", "key", "version", "origin", "occurred_at", "schema", "correlation_id",
-          "causation_id", "traceparent", "payload")  # fmt: skip
+FIELDS = (
+    "id",
+    "kind",
+    "flow",
+    "key",
+    "version",
+    "origin",
+    "occurred_at",
+    "schema",
+    "correlation_id",
+    "causation_id",
+    "traceparent",
+    "payload",
+)
 
 msgpack_values: st.SearchStrategy[Any] = st.recursive(
     st.none()
@@ -57,11 +69,20 @@ int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 def valid_envelopes() -> st.SearchStrategy[Envelope]:
     return st.builds(
         Envelope,
-        id=text_any, kind=text_any, flow=text_any, key=text_any, version=int64, origin=text_any,
-        occurred_at=int64, schema=text_any, correlation_id=text_any, causation_id=text_any,
+        id=text_any,
+        kind=text_any,
+        flow=text_any,
+        key=text_any,
+        version=int64,
+        origin=text_any,
+        occurred_at=int64,
+        schema=text_any,
+        correlation_id=text_any,
+        causation_id=text_any,
         traceparent=text_any,
-        payload=st.just(encode_payload(None)) | st.dictionaries(text_any, wire_values, max_size=4).map(encode_payload),
-    )  # fmt: skip
+        payload=st.just(encode_payload(None))
+        | st.dictionaries(text_any, wire_values, max_size=4).map(encode_payload),
+    )
 
 
 @st.composite
@@ -114,11 +135,14 @@ def test_valid_envelopes_round_trip(env: Envelope) -> None:
 
 
 def _flow(**extra: Any) -> FlowPlan:
-    cfg = decode_flow({
-        "name": "customers", "entity": "customer",
-        "sink": {"adapter": "sqlite", "path": "unused.db", "table": "t", "key": "id"},
-        **extra,
-    })  # fmt: skip
+    cfg = decode_flow(
+        {
+            "name": "customers",
+            "entity": "customer",
+            "sink": {"adapter": "sqlite", "path": "unused.db", "table": "t", "key": "id"},
+            **extra,
+        }
+    )
     data = compile_flow_data(cfg, source="fuzz", path="customers")
     return FlowPlan(cfg, agent="erp-agent", system="erp", _data=data)
 
@@ -126,14 +150,18 @@ def _flow(**extra: Any) -> FlowPlan:
 PLANS = {
     "raw": _flow(),
     "mapped": _flow(
-        from_canonical={"fields": {
-            "id": "id", "name": "name", "city": "billing_address.city",
-            "limit": {"from": "credit_limit", "convert": "money", "as_string": True},
-            "terms": {"from": "payment_terms_days", "convert": "str"},
-            "updated": {"from": "updated_at", "convert": "datetime", "format": "epoch_ms"},
-        }},
+        from_canonical={
+            "fields": {
+                "id": "id",
+                "name": "name",
+                "city": "billing_address.city",
+                "limit": {"from": "credit_limit", "convert": "money", "as_string": True},
+                "terms": {"from": "payment_terms_days", "convert": "str"},
+                "updated": {"from": "updated_at", "convert": "datetime", "format": "epoch_ms"},
+            }
+        },
         ownership={"system_of_record": "crm", "fields": {"credit_limit": "billing"}},
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -145,12 +173,15 @@ def _apply(plan: FlowPlan) -> Apply:
 customer_rows = st.fixed_dictionaries(
     {},
     optional={
-        "id": wire_values, "name": wire_values, "billing_address": wire_values,
+        "id": wire_values,
+        "name": wire_values,
+        "billing_address": wire_values,
         "credit_limit": wire_values | st.fixed_dictionaries({"amount": wire_values, "currency": wire_values}),
-        "payment_terms_days": wire_values, "updated_at": wire_values | st.datetimes().map(str),
+        "payment_terms_days": wire_values,
+        "updated_at": wire_values | st.datetimes().map(str),
         "tags": wire_values,
     },
-).flatmap(lambda row: st.dictionaries(text_any, wire_values, max_size=2).map(lambda extra: {**extra, **row}))  # fmt: skip
+).flatmap(lambda row: st.dictionaries(text_any, wire_values, max_size=2).map(lambda extra: {**extra, **row}))
 """Customer-shaped rows with any value in any field."""
 
 NOW_US = time.time_ns() // 1000
@@ -159,9 +190,10 @@ NOW_US = time.time_ns() // 1000
 origins = st.sampled_from(["crm", "billing", "erp"]) | names | text_any
 subjects = st.one_of(
     st.tuples(st.sampled_from(["upserted", "deleted"]), origins).map(lambda t: f"evt.customer.{t[0]}.{t[1]}"),
-    st.lists(st.text(st.characters(codec="utf-8", exclude_categories=["Z", "Cc"]), max_size=8), max_size=5)
-    .map(".".join),
-)  # fmt: skip
+    st.lists(
+        st.text(st.characters(codec="utf-8", exclude_categories=["Z", "Cc"]), max_size=8), max_size=5
+    ).map(".".join),
+)
 
 
 @st.composite
@@ -182,9 +214,15 @@ def sink_side_cases(draw: st.DrawFn) -> tuple[str, str, Envelope]:
         | st.binary(max_size=32).map(msgspec.Raw)
     )
     env = Envelope(
-        id=draw(text_any), kind=kind, flow="customers", key=draw(text_any), version=version, origin=origin,
-        occurred_at=draw(int64), payload=payload,
-    )  # fmt: skip
+        id=draw(text_any),
+        kind=kind,
+        flow="customers",
+        key=draw(text_any),
+        version=version,
+        origin=origin,
+        occurred_at=draw(int64),
+        payload=payload,
+    )
     return plan, subject, env
 
 
@@ -228,12 +266,21 @@ def test_foreign_headers_read_as_a_dead_letter_or_raise_decode_error(headers: di
         assert_clear(exc)
 
 
-@given(st.builds(
-    DeadLetter, reason=text_any, error_class=names, flow=names, original_subject=names,
-    permanent=st.booleans(), attempts=st.integers(0, 2**63 - 1), agent=names,
-    stage=st.sampled_from(["apply", "capture"]), original_stream_seq=st.none() | st.integers(0, 2**63 - 1),
-    original_msg_id=names,
-))  # fmt: skip
+@given(
+    st.builds(
+        DeadLetter,
+        reason=text_any,
+        error_class=names,
+        flow=names,
+        original_subject=names,
+        permanent=st.booleans(),
+        attempts=st.integers(0, 2**63 - 1),
+        agent=names,
+        stage=st.sampled_from(["apply", "capture"]),
+        original_stream_seq=st.none() | st.integers(0, 2**63 - 1),
+        original_msg_id=names,
+    )
+)
 def test_dead_letter_headers_round_trip(letter: DeadLetter) -> None:
     headers = letter.to_headers()
     assert all("\n" not in v and "\r" not in v for v in headers.values())

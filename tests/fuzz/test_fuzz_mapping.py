@@ -39,7 +39,10 @@ def _field_paths(tp: type, prefix: str = "", depth: int = 0) -> list[str]:
 ENTITY_PATHS = {name: _field_paths(tp) for name, tp in sorted(ENTITIES.items())}
 SOURCE_COLUMNS = ["id", "name", "amount", "when", "code", "flag", "lines", "cur", "Ship.City", "lines[0].qty"]
 
-formats = st.sampled_from(["iso", "epoch", "epoch_ms", "%d.%m.%Y", "%Y-%m-%d %H:%M", "%H", "%", "%Q", "x"]) | text_any
+formats = (
+    st.sampled_from(["iso", "epoch", "epoch_ms", "%d.%m.%Y", "%Y-%m-%d %H:%M", "%H", "%", "%Q", "x"])
+    | text_any
+)
 zones = st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Nope/Zone", "", "../etc"]) | text_any
 currencies = st.sampled_from(["EUR", "JPY", "KWD", "CLF", "XAU", "eur", ""]) | text_any
 
@@ -49,7 +52,9 @@ def _paths_for(entity: str) -> st.SearchStrategy[str]:
 
 
 @st.composite
-def rules(draw: st.DrawFn, targets: st.SearchStrategy[str], sources: st.SearchStrategy[str], depth: int = 0) -> Any:
+def rules(
+    draw: st.DrawFn, targets: st.SearchStrategy[str], sources: st.SearchStrategy[str], depth: int = 0
+) -> Any:
     if draw(st.integers(0, 4)) == 0:
         return draw(sources)
     rule: dict[str, Any] = {}
@@ -94,10 +99,16 @@ def mappings(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
     if draw(st.booleans()):
         cfg["lookups"] = {
             "countries": {"values": {"Germany": "DE", "France": "FR", "1": 7}},
-            "codes": draw(st.dictionaries(st.sampled_from(["values", "sqlite", "table", "key", "value",
-                                                           "refresh", "default", "bogus"]),
-                                          toml_values, max_size=3)),
-        }  # fmt: skip
+            "codes": draw(
+                st.dictionaries(
+                    st.sampled_from(
+                        ["values", "sqlite", "table", "key", "value", "refresh", "default", "bogus"]
+                    ),
+                    toml_values,
+                    max_size=3,
+                )
+            ),
+        }
     if draw(st.integers(0, 9)) == 0:  # not even a mapping table
         cfg = draw(st.dictionaries(text_any | st.just("fields"), toml_values, max_size=3))
     return entity, direction, cfg
@@ -111,18 +122,55 @@ def _compile(entity: str, direction: str, cfg: dict[str, Any]) -> Mapper | None:
         return None
 
 
-record_values = json_values | st.sampled_from(
-    ["2024-02-29", "29.02.2024", "2024-02-29T12:30:00+01:00", "1e400", "NaN", "-0", "12.345", " EUR ", "true"]
-) | st.dates().map(str) | st.datetimes().map(str) | st.integers(-(2**80), 2**80) | st.floats()  # fmt: skip
+record_values = (
+    json_values
+    | st.sampled_from(
+        [
+            "2024-02-29",
+            "29.02.2024",
+            "2024-02-29T12:30:00+01:00",
+            "1e400",
+            "NaN",
+            "-0",
+            "12.345",
+            " EUR ",
+            "true",
+        ]
+    )
+    | st.dates().map(str)
+    | st.datetimes().map(str)
+    | st.integers(-(2**80), 2**80)
+    | st.floats()
+)
 
 
-@given(mappings(), st.lists(st.dictionaries(st.sampled_from(SOURCE_COLUMNS + ["lines", "Ship"]) | text_any,
-                                            record_values, max_size=6), max_size=3))  # fmt: skip
-@example(("customer", "to_canonical",
-          {"fields": {"id": "id", "name": "name", "updated_at": {"from": "when", "convert": "datetime",
-                                                                   "format": "epoch"}}}),
-         [{"id": "1", "name": "A", "when": 1e20}, {"id": "1", "name": "A", "when": "1e400"},
-          {"id": "1", "name": "A", "when": 10**30}])  # fmt: skip
+@given(
+    mappings(),
+    st.lists(
+        st.dictionaries(
+            st.sampled_from([*SOURCE_COLUMNS, "lines", "Ship"]) | text_any, record_values, max_size=6
+        ),
+        max_size=3,
+    ),
+)
+@example(
+    (
+        "customer",
+        "to_canonical",
+        {
+            "fields": {
+                "id": "id",
+                "name": "name",
+                "updated_at": {"from": "when", "convert": "datetime", "format": "epoch"},
+            }
+        },
+    ),
+    [
+        {"id": "1", "name": "A", "when": 1e20},
+        {"id": "1", "name": "A", "when": "1e400"},
+        {"id": "1", "name": "A", "when": 10**30},
+    ],
+)
 def test_any_mapping_compiles_or_raises_config_error_and_maps_or_raises_mapping_error(
     mapping: tuple[str, str, dict[str, Any]], records: list[dict[str, Any]]
 ) -> None:
@@ -143,39 +191,54 @@ def test_any_mapping_compiles_or_raises_config_error_and_maps_or_raises_mapping_
 
 # --- round trip ---------------------------------------------------------------------------------
 
-TO = {"fields": {
-    "id": {"from": "id", "convert": "str"},
-    "name": "name",
-    "credit_limit": {"from": "limit", "convert": "money", "currency": "EUR"},
-    "payment_terms_days": {"from": "terms", "convert": "int"},
-    "updated_at": {"from": "modified", "convert": "datetime", "format": "%Y-%m-%d %H:%M:%S",
-                   "timezone": "Europe/Berlin"},
-    "billing_address.country": {"from": "country", "lookup": "countries"},
-}, "lookups": {"countries": {"values": {"Germany": "DE", "France": "FR"}}}}  # fmt: skip
-FROM = {"fields": {
-    "id": "id",
-    "name": "name",
-    "limit": {"from": "credit_limit", "convert": "money", "currency": "EUR", "as_string": True},
-    "terms": "payment_terms_days",
-    "modified": {"from": "updated_at", "convert": "datetime", "format": "%Y-%m-%d %H:%M:%S",
-                 "timezone": "Europe/Berlin"},
-    "country": {"from": "billing_address.country", "map": {"DE": "Germany", "FR": "France"}},
-}}  # fmt: skip
+TO = {
+    "fields": {
+        "id": {"from": "id", "convert": "str"},
+        "name": "name",
+        "credit_limit": {"from": "limit", "convert": "money", "currency": "EUR"},
+        "payment_terms_days": {"from": "terms", "convert": "int"},
+        "updated_at": {
+            "from": "modified",
+            "convert": "datetime",
+            "format": "%Y-%m-%d %H:%M:%S",
+            "timezone": "Europe/Berlin",
+        },
+        "billing_address.country": {"from": "country", "lookup": "countries"},
+    },
+    "lookups": {"countries": {"values": {"Germany": "DE", "France": "FR"}}},
+}
+FROM = {
+    "fields": {
+        "id": "id",
+        "name": "name",
+        "limit": {"from": "credit_limit", "convert": "money", "currency": "EUR", "as_string": True},
+        "terms": "payment_terms_days",
+        "modified": {
+            "from": "updated_at",
+            "convert": "datetime",
+            "format": "%Y-%m-%d %H:%M:%S",
+            "timezone": "Europe/Berlin",
+        },
+        "country": {"from": "billing_address.country", "map": {"DE": "Germany", "FR": "France"}},
+    }
+}
 TO_CANONICAL = compile_mapping(TO, "customer", "to_canonical")
 FROM_CANONICAL = compile_mapping(FROM, "customer", "from_canonical")
 
-customers = st.fixed_dictionaries({
-    "id": st.text(st.characters(codec="utf-8"), min_size=1, max_size=20),
-    "name": st.text(st.characters(codec="utf-8"), min_size=1, max_size=40),
-    "limit": st.decimals(min_value=-(10**12), max_value=10**12, places=2).map(str),
-    "terms": st.integers(0, 3650),
-    # Berlin wall-clock times that exist exactly once (no DST gap or fold), second precision.
-    "modified": st.datetimes(datetime.datetime(1990, 1, 1), datetime.datetime(2100, 1, 1))
-    .map(lambda d: d.replace(microsecond=0))
-    .filter(lambda d: d.month not in (3, 10))
-    .map(lambda d: d.strftime("%Y-%m-%d %H:%M:%S")),
-    "country": st.sampled_from(["Germany", "France"]),
-})  # fmt: skip
+customers = st.fixed_dictionaries(
+    {
+        "id": st.text(st.characters(codec="utf-8"), min_size=1, max_size=20),
+        "name": st.text(st.characters(codec="utf-8"), min_size=1, max_size=40),
+        "limit": st.decimals(min_value=-(10**12), max_value=10**12, places=2).map(str),
+        "terms": st.integers(0, 3650),
+        # Berlin wall-clock times that exist exactly once (no DST gap or fold), second precision.
+        "modified": st.datetimes(datetime.datetime(1990, 1, 1), datetime.datetime(2100, 1, 1))
+        .map(lambda d: d.replace(microsecond=0))
+        .filter(lambda d: d.month not in (3, 10))
+        .map(lambda d: d.strftime("%Y-%m-%d %H:%M:%S")),
+        "country": st.sampled_from(["Germany", "France"]),
+    }
+)
 
 
 @given(customers)
