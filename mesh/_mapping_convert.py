@@ -70,7 +70,7 @@ def to_str(value: Any) -> str:
     if isinstance(value, int | Decimal):
         return str(value)
     if isinstance(value, float):
-        return str(to_decimal(value))
+        return str(_decimal(value))  # NaN and infinities (a PostgreSQL float8 can hold them) fail
     if isinstance(value, datetime.date):
         return value.isoformat()
     raise Fail(f"cannot turn {_name(value)} {value!r} into a string")
@@ -235,7 +235,7 @@ def build(
         assert currency_from is not None
         code = currency_from(ctx)
         code = code.strip().upper() if isinstance(code, str) else code
-        if code not in CURRENCY_EXPONENTS:
+        if not isinstance(code, str) or code not in CURRENCY_EXPONENTS:  # a list or map is not hashable
             raise Fail(f"currency {code!r} is not an ISO 4217 code")
         return str(code)
 

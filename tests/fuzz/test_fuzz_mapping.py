@@ -248,3 +248,136 @@ def test_a_customer_mapped_to_canonical_and_back_is_unchanged(row: dict[str, Any
     back = FROM_CANONICAL.map(canonical)
     assert Decimal(back.pop("limit")) == Decimal(row["limit"])
     assert back == {k: v for k, v in row.items() if k != "limit"}
+
+
+# --- well-formed mappings: compiled, then fed hostile records -------------------------------------------
+
+TO_RULES: dict[str, st.SearchStrategy[Any]] = {
+    "updated_at": st.fixed_dictionaries(
+        {"from": st.just("when"), "convert": st.just("datetime")},
+        optional={
+            "format": st.sampled_from(["iso", "epoch", "epoch_ms", "%d.%m.%Y %H:%M", "%Y%m%d%H%M%S"]),
+            "timezone": st.sampled_from(["UTC", "Europe/Berlin", "Pacific/Kiritimati", "Etc/GMT+12"]),
+        },
+    ),
+    "credit_limit": st.fixed_dictionaries(
+        {"from": st.just("amount"), "convert": st.just("money")},
+        optional={"rounding": st.sampled_from(["half_even", "up", "floor", "reject"])},
+    ).flatmap(
+        lambda r: st.sampled_from(
+            [{**r, "currency": c} for c in ("EUR", "JPY", "KWD", "CLF")] + [{**r, "currency_from": "cur"}]
+        )
+    ),
+    "payment_terms_days": st.fixed_dictionaries(
+        {"from": st.just("days"), "convert": st.sampled_from(["int"])},
+        optional={"default": st.integers(0, 3650)},
+    ),
+    "number": st.fixed_dictionaries(
+        {"from": st.just("code"), "convert": st.just("str")},
+        optional={"transform": st.lists(st.sampled_from(TRANSFORMS), max_size=3)},
+    ),
+    "status": st.fixed_dictionaries(
+        {"from": st.just("flag"), "map": st.just({"A": "active", "B": "blocked"})},
+        optional={"map_default": st.just("inactive")},
+    ),
+    "billing_address.country": st.fixed_dictionaries(
+        {"from": st.just("country"), "lookup": st.just("countries")}
+    ),
+    "tags": st.just({"const": ["vip"]}),
+}
+FROM_RULES: dict[str, st.SearchStrategy[Any]] = {
+    "when": st.fixed_dictionaries(
+        {"from": st.just("updated_at"), "convert": st.just("datetime")},
+        optional={
+            "format": st.sampled_from(["iso", "epoch", "epoch_ms", "%d.%m.%Y %H:%M"]),
+            "timezone": st.sampled_from(["UTC", "Europe/Berlin", "Pacific/Kiritimati", "Etc/GMT+12"]),
+        },
+    ),
+    "amount": st.fixed_dictionaries(
+        {"from": st.just("credit_limit"), "convert": st.just("money")},
+        optional={"as_string": st.booleans(), "currency": st.sampled_from(["EUR", "JPY"])},
+    ),
+    "minor": st.just(
+        {"from": "credit_limit.amount", "convert": "minor_units", "currency_from": "$.currency"}
+    ),
+    "days": st.fixed_dictionaries(
+        {"from": st.just("payment_terms_days")},
+        optional={"convert": st.sampled_from(["int", "str", "float", "decimal"])},
+    ),
+    "name": st.fixed_dictionaries(
+        {"from": st.just("name")}, optional={"transform": st.lists(st.sampled_from(TRANSFORMS), max_size=3)}
+    ),
+    "flag": st.just({"from": "status", "map": {"active": "A", "blocked": "B"}, "map_default": "X"}),
+    "ok": st.just({"from": "contact.email", "convert": "bool", "default": False}),
+}
+LOOKUPS = {"countries": {"values": {"Germany": "DE", "France": "FR"}, "default": "US"}}
+
+hostile_values = (
+    record_values
+    | st.sampled_from(
+        [
+            "0001-01-01T00:00:00+14:00",
+            "9999-12-31T23:59:59-12:00",
+            "99999999999999",
+            "1" * 40,
+            "EUR",
+            "jpy",
+            "XAU",
+            "31.12.9999 23:59",
+            "00000000000000",
+            "Germany",
+            " france ",
+        ]
+    )
+    | st.fixed_dictionaries(
+        {"amount": record_values, "currency": st.sampled_from(["EUR", "JPY", "XYZ"]) | record_values}
+    )
+)
+
+
+@st.composite
+def well_formed(draw: st.DrawFn) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    direction = draw(st.sampled_from(["to_canonical", "from_canonical"]))
+    table = TO_RULES if direction == "to_canonical" else FROM_RULES
+    fields: dict[str, Any] = {"id": "id", "name": "name"} if direction == "to_canonical" else {"id": "id"}
+    for target in draw(st.lists(st.sampled_from(sorted(table)), min_size=1, max_size=5, unique=True)):
+        fields[target] = draw(table[target])
+    columns = (
+        ["id", "name", "when", "amount", "cur", "days", "code", "flag", "country"]
+        if direction == "to_canonical"
+        else [
+            "id",
+            "name",
+            "updated_at",
+            "credit_limit",
+            "payment_terms_days",
+            "status",
+            "contact",
+            "currency",
+        ]
+    )
+    records = draw(
+        st.lists(
+            st.dictionaries(st.sampled_from(columns), hostile_values, max_size=len(columns)),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    return direction, {"fields": fields, "lookups": LOOKUPS}, records
+
+
+@given(well_formed())
+def test_well_formed_mappings_compile_and_map_any_record_or_raise_mapping_error(
+    case: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    direction, cfg, records = case
+    mapper = compile_mapping(cfg, "customer", direction)  # type: ignore[arg-type]
+    for record in records:
+        try:
+            out = mapper.map(record)
+        except MappingError as exc:
+            assert_clear(exc)
+            event("record refused")
+        else:
+            assert isinstance(out, dict)
+            event("record mapped")

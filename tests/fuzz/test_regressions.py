@@ -141,3 +141,33 @@ def test_an_unparsable_dsn_is_refused_without_repeating_any_part_of_it(dsn: str)
 )
 def test_redact_urls_finds_a_url_glued_to_a_word(text: str, expected: str) -> None:
     assert redact_urls(text) == expected
+
+
+@pytest.mark.parametrize("code", [[], {"a": 1}, ["EUR"]])
+def test_a_currency_read_from_the_record_that_is_a_list_or_map_is_a_mapping_error(code: Any) -> None:
+    mapper = compile_mapping(
+        {
+            "fields": {
+                "id": "id",
+                "name": "n",
+                "credit_limit": {"from": "a", "convert": "money", "currency_from": "c"},
+            }
+        },
+        "customer",
+        "to_canonical",
+    )
+    with pytest.raises(MappingError, match="not an ISO 4217 code") as info:
+        mapper.map({"id": "1", "n": "A", "a": "1.00", "c": code})
+    assert_clear(info.value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_float_converted_to_str_is_a_mapping_error(value: float) -> None:
+    mapper = compile_mapping(
+        {"fields": {"id": "id", "name": "n", "number": {"from": "c", "convert": "str"}}},
+        "customer",
+        "to_canonical",
+    )
+    with pytest.raises(MappingError, match="not a finite number") as info:
+        mapper.map({"id": "1", "n": "A", "c": value})
+    assert_clear(info.value)
