@@ -21,7 +21,7 @@ from mesh.config import AgentConfig, parse_agent_config
 from mesh.errors import ConfigError
 from tests.fuzz._support import assert_clear_config_error, names, text_any, toml_document, toml_values
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(600)]
 
 BASE = Path(tempfile.gettempdir()) / "mesh-fuzz-config"
 """Relative paths resolve against this directory; nothing is created there."""

@@ -23,7 +23,7 @@ from mesh.errors import ConfigError, MappingError
 from mesh.mapping import CONVERTERS, TRANSFORMS, Mapper, compile_mapping
 from tests.fuzz._support import assert_clear, assert_clear_config_error, json_values, text_any, toml_values
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(600)]
 
 
 def _field_paths(tp: type, prefix: str = "", depth: int = 0) -> list[str]:

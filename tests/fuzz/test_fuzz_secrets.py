@@ -24,7 +24,7 @@ from mesh.errors import ConfigError
 from mesh.redact import redact_urls
 from tests.fuzz._support import assert_clear_config_error, text_any
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(600)]
 
 
 def _refused_without_echo(exc: ConfigError, dsn: str) -> None:

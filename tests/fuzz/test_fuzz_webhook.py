@@ -24,7 +24,7 @@ from adapters.webhook._signature import SignatureError, Verifier, compute_signat
 from adapters.webhook.config import WebhookSourceConfig
 from tests.fuzz._support import assert_clear, json_values, text_any
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(600)]
 
 NOW = 1_732_700_000
 SECRETS = [b"whsec_primary_0123456789", b"whsec_previous_9876543210"]
