@@ -69,8 +69,18 @@ def _check_pg_columns(value: str | list[str] | None, field: str) -> None:
             raise ValueError(f"{field}: a column name cannot contain NUL")
 
 
-_QUOTED = re.compile(r'"[^"]*"')
-"""A double-quoted fragment of a libpq error message."""
+_QUOTED = re.compile(r'(?P<lead>(?:connection option|query parameter:) )?"(?P<text>[^"]*)"')
+"""A double-quoted fragment of a libpq error message, and whether it names an option."""
+
+
+def _hide_quoted(m: re.Match[str]) -> str:
+    """A fragment of the DSN in libpq's message, hidden unless it is ``=`` or an option name
+    made of letters and ``_`` only (``invalid connection option "colour"``: a typo the operator
+    must see; a token with digits or signs may be a password and is hidden)."""
+    if m["text"] == "=" or (m["lead"] and re.fullmatch(r"[A-Za-z_]{1,64}", m["text"])):
+        return m[0]
+    return f'{m["lead"] or ""}"…"'
+
 
 
 def _check_pg_dsn(dsn: str) -> None:
@@ -84,9 +94,9 @@ def _check_pg_dsn(dsn: str) -> None:
         params = conninfo_to_dict(dsn)
     except PsycopgError as exc:
         # libpq quotes the part of the DSN it stumbled on ('missing "=" after "<token>"'), and
-        # that part may be a password typed without its key: every quoted part is left out.
+        # that part may be a password typed without its key: it is left out (see _hide_quoted).
         reason = " ".join(str(exc).split()) if "password" not in str(exc) else "unparsable"
-        reason = _QUOTED.sub(lambda m: m[0] if m[0] == '"="' else '"…"', reason)
+        reason = _QUOTED.sub(_hide_quoted, reason)
         raise ValueError(f"dsn: not a valid libpq connection string ({reason})") from None
     if params.get("password"):
         raise ValueError("dsn: must not hold a password (name an environment variable in password_env)")

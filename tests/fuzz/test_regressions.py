@@ -171,3 +171,10 @@ def test_a_non_finite_float_converted_to_str_is_a_mapping_error(value: float) ->
     with pytest.raises(MappingError, match="not a finite number") as info:
         mapper.map({"id": "1", "n": "A", "c": value})
     assert_clear(info.value)
+
+
+def test_a_misspelt_dsn_option_is_still_named() -> None:
+    with pytest.raises(ConfigError, match='invalid connection option "colour"'):
+        decode_adapter_config(
+            "source", {"adapter": "postgres", "dsn": "host=db colour=red", "table": "t", "key": "id"}
+        )
