@@ -107,7 +107,8 @@ class MappingError(PermanentError):
 
 def _printable(text: str) -> str:
     """``text`` with every unprintable character (line breaks, terminal escapes) written as its
-    escape (``\\n``, ``\\x1b``): a problem stays one line whatever a config file's keys hold."""
+    escape (``\\n``, ``\\x1b``): a message stays one line whatever a config key or a sender's
+    subject holds."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

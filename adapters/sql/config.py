@@ -82,7 +82,6 @@ def _hide_quoted(m: re.Match[str]) -> str:
     return f'{m["lead"] or ""}"…"'
 
 
-
 def _check_pg_dsn(dsn: str) -> None:
     """Refuse a password in any form libpq accepts (``password=``, URL userinfo, ``?password=``,
     percent-encoded keys or values): parsed by libpq itself through psycopg, so what is checked
