@@ -70,7 +70,7 @@ def to_str(value: Any) -> str:
     if isinstance(value, int | Decimal):
         return str(value)
     if isinstance(value, float):
-        return str(to_decimal(value))
+        return str(_decimal(value))  # NaN and infinities (a PostgreSQL float8 can hold them) fail
     if isinstance(value, datetime.date):
         return value.isoformat()
     raise Fail(f"cannot turn {_name(value)} {value!r} into a string")
@@ -182,7 +182,10 @@ def _parse_datetime(value: Any, fmt: str, zone: datetime.tzinfo) -> datetime.dat
         except ValueError:
             raise Fail(f"{value!r} is not a Unix timestamp") from None
         ms = number if fmt == "epoch_ms" else number * 1000
-        return _EPOCH + datetime.timedelta(milliseconds=float(ms))
+        try:
+            return _EPOCH + datetime.timedelta(milliseconds=float(ms))
+        except OverflowError:  # beyond year 1..9999 (or beyond what a timedelta holds)
+            raise Fail(f"{value!r} is a Unix timestamp out of the range of datetimes") from None
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -198,8 +201,15 @@ def _parse_datetime(value: Any, fmt: str, zone: datetime.tzinfo) -> datetime.dat
     return dt.replace(tzinfo=zone) if dt.tzinfo is None else dt
 
 
+def _in_zone(dt: datetime.datetime, zone: datetime.tzinfo) -> datetime.datetime:
+    try:
+        return dt.astimezone(zone)
+    except OverflowError:  # 0001-01-01 or 9999-12-31 moved across midnight by the offset
+        raise Fail(f"{dt.isoformat()} is out of the range of datetimes in {zone}") from None
+
+
 def _iso_utc(dt: datetime.datetime) -> str:
-    return dt.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+    return _in_zone(dt, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 # --- the factory ------------------------------------------------------------------------------
@@ -225,7 +235,7 @@ def build(
         assert currency_from is not None
         code = currency_from(ctx)
         code = code.strip().upper() if isinstance(code, str) else code
-        if code not in CURRENCY_EXPONENTS:
+        if not isinstance(code, str) or code not in CURRENCY_EXPONENTS:  # a list or map is not hashable
             raise Fail(f"currency {code!r} is not an ISO 4217 code")
         return str(code)
 
@@ -256,7 +266,7 @@ def build(
             return lambda v, ctx: _iso_utc(_parse_datetime(v, fmt, zone))
 
         def datetime_out(v: Any, ctx: Context) -> Any:
-            dt = _parse_datetime(v, "iso", datetime.UTC).astimezone(zone)
+            dt = _in_zone(_parse_datetime(v, "iso", datetime.UTC), zone)
             if fmt == "epoch_ms":
                 return (dt - _EPOCH) // datetime.timedelta(milliseconds=1)
             if fmt == "epoch":

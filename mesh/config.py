@@ -452,8 +452,13 @@ def _resolver(base: Path) -> Callable[[str], str]:
     return resolve
 
 
+def _nul_problem(where: str, p: str) -> ConfigProblem:
+    # The OS cannot take such a path (Path.resolve raises ValueError): refused like any bad value.
+    return ConfigProblem(where, f"path {p!r} contains a NUL character")
+
+
 def resolve_flow_paths(
-    flow: FlowConfig, base: Path, *, confine_to: Sequence[Path] | None = None
+    flow: FlowConfig, base: Path, *, confine_to: Sequence[Path] | None = None, source: str = "control plane"
 ) -> FlowConfig:
     """``flow`` with every file path (source, sink, SQLite lookups) made absolute against ``base``.
 
@@ -461,7 +466,8 @@ def resolve_flow_paths(
     those directories.
 
     Raises:
-        ConfigError: a path leads outside ``confine_to``; one problem per side, with the path.
+        ConfigError: a path leads outside ``confine_to`` or holds a NUL character; one problem
+            per side, with the path; ``source`` names where the flow came from.
     """
     problems: list[ConfigProblem] = []
     roots = [Path(r).resolve() for r in confine_to] if confine_to is not None else None
@@ -470,6 +476,9 @@ def resolve_flow_paths(
         plain = _resolver(base)
 
         def resolve(p: str) -> str:
+            if "\x00" in p:
+                problems.append(_nul_problem(f"flows.{flow.name}.{side}", p))
+                return p
             resolved = plain(p)
             if roots is not None:
                 real = Path(resolved).resolve()
@@ -494,12 +503,17 @@ def resolve_flow_paths(
         if mapping is not None:
             changes[direction] = mapping.resolved(resolver(direction))
     if problems:
-        raise ConfigError(source="control plane", problems=problems)
+        raise ConfigError(source=source, problems=problems)
     return msgspec.structs.replace(flow, **changes)
 
 
-def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
-    flows = [resolve_flow_paths(flow, base) for flow in cfg.flows]
+def _resolve_paths(cfg: AgentConfig, base: Path, source: str) -> AgentConfig:
+    agent_paths = [("agent.state_dir", cfg.agent.state_dir)]
+    agent_paths += [(f"agent.allowed_paths[{i}]", p) for i, p in enumerate(cfg.agent.allowed_paths)]
+    problems = [_nul_problem(where, p) for where, p in agent_paths if "\x00" in p]
+    if problems:
+        raise ConfigError(source=source, problems=problems)
+    flows = [resolve_flow_paths(flow, base, source=source) for flow in cfg.flows]
     resolve = _resolver(base)
     agent = msgspec.structs.replace(
         cfg.agent,
@@ -568,7 +582,7 @@ def parse_agent_config(
         problems = _check_data(cfg, source, base or Path.cwd())
     if problems:
         raise ConfigError(source=source, problems=problems)
-    return _resolve_paths(cfg, base or Path.cwd())
+    return _resolve_paths(cfg, base or Path.cwd(), source)
 
 
 def load_agent_config(path: str | Path, *, registry: AdapterRegistry | None = None) -> AgentConfig:

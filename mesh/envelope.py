@@ -130,7 +130,8 @@ def decode_payload(envelope: Envelope) -> RowPayload:
     try:
         return _row_decoder.decode(envelope.payload)
     except msgspec.DecodeError as exc:
-        raise DecodeError(f"payload of {envelope.kind} {envelope.id} is not a row: {exc}") from None
+        # kind and id come from the sender: quoted, so that a forged one cannot break the line.
+        raise DecodeError(f"payload of {envelope.kind!r} {envelope.id!r} is not a row: {exc}") from None
 
 
 _DEAD_LETTER_NAMES = {

@@ -85,7 +85,8 @@ class InvalidEnvelope(PermanentError):
         self.field = field
         self.got = got
         self.expected = expected
-        super().__init__(f"envelope {field} {got!r}: expected {expected}")
+        # ``expected`` may quote the subject, which the sender chose: kept to one printable line.
+        super().__init__(_printable(f"envelope {field} {got!r}: expected {expected}"))
 
 
 class RejectedRecord(PermanentError):
@@ -106,6 +107,15 @@ class MappingError(PermanentError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character (line breaks, terminal escapes) written as its
+    escape (``\\n``, ``\\x1b``): a message stays one line whatever a config key or a sender's
+    subject holds."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class ConfigProblem(NamedTuple):
     """One thing wrong with a configuration: where (a field path such as ``flows[0].source.table``,
     or ``""`` for the file as a whole) and what."""
@@ -124,7 +134,9 @@ class ConfigError(MeshError):
     is retried on a slow backoff (``agents.delivery.CONFIG_RETRY``) and logs no traceback.
 
     ``str()`` renders one problem per line as ``file: path: message`` (parts that are empty are
-    left out), so a caller that needs the parts reads ``problems`` instead of parsing the text.
+    left out; unprintable characters in a path or message, such as a line break in a key, are
+    written as escapes, so each problem is exactly one line), so a caller that needs the parts
+    reads ``problems`` instead of parsing the text.
     ``ConfigError(message, path=...)`` is the one-problem form.
     """
 
@@ -136,9 +148,9 @@ class ConfigError(MeshError):
         path: str | None = None,
         problems: Iterable[tuple[str, str]] = (),
     ) -> None:
-        listed = [ConfigProblem(p, m) for p, m in problems]
+        listed = [ConfigProblem(_printable(p), _printable(m)) for p, m in problems]
         if message is not None:
-            listed.insert(0, ConfigProblem(path or "", message))
+            listed.insert(0, ConfigProblem(_printable(path or ""), _printable(message)))
         if not listed:
             raise ValueError("ConfigError needs a message or at least one problem")
         self.source = source

@@ -15,7 +15,8 @@ __all__ = ["redact_urls"]
 
 # scheme://<userinfo>@ — userinfo may hold percent-encoded bytes and any character but '/', '@'
 # and whitespace; the last '@' before the host ends it (passwords may contain '@' encoded only).
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+# The scheme may follow any character, a letter or digit included ("0nats://u:p@h"): no \b.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
 
 
 def redact_urls(text: str | Iterable[str]) -> str:

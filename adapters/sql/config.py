@@ -6,6 +6,7 @@ import this module, never the drivers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Literal, Self
 
@@ -69,6 +70,19 @@ def _check_pg_columns(value: str | list[str] | None, field: str) -> None:
             raise ValueError(f"{field}: a column name cannot contain NUL")
 
 
+_QUOTED = re.compile(r'(?P<lead>(?:connection option|query parameter:) )?"(?P<text>[^"]*)"')
+"""A double-quoted fragment of a libpq error message, and whether it names an option."""
+
+
+def _hide_quoted(m: re.Match[str]) -> str:
+    """A fragment of the DSN in libpq's message, hidden unless it is ``=`` or an option name
+    made of letters and ``_`` only (``invalid connection option "colour"``: a typo the operator
+    must see; a token with digits or signs may be a password and is hidden)."""
+    if m["text"] == "=" or (m["lead"] and re.fullmatch(r"[A-Za-z_]{1,64}", m["text"])):
+        return m[0]
+    return f'{m["lead"] or ""}"…"'
+
+
 def _check_pg_dsn(dsn: str) -> None:
     """Refuse a password in any form libpq accepts (``password=``, URL userinfo, ``?password=``,
     percent-encoded keys or values): parsed by libpq itself through psycopg, so what is checked
@@ -79,7 +93,10 @@ def _check_pg_dsn(dsn: str) -> None:
     try:
         params = conninfo_to_dict(dsn)
     except PsycopgError as exc:
-        reason = str(exc).split(":", 1)[-1].strip() if "password" not in str(exc) else "unparsable"
+        # libpq quotes the part of the DSN it stumbled on ('missing "=" after "<token>"'), and
+        # that part may be a password typed without its key: it is left out (see _hide_quoted).
+        reason = " ".join(str(exc).split()) if "password" not in str(exc) else "unparsable"
+        reason = _QUOTED.sub(_hide_quoted, reason)
         raise ValueError(f"dsn: not a valid libpq connection string ({reason})") from None
     if params.get("password"):
         raise ValueError(

@@ -25,6 +25,7 @@ _MICROSECOND = timedelta(microseconds=1)
 _INT64 = range(-(2**63), 2**63)
 _MAX_KEY = 512
 _decoder = msgspec.json.Decoder()
+_row_encoder = msgspec.msgpack.Encoder()  # the envelope payload's encoding (msgpack integers are 64-bit)
 
 
 class MappingError(Exception):
@@ -101,7 +102,8 @@ class EventMapper:
 
         Raises:
             MappingError: not an object (or, with ``batch``, a list of objects), or an event
-                lacks its key, has a key or version of the wrong kind, or a type that is not text.
+                lacks its key, has a key or version of the wrong kind, a type that is not text,
+                or an integer beyond 64 bits (which an envelope cannot carry).
         """
         if isinstance(body, list):
             if not self.cfg.batch:
@@ -150,6 +152,10 @@ class EventMapper:
             row = self._field(event, cfg.row_field)
             if not isinstance(row, dict):
                 raise MappingError(f"{cfg.row_field}: expected a JSON object, got {type(row).__name__}")
+        try:  # what the envelope cannot carry would stop the capture loop later: refuse it now
+            _row_encoder.encode(row)
+        except OverflowError:
+            raise MappingError("an integer in the event is beyond 64 bits; send it as a string") from None
         return Change(key=key_text, version=version, deleted=deleted, row=row, occurred_at=timestamp * 1000)
 
     def _field(self, event: dict[str, Any], path: str) -> Any:
