@@ -247,6 +247,7 @@ class ConnectorAgent:
                 a.name, sup, self._flow_actors,
                 expire_inflight=self.expire_inflight, outbox_depth=self._outbox_depth, state_dir=a.state_dir,
                 allowed_paths=a.allowed_paths,
+                allowed_env=a.allowed_env,
             )  # fmt: skip
             await self.flows.add_configured(self.cfg.flows)
             await sup.start("gauges", self._gauges)

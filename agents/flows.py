@@ -25,6 +25,7 @@ Guarantees, for every change:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +37,10 @@ import anyio
 from mesh.actors import Actor, Supervisor
 from mesh.config import FlowConfig, check_flow, decode_flow, resolve_flow_paths
 from mesh.controlplane.models import AgentCommand, Assignment, CommandResult, FlowOutcome
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, ConfigProblem
 from mesh.flowdata import compile_flow_data
 
-__all__ = ["FlowHandle", "FlowManager", "FlowOrigin", "flow_from_assignment"]
+__all__ = ["FlowHandle", "FlowManager", "FlowOrigin", "env_references", "flow_from_assignment"]
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,50 @@ class FlowHandle:
         return self.cfg.name
 
 
+def env_references(config: object, path: str = "flow") -> list[tuple[str, str]]:
+    """Every environment variable an adapter config references as a secret: ``(field path,
+    variable name)`` for each ``*_env`` string and each value of a ``*_env`` table (e.g.
+    ``headers_env``), at any depth."""
+    found: list[tuple[str, str]] = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            where = f"{path}.{key}"
+            if isinstance(key, str) and key.endswith("_env"):
+                if isinstance(value, str):
+                    found.append((where, value))
+                elif isinstance(value, dict):
+                    found += [(f"{where}.{k}", v) for k, v in value.items() if isinstance(v, str)]
+                continue
+            found += env_references(value, where)
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found += env_references(item, f"{path}[{i}]")
+    return found
+
+
 def flow_from_assignment(
-    config: dict[str, object], state_dir: str, allowed_paths: Sequence[str] = ()
+    config: dict[str, object],
+    state_dir: str,
+    allowed_paths: Sequence[str] = (),
+    allowed_env: Sequence[str] = (),
 ) -> FlowConfig:
     """Decode one assigned flow's config; relative paths resolve against ``state_dir``, and
-    every path must lie inside ``state_dir`` or one of ``allowed_paths``.
+    every path must lie inside ``state_dir`` or one of ``allowed_paths``; every environment
+    variable it references must match one of ``allowed_env``.
 
     Raises:
         ConfigError: the config does not validate on this agent (e.g. a newer control plane
-            sent a field this version does not know), or a path leads outside those directories.
+            sent a field this version does not know), a path leads outside those directories,
+            or it references an environment variable the agent does not allow.
     """
+    refused = [
+        ConfigProblem(where, f"environment variable {name!r} is not in this agent's "
+                             "agent.allowed_env; applied flows may only read the secrets it lists")
+        for where, name in env_references(config)
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed_env)
+    ]  # fmt: skip
+    if refused:
+        raise ConfigError(source="control plane", problems=refused)
     flow = decode_flow(config, source="control plane", path="flow")
     problems = check_flow(flow, "flow")
     if problems:
@@ -105,9 +140,11 @@ class FlowManager:
         outbox_depth: Callable[[str], Awaitable[int]],
         state_dir: str,
         allowed_paths: Sequence[str] = (),
+        allowed_env: Sequence[str] = (),
     ) -> None:
         self.agent_name = agent_name
         self.allowed_paths = list(allowed_paths)
+        self.allowed_env = list(allowed_env)
         self.sup = supervisor
         self.make_actors = make_actors
         self.expire_inflight = expire_inflight
@@ -195,7 +232,7 @@ class FlowManager:
                         await self._start(h)
                     continue
                 try:
-                    cfg = flow_from_assignment(a.config, self.state_dir, self.allowed_paths)
+                    cfg = flow_from_assignment(a.config, self.state_dir, self.allowed_paths, self.allowed_env)
                 except ConfigError as exc:
                     log.error("flow %s (generation %d): %s", name, a.generation, exc)
                     if h is not None:

@@ -102,6 +102,11 @@ class AgentSection(ConfigStruct, frozen=True):
     """Directories (besides ``state_dir``) whose files flows applied through the control plane
     may use; any other path in an applied flow is refused (``../`` escapes included). Flows in
     this file are the operator's own and are not confined."""
+    allowed_env: list[str] = msgspec.field(default_factory=list)
+    """Environment variables (names or shell-style patterns such as ``CRM_*``) that flows applied
+    through the control plane may reference as secrets (``*_env``, ``headers_env``); any other
+    is refused, so whoever can apply a flow cannot make the agent send, say, ``AWS_SECRET_KEY``
+    to a URL of their choosing. Flows in this file are not confined."""
 
 
 class TlsConfig(ConfigStruct, frozen=True):

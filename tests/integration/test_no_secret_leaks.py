@@ -50,6 +50,7 @@ name = "{name}"
 system = "{system}"
 state_dir = "{state}"
 allowed_paths = ["{allowed}"]
+allowed_env = ["CRM_*"]
 heartbeat_interval = 0.5
 [nats]
 servers = ["{url}"]

@@ -135,3 +135,36 @@ async def test_dry_run_and_apply_agree_and_nothing_is_stored() -> None:
     ok = await store.apply(ApplyFlows(text=_sqlite_sink("crm.db"), source="flows.toml"))
     assert isinstance(ok, FlowsApplied)
     assert list(flows.data) == ["flow.customers"]
+
+
+def test_applied_flows_may_only_read_the_environment_variables_the_agent_allows() -> None:
+    from agents.flows import env_references, flow_from_assignment
+    from mesh.errors import ConfigError
+
+    config = {
+        "name": "customers",
+        "entity": "customer",
+        "source": {"adapter": "sqlite", "path": "erp.db", "table": "customers", "key": "id"},
+        "sink": {
+            "adapter": "rest",
+            "base_url": "https://crm.example.com",
+            "upsert_path": "/c/{key}",
+            "state_path": "v.db",
+            "headers_env": {"X-Api-Key": "CRM_API_KEY"},
+            "auth": {"type": "bearer", "token_env": "AWS_SECRET_ACCESS_KEY"},
+        },
+    }
+    assert env_references(config) == [
+        ("flow.sink.headers_env.X-Api-Key", "CRM_API_KEY"),
+        ("flow.sink.auth.token_env", "AWS_SECRET_ACCESS_KEY"),
+    ]
+    with pytest.raises(ConfigError) as refused:
+        flow_from_assignment(config, "/tmp/state", allowed_env=["CRM_*"])
+    problems = [p.path for p in refused.value.problems]
+    assert problems == ["flow.sink.auth.token_env"]  # CRM_API_KEY matches CRM_*
+    assert "AWS_SECRET_ACCESS_KEY" in str(refused.value) and "allowed_env" in str(refused.value)
+    with pytest.raises(ConfigError, match="X-Api-Key"):
+        flow_from_assignment(config, "/tmp/state")  # nothing allowed by default
+    ok = dict(config, sink=dict(config["sink"], auth={"type": "bearer", "token_env": "CRM_TOKEN"}))  # type: ignore[arg-type]
+    flow = flow_from_assignment(ok, "/tmp/state", allowed_env=["CRM_*"])
+    assert flow.name == "customers"
