@@ -162,7 +162,8 @@ def test_applied_flows_may_only_read_the_environment_variables_the_agent_allows(
         flow_from_assignment(config, "/tmp/state", allowed_env=["CRM_*"])
     problems = [p.path for p in refused.value.problems]
     assert problems == ["flow.sink.auth.token_env"]  # CRM_API_KEY matches CRM_*
-    assert "AWS_SECRET_ACCESS_KEY" in str(refused.value) and "allowed_env" in str(refused.value)
+    assert "AWS_SECRET_ACCESS_KEY" in str(refused.value)
+    assert "allowed_env" in str(refused.value)
     with pytest.raises(ConfigError, match="X-Api-Key"):
         flow_from_assignment(config, "/tmp/state")  # nothing allowed by default
     ok = dict(config, sink=dict(config["sink"], auth={"type": "bearer", "token_env": "CRM_TOKEN"}))  # type: ignore[arg-type]
