@@ -195,7 +195,8 @@ async def test_agent_can_do_what_its_permissions_allow(secured: Secured, admin: 
         await admin.nc.flush()
         await agent.nc.publish("mesh.cp.heartbeat.A", b"hb")
         await agent.nc.publish("mesh.cp.register.A", b"reg")
-        assert {(await cp.next_msg(timeout=5)).subject for _ in range(2)} == {
+        await agent.nc.flush()  # both are on the server before we wait for them
+        assert {(await cp.next_msg(timeout=10)).subject for _ in range(2)} == {
             "mesh.cp.heartbeat.A",
             "mesh.cp.register.A",
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import ssl
 import subprocess
@@ -299,7 +300,8 @@ def test_dev_up_without_tls_makes_no_certificates(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not (data / "tls").exists()
-    assert not (data / "nats" / "nats-server.conf").exists()
+    conf = data / "nats" / "nats-server.conf"  # secured by default: the auth config, no tls block
+    assert not conf.exists() or not re.search(r"^\s*tls\s*[:{]", conf.read_text(), re.MULTILINE)
     assert "MESH_TLS_CA" not in proc.stdout
 
 
