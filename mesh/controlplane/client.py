@@ -250,8 +250,12 @@ async def register_agent(
         TransportError: no control plane answered.
         ConfigError: the state dir cannot be read or written.
     """
-    identity = load_or_create_identity(state_dir)
+    # With NATS auth the agent's public key is its identity and the broker authenticates its
+    # heartbeats: no identity or token file is written (its .creds file is its one credential).
+    identity = public_key or load_or_create_identity(state_dir)
     sent_credential = current.token if current is not None and current.name == name else None
+    if public_key:
+        sent_credential = None
     reply = await client.register(
         Register(
             name=name,
@@ -267,7 +271,16 @@ async def register_agent(
         )
     )
     js = await client.connection()
-    if reply.credential is None and current is not None and sent_credential is not None:
+    if public_key and reply.jwt:
+        creds = Credentials(
+            agent_id=reply.agent_id,
+            name=name,
+            site=site,
+            token="",
+            control_plane=js.where.split(", ")[0],
+            registered_at=current.registered_at if current is not None else time.time(),
+        )
+    elif reply.credential is None and current is not None and sent_credential is not None:
         creds = Credentials(
             agent_id=reply.agent_id,
             name=name,

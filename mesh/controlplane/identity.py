@@ -4,7 +4,9 @@
   re-registration idempotent: the control plane recognises the same agent by it, and refuses the
   same name presented with another one.
 * ``credentials.json``: the agent id and the credential token the control plane issued; the
-  agent sends the credential with every heartbeat.
+  agent sends the credential with every heartbeat. With NATS auth on, the broker authenticates
+  the agent and no token is issued: ``registration.json`` holds the agent id alone, and no
+  ``identity`` file is made (the agent's public key is its identity).
 
 Guarantees: both files are created with mode 0600 (the directory, when created here, 0700) and
 written atomically (temporary file, fsync, rename), so a crash leaves the old file or the new one,
@@ -25,6 +27,7 @@ from mesh.errors import ConfigError
 __all__ = [
     "CREDENTIALS_FILE",
     "IDENTITY_FILE",
+    "REGISTRATION_FILE",
     "Credentials",
     "load_credentials",
     "load_or_create_identity",
@@ -34,6 +37,7 @@ __all__ = [
 
 IDENTITY_FILE = "identity"
 CREDENTIALS_FILE = "credentials.json"
+REGISTRATION_FILE = "registration.json"
 
 
 class Credentials(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,14 +106,20 @@ def load_or_create_identity(state_dir: str | Path) -> str:
 
 
 def save_credentials(state_dir: str | Path, creds: Credentials) -> Path:
-    """Store ``creds`` (mode 0600). Returns the file's path.
+    """Store ``creds`` (mode 0600). Returns the file's path: ``credentials.json`` when they hold
+    a heartbeat token (security off), else ``registration.json`` (security on: the agent's NATS
+    .creds file is its only credential; this file holds no secret), the other one removed.
 
     Raises:
         ConfigError: the file cannot be written.
     """
-    path = Path(state_dir) / CREDENTIALS_FILE
+    name, other = CREDENTIALS_FILE, REGISTRATION_FILE
+    if not creds.token:
+        name, other = other, name
+    path = Path(state_dir) / name
     try:
         _write_private(path, msgspec.json.format(msgspec.json.encode(creds)) + b"\n")
+        (Path(state_dir) / other).unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
     return path
@@ -124,6 +134,9 @@ def load_credentials(state_dir: str | Path) -> Credentials | None:
     path = Path(state_dir) / CREDENTIALS_FILE
     data = _read(path)
     if data is None:
+        path = Path(state_dir) / REGISTRATION_FILE
+        data = _read(path)
+    if data is None:
         return None
     try:
         return msgspec.json.decode(data, type=Credentials)
@@ -133,9 +146,11 @@ def load_credentials(state_dir: str | Path) -> Credentials | None:
 
 def remove_credentials(state_dir: str | Path) -> bool:
     """Delete the credentials (after deregistration). True when there were some."""
-    path = Path(state_dir) / CREDENTIALS_FILE
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    removed = False
+    for name in (CREDENTIALS_FILE, REGISTRATION_FILE):
+        try:
+            (Path(state_dir) / name).unlink()
+        except FileNotFoundError:
+            continue
+        removed = True
+    return removed

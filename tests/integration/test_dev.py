@@ -3,6 +3,7 @@ secured by default (anonymous refused, each agent with one 0600 least-privilege 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -84,6 +85,12 @@ def test_dev_up_syncs_and_exits_cleanly(tmp_path: Path) -> None:
         assert f"mesh.cp.heartbeat.{name}" in pub
         assert f"evt.*.*.{other}" not in pub
         assert f"_INBOX.{name}.>" in sub
+        # ... and no second credential: the broker authenticates its heartbeats, so the state
+        # dir holds only its registration (agent id, no token) and no identity secret.
+        state = data / "state" / name
+        assert not (state / "credentials.json").exists()
+        assert not (state / "identity").exists()
+        assert json.loads((state / "registration.json").read_text())["token"] == ""
     erp_pub = decode(read_creds(creds / "erp-agent.creds").jwt, kind=UserClaims).nats.pub.allow  # type: ignore[union-attr]
     cloud_pub = decode(read_creds(creds / "cloud-agent.creds").jwt, kind=UserClaims).nats.pub.allow  # type: ignore[union-attr]
     assert "evt.*.*.erp" in erp_pub
