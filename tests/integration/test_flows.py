@@ -313,7 +313,7 @@ entity = "order"
             assert "deleted flow customers" in out
             time.sleep(0.5)
         wait_until(lambda: not _cli(cli_agent_cp.app, "list", "--json", "--control-plane", url).count(
-            '"name": "customers"'), 10, "agents to drop the deleted flow")  # fmt: skip
+            '"name": "customers"'), 30, "agents to drop the deleted flow")  # fmt: skip
         load.insert(50)
         time.sleep(0.8)
         assert len(rows(crm_db)) < len(rows(erp_db))
