@@ -1,0 +1,320 @@
+"""The Helm chart (helm/connector-mesh), checked without a cluster and without a helm binary.
+
+Helm's own lint (strict) and template engine run through ``helm-python-sdk`` (Helm's Go SDK as
+a C library); every rendered manifest goes through ``kubernetes-validate --strict`` for several
+Kubernetes versions; the custom resources (ServiceMonitor, PrometheusRule), which have no schema
+there, are checked against the parts of the prometheus-operator CRD schemas the chart relies on;
+the values schema must refuse bad values; and each rendered agent config must pass
+``meshctl config check``.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+pytestmark = [pytest.mark.integration]
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "connector-mesh"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+KUBE_VERSIONS = ["1.27.0", "1.33.0"]
+STATE_MOUNT = "/var/lib/mesh"
+"""Where the chart mounts an agent's state volume (the agent's ``state_dir``)."""
+
+# The parts of the prometheus-operator CRDs (monitoring.coreos.com/v1) the chart relies on: the
+# fields the CRDs mark required and the types of the fields the chart sets.
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "labels": _LABELS},
+}
+CRD_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {"type": "object", "properties": {"matchLabels": _LABELS}},
+                    "namespaceSelector": {
+                        "type": "object",
+                        "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                    },
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "interval": {
+                                    "type": "string",
+                                    "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "PrometheusRule": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string", "minLength": 1},
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "alert": {"type": "string"},
+                                            "record": {"type": "string"},
+                                            "expr": {"type": "string", "minLength": 1},
+                                            "for": {"type": "string"},
+                                            "labels": _LABELS,
+                                            "annotations": _LABELS,
+                                        },
+                                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def load_values(path: Path | None) -> dict[str, Any] | None:
+    return None if path is None else yaml.safe_load(path.read_text())
+
+
+def render(values: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Render like ``helm template`` (schema first, as install does); the manifests, NOTES.txt aside."""
+    chart = helm.Chart.load(CHART)
+    chart.validate_schema(values)
+    rendered = chart.render(values, name="mesh", namespace="mesh", is_install=True)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt") or path.endswith(".tpl"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+CASES = [pytest.param(None, id="defaults")] + [pytest.param(p, id=p.name) for p in CI_VALUES]
+
+
+def test_there_is_a_ci_values_file() -> None:
+    assert CI_VALUES, "helm/connector-mesh/ci/*-values.yaml: none"
+
+
+@pytest.mark.parametrize("values_file", CASES)
+def test_lint_strict(values_file: Path | None) -> None:
+    report = helm.lint(CHART, load_values(values_file), strict=True)
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == [], report
+    assert report["messages"] == [], report
+
+
+def test_lint_finds_problems() -> None:
+    """Lint is not a no-op: a value of the wrong type is an error."""
+    report = helm.lint(CHART, {"controlPlane": {"replicas": "two"}}, strict=True)
+    assert report["errors"] or any(m["severity"] >= 2 for m in report["messages"]), report
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values_file", CASES)
+def test_manifests_validate(values_file: Path | None, kube_version: str) -> None:
+    docs = render(load_values(values_file))
+    assert docs
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in CRD_SCHEMAS:
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
+            continue
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:  # pragma: no cover - the message is the point
+            pytest.fail(f"{where} on {kube_version}: {exc.message} at {list(exc.path)}")
+
+
+def kinds(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        out.setdefault(doc["kind"], []).append(doc)
+    return out
+
+
+def test_defaults_control_plane_ha() -> None:
+    docs = kinds(render(None))
+    (deploy,) = docs["Deployment"]
+    assert deploy["spec"]["replicas"] == 2
+    pod = deploy["spec"]["template"]["spec"]
+    assert "podAntiAffinity" in pod["affinity"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "--http=0.0.0.0:8080" in container["args"]
+    assert docs["PodDisruptionBudget"][0]["spec"]["minAvailable"] == 1
+    assert "StatefulSet" not in docs
+    for kind in ("Ingress", "ServiceMonitor", "PrometheusRule", "NetworkPolicy"):
+        assert kind not in docs
+
+
+def test_every_option_on() -> None:
+    (values_file,) = [p for p in CI_VALUES if p.name == "all-values.yaml"]
+    values = load_values(values_file)
+    assert values is not None
+    docs = kinds(render(values))
+    for kind in (
+        "Ingress",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Secret",
+    ):
+        assert kind in docs, kind
+    assert len(docs["StatefulSet"]) == len(values["agents"])
+    (deploy,) = docs["Deployment"]
+    cp = deploy["spec"]["template"]["spec"]
+    assert "--security-dir=/etc/mesh/security" in cp["containers"][0]["args"]
+    security = next(v for v in cp["volumes"] if v["name"] == "security")
+    assert security["secret"]["secretName"] == "mesh-security"
+    assert {"key": "creds.control-plane.creds", "path": "creds/control-plane.creds"} in security["secret"][
+        "items"
+    ]
+    for sts in docs["StatefulSet"]:
+        spec = sts["spec"]
+        assert spec["volumeClaimTemplates"][0]["metadata"]["name"] == "state"
+        pod = spec["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"] + pod["initContainers"]:
+            ctx = container["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] is True
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+        (agent,) = pod["containers"]
+        assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert {"name": "state", "mountPath": STATE_MOUNT} in agent["volumeMounts"]
+        name = sts["metadata"]["labels"]["connector-mesh/agent"]
+        entry = next(a for a in values["agents"] if a["name"] == name)
+        grace = entry.get("shutdownGrace", values.get("agentDefaults", {}).get("shutdownGrace", 10))
+        assert pod["terminationGracePeriodSeconds"] > grace
+    created = docs["Secret"]
+    assert [s["metadata"]["name"] for s in created] == ["mesh-connector-mesh-erp-agent-creds"]
+
+
+def agent_configs(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return {
+        doc["metadata"]["name"]: doc["data"]["agent.toml"]
+        for doc in docs
+        if doc["kind"] == "ConfigMap" and "agent.toml" in doc.get("data", {})
+    }
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=[p.name for p in CI_VALUES])
+def test_rendered_agent_config_passes_config_check(values_file: Path, tmp_path: Path) -> None:
+    """The ConfigMap's agent.toml, with the pod's mount points moved under tmp_path (the state
+    volume, the creds and CA mounts), is a valid agent config for this codebase."""
+    configs = agent_configs(render(load_values(values_file)))
+    assert configs, f"{values_file.name}: no agent ConfigMap"
+    for name, text in configs.items():
+        root = tmp_path / name
+        text = text.replace(STATE_MOUNT, str(root / "state")).replace("/etc/mesh/", f"{root}/etc/")
+        (root / "etc" / "nats-ca").mkdir(parents=True)
+        (root / "etc" / "nats-ca" / "ca.crt").write_text("placeholder\n")
+        config = root / "agent.toml"
+        config.write_text(text)
+        done = subprocess.run(
+            [sys.executable, "-m", "mesh", "config", "check", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{name}:\n{text}\n{done.stdout}{done.stderr}"
+        assert "ok" in done.stdout
+
+
+def with_agent(**changes: Any) -> dict[str, Any]:
+    agent: dict[str, Any] = {
+        "name": "erp-agent",
+        "system": "erp",
+        "credentials": {"existingSecret": "erp-creds"},
+    }
+    agent.update(changes)
+    return {"agents": [agent]}
+
+
+BAD_VALUES = [
+    pytest.param({"unknownTopLevel": 1}, id="unknown-top-level-key"),
+    pytest.param({"controlPlane": {"replica": 2}}, id="unknown-nested-key"),
+    pytest.param({"controlPlane": {"replicas": "2"}}, id="replicas-string"),
+    pytest.param({"controlPlane": {"replicas": 0}}, id="replicas-zero"),
+    pytest.param({"controlPlane": {"antiAffinity": "maybe"}}, id="anti-affinity-enum"),
+    pytest.param({"nats": {"url": "http://nats:4222"}}, id="nats-url-scheme"),
+    pytest.param({"image": {"pullPolicy": "Sometimes"}}, id="pull-policy"),
+    pytest.param({"agentDefaults": {"metricsPort": 70000}}, id="port-range"),
+    pytest.param({"networkPolicy": {"enabled": "yes"}}, id="bool-as-string"),
+    pytest.param({"agents": [{"name": "erp-agent", "system": "erp"}]}, id="agent-without-credentials"),
+    pytest.param(with_agent(name="ERP_Agent"), id="agent-name-not-dns"),
+    pytest.param(with_agent(shutdownGrace=-1), id="agent-negative-grace"),
+    pytest.param(with_agent(colour="blue"), id="agent-unknown-key"),
+    pytest.param(with_agent(storage={"size": "lots"}), id="agent-storage-size"),
+    pytest.param(with_agent(flows=[{"name": "x"}]), id="agent-flows-not-toml-text"),
+]
+
+
+@pytest.mark.parametrize("values", BAD_VALUES)
+def test_schema_refuses(values: dict[str, Any]) -> None:
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+    report = helm.lint(CHART, values, strict=True)
+    assert report["errors"] or report["messages"], report
+
+
+def test_schema_accepts_good_agent() -> None:
+    helm.Chart.load(CHART).validate_schema(with_agent(site="plant-1", shutdownGrace=2.5))
+
+
+def test_created_secret_needs_creds() -> None:
+    """An agent without an existing Secret must give the creds for the chart to create one."""
+    values = copy.deepcopy(with_agent(credentials={}))
+    with pytest.raises(helm.HelmError, match="existingSecret or creds"):
+        render(values)
