@@ -318,3 +318,22 @@ def test_created_secret_needs_creds() -> None:
     values = copy.deepcopy(with_agent(credentials={}))
     with pytest.raises(helm.HelmError, match="existingSecret or creds"):
         render(values)
+
+
+@pytest.mark.parametrize("values_file", CASES)
+def test_control_plane_settings_load(values_file: Path | None, tmp_path: Path) -> None:
+    """The control plane's settings.toml (``--config``) loads with this codebase's loader and
+    carries the stream replicas the agents use."""
+    from mesh.controlplane.settings import load_settings
+
+    values = load_values(values_file)
+    docs = render(values)
+    (settings,) = [
+        d["data"]["settings.toml"] for d in docs if d["kind"] == "ConfigMap" and "settings.toml" in d["data"]
+    ]
+    path = tmp_path / "settings.toml"
+    path.write_text(settings)
+    replicas = ((values or {}).get("nats") or {}).get("streamReplicas", 1)
+    assert load_settings(path).streams.replicas == replicas
+    for text in agent_configs(docs).values():
+        assert f"[streams]\nreplicas = {replicas}\n" in text
