@@ -11,6 +11,8 @@ the values schema must refuse bad values; and each rendered agent config must pa
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,10 @@ import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
+
+from mesh.broker import free_port
+from mesh.readiness import NotReady, wait_ready
+from tests._secure import SecuredNatsServer
 
 pytestmark = [pytest.mark.integration]
 
@@ -337,3 +343,67 @@ def test_control_plane_settings_load(values_file: Path | None, tmp_path: Path) -
     assert load_settings(path).streams.replicas == replicas
     for text in agent_configs(docs).values():
         assert f"[streams]\nreplicas = {replicas}\n" in text
+
+
+def test_control_plane_runs_from_the_rendered_pod_spec(
+    nats_server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    """The control plane's container args, settings ConfigMap and security Secret mount, laid out
+    on disk as kubelet would (each Secret item at its path), run a real control plane against the
+    secured nats-server: it becomes ready and issues an enrollment token (so the security dir the
+    Secret yields is complete)."""
+    docs = kinds(render({"controlPlane": {"security": {"existingSecret": "mesh-security"}}}))
+    (deploy,) = docs["Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    security = next(v for v in pod["volumes"] if v["name"] == "security")
+    secdir = tmp_path / "security"
+    for item in security["secret"]["items"]:
+        # the README's `kubectl create secret` names each key after its path, '/' written '.'
+        assert item["key"] == item["path"].replace("/", "."), item
+        target = secdir / item["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((nats_server.security_dir / item["path"]).read_bytes())
+    (settings,) = [d["data"]["settings.toml"] for d in docs["ConfigMap"] if "settings.toml" in d["data"]]
+    (tmp_path / "settings.toml").write_text(settings)
+    port = free_port()
+    args = []
+    for arg in container["args"]:
+        arg = arg.replace("/etc/mesh/security", str(secdir))
+        arg = arg.replace("/etc/mesh/control-plane/settings.toml", str(tmp_path / "settings.toml"))
+        arg = arg.replace("$(POD_NAME)", "cp-helm-0")
+        if arg.startswith("--nats="):
+            arg = f"--nats={nats_server.url}"
+        if arg.startswith("--http="):
+            arg = f"--http=127.0.0.1:{port}"
+        args.append(arg)
+    assert args[:2] == ["control-plane", "run"]
+    assert f"--security-dir={secdir}" in args
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    log_path = tmp_path / "cp.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+        )  # fmt: skip
+        try:
+            try:
+                wait_ready(f"http://127.0.0.1:{port}/readyz", timeout=30, alive=lambda: proc.poll() is None)
+            except NotReady as exc:
+                raise AssertionError(f"control plane: {exc}\n{log_path.read_text()[-3000:]}") from None
+            done = subprocess.run(
+                [sys.executable, "-m", "mesh", "agent", "token", "create", "--name", "crm-agent",
+                 "--system", "crm", "--ttl", "10m", "--output", str(tmp_path / "crm.token"),
+                 "--control-plane", nats_server.url, "--creds", str(nats_server.admin_creds)],
+                capture_output=True, text=True, timeout=60, env=env,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr + log_path.read_text()[-3000:]
+            assert (tmp_path / "crm.token").read_text().startswith("MESHENROLL1.")
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
