@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +408,85 @@ def test_control_plane_runs_from_the_rendered_pod_spec(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+ERP_FLOWS = """[[flows]]
+name = "customers"
+entity = "customer"
+
+[flows.source]
+adapter = "sqlite"
+path = "/var/lib/mesh/erp.db"
+table = "customers"
+key = "id"
+mode = "changes"
+"""
+
+
+def test_agent_runs_from_the_rendered_pod_spec(nats_server: SecuredNatsServer, tmp_path: Path) -> None:
+    """An agent's StatefulSet pod, laid out on disk: the init container copies the creds Secret
+    (least-privilege creds of ``meshctl security issue-agent``) to the writable creds volume, the
+    agent runs with the container's args on the ConfigMap's agent.toml, and the probes' paths
+    answer on its metrics port: /healthz 200, /readyz 200 once it is ready."""
+    from tests._secure import create_layout, issue_agent_creds
+    from tests.integration._harness import make_erp
+
+    values = {
+        "nats": {"url": "nats://nats:4222"},
+        "agents": [
+            {"name": "erp-agent", "system": "erp", "credentials": {"existingSecret": "x"}, "flows": ERP_FLOWS}
+        ],
+    }
+    docs = kinds(render(values))
+    (sts,) = docs["StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (agent,) = pod["containers"]
+    (text,) = agent_configs(docs["ConfigMap"]).values()
+    state, etc = tmp_path / "state", tmp_path / "etc"
+    for d in (state, etc / "creds", etc / "creds-secret", etc / "config"):
+        d.mkdir(parents=True)
+    port = free_port()
+    text = text.replace(STATE_MOUNT, str(state)).replace("/etc/mesh/", f"{etc}/")
+    text = text.replace('"nats://nats:4222"', f'"{nats_server.url}"')
+    text = text.replace("metrics_port = 9464", f"metrics_port = {port}").replace('"0.0.0.0"', '"127.0.0.1"')
+    config = etc / "config" / "agent.toml"
+    config.write_text(text)
+    make_erp(state / "erp.db")
+    # the Secret's agent.creds, as `meshctl security issue-agent` writes it
+    issue_agent_creds(config, nats_server.security_dir, out=etc / "creds-secret" / "agent.creds")
+    create_layout(nats_server)
+
+    def local(argv: list[str]) -> list[str]:
+        return [a.replace("/etc/mesh/", f"{etc}/") for a in argv]
+
+    assert init["command"][0] == "python"
+    done = subprocess.run(
+        [sys.executable, *local(init["command"])[1:]], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert (etc / "creds" / "agent.creds").stat().st_mode & 0o777 == 0o600
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    log_path = tmp_path / "agent.log"
+    ready, health = agent["readinessProbe"]["httpGet"]["path"], agent["livenessProbe"]["httpGet"]["path"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", *local(agent["args"])],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+        )  # fmt: skip
+        try:
+            try:
+                wait_ready(f"http://127.0.0.1:{port}{ready}", timeout=30, alive=lambda: proc.poll() is None)
+            except NotReady as exc:
+                raise AssertionError(f"agent: {exc}\n{log_path.read_text()[-3000:]}") from None
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=10) as resp:
+                assert resp.status == 200
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(pod["terminationGracePeriodSeconds"])
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
