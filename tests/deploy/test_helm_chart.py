@@ -150,9 +150,10 @@ def test_there_is_a_ci_values_file() -> None:
     assert CI_VALUES, "helm/connector-mesh/ci/*-values.yaml: none"
 
 
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("values_file", CASES)
-def test_lint_strict(values_file: Path | None) -> None:
-    report = helm.lint(CHART, load_values(values_file), strict=True)
+def test_lint_strict(values_file: Path | None, kube_version: str) -> None:
+    report = helm.lint(CHART, load_values(values_file), strict=True, kube_version=f"v{kube_version}")
     assert report["total_charts_linted"] == 1
     assert report["errors"] == [], report
     assert report["messages"] == [], report
