@@ -60,11 +60,9 @@ _CREDS_REF = "${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}"
 
 
 def unit_template() -> str:
-    """The unit template as shipped (deploy/systemd/mesh-agent@.service), ExecStart at
-    :data:`DEFAULT_MESHCTL`."""
-    from importlib.resources import files
-
-    return files("mesh.cli").joinpath("mesh-agent@.service").read_text(encoding="utf-8")
+    """The unit template as shipped (deploy/systemd/mesh-agent@.service, the same text: a test
+    checks), ``ExecStart`` at :data:`DEFAULT_MESHCTL`."""
+    return _UNIT
 
 
 def render_unit(meshctl: str) -> str:
@@ -292,3 +290,72 @@ def _uninstall(
         typer.echo(f"removed {path}")
     if not purge:
         typer.echo(f"kept {_under(prefix, f'{STATE_ROOT}/{name}')} (--purge removes it)")
+
+
+_UNIT = """\
+# connector-mesh agent, one instance per agent: mesh-agent@<name>.service runs the agent whose
+# config is /etc/mesh/<name>.toml. `meshctl agent install --config agent.toml` puts this unit,
+# the config and the agent's NATS creds in place (README: "Running on-prem (systemd)").
+#
+# The agent's config points at its secrets through the credentials directory:
+#   [agent] state_dir = "/var/lib/mesh/<name>"
+#   [nats]  creds = "${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}/<name>.creds"
+# (the agent expands ${CREDENTIALS_DIRECTORY}; run by hand, the default is the source file).
+# More secrets (database passwords, API tokens): one LoadCredential= line each in a drop-in,
+#   systemctl edit mesh-agent@<name>, then under [Service]:
+#   LoadCredential=pg-password:/etc/mesh/credentials/pg-password
+# and password_file = "${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}/pg-password" in the config.
+
+[Unit]
+Description=connector-mesh agent %i
+Wants=network-online.target
+After=network-online.target
+ConditionPathExists=/etc/mesh/%i.toml
+
+[Service]
+# READY=1 once the agent's /readyz would answer 200 (mesh/sdnotify.py); WATCHDOG=1 from its loop.
+Type=notify
+NotifyAccess=main
+ExecStart=/opt/mesh/bin/meshctl agent run --config /etc/mesh/%i.toml
+User=mesh
+Group=mesh
+# /var/lib/mesh/<name>: outbox, inbox, registration; systemd creates it and gives it to User=.
+StateDirectory=mesh/%i
+StateDirectoryMode=0700
+# The agent's .creds file, readable by root only on disk; systemd hands a copy to the service
+# in its private $CREDENTIALS_DIRECTORY.
+LoadCredential=%i.creds:/etc/mesh/credentials/%i.creds
+Restart=on-failure
+RestartSec=5
+# READY=1 waits for NATS; an edge agent started during a WAN outage captures into its outbox
+# meanwhile, so systemd must not give up on it.
+TimeoutStartSec=infinity
+# More than agent.shutdown_grace (default 10 s): the agent finishes its fetched batch on SIGTERM.
+KillSignal=SIGTERM
+TimeoutStopSec=30
+WatchdogSec=30
+# Hardening.
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+RestrictNamespaces=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+CapabilityBoundingSet=
+AmbientCapabilities=
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
