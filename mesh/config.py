@@ -450,29 +450,30 @@ def _check_data(cfg: AgentConfig, source: str, base: Path) -> list[ConfigProblem
     return problems
 
 
-_CREDENTIALS_REF = re.compile(r"\$\{CREDENTIALS_DIRECTORY(?::-([^}]*))?\}")
+_SYSTEMD_DIR_REF = re.compile(r"\$\{(CREDENTIALS_DIRECTORY|STATE_DIRECTORY)(?::-([^}]*))?\}")
 
 
 def expand_credentials_directory(p: str, environ: Mapping[str, str] | None = None) -> str:
-    """``p`` with ``${CREDENTIALS_DIRECTORY}`` / ``${CREDENTIALS_DIRECTORY:-default}`` expanded.
+    """``p`` with ``${CREDENTIALS_DIRECTORY}`` and ``${STATE_DIRECTORY}`` (each also as
+    ``${VAR:-default}``) expanded.
 
     systemd's ``LoadCredential=`` puts a service's credentials in a private directory and names
-    it in ``$CREDENTIALS_DIRECTORY``; a config path written as
-    ``${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}/erp.creds`` is that file when the agent
-    runs under its unit, and the file ``LoadCredential=`` reads from when an operator runs
-    ``meshctl agent register`` or ``config check`` by hand. Only this one variable is expanded
-    (an applied flow must not name the agent's other environment variables); unset and no
-    default leaves the text as written, so the error names it.
+    it in ``$CREDENTIALS_DIRECTORY`` (``StateDirectory=``: ``$STATE_DIRECTORY``); a config path
+    written as ``${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}/erp.creds`` is that file when
+    the agent runs under its unit, and the file ``LoadCredential=`` reads from when an operator
+    runs ``meshctl agent register`` or ``config check`` by hand. Only these two variables are
+    expanded (an applied flow must not name the agent's other environment variables); unset
+    and no default leaves the text as written, so the error names it.
     """
     env = os.environ if environ is None else environ
 
     def sub(m: re.Match[str]) -> str:
-        value = env.get("CREDENTIALS_DIRECTORY", "")
+        value = env.get(m.group(1), "")
         if value:
             return value
-        return m.group(1) if m.group(1) is not None else m.group(0)
+        return m.group(2) if m.group(2) is not None else m.group(0)
 
-    return _CREDENTIALS_REF.sub(sub, p)
+    return _SYSTEMD_DIR_REF.sub(sub, p)
 
 
 def _resolver(base: Path) -> Callable[[str], str]:

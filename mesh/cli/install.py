@@ -9,7 +9,8 @@ creds there (0600). It prints the next commands. ``--prefix DIR`` writes every f
 ``DIR`` instead of ``/`` (and creates no user): a staging tree for a package, or a test.
 
 The config must say where the unit puts things: ``[agent] state_dir = "/var/lib/mesh/<name>"``
-(the unit's ``StateDirectory=``, the one path ``ProtectSystem=strict`` leaves writable) and, with
+(the unit's ``StateDirectory=``, the one path ``ProtectSystem=strict`` leaves writable; or
+``"${STATE_DIRECTORY:-/var/lib/mesh/<name>}"``) and, with
 security on, ``[nats] creds = "${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}/<name>.creds"``
 (``mesh.config.expand_credentials_directory``). ``install`` refuses any other value, naming the
 line to write. Exit 2 with one line on any problem.
@@ -83,19 +84,23 @@ def _this_meshctl() -> str:
 
 
 @contextlib.contextmanager
-def _credentials_directory(value: str | None) -> Iterator[None]:
-    old = os.environ.get("CREDENTIALS_DIRECTORY")
-    if value is None:
-        os.environ.pop("CREDENTIALS_DIRECTORY", None)
-    else:
-        os.environ["CREDENTIALS_DIRECTORY"] = value
+def _systemd_dirs(credentials: str | None, state: str | None) -> Iterator[None]:
+    """``$CREDENTIALS_DIRECTORY`` / ``$STATE_DIRECTORY`` set (None: unset) for a while."""
+    names = {"CREDENTIALS_DIRECTORY": credentials, "STATE_DIRECTORY": state}
+    old = {k: os.environ.get(k) for k in names}
     try:
+        for key, value in names.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         yield
     finally:
-        if old is None:
-            os.environ.pop("CREDENTIALS_DIRECTORY", None)
-        else:
-            os.environ["CREDENTIALS_DIRECTORY"] = old
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _under(prefix: Path, path: str) -> Path:
@@ -178,7 +183,7 @@ def _install(
         fail(f"--config: cannot read {config}: {exc.strerror or exc}")
     try:
         # As the unit will see it: creds under the directory systemd gives the service.
-        with _credentials_directory("/run/credentials/mesh-agent.service"):
+        with _systemd_dirs("/run/credentials/mesh-agent.service", None):
             cfg = load_agent_config(config)
     except ConfigError as exc:
         fail(exc)
@@ -224,7 +229,7 @@ def _install(
 
         # Register as the installed config reads outside systemd: creds into the credentials
         # dir, registration into the state dir (systemd gives it to the service user at start).
-        with _credentials_directory(str(creds_dir)):
+        with _systemd_dirs(str(creds_dir), str(_under(prefix, state_dir))):
             _register(
                 site=None, name=None, state_dir=_under(prefix, state_dir), config=config_path,
                 adapters=None, operations=None, token=token, token_file=None,

@@ -282,3 +282,121 @@ def test_uninstall_removes_config_and_creds_and_keeps_state_unless_purged(tmp_pa
     assert not unit.exists()
     assert not (root / "var/lib/mesh/crm").exists()
     assert _meshctl("agent", "uninstall", "crm", "--prefix", str(root)).returncode == 1
+
+
+# -- the three commands, for real ---------------------------------------------------------------
+
+
+class _NotifySocket:
+    """The ``NOTIFY_SOCKET`` systemd gives a ``Type=notify`` service: a unix datagram socket."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.seen: list[str] = []
+
+    def wait_for(self, line: str, timeout: float) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while line not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {line} from the agent (got {self.seen})"
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.seen.extend(data.decode().splitlines())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_install_with_a_token_then_the_agent_runs_as_the_unit_runs_it(tmp_path: Path) -> None:
+    """``agent install --token`` registers and writes the creds where ``LoadCredential=`` reads
+    them; the agent, started with the environment the unit gives it (``$CREDENTIALS_DIRECTORY``,
+    ``$STATE_DIRECTORY``, ``NOTIFY_SOCKET``), sends READY=1, is healthy at the control plane, and
+    stops on SIGTERM (STOPPING=1, exit 0)."""
+    import signal
+
+    from tests.integration._harness import log_tail, wait_until
+    from tests.integration.test_enrollment import Mesh
+
+    (tmp_path / "mesh").mkdir()
+    mesh = Mesh(tmp_path / "mesh")
+    mesh.start()
+    agent: subprocess.Popen[bytes] | None = None
+    notify = _NotifySocket(tmp_path / "notify.sock")
+    try:
+        token_file = tmp_path / "erp.token"
+        mesh.cli(
+            "agent",
+            "token",
+            "create",
+            "--name",
+            "erp",
+            "--ttl",
+            "10m",
+            "--system",
+            "erp",
+            "-o",
+            str(token_file),
+        )
+        src = tmp_path / "erp.toml"
+        src.write_text(
+            '[agent]\nname = "erp"\nsite = "plant-1"\nsystem = "erp"\n'
+            'state_dir = "${STATE_DIRECTORY:-/var/lib/mesh/erp}"\n'
+            "heartbeat_interval = 0.5\nmetrics_port = 0\n\n"
+            f'[nats]\nservers = ["{mesh.url}"]\n'
+            'creds = "${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}/erp.creds"\n',
+            encoding="utf-8",
+        )
+        root = tmp_path / "root"
+        token = token_file.read_text(encoding="utf-8").strip()
+        done = _meshctl("agent", "install", "--config", str(src), "--prefix", str(root), "--token", token)
+        assert done.returncode == 0, done.stdout + done.stderr
+        creds = root / "etc/mesh/credentials/erp.creds"
+        assert _mode(creds) == 0o600
+        assert "registered erp" in done.stdout
+        state = root / "var/lib/mesh/erp"
+        assert state.is_dir()
+
+        env = {
+            **{k: v for k, v in os.environ.items() if k not in ("MESH_CREDS", "MESH_NATS_URL")},
+            "CREDENTIALS_DIRECTORY": str(creds.parent),
+            "STATE_DIRECTORY": str(state),
+            "NOTIFY_SOCKET": str(notify.path),
+        }
+        log = tmp_path / "agent.log"
+        with open(log, "wb") as out:
+            agent = subprocess.Popen(
+                [str(MESHCTL), "agent", "run", "--config", str(root / "etc/mesh/erp.toml")],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            notify.wait_for("READY=1", timeout=60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log_tail(log)}") from None
+        assert agent.poll() is None
+
+        def healthy() -> bool:
+            return _meshctl("agent", "health", "erp", env=mesh.env).returncode == 0
+
+        wait_until(healthy, 60, "meshctl agent health erp to exit 0")
+
+        agent.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1", timeout=30)
+        assert agent.wait(30) == 0, log_tail(log)
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        notify.close()
+        mesh.stop()
