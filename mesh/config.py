@@ -15,6 +15,7 @@ by their ``adapter = "..."`` with the tagged unions built from the installed ada
 from __future__ import annotations
 
 import functools
+import os
 import random
 import re
 import tomllib
@@ -449,9 +450,35 @@ def _check_data(cfg: AgentConfig, source: str, base: Path) -> list[ConfigProblem
     return problems
 
 
+_SYSTEMD_DIR_REF = re.compile(r"\$\{(CREDENTIALS_DIRECTORY|STATE_DIRECTORY)(?::-([^}]*))?\}")
+
+
+def expand_credentials_directory(p: str, environ: Mapping[str, str] | None = None) -> str:
+    """``p`` with ``${CREDENTIALS_DIRECTORY}`` and ``${STATE_DIRECTORY}`` (each also as
+    ``${VAR:-default}``) expanded.
+
+    systemd's ``LoadCredential=`` puts a service's credentials in a private directory and names
+    it in ``$CREDENTIALS_DIRECTORY`` (``StateDirectory=``: ``$STATE_DIRECTORY``); a config path
+    written as ``${CREDENTIALS_DIRECTORY:-/etc/mesh/credentials}/erp.creds`` is that file when
+    the agent runs under its unit, and the file ``LoadCredential=`` reads from when an operator
+    runs ``meshctl agent register`` or ``config check`` by hand. Only these two variables are
+    expanded (an applied flow must not name the agent's other environment variables); unset
+    and no default leaves the text as written, so the error names it.
+    """
+    env = os.environ if environ is None else environ
+
+    def sub(m: re.Match[str]) -> str:
+        value = env.get(m.group(1), "")
+        if value:
+            return value
+        return m.group(2) if m.group(2) is not None else m.group(0)
+
+    return _SYSTEMD_DIR_REF.sub(sub, p)
+
+
 def _resolver(base: Path) -> Callable[[str], str]:
     def resolve(p: str) -> str:
-        path = Path(p).expanduser()
+        path = Path(expand_credentials_directory(p)).expanduser()
         return str(path if path.is_absolute() else (base / path).resolve())
 
     return resolve

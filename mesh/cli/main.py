@@ -34,6 +34,9 @@ from mesh.cli import (
     flow as cli_flow,
 )
 from mesh.cli import (
+    install as cli_install,
+)
+from mesh.cli import (
     leafnode as cli_leafnode,
 )
 from mesh.cli import (
@@ -73,6 +76,7 @@ app.add_typer(cli_security.app, name="security")
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)
+agent_app.registered_commands.extend(cli_install.app.registered_commands)
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)
