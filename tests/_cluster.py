@@ -97,15 +97,30 @@ class NatsCluster:
         self.wait_ready(timeout)
 
     def meta_leader(self) -> str | None:
-        """The JetStream meta leader as a running node sees it (None: no leader now)."""
+        """The JetStream meta leader as a running node sees it; None while there is none, or
+        while the survivors of a kill still name the dead node (before the next election)."""
         for server in self.nodes.values():
             if not server.running:
                 continue
             _, body = _get_json(f"{server.monitor_url}/jsz")
             leader = (body.get("meta_cluster") or {}).get("leader")
-            if leader:
+            if leader and leader in self.nodes and self.nodes[leader].running:
                 return str(leader)
         return None
+
+    def wait_meta_leader(self, timeout: float = 30.0) -> str:
+        """The running node that leads the JetStream meta group, once one is elected.
+
+        Raises:
+            AssertionError: no leader within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.meta_leader()
+            if leader is not None:
+                return leader
+            time.sleep(0.1)
+        raise AssertionError(f"no JetStream meta leader after {timeout}s: {self!r}")
 
     def ready(self) -> bool:
         """A meta leader is elected and every running node is healthy (JetStream current)."""
@@ -161,7 +176,7 @@ class NatsCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             leader = self.stream_leader(stream)
-            if leader is not None and self.nodes[leader].running:
+            if leader is not None and leader in self.nodes and self.nodes[leader].running:
                 return leader
             time.sleep(0.1)
         raise AssertionError(f"no leader for {stream} after {timeout}s: {self!r}")

@@ -1,10 +1,10 @@
 """The production topology: the mesh against a three-node JetStream cluster on loopback
 (streams and buckets with 3 replicas, agents and control plane given all three URLs).
 
-During a sync under load, the MESH_EVENTS stream leader, then the ``mesh_assign`` and the
-``mesh_agents`` KV leaders are SIGKILLed and restarted while the ERP keeps changing: at the end
-the CRM equals the ERP, every change took effect once, the DLQ is empty, and the agents and the
-control plane are still ready (``/readyz``)."""
+During a sync under load, the MESH_EVENTS stream leader, the ``mesh_assign`` and the
+``mesh_agents`` KV leaders, then the JetStream meta leader are SIGKILLed and restarted while
+the ERP keeps changing: at the end the CRM equals the ERP, every change took effect once, the
+DLQ is empty, and the agents and the control plane are still ready (``/readyz``)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import pytest
 
 from agents.connector import ConnectorAgent
 from agents.control_plane import ControlPlane
+from mesh.controlplane.kv import BUCKETS
+from mesh.controlplane.layout import STREAMS
 from mesh.controlplane.settings import settings_from
 from mesh.endpoint import AgentEndpoint
 from mesh.metrics import Metrics
@@ -40,6 +42,15 @@ from tests.integration._harness import (
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(240)]
 
 REPLICAS = "\n[streams]\nreplicas = 3\n"
+META = "JetStream meta"
+"""The JetStream meta leader (stream and consumer placement), the last node killed."""
+
+
+def _leader(cluster: NatsCluster, target: str) -> str:
+    """The running node that leads ``target``: a stream, or the meta group (:data:`META`)."""
+    if target != META:
+        return cluster.wait_stream_leader(target)
+    return cluster.wait_meta_leader()
 
 
 @pytest.fixture
@@ -140,7 +151,8 @@ async def test_leader_kills_during_sync_lose_and_double_nothing(cluster: NatsClu
     async with _mesh(cluster, tmp_path, erp, crm) as urls:
         for url in urls:
             await _until_ready(url)
-        for stream in ("MESH_EVENTS", "KV_mesh_assign", "KV_mesh_agents"):
+        # the control plane's layout: every stream and bucket with [streams] replicas
+        for stream in (*STREAMS, *(f"KV_{b}" for b in BUCKETS)):
             assert await run(cluster.stream_replicas, stream) == 3, stream
 
         await run(load.mixed, 30)
@@ -155,11 +167,11 @@ async def test_leader_kills_during_sync_lose_and_double_nothing(cluster: NatsClu
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(busy_erp)
-            for stream in ("MESH_EVENTS", "KV_mesh_assign", "KV_mesh_agents"):
-                leader = await run(cluster.wait_stream_leader, stream)
+            for target in ("MESH_EVENTS", "KV_mesh_assign", "KV_mesh_agents", META):
+                leader = await run(_leader, cluster, target)
                 await run(cluster.kill, leader)
-                new = await run(cluster.wait_stream_leader, stream)
-                assert new != leader, (stream, leader, new)
+                new = await run(_leader, cluster, target)
+                assert new != leader, (target, leader, new)
                 await run(cluster.restart, leader)
             stop.set()
         assert rounds > 0
