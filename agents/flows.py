@@ -25,7 +25,6 @@ Guarantees, for every change:
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +38,9 @@ from mesh.config import FlowConfig, check_flow, decode_flow, resolve_flow_paths
 from mesh.controlplane.models import AgentCommand, Assignment, CommandResult, FlowOutcome
 from mesh.errors import ConfigError, ConfigProblem
 from mesh.flowdata import compile_flow_data
+from mesh.secrets import env_problems
 
-__all__ = ["FlowHandle", "FlowManager", "FlowOrigin", "env_references", "flow_from_assignment"]
+__all__ = ["FlowHandle", "FlowManager", "FlowOrigin", "flow_from_assignment"]
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +73,6 @@ class FlowHandle:
         return self.cfg.name
 
 
-def env_references(config: object, path: str = "flow") -> list[tuple[str, str]]:
-    """Every environment variable an adapter config references as a secret: ``(field path,
-    variable name)`` for each ``*_env`` string and each value of a ``*_env`` table (e.g.
-    ``headers_env``), at any depth."""
-    found: list[tuple[str, str]] = []
-    if isinstance(config, dict):
-        for key, value in config.items():
-            where = f"{path}.{key}"
-            if isinstance(key, str) and key.endswith("_env"):
-                if isinstance(value, str):
-                    found.append((where, value))
-                elif isinstance(value, dict):
-                    found += [(f"{where}.{k}", v) for k, v in value.items() if isinstance(v, str)]
-                continue
-            found += env_references(value, where)
-    elif isinstance(config, list):
-        for i, item in enumerate(config):
-            found += env_references(item, f"{path}[{i}]")
-    return found
-
-
 def flow_from_assignment(
     config: dict[str, object],
     state_dir: str,
@@ -109,12 +88,7 @@ def flow_from_assignment(
             sent a field this version does not know), a path leads outside those directories,
             or it references an environment variable the agent does not allow.
     """
-    refused = [
-        ConfigProblem(where, f"environment variable {name!r} is not in this agent's "
-                             "agent.allowed_env; applied flows may only read the secrets it lists")
-        for where, name in env_references(config)
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed_env)
-    ]  # fmt: skip
+    refused = [ConfigProblem(where, why) for where, why in env_problems(config, allowed_env)]
     if refused:
         raise ConfigError(source="control plane", problems=refused)
     flow = decode_flow(config, source="control plane", path="flow")

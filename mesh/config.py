@@ -65,6 +65,7 @@ __all__ = [
     "check_tls_files",
     "decode_adapter_config",
     "decode_flow",
+    "expand_credentials_directory",
     "flow_config_type",
     "load_agent_config",
     "parse_agent_config",

@@ -14,9 +14,10 @@ such headers go in ``headers_env`` / ``headers_file`` (header name -> variable /
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +25,14 @@ import msgspec
 
 from mesh.errors import ConfigError
 
-__all__ = ["SecretFile", "exactly_one", "read_secret", "secret_header_problem"]
+__all__ = [
+    "SecretFile",
+    "env_problems",
+    "env_references",
+    "exactly_one",
+    "read_secret",
+    "secret_header_problem",
+]
 
 SecretFile = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 """The path of a file that holds one secret (relative paths: to the config file, or for an
@@ -103,3 +111,36 @@ def read_secret(
     if not text:
         raise ConfigError(f"{field_file}: the {what} secret file {file} is empty")
     return text
+
+
+def env_references(config: object, path: str = "flow") -> list[tuple[str, str]]:
+    """Every environment variable an adapter config references as a secret: ``(field path,
+    variable name)`` for each ``*_env`` string and each value of a ``*_env`` table (e.g.
+    ``headers_env``), at any depth."""
+    found: list[tuple[str, str]] = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            where = f"{path}.{key}"
+            if isinstance(key, str) and key.endswith("_env"):
+                if isinstance(value, str):
+                    found.append((where, value))
+                elif isinstance(value, dict):
+                    found += [(f"{where}.{k}", v) for k, v in value.items() if isinstance(v, str)]
+                continue
+            found += env_references(value, where)
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found += env_references(item, f"{path}[{i}]")
+    return found
+
+
+def env_problems(config: object, allowed_env: Sequence[str], path: str = "flow") -> list[tuple[str, str]]:
+    """``(field path, message)`` for every environment variable ``config`` (a flow applied
+    through the control plane) references that matches none of the agent's ``allowed_env``
+    patterns (shell-style, e.g. ``CRM_*``)."""
+    return [
+        (where, f"environment variable {name!r} is not in this agent's agent.allowed_env; "
+                "applied flows may only read the secrets it lists")
+        for where, name in env_references(config, path)
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed_env)
+    ]  # fmt: skip

@@ -185,6 +185,7 @@ def _register(
         operations=list(operations or []),
         state_dir=str(flow_root.resolve()),
         allowed_paths=allowed,
+        allowed_env=list(cfg.agent.allowed_env) if config is not None else None,
     )
     try:
         current = load_credentials(directory)

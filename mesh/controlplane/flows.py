@@ -68,6 +68,7 @@ from mesh.controlplane.models import (
 from mesh.errors import ConfigError
 from mesh.flowdata import compile_flow_data
 from mesh.plugins import RoleName
+from mesh.secrets import env_problems
 
 if TYPE_CHECKING:
     from mesh.controlplane.enroll import Enrollment
@@ -209,6 +210,10 @@ def parse_flow_file(
                 problem(p, m)
             for p, m in confinement_problems(flow, agents[agent].manifest, path):
                 problem(p, m)
+            allowed_env = agents[agent].manifest.allowed_env
+            if allowed_env is not None:
+                for p, m in env_problems(config, allowed_env, path):
+                    problem(p, m)
             # Mappings and ownership are checked here too, except SQLite lookups: their files
             # are the agent's (it checks them when the flow reaches it and reports failing).
             local = any(

@@ -124,6 +124,9 @@ class Manifest(_Msg, frozen=True):
     only relative paths that stay below it can be checked and are accepted)."""
     allowed_paths: list[str] = msgspec.field(default_factory=list)
     """The agent's ``[agent] allowed_paths``, absolute: other directories applied flows may use."""
+    allowed_env: list[str] | None = None
+    """The agent's ``[agent] allowed_env``: the environment variables applied flows may name as
+    secrets (None: not reported; then only the agent checks)."""
     system: str = ""
     """The system the agent fronts (``[agent] system``): the origin it publishes, the sink
     system in its consumers' names (``<flow>-<system>``)."""

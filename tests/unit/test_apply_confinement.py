@@ -138,8 +138,9 @@ async def test_dry_run_and_apply_agree_and_nothing_is_stored() -> None:
 
 
 def test_applied_flows_may_only_read_the_environment_variables_the_agent_allows() -> None:
-    from agents.flows import env_references, flow_from_assignment
+    from agents.flows import flow_from_assignment
     from mesh.errors import ConfigError
+    from mesh.secrets import env_references
 
     config = {
         "name": "customers",
@@ -169,3 +170,31 @@ def test_applied_flows_may_only_read_the_environment_variables_the_agent_allows(
     ok = dict(config, sink=dict(config["sink"], auth={"type": "bearer", "token_env": "CRM_TOKEN"}))  # type: ignore[arg-type]
     flow = flow_from_assignment(ok, "/tmp/state", allowed_env=["CRM_*"])
     assert flow.name == "customers"
+
+
+def test_flow_apply_refuses_environment_variables_the_agent_does_not_allow() -> None:
+    rest_sink = """
+[[flows]]
+name = "customers"
+entity = "customer"
+[flows.sink]
+agent = "crm"
+adapter = "rest"
+base_url = "https://crm.example.com"
+upsert_path = "/c/{key}"
+state_path = "v.db"
+headers_env = { "X-Api-Key" = "CRM_API_KEY" }
+[flows.sink.auth]
+type = "bearer"
+token_env = "AWS_SECRET_ACCESS_KEY"
+"""
+    strict = _agent("crm")
+    strict = msgspec.structs.replace(
+        strict, manifest=msgspec.structs.replace(strict.manifest, allowed_env=["CRM_*"])
+    )
+    (problem,) = _problems(rest_sink, strict)
+    assert problem.startswith("flows.toml: flows[0].sink.auth.token_env: ")
+    assert "AWS_SECRET_ACCESS_KEY" in problem
+    assert "allowed_env" in problem
+    # An agent that reports nothing (an older one) is left to check for itself.
+    assert _problems(rest_sink, _agent("crm")) == []
