@@ -170,5 +170,14 @@ def diff_schemas(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     Compatible: new optional fields, widened enums, relaxed constraints, changed defaults.
     """
     differ = _Differ(old, new)
-    differ.walk(old, new, "$")
+    # The document's own metadata (its id and title name the version: "Customer (customer/1)")
+    # says nothing about the shape; left in, it would make every new version a "changed type".
+    differ.walk(_shape(old), _shape(new), "$")
     return differ.changes
+
+
+_DOCUMENT_KEYS = ("$schema", "$id", "title", "x-mesh-schema", "$defs")
+
+
+def _shape(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k not in _DOCUMENT_KEYS}

@@ -478,3 +478,28 @@ def test_money_in_the_schema_is_integer_minor_units() -> None:
     assert money["properties"]["amount"] == {"type": "integer"}
     assert money["properties"]["currency"]["pattern"] == "^[A-Z]{3}$"
     assert Money.of("1", "EUR").amount == 100
+
+
+def test_a_new_version_with_an_optional_field_is_one_compatible_change() -> None:
+    """customer/2 = customer/1 plus an optional field: the version's own id and title are not
+    a change of shape (old readers ignore the field, new readers default it)."""
+    from mesh.canonical.entities import Code
+    from mesh.canonical.schema import diff_schemas
+
+    def default(f: msgspec.structs.FieldInfo) -> Any:
+        if f.default_factory is not msgspec.NODEFAULT:
+            return msgspec.field(default_factory=f.default_factory)
+        return f.default
+
+    fields = [(f.name, f.type, default(f)) for f in msgspec.structs.fields(Customer)]
+    v2_type = msgspec.defstruct("Customer", [*fields, ("lei", Code | None, None)], kw_only=True, frozen=True)
+    v2 = {
+        **entity_schema("customer"),
+        **msgspec.json.schema(v2_type),
+        "$id": "urn:connector-mesh:schema:customer/2",
+        "title": "Customer (customer/2)",
+        "x-mesh-schema": "customer/2",
+    }
+    assert diff_schemas(entity_schema("customer"), v2) == [
+        ("$.lei", "new optional field (has a default)", False)
+    ]
