@@ -7,9 +7,10 @@ from typing import NoReturn
 
 import typer
 
+from mesh.cli._exitcodes import BAD_INPUT
 from mesh.redact import redact_urls
 
 
-def fail(message: object, code: int = 2) -> NoReturn:
+def fail(message: object, code: int = BAD_INPUT) -> NoReturn:
     typer.secho(f"error: {redact_urls(str(message))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

@@ -77,6 +77,7 @@ app.add_typer(cli_security.app, name="security")
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)
 agent_app.registered_commands.extend(cli_install.app.registered_commands)
+config_app.registered_commands.extend(cli_schema.config_app.registered_commands)  # config schema
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Agent config file (TOML).", show_default=False)
