@@ -91,7 +91,7 @@ from mesh.controlplane.models import (
 )
 from mesh.controlplane.registry import Registry
 from mesh.controlplane.settings import ControlPlaneSettings
-from mesh.controlplane.status import StatusBuilder, flow_views
+from mesh.controlplane.status import StatusBuilder, config_file_flows, flow_views
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
 from mesh.sdnotify import Notifier
@@ -493,6 +493,8 @@ class ControlPlane:
             ]
             state = views[n].state if n in views else "pending"
             out.append(FlowSpecView(spec=spec, state=state, reports=reports))
+        if name is None:  # and the flows agents run from their config files, marked as such
+            out = sorted([*out, *config_file_flows(agents, specs)], key=lambda v: v.spec.name)
         return Flows(flows=out, served_by=self.name)
 
     async def _command(self, req: FlowCommand) -> CommandResult | Refused:

@@ -15,9 +15,11 @@ dir by ``meshctl agent register``. Guarantees:
 * **Fixed rate, no drift, no burst**: beats are ``interval`` apart; after a stall it skips
   the missed beats instead of sending them all at once.
 * A ``collect()`` that raises is reported as ``failing`` with the error, not swallowed.
-* Until the agent is registered (no ``credentials.json``) it sends nothing and logs a warning
-  every minute; the credentials are re-read on every beat, so ``meshctl agent register`` takes
-  effect without a restart.
+* Until the agent is registered (no ``credentials.json``) it sends nothing and says once, at
+  info level, what running without a control plane means (no heartbeats, no remote commands;
+  the config file's flows run as usual) and how to register; the credentials are re-read on
+  every beat, so ``meshctl agent register`` takes effect without a restart (logged once too).
+  Credentials of another agent in the state dir are a mistake: a warning every minute.
 * A refusal is logged once per change of cause. ``revoked`` raises
   :class:`~mesh.errors.StopError` when ``stop_when_revoked`` (the default): revoked credentials
   are a reason for the agent to stop (see :mod:`mesh.errors`).
@@ -87,6 +89,7 @@ class Heartbeat:
         self.last_error: str | None = None
         self.last_accepted_at: float | None = None
         self._warned_at = -1e9
+        self._unregistered = False
 
     def __repr__(self) -> str:
         state = f"refused={self.refused.code}" if self.refused else f"accepted={self.accepted}/{self.sent}"
@@ -107,20 +110,32 @@ class Heartbeat:
             ConfigError: the credentials file is unreadable or invalid.
         """
         creds = await anyio.to_thread.run_sync(load_credentials, self.state_dir)
-        if creds is None or creds.name != self.agent_name:
+        if creds is None:
+            if not self._unregistered:  # a standalone agent is not a fault: say so once
+                self._unregistered = True
+                log.info(
+                    "agent %s runs without a control plane (not registered: no credentials in %s): "
+                    "it runs the flows of its config file but sends no heartbeats and takes no remote "
+                    "commands (flow pause/resume/drain, applied flows); to manage it from a control "
+                    "plane run `meshctl agent register --name %s --site %s --state-dir %s` "
+                    "(no restart needed)",
+                    self.agent_name, self.state_dir, self.agent_name, self.site, self.state_dir,
+                )  # fmt: skip
+            return None
+        if creds.name != self.agent_name:
             now = anyio.current_time()
             if now - self._warned_at >= 60:
                 self._warned_at = now
                 log.warning(
-                    "agent %s is not registered (no credentials in %s): run `meshctl agent register "
-                    "--name %s --site %s --state-dir %s`; no heartbeats until then",
-                    self.agent_name,
-                    self.state_dir,
-                    self.agent_name,
-                    self.site,
-                    self.state_dir,
-                )
+                    "agent %s: the credentials in %s are agent %s's: no heartbeats; register this "
+                    "agent with its own state dir (`meshctl agent register --name %s --site %s "
+                    "--state-dir DIR`)",
+                    self.agent_name, self.state_dir, creds.name, self.agent_name, self.site,
+                )  # fmt: skip
             return None
+        if self._unregistered:
+            self._unregistered = False
+            log.info("agent %s is registered now: heartbeats start", self.agent_name)
         payload = await self._payload()
         self.seq += 1
         req = HeartbeatRequest(

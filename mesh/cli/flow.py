@@ -28,7 +28,8 @@ from mesh.cli._common import (
     table,
 )
 from mesh.cli.dlq import ServerOpt, quiet_connection_logs
-from mesh.controlplane.models import CommandResult, FlowOp
+from mesh.controlplane.models import CommandResult, FlowOp, FlowSpecView
+from mesh.controlplane.status import CONFIG_FILE
 from mesh.dlq import DEFAULT_NATS_URL, FlowReplay, format_time, parse_time, replay_flow
 from mesh.errors import MeshError
 
@@ -162,7 +163,11 @@ def _apply(
         typer.echo(f"flow {ch.name}: {what} (generation {ch.generation}) on {', '.join(ch.agents)}")
 
 
-@app.command("list", help="Applied flows with their desired and reported state.")
+@app.command(
+    "list",
+    help="Every flow the agents run: applied ones (FROM apply, with their generation and desired "
+    "state) and those from the agents' own config files (FROM config file), with their state.",
+)
 def _list(
     as_json: JsonOpt = False,
     control_plane: ControlPlaneOpt = DEFAULT_URL,
@@ -174,18 +179,20 @@ def _list(
         _json(reply.flows)
         return
     if not reply.flows:
-        typer.echo("no flows applied")
+        typer.echo("no flows applied, and no registered agent reports one from its config file")
         return
-    table(
-        ("NAME", "ENTITY", "GEN", "DESIRED", "STATE", "AGENTS", "APPLIED", "BY"),
-        [
-            (
-                f.spec.name, f.spec.entity, f.spec.generation, f.spec.desired, f.state,
-                ",".join(p.agent for p in f.spec.parts), ago(f.spec.applied_at), f.spec.applied_by,
-            )
-            for f in reply.flows
-        ],
-    )  # fmt: skip
+
+    def row(f: FlowSpecView) -> tuple[object, ...]:
+        agents = ",".join(p.agent for p in f.spec.parts)
+        if f.spec.source == CONFIG_FILE:  # known from heartbeats only: no generation, no desired state
+            return (f.spec.name, "config file", f.spec.entity or "-", "-", "-", f.state, agents, "-", "-")
+        return (
+            f.spec.name, "apply", f.spec.entity, f.spec.generation, f.spec.desired, f.state, agents,
+            ago(f.spec.applied_at), f.spec.applied_by,
+        )  # fmt: skip
+
+    table(("NAME", "FROM", "ENTITY", "GEN", "DESIRED", "STATE", "AGENTS", "APPLIED", "BY"),
+          [row(f) for f in reply.flows])  # fmt: skip
 
 
 @app.command("get", help="One applied flow: its configuration per agent and what each agent reports.")

@@ -21,14 +21,20 @@ from mesh.controlplane.models import (
     AgentRecord,
     AgentView,
     ControlPlaneInfo,
+    FlowPart,
     FlowReport,
     FlowSpec,
+    FlowSpecView,
     FlowView,
     HeartbeatRecord,
     StatusReport,
 )
 
-__all__ = ["StatusBuilder", "flow_state", "flow_views"]
+__all__ = ["CONFIG_FILE", "StatusBuilder", "config_file_flows", "flow_state", "flow_views"]
+
+CONFIG_FILE = "config file"
+"""``FlowSpec.source`` of a flow that agents run from their own config files (generation 0):
+not applied through the control plane, known only from the agents' heartbeats."""
 
 _record = msgspec.json.Decoder(AgentRecord)
 _heartbeat = msgspec.json.Decoder(HeartbeatRecord)
@@ -187,3 +193,28 @@ def flow_views(
             )
         )
     return views
+
+
+def config_file_flows(agents: list[AgentView], applied: Mapping[str, FlowSpec]) -> list[FlowSpecView]:
+    """The flows agents run from their own config files (reported with generation 0) and that
+    are not applied, as :class:`FlowSpecView` s with ``spec.source`` = :data:`CONFIG_FILE`,
+    ``spec.generation`` 0 and one part per reporting agent (``config``: the flow's name and the
+    sides that agent runs, as its manifest says). State as in :func:`flow_views` (``unknown``
+    while no reporting agent is fresh). Sorted by name."""
+    by_flow: dict[str, list[tuple[AgentView, FlowReport]]] = {}
+    for a in agents:
+        for f in a.flows:
+            if f.generation == 0 and f.name not in applied:
+                by_flow.setdefault(f.name, []).append((a, f))
+    out = []
+    for name, reporting in sorted(by_flow.items()):
+        fresh = [f.state for a, f in reporting if a.health in ("healthy", "degraded") and a.state == "active"]
+        parts = []
+        for a, _ in sorted(reporting, key=lambda r: r[0].name):
+            sides = [s for s, runs in (("source", a.manifest.sources), ("sink", a.manifest.sinks))
+                     if name in runs]  # fmt: skip
+            parts.append(FlowPart(agent=a.name, config={"name": name, "sides": sides}))
+        spec = FlowSpec(name=name, entity="", parts=parts, generation=0, source=CONFIG_FILE)
+        reports = [msgspec.structs.replace(f, name=a.name) for a, f in reporting]
+        out.append(FlowSpecView(spec=spec, state=flow_state(fresh), reports=reports))
+    return out
