@@ -8,11 +8,13 @@ working directory) pointing at their build.
 
 The CRM agent starts on today's build; while both sides keep writing, it gets SIGTERM and the
 new build starts on the same state dir (outbox, inbox, cursors) with a config that maps and owns
-``lei``. The ERP agent stays on today's build: an old reader that applies ``customer/2`` events
-and ignores the field it does not know. Proved: the schema check accepts customer/2 as a
+``lei``. The ERP agent stays on today's build meanwhile: an old reader that applies
+``customer/2`` events and ignores the field it does not know. Proved: the schema check accepts customer/2 as a
 compatible new version; the new build reads the old build's events (the backlog and the ERP's
 live ones); nothing lost (both sides end with the same rows), nothing doubled (no version
-applied twice, one data write per applied version at most), nothing dead-lettered.
+applied twice, one data write per applied version at most), nothing dead-lettered. Then the
+ERP agent is upgraded the same way under load (its config unchanged), and the same holds with
+both on the new build.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ def _stream(url: str, creds: Path) -> list[tuple[str, str, str]]:
                 except nats.js.errors.NotFoundError:
                     continue
                 env = decode(msg.data or b"")
-                out.append((msg.subject, env.schema, env.origin))
+                out.append((msg.subject or "", env.schema, env.origin))
             return out
         finally:
             await nc.close()
@@ -297,10 +299,10 @@ class Load:
     """Both systems writing at once from a thread: the ERP creates customers and changes names
     and limits (fields it owns); the CRM changes e-mail addresses (the field it owns)."""
 
-    def __init__(self, erp: Path, crm: Path) -> None:
+    def __init__(self, erp: Path, crm: Path, first_id: int = 1) -> None:
         self.erp, self.crm = erp, crm
-        self.rng = random.Random(11)
-        self.next_id = 1
+        self.rng = random.Random(11 + first_id)
+        self.first_id = self.next_id = first_id
         self.writes = {erp: 0, crm: 0}
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -406,6 +408,7 @@ def test_rolling_upgrade_with_customer_v2_both_ways(nats_server: NatsServer, tmp
     erp = BuildAgent(erp_cfg, tmp_path / "erp.log", tmp_path / "erp-agent-state", build_v1)
     crm_old = BuildAgent(crm_v1, tmp_path / "crm.log", tmp_path / "crm-agent-state", build_v1)
     crm_new = BuildAgent(crm_v2, tmp_path / "crm.log", tmp_path / "crm-agent-state", build_v2)
+    erp_new = BuildAgent(erp_cfg, tmp_path / "erp.log", tmp_path / "erp-agent-state", build_v2)
     erp.start()
     crm_old.start()
     try:
@@ -453,6 +456,27 @@ def test_rolling_upgrade_with_customer_v2_both_ways(nats_server: NatsServer, tmp
         for agent in (erp, crm_new):
             for metric in ("mesh_dead_lettered_messages_total", "mesh_capture_dead_lettered_messages_total"):
                 assert _metric(agent, metric) == 0, (metric, log_tail(agent.log))
+
+        # The rest of the rolling upgrade: the ERP agent too, its config unchanged, under load.
+        with Load(erp_db, crm_db, first_id=load.next_id) as more:
+            wait_until(lambda: more.next_id >= more.first_id + 10, 30, "writes before the ERP upgrade")
+            assert erp.terminate() == 0, log_tail(erp.log)
+            wait_until(lambda: more.next_id >= more.first_id + 15, 30, "ERP writes while its agent is down")
+            erp_new.start()
+            wait_until(lambda: more.next_id >= more.first_id + 30, 60, "writes after the ERP upgrade")
+        wait_until(lambda: _erp_view(erp_db) == _crm_view(crm_db), 90, "both sides to converge again")
+        _settled(url, nats_server.admin_creds)
+        erp_rows = _erp_view(erp_db)
+        assert len(erp_rows) == more.next_id - 1
+        assert erp_rows == _crm_view(crm_db)
+        assert _rows(crm_db, "SELECT count(*) FROM accounts WHERE lei IS NOT NULL") == [(10,)]
+        _assert_applied_once(erp_db, load.writes[erp_db] + more.writes[erp_db])
+        _assert_applied_once(crm_db, load.writes[crm_db] + more.writes[crm_db])
+        seen = {(schema, origin) for _, schema, origin in _stream(url, nats_server.admin_creds)}
+        assert ("customer/2", "erp") in seen, seen
+        for agent in (erp_new, crm_new):
+            for metric in ("mesh_dead_lettered_messages_total", "mesh_capture_dead_lettered_messages_total"):
+                assert _metric(agent, metric) == 0, (metric, log_tail(agent.log))
     finally:
-        codes = {a.config.name: a.terminate() for a in (erp, crm_old, crm_new)}
-    assert all(code in (0, None) for code in codes.values()), (codes, log_tail(tmp_path / "crm.log"))
+        codes = [(a.log.name, a.build.name, a.terminate()) for a in (erp, erp_new, crm_old, crm_new)]
+    assert all(code in (0, None) for _, _, code in codes), codes
