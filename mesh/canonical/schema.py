@@ -327,6 +327,9 @@ class SchemaChange:
     """Where in the document (``$.billing_address.city``)."""
     change: str
     severity: Severity
+    breaks_previous: bool = False
+    """A ``new_version`` change that breaks readers or writers of the previous version (a removed
+    or retyped field, a new required one): the two cannot be mixed in a rolling upgrade."""
 
     def __str__(self) -> str:
         label = {"breaking": "BREAKING", "compatible": "compatible", "new_version": "new version"}[
@@ -344,6 +347,17 @@ class SchemaReport:
     @property
     def breaking(self) -> list[SchemaChange]:
         return [c for c in self.changes if c.severity == "breaking"]
+
+    @property
+    def not_mixable(self) -> dict[str, list[SchemaChange]]:
+        """New version -> its changes that break the previous version's readers or writers. Empty for
+        a version that only adds optional fields (old readers ignore them, new readers default
+        them): such versions can be mixed while agents are upgraded one at a time."""
+        out: dict[str, list[SchemaChange]] = {}
+        for c in self.changes:
+            if c.severity == "new_version" and c.breaks_previous:
+                out.setdefault(c.schema, []).append(c)
+        return out
 
     @property
     def ok(self) -> bool:
@@ -411,8 +425,10 @@ def check_schemas(directory: str | Path, current: Mapping[str, dict[str, Any]] |
             elif older := [v for v in old_versions if v < version]:
                 base = max(older)
                 add(schema, "$", f"new version (previous {name}/{base} stays beside it)", "new_version")
-                for path, what, _ in diff_schemas(old_versions[base], doc):
-                    add(schema, path, f"{what} (since {name}/{base})", "new_version")
+                for path, what, breaking in diff_schemas(old_versions[base], doc):
+                    report.changes.append(
+                        SchemaChange(schema, path, f"{what} (since {name}/{base})", "new_version", breaking)
+                    )
             elif not newer:
                 add(schema, "$", "new schema", "compatible")
         for version in sorted({v for v in old_versions if v > max(now[name])}):

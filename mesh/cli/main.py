@@ -59,7 +59,7 @@ app = typer.Typer(
     add_completion=False,
 )
 agent_app = typer.Typer(help="Run and inspect connector agents.", no_args_is_help=True)
-config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
+config_app = typer.Typer(help="Validate agent config files; print their JSON Schema.", no_args_is_help=True)
 dev_app = typer.Typer(help="The embedded development stack.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
 app.add_typer(config_app, name="config")

@@ -4,7 +4,9 @@
 ``export DIR`` writes one JSON Schema per entity version (``customer.v1.schema.json``) and
 ``asyncapi.json``. ``check DIR`` compares the current schemas with that export: exit 0 when
 nothing breaks (compatible changes are listed), 1 when something does (every breaking change is
-listed with its path), 2 when the directory cannot be read.
+listed with its path), 2 when the directory cannot be read. A new version that old readers
+cannot take (or whose readers cannot take the old one) gets a note: it cannot be mixed with the
+previous version while agents are upgraded one at a time.
 
 ``config schema`` prints (or writes with ``--output``) the JSON Schema of an agent config with
 the installed adapters' options, each with its documentation (for editors and CI linting of
@@ -59,6 +61,12 @@ def _check(directory: DirArg) -> None:
         raise typer.Exit(BAD_INPUT) from None
     for change in report.changes:
         typer.echo(str(change))
+    for schema, changes in report.not_mixable.items():
+        paths = ", ".join(c.path for c in changes)
+        typer.echo(
+            f"note: {schema} cannot be mixed with the previous version in a rolling upgrade ({paths}): "
+            "drain and upgrade every agent of the entity together, or add only optional fields"
+        )
     breaking = report.breaking
     if breaking:
         typer.secho(

@@ -374,6 +374,7 @@ def test_rolling_upgrade_with_customer_v2_both_ways(nats_server: NatsServer, tmp
     assert "customer/2" in check.stdout, check.stdout
     assert "lei" in check.stdout, check.stdout
     assert "BREAKING" not in check.stdout
+    assert "cannot be mixed" not in check.stdout, check.stdout
     assert _run_build(build_v2, "schema", "export", str(export_v2)).returncode == 0
     v1 = json.loads((export_v1 / "customer.v1.schema.json").read_text(encoding="utf-8"))
     v2 = json.loads((export_v2 / "customer.v2.schema.json").read_text(encoding="utf-8"))

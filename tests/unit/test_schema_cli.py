@@ -503,3 +503,25 @@ def test_a_new_version_with_an_optional_field_is_one_compatible_change() -> None
     assert diff_schemas(entity_schema("customer"), v2) == [
         ("$.lei", "new optional field (has a default)", False)
     ]
+
+
+def test_a_new_version_that_cannot_be_mixed_with_the_previous_one_gets_a_note(tmp_path: Path) -> None:
+    out = _export(tmp_path)
+    current = current_schemas()
+    v1 = current.pop("customer/1")
+    removed = copy.deepcopy(v1)
+    removed["x-mesh-schema"] = "customer/2"
+    removed["$defs"]["Customer"]["properties"].pop("tags")
+    report = check_schemas(out, {**current, "customer/2": removed})
+    assert report.ok
+    assert [c.path for c in report.not_mixable["customer/2"]] == ["$.tags"]
+
+    added = copy.deepcopy(v1)
+    added["x-mesh-schema"] = "customer/2"
+    added["$defs"]["Customer"]["properties"]["lei"] = {"anyOf": [{"type": "string"}, {"type": "null"}],
+                                                       "default": None}  # fmt: skip
+    report = check_schemas(out, {**current, "customer/2": added})
+    assert report.ok
+    assert report.not_mixable == {}
+    lines = [str(c) for c in report.changes]
+    assert "new version customer/2 $.lei: new optional field (has a default) (since customer/1)" in lines
