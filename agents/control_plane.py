@@ -480,11 +480,16 @@ class ControlPlane:
         assert self.flow_store is not None
         assert self.builder is not None
         specs = self.flow_store.specs()
+        agents = self.builder.agents()
         if name is not None:
             if name not in specs:
+                static = [v for v in config_file_flows(agents, specs) if v.spec.name == name]
+                if static:
+                    runners = ", ".join(p.agent for p in static[0].spec.parts)
+                    why = f"it runs from the config file of {runners} (`meshctl flow list` shows its state)"
+                    return Refused(code="unknown", reason=f"flow {name!r} is not applied: {why}")
                 return Refused(code="unknown", reason=f"no flow named {name!r} is applied")
             specs = {name: specs[name]}
-        agents = self.builder.agents()
         views = {v.name: v for v in flow_views(agents, self.dlq_depths, specs)}
         out = []
         for n, spec in sorted(specs.items()):

@@ -167,8 +167,10 @@ create_table = true
         assert products["generation"] == 1
         rows = _cli(cli_flow.app, "list", "--control-plane", url).splitlines()[1:]
         assert [r.split()[:2] for r in rows] == [["customers", "config"], ["products", "apply"]]
-        # `flow get` is about applied flows; a config-file flow is shown by `flow list` only.
+        # `flow get` is about applied flows; of a config-file flow it says where it comes from.
         _cli(cli_flow.app, "get", "products", "--control-plane", url)
+        out = _cli(cli_flow.app, "get", "customers", "--control-plane", url, code=1)
+        assert "flow 'customers' is not applied: it runs from the config file of erp-agent" in out
     finally:
         code = agent.terminate()
     text = agent.log.read_text()
