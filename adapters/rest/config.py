@@ -153,6 +153,8 @@ class RestOperation(ConfigStruct, frozen=True):
 
     path: _PathTemplate
     method: _Method = "POST"
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+    """Static query parameters (Xero: ``{summarizeErrors = "false"}`` for per-record results)."""
 
 
 class RestResults(ConfigStruct, frozen=True):

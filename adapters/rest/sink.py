@@ -491,10 +491,11 @@ class RestSink(Sink):
         cfg = self._config
         kind: Literal["create", "update", "delete"]
         item: dict[str, Any] | None
+        params: dict[str, str] = {}
         if record.deleted:
             kind = "delete"
             if cfg.delete is not None:
-                method, template = cfg.delete.method, cfg.delete.path
+                method, template, params = cfg.delete.method, cfg.delete.path, cfg.delete.params
             else:
                 template = cfg.delete_path or self._upsert_path
                 method = "PATCH" if cfg.delete_mode == "tombstone" else "DELETE"
@@ -511,7 +512,7 @@ class RestSink(Sink):
             if target_id is not None or (not record.create and not self._xref):
                 kind = "update"
                 op = cfg.update or cfg.create or default
-                method, template = op.method, op.path
+                method, template, params = op.method, op.path, op.params
                 if not record.create and cfg.update is None and cfg.create is None:
                     method = "PATCH"
             elif not record.create:
@@ -519,7 +520,7 @@ class RestSink(Sink):
             else:
                 kind = "create"
                 op = cfg.create or default
-                method, template = op.method, op.path
+                method, template, params = op.method, op.path, op.params
             if "{id}" in template and target_id is None:
                 raise RejectedRecord(
                     f"key {record.key!r}: {template} needs the target's id, and none is known"
@@ -527,7 +528,7 @@ class RestSink(Sink):
             item = upsert_item(cfg, record, target_id)
         batchable = item is not None and cfg.envelope is not None and not has_placeholder(template)
         path = format_path(template, record.key, target_id)
-        return _Op(index, record, guard, kind, method, path, item, batchable)
+        return _Op(index, record, guard, kind, method, path, params, item, batchable)
 
     async def _lookup(self, record: SinkRecord) -> str | None:
         """The id the target holds for ``record``'s key, by the configured lookup; None if absent.
@@ -599,7 +600,9 @@ class RestSink(Sink):
                 self._counts["requests"] += 1
                 try:
                     with anyio.fail_after(cfg.timeout):
-                        response = await client.request(head.method, head.path, content=body, headers=headers)
+                        response = await client.request(
+                            head.method, head.path, params=head.params, content=body, headers=headers
+                        )
                 except (TimeoutError, httpx.TimeoutException):
                     self._breaker.failure()
                     problem, lost = f"no answer within {cfg.timeout:g}s", True
@@ -738,6 +741,7 @@ class _Op(NamedTuple):
     kind: Literal["create", "update", "delete"]
     method: str
     path: str
+    params: dict[str, str]
     item: dict[str, Any] | None
     """Its object in the body (None: a request without body, DELETE)."""
     batchable: bool
