@@ -229,6 +229,19 @@ class DlqEntry:
         except (msgspec.DecodeError, TypeError) as exc:
             raise DecodeError(f"payload is not msgpack: {exc}") from None
 
+    @property
+    def http(self) -> dict[str, Any] | None:
+        """What an HTTP target answered (status, the request body sent, the response body;
+        each body one line, at most 4 KiB, secrets masked), or None for other dead letters."""
+        status = self.headers.get("Mesh-Http-Status")
+        if status is None:
+            return None
+        return {
+            "status": int(status) if status.isdigit() else status,
+            "request_body": self.headers.get("Mesh-Request-Body", ""),
+            "response_body": self.headers.get("Mesh-Response-Body", ""),
+        }
+
     def summary(self) -> dict[str, Any]:
         """The entry as JSON-ready data: DLQ facts, the envelope's identity, the reason."""
         env = self.envelope
