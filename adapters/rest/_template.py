@@ -177,14 +177,15 @@ def refusal(
     exc = RejectedRecord(redact(f"{what}: HTTP {status}: {reason or excerpt(answer)}"))
     exc.dead_letter_extra = {  # type: ignore[attr-defined]  # read by the agent's dead_letter()
         "http_status": status,
-        "request_body": redact(_text(request or b"")),
-        "response_body": redact(_text(answer)),
+        "request_body": _text(request or b"", redact),
+        "response_body": _text(answer, redact),
     }
     return exc
 
 
-def _text(content: bytes) -> str:
-    text = content[: BODY_LIMIT * 2].decode("utf-8", "replace")
+def _text(content: bytes, redact: Callable[[str], str]) -> str:
+    # Masked before it is cut: a secret that straddles the bound never leaves a prefix behind.
+    text = redact(content[: BODY_LIMIT * 2].decode("utf-8", "replace"))
     return text if len(text) <= BODY_LIMIT else text[: BODY_LIMIT - 3] + "..."
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from adapters.rest._paths import collect, parse
 from adapters.rest._state import read_xrefs
-from adapters.rest.config import RestLookup, RestOperation, RestResults, RestSinkConfig
+from adapters.rest.config import RestBearerAuth, RestLookup, RestOperation, RestResults, RestSinkConfig
 from adapters.rest.sink import RestSink
 from examples._fake_xero import BASE, FakeXero
 from mesh.adapters import Applied, SinkRecord
@@ -320,3 +320,23 @@ def test_contradictory_options_are_refused_naming_the_field(change: str, message
         parse_agent_config(AGENT % "\n".join(lines.values()), source="agent.toml")
     assert "flows[0].sink" in str(info.value)
     assert message in str(info.value)
+
+
+async def test_a_dead_letter_body_never_carries_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XERO_TOKEN", "tok-" + "x" * 40)
+
+    def handler(request: httpx.Request) -> httpx.Response:  # a careless API echoes the token
+        echo = {"Message": "bad", "Auth": request.headers["Authorization"], "Pad": "p" * 5000}
+        return httpx.Response(400, json=echo)
+
+    cfg = contacts(tmp_path, auth=RestBearerAuth(token_env="XERO_TOKEN"), error_path="Message")
+    async with RestSink(cfg, transport=httpx.MockTransport(handler)) as sink:
+        [refused] = await sink.apply([rec("A", 1)])
+    assert isinstance(refused, RejectedRecord)
+    assert str(refused) == "POST /Contacts: HTTP 400: bad"
+    extra = refused.dead_letter_extra  # type: ignore[attr-defined]
+    assert "x" * 40 not in extra["response_body"]
+    assert "Bearer ***" in extra["response_body"]
+    assert len(extra["response_body"]) <= 4096
