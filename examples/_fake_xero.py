@@ -27,10 +27,13 @@ from typing import Any
 
 import anyio
 import msgspec
+from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from mesh.controlplane.http import HttpServer
 
 __all__ = ["BASE", "FakeXero"]
 
@@ -66,6 +69,20 @@ class FakeXero:
     def __repr__(self) -> str:
         counts = f"contacts={len(self.contacts)} invoices={len(self.invoices)} calls={len(self.requests)}"
         return f"<FakeXero {counts}>"
+
+    async def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve over HTTP until cancelled; ``task_status.started(url)`` (the API's base URL,
+        ending in ``/api.xro/2.0``) once connections are accepted."""
+        server = HttpServer(self.app, host, port, grace=1.0, name="fake-xero")
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+            task_status.started(f"{server.url}{BASE}")
 
     def slow(self, count: int, seconds: float) -> None:
         """The next ``count`` writes take effect, then wait ``seconds`` before answering."""

@@ -1,0 +1,181 @@
+"""End to end into a Xero-shaped finance API over real HTTP: ERP (SQLite) -> agents (real
+nats-server, secured) -> the REST sink with envelope, batches, per-record results, the
+cross-reference and archive-instead-of-delete. Every contact is created once and carries
+Xero's id, deletes archive, no DELETE is ever sent, and the one record Xero refuses is
+dead-lettered with its status, request and response bodies, shown by ``meshctl dlq show``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+from typer.testing import CliRunner
+
+from adapters.rest._state import read_xrefs
+from agents.connector import ConnectorAgent
+from examples._fake_xero import FakeXero
+from mesh.cli.main import app
+from tests._secure import SecuredNatsServer as NatsServer
+from tests._secure import secure_config
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(90)]
+
+runner = CliRunner()
+
+ERP_SCHEMA = "CREATE TABLE contacts (id TEXT PRIMARY KEY, Name TEXT, EmailAddress TEXT);"
+
+
+def erp_toml(tmp: Path, url: str) -> str:
+    return f"""
+[agent]
+name = "erp-agent"
+system = "erp"
+state_dir = "{tmp / "s-erp"}"
+[nats]
+servers = ["{url}"]
+[[flows]]
+name = "contacts"
+entity = "customer"
+[flows.source]
+adapter = "sqlite"
+path = "{tmp / "erp.db"}"
+table = "contacts"
+key = "id"
+poll_interval = 0.02
+"""
+
+
+def finance_toml(tmp: Path, url: str, api: str) -> str:
+    return f"""
+[agent]
+name = "finance-agent"
+system = "finance"
+state_dir = "{tmp / "s-fin"}"
+[nats]
+servers = ["{url}"]
+[[flows]]
+name = "contacts"
+entity = "customer"
+[flows.consumer]
+batch_size = 100
+fetch_timeout = 0.2
+ack_wait = 10.0
+max_deliver = 3
+[flows.retry]
+initial_delay = 0.1
+max_delay = 0.5
+[flows.sink]
+adapter = "rest"
+base_url = "{api}"
+state_path = "{tmp / "s-fin" / "contacts.db"}"
+create = {{ method = "POST", path = "/Contacts", params = {{ summarizeErrors = "false" }} }}
+update = {{ method = "POST", path = "/Contacts/{{id}}" }}
+delete = {{ method = "POST", path = "/Contacts/{{id}}" }}
+delete_mode = "update"
+delete_body = {{ ContactStatus = "ARCHIVED" }}
+envelope = "Contacts"
+batch_size = 50
+key_field = "ContactNumber"
+id_field = "ContactID"
+fields = ["Name", "EmailAddress"]
+omit_nulls = true
+error_path = "Elements[].ValidationErrors[].Message"
+timeout = 5.0
+[flows.sink.results]
+status = "StatusAttributeString"
+errors = "ValidationErrors[].Message"
+id = "ContactID"
+[flows.sink.lookup]
+path = "/Contacts"
+params = {{ where = 'ContactNumber=="{{key}}"' }}
+id_path = "Contacts[0].ContactID"
+"""
+
+
+async def test_contacts_into_xero_with_ids_archive_and_readable_dead_letters(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    (tmp_path / "s-fin").mkdir()
+    with sqlite3.connect(tmp_path / "erp.db") as db:
+        db.executescript(ERP_SCHEMA)
+        db.executemany(
+            "INSERT INTO contacts VALUES (?, ?, ?)",
+            [(f"C{i:03}", f"Customer {i}", None if i % 3 else f"c{i}@example.com") for i in range(120)],
+        )
+        db.execute("INSERT INTO contacts VALUES ('BAD', '', NULL)")  # Xero refuses an empty name
+    erp = ConnectorAgent(
+        secure_config(erp_toml(tmp_path, nats_server.url), tmp_path / "erp.creds", nats_server)
+    )
+    fake = FakeXero()
+    async with anyio.create_task_group() as tg:
+        api = await tg.start(fake.run)
+        fin = ConnectorAgent(
+            secure_config(finance_toml(tmp_path, nats_server.url, api), tmp_path / "fin.creds", nats_server)
+        )
+        await tg.start(erp.run)
+        await tg.start(fin.run)
+        with anyio.fail_after(30):
+            while len(fake.contacts) < 120:
+                await anyio.sleep(0.1)
+        with sqlite3.connect(tmp_path / "erp.db") as db:
+            db.execute("UPDATE contacts SET Name = Name || ' (renamed)' WHERE id IN ('C001', 'C002')")
+            db.execute("DELETE FROM contacts WHERE id IN ('C010', 'C011', 'C012')")
+
+        def done() -> bool:
+            archived = {
+                c["ContactNumber"] for c in fake.contacts.values() if c["ContactStatus"] == "ARCHIVED"
+            }
+            renamed = [c for c in fake.contacts.values() if c["Name"].endswith("(renamed)")]
+            return archived == {"C010", "C011", "C012"} and len(renamed) == 2
+
+        with anyio.fail_after(30):
+            while not done():
+                await anyio.sleep(0.1)
+        env = {"MESH_CREDS": str(nats_server.admin_creds)}
+        invoke = functools.partial(
+            runner.invoke, app, ["dlq", "list", "--server", nats_server.url, "--json"], env=env
+        )
+        with anyio.fail_after(30):
+            while not json.loads((listed := await anyio.to_thread.run_sync(invoke)).output or "[]"):
+                await anyio.sleep(0.2)
+        [entry] = json.loads(listed.output)
+        show = functools.partial(
+            runner.invoke,
+            app,
+            ["dlq", "show", str(entry["seq"]), "--server", nats_server.url, "--json"],
+            env=env,
+        )
+        shown = await anyio.to_thread.run_sync(show)
+        text = await anyio.to_thread.run_sync(
+            functools.partial(
+                runner.invoke, app, ["dlq", "show", str(entry["seq"]), "--server", nats_server.url], env=env
+            )
+        )
+        tg.cancel_scope.cancel()
+
+    assert shown.exit_code == 0, shown.output
+    detail = json.loads(shown.output)
+    assert detail["reason"] == "POST /Contacts: HTTP 200: The contact name must be specified"
+    assert detail["http"]["status"] == 200
+    assert detail["http"]["request_body"] == {"Contacts": [{"Name": "", "ContactNumber": "BAD"}]}
+    assert detail["http"]["response_body"]["StatusAttributeString"] == "ERROR"
+    assert "HTTP answer: 200" in text.output
+    assert '"ContactNumber": "BAD"' in text.output
+
+    # Each contact created once, each with Xero's id in the cross-reference; no DELETE ever.
+    assert all(n == 1 for n in fake.created.values())
+    assert len(fake.created) == 120
+    xrefs = {r.key: r.id for r in read_xrefs(str(tmp_path / "s-fin" / "contacts.db"))}
+    for cid, contact in fake.contacts.items():
+        assert xrefs[contact["ContactNumber"]] == cid
+    methods = {(m, p.rsplit("/", 1)[-1] if p.count("/") > 3 else p) for m, p, *_ in fake.requests}
+    assert all(m in ("GET", "POST") for m, _ in methods)
+    creates = [json.loads(b) for m, p, _, b, _ in fake.requests if m == "POST" and p.endswith("/Contacts")]
+    assert max(len(c["Contacts"]) for c in creates) > 1  # batched
+    assert all(len(c["Contacts"]) <= 50 for c in creates)
+    assert all("EmailAddress" in c or int(c["ContactNumber"][1:]) % 3 for b in creates for c in b["Contacts"]
+               if c["ContactNumber"] != "BAD")  # fmt: skip
