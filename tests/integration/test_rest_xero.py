@@ -20,7 +20,8 @@ from agents.connector import ConnectorAgent
 from examples._fake_xero import FakeXero
 from mesh.cli.main import app
 from tests._secure import SecuredNatsServer as NatsServer
-from tests._secure import secure_config
+from tests._secure import secure_config, write_agent_config
+from tests.integration._harness import AgentProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -49,7 +50,7 @@ poll_interval = 0.02
 """
 
 
-def finance_toml(tmp: Path, url: str, api: str) -> str:
+def finance_toml(tmp: Path, url: str, api: str, timeout: float = 5.0) -> str:
     return f"""
 [agent]
 name = "finance-agent"
@@ -84,7 +85,7 @@ id_field = "ContactID"
 fields = ["Name", "EmailAddress"]
 omit_nulls = true
 error_path = "Elements[].ValidationErrors[].Message"
-timeout = 5.0
+timeout = {timeout}
 [flows.sink.results]
 status = "StatusAttributeString"
 errors = "ValidationErrors[].Message"
@@ -179,3 +180,66 @@ async def test_contacts_into_xero_with_ids_archive_and_readable_dead_letters(
     assert all(len(c["Contacts"]) <= 50 for c in creates)
     assert all("EmailAddress" in c or int(c["ContactNumber"][1:]) % 3 for b in creates for c in b["Contacts"]
                if c["ContactNumber"] != "BAD")  # fmt: skip
+
+
+async def test_sigkill_after_the_create_took_effect_and_before_its_answer_makes_no_second_record(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The API creates each contact and holds the answer; the agent is SIGKILLed while waiting,
+    so its state has no id for any of them. Restarted, it looks each one up (``lookup``) instead
+    of creating it again: every contact exists once and the cross-reference has Xero's ids."""
+    (tmp_path / "s-fin").mkdir()
+    with sqlite3.connect(tmp_path / "erp.db") as db:
+        db.executescript(ERP_SCHEMA)
+        db.executemany(
+            "INSERT INTO contacts VALUES (?, ?, NULL)", [(f"K{i:02}", f"Kunde {i}") for i in range(40)]
+        )
+    erp = ConnectorAgent(
+        secure_config(erp_toml(tmp_path, nats_server.url), tmp_path / "erp.creds", nats_server)
+    )
+    fake = FakeXero()
+    fake.slow(10_000, 3600.0)  # every write takes effect, then its answer never comes
+    async with anyio.create_task_group() as tg:
+        api = await tg.start(fake.run)
+        cfg = write_agent_config(
+            tmp_path / "finance-agent.toml",
+            finance_toml(tmp_path, nats_server.url, api, timeout=60.0),
+            nats_server,
+        )
+        fin = AgentProcess(cfg, tmp_path / "finance-agent.log")
+        await anyio.to_thread.run_sync(fin.start)
+        try:
+            await tg.start(erp.run)
+            with anyio.fail_after(30):
+                while len(fake.contacts) < 40:
+                    await anyio.sleep(0.05)
+            rows = read_xrefs(str(tmp_path / "s-fin" / "contacts.db"))
+            assert {r.key for r in rows if r.id is None} == {f"K{i:02}" for i in range(40)}  # all pending
+            await anyio.to_thread.run_sync(fin.kill)
+            assert fin.killed_by_sigkill
+            fake.slow(0, 0.0)
+            posts_before = len(fake.requests)
+            await anyio.to_thread.run_sync(fin.start)
+
+            def settled() -> bool:
+                found = read_xrefs(str(tmp_path / "s-fin" / "contacts.db"))
+                return len(found) == 40 and all(r.id is not None for r in found)
+
+            with anyio.fail_after(30):
+                while not settled():
+                    await anyio.sleep(0.1)
+            with sqlite3.connect(tmp_path / "erp.db") as db:
+                db.execute("UPDATE contacts SET Name = 'Renamed' WHERE id = 'K07'")
+            with anyio.fail_after(30):
+                while not [c for c in fake.contacts.values() if c["Name"] == "Renamed"]:
+                    await anyio.sleep(0.1)
+        finally:
+            await anyio.to_thread.run_sync(fin.kill)
+            tg.cancel_scope.cancel()
+    assert fake.created == {f"K{i:02}": 1 for i in range(40)}
+    assert len(fake.contacts) == 40
+    xrefs = {r.key: r.id for r in read_xrefs(str(tmp_path / "s-fin" / "contacts.db"))}
+    assert {c["ContactNumber"]: cid for cid, c in fake.contacts.items()} == xrefs
+    after = [(m, p) for m, p, *_ in fake.requests[posts_before:]]
+    assert ("GET", "/api.xro/2.0/Contacts") in after  # looked up, not created again
+    assert [p for m, p in after if m == "POST"] == [f"/api.xro/2.0/Contacts/{xrefs['K07']}"]
