@@ -21,12 +21,13 @@ the answer back (a client that times out has lost the answer of a create that ha
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
-from typing import Any
+from decimal import Decimal
+from typing import Any, NamedTuple
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,7 +36,7 @@ from starlette.routing import Route
 
 from mesh.controlplane.http import HttpServer
 
-__all__ = ["BASE", "FakeXero"]
+__all__ = ["BASE", "Call", "FakeXero"]
 
 BASE = "/api.xro/2.0"
 _WHERE = re.compile(r'^\s*(\w+)\s*==\s*"([^"]*)"\s*$')
@@ -44,7 +45,19 @@ _INVOICE_STATUS = {"DRAFT", "SUBMITTED", "DELETED", "AUTHORISED", "PAID", "VOIDE
 
 
 def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status, media_type="application/json")
+    text = json.dumps(body, default=lambda v: float(v) if isinstance(v, Decimal) else str(v))
+    return Response(text, status, media_type="application/json")
+
+
+class Call(NamedTuple):
+    """One request the fake received (``status`` 0 while unanswered)."""
+
+    method: str
+    path: str
+    query: str
+    body: bytes
+    status: int
+    headers: dict[str, str]
 
 
 class FakeXero:
@@ -57,14 +70,31 @@ class FakeXero:
         self.contacts: dict[str, dict[str, Any]] = {}
         self.invoices: dict[str, dict[str, Any]] = {}
         self.created: dict[str, int] = {}
-        self.requests: list[tuple[str, str, str, bytes, int]] = []
+        self.requests: list[Call] = []
         self._slow = 0
         self._delay = 0.0
+        self.app = Starlette(routes=self.routes())
+
+    def routes(self) -> list[Route]:
+        """The API's routes (a subclass adds its own)."""
         routes = []
         for name, id_name in (("Contacts", "ContactID"), ("Invoices", "InvoiceID")):
             routes.append(Route(f"{BASE}/{name}", self._collection(name, id_name), methods=["GET", "POST"]))
             routes.append(Route(f"{BASE}/{name}/{{rid}}", self._one(name, id_name), methods=["GET", "POST"]))
-        self.app = Starlette(routes=routes)
+        return routes
+
+    def refuse_credentials(self, request: Request) -> Response | None:
+        """An answer refusing the request's credentials, or None to let it through."""
+        if self.token is not None and request.headers.get("authorization") != f"Bearer {self.token}":
+            return _json({"Type": "Unauthorized", "Title": "Unauthorized", "Status": 401}, 401)
+        if self.tenant_id is not None and request.headers.get("xero-tenant-id") != self.tenant_id:
+            return _json({"Type": "AuthenticationUnsuccessful", "Status": 403}, 403)
+        return None
+
+    def check_invoice(self, invoice: dict[str, Any]) -> list[str]:
+        """More checks of an invoice as it would be stored (a subclass adds its own; it may
+        also normalise the record in place, e.g. compute totals)."""
+        return []
 
     def __repr__(self) -> str:
         counts = f"contacts={len(self.contacts)} invoices={len(self.invoices)} calls={len(self.requests)}"
@@ -99,15 +129,10 @@ class FakeXero:
     async def _call(self, request: Request, work: Any) -> Response:
         body = await request.body()
         slot = len(self.requests)  # logged on arrival: a call whose answer is never read counts too
-        self.requests.append((request.method, request.url.path, request.url.query, body, 0))
-        response: Response
-        if self.token is not None and request.headers.get("authorization") != f"Bearer {self.token}":
-            response = _json({"Type": "Unauthorized", "Title": "Unauthorized", "Status": 401}, 401)
-        elif self.tenant_id is not None and request.headers.get("xero-tenant-id") != self.tenant_id:
-            response = _json({"Type": "AuthenticationUnsuccessful", "Status": 403}, 403)
-        else:
-            response = await work(body)
-        self.requests[slot] = (*self.requests[slot][:4], response.status_code)
+        headers = dict(request.headers)
+        self.requests.append(Call(request.method, request.url.path, request.url.query, body, 0, headers))
+        response = self.refuse_credentials(request) or await work(body)
+        self.requests[slot] = self.requests[slot]._replace(status=response.status_code)
         return response
 
     def _collection(self, name: str, id_name: str) -> Any:
@@ -151,8 +176,8 @@ class FakeXero:
         self, name: str, id_name: str, body: bytes, rid: str | None, summarize: bool
     ) -> Response:
         try:
-            doc = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+            doc = json.loads(body, parse_float=Decimal)  # amounts exact, as Xero reads them
+        except ValueError:
             return _json({"Type": "ValidationException", "Message": "the body is not JSON"}, 400)
         items = doc.get(name) if isinstance(doc, dict) else None
         if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
@@ -197,12 +222,26 @@ class FakeXero:
         errors = []
         if merged.get("Type") not in ("ACCREC", "ACCPAY"):
             errors.append("Invoice Type must be specified")
-        contact = merged.get("Contact") or {}
-        if contact.get("ContactID") not in self.contacts:
-            errors.append("A valid contact must be specified (Contact.ContactID)")
+        if self.contact_of(merged.get("Contact")) is None:
+            errors.append("A valid contact must be specified (Contact.ContactID or an active ContactNumber)")
         if merged.get("Status", "DRAFT") not in _INVOICE_STATUS:
             errors.append(f"Status {merged.get('Status')!r} is not valid")
-        return errors
+        return errors + self.check_invoice(merged)
+
+    def contact_of(self, ref: Any) -> dict[str, Any] | None:
+        """The contact an invoice names, by ContactID or (as Xero allows) by the ContactNumber of
+        an active contact."""
+        if not isinstance(ref, dict):
+            return None
+        if ref.get("ContactID") in self.contacts:
+            return self.contacts[ref["ContactID"]]
+        number = ref.get("ContactNumber")
+        active = (
+            [c for c in self.by_number("Contacts", number) if c.get("ContactStatus") == "ACTIVE"]
+            if number
+            else []
+        )
+        return active[0] if active else None
 
     def _apply(self, name: str, id_name: str, item: dict[str, Any], rid: str | None) -> dict[str, Any]:
         store = self.store(name)
@@ -214,5 +253,14 @@ class FakeXero:
             store[target] = {id_name: target}
             if name == "Contacts":
                 store[target]["ContactStatus"] = "ACTIVE"
-        store[target] = {**store[target], **item, id_name: target}
-        return store[target]
+        record = {**store[target], **item, id_name: target}
+        if name == "Invoices":
+            contact = self.contact_of(record.get("Contact"))
+            assert contact is not None  # checked
+            record["Contact"] = {
+                "ContactID": contact["ContactID"],
+                "ContactNumber": contact.get("ContactNumber"),
+            }
+            self.check_invoice(record)  # normalise (totals)
+        store[target] = record
+        return record
