@@ -25,6 +25,7 @@ from _common import NORTHWIND_SQL, Stack, main, new_secret
 from _fake_apis import FakeFinance
 
 HERE = Path(__file__).resolve().parent
+_LOGGED_HEADERS = ("content-type", "xero-tenant-id", "idempotency-key")  # never Authorization
 ERP_CONFIG, FINANCE_CONFIG = HERE / "erp-agent.toml", HERE / "finance-agent.toml"
 
 # What happens in the ERP while the mesh runs: (what, SQL). Each statement list is one transaction.
@@ -213,7 +214,7 @@ async def scenario(stack: Stack) -> bool:
     log = stack.root / "finance-requests.jsonl"
     with log.open("w") as out:  # every request the finance API received, for contract checks
         for c in finance.requests:
-            kept = {k: v for k, v in c.headers.items() if k in ("content-type", "xero-tenant-id")}
+            kept = {k: v for k, v in c.headers.items() if k in _LOGGED_HEADERS}
             out.write(json.dumps({"method": c.method, "path": c.path, "query": c.query, "headers": kept,
                                   "body": c.body.decode(), "status": c.status}) + "\n")  # fmt: skip
     stack.info(f"the finance API's {len(finance.requests)} requests: {log}")

@@ -182,6 +182,7 @@ async def test_contacts_into_xero_with_ids_archive_and_readable_dead_letters(
                if c["ContactNumber"] != "BAD")  # fmt: skip
 
 
+@pytest.mark.crash
 async def test_sigkill_after_the_create_took_effect_and_before_its_answer_makes_no_second_record(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
