@@ -70,7 +70,8 @@ def sink_for(fake: FakeXero, cfg: RestSinkConfig) -> RestSink:
 
 def bodies(fake: FakeXero) -> list[tuple[str, str, Any]]:
     return [
-        (m, p.removeprefix(BASE), msgspec.json.decode(b) if b else None) for m, p, _, b, _ in fake.requests
+        (c.method, c.path.removeprefix(BASE), msgspec.json.decode(c.body) if c.body else None)
+        for c in fake.requests
     ]
 
 
