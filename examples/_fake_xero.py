@@ -73,6 +73,7 @@ class FakeXero:
         self.requests: list[Call] = []
         self._slow = 0
         self._delay = 0.0
+        self._released = anyio.Event()
         self.app = Starlette(routes=self.routes())
 
     def routes(self) -> list[Route]:
@@ -115,8 +116,15 @@ class FakeXero:
             task_status.started(f"{server.url}{BASE}")
 
     def slow(self, count: int, seconds: float) -> None:
-        """The next ``count`` writes take effect, then wait ``seconds`` before answering."""
+        """The next ``count`` writes take effect, then wait ``seconds`` before answering (or
+        until :meth:`release`)."""
         self._slow, self._delay = count, seconds
+        self._released = anyio.Event()
+
+    def release(self) -> None:
+        """Stop holding answers back: every held one goes out now, later ones at once."""
+        self._slow = 0
+        self._released.set()
 
     def store(self, name: str) -> dict[str, dict[str, Any]]:
         return self.contacts if name == "Contacts" else self.invoices
@@ -204,7 +212,8 @@ class FakeXero:
             results.append({**self._apply(name, id_name, item, rid), "StatusAttributeString": "OK"})
         if self._slow > 0:  # took effect; now the answer is late (or never read)
             self._slow -= 1
-            await anyio.sleep(self._delay)
+            with anyio.move_on_after(self._delay):
+                await self._released.wait()
         return _json({"Id": str(uuid.uuid4()), "Status": "OK", "ProviderName": "mesh fake", name: results})
 
     def _check(self, name: str, id_name: str, item: dict[str, Any], rid: str | None) -> list[str]:
