@@ -21,6 +21,7 @@ from mesh.cli._output import fail
 from mesh.dlq import (
     DEFAULT_NATS_URL,
     DLQ_HEADERS,
+    HTTP_HEADERS,
     DeadLetters,
     DlqEntry,
     DlqFilter,
@@ -224,9 +225,6 @@ def _maybe_json(text: str) -> Any:
         return text
 
 
-_HTTP_HEADERS = frozenset({"Mesh-Http-Status", "Mesh-Request-Body", "Mesh-Response-Body"})
-
-
 @app.command("show")
 def _show(
     seq: Annotated[int, typer.Argument(help="The entry's sequence in MESH_DLQ (see `dlq list`).")],
@@ -245,7 +243,7 @@ def _show(
     typer.echo(f"DLQ entry {e.seq} in {DLQ_STREAM} (subject {e.subject}, {len(e.data)} bytes)")
     typer.echo(f"  time: {format_time(e.time)}")
     typer.echo("Dead-letter headers:")
-    for name in sorted(DLQ_HEADERS - _HTTP_HEADERS):
+    for name in sorted(DLQ_HEADERS):
         if name in e.headers:
             typer.echo(f"  {name}: {e.headers[name]}")
     if e.http is not None:
@@ -257,7 +255,7 @@ def _show(
                 text = json.dumps(body, indent=2, ensure_ascii=False) if not isinstance(body, str) else body
                 for line in text.splitlines():
                     typer.echo(f"  {line}")
-    others = {k: v for k, v in e.headers.items() if k not in DLQ_HEADERS}
+    others = {k: v for k, v in e.headers.items() if k not in DLQ_HEADERS | HTTP_HEADERS}
     if others:
         typer.echo("Original headers:")
         for name, value in others.items():

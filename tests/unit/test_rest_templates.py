@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from adapters.rest.sink import RestSink
 from examples._fake_xero import BASE, FakeXero
 from mesh.adapters import Applied, SinkRecord
 from mesh.config import parse_agent_config
+from mesh.dlq import DlqEntry
 from mesh.envelope import DeadLetter
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 
@@ -341,3 +343,21 @@ async def test_a_dead_letter_body_never_carries_a_secret(
     assert "x" * 40 not in extra["response_body"]
     assert "Bearer ***" in extra["response_body"]
     assert len(extra["response_body"]) <= 4096
+
+
+def test_a_dlq_entry_reads_the_http_answer_and_a_replay_drops_it() -> None:
+    letter = DeadLetter(
+        reason="POST /Contacts: HTTP 400: bad", error_class="RejectedRecord", flow="contacts",
+        original_subject="evt.customer.upserted.erp", http_status=400,
+        request_body='{"Contacts": [{"Name": ""}]}', response_body='{"Elements": []}',
+    )  # fmt: skip
+    entry = DlqEntry.of(
+        1, "dlq.contacts", datetime.now(UTC), b"x", {**letter.to_headers(), "X-Original": "1"}
+    )
+    assert entry.http == {
+        "status": 400,
+        "request_body": '{"Contacts": [{"Name": ""}]}',
+        "response_body": '{"Elements": []}',
+    }
+    assert entry.original_headers() == {"X-Original": "1"}  # what a replay republishes
+    assert DlqEntry.of(2, "dlq.x", datetime.now(UTC), b"x", {"Mesh-Reason": "r"}).http is None
