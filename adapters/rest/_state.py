@@ -217,6 +217,16 @@ class VersionStore:
         now = int(time.time())
         await self._transaction([(_XREF_PENDING, (self.target, k, v, now)) for k, v in versions.items()])
 
+    async def forget_pending(self, keys: list[str]) -> None:
+        """Drop the pending-create marks of ``keys`` (their creates were refused: nothing to look
+        up); a key with an id is left alone.
+
+        Raises:
+            SystemUnavailable: the file cannot be written now.
+        """
+        sql = "DELETE FROM mesh_rest_xref WHERE target = ? AND key = ? AND id IS NULL"
+        await self._transaction([(sql, (self.target, key)) for key in keys])
+
     async def record_applied(
         self,
         key: str,

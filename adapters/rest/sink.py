@@ -87,7 +87,7 @@ __all__ = ["RestSink"]
 log = logging.getLogger(__name__)
 
 _JSON = msgspec.json.Encoder()
-_EXCERPT = 200  # characters of a response body quoted in a RejectedRecord
+_EXCERPT = 200  # characters of a transport error quoted in a message
 _GONE = frozenset({404, 410})  # a delete that finds nothing has had its effect
 _CREDENTIALS_REFUSED = frozenset({401, 403, 407})
 
@@ -109,6 +109,7 @@ class RestSink(Sink):
         self._store = VersionStore(config.state_path, default_target(config.base_url, main))
         self._templated = config.templated
         self._xref = config.results is not None and config.results.id is not None
+        self._refused_creates: list[str] = []  # their pending marks go at the end of the round
         self._gate = RequestGate(config.rate_limit, config.burst)
         self._breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._credentials: Credentials | None = None
@@ -479,6 +480,10 @@ class RestSink(Sink):
                 for chunks in requests.values():
                     for request in chunks:
                         tg.start_soon(run, request)
+        refused, self._refused_creates = self._refused_creates, []
+        if refused:
+            with anyio.CancelScope(shield=True):
+                await self._store.forget_pending(refused)
         if failures:
             raise failures[0]
 
@@ -715,9 +720,12 @@ class RestSink(Sink):
     def _refuse(
         self, what: str, status: int, op: _Op, answer: bytes, *, reason: str | None = None
     ) -> RejectedRecord:
-        """A refusal of one record, carrying its request and the answer for the dead letter."""
+        """A refusal of one record, carrying its request and the answer for the dead letter. A
+        refused create is known not to have happened: its pending mark is dropped."""
         _, credentials = self._require()
         self._counts["rejected"] += 1
+        if op.kind == "create" and self._xref:
+            self._refused_creates.append(op.record.key)
         request = None if op.item is None else body_of(self._config, [op.item])
         why = reason if reason is not None else refusal_reason(self._config, answer)
         return refusal(what, status, why, request, answer, credentials.redact)
@@ -756,12 +764,6 @@ def _guard_key(record: SinkRecord) -> str:
     """The version guard's key: the record key, qualified by its scope when it has one (the same
     rule as the SQL sinks), so versions of different origins are never compared."""
     return record.key if not record.scope else f"{record.key}\x1f{record.scope}"
-
-
-def _excerpt(content: bytes) -> str:
-    """The start of a response body on one line, for an error message."""
-    text = " ".join(content[: _EXCERPT * 4].decode("utf-8", "replace").split())
-    return (text[:_EXCERPT] + "...") if len(text) > _EXCERPT else (text or "(empty body)")
 
 
 def _validate(cfg: RestSinkConfig) -> None:
