@@ -360,3 +360,38 @@ def test_a_dlq_entry_reads_the_http_answer_and_a_replay_drops_it() -> None:
     }
     assert entry.original_headers() == {"X-Original": "1"}  # what a replay republishes
     assert DlqEntry.of(2, "dlq.x", datetime.now(UTC), b"x", {"Mesh-Reason": "r"}).http is None
+
+
+async def test_a_slow_api_gets_each_batched_create_once(tmp_path: Path) -> None:
+    fake = FakeXero()
+    fake.slow(1, 30.0)  # the batch is created, the answer comes too late
+    async with sink_for(fake, contacts(tmp_path, batch_size=5, timeout=0.3)) as sink:
+        assert await sink.apply([rec(f"S{i}", 1, f"Slow {i}") for i in range(5)]) == [Applied.APPLIED] * 5
+    assert fake.created == {f"S{i}": 1 for i in range(5)}
+    assert [c.method for c in fake.requests] == ["POST"] + ["GET"] * 5  # looked up, never re-sent
+    assert sorted(xref(tmp_path)) == [f"S{i}" for i in range(5)]
+
+
+async def test_the_simple_options_take_omit_nulls_and_error_path_too(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        if b"bad" in request.content:
+            return httpx.Response(422, json={"echo": "x" * 300, "errors": [{"message": "email is invalid"}]})
+        return httpx.Response(200, json={})
+
+    cfg = RestSinkConfig(
+        base_url="http://crm.test", upsert_path="/customers/{key}", state_path=str(tmp_path / "state.db"),
+        omit_nulls=True, error_path="errors[].message",
+    )  # fmt: skip
+    assert not cfg.templated
+    async with RestSink(cfg, transport=httpx.MockTransport(handler)) as sink:
+        good = SinkRecord(id="e1", key="1", version=1, deleted=False, row={"a": 1, "b": None}, origin="erp")
+        bad = SinkRecord(id="e2", key="2", version=1, deleted=False, row={"email": "bad"}, origin="erp")
+        out = await sink.apply([good, bad])
+    assert out[0] is Applied.APPLIED
+    assert isinstance(out[1], RejectedRecord)
+    assert str(out[1]) == "PUT /customers/2: HTTP 422: email is invalid"
+    assert out[1].dead_letter_extra["http_status"] == 422  # type: ignore[attr-defined]
+    assert seen[0] == b'{"a":1}'
