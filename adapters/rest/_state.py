@@ -166,8 +166,9 @@ class VersionStore:
         try:
             # Autocommit: each statement is its own durable transaction (the connection is shared
             # by the sink's concurrent workers, so no explicit BEGIN here).
-            for key, version in versions.items():
-                await conn.execute_fetchall(_MARK_SENT, (self.target, key, version))
+            async with self._write:  # never inside another task's explicit transaction
+                for key, version in versions.items():
+                    await conn.execute_fetchall(_MARK_SENT, (self.target, key, version))
         except sqlite3.Error as exc:
             raise SystemUnavailable(f"REST sink state {self.path}: {exc}") from exc
 
@@ -179,7 +180,10 @@ class VersionStore:
         """
         conn = self._require()
         try:
-            await conn.execute_fetchall(_RECORD, (self.target, key, version, int(deleted), int(time.time())))
+            async with self._write:  # never inside another task's explicit transaction
+                await conn.execute_fetchall(
+                    _RECORD, (self.target, key, version, int(deleted), int(time.time()))
+                )
         except sqlite3.Error as exc:
             raise SystemUnavailable(f"REST sink state {self.path}: {exc}") from exc
 
