@@ -43,6 +43,19 @@ Guarantees:
   apply. A 404 or 410 answering a delete counts as deleted. 401, 403 and 407 are *not* refusals
   of a record but of our credentials, so they give the batch back (``SystemUnavailable``) rather
   than dead-lettering every record while a token is expired; 3xx (a wrong ``base_url``) likewise.
+* **Request templates** (``create``/``update``/``delete`` operations, ``envelope``,
+  ``batch_size``, ``results``, ``lookup``, ``delete_mode = "update"``; see ``config.templated``):
+  the k-th record of each key in a batch goes in round k, so a request never holds one key twice
+  and a key's records stay in order; records to the same method and path without ``{key}`` or
+  ``{id}`` share a request of up to ``batch_size``, and ``results`` gives each its own outcome
+  (a failed one is a RejectedRecord alone). The id the target assigns (``results.id``) is stored
+  with the record's version in one transaction (:mod:`adapters.rest._state`) and fills ``{id}``
+  later. A create is durably marked *pending* before it is sent; when its answer is lost
+  (timeout, connection dropped after sending, the agent killed) the next try runs ``lookup``
+  first and, if the target has the record, stores its id instead of creating it again.
+* **Readable refusals.** A refusal carries, for the dead letter (``dead_letter_extra``), the
+  status, the refused record's request body and the response body, each bounded to 4 KiB with
+  every secret value masked; its reason comes from ``results.errors`` or ``error_path``.
 * **Secrets stay secret.** Credentials come from environment variables named in the config
   (:mod:`adapters.rest._auth`); no repr, error message or log line contains a header, and body
   excerpts are scrubbed of every secret value before use.
