@@ -28,6 +28,7 @@ __all__ = [
     "encode_json",
     "excerpt",
     "format_path",
+    "guard_key",
     "has_placeholder",
     "read_results",
     "refusal",
@@ -192,3 +193,9 @@ def _text(content: bytes, redact: Callable[[str], str]) -> str:
 def encode_json(value: Any) -> bytes:
     """``value`` as compact JSON."""
     return _JSON.encode(value)
+
+
+def guard_key(record: SinkRecord) -> str:
+    """The version guard's key: the record key, qualified by its scope when it has one (the same
+    rule as the SQL sinks), so versions of different origins are never compared."""
+    return record.key if not record.scope else f"{record.key}\x1f{record.scope}"
