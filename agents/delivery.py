@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.lowlevel
+import msgspec
 from anyio.abc import TaskStatus
 
 from agents.flows import FlowHandle
@@ -675,6 +676,10 @@ class Apply:
             original_subject=d.subject, original_stream_seq=d.stream_seq,
             original_msg_id=d.headers.get("Nats-Msg-Id", ""),
         )  # fmt: skip
+        extra = getattr(exc, "dead_letter_extra", None)  # e.g. an HTTP sink's status and bodies
+        if isinstance(extra, dict) and extra:
+            known = {k: v for k, v in extra.items() if k in ("http_status", "request_body", "response_body")}
+            letter = msgspec.structs.replace(letter, **known)
         headers = letter.to_headers()
         with log_context(correlation_id=env.correlation_id if env else None):
             log.error(

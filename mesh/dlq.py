@@ -60,6 +60,7 @@ from mesh.transport import (
 __all__ = [
     "DEFAULT_NATS_URL",
     "DLQ_HEADERS",
+    "HTTP_HEADERS",
     "DeadLetters",
     "DlqEntry",
     "DlqError",
@@ -77,8 +78,12 @@ __all__ = [
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 """Where the CLI connects when neither ``--server`` nor ``MESH_NATS_URL`` says otherwise."""
 
-DLQ_HEADERS = DEAD_LETTER_HEADERS
-"""The headers a dead letter carries beyond the original's own (:class:`~mesh.envelope.DeadLetter`)."""
+HTTP_HEADERS: frozenset[str] = frozenset({"Mesh-Http-Status", "Mesh-Request-Body", "Mesh-Response-Body"})
+"""The headers only a dead letter from an HTTP target carries (status, request and response)."""
+
+DLQ_HEADERS = DEAD_LETTER_HEADERS - HTTP_HEADERS
+"""The headers every dead letter carries beyond the original's own
+(:class:`~mesh.envelope.DeadLetter`); an HTTP target's add :data:`HTTP_HEADERS`."""
 
 _RELATIVE = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
 _RELATIVE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -213,7 +218,11 @@ class DlqEntry:
 
     def original_headers(self) -> dict[str, str]:
         """The headers the original message carried (without the DLQ's and ``Nats-*`` ones)."""
-        return {k: v for k, v in self.headers.items() if k not in DLQ_HEADERS and not k.startswith("Nats-")}
+        return {
+            k: v
+            for k, v in self.headers.items()
+            if k not in DEAD_LETTER_HEADERS and not k.startswith("Nats-")
+        }
 
     def payload_json(self) -> Any:
         """The envelope's payload as JSON-ready data (any msgpack value; bytes as base64, None
@@ -228,6 +237,19 @@ class DlqEntry:
             return msgspec.to_builtins(_ANY_DECODER.decode(self.envelope.payload), enc_hook=repr)
         except (msgspec.DecodeError, TypeError) as exc:
             raise DecodeError(f"payload is not msgpack: {exc}") from None
+
+    @property
+    def http(self) -> dict[str, Any] | None:
+        """What an HTTP target answered (status, the request body sent, the response body;
+        each body one line, at most 4 KiB, secrets masked), or None for other dead letters."""
+        status = self.headers.get("Mesh-Http-Status")
+        if status is None:
+            return None
+        return {
+            "status": int(status) if status.isdigit() else status,
+            "request_body": self.headers.get("Mesh-Request-Body", ""),
+            "response_body": self.headers.get("Mesh-Response-Body", ""),
+        }
 
     def summary(self) -> dict[str, Any]:
         """The entry as JSON-ready data: DLQ facts, the envelope's identity, the reason."""

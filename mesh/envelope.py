@@ -145,7 +145,11 @@ _DEAD_LETTER_NAMES = {
     "original_subject": "Mesh-Original-Subject",
     "original_stream_seq": "Mesh-Original-Stream-Seq",
     "original_msg_id": "Mesh-Original-Msg-Id",
+    "http_status": "Mesh-Http-Status",
+    "request_body": "Mesh-Request-Body",
+    "response_body": "Mesh-Response-Body",
 }
+_BODY_LIMIT = 4096  # characters of a request or response body a dead letter keeps
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, rename=_DEAD_LETTER_NAMES):
@@ -173,17 +177,28 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, rename=_DEAD_LETTER_
         int | None, msgspec.Meta(description="The original's sequence in MESH_EVENTS (apply stage).")
     ] = None
     original_msg_id: Annotated[str, msgspec.Meta(description="The original's Nats-Msg-Id.")] = ""
+    http_status: Annotated[
+        int | None, msgspec.Meta(description="An HTTP target's answer status (HTTP sinks only).")
+    ] = None
+    request_body: Annotated[
+        str, msgspec.Meta(description="The request body (HTTP sinks; one line, <= 4 KiB, secrets masked).")
+    ] = ""
+    response_body: Annotated[
+        str, msgspec.Meta(description="The answer's body (HTTP sinks; one line, <= 4 KiB, secrets masked).")
+    ] = ""
 
     def to_headers(self) -> dict[str, str]:
         """The header block (``Mesh-*`` names, string values; an absent sequence is omitted)."""
         out = {}
         for name, value in msgspec.structs.asdict(self).items():
-            if value is None:
-                continue
+            if value is None or (name in ("request_body", "response_body") and not value):
+                continue  # absent: a dead letter of a non-HTTP sink carries no such header
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif name == "reason":
                 value = (" ".join(str(value).split()) or self.error_class)[:1000]  # one line
+            elif name in ("request_body", "response_body"):
+                value = " ".join(str(value).split())[:_BODY_LIMIT]  # one line, bounded
             out[_DEAD_LETTER_NAMES[name]] = str(value)
         return out
 

@@ -3,11 +3,13 @@ with their ``auth``, ``pagination`` and ``incremental`` tables (tagged by ``type
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import msgspec
 
+from adapters.rest._paths import check_path
 from mesh.config import (
     AdapterConfig,
     ConfigStruct,
@@ -27,11 +29,14 @@ __all__ = [
     "RestCursorPagination",
     "RestIncremental",
     "RestLinkPagination",
+    "RestLookup",
     "RestModifiedSince",
     "RestOAuth2Auth",
     "RestOffsetPagination",
+    "RestOperation",
     "RestPagePagination",
     "RestPagination",
+    "RestResults",
     "RestSinkConfig",
     "RestSourceConfig",
     "RestSyncCursor",
@@ -135,6 +140,53 @@ def _check_headers(headers: dict[str, str], env: dict[str, str], files: dict[str
                 raise ValueError(f"{table}.{name}: also set in {other}; set each header once")
 
 
+_Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+_PathTemplate = Annotated[str, msgspec.Meta(pattern=r"^/[^?#]*$", max_length=1024)]
+_ResponsePath = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+"""A path into a JSON answer: names joined by ``.``, ``[n]`` for one list item, ``[]`` for all."""
+
+
+class RestOperation(ConfigStruct, frozen=True):
+    """One operation's request line: ``{method = "POST", path = "/Contacts/{id}"}``. The path
+    may name ``{key}`` (the record key, URL-encoded) and ``{id}`` (the id the target assigned,
+    from the cross-reference)."""
+
+    path: _PathTemplate
+    method: _Method = "POST"
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+    """Static query parameters (Xero: ``{summarizeErrors = "false"}`` for per-record results)."""
+
+
+class RestResults(ConfigStruct, frozen=True):
+    """Where a 2xx answer says how each record of the request fared, in request order (Xero:
+    ``path = "Contacts"``, ``status = "StatusAttributeString"``, ``failed = ["ERROR"]``,
+    ``errors = "ValidationErrors[].Message"``, ``id = "ContactID"``)."""
+
+    path: _ResponsePath | None = None
+    """The list of per-record results in the answer (default: ``envelope``; without an envelope
+    the answer itself is the one record's result)."""
+    status: _ResponsePath | None = None
+    """A result's status field; a value in ``failed`` makes that record a refusal."""
+    failed: list[str] = msgspec.field(default_factory=lambda: ["ERROR"])
+    errors: _ResponsePath | None = None
+    """A result's error messages (joined into the dead letter's reason)."""
+    id: _ResponsePath | None = None
+    """A result's id as the target assigned it: stored in the cross-reference, used as ``{id}``."""
+
+
+class RestLookup(ConfigStruct, frozen=True):
+    """How to find a record the target may have created without our seeing the answer (a lost
+    or timed-out create): ``GET /Contacts?where=ContactNumber=="{key}"``. An id found is stored
+    and the create is not sent again."""
+
+    path: _PathTemplate
+    id_path: _ResponsePath
+    """Where the found record's id is in the answer, e.g. ``Contacts[0].ContactID``; absent: not
+    there (create it)."""
+    method: Literal["GET", "POST"] = "GET"
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+    """Query parameters; ``{key}`` in a value is replaced by the record key."""
+
 
 class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     """A JSON REST API as a sink: one request per record, guarded by a local version table.
@@ -147,18 +199,49 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     base_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#@]+(/[^?#]*)?$")]
     """``https://crm.example.com/api/v2``: scheme, host and an optional path prefix; no
     credentials and no query (put those in ``auth``)."""
-    upsert_path: Annotated[str, msgspec.Meta(min_length=1)]
-    """Path template under ``base_url`` for an upsert, e.g. ``/customers/{key}``; ``{key}`` is
-    replaced by the URL-encoded record key (omit it to POST to a collection, with ``key_field``)."""
     state_path: Annotated[str, msgspec.Meta(min_length=1)]
-    """The sink's own SQLite file: key -> highest applied version (and deleted flag)."""
+    """The sink's own SQLite file: key -> highest applied version (and deleted flag), and the
+    cross-reference key -> id the target assigned."""
+    upsert_path: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    """Path template under ``base_url`` for an upsert, e.g. ``/customers/{key}``; ``{key}`` is
+    replaced by the URL-encoded record key (omit it to POST to a collection, with ``key_field``).
+    Needed unless ``create`` is set."""
     method: Literal["PUT", "POST", "PATCH"] = "PUT"
     """HTTP method of an upsert."""
     delete_path: str | None = None
     """Path template for a delete (default: ``upsert_path``)."""
-    delete_mode: Literal["delete", "tombstone"] = "delete"
+    delete_mode: Literal["delete", "tombstone", "update"] = "delete"
     """``delete``: send DELETE (a 404 counts as deleted); ``tombstone``: PATCH
-    ``{tombstone_field: true}`` so the target keeps the record, flagged."""
+    ``{tombstone_field: true}`` so the target keeps the record, flagged; ``update``: send
+    ``delete_body`` with the ``delete`` operation (archive a contact, void an invoice)."""
+    delete_body: dict[str, Any] | None = None
+    """The body of a ``delete_mode = "update"`` delete, e.g. ``{ContactStatus = "ARCHIVED"}``
+    (inside ``envelope``, with ``key_field`` and ``id_field``)."""
+    create: RestOperation | None = None
+    """The request that creates a record the target has no id for yet (default: ``method`` and
+    ``upsert_path``)."""
+    update: RestOperation | None = None
+    """The request that changes a record the target already has (the cross-reference knows its
+    id; default: ``create``)."""
+    delete: RestOperation | None = None
+    """The request of a delete (default: DELETE / PATCH on ``delete_path``)."""
+    envelope: Annotated[str, msgspec.Meta(pattern=r"^[^.\[\]]+$", max_length=128)] | None = None
+    """Send the records inside ``{"<envelope>": [record, ...]}`` (Xero: ``Contacts``)."""
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    """Up to this many records per request (to a path without ``{key}``/``{id}``; needs
+    ``envelope``); never two records of one key in one request."""
+    results: RestResults | None = None
+    """How to read each record's outcome and id from a 2xx answer."""
+    id_field: str | None = None
+    """Put the target's id (from the cross-reference) into an update's or delete's body under
+    this name (Xero: ``ContactID``)."""
+    lookup: RestLookup | None = None
+    """Find a record whose create answer was lost before creating it again."""
+    error_path: _ResponsePath | None = None
+    """Where a refusal's messages are in an error answer (Xero:
+    ``Elements[].ValidationErrors[].Message``); default: the start of the body."""
+    omit_nulls: bool = False
+    """Leave null fields out of the body instead of sending JSON ``null``."""
     tombstone_field: Annotated[str, msgspec.Meta(min_length=1)] = "deleted"
     key_field: str | None = None
     """Put the record key into the JSON body under this name (the target's external id)."""
@@ -201,6 +284,23 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
 
     def __post_init__(self) -> None:
         _check_headers(self.headers, self.headers_env, self.headers_file)
+        _check_templates(self)
+
+    @property
+    def templated(self) -> bool:
+        """Whether any request-template option is set (the sink then builds requests from the
+        operations, envelope and cross-reference; otherwise it behaves as it always did)."""
+        return (
+            self.create is not None
+            or self.update is not None
+            or self.delete is not None
+            or self.envelope is not None
+            or self.batch_size > 1
+            or self.results is not None
+            or self.lookup is not None
+            or self.id_field is not None
+            or self.delete_mode == "update"
+        )
 
     def resolved(self, resolve: Callable[[str], str]) -> Self:
         return msgspec.structs.replace(
@@ -209,6 +309,63 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
             auth=_resolve_auth(self.auth, resolve),
             headers_file={k: resolve(v) for k, v in self.headers_file.items()},
         )
+
+
+def _placeholders(template: str, field: str) -> set[str]:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"{field}: not a path template: {exc}") from None
+    if names - {"key", "id"}:
+        unknown = sorted(names - {"key", "id"})
+        raise ValueError(f"{field}: unknown placeholder(s) {unknown}: use {{key}} or {{id}}")
+    return names
+
+
+def _check_templates(cfg: RestSinkConfig) -> None:
+    """Refuse contradictory request-template options (one line each, naming the field)."""
+    if cfg.upsert_path is None and cfg.create is None:
+        raise ValueError("upsert_path: set upsert_path, or [create] with its method and path")
+    for field, value in (("error_path", cfg.error_path), ("results.path", cfg.results and cfg.results.path),
+                         ("results.status", cfg.results and cfg.results.status),
+                         ("results.errors", cfg.results and cfg.results.errors),
+                         ("results.id", cfg.results and cfg.results.id),
+                         ("lookup.id_path", cfg.lookup and cfg.lookup.id_path)):  # fmt: skip
+        problem = value and check_path(value)
+        if problem:
+            raise ValueError(f"{field}: {problem}")
+    if cfg.batch_size > 1 and cfg.envelope is None:
+        raise ValueError('batch_size: several records per request need an envelope (envelope = "Contacts")')
+    if cfg.delete_mode == "update" and cfg.delete_body is None:
+        raise ValueError('delete_body: delete_mode = "update" needs a body, e.g. { Status = "VOIDED" }')
+    if cfg.delete_body is not None and cfg.delete_mode != "update":
+        raise ValueError(f'delete_body: only used with delete_mode = "update" (not {cfg.delete_mode!r})')
+    if cfg.delete_mode == "update" and cfg.delete is None:
+        raise ValueError('delete: delete_mode = "update" needs [delete] with its method and path')
+    if cfg.delete is not None and cfg.delete_path is not None:
+        raise ValueError("delete: set delete or delete_path, not both")
+    if cfg.delete is not None and cfg.delete_mode == "tombstone":
+        raise ValueError('delete: delete_mode = "tombstone" sends its own PATCH; use delete_path with it')
+    if cfg.delete is not None and cfg.delete.method == "DELETE" and cfg.delete_mode == "update":
+        raise ValueError('delete.method: delete_mode = "update" sends a body: use POST, PUT or PATCH')
+    knows_id = (cfg.results is not None and cfg.results.id is not None) or cfg.lookup is not None
+    if cfg.id_field is not None and not knows_id:
+        raise ValueError("id_field: the target's id is never learnt; set results.id (and/or lookup)")
+    if cfg.lookup is not None and (cfg.results is None or cfg.results.id is None):
+        raise ValueError("lookup: set results.id too (a create's answer then stores the id)")
+    if cfg.lookup is not None:
+        for name, value in cfg.lookup.params.items():
+            _placeholders(value, f"lookup.params.{name}")
+        if "id" in _placeholders(cfg.lookup.path, "lookup.path"):
+            raise ValueError("lookup.path: {id} is what the lookup finds; use {key}")
+    for field, op in (("create", cfg.create), ("update", cfg.update), ("delete", cfg.delete)):
+        if op is None:
+            continue
+        names = _placeholders(op.path, f"{field}.path")
+        if "id" in names and not knows_id:
+            raise ValueError(f"{field}.path: {{id}} needs the target's id: set results.id (and lookup)")
+        if field == "create" and "id" in names:
+            raise ValueError("create.path: a create has no id yet; use {key} or a collection path")
 
 
 _ParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]

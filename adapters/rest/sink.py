@@ -43,6 +43,19 @@ Guarantees:
   apply. A 404 or 410 answering a delete counts as deleted. 401, 403 and 407 are *not* refusals
   of a record but of our credentials, so they give the batch back (``SystemUnavailable``) rather
   than dead-lettering every record while a token is expired; 3xx (a wrong ``base_url``) likewise.
+* **Request templates** (``create``/``update``/``delete`` operations, ``envelope``,
+  ``batch_size``, ``results``, ``lookup``, ``delete_mode = "update"``; see ``config.templated``):
+  the k-th record of each key in a batch goes in round k, so a request never holds one key twice
+  and a key's records stay in order; records to the same method and path without ``{key}`` or
+  ``{id}`` share a request of up to ``batch_size``, and ``results`` gives each its own outcome
+  (a failed one is a RejectedRecord alone). The id the target assigns (``results.id``) is stored
+  with the record's version in one transaction (:mod:`adapters.rest._state`) and fills ``{id}``
+  later. A create is durably marked *pending* before it is sent; when its answer is lost
+  (timeout, connection dropped after sending, the agent killed) the next try runs ``lookup``
+  first and, if the target has the record, stores its id instead of creating it again.
+* **Readable refusals.** A refusal carries, for the dead letter (``dead_letter_extra``), the
+  status, the refused record's request body and the response body, each bounded to 4 KiB with
+  every secret value masked; its reason comes from ``results.errors`` or ``error_path``.
 * **Secrets stay secret.** Credentials come from environment variables named in the config
   (:mod:`adapters.rest._auth`); no repr, error message or log line contains a header, and body
   excerpts are scrubbed of every secret value before use.
@@ -64,6 +77,8 @@ from adapters.rest._auth import Credentials
 from adapters.rest._ratelimit import RequestGate
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
 from adapters.rest._state import VersionStore, default_target
+from adapters.rest._template import guard_key, refusal, refusal_reason
+from adapters.rest._templated import TemplatedApply
 from adapters.rest.config import RestSinkConfig
 from mesh.adapters import Applied, Sink, SinkRecord
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
@@ -73,12 +88,12 @@ __all__ = ["RestSink"]
 log = logging.getLogger(__name__)
 
 _JSON = msgspec.json.Encoder()
-_EXCERPT = 200  # characters of a response body quoted in a RejectedRecord
+_EXCERPT = 200  # characters of a transport error quoted in a message
 _GONE = frozenset({404, 410})  # a delete that finds nothing has had its effect
 _CREDENTIALS_REFUSED = frozenset({401, 403, 407})
 
 
-class RestSink(Sink):
+class RestSink(TemplatedApply, Sink):
     """Applies records to a JSON REST API, one idempotent request per record (see module doc).
 
     ``transport`` replaces httpx's network transport (tests pass ``httpx.MockTransport`` or an
@@ -89,15 +104,21 @@ class RestSink(Sink):
         _validate(config)
         self._config = config
         self._transport = transport
-        self._upsert_path = config.upsert_path
-        self._delete_path = config.delete_path or config.upsert_path
-        self._store = VersionStore(config.state_path, default_target(config.base_url, config.upsert_path))
+        main = config.upsert_path if config.upsert_path is not None else config.create.path  # type: ignore[union-attr]
+        self._upsert_path = main
+        self._delete_path = config.delete_path or main
+        self._store = VersionStore(config.state_path, default_target(config.base_url, main))
+        self._templated = config.templated
+        self._xref = config.results is not None and config.results.id is not None
+        self._refused_creates: list[str] = []  # their pending marks go at the end of the round
         self._gate = RequestGate(config.rate_limit, config.burst)
         self._breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._credentials: Credentials | None = None
         self._client: httpx.AsyncClient | None = None
         self._lock = anyio.Lock()
-        self._counts = dict.fromkeys(("requests", "retries", "applied", "stale", "rejected"), 0)
+        self._counts = dict.fromkeys(
+            ("requests", "retries", "applied", "stale", "rejected", "lookups", "found"), 0
+        )
 
     def __repr__(self) -> str:
         cfg = self._config
@@ -154,13 +175,15 @@ class RestSink(Sink):
         """
         self._require()
         async with self._lock:
+            if self._templated:
+                return await self._apply_templated(records)
             return await self._apply(records)
 
     async def _apply(self, records: Sequence[SinkRecord]) -> list[Applied | Exception]:
         chains: dict[str, list[int]] = {}  # by key: one key's records go one after another
         for i, record in enumerate(records):
             chains.setdefault(record.key, []).append(i)
-        guards = {_guard_key(r) for r in records}  # versions compare per (key, scope)
+        guards = {guard_key(r) for r in records}  # versions compare per (key, scope)
         applied = await self._store.versions(guards)
         # The newest version ever sent per (key, scope): once a version may have taken effect unseen (a
         # timeout, a kill, a batch given back), nothing older is sent again for that key.
@@ -173,7 +196,7 @@ class RestSink(Sink):
             for _, indexes in pending:
                 for i in indexes:
                     record = records[i]
-                    guard = _guard_key(record)
+                    guard = guard_key(record)
                     last = applied.get(guard)
                     if (last is not None and record.version <= last) or record.version < sent.get(guard, -1):
                         outcomes[i] = Applied.STALE
@@ -224,6 +247,8 @@ class RestSink(Sink):
         row = record.row
         if cfg.fields is not None:
             row = {name: row[name] for name in cfg.fields if name in row}
+        if cfg.omit_nulls:
+            row = {name: value for name, value in row.items() if value is not None}
         try:
             body = _JSON.encode({**row, **extra})
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
@@ -250,7 +275,7 @@ class RestSink(Sink):
         cfg = self._config
         if record.deleted and not record.create:  # not the origin's to delete: nothing to send
             with anyio.CancelScope(shield=True):
-                await self._store.record(_guard_key(record), record.version, deleted=False)
+                await self._store.record(guard_key(record), record.version, deleted=False)
             return Applied.UNCHANGED
         try:
             method, path, body = self._request_for(record)
@@ -283,13 +308,13 @@ class RestSink(Sink):
                     if not record.create and not record.deleted and status in _GONE:
                         self._breaker.success()
                         with anyio.CancelScope(shield=True):
-                            await self._store.record(_guard_key(record), record.version, deleted=False)
+                            await self._store.record(guard_key(record), record.version, deleted=False)
                         return Applied.UNCHANGED  # absent, and not ours to create
                     if 200 <= status < 300 or (record.deleted and status in _GONE):
                         self._breaker.success()
                         with anyio.CancelScope(shield=True):  # the target has it: record it
                             await self._store.record(
-                                _guard_key(record), record.version, deleted=record.deleted
+                                guard_key(record), record.version, deleted=record.deleted
                             )
                         self._counts["applied"] += 1
                         return Applied.APPLIED
@@ -309,8 +334,8 @@ class RestSink(Sink):
                     else:
                         self._breaker.success()
                         self._counts["rejected"] += 1
-                        excerpt = credentials.redact(_excerpt(response.content))
-                        return RejectedRecord(f"{what}: HTTP {status}: {excerpt}")
+                        reason = refusal_reason(cfg, response.content)
+                        return refusal(what, status, reason, body, response.content, credentials.redact)
                     if retry_after is not None:
                         if retry_after > cfg.retry_after_cap:
                             raise SystemUnavailable(
@@ -338,18 +363,6 @@ class RestSink(Sink):
             await self._store.aclose()
 
 
-def _guard_key(record: SinkRecord) -> str:
-    """The version guard's key: the record key, qualified by its scope when it has one (the same
-    rule as the SQL sinks), so versions of different origins are never compared."""
-    return record.key if not record.scope else f"{record.key}\x1f{record.scope}"
-
-
-def _excerpt(content: bytes) -> str:
-    """The start of a response body on one line, for an error message."""
-    text = " ".join(content[: _EXCERPT * 4].decode("utf-8", "replace").split())
-    return (text[:_EXCERPT] + "...") if len(text) > _EXCERPT else (text or "(empty body)")
-
-
 def _validate(cfg: RestSinkConfig) -> None:
     """What the config's types cannot say (and what a hand-built config may get wrong).
 
@@ -367,6 +380,7 @@ def _validate(cfg: RestSinkConfig) -> None:
         fail("base_url", "must not contain credentials (use [auth])")
     if url.query or url.fragment:
         fail("base_url", "must not contain a query or fragment")
+    known = {"key", "id"} if cfg.templated else {"key"}
     keyed: dict[str, bool] = {}
     for field, template in (("upsert_path", cfg.upsert_path), ("delete_path", cfg.delete_path)):
         if template is None:
@@ -375,13 +389,21 @@ def _validate(cfg: RestSinkConfig) -> None:
             names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
         except ValueError as exc:
             fail(field, f"not a path template: {exc}")
-        if names - {"key"}:
-            fail(field, f"unknown placeholder(s) {sorted(names - {'key'})}: only {{key}} is known")
-        keyed[field] = "key" in names
-    if not keyed["upsert_path"] and cfg.key_field is None:
-        fail("upsert_path", "needs {key}, or set key_field so the body names the record")
-    delete_keyed = keyed.get("delete_path", keyed["upsert_path"])
-    if not delete_keyed and (cfg.delete_mode == "delete" or cfg.key_field is None):
-        fail("delete_path", "needs {key} (a delete has no body to name the record in)")
+        if names - known:
+            fail(field, f"unknown placeholder(s) {sorted(names - known)}: only {sorted(known)} known")
+        if "id" in names and not (cfg.results is not None and cfg.results.id is not None):
+            fail(field, "{id} needs the target's id: set results.id (and lookup)")
+        keyed[field] = bool(names)
+    if cfg.templated:
+        delete_keyed = keyed.get("delete_path", keyed.get("upsert_path", False))
+        if cfg.delete is None and not delete_keyed and (cfg.delete_mode == "delete" or cfg.key_field is None):
+            fail("delete", "set [delete] or a delete_path with {key} or {id}")
+    else:
+        assert cfg.upsert_path is not None  # the config refuses neither upsert_path nor create
+        if not keyed["upsert_path"] and cfg.key_field is None:
+            fail("upsert_path", "needs {key}, or set key_field so the body names the record")
+        delete_keyed = keyed.get("delete_path", keyed["upsert_path"])
+        if not delete_keyed and (cfg.delete_mode == "delete" or cfg.key_field is None):
+            fail("delete_path", "needs {key} (a delete has no body to name the record in)")
     if cfg.rate_limit < 0:
         fail("rate_limit", "must be >= 0")

@@ -12,6 +12,7 @@ and a contact for every customer. See README.md.
 
 from __future__ import annotations
 
+import json
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -24,6 +25,7 @@ from _common import NORTHWIND_SQL, Stack, main, new_secret
 from _fake_apis import FakeFinance
 
 HERE = Path(__file__).resolve().parent
+_LOGGED_HEADERS = ("content-type", "xero-tenant-id", "idempotency-key")  # never Authorization
 ERP_CONFIG, FINANCE_CONFIG = HERE / "erp-agent.toml", HERE / "finance-agent.toml"
 
 # What happens in the ERP while the mesh runs: (what, SQL). Each statement list is one transaction.
@@ -40,6 +42,15 @@ LIVE_CHANGES = [
     (
         "rename customer ALFKI",
         "UPDATE customers SET company_name = 'Alfreds Futterkiste GmbH' WHERE customer_id = 'ALFKI'",
+    ),
+    (
+        "un-ship order 10249: its invoice INV-10249 is withdrawn (finance voids it)",
+        "UPDATE orders SET shipped_date = NULL WHERE order_id = 10249",
+    ),
+    (
+        "a customer MESH2 is entered by mistake and deleted again (finance archives the contact)",
+        "INSERT INTO customers (customer_id, company_name, city, country)"
+        " VALUES ('MESH2', 'Entered By Mistake', 'Leeds', 'UK')",
     ),
     (
         "a new customer MESH1 orders 3 Chai, shipped at once",
@@ -122,8 +133,15 @@ async def scenario(stack: Stack) -> bool:
         return customers, invoices
 
     def finance_state() -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-        contacts = {k: c["Name"] for k, c in finance.contacts.items() if c["ContactStatus"] == "ACTIVE"}
-        invoices = {k: actual_invoice(v) for k, v in finance.invoices.items() if v["Status"] != "VOIDED"}
+        """Active contacts by ContactNumber, invoices not voided by InvoiceNumber."""
+        contacts = {
+            c["ContactNumber"]: c["Name"] for c in finance.contacts.values() if c["ContactStatus"] == "ACTIVE"
+        }
+        invoices = {
+            v["InvoiceNumber"]: actual_invoice(v)
+            for v in finance.invoices.values()
+            if v["Status"] != "VOIDED"
+        }
         return contacts, invoices
 
     async def in_sync() -> bool:
@@ -141,6 +159,13 @@ async def scenario(stack: Stack) -> bool:
         stack.info(f"ERP: {what}")
         await pg.psql("erp", sql=sql)
         await anyio.sleep(stack.duration / len(LIVE_CHANGES))
+
+    async def mesh2_arrived() -> bool:
+        return any(c["ContactNumber"] == "MESH2" for c in finance.contacts.values())
+
+    await stack.wait_until(mesh2_arrived, "MESH2 to reach the finance system", status=status)
+    stack.info("ERP: delete MESH2")
+    await pg.psql("erp", sql="DELETE FROM customers WHERE customer_id = 'MESH2'")
 
     stack.step("waiting for the finance system to match the ERP")
     await stack.wait_until(in_sync, "the finance system to match the ERP", status=status)
@@ -168,17 +193,31 @@ async def scenario(stack: Stack) -> bool:
     stack.check(
         "INV-11078" in invoices and contacts.get("MESH1") == "Mesh Demo Ltd", "MESH1 and INV-11078 arrived"
     )
+    voided = [v for v in finance.invoices.values() if v["InvoiceNumber"] == "INV-10249"]
+    stack.check(
+        [v["Status"] for v in voided] == ["VOIDED"], "INV-10249 voided in finance (one invoice, not deleted)"
+    )
+    archived = [c for c in finance.contacts.values() if c["ContactNumber"] == "MESH2"]
+    stack.check(
+        [c["ContactStatus"] for c in archived] == ["ARCHIVED"], "MESH2 archived in finance (one contact)"
+    )
+    twice = {n: k for n, k in finance.created.items() if k > 1}
+    stack.check(not twice, "every contact and invoice created once, with the id Xero assigned", str(twice))
+    deletes = [c for c in finance.requests if c.method == "DELETE"]
+    stack.check(not deletes, "no DELETE sent (Xero has none for contacts or invoices)", str(deletes[:2]))
     dead = await stack.dead_letters()
     stack.check(not dead, "nothing was dead-lettered", str(dead[:2]))
-    retried = sum(1 for r in finance.refused if "Contact" in r)
-    stack.info(
-        f"finance refused {len(finance.refused)} request(s) ({retried} invoice(s) before their contact; "
-        "retried until it existed)"
-    )
     erp, fin = stack.agents
     stack.info(
-        f"erp-agent {erp.counts()} | finance-agent {fin.counts()} | finance requests {dict(finance.requests)}"
+        f"erp-agent {erp.counts()} | finance-agent {fin.counts()} | finance calls {len(finance.requests)}"
     )
+    log = stack.root / "finance-requests.jsonl"
+    with log.open("w") as out:  # every request the finance API received, for contract checks
+        for c in finance.requests:
+            kept = {k: v for k, v in c.headers.items() if k in _LOGGED_HEADERS}
+            out.write(json.dumps({"method": c.method, "path": c.path, "query": c.query, "headers": kept,
+                                  "body": c.body.decode(), "status": c.status}) + "\n")  # fmt: skip
+    stack.info(f"the finance API's {len(finance.requests)} requests: {log}")
     return True
 
 

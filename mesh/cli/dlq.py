@@ -21,6 +21,7 @@ from mesh.cli._output import fail
 from mesh.dlq import (
     DEFAULT_NATS_URL,
     DLQ_HEADERS,
+    HTTP_HEADERS,
     DeadLetters,
     DlqEntry,
     DlqFilter,
@@ -197,6 +198,8 @@ def _show_json(e: DlqEntry) -> dict[str, Any]:
     out = e.summary()
     out["subject"] = e.subject
     out["headers"] = dict(e.headers)
+    if e.http is not None:
+        out["http"] = {k: _maybe_json(v) if k != "status" else v for k, v in e.http.items()}
     if e.envelope is not None:
         env = e.envelope
         out["envelope"] = {
@@ -212,6 +215,14 @@ def _show_json(e: DlqEntry) -> dict[str, Any]:
     else:
         out["data_hex"] = e.data.hex()
     return out
+
+
+def _maybe_json(text: str) -> Any:
+    """A body as JSON when it is JSON (a bounded body cut short is not: kept as text)."""
+    try:
+        return json.loads(text) if text else text
+    except ValueError:
+        return text
 
 
 @app.command("show")
@@ -235,7 +246,16 @@ def _show(
     for name in sorted(DLQ_HEADERS):
         if name in e.headers:
             typer.echo(f"  {name}: {e.headers[name]}")
-    others = {k: v for k, v in e.headers.items() if k not in DLQ_HEADERS}
+    if e.http is not None:
+        typer.echo(f"HTTP answer: {e.http['status']}")
+        for label, name in (("Request body", "request_body"), ("Response body", "response_body")):
+            body = _maybe_json(e.http[name])
+            typer.echo(f"{label}:" if body else f"{label}: (none)")
+            if body:
+                text = json.dumps(body, indent=2, ensure_ascii=False) if not isinstance(body, str) else body
+                for line in text.splitlines():
+                    typer.echo(f"  {line}")
+    others = {k: v for k, v in e.headers.items() if k not in DLQ_HEADERS | HTTP_HEADERS}
     if others:
         typer.echo("Original headers:")
         for name, value in others.items():
