@@ -242,10 +242,12 @@ class RetryConfig(ConfigStruct, frozen=True):
 
     def integrity_delay(self, attempt: int, max_deliver: int) -> float:
         """Seconds to wait before delivery ``attempt + 1`` of an IntegrityPending record: the
-        ``max_deliver - 1`` waits double each time and add up to ``integrity_retry``."""
+        ``max_deliver - 1`` waits double each time and add up to ``integrity_retry`` (none is
+        shorter than ``initial_delay``, so with many deliveries the total may exceed it by at
+        most ``initial_delay`` per wait)."""
         waits = min(max(max_deliver - 1, 1), 60)  # beyond 60 doublings the first waits are ~0
         share = 2.0 ** (min(max(attempt, 1), waits) - 1) / (2.0**waits - 1)
-        base = self.integrity_retry * share
+        base = max(self.initial_delay, self.integrity_retry * share)
         return max(0.0, base * (1 + self.jitter * (2 * random.random() - 1)))
 
     def delay(self, attempt: int) -> float:

@@ -50,6 +50,11 @@ def test_integrity_delays_double_and_add_up_to_the_budget() -> None:
     assert sum(waits) == pytest.approx(600)
     assert all(b == pytest.approx(2 * a) for a, b in itertools.pairwise(waits))
     assert RetryConfig(integrity_retry=600).integrity_delay(1, 1) <= 600 * 1.2  # one delivery: no crash
+    # many deliveries: the first waits do not hammer the target (initial_delay is the floor)
+    many = RetryConfig(integrity_retry=60, initial_delay=0.2, jitter=0)
+    waits = [many.integrity_delay(n, 20) for n in range(1, 20)]
+    assert min(waits) == pytest.approx(0.2)
+    assert 60 <= sum(waits) <= 60 + 19 * 0.2
 
 
 def _parents_and_lines(db: Path) -> None:
@@ -102,7 +107,7 @@ async def test_an_integrity_refusal_is_retried_until_the_parent_arrives(
 
     sink = ScriptedSink(outcome, [])
     cfg = flow(consumer={"max_deliver": 5, "ack_wait": 30, "fetch_timeout": 0.1},
-               retry={"integrity_retry": 1.0, "jitter": 0})  # fmt: skip
+               retry={"integrity_retry": 1.0, "initial_delay": 0.05, "jitter": 0})  # fmt: skip
     run = ApplyRunner(transport, inbox, sink, cfg)
     env = envelope("1", 1)
     await transport.publish(event(env))
@@ -120,7 +125,7 @@ async def test_an_integrity_refusal_past_its_budget_is_dead_lettered_with_the_re
 ) -> None:
     sink = ScriptedSink(lambda r: IntegrityPending("lines key '1': FOREIGN KEY constraint failed"), [])
     cfg = flow(consumer={"max_deliver": 4, "ack_wait": 30, "fetch_timeout": 0.1},
-               retry={"integrity_retry": 0.3, "jitter": 0})  # fmt: skip
+               retry={"integrity_retry": 0.3, "initial_delay": 0.05, "jitter": 0})  # fmt: skip
     run = ApplyRunner(transport, inbox, sink, cfg)
     await transport.publish(event(envelope("1", 1)))
     async with anyio.create_task_group() as tg:
