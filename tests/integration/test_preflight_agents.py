@@ -108,6 +108,11 @@ def test_agents_preflight_their_parts_and_nothing_is_applied(mesh: Mesh) -> None
         with sqlite3.connect(erp_db) as c:  # nothing installed: the dry run writes nothing
             assert c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
         mesh.cli("flow", "apply", "--connect", str(file), code=2)  # --connect needs --dry-run
+        assert agents[1].terminate() == 0  # an agent that is not running: said, per flow
+        out = mesh.cli("flow", "apply", "--dry-run", "--connect", str(file), code=1)
+        assert f"{file}: flows[0]: agent crm-agent did not answer: " in out
+        assert f"{file}: flows[2]: agent crm-agent did not answer: " in out
+        assert "Traceback" not in out
     finally:
         for a in agents:
             a.terminate()
