@@ -196,8 +196,9 @@ async def _postgres_checks(
                     if shape.find(name) is None:
                         problems.append(ConfigProblem(field, _no_column(name, qualified, server)))
         problems += await _privileges(conn, cfg, server, ["SELECT"])
-        if not missing and cfg.mode == "changes" and not cfg.install_triggers:
-            problems += await _pg_capture(conn, cfg, server)
+        if not missing and cfg.mode == "changes":
+            check = _may_install if cfg.install_triggers else _pg_capture
+            problems += await check(conn, cfg, server)
     else:
         problems += [
             ConfigProblem("table", _no_column(name, qualified, server, written=True))
@@ -239,6 +240,39 @@ async def _privileges(
     what = f'schema "{cfg.schema}"' if on_schema else f'table "{cfg.schema}.{cfg.table}"'
     field = "schema" if on_schema else "table"
     return [ConfigProblem(field, f"role {role} lacks {', '.join(lacking)} on {what} ({server})")]
+
+
+_OWNS = (
+    "SELECT pg_has_role(current_user, c.relowner, 'USAGE'), current_user "
+    "FROM pg_class c WHERE c.oid = %(rel)s::regclass"
+)
+
+
+async def _may_install(
+    conn: psycopg.AsyncConnection[Any], cfg: PostgresSourceConfig, server: str
+) -> list[ConfigProblem]:
+    """``install_triggers = true`` and the capture is not installed and current: the role must own
+    the table (PostgreSQL lets only the owner create triggers) and may create the change table."""
+    from adapters.sql._pg_capture import capture_status
+    from adapters.sql._pg_common import regclass
+
+    try:
+        state = await capture_status(conn, cfg.schema, cfg.table, key_columns(cfg.key), where=server)
+    except ConfigError as exc:
+        return [ConfigProblem("key", _one_line(exc))]
+    if state.installed and state.up_to_date:
+        return []  # the agent finds nothing to do at start
+    cur = await conn.execute(_OWNS, {"rel": regclass(cfg.schema, cfg.table)})
+    row = await cur.fetchone()
+    problems = []
+    if row is not None and not row[0]:
+        problems.append(ConfigProblem(
+            "install_triggers",
+            f'role {row[1]} does not own "{cfg.schema}.{cfg.table}" ({server}) and cannot create its '
+            "capture triggers: install them as the owner (`meshctl capture install`) and set "
+            "install_triggers = false",
+        ))  # fmt: skip
+    return problems + await _privileges(conn, cfg, server, ["CREATE"], on_schema=True)
 
 
 async def _pg_capture(

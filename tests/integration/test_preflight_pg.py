@@ -141,3 +141,33 @@ def test_a_role_without_write_privileges_is_reported(
         with pg_cluster.connect(pg_db) as conn:
             conn.execute("DROP OWNED BY mesh_reader")
             conn.execute("DROP ROLE mesh_reader")
+
+
+def test_install_triggers_needs_the_table_owner(tmp_path: Path, pg_cluster: PgCluster, pg_db: str) -> None:
+    schema(pg_cluster, pg_db)
+    with pg_cluster.connect(pg_db) as conn:
+        conn.execute("DROP ROLE IF EXISTS mesh_capturer")
+        conn.execute("CREATE ROLE mesh_capturer LOGIN")
+        conn.execute("GRANT SELECT ON orders TO mesh_capturer")
+    where = f"postgres://127.0.0.1:{pg_cluster.port}/{pg_db}"
+    try:
+        as_reader = source(pg_cluster.dsn(pg_db, user="mesh_capturer"), extra="install_triggers = true")
+        code, lines, out = run_check(tmp_path, as_reader)
+        assert code == 1, out
+        assert [line.split(": ", 1)[0] for line in lines] == ["flows[0].source.install_triggers",
+                                                               "flows[0].source.schema"], out  # fmt: skip
+        assert lines[0].endswith(
+            f'role mesh_capturer does not own "public.orders" ({where}) and cannot create its capture '
+            "triggers: install them as the owner (`meshctl capture install`) and set install_triggers = false"
+        )
+        assert (
+            lines[1]
+            == f'flows[0].source.schema: role mesh_capturer lacks CREATE on schema "public" ({where})'
+        )
+        # the owner may: no problem
+        code, lines, out = run_check(tmp_path, source(pg_cluster.dsn(pg_db), extra="install_triggers = true"))
+        assert (code, lines) == (0, []), out
+    finally:
+        with pg_cluster.connect(pg_db) as conn:
+            conn.execute("DROP OWNED BY mesh_capturer")
+            conn.execute("DROP ROLE mesh_capturer")
