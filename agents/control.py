@@ -18,7 +18,10 @@
 * :meth:`ControlChannel.serve_commands` answers ``<prefix>.agent.<name>`` requests
   (:class:`~mesh.controlplane.models.AgentCommand`: pause, resume, drain, restart) with a
   :class:`~mesh.controlplane.models.CommandResult`; a malformed request gets a failed result
-  naming the problem, never silence.
+  naming the problem, never silence. ``preflight`` (``meshctl flow apply --dry-run --connect``)
+  checks the flow config it carries exactly as the agent would run it (its path confinement and
+  allowed environment variables, then :mod:`mesh.preflight` against the real systems), or the
+  flows it runs when it carries none; it changes nothing. Each problem is one failed outcome.
 """
 
 from __future__ import annotations
@@ -33,11 +36,20 @@ import anyio.to_thread
 import msgspec
 from anyio.abc import TaskStatus
 
-from agents.flows import FlowManager
+from agents.flows import FlowManager, flow_from_assignment
+from mesh.config import FlowConfig
 from mesh.controlplane.client import DEFAULT_PREFIX
 from mesh.controlplane.identity import load_credentials
-from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
-from mesh.errors import ConfigError, TransportError
+from mesh.controlplane.models import (
+    ASSIGN_BUCKET,
+    AgentCommand,
+    Assignment,
+    CommandResult,
+    FlowOutcome,
+    encode,
+)
+from mesh.errors import ConfigError, ConfigProblem, TransportError
+from mesh.preflight import preflight_flow
 from mesh.readiness import Readiness
 from mesh.security.authority import read_creds, write_creds
 from mesh.security.jwt import InvalidToken, UserClaims, decode
@@ -226,8 +238,48 @@ class ControlChannel:
             result = CommandResult(ok=False, message=f"bad command: {exc}")
         else:
             try:
-                result = await self.flows.command(cmd)
+                if cmd.op == "preflight":
+                    result = await self._preflight(cmd)
+                else:
+                    result = await self.flows.command(cmd)
             except Exception as exc:  # an answer, whatever happened: the operator is waiting
                 log.exception("command %s failed", cmd.op)
                 result = CommandResult(ok=False, message=f"{cmd.op} failed on {self.name}: {exc!r}")
         return encode(result)
+
+    async def _preflight(self, cmd: AgentCommand) -> CommandResult:
+        """Check ``cmd.config`` (or the flows this agent runs) against the real systems."""
+        flows = self.flows
+        checks: list[tuple[str, FlowConfig | list[ConfigProblem]]] = []
+        if cmd.config is not None:
+            name = cmd.flow or str(cmd.config.get("name", "?"))
+            try:
+                cfg = await anyio.to_thread.run_sync(
+                    flow_from_assignment, cmd.config, flows.state_dir, flows.allowed_paths, flows.allowed_env
+                )
+            except ConfigError as exc:  # it would not even start here
+                checks.append((name, list(exc.problems)))
+            else:
+                checks.append((name, cfg))
+        else:
+            names = [cmd.flow] if cmd.flow is not None else sorted(flows.flows)
+            for name in names:
+                handle = flows.flows.get(name)
+                missing = [ConfigProblem("flow", f"agent {self.name} runs no flow named {name!r}")]
+                checks.append((name, handle.cfg if handle is not None else missing))
+        outcomes: list[FlowOutcome] = []
+        with anyio.move_on_after(cmd.timeout) as scope:
+            for name, check in checks:
+                problems = check if isinstance(check, list) else await preflight_flow(check, "flow")
+                outcomes += [
+                    FlowOutcome(agent=self.name, flow=name, ok=False, state="preflight",
+                                message=f"{p.path}: {p.message}" if p.path else p.message)
+                    for p in problems
+                ] or [FlowOutcome(agent=self.name, flow=name, ok=True, state="preflight",
+                                  message="every source and sink reached")]  # fmt: skip
+        if scope.cancelled_caught:
+            return CommandResult(ok=False, message=f"preflight did not finish within {cmd.timeout:g}s",
+                                 outcomes=outcomes)  # fmt: skip
+        ok = all(o.ok for o in outcomes)
+        return CommandResult(ok=ok, message="" if ok else f"{sum(not o.ok for o in outcomes)} problem(s)",
+                             outcomes=outcomes)  # fmt: skip

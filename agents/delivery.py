@@ -62,6 +62,7 @@ from mesh.envelope import (
 from mesh.errors import (
     ConfigError,
     DecodeError,
+    IntegrityPending,
     InvalidEnvelope,
     MappingError,
     PermanentError,
@@ -654,7 +655,19 @@ class Apply:
         """Retry later (delayed nak) or dead-letter, by the flow's retry policy (I6). The
         attempt count is the server's (``num_delivered``)."""
         policy = self.plan.retry
-        if policy.action(exc) == "retry" and d.num_delivered < self.plan.consumer.max_deliver:
+        max_deliver = self.plan.consumer.max_deliver
+        if isinstance(exc, IntegrityPending) and policy.action(exc) == "retry":
+            # Its own schedule: the deliveries left are spread over integrity_retry seconds, so a
+            # parent that arrives minutes later (another flow, another agent) still counts.
+            if policy.integrity_retry > 0 and d.num_delivered < max_deliver:
+                self.metrics.retries.labels(self.plan.name).inc()
+                await batch.nak(d, policy.integrity_delay(d.num_delivered, max_deliver))
+                return
+            exc = IntegrityPending(
+                f"{exc} (still refused after {d.num_delivered} deliveries over retry.integrity_retry ="
+                f" {policy.integrity_retry:g}s)"
+            )
+        elif policy.action(exc) == "retry" and d.num_delivered < max_deliver:
             self.metrics.retries.labels(self.plan.name).inc()
             await batch.nak(d, policy.delay(d.num_delivered))
             return

@@ -226,7 +226,10 @@ class RetryConfig(ConfigStruct, frozen=True):
     ``dead_letter``, it goes to the dead-letter stream and the flow moves on. By default
     retryable errors (SystemUnavailable, TransportError) retry and permanent ones (DecodeError,
     RejectedRecord) are dead-lettered; ``errors`` overrides that per error class, e.g.
-    ``RejectedRecord = "retry"`` when a foreign-key miss resolves once the parent arrives.
+    ``RejectedRecord = "retry"``. An :class:`~mesh.errors.IntegrityPending` refusal (a parent not
+    there yet, a child still there) is retried on its own schedule: the ``max_deliver``
+    deliveries are spread over ``integrity_retry`` seconds with doubling delays (0: dead-letter
+    at once).
     """
 
     initial_delay: PositiveFloat = 0.5
@@ -234,6 +237,18 @@ class RetryConfig(ConfigStruct, frozen=True):
     multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
     jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.2
     errors: dict[str, ErrorAction] = msgspec.field(default_factory=dict)
+    integrity_retry: Annotated[float, msgspec.Meta(ge=0.0)] = 600.0
+    """Seconds a record refused for integrity (IntegrityPending) keeps being retried."""
+
+    def integrity_delay(self, attempt: int, max_deliver: int) -> float:
+        """Seconds to wait before delivery ``attempt + 1`` of an IntegrityPending record: the
+        ``max_deliver - 1`` waits double each time and add up to ``integrity_retry`` (none is
+        shorter than ``initial_delay``, so with many deliveries the total may exceed it by at
+        most ``initial_delay`` per wait)."""
+        waits = min(max(max_deliver - 1, 1), 60)  # beyond 60 doublings the first waits are ~0
+        share = 2.0 ** (min(max(attempt, 1), waits) - 1) / (2.0**waits - 1)
+        base = max(self.initial_delay, self.integrity_retry * share)
+        return max(0.0, base * (1 + self.jitter * (2 * random.random() - 1)))
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before delivery ``attempt + 1`` (``attempt`` counts from 1)."""

@@ -11,7 +11,10 @@
     │   │   ├── NotFound           the stream or consumer does not exist
     │   │   ├── Refused            the broker answered and refused (bad request, limit, policy)
     │   │   └── NotSupported       the broker cannot do it (too old a nats-server)
-    │   └── SystemUnavailable      the external system (database, API) is down or busy
+    │   ├── SystemUnavailable      the external system (database, API) is down or busy
+    │   └── IntegrityPending       the target refused a record over a related record: a parent
+    │                              not there yet (foreign key on insert) or a child still there
+    │                              (on delete); retried within ``retry.integrity_retry`` seconds
     ├── PermanentError             retrying cannot help: dead-letter the message, keep the flow going
     │   ├── DecodeError            bytes that are not a valid envelope or payload
     │   ├── InvalidEnvelope        an envelope that contradicts its subject or the flow (forged?)
@@ -36,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "DecodeError",
+    "IntegrityPending",
     "InvalidEnvelope",
     "MappingError",
     "MeshError",
@@ -63,6 +67,15 @@ class TransportError(RetryableError):
 
 class SystemUnavailable(RetryableError):
     """The external system behind an adapter is unreachable, locked or overloaded."""
+
+
+class IntegrityPending(RetryableError):
+    """The target refused this one record because of another record: its parent is not there yet
+    (a foreign key violated by an insert or update) or a child still refers to it (a delete).
+    Flows that carry parents and children separately converge once the other record arrives,
+    so the sink side retries it with doubling delays spread over the flow's
+    ``retry.integrity_retry`` seconds (and at most ``consumer.max_deliver`` deliveries), then
+    dead-letters it with the reason."""
 
 
 class PermanentError(MeshError):

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
 
 from mesh._config_base import AdapterConfig
 from mesh.adapters import RunRecord, Sink, Source
-from mesh.errors import PluginError
+from mesh.errors import ConfigProblem, PluginError
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -56,6 +56,7 @@ __all__ = [
     "AdapterRegistry",
     "CaptureState",
     "ChangeCapture",
+    "Preflight",
     "Role",
     "RoleName",
     "RunLog",
@@ -140,12 +141,31 @@ class RunLog(Protocol):
         ...
 
 
+class Preflight(Protocol):
+    """The optional ``preflight`` capability: reach the system a source or sink config names and
+    report what would stop the flow, before it runs (``meshctl config check --connect``,
+    ``meshctl flow apply --dry-run --connect``)."""
+
+    async def __call__(self, cfg: Any, *, columns: Sequence[str] | None = None) -> list[ConfigProblem]:
+        """Every problem found, each with the field path inside ``cfg`` it concerns (``table``,
+        ``key``, ``dsn``; ``""`` for the config as a whole) and a one-line message that names the
+        system without secrets (``table "custs" not found in postgres://db:5432/erp``).
+
+        ``columns`` (sinks): the target fields the flow's mapping writes, when known. The call
+        makes no change to the system and should finish within the config's own timeouts; it
+        may raise :class:`~mesh.errors.MeshError` for a failure that stops the check as a whole
+        (reported at the config's path).
+        """
+        ...
+
+
 @dataclass(frozen=True)
 class AdapterPlugin:
     """One adapter's declaration: its name, its roles, and its optional capabilities.
 
-    ``capture`` and ``runs`` are ``"module:attribute"`` references to a :class:`ChangeCapture`
-    (for the source) and a :class:`RunLog` (for either role). Raises ``ValueError`` when the
+    ``capture``, ``runs`` and ``preflight`` are ``"module:attribute"`` references to a
+    :class:`ChangeCapture` (for the source), a :class:`RunLog` and a :class:`Preflight` (for
+    either role). Raises ``ValueError`` when the
     declaration is inconsistent (no role, a config whose ``tag`` is not ``name``, a malformed
     reference).
     """
@@ -155,6 +175,7 @@ class AdapterPlugin:
     sink: Role | None = None
     capture: str | None = None
     runs: str | None = None
+    preflight: str | None = None
     summary: str = ""
     """One line for listings: what system the adapter talks to."""
 
@@ -180,7 +201,7 @@ class AdapterPlugin:
                     f" (declare it with tag={self.name!r})"
                 )
             _check_ref(self.name, f"{role_name} factory", role.factory)
-        for what, ref in (("capture", self.capture), ("runs", self.runs)):
+        for what, ref in (("capture", self.capture), ("runs", self.runs), ("preflight", self.preflight)):
             if ref is not None:
                 _check_ref(self.name, what, ref)
         if self.capture is not None and self.source is None:
@@ -193,7 +214,7 @@ class AdapterPlugin:
     @property
     def capabilities(self) -> frozenset[str]:
         """The roles and the optional capabilities this adapter declares."""
-        extra = [c for c in ("capture", "runs") if getattr(self, c) is not None]
+        extra = [c for c in ("capture", "runs", "preflight") if getattr(self, c) is not None]
         return frozenset([*self.roles, *extra])
 
     def role(self, role: RoleName) -> Role | None:
@@ -338,6 +359,15 @@ class AdapterRegistry:
             return None
         runs: RunLog = _resolve(plugin, "runs", plugin.runs)
         return runs
+
+    def preflight_of(self, cfg: AdapterConfig) -> Preflight | None:
+        """The preflight check of ``cfg``'s adapter, if it declares one (raises
+        :class:`~mesh.errors.PluginError` when it does not import)."""
+        plugin = self.plugin_of(cfg)
+        if plugin.preflight is None:
+            return None
+        check: Preflight = _resolve(plugin, "preflight", plugin.preflight)
+        return check
 
 
 def _origin(ep: EntryPoint) -> str:

@@ -53,6 +53,8 @@ _CONFIG_TEXTS = (
 # failures, resource shortages, internal errors) means "unavailable": retry later.
 _CONFIG_CLASSES = frozenset({"28", "3D", "3F", "42", "0A", "2B"})
 _RECORD_CLASSES = frozenset({"22", "23", "44"})  # data exception, integrity, WITH CHECK OPTION
+FOREIGN_KEY_VIOLATION = "23503"
+"""A parent missing (insert, update) or a child still there (delete): IntegrityPending."""
 
 
 class Name(sql.Identifier):

@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from adapters.sql._pg_common import (
+    FOREIGN_KEY_VIOLATION,
     Column,
     Table,
     cast_expr,
@@ -33,7 +34,7 @@ from adapters.sql._pg_common import (
 )
 from adapters.sql.config import PostgresSinkConfig
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.errors import ConfigError, RejectedRecord
+from mesh.errors import ConfigError, IntegrityPending, RejectedRecord
 
 __all__ = ["VERSIONS_TABLE", "PostgresSink"]
 
@@ -414,7 +415,8 @@ class PostgresSink(Sink):
                 if not is_record_error(exc):
                     raise
                 message = " ".join(str(exc).split())
-                outcomes[item.slot] = RejectedRecord(f"{table} key {item.record.key!r}: {message}")
+                refused = IntegrityPending if exc.sqlstate == FOREIGN_KEY_VIOLATION else RejectedRecord
+                outcomes[item.slot] = refused(f"{table} key {item.record.key!r}: {message}")
                 continue
             outcomes[item.slot] = Applied.APPLIED if written else Applied.UNCHANGED
             ok.append(item)

@@ -72,6 +72,14 @@ def is_record_error(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.IntegrityError) or _primary_code(exc) in _RECORD_CODES
 
 
+_CONSTRAINT_FOREIGNKEY = 787  # SQLITE_CONSTRAINT_FOREIGNKEY
+
+
+def is_foreign_key_error(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is a foreign key refusal (a parent missing, a child still there)."""
+    return getattr(exc, "sqlite_errorcode", None) == _CONSTRAINT_FOREIGNKEY
+
+
 async def connect(path: str, *, create: bool, busy_timeout: float) -> aiosqlite.Connection:
     """Open ``path`` in autocommit mode (transactions are explicit) with a busy timeout.
 

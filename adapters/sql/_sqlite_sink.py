@@ -16,10 +16,17 @@ import anyio.from_thread
 import anyio.to_thread
 import msgspec
 
-from adapters.sql._sqlite_common import Column, find_column, is_record_error, quote, translate
+from adapters.sql._sqlite_common import (
+    Column,
+    find_column,
+    is_foreign_key_error,
+    is_record_error,
+    quote,
+    translate,
+)
 from adapters.sql.config import SqliteSinkConfig
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.errors import ConfigError, RejectedRecord
+from mesh.errors import ConfigError, IntegrityPending, RejectedRecord
 
 __all__ = ["SqliteSink"]
 
@@ -124,6 +131,9 @@ class SqliteSink(Sink):
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {max(0, round(cfg.busy_timeout * 1000))}")
+            # The target's own foreign keys hold (SQLite enforces them per connection, off by
+            # default): a child before its parent is IntegrityPending, not a dangling row.
+            conn.execute("PRAGMA foreign_keys = ON")
             self._schema = None
             self._shape(conn)
             conn.execute("PRAGMA journal_mode = WAL")
@@ -276,7 +286,8 @@ class SqliteSink(Sink):
             if created:
                 self._schema = None  # the creation was rolled back with the record
                 target = None
-            return RejectedRecord(f"{table} key {record.key!r}: {exc}"), target
+            refused = IntegrityPending if is_foreign_key_error(exc) else RejectedRecord
+            return refused(f"{table} key {record.key!r}: {exc}"), target
         versions[guard] = record.version  # a later record of this key sees this version
         return outcome, target
 

@@ -14,6 +14,7 @@ SQLITE = AdapterPlugin(
     source=Role(SqliteSourceConfig, "adapters.sql.sqlite:SqliteSource"),
     sink=Role(SqliteSinkConfig, "adapters.sql.sqlite:SqliteSink"),
     capture="adapters.sql._capture:SQLITE_CAPTURE",
+    preflight="adapters.sql._preflight:sql_preflight",
 )
 
 POSTGRES = AdapterPlugin(
@@ -22,4 +23,5 @@ POSTGRES = AdapterPlugin(
     source=Role(PostgresSourceConfig, "adapters.sql.postgres:PostgresSource"),
     sink=Role(PostgresSinkConfig, "adapters.sql.postgres:PostgresSink"),
     capture="adapters.sql._capture:POSTGRES_CAPTURE",
+    preflight="adapters.sql._preflight:sql_preflight",
 )

@@ -213,8 +213,8 @@ async def scenario(stack: Stack) -> bool:
     )
     dead = await stack.dead_letters()
     stack.check(
-        len(dead) == 1 and dead[0]["envelope"]["key"] == "D-1007" and dead[0]["error"] == "RejectedRecord",
-        "D-1007 (unknown account ZZZZZ) was dead-lettered as RejectedRecord, and nothing else",
+        len(dead) == 1 and dead[0]["envelope"]["key"] == "D-1007" and dead[0]["error"] == "IntegrityPending",
+        "D-1007 (unknown account ZZZZZ) was dead-lettered as IntegrityPending, and nothing else",
         str(dead),
     )
     if dead:

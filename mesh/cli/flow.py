@@ -8,7 +8,7 @@ exit 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import msgspec
@@ -28,7 +28,16 @@ from mesh.cli._common import (
     table,
 )
 from mesh.cli.dlq import ServerOpt, quiet_connection_logs
-from mesh.controlplane.models import CommandResult, FlowOp, FlowSpecView
+from mesh.controlplane.client import ControlPlaneClient
+from mesh.controlplane.models import (
+    AgentCommand,
+    CommandResult,
+    FlowOp,
+    FlowOutcome,
+    FlowsApplied,
+    FlowSpecView,
+    encode,
+)
 from mesh.controlplane.status import CONFIG_FILE
 from mesh.dlq import DEFAULT_NATS_URL, FlowReplay, format_time, parse_time, replay_flow
 from mesh.errors import MeshError
@@ -142,25 +151,91 @@ def _json(value: object) -> None:
 def _apply(
     file: Annotated[Path, typer.Argument(help="Flow file (TOML, [[flows]] tables).", show_default=False)],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show what would change.")] = False,
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect",
+            help="With --dry-run: each agent named in the file checks its side of every flow against "
+            "the real systems (credentials, tables, key columns, capture, mapped columns, API auth), "
+            "as it would run it; every problem is listed with its path (exit 1). Nothing changes.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     control_plane: ControlPlaneOpt = DEFAULT_URL,
     timeout: TimeoutOpt = 10.0,
     prefix: PrefixOpt = DEFAULT_PREFIX,
 ) -> None:
+    if connect and not dry_run:
+        fail("--connect needs --dry-run (check first, then apply)")
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
-    reply = run_with_client(
-        control_plane, timeout, prefix, lambda c: c.apply_flows(text, source=str(file), dry_run=dry_run)
-    )
+
+    async def work(c: ControlPlaneClient) -> tuple[FlowsApplied, list[FlowOutcome]]:
+        reply = await c.apply_flows(text, source=str(file), dry_run=dry_run)
+        checked = await _preflight_parts(c, text, timeout) if connect else []
+        return reply, checked
+
+    reply, checked = run_with_client(control_plane, timeout, prefix, work)
     if as_json:
-        _json(reply)
-        return
-    verb = "would be" if reply.dry_run else ""
-    for ch in reply.changes:
-        what = ch.action if not verb else f"{verb} {ch.action}"
-        typer.echo(f"flow {ch.name}: {what} (generation {ch.generation}) on {', '.join(ch.agents)}")
+        _json({"applied": reply, "preflight": checked} if connect else reply)
+    else:
+        verb = "would be" if reply.dry_run else ""
+        for ch in reply.changes:
+            what = ch.action if not verb else f"{verb} {ch.action}"
+            typer.echo(f"flow {ch.name}: {what} (generation {ch.generation}) on {', '.join(ch.agents)}")
+        for o in checked:
+            if o.ok:
+                typer.echo(f"{file}: {o.flow}: {o.agent}: {o.message}")
+            else:
+                typer.secho(f"{file}: {o.message} (agent {o.agent})", fg=typer.colors.RED, err=True)
+    if any(not o.ok for o in checked):
+        raise typer.Exit(1)
+
+
+def _split_flow_file(text: str) -> list[tuple[int, str, str, dict[str, Any]]]:
+    """(index, flow name, agent, the config that agent would run) for every side of every flow
+    of a flow file the control plane accepted (so its shape is known to be right)."""
+    import tomllib
+
+    parts = []
+    for i, flow in enumerate(tomllib.loads(text).get("flows", [])):
+        common = {k: v for k, v in flow.items() if k not in ("agent", "source", "sink")}
+        by_agent: dict[str, dict[str, Any]] = {}
+        for side in ("source", "sink"):
+            if side in flow:
+                part = dict(flow[side])
+                agent = str(part.pop("agent", flow.get("agent")))
+                by_agent.setdefault(agent, dict(common))[side] = part
+        parts += [(i, str(flow.get("name")), agent, config) for agent, config in by_agent.items()]
+    return parts
+
+
+async def _preflight_parts(c: ControlPlaneClient, text: str, timeout: float) -> list[FlowOutcome]:
+    """Ask each agent to preflight its share of each flow, on its command subject; problems come
+    back as failed outcomes whose message starts with the file path (``flows[2].sink.table``)."""
+    from agents.control import command_subject
+
+    transport = await c.connection()
+    found: list[FlowOutcome] = []
+    for i, name, agent, config in _split_flow_file(text):
+        cmd = AgentCommand(op="preflight", flow=name, config=config, timeout=timeout, actor=c.caller)
+        try:
+            msg = await transport.request(command_subject(agent, c.prefix), encode(cmd), timeout=timeout + 5)
+            result = msgspec.json.decode(msg.data, type=CommandResult)
+        except (MeshError, msgspec.DecodeError) as exc:
+            found.append(FlowOutcome(agent=agent, flow=name, ok=False, state="preflight",
+                                     message=f"flows[{i}]: agent {agent} did not answer: {exc}"))  # fmt: skip
+            continue
+        for o in result.outcomes or [FlowOutcome(agent=agent, flow=name, ok=result.ok, state="preflight",
+                                                 message=result.message)]:  # fmt: skip
+            if o.message.startswith(("flow.", "flow:")):
+                message = f"flows[{i}]{o.message[4:]}"
+            else:
+                message = o.message if o.ok else f"flows[{i}]: {o.message}"
+            found.append(msgspec.structs.replace(o, message=message))
+    return found
 
 
 @app.command(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -50,7 +50,10 @@ from mesh.cli import (
 )
 from mesh.cli._common import add_nats_options
 from mesh.cli._output import fail
-from mesh.errors import ConfigError, MeshError
+from mesh.errors import ConfigError, ConfigProblem, MeshError
+
+if TYPE_CHECKING:
+    from mesh.config import AgentConfig
 
 __all__ = ["app", "main"]
 
@@ -137,21 +140,60 @@ def _agent_run(
 
 
 @config_app.command("check")
-def _config_check(files: Annotated[list[Path], typer.Argument(help="Agent config files.")]) -> None:
-    """Validate agent config files; print every problem with its file and field path."""
+def _config_check(
+    files: Annotated[list[Path], typer.Argument(help="Agent config files.")],
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect",
+            help="Also reach every source and sink (credentials, tables, key columns, capture, "
+            "mapped columns, API auth) and list every problem with its field path. Writes nothing.",
+        ),
+    ] = False,
+) -> None:
+    """Validate agent config files; print every problem with its file and field path.
+
+    Exit codes: 0 all good; 1 a config is valid but --connect found problems; 2 a config is invalid.
+    """
     from mesh.config import load_agent_config
 
-    bad = 0
+    bad = unreachable = 0
     for file in files:
         try:
             cfg = load_agent_config(file)
         except ConfigError as exc:
             typer.secho(f"{exc}", fg=typer.colors.RED, err=True)
             bad += 1
+            continue
+        summary = f"agent {cfg.agent.name}, {len(cfg.flows)} flow(s)"
+        if not connect:
+            typer.echo(f"{file}: ok ({summary})")
+            continue
+        problems, unchecked = _preflight(cfg)
+        for problem in problems:
+            typer.secho(f"{file}: {problem.path}: {problem.message}", fg=typer.colors.RED, err=True)
+        for side in unchecked:
+            typer.echo(f"{file}: {side}: not checked (its adapter has no preflight)")
+        if problems:
+            unreachable += 1
+            typer.echo(f"{file}: {len(problems)} problem(s) found by --connect ({summary})")
         else:
-            typer.echo(f"{file}: ok (agent {cfg.agent.name}, {len(cfg.flows)} flow(s))")
+            typer.echo(f"{file}: ok, every source and sink reached ({summary})")
     if bad:
         raise typer.Exit(2)
+    if unreachable:
+        raise typer.Exit(1)
+
+
+def _preflight(cfg: AgentConfig) -> tuple[list[ConfigProblem], list[str]]:
+    """Run the preflight of every flow of ``cfg``; (problems, sides left unchecked)."""
+    import anyio
+
+    from mesh.preflight import preflight_flows, unchecked
+
+    flows = [(f"flows[{i}]", flow) for i, flow in enumerate(cfg.flows)]
+    problems = anyio.run(lambda: preflight_flows(flows))
+    return problems, [side for path, flow in flows for side in unchecked(flow, path)]
 
 
 @dev_app.command("up")

@@ -561,13 +561,18 @@ class Assignment(_Msg, frozen=True):
 
 
 class AgentCommand(_Msg, frozen=True):
-    """What the leader sends an agent on ``<prefix>.agent.<name>`` (request/reply)."""
+    """What the leader (or the operator's ``meshctl``) sends an agent on ``<prefix>.agent.<name>``
+    (request/reply)."""
 
-    op: FlowOp
+    op: FlowOp | Literal["preflight"]
     flow: str | None = None
     """``None``: every flow the agent runs."""
     timeout: float = 30.0
     actor: str = ""
+    config: dict[str, Any] | None = None
+    """``preflight``: the flow config to check as this agent would run it (a :class:`FlowPart`
+    config); None: the flows it runs. Each problem comes back as a failed :class:`FlowOutcome`
+    whose message is ``<path>: <what>`` (paths start with ``flow.``)."""
 
 
 class FlowOutcome(_Msg, frozen=True):
