@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from adapters.sql._api import PostgresOperationConfig, SqliteOperationConfig
 from adapters.sql.config import PostgresSinkConfig, PostgresSourceConfig, SqliteSinkConfig, SqliteSourceConfig
 from mesh.plugins import AdapterPlugin, Role
 
@@ -14,6 +15,7 @@ SQLITE = AdapterPlugin(
     source=Role(SqliteSourceConfig, "adapters.sql.sqlite:SqliteSource"),
     sink=Role(SqliteSinkConfig, "adapters.sql.sqlite:SqliteSink"),
     capture="adapters.sql._capture:SQLITE_CAPTURE",
+    operation=Role(SqliteOperationConfig, "adapters.sql._api:SqliteOperation"),
 )
 
 POSTGRES = AdapterPlugin(
@@ -22,4 +24,5 @@ POSTGRES = AdapterPlugin(
     source=Role(PostgresSourceConfig, "adapters.sql.postgres:PostgresSource"),
     sink=Role(PostgresSinkConfig, "adapters.sql.postgres:PostgresSink"),
     capture="adapters.sql._capture:POSTGRES_CAPTURE",
+    operation=Role(PostgresOperationConfig, "adapters.sql._api:PostgresOperation"),
 )

@@ -1,0 +1,87 @@
+"""Idempotency records in the JetStream KV bucket ``mesh_api_results`` (README "System APIs").
+
+Key ``<system>.<sha256(idempotency key)>``; value JSON ``{"state": "running", "owner", "until",
+"request"}`` (a claim) or ``{"state": "done", "reply", "request"}``. Every write is a
+compare-and-swap on the key's last sequence, done with plain JetStream publishes and direct gets
+whose subjects name the key, so a NATS permission confines an agent to its own system's keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from mesh.api._wire import decode, encode
+from mesh.errors import TransportError
+from mesh.transport import Entry, Transport
+
+RESULTS_BUCKET = "mesh_api_results"
+
+_WRONG_LAST_SEQUENCE = 10071
+
+
+class Conflict(Exception):
+    """The compare-and-swap lost: somebody else wrote the key first."""
+
+
+def hashed(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def kv_key(system: str, key: str) -> str:
+    return f"{system}.{hashed(key)}"
+
+
+class Results:
+    """CAS access to one system's keys in ``mesh_api_results``."""
+
+    def __init__(self, transport: Transport, *, timeout: float = 5.0) -> None:
+        self.transport = transport
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<Results bucket={RESULTS_BUCKET}>"
+
+    async def get(self, key: str) -> tuple[dict[str, Any] | None, int]:
+        """(value, revision): value None when absent or deleted; revision 0 when never written
+        (a deleted key keeps its tombstone's revision: the next create must name it)."""
+        entry: Entry | None = await self.transport.read_key(RESULTS_BUCKET, key)
+        if entry is None:
+            return None, await self._tombstone(key)
+        return decode(entry.value), entry.revision
+
+    async def _tombstone(self, key: str) -> int:
+        subject = f"$JS.API.DIRECT.GET.KV_{RESULTS_BUCKET}.$KV.{RESULTS_BUCKET}.{key}"
+        msg = await self.transport.request(subject, b"", timeout=self.timeout)
+        if msg.headers.get("Status") == "404":
+            return 0
+        try:
+            return int(msg.headers.get("Nats-Sequence", "0"))
+        except ValueError:
+            return 0
+
+    async def write(self, key: str, value: dict[str, Any] | None, revision: int) -> int:
+        """Write ``value`` (None: delete) if the key's last revision is ``revision`` (0: never
+        written). Returns the new revision.
+
+        Raises:
+            Conflict: the key moved on meanwhile.
+            TransportError: the broker refused or did not answer.
+        """
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+        data = b""
+        if value is None:
+            headers["KV-Operation"] = "DEL"
+        else:
+            data = encode(value)
+        subject = f"$KV.{RESULTS_BUCKET}.{key}"
+        msg = await self.transport.request(subject, data, timeout=self.timeout, headers=headers)
+        ack = decode(msg.data) if msg.data else {}
+        err = ack.get("error") if isinstance(ack, dict) else None
+        if err:
+            if err.get("err_code") == _WRONG_LAST_SEQUENCE:
+                raise Conflict(key)
+            raise TransportError(f"KV {RESULTS_BUCKET}: write {key}: {err.get('description', err)}")
+        if not isinstance(ack, dict) or "seq" not in ack:
+            raise TransportError(f"KV {RESULTS_BUCKET}: write {key}: unexpected answer {msg.data[:200]!r}")
+        return int(ack["seq"])
