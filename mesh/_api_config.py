@@ -103,14 +103,18 @@ def _shape_problems(shape: ShapeConfig, path: str) -> list[ConfigProblem]:
     if shape.entity is not None and shape.fields:
         problems.append(ConfigProblem(path, "give either entity or fields, not both"))
     if shape.entity is not None and shape.entity not in ENTITIES:
-        problems.append(ConfigProblem(
-            f"{path}.entity", f"unknown canonical entity {shape.entity!r} (expected one of: {', '.join(ENTITIES)})"
-        ))  # fmt: skip
+        known = ", ".join(ENTITIES)
+        problems.append(
+            ConfigProblem(f"{path}.entity", f"unknown canonical entity {shape.entity!r} (expected: {known})")
+        )
     for name, kind in shape.fields.items():
         if kind.removesuffix("?") not in FIELD_TYPES:
-            problems.append(ConfigProblem(
-                f"{path}.fields.{name}", f"unknown type {kind!r} (expected one of: {', '.join(FIELD_TYPES)}, '?' for optional)"
-            ))  # fmt: skip
+            known = ", ".join(FIELD_TYPES)
+            problems.append(
+                ConfigProblem(
+                    f"{path}.fields.{name}", f"unknown type {kind!r} (expected: {known}; ?: optional)"
+                )
+            )
     return problems
 
 

@@ -7,6 +7,7 @@ in nats-py's tasks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,10 +87,8 @@ def _handler(
 
 async def stop_service(svc: Service) -> None:
     """Unsubscribe every endpoint and discovery subject; quiet if the connection is gone."""
-    try:
+    with contextlib.suppress(Exception):  # the connection is closing anyway
         await svc.stop()
-    except Exception:
-        pass
 
 
 def service_id(svc: Service) -> str:

@@ -49,11 +49,13 @@ async def _request(conn: Any, subject: str, data: bytes, headers: dict[str, str]
     from mesh.api._micro import NO_RESPONDERS, TIMEOUTS
     from mesh.transport import NoReply, NoResponders
 
+    no_responders: tuple[type[BaseException], ...] = (NoResponders, *NO_RESPONDERS)
+    timeouts: tuple[type[BaseException], ...] = (NoReply, *TIMEOUTS, TimeoutError)
     try:
         msg = await conn.request(subject, data, timeout=timeout, headers=headers)
-    except (NoResponders, *NO_RESPONDERS):
+    except no_responders:
         raise ApiError("unavailable", f"nobody serves {subject}", retryable=True) from None
-    except (NoReply, *TIMEOUTS, TimeoutError):
+    except timeouts:
         raise ApiError("timeout", f"no reply from {subject} within {timeout:g}s", retryable=True) from None
     return msg.data, dict(msg.headers or {})
 

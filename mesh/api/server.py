@@ -187,7 +187,7 @@ class ApiServer:
             self.calls += 1
             try:
                 data, replayed = await self.handle(ep, incoming.data, incoming.headers)
-                body, headers = ok_reply(data, replayed=replayed), {}
+                body, headers = ok_reply(data, replayed=replayed), dict[str, str]()
             except ApiError as exc:
                 body, headers = error_reply(exc)
             with anyio.move_on_after(5), contextlib.suppress(Exception):
