@@ -9,7 +9,7 @@ The wire format and the guarantees are in README "System APIs".
 """
 
 from mesh._api_config import ApiConfig, OperationConfig, ShapeConfig
-from mesh.api._results import RESULTS_BUCKET
+from mesh.api._results import RESULTS_BUCKET, ensure_results_bucket
 from mesh.api._wire import ApiError
 from mesh.api.client import call, call_detailed, subject_of
 from mesh.api.operation import Call, Operation, Replayed
@@ -25,5 +25,6 @@ __all__ = [
     "ShapeConfig",
     "call",
     "call_detailed",
+    "ensure_results_bucket",
     "subject_of",
 ]

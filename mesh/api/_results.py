@@ -85,3 +85,38 @@ class Results:
         if not isinstance(ack, dict) or "seq" not in ack:
             raise TransportError(f"KV {RESULTS_BUCKET}: write {key}: unexpected answer {msg.data[:200]!r}")
         return int(ack["seq"])
+
+
+async def ensure_results_bucket(
+    transport: Transport, *, replicas: int = 1, memory: bool = False, ttl: float = 24 * 3600.0
+) -> bool:
+    """Create the ``mesh_api_results`` bucket (direct get, one value per key, entries kept
+    ``ttl`` seconds) unless it exists. True if created.
+
+    Raises:
+        TransportError: the broker refused (e.g. no permission) or did not answer.
+    """
+    config = {
+        "name": f"KV_{RESULTS_BUCKET}",
+        "description": "connector mesh: System API results (idempotency)",
+        "subjects": [f"$KV.{RESULTS_BUCKET}.>"],
+        "retention": "limits",
+        "max_msgs_per_subject": 1,
+        "max_age": int(ttl * 1e9),
+        "discard": "new",
+        "storage": "memory" if memory else "file",
+        "num_replicas": replicas,
+        "allow_direct": True,
+        "allow_rollup_hdrs": True,
+        "deny_delete": True,
+        "deny_purge": False,
+        "duplicate_window": int(min(ttl, 120.0) * 1e9),
+    }
+    msg = await transport.request(f"$JS.API.STREAM.CREATE.KV_{RESULTS_BUCKET}", encode(config), timeout=10.0)
+    answer = decode(msg.data) if msg.data else {}
+    err = answer.get("error") if isinstance(answer, dict) else None
+    if not err:
+        return True
+    if err.get("err_code") == 10058:  # stream name already in use: it exists
+        return False
+    raise TransportError(f"cannot create KV bucket {RESULTS_BUCKET}: {err.get('description', err)}")
