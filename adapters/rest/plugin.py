@@ -3,6 +3,7 @@ imports only its config Structs, not httpx."""
 
 from __future__ import annotations
 
+from adapters.rest._api import RestOperationConfig
 from adapters.rest.config import RestSinkConfig, RestSourceConfig
 from mesh.plugins import AdapterPlugin, Role
 
@@ -13,4 +14,5 @@ REST = AdapterPlugin(
     summary="a JSON REST API (a polled list endpoint; one request per record as a sink)",
     source=Role(RestSourceConfig, "adapters.rest.source:RestSource"),
     sink=Role(RestSinkConfig, "adapters.rest.sink:RestSink"),
+    operation=Role(RestOperationConfig, "adapters.rest._api:RestOperation"),
 )

@@ -93,3 +93,39 @@ async def stop_service(svc: Service) -> None:
 
 def service_id(svc: Service) -> str:
     return svc.id
+
+
+async def check_subscriptions(nc: Any, subjects: Sequence[str], timeout: float = 5.0) -> str | None:
+    """After subscribing: the first of ``subjects`` the server refused, or None. Two round
+    trips, as :meth:`mesh.transport.JetStream.subscribe` does (a refusal may trail the first)."""
+    for _ in range(2):
+        await nc.flush(timeout=max(1, int(timeout)))
+    denials = getattr(nc, "denials", None)
+    refused = getattr(denials, "refused_subscriptions", set())
+    for s in subjects:
+        if s.lower() in refused:
+            return s
+    return None
+
+
+async def request_many(nc: Any, subject: str, *, timeout: float, idle: float = 0.25) -> list[bytes]:
+    """Every reply to one request on ``subject``: collected until ``timeout``, or until ``idle``
+    seconds pass without another once one came (the NATS services discovery pattern)."""
+    import anyio
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    replies: list[bytes] = []
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        with anyio.move_on_after(timeout):
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle if replies else timeout)
+                except nats.errors.TimeoutError:
+                    break
+                replies.append(msg.data)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return replies

@@ -55,7 +55,7 @@ from mesh.api._wire import (
 from mesh.api.operation import Call, Operation, Replayed
 from mesh.errors import ConfigError, RejectedRecord, RetryableError
 from mesh.plugins import AdapterRegistry, adapter_registry
-from mesh.transport import Transport
+from mesh.transport import Refused, Transport
 
 __all__ = ["ApiServer"]
 
@@ -169,6 +169,11 @@ class ApiServer:
                 endpoints=specs,
             )
             stack.push_async_callback(_micro.stop_service, svc)
+            refused = await _micro.check_subscriptions(nc, list(self._endpoints))
+            if refused is not None:
+                raise Refused(
+                    f"permission denied: subscribe to {refused} (serving {service_name(self.system)})"
+                )
             log.info(
                 "API %s %s serving %s",
                 service_name(self.system),
