@@ -101,7 +101,7 @@ async def check_subscriptions(nc: Any, subjects: Sequence[str], timeout: float =
     for _ in range(2):
         await nc.flush(timeout=max(1, int(timeout)))
     denials = getattr(nc, "denials", None)
-    refused = getattr(denials, "refused_subscriptions", set())
+    refused: set[str] = getattr(denials, "refused_subscriptions", set())
     for s in subjects:
         if s.lower() in refused:
             return s
