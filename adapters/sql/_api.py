@@ -129,7 +129,7 @@ class SqliteOperation(Operation):
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {CALLS_TABLE}"
                     " (key TEXT PRIMARY KEY, operation TEXT NOT NULL, result TEXT NOT NULL,"
-                    " at REAL NOT NULL DEFAULT (unixepoch('subsec')))"
+                    " at REAL NOT NULL DEFAULT (julianday('now')))"
                 )
             finally:
                 conn.close()

@@ -116,6 +116,8 @@ class ApiServer:
             self.api.max_concurrent * 10
         )
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(send.close)
+            stack.callback(receive.close)
             for cfg in self.api.operations:
                 op: Operation = registry.open_operation(cfg.run)
                 await stack.enter_async_context(op)
