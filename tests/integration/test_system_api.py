@@ -424,7 +424,7 @@ async def test_an_agent_of_crm_cannot_serve_erps_api_nor_touch_erps_results(
         await call(js, "api.erp.sales_order.create", order(), idempotency_key="k", timeout=5)
         async with JetStream(crm.nats, name="crm-agent") as crm_js:
             impostor = ApiServer(crm_js, crm.api, system="erp", agent="crm-agent")
-            with pytest.raises(Refused, match="permission denied: subscribe to api.erp."):
+            with pytest.raises(Refused, match=r"permission denied: subscribe to api\.erp\."):
                 await impostor.run()
             theirs = Results(crm_js)
             with pytest.raises(Refused, match="permission denied"):
