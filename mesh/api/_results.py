@@ -13,7 +13,7 @@ from typing import Any
 
 from mesh.api._wire import decode, encode
 from mesh.errors import TransportError
-from mesh.transport import Entry, Transport
+from mesh.transport import NoResponders, Transport
 
 RESULTS_BUCKET = "mesh_api_results"
 
@@ -43,22 +43,34 @@ class Results:
         return f"<Results bucket={RESULTS_BUCKET}>"
 
     async def get(self, key: str) -> tuple[dict[str, Any] | None, int]:
-        """(value, revision): value None when absent or deleted; revision 0 when never written
-        (a deleted key keeps its tombstone's revision: the next create must name it)."""
-        entry: Entry | None = await self.transport.read_key(RESULTS_BUCKET, key)
-        if entry is None:
-            return None, await self._tombstone(key)
-        return decode(entry.value), entry.revision
+        """(value, revision) read in one direct get: value None when absent or deleted; revision
+        0 when never written (a deleted key keeps its tombstone's revision, which the next
+        write must name).
 
-    async def _tombstone(self, key: str) -> int:
+        Raises:
+            TransportError: no such bucket, or the broker refused or did not answer.
+        """
         subject = f"$JS.API.DIRECT.GET.KV_{RESULTS_BUCKET}.$KV.{RESULTS_BUCKET}.{key}"
-        msg = await self.transport.request(subject, b"", timeout=self.timeout)
-        if msg.headers.get("Status") == "404":
-            return 0
         try:
-            return int(msg.headers.get("Nats-Sequence", "0"))
+            msg = await self.transport.request(subject, b"", timeout=self.timeout)
+        except NoResponders:
+            raise TransportError(
+                f"KV {RESULTS_BUCKET} does not exist (the control plane creates it)"
+            ) from None
+        status = msg.headers.get("Status", "")
+        if status == "404":
+            return None, 0
+        if status:
+            raise TransportError(
+                f"KV {RESULTS_BUCKET}: read {key}: {status} {msg.headers.get('Description', '')}"
+            )
+        try:
+            revision = int(msg.headers.get("Nats-Sequence", ""))
         except ValueError:
-            return 0
+            raise TransportError(f"KV {RESULTS_BUCKET}: read {key}: no sequence in the answer") from None
+        if msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None, revision
+        return decode(msg.data), revision
 
     async def write(self, key: str, value: dict[str, Any] | None, revision: int) -> int:
         """Write ``value`` (None: delete) if the key's last revision is ``revision`` (0: never
