@@ -7,11 +7,10 @@ import pytest
 
 from adapters.rest._api import RestOperationConfig
 from adapters.sql._api import SqliteOperationConfig
-from mesh.api import ApiError
+from mesh.api import ApiError, ShapeConfig
 from mesh.api._shapes import compile_shape, validate
 from mesh.api._wire import endpoint_name, endpoint_subject, error_reply, service_name
 from mesh.api.client import subject_of
-from mesh.api import ShapeConfig
 from mesh.config import parse_agent_config
 from mesh.errors import ConfigError
 from mesh.security.permissions import agent_permissions, api_permissions, permissions_for_agent
@@ -62,7 +61,7 @@ def test_operations_decode_by_adapter_with_paths_resolved(tmp_path: object) -> N
 @pytest.mark.parametrize(
     ("change", "path", "message"),
     [
-        (('name = "sales_order.create"', 'name = "SalesOrder"'), "api.operations[0].name", "expected `str` matching"),
+        (('name = "sales_order.create"', 'name = "SalesOrder"'), "api.operations[0].name", "matching"),
         (('adapter = "sqlite"', 'adapter = "oracle"'), "api.operations[0].run.adapter", "invalid value"),
         (("request = { entity = \"sales_order\" }", 'request = { entity = "deal" }'),
          "api.operations[0].request.entity", "unknown canonical entity 'deal'"),
@@ -99,8 +98,9 @@ def test_request_shapes_validate_with_the_field_path() -> None:
         validate({"total": {"amount": 5, "currency": "EUR"}}, typ, "request")
     order = compile_shape(ShapeConfig(entity="sales_order"), "Order")
     with pytest.raises(ApiError, match=r"request: lines\[0\]\.quantity"):
-        validate({"id": "1", "customer_id": "C", "order_date": "2026-01-01", "currency": "EUR",
-                  "lines": [{"quantity": [], "unit_price": {"amount": 1, "currency": "EUR"}}]}, order, "request")  # fmt: skip
+        line = {"quantity": [], "unit_price": {"amount": 1, "currency": "EUR"}}
+        head = {"id": "1", "customer_id": "C", "order_date": "2026-01-01", "currency": "EUR"}
+        validate({**head, "lines": [line]}, order, "request")
     assert validate({"anything": [1]}, compile_shape(None, "Any"), "request") == {"anything": [1]}
 
 
