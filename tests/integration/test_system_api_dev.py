@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 def test_dev_up_serves_the_erp_api(tmp_path: Path) -> None:
     data = tmp_path / "dev"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh", "dev", "up", "--data-dir", str(data), "--records", "20", "--rate", "20"],
+        [sys.executable, "-m", "mesh", "dev", "up", "--data-dir", str(data),
+         "--records", "20", "--rate", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -39,7 +40,8 @@ def test_dev_up_serves_the_erp_api(tmp_path: Path) -> None:
         assert "meshctl api call erp.customer.get --read" in text, text
         url = re.search(r"export MESH_NATS_URL=(\S+)", text)
         creds = re.search(r"export MESH_CREDS=(\S+)", text)
-        assert url is not None and creds is not None, text
+        assert url is not None, text
+        assert creds is not None, text
         env = {**os.environ, "MESH_NATS_URL": url.group(1), "MESH_CREDS": creds.group(1)}
 
         def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +76,8 @@ def test_dev_up_serves_the_erp_api(tmp_path: Path) -> None:
             assert conn.execute("SELECT count(*) FROM sales_orders").fetchone() == (1,)
         erp = decode(read_creds(data / "creds" / "erp-agent.creds").jwt, kind=UserClaims).nats
         cloud = decode(read_creds(data / "creds" / "cloud-agent.creds").jwt, kind=UserClaims).nats
-        assert isinstance(erp, UserClaims) and isinstance(cloud, UserClaims)
+        assert isinstance(erp, UserClaims)
+        assert isinstance(cloud, UserClaims)
         assert "api.erp.>" in erp.sub.allow
         assert not any(s.startswith("api.") for s in cloud.sub.allow)
     finally:
