@@ -30,6 +30,7 @@ import msgspec
 from mesh._config_base import AdapterConfig, EnvName, PositiveFloat
 from mesh.api import ApiError, Call, Operation, Replayed
 from mesh.errors import ConfigError, ConfigProblem, SystemUnavailable
+from mesh.faults import crash_point
 from mesh.secrets import SecretFile
 
 __all__ = [
@@ -179,6 +180,7 @@ class SqliteOperation(Operation):
                     (call.key, call.operation, json.dumps(result, default=str)),
                 )
             conn.execute("COMMIT")
+            crash_point("api.after_commit")
             return result
         except sqlite3.IntegrityError as exc:
             code = "conflict" if "UNIQUE" in str(exc) else "rejected"
@@ -279,6 +281,7 @@ class PostgresOperation(Operation):
                         f"INSERT INTO {CALLS_TABLE} (key, operation, result) VALUES (%s, %s, %s)",
                         (call.key, call.operation, json.dumps(result)),
                     )
+            crash_point("api.after_commit")
             return result
         except psycopg.errors.UniqueViolation as exc:
             if call.key is not None and CALLS_TABLE in str(exc.diag.table_name or ""):

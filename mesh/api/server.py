@@ -54,6 +54,7 @@ from mesh.api._wire import (
 )
 from mesh.api.operation import Call, Operation, Replayed
 from mesh.errors import ConfigError, RejectedRecord, RetryableError
+from mesh.faults import crash_point
 from mesh.plugins import AdapterRegistry, adapter_registry
 from mesh.transport import Refused, Transport
 
@@ -312,6 +313,7 @@ class ApiServer:
                     rev = await self.results.write(key, claim, rev)
                 except Conflict:
                     continue
+                crash_point("api.after_claim")
                 return await self._claimed(ep, request, call, key, rev, digest, takeover)
             remaining = call.deadline - time.time()
             if remaining <= 0:
