@@ -342,7 +342,7 @@ class ApiServer:
                     "API %s: took over an abandoned call; the system had recorded its result", ep.subject
                 )
             else:
-                result, replayed = await self.handle_execute(ep, request, call)
+                result, replayed = await self._run_claimed(ep, request, call)
         except ApiError as exc:
             if exc.code in _REPLAYABLE:
                 await self._store(key, {"ok": False, "error": exc.to_dict()}, rev, digest)
@@ -356,7 +356,7 @@ class ApiServer:
         await self._store(key, {"ok": True, "result": result}, rev, digest)
         return result, replayed
 
-    async def handle_execute(self, ep: _Endpoint, request: dict[str, Any], call: Call) -> tuple[Any, bool]:
+    async def _run_claimed(self, ep: _Endpoint, request: dict[str, Any], call: Call) -> tuple[Any, bool]:
         try:
             return await self._execute(ep, request, call)
         except TimeoutError:

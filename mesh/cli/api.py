@@ -56,7 +56,7 @@ def _table(views: list[ServiceView]) -> str:
 
 
 @app.command("list")
-def list_apis(
+def _list_apis(
     server: ServerOpt = DEFAULT_NATS_URL,
     wait: Annotated[float, typer.Option("--wait", min=0.1, help="Seconds to collect answers.")] = 1.0,
     as_json: JsonOpt = False,
@@ -97,7 +97,7 @@ def _read_data(data: str) -> Any:
 
 
 @app.command("call")
-def call_api(
+def _call_api(
     name: Annotated[
         str, typer.Argument(help="erp.sales_order.create or the subject api.erp.sales_order.create")
     ],
