@@ -282,7 +282,9 @@ class ConnectorAgent:
             await ensure_results_bucket(js, replicas=self.cfg.streams.replicas, ttl=api.result_ttl)
         except TransportError as exc:
             log.info("System API: %s not created here (%s); the control plane does", RESULTS_BUCKET, exc)
-        self.api_server = ApiServer(js, api, system=self.cfg.agent.system, agent=self.cfg.agent.name)
+        self.api_server = ApiServer(
+            js, api, system=self.cfg.agent.system, agent=self.cfg.agent.name, metrics=self.metrics
+        )
         await self.api_server.run()
 
     def _flow_actors(self, h: FlowHandle) -> list[tuple[str, Actor]]:

@@ -87,7 +87,10 @@ def _handler(
 
 async def stop_service(svc: Service) -> None:
     """Unsubscribe every endpoint and discovery subject; quiet if the connection is gone."""
-    with contextlib.suppress(Exception):  # the connection is closing anyway
+    import anyio
+
+    # Shielded and bounded: it runs while the server's task group is being cancelled.
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(Exception):
         await svc.stop()
 
 

@@ -55,6 +55,7 @@ from mesh.api._wire import (
 from mesh.api.operation import Call, Operation, Replayed
 from mesh.errors import ConfigError, RejectedRecord, RetryableError
 from mesh.faults import crash_point
+from mesh.metrics import Metrics
 from mesh.plugins import AdapterRegistry, adapter_registry
 from mesh.transport import Refused, Transport
 
@@ -86,8 +87,10 @@ class ApiServer:
         system: str,
         agent: str,
         registry: AdapterRegistry | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.transport = transport
+        self.metrics = metrics
         self.api = api
         self.system = system
         self.agent = agent
@@ -191,13 +194,19 @@ class ApiServer:
                     tg.start_soon(self._answer, ep, incoming, slots)
 
     async def _answer(self, ep: _Endpoint, incoming: _micro.Incoming, slots: anyio.Semaphore) -> None:
+        started = time.monotonic()
         try:
             self.calls += 1
             try:
                 data, replayed = await self.handle(ep, incoming.data, incoming.headers)
                 body, headers = ok_reply(data, replayed=replayed), dict[str, str]()
+                outcome = "replayed" if replayed else "ok"
             except ApiError as exc:
                 body, headers = error_reply(exc)
+                outcome = exc.code
+            if self.metrics is not None:
+                self.metrics.api_calls.labels(ep.cfg.name, outcome).inc()
+                self.metrics.api_call_duration.labels(ep.cfg.name).observe(time.monotonic() - started)
             with anyio.move_on_after(5), contextlib.suppress(Exception):
                 await incoming.respond(body, headers)
         finally:

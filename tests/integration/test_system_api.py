@@ -25,6 +25,7 @@ from mesh.api._results import RESULTS_BUCKET, Results, kv_key
 from mesh.api.discovery import discover
 from mesh.api.server import ApiServer
 from mesh.config import AgentConfig
+from mesh.metrics import Metrics
 from mesh.transport import JetStream, Refused
 from tests._secure import SecuredNatsServer, secure_config
 
@@ -120,14 +121,18 @@ async def admin(server: SecuredNatsServer) -> AsyncIterator[JetStream]:
 
 
 @contextlib.asynccontextmanager
-async def serving(cfg: AgentConfig, replicas: int = 1) -> AsyncIterator[list[ApiServer]]:
+async def serving(
+    cfg: AgentConfig, replicas: int = 1, metrics: Metrics | None = None
+) -> AsyncIterator[list[ApiServer]]:
     """``replicas`` ApiServers of the agent, each on its own connection with the agent's creds."""
     assert cfg.api is not None
     async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
         servers = []
         for i in range(replicas):
             js = await stack.enter_async_context(JetStream(cfg.nats, name=f"{cfg.agent.name}-{i}"))
-            server = ApiServer(js, cfg.api, system=cfg.agent.system, agent=f"{cfg.agent.name}-{i}")
+            server = ApiServer(
+                js, cfg.api, system=cfg.agent.system, agent=f"{cfg.agent.name}-{i}", metrics=metrics
+            )
             await tg.start(server.run)
             servers.append(server)
         yield servers
@@ -188,7 +193,8 @@ async def test_a_read_returns_the_typed_row_and_structured_errors(
 async def test_a_write_needs_an_idempotency_key_and_runs_once_per_key(
     erp: AgentConfig, erp_db: Path, nats_server: SecuredNatsServer
 ) -> None:
-    async with admin(nats_server) as js, serving(erp) as [server]:
+    metrics = Metrics()
+    async with admin(nats_server) as js, serving(erp, metrics=metrics) as [server]:
         with pytest.raises(ApiError) as nokey:
             await call(js, "api.erp.sales_order.create", order(), idempotency_key=None, timeout=5)
         assert nokey.value.code == "bad_request"
@@ -219,6 +225,14 @@ async def test_a_write_needs_an_idempotency_key_and_runs_once_per_key(
         assert check.value.code == "rejected"
     assert rows(erp_db) == [("SO-1", 1250)]
     assert server.executions == 3
+
+    def count(outcome: str) -> float | None:
+        labels = {"operation": "sales_order.create", "outcome": outcome}
+        return metrics.registry.get_sample_value("mesh_api_calls_total", labels)
+
+    assert (count("ok"), count("replayed"), count("bad_request"), count("conflict"), count("rejected")) == (
+        1, 1, 1, 3, 1,
+    )  # fmt: skip
 
 
 async def test_concurrent_calls_with_one_key_on_two_replicas_execute_once(
