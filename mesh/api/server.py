@@ -63,6 +63,8 @@ __all__ = ["ApiServer"]
 
 log = logging.getLogger(__name__)
 
+_REPLY_MARGIN = 0.25
+"""Seconds before the caller's deadline at which a call stops (running or waiting) and replies."""
 _REPLAYABLE = frozenset({"bad_request", "not_found", "conflict", "rejected"})
 _canonical = msgspec.json.Encoder(order="sorted")
 
@@ -259,7 +261,10 @@ class ApiServer:
         key = headers.get(IDEMPOTENCY_KEY) or None
         if key is None and not ep.cfg.read:
             raise ApiError("bad_request", f"{IDEMPOTENCY_KEY} header is required for {ep.cfg.name}", False)
-        run_until = min(deadline, now + ep.cfg.timeout)
+        # Stop a little before the caller's deadline, so it gets a structured deadline_exceeded
+        # rather than its own timeout.
+        margin = min(_REPLY_MARGIN, (deadline - now) * 0.1)
+        run_until = min(deadline - margin, now + ep.cfg.timeout)
         call = Call(
             ep.cfg.name,
             None if key is None else hashlib.sha256(key.encode()).hexdigest(),

@@ -309,6 +309,22 @@ async def test_deadlines_and_internal_errors_are_replies_not_hangs(
         assert "Traceback" not in internal.value.message
         assert "no_such_table" not in internal.value.message
         assert "see the log of agent erp-agent-0" in internal.value.message
+        # Waiting for a live claim of another replica ends just before the caller's deadline,
+        # with a structured reply (not the caller's own timeout); nothing ran.
+        live = {"state": "running", "owner": "erp-agent/other", "until": time.time() + 60,
+                "request": "?", "operation": "sales_order.create"}  # fmt: skip
+        await Results(js).write(kv_key("erp", "busy"), live, 0)
+        with pytest.raises(ApiError) as waiting:
+            await call(js, "api.erp.sales_order.create", order(), idempotency_key="busy", timeout=3)
+        assert waiting.value.code == "conflict", "a different request under the key is refused at once"
+        live["request"] = hashlib.sha256(
+            json.dumps(order(), sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+        await Results(js).write(kv_key("erp", "busy2"), live, 0)
+        with pytest.raises(ApiError) as waited:
+            await call(js, "api.erp.sales_order.create", order(), idempotency_key="busy2", timeout=3)
+        assert (waited.value.code, waited.value.retryable) == ("deadline_exceeded", True)
+        assert "still running" in waited.value.message
         with pytest.raises(ApiError) as nobody:
             await call(js, "api.crm.deal.get", {}, idempotency_key=None, timeout=2)
         assert (nobody.value.code, nobody.value.retryable) == ("unavailable", True)
