@@ -118,6 +118,7 @@ class ApiServer:
             TransportError: the service cannot subscribe (e.g. permission denied).
         """
         registry = self.registry or adapter_registry()
+        self._endpoints = {}
         send, receive = anyio.create_memory_object_stream[tuple[_Endpoint, _micro.Incoming]](
             self.api.max_concurrent * 10
         )
