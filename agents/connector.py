@@ -28,6 +28,8 @@ from agents.flows import FlowHandle, FlowManager
 from agents.layout import StreamCheck
 from mesh.actors import Actor, Backoff, Supervisor
 from mesh.adapters import Sink, Source
+from mesh.api import RESULTS_BUCKET, ensure_results_bucket
+from mesh.api.server import ApiServer
 from mesh.config import AdapterConfig, AgentConfig, NatsConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.errors import TransportError
@@ -170,6 +172,8 @@ class ConnectorAgent:
         self.inbox = Inbox(state / "inbox.db")
         self.link = NatsLink(cfg, self.metrics, self.readiness)
         self.streams = StreamCheck(self.link.wait, cfg.streams, self.readiness, every=stream_check_every)
+        self.api_server: ApiServer | None = None
+        """The System API service (README "System APIs"), once serving."""
         self.consumers: dict[str, Consumer] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
@@ -262,8 +266,26 @@ class ConnectorAgent:
             )  # fmt: skip
             await sup.start("assignments", control.watch_assignments)
             await sup.start("commands", control.serve_commands)
+            if self.cfg.api is not None and self.cfg.api.operations:
+                await sup.start("api", self._serve_api)
             log.info("agent %s running %d flow(s)", a.name, len(self.cfg.flows))
             task_status.started()
+
+    async def _serve_api(self, task_status: TaskStatus[None]) -> None:
+        """Serve the System API (README "System APIs") once NATS is up; creates the results
+        bucket when it is missing and this agent may (standalone), else the control plane does."""
+        task_status.started()
+        api = self.cfg.api
+        assert api is not None
+        js = await self.link.wait()
+        try:
+            await ensure_results_bucket(js, replicas=self.cfg.streams.replicas, ttl=api.result_ttl)
+        except TransportError as exc:
+            log.info("System API: %s not created here (%s); the control plane does", RESULTS_BUCKET, exc)
+        self.api_server = ApiServer(
+            js, api, system=self.cfg.agent.system, agent=self.cfg.agent.name, metrics=self.metrics
+        )
+        await self.api_server.run()
 
     def _flow_actors(self, h: FlowHandle) -> list[tuple[str, Actor]]:
         a = self.cfg.agent

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, cast
 import msgspec
 
 from mesh import errors as _errors
+from mesh._api_config import ApiConfig, api_config_type, check_api
 from mesh._config_base import (
     AdapterConfig,
     ConfigStruct,
@@ -297,6 +298,8 @@ class AgentConfig(ConfigStruct, frozen=True):
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     flows: list[FlowConfig] = msgspec.field(default_factory=list)
+    api: ApiConfig | None = None
+    """System API operations this agent serves (README "System APIs")."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per log line (ts, level, logger, msg, agent, flow, correlation_id)."""
@@ -323,7 +326,10 @@ def _decoder_types(registry: AdapterRegistry) -> tuple[type[FlowConfig], type[Ag
     )
     agent = msgspec.defstruct(
         "AgentConfig",
-        [("flows", list[flow], msgspec.field(default_factory=list))],  # type: ignore[valid-type]
+        [
+            ("flows", list[flow], msgspec.field(default_factory=list)),  # type: ignore[valid-type]
+            ("api", api_config_type(registry) | None, None),
+        ],
         bases=(AgentConfig,),
         module=__name__,
         **_STRUCT_OPTIONS,
@@ -450,6 +456,8 @@ def _check(cfg: AgentConfig) -> list[ConfigProblem]:
         problems.extend(check_flow(flow, f"flows[{i}]"))
     if not cfg.nats.servers:
         problems.append(ConfigProblem("nats.servers", "expected at least one server URL"))
+    if cfg.api is not None:
+        problems.extend(check_api(cfg.api))
     return problems
 
 
@@ -568,7 +576,13 @@ def _resolve_paths(cfg: AgentConfig, base: Path, source: str) -> AgentConfig:
         state_dir=resolve(cfg.agent.state_dir),
         allowed_paths=[resolve(p) for p in cfg.agent.allowed_paths],
     )
-    return msgspec.structs.replace(cfg, agent=agent, flows=flows, nats=_resolve_nats(cfg.nats, base))
+    api = cfg.api
+    if api is not None:
+        ops = [msgspec.structs.replace(op, run=op.run.resolved(resolve)) for op in api.operations]
+        api = msgspec.structs.replace(api, operations=ops)
+    return msgspec.structs.replace(
+        cfg, agent=agent, flows=flows, api=api, nats=_resolve_nats(cfg.nats, base)
+    )
 
 
 def _resolve_nats(nats: NatsConfig, base: Path) -> NatsConfig:
@@ -592,9 +606,14 @@ def _type_problems(raw: dict[str, Any], registry: AdapterRegistry | None) -> lis
         return []
     problems = []
     try:
-        msgspec.convert({k: v for k, v in raw.items() if k != "flows"}, AgentConfig)
+        msgspec.convert({k: v for k, v in raw.items() if k not in ("flows", "api")}, AgentConfig)
     except msgspec.ValidationError as exc:
         problems.append(validation_problem(exc, "", registry))
+    if "api" in raw:
+        try:
+            msgspec.convert(raw["api"], api_config_type(_registry(registry)))
+        except msgspec.ValidationError as exc:
+            problems.append(validation_problem(exc, "api", registry))
     flow_type = flow_config_type(registry)
     for i, flow in enumerate(flows):
         try:

@@ -22,6 +22,8 @@ CRASH_POINTS = (
     "relay.after_publish",
     "apply.after_sink",
     "apply.after_inbox",
+    "api.after_claim",  # a System API call claimed its key in mesh_api_results, ran nothing yet
+    "api.after_commit",  # a SQL operation committed (with its mesh_api_calls row), result not stored
 )
 
 

@@ -86,6 +86,19 @@ class Metrics:
         self.actor_restarts = Counter(
             "mesh_actor_restarts", "Actors restarted after a crash", ["actor"], registry=r
         )
+        self.api_calls = Counter(
+            "mesh_api_calls",
+            "System API calls answered, by operation and outcome (ok, replayed, or the error code)",
+            ["operation", "outcome"],
+            registry=r,
+        )
+        self.api_call_duration = Histogram(
+            "mesh_api_call_duration_seconds",
+            "From a System API request's arrival to its reply",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.nats_connected = Gauge(
             "mesh_nats_connected", "1 while the agent's NATS connection is up", registry=r
         )

@@ -67,7 +67,9 @@ __all__ = [
 ENTRY_POINT_GROUP = "mesh.adapters"
 """The entry point group adapter plugins are declared in."""
 
-RoleName = Literal["source", "sink"]
+RoleName = Literal["source", "sink", "operation"]
+"""A role an adapter can play: a flow's source or sink, or a System API operation (README
+"System APIs": the ``run`` table of an ``[[api.operations]]`` entry)."""
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -176,6 +178,9 @@ class AdapterPlugin:
     capture: str | None = None
     runs: str | None = None
     preflight: str | None = None
+    operation: Role | None = None
+    """Optional: System API operations (``[api.operations.run]``); the factory takes the operation's
+    run config and returns a :class:`mesh.api.Operation`."""
     summary: str = ""
     """One line for listings: what system the adapter talks to."""
 
@@ -186,7 +191,7 @@ class AdapterPlugin:
             )
         if self.source is None and self.sink is None:
             raise ValueError(f"adapter {self.name!r}: declares neither a source nor a sink")
-        for role_name, role in (("source", self.source), ("sink", self.sink)):
+        for role_name, role in (("source", self.source), ("sink", self.sink), ("operation", self.operation)):
             if role is None:
                 continue
             cfg = role.config
@@ -214,11 +219,11 @@ class AdapterPlugin:
     @property
     def capabilities(self) -> frozenset[str]:
         """The roles and the optional capabilities this adapter declares."""
-        extra = [c for c in ("capture", "runs", "preflight") if getattr(self, c) is not None]
+        extra = [c for c in ("capture", "runs", "preflight", "operation") if getattr(self, c) is not None]
         return frozenset([*self.roles, *extra])
 
     def role(self, role: RoleName) -> Role | None:
-        found: Role | None = self.source if role == "source" else self.sink
+        found: Role | None = getattr(self, role)
         return found
 
 
@@ -304,7 +309,7 @@ class AdapterRegistry:
         tag = type(cfg).__struct_config__.tag
         plugin = self._plugins.get(tag) if isinstance(tag, str) else None
         if plugin is None or type(cfg) not in (
-            r.config for r in (plugin.source, plugin.sink) if r is not None
+            r.config for r in (plugin.source, plugin.sink, plugin.operation) if r is not None
         ):
             raise PluginError(
                 f"no installed adapter declares {type(cfg).__qualname__}"
@@ -342,6 +347,17 @@ class AdapterRegistry:
                 f"adapter {type(cfg).__struct_config__.tag!r}: its sink factory made {sink!r}, not a Sink"
             )
         return sink
+
+    def open_operation(self, cfg: AdapterConfig) -> Any:
+        """The System API operation (a :class:`mesh.api.Operation`) for an operation run config,
+        constructed but not yet opened (raises like :meth:`open_source`)."""
+        op = self._factory(cfg, "operation")(cfg)
+        if not all(callable(getattr(op, m, None)) for m in ("open", "run", "recorded", "aclose")):
+            raise PluginError(
+                f"adapter {type(cfg).__struct_config__.tag!r}: its operation factory made {op!r},"
+                " not a mesh.api.Operation"
+            )
+        return op
 
     def capture_of(self, cfg: AdapterConfig) -> ChangeCapture | None:
         """The source's change-capture capability, if its adapter declares one and it applies to

@@ -112,8 +112,10 @@ def issue_agent_creds(config: Path | AgentConfig, security_dir: Path, out: Path 
 
 
 def create_layout(server: SecuredNatsServer | NatsConfig, streams: StreamsConfig | None = None) -> None:
-    """Create the mesh streams with the admin creds (what the control plane does), for agents
-    that run without one; ``server`` may also be the NatsConfig of another server (a leaf)."""
+    """Create the mesh streams and the System API results bucket with the admin creds (what the
+    control plane does), for agents that run without one; ``server`` may also be the NatsConfig
+    of another server (a leaf)."""
+    from mesh.api import ensure_results_bucket
     from mesh.transport.jetstream import JetStream
 
     cfg = server if isinstance(server, NatsConfig) else server.nats_config()
@@ -121,6 +123,7 @@ def create_layout(server: SecuredNatsServer | NatsConfig, streams: StreamsConfig
     async def main() -> None:
         async with JetStream(cfg, name="test-layout") as js:
             await js.ensure_streams(streams or StreamsConfig())
+            await ensure_results_bucket(js)
 
     # its own thread: callable from sync tests and from inside an async test's event loop
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

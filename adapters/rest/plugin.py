@@ -3,6 +3,7 @@ imports only its config Structs, not httpx."""
 
 from __future__ import annotations
 
+from adapters.rest._api import RestOperationConfig
 from adapters.rest.config import RestSinkConfig, RestSourceConfig
 from mesh.plugins import AdapterPlugin, Role
 
@@ -14,4 +15,5 @@ REST = AdapterPlugin(
     source=Role(RestSourceConfig, "adapters.rest.source:RestSource"),
     sink=Role(RestSinkConfig, "adapters.rest.sink:RestSink"),
     preflight="adapters.rest._preflight:rest_preflight",
+    operation=Role(RestOperationConfig, "adapters.rest._api:RestOperation"),
 )

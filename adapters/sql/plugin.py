@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from adapters.sql._api import PostgresOperationConfig, SqliteOperationConfig
 from adapters.sql.config import PostgresSinkConfig, PostgresSourceConfig, SqliteSinkConfig, SqliteSourceConfig
 from mesh.plugins import AdapterPlugin, Role
 
@@ -15,6 +16,7 @@ SQLITE = AdapterPlugin(
     sink=Role(SqliteSinkConfig, "adapters.sql.sqlite:SqliteSink"),
     capture="adapters.sql._capture:SQLITE_CAPTURE",
     preflight="adapters.sql._preflight:sql_preflight",
+    operation=Role(SqliteOperationConfig, "adapters.sql._api:SqliteOperation"),
 )
 
 POSTGRES = AdapterPlugin(
@@ -24,4 +26,5 @@ POSTGRES = AdapterPlugin(
     sink=Role(PostgresSinkConfig, "adapters.sql.postgres:PostgresSink"),
     capture="adapters.sql._capture:POSTGRES_CAPTURE",
     preflight="adapters.sql._preflight:sql_preflight",
+    operation=Role(PostgresOperationConfig, "adapters.sql._api:PostgresOperation"),
 )

@@ -198,6 +198,8 @@ def _register(
             system=cfg.agent.system,
             sources=[f.name for f in cfg.flows if f.source is not None],
             sinks=[f.name for f in cfg.flows if f.sink is not None],
+            operations=list(operations or [])
+            or ([op.name for op in cfg.api.operations] if cfg.api is not None else []),
         )
 
     async def work(client: ControlPlaneClient) -> tuple[str, str]:

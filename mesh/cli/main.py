@@ -16,6 +16,9 @@ from mesh.cli import (
     agent_cp as cli_agent_cp,
 )
 from mesh.cli import (
+    api as cli_api,
+)
+from mesh.cli import (
     audit as cli_audit,
 )
 from mesh.cli import (
@@ -75,6 +78,7 @@ app.add_typer(cli_flow.app, name="flow")
 app.add_typer(cli_leafnode.app, name="leafnode")
 app.add_typer(cli_cp.app, name="control-plane")
 app.add_typer(cli_audit.app, name="audit")
+app.add_typer(cli_api.app, name="api")
 app.add_typer(cli_schema.app, name="schema")
 app.add_typer(cli_files.app, name="files")
 app.add_typer(cli_capture.app, name="capture")

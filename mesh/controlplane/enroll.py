@@ -193,7 +193,9 @@ class Enrollment:
 
     def permissions(self, rec: AgentRecord, flows: Iterable[AssignedFlow]) -> Permissions:
         systems, consumers, names = agent_grants(rec, flows)
-        return agent_permissions(rec.name, systems, consumers, names, self.prefix)
+        m = rec.manifest
+        apis = [m.system] if m.operations and m.system and m.system in rec.systems else []
+        return agent_permissions(rec.name, systems, consumers, names, self.prefix, apis=apis)
 
     def issue(self, rec: AgentRecord, flows: Iterable[AssignedFlow]) -> tuple[str, str]:
         """(user JWT, digest of what it grants) for agent ``rec`` running ``flows``.

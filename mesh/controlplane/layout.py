@@ -2,7 +2,8 @@
 
 The control plane creates the streams (``MESH_EVENTS``, ``MESH_COMMANDS``, ``MESH_DLQ``,
 ``MESH_AUDIT``) and the KV buckets (``mesh_agents``, ``mesh_flows``, ``mesh_assign`` with direct
-get, ``mesh_leader``) at start; agents only check that the streams they use exist. While it
+get, ``mesh_leader``, and ``mesh_api_results`` for System API idempotency, README "System APIs")
+at start; agents only check that the streams they use exist. While it
 runs, :class:`LayoutKeeper` checks every ``every`` seconds (and at once when woken, e.g. by a
 ``NotFound`` from a KV operation, see :class:`HealingBucket`) that each one still exists, and
 re-creates any that went missing, logging one line per heal. A re-created bucket gets back the
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import TaskStatus
 
+from mesh.api import RESULTS_BUCKET, ensure_results_bucket
 from mesh.config import StreamsConfig
 from mesh.controlplane.kv import BUCKETS, DIRECT_BUCKETS, Bucket, KvMirror, ensure_buckets
 from mesh.errors import TransportError
@@ -89,6 +91,7 @@ class LayoutKeeper:
         """
         await self.js.ensure_streams(self.streams)
         buckets = await ensure_buckets(self.js, replicas=self._replicas, memory=self._memory)
+        await ensure_results_bucket(self.js, replicas=self._replicas, memory=self._memory)
         return {name: HealingBucket(b, self) for name, b in buckets.items()}
 
     async def find_missing(self) -> list[str]:
@@ -98,7 +101,7 @@ class LayoutKeeper:
             TransportError: the broker did not answer.
         """
         missing = [f"stream {s}" for s in STREAMS if not await self._exists(s)]
-        missing += [f"bucket {b}" for b in BUCKETS if not await self._exists(f"KV_{b}")]
+        missing += [f"bucket {b}" for b in (*BUCKETS, RESULTS_BUCKET) if not await self._exists(f"KV_{b}")]
         return missing
 
     async def _exists(self, stream: str) -> bool:
@@ -126,6 +129,10 @@ class LayoutKeeper:
                 if not what.startswith("bucket "):
                     continue
                 name = what.removeprefix("bucket ")
+                if name == RESULTS_BUCKET:  # System API results: re-created empty (calls claim again)
+                    await ensure_results_bucket(self.js, replicas=self._replicas, memory=self._memory)
+                    log.warning("healed: KV bucket %s was missing; recreated it (empty)", name)
+                    continue
                 bucket = await self.js.key_value(
                     name, history=BUCKETS[name], replicas=self._replicas, memory=self._memory,
                     direct=name in DIRECT_BUCKETS,

@@ -62,6 +62,15 @@ CREATE TABLE IF NOT EXISTS customers (
     credit_limit_cents INTEGER NOT NULL DEFAULT 0,
     updated_at         TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
+CREATE TABLE IF NOT EXISTS sales_orders (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    number       TEXT NOT NULL UNIQUE,
+    customer_id  INTEGER NOT NULL,
+    total_cents  INTEGER NOT NULL CHECK (total_cents >= 0),
+    currency     TEXT NOT NULL,
+    status       TEXT NOT NULL DEFAULT 'confirmed',
+    created_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
 """
 # The CRM keeps its own shape: text ids, decimal-string amounts, other column names.
 CRM_SCHEMA = """
@@ -130,6 +139,33 @@ name = "name"
 "credit_limit.amount" = "credit_limit_cents"      # already minor units (cents)
 "credit_limit.currency" = { const = "EUR" }
 updated_at = { from = "updated_at", convert = "datetime" }
+
+# System API (README "System APIs"): served as NATS service mesh-erp at api.erp.<entity>.<op>.
+# Try: meshctl api list; meshctl api call erp.customer.get --read --data '{"id": 1}'
+[api]
+version = "1.0.0"
+
+[[api.operations]]
+name = "customer.get"
+read = true
+description = "one ERP customer by id"
+request = { fields = { id = "int" } }
+response = { fields = { id = "int", name = "str", email = "str?", country = "str?" } }
+[api.operations.run]
+adapter = "sqlite"
+path = "erp.db"
+statement = "SELECT id, name, email, country FROM customers WHERE id = :id"
+
+[[api.operations]]
+name = "sales_order.create"
+description = "a confirmed sales order (once per idempotency key)"
+request = { fields = { number = "str", customer_id = "int", total = "money" } }
+[api.operations.run]
+adapter = "sqlite"
+path = "erp.db"
+statement = '''INSERT INTO sales_orders (number, customer_id, total_cents, currency)
+VALUES (:number, :customer_id, :amount, :currency) RETURNING id AS order_id, number, status'''
+params = { amount = "total.amount", currency = "total.currency" }
 """
 
 CRM_FLOW = """\
@@ -534,6 +570,7 @@ async def _start_and_run(
                   on evt.{ENTITY}.<upserted|deleted>.erp --[flows.from_canonical]--> CRM table accounts
   agent configs and logs: {root}/*.toml, {root}/*.log
   try: sqlite3 {crm_db} 'SELECT * FROM accounts LIMIT 3'
+       meshctl api list; meshctl api call erp.customer.get --read --data '{{"id": 1}}'
   Ctrl-C stops everything.{
             ""
             if pki is None

@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     from mesh.config import AgentConfig
 
 __all__ = [
+    "API_RESULTS_BUCKET",
     "ASSIGN_BUCKET",
     "DEFAULT_PREFIX",
     "admin_permissions",
     "agent_permissions",
+    "api_permissions",
     "assignment_get_subject",
     "assignment_subject",
     "control_plane_permissions",
@@ -39,6 +41,7 @@ __all__ = [
 
 DEFAULT_PREFIX = "mesh.cp"
 ASSIGN_BUCKET = "mesh_assign"
+API_RESULTS_BUCKET = "mesh_api_results"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
@@ -86,9 +89,12 @@ def agent_permissions(
     consumers: Iterable[str],
     flows: Iterable[str],
     prefix: str = DEFAULT_PREFIX,
+    *,
+    apis: Iterable[str] = (),
 ) -> Permissions:
     """What agent ``name`` may do, with ``systems`` (the origins it publishes), the durable
-    consumers of its assigned flows on MESH_EVENTS and the flows whose DLQ it writes.
+    consumers of its assigned flows on MESH_EVENTS, the flows whose DLQ it writes, and the
+    systems whose System API it serves (:func:`api_permissions`).
 
     Raises:
         ConfigError: a name that is not one subject token, or a bad prefix.
@@ -117,7 +123,31 @@ def agent_permissions(
         ]
     pub.append(assignment_get_subject(name))
     sub = [f"{inbox_prefix(name)}.>", f"{prefix}.agent.{name}", assignment_subject(name)]
+    api_pub, api_sub = api_permissions(apis)
+    pub += api_pub
+    sub += api_sub
     return Permissions(pub=Permission(allow=pub), sub=Permission(allow=sub), resp=ResponsePermission(1, 0))
+
+
+def api_permissions(systems: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(publish, subscribe) subjects to serve the System API of each of ``systems`` (README
+    "System APIs"): its endpoints ``api.S.>``, the NATS services discovery subjects of its
+    service ``mesh-S``, and compare-and-swap writes and direct gets of its own keys
+    ``S.*`` in the ``mesh_api_results`` bucket. Replies go through the response permission.
+
+    Raises:
+        ConfigError: a system that is not one subject token.
+    """
+    pub: list[str] = []
+    sub: list[str] = []
+    for s in sorted(set(systems)):
+        validate_token(s, "system")
+        sub += [f"api.{s}.>", "$SRV.*", f"$SRV.*.mesh-{s}", f"$SRV.*.mesh-{s}.>"]
+        pub += [
+            f"$KV.{API_RESULTS_BUCKET}.{s}.>",
+            f"$JS.API.DIRECT.GET.KV_{API_RESULTS_BUCKET}.$KV.{API_RESULTS_BUCKET}.{s}.>",
+        ]
+    return pub, list(dict.fromkeys(sub))
 
 
 def permissions_for_agent(cfg: AgentConfig, prefix: str = DEFAULT_PREFIX) -> Permissions:
@@ -133,7 +163,8 @@ def permissions_for_agent(cfg: AgentConfig, prefix: str = DEFAULT_PREFIX) -> Per
     a = cfg.agent
     systems = [a.system] if any(f.source is not None for f in cfg.flows) else []
     consumers = [consumer_name(f.name, a.system) for f in cfg.flows if f.sink is not None]
-    return agent_permissions(a.name, systems, consumers, [f.name for f in cfg.flows], prefix)
+    apis = [a.system] if cfg.api is not None and cfg.api.operations else []
+    return agent_permissions(a.name, systems, consumers, [f.name for f in cfg.flows], prefix, apis=apis)
 
 
 def enrollment_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> Permissions:
@@ -169,11 +200,14 @@ def permission_table(prefix: str = DEFAULT_PREFIX) -> str:
     """The permission table as Markdown, rendered from the functions above with placeholder
     names (agent ``A``, system ``S``, flow ``F``, consumer ``C`` = ``<flow>-<sink system>``)."""
     agent = agent_permissions("A", ["S"], ["C"], ["F"], prefix)
+    api_pub, api_sub = api_permissions(["S"])
+    api = Permissions(pub=Permission(allow=api_pub), sub=Permission(allow=api_sub))
     enroll = enrollment_permissions("A", prefix)
     admin = admin_permissions()
     cp = control_plane_permissions()
     rows = [
         ("agent `A` (one line per system `S`, flow `F`, consumer `C`)", agent),
+        ("agent `A` serving the System API of `S` (`[api]` operations), in addition", api),
         ("enrollment token for `A` (expires, one use)", enroll),
         ("admin (`meshctl`)", admin),
         ("control plane (plus a SYS-account user for `$SYS.REQ.CLAIMS.UPDATE`)", cp),
