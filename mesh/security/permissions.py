@@ -179,6 +179,7 @@ def orchestrator_permissions(
         f"$JS.API.DIRECT.GET.{kv}.>",
         f"$JS.API.CONSUMER.CREATE.{kv}",
         f"$JS.API.CONSUMER.CREATE.{kv}.>",
+        f"$JS.API.CONSUMER.INFO.{kv}.>",
         f"$JS.API.CONSUMER.DELETE.{kv}.>",
         f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
         f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}",

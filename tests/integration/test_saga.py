@@ -1,0 +1,280 @@
+"""Sagas end to end: a real secured nats-server, system APIs served by real nats.micro services,
+the orchestrator with its own least-privilege creds (README "Orchestration (sagas)")."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from typer.testing import CliRunner
+
+from mesh.cli.main import app
+from mesh.saga.definition import load_orchestrator_config
+from mesh.saga.engine import Orchestrator
+from mesh.transport import DLQ_STREAM, JetStream
+from tests._secure import SecuredNatsServer
+from tests.integration._saga import Systems, make_layout, orchestrator_config, publish_trigger, wait_saga
+
+pytestmark = pytest.mark.anyio
+
+APIS = {
+    "erp": ["customer.check", "sales_order.create", "sales_order.cancel"],
+    "finance": ["invoice.create", "invoice.void"],
+}
+
+Q2C = """
+[[sagas]]
+name = "q2c"
+trigger = { subject = "evt.deal.won.crm" }
+
+[[sagas.steps]]
+name = "customer"
+subject = "api.erp.customer.check"
+request = { customer = "$trigger.payload.customer" }
+timeout = 2.0
+
+[[sagas.steps]]
+name = "order"
+subject = "api.erp.sales_order.create"
+request = { customer = "$steps.customer.echo.customer", amount = "$trigger.payload.amount", note = "deal ${trigger.payload.deal}" }
+timeout = {timeout}
+retry = { attempts = {attempts}, backoff = 0.05 }
+compensate = { subject = "api.erp.sales_order.cancel", request = { order = "$steps.order.id" }, retry = { attempts = 2, backoff = 0.05 } }
+
+[[sagas.steps]]
+name = "invoice"
+subject = "api.finance.invoice.create"
+request = { order = "$steps.order.id", amount = "$trigger.payload.amount" }
+timeout = {timeout}
+retry = { attempts = {attempts}, backoff = 0.05 }
+"""
+
+
+def q2c(timeout: float = 2.0, attempts: int = 3) -> str:
+    return Q2C.replace("{timeout}", str(timeout)).replace("{attempts}", str(attempts))
+
+
+@pytest.fixture
+def server(nats_server: SecuredNatsServer) -> SecuredNatsServer:
+    make_layout(nats_server)
+    return nats_server
+
+
+@asynccontextmanager
+async def orchestrators(config: Path, n: int = 1) -> AsyncIterator[list[Orchestrator]]:
+    cfg = load_orchestrator_config(config)
+    async with anyio.create_task_group() as tg:
+        out = []
+        for i in range(n):
+            js = await JetStream(cfg.nats, name=f"orch-{i}").__aenter__()
+            tg.start_soon(_close_on_cancel, js)
+            o = Orchestrator(cfg, js, replica=f"replica-{i}")
+            await tg.start(o.run)
+            out.append(o)
+        yield out
+        tg.cancel_scope.cancel()
+
+
+async def _close_on_cancel(js: JetStream) -> None:
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await js.aclose()
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    def run() -> tuple[int, str]:
+        result = CliRunner().invoke(app, list(args))
+        return result.exit_code, result.output
+
+    return await anyio.to_thread.run_sync(run)
+
+
+async def test_happy_path_runs_each_step_once_and_cli_shows_it(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    config = orchestrator_config(tmp_path / "orch.toml", server, q2c())
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        sid = await publish_trigger(
+            server, "evt.deal.won.crm", "deal-1", {"deal": 1, "customer": "c1", "amount": 10}, "q2c"
+        )
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "completed", 20, "completed")
+    assert [s.state for s in rec.steps] == ["completed"] * 3
+    assert [s.attempts for s in rec.steps] == [1, 1, 1]
+    assert systems.effect_log == [
+        ("api.erp.customer.check", f"{sid}:customer"),
+        ("api.erp.sales_order.create", f"{sid}:order"),
+        ("api.finance.invoice.create", f"{sid}:invoice"),
+    ]
+    order_id = rec.step("order").result["id"]
+    assert systems.bodies[f"{sid}:order"] == {"customer": "c1", "amount": 10, "note": "deal 1"}
+    assert systems.bodies[f"{sid}:invoice"] == {"order": order_id, "amount": 10}
+    auth = ["--creds", str(server.admin_creds), "--server", server.url]
+    code, out = await cli("saga", "list", *auth, "--state", "completed")
+    assert code == 0, out
+    assert sid in out
+    assert "q2c" in out
+    code, out = await cli("saga", "show", sid, *auth)
+    assert code == 0, out
+    assert "completed" in out
+    assert "invoice" in out
+    assert order_id in out
+    code, out = await cli("saga", "list", *auth, "--state", "failed")
+    assert code == 0
+    assert sid not in out
+
+
+async def test_rejected_step_compensates_completed_steps_in_reverse_order(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    sagas = """
+[[sagas]]
+name = "three"
+trigger = { subject = "evt.deal.won.crm" }
+[[sagas.steps]]
+name = "a"
+subject = "api.erp.customer.check"
+compensate = { subject = "api.finance.invoice.void", request = { undo = "a", id = "$steps.a.id" } }
+[[sagas.steps]]
+name = "b"
+subject = "api.erp.sales_order.create"
+compensate = { subject = "api.erp.sales_order.cancel", request = { undo = "b", id = "$steps.b.id" } }
+[[sagas.steps]]
+name = "c"
+subject = "api.finance.invoice.create"
+compensate = { subject = "api.finance.invoice.void", request = { undo = "c" } }
+"""
+    config = orchestrator_config(tmp_path / "orch.toml", server, sagas)
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        systems.default["api.finance.invoice.create"] = "reject"
+        sid = await publish_trigger(server, "evt.deal.won.crm", "deal-2", {"deal": 2}, "three")
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "compensated", 20, "compensated")
+    assert [s.state for s in rec.steps] == ["compensated", "compensated", "failed"]
+    assert rec.step("c").attempts == 1  # not retryable: no second attempt
+    assert "step c failed" in rec.error
+    assert "rejected" in rec.error
+    compensations = [(s, k) for s, k in systems.effect_log if k.endswith(":compensate")]
+    assert compensations == [
+        ("api.erp.sales_order.cancel", f"{sid}:b:compensate"),
+        ("api.finance.invoice.void", f"{sid}:a:compensate"),
+    ]
+    assert systems.bodies[f"{sid}:b:compensate"] == {"undo": "b", "id": rec.step("b").result["id"]}
+
+
+async def test_retry_policy_retries_retryable_errors_with_one_effect(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    config = orchestrator_config(tmp_path / "orch.toml", server, q2c(attempts=3))
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        systems.script["api.erp.sales_order.create"] = ["unavailable", "unavailable"]
+        sid = await publish_trigger(
+            server, "evt.deal.won.crm", "deal-3", {"deal": 3, "customer": "c", "amount": 1}, "q2c"
+        )
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "completed", 20, "completed")
+        assert rec.step("order").attempts == 3
+        assert systems.effects[f"{sid}:order"] == 1
+
+        # retries exhausted: the saga compensates what completed
+        systems.default["api.finance.invoice.create"] = "unavailable"
+        sid = await publish_trigger(
+            server, "evt.deal.won.crm", "deal-4", {"deal": 4, "customer": "c", "amount": 1}, "q2c"
+        )
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "compensated", 20, "compensated")
+    assert rec.step("invoice").attempts == 3
+    assert rec.step("invoice").state == "failed"
+    assert rec.step("order").state == "compensated"
+    assert systems.executed("api.erp.sales_order.cancel") == [f"{sid}:order:compensate"]
+
+
+async def test_timeout_retries_with_the_same_key_and_gives_up_after_the_last_attempt(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    config = orchestrator_config(tmp_path / "orch.toml", server, q2c(timeout=0.5, attempts=2))
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        # executed but answered too late: the second attempt (same key) gets the first result
+        systems.script["api.erp.sales_order.create"] = ["late:1.5"]
+        sid = await publish_trigger(
+            server, "evt.deal.won.crm", "deal-5", {"deal": 5, "customer": "c", "amount": 1}, "q2c"
+        )
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "completed", 20, "completed")
+        assert rec.step("order").attempts == 2
+        assert systems.effects[f"{sid}:order"] == 1
+        assert systems.calls.count(("api.erp.sales_order.create", f"{sid}:order")) == 2
+
+        # never answered: both attempts time out, then the order is cancelled
+        systems.default["api.finance.invoice.create"] = "hold"
+        sid = await publish_trigger(
+            server, "evt.deal.won.crm", "deal-6", {"deal": 6, "customer": "c", "amount": 1}, "q2c"
+        )
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "compensated", 20, "compensated")
+    assert rec.step("invoice").attempts == 2
+    assert "did not answer within 0.5s" in rec.step("invoice").error
+    assert systems.executed("api.erp.sales_order.cancel") == [f"{sid}:order:compensate"]
+
+
+async def test_failed_compensation_is_dead_lettered_and_saga_retry_resumes_it(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    config = orchestrator_config(tmp_path / "orch.toml", server, q2c(attempts=1))
+    auth = ["--creds", str(server.admin_creds), "--server", server.url]
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        systems.default["api.finance.invoice.create"] = "reject"
+        systems.default["api.erp.sales_order.cancel"] = "reject"
+        sid = await publish_trigger(
+            server, "evt.deal.won.crm", "deal-7", {"deal": 7, "customer": "c", "amount": 1}, "q2c"
+        )
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "failed", 20, "failed")
+            assert rec.step("order").state == "compensation_failed"
+            assert "compensation of step order failed" in rec.error
+            letter = await js.get_message(DLQ_STREAM, subject="dlq.saga.q2c", seq=1)
+            assert letter is not None
+            assert letter.headers["Mesh-Saga-Id"] == sid
+            assert letter.headers["Mesh-Error-Class"] == "CompensationFailed"
+            code, out = await cli("saga", "list", *auth, "--state", "failed", "--definition", "q2c")
+            assert code == 0 and sid in out, out
+
+            systems.default["api.erp.sales_order.cancel"] = "ok"
+            code, out = await cli("saga", "retry", sid, *auth)
+            assert code == 0, out
+            rec = await wait_saga(js, sid, lambda r: r.state == "compensated", 20, "compensated")
+    assert rec.retries == 1
+    assert systems.executed("api.erp.sales_order.cancel") == [f"{sid}:order:compensate"]
+    code, out = await cli("saga", "retry", sid, *auth)
+    assert code == 2
+    assert "only a failed saga can be retried" in out
+
+
+async def test_two_replicas_never_run_one_saga_twice(server: SecuredNatsServer, tmp_path: Path) -> None:
+    config = orchestrator_config(tmp_path / "orch.toml", server, q2c(timeout=5.0))
+    n = 12
+    async with Systems.running(server, APIS) as systems, orchestrators(config, 2) as replicas:
+        for subject in ("api.erp.customer.check", "api.erp.sales_order.create", "api.finance.invoice.create"):
+            systems.default[subject] = "late:0.1"
+        sids = [
+            await publish_trigger(
+                server, "evt.deal.won.crm", f"deal-r{i}", {"deal": i, "customer": "c", "amount": i}, "q2c"
+            )
+            for i in range(n)
+        ]
+        async with JetStream(server.nats_config(), name="test") as js:
+            recs = [
+                await wait_saga(js, sid, lambda r: r.state == "completed", 30, "completed") for sid in sids
+            ]
+        assert all(r.owner in ("replica-0", "replica-1") for r in recs)
+        assert replicas[0].running == set()
+        assert replicas[1].running == set()
+    assert len(systems.effect_log) == 3 * n
+    assert set(systems.effects.values()) == {1}
+    assert systems.max_in_flight == 1, "one saga's step ran on two replicas at once"
+    assert len(systems.calls) == 3 * n, "a step was called twice"
