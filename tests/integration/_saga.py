@@ -5,6 +5,7 @@ least-privilege creds, and waits on the sagas' KV state.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -155,7 +156,9 @@ def make_layout(server: SecuredNatsServer) -> None:
         async with JetStream(server.nats_config(), name="test-layout") as js:
             await js.key_value(SAGA_BUCKET)
 
-    anyio.run(bucket)
+    # its own thread: callable from sync tests and from inside an async test's event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, bucket).result()
 
 
 def orchestrator_config(

@@ -1,0 +1,90 @@
+"""SIGKILL the orchestrator process (``meshctl orchestrator run``) at each step boundary and in
+the middle of each step's call: a new process takes the saga over once the dead one's lease has
+expired and finishes it, and no step takes effect twice (the API services count executions by
+idempotency key)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mesh.transport import JetStream
+from tests._secure import SecuredNatsServer
+from tests.integration._saga import (
+    OrchestratorProcess,
+    Systems,
+    make_layout,
+    orchestrator_config,
+    publish_trigger,
+    wait_saga,
+)
+from tests.integration.test_saga import APIS, q2c
+
+pytestmark = pytest.mark.anyio
+
+STEPS = {
+    "customer": "api.erp.customer.check",
+    "order": "api.erp.sales_order.create",
+    "invoice": "api.finance.invoice.create",
+}
+NEXT = {"customer": "order", "order": "invoice"}
+
+
+@pytest.mark.parametrize(
+    ("point", "step"),
+    [
+        ("after", "customer"),  # customer's completion saved, order's attempt saved and sent
+        ("after", "order"),
+        ("during", "customer"),  # the call took effect, its reply never came back
+        ("during", "order"),
+        ("during", "invoice"),
+        ("during", "compensation"),  # the cancel of the order took effect, no reply
+    ],
+)
+async def test_sigkill_at_each_step_boundary_finishes_exactly_once(
+    nats_server: SecuredNatsServer, tmp_path: Path, point: str, step: str
+) -> None:
+    make_layout(nats_server)
+    config = orchestrator_config(tmp_path / "orch.toml", nats_server, q2c(timeout=30.0), lease=2.0)
+    proc = OrchestratorProcess(config, tmp_path / "orchestrator.log")
+    admin = JetStream(nats_server.nats_config(), name="test")
+    async with Systems.running(nats_server, APIS) as systems, admin as js:
+        if step == "compensation":
+            systems.default[STEPS["invoice"]] = "reject"
+            target = "api.erp.sales_order.cancel"
+            systems.script[target] = ["exec_hold"]
+        elif point == "after":
+            target = STEPS[NEXT[step]]
+            systems.script[target] = ["hold"]
+        else:
+            target = STEPS[step]
+            systems.script[target] = ["exec_hold"]
+        await anyio.to_thread.run_sync(proc.start)
+        try:
+            sid = await publish_trigger(
+                nats_server, "evt.deal.won.crm", "deal-k", {"deal": 1, "customer": "c", "amount": 5}, "q2c"
+            )
+            with anyio.fail_after(20):
+                while not any(s == target for s, _ in systems.calls):
+                    await anyio.sleep(0.02)
+            before = await wait_saga(js, sid, lambda r: True, 5, "stored")
+            if point == "after":
+                assert before.step(step).state == "completed"
+                assert before.step(NEXT[step]).state == "running"
+            await anyio.to_thread.run_sync(proc.kill)
+
+            await anyio.to_thread.run_sync(proc.start)
+            final = "compensated" if step == "compensation" else "completed"
+            rec = await wait_saga(js, sid, lambda r: r.state == final, 30, final)
+        finally:
+            await anyio.to_thread.run_sync(proc.stop)
+    assert rec.owner != before.owner, "the new process took the saga over"
+    assert systems.effects, "nothing ran"
+    assert set(systems.effects.values()) == {1}, f"a step took effect twice: {systems.effects}"
+    expected = ["customer", "order"] + (["order:compensate"] if step == "compensation" else ["invoice"])
+    assert [k.removeprefix(f"{sid}:") for _, k in systems.effect_log] == expected
+    if point == "during":
+        key = f"{sid}:order:compensate" if step == "compensation" else f"{sid}:{step}"
+        assert [k for _, k in systems.calls].count(key) == 2, "the call was repeated with the same key"
