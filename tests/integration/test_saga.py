@@ -285,3 +285,43 @@ async def test_two_replicas_never_run_one_saga_twice(server: SecuredNatsServer, 
     assert set(systems.effects.values()) == {1}
     assert systems.max_in_flight == 1, "one saga's step ran on two replicas at once"
     assert len(systems.calls) == 3 * n, "a step was called twice"
+
+
+async def test_orchestrator_is_refused_what_its_sagas_do_not_need(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    from mesh.config import NatsConfig
+    from mesh.errors import TransportError
+    from mesh.security.authority import Authority, write_creds
+    from mesh.security.jwt import new_seed, public_key_of_seed
+    from mesh.security.permissions import agent_permissions
+    from mesh.transport import OutMessage
+
+    config = orchestrator_config(tmp_path / "orch.toml", server, q2c())
+    cfg = load_orchestrator_config(config)
+    async with JetStream(cfg.nats, name="orch") as js:
+        bucket = await js.key_value("mesh_sagas", create=False)
+        await bucket.put("probe", b"{}")  # its own bucket: allowed
+        with pytest.raises(TransportError, match="permission denied"):
+            await js.publish_ack(OutMessage("evt.deal.won.crm", b"{}", msg_id="forged"))
+        with pytest.raises(TransportError, match="permission denied"):
+            await js.key_value("mesh_flows", create=False)
+        with pytest.raises(TransportError, match="permission denied"):
+            await js.publish_ack(OutMessage("dlq.other-flow", b"{}", msg_id="x"))
+        with pytest.raises(TransportError, match="permission denied"):
+            await js.publish_ack(OutMessage("cmd.erp.anything", b"{}", msg_id="y"))
+
+    # an agent may not touch the saga state
+    seed = new_seed("user")
+    perms = agent_permissions("erp-agent", ["erp"], ["f-erp"], ["f"])
+    creds = write_creds(
+        tmp_path / "agent.creds",
+        Authority.load(server.security_dir).issue_user("erp-agent", public_key_of_seed(seed), perms),
+        seed,
+    )
+    agent_cfg = NatsConfig(servers=[server.url], creds=str(creds), inbox_prefix="_INBOX.erp-agent")
+    async with JetStream(agent_cfg, name="agent") as js:
+        with pytest.raises(TransportError, match="permission denied"):
+            await js.key_value("mesh_sagas", create=False)
+        with pytest.raises(TransportError, match="permission denied"):
+            await js.request("api.erp.sales_order.create", b"{}", timeout=2.0)
