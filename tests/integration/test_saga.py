@@ -325,3 +325,68 @@ async def test_orchestrator_is_refused_what_its_sagas_do_not_need(
             await js.key_value("mesh_sagas", create=False)
         with pytest.raises(TransportError, match="permission denied"):
             await js.request("api.erp.sales_order.create", b"{}", timeout=2.0)
+
+
+async def test_publish_await_and_wait_steps(server: SecuredNatsServer, tmp_path: Path) -> None:
+    import json
+
+    import nats
+
+    from mesh.transport import OutMessage
+
+    sagas = """
+[[sagas]]
+name = "ship"
+trigger = { subject = "evt.deal.won.crm" }
+[[sagas.steps]]
+name = "order"
+subject = "api.erp.sales_order.create"
+request = { deal = "$trigger.payload.deal" }
+[[sagas.steps]]
+name = "shipped"
+kind = "publish_await"
+subject = "cmd.erp.ship"
+request = { order = "$steps.order.id" }
+await_event = "evt.shipment.created.*"
+match = { "payload.order" = "$steps.order.id" }
+timeout = 10.0
+[[sagas.steps]]
+name = "cool_off"
+kind = "wait"
+duration = 0.3
+"""
+    config = orchestrator_config(tmp_path / "orch.toml", server, sagas)
+    commands: list[dict[str, object]] = []
+    nc = await nats.connect(server.url, user_credentials=str(server.admin_creds))
+
+    async def ship(msg: object) -> None:  # the ERP side: a command in, an event out
+        body = json.loads(msg.data)  # type: ignore[attr-defined]
+        commands.append(body)
+        async with JetStream(server.nats_config(), name="erp") as js:
+            other = {"order": "someone-else"}
+            await js.publish_ack(
+                OutMessage("evt.shipment.created.erp", json.dumps(other).encode(), msg_id="o1")
+            )
+            await js.publish_ack(
+                OutMessage("evt.shipment.created.erp", json.dumps(body).encode(), msg_id="s1")
+            )
+
+    await nc.subscribe("cmd.erp.ship", cb=ship)
+    try:
+        async with Systems.running(server, APIS), orchestrators(config):
+            sid = await publish_trigger(server, "evt.deal.won.crm", "deal-s", {"deal": 9}, "ship")
+            async with JetStream(server.nats_config(), name="test") as js:
+                rec = await wait_saga(js, sid, lambda r: r.state == "completed", 20, "completed")
+                cmd = await js.get_message("MESH_COMMANDS", subject="cmd.erp.ship", seq=1)
+    finally:
+        await nc.close()
+    order_id = rec.step("order").result["id"]
+    assert commands == [{"order": order_id}]
+    assert rec.step("shipped").result["payload"] == {"order": order_id}
+    assert cmd is not None
+    assert cmd.headers["Nats-Msg-Id"] == f"{sid}:shipped"
+    assert cmd.headers["Mesh-Saga-Id"] == sid
+    wait = rec.step("cool_off")
+    assert wait.wake_at is not None
+    assert wait.started_at is not None
+    assert wait.wake_at - wait.started_at == pytest.approx(0.3)
