@@ -1,9 +1,9 @@
-"""``meshctl saga``: list, show and retry sagas (KV bucket ``mesh_sagas``; README "Orchestration
-(sagas)").
+"""``meshctl saga``: start, list, show and retry sagas (KV bucket ``mesh_sagas``; README
+"Orchestration (sagas)").
 
-Reading changes nothing. ``retry`` resumes a ``failed`` saga by compare-and-swap. Errors the
-operator can fix (server down, no bucket, no such saga, a saga that is not failed, a bad time)
-print one line and exit 2.
+Reading changes nothing. ``start`` publishes a saga's command trigger; ``retry`` resumes a
+``failed`` saga by compare-and-swap. Errors the operator can fix (server down, no bucket, no
+such saga, a saga that is not failed, a bad time) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -24,7 +25,7 @@ from mesh.dlq import DEFAULT_NATS_URL, parse_time
 from mesh.errors import MeshError
 from mesh.saga.engine import retry_saga
 from mesh.saga.state import SAGA_BUCKET, SagaRecord, decode_record
-from mesh.transport import Bucket, RevisionConflict
+from mesh.transport import Bucket, JetStream, RevisionConflict
 
 __all__ = ["app"]
 
@@ -215,3 +216,54 @@ def _retry(
 
     rec = _run(server, work)
     typer.echo(f"saga {rec.id} resumed: compensating (an orchestrator replica picks it up)")
+
+
+@app.command("start")
+def _start(
+    subject: Annotated[
+        str, typer.Argument(help="A saga's command trigger (cmd.>), e.g. cmd.orchestrator.demo.")
+    ],
+    data: Annotated[str, typer.Option("--data", help="The command's JSON body, or @FILE.")] = "{}",
+    msg_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Message id (default: a new one); the same id never starts a second saga."),
+    ] = None,
+    server: ServerOpt = DEFAULT_NATS_URL,
+) -> None:
+    """Publish a command that triggers a saga (stream MESH_COMMANDS); prints its message id."""
+    import uuid
+
+    from mesh.transport import OutMessage
+
+    if not subject.startswith("cmd.") or any(c in subject for c in "*> "):
+        fail(f"{subject!r}: a saga is started by a command subject such as cmd.orchestrator.demo")
+    text = data
+    if data.startswith("@"):
+        try:
+            text = Path(data[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            fail(f"--data {data}: {exc.strerror or exc}")
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        fail(f"--data: not JSON: {exc}")
+    if not isinstance(body, dict):
+        fail("--data: a JSON object is expected")
+    mid = msg_id or f"saga-start-{uuid.uuid4()}"
+
+    async def work(js: JetStream) -> bool:
+        ack = await js.publish_ack(OutMessage(subject, json.dumps(body).encode(), msg_id=mid))
+        return ack.duplicate
+
+    quiet_connection_logs()
+
+    async def main() -> bool:
+        async with connection(server, 5.0) as js:
+            return await work(js)
+
+    try:
+        duplicate = anyio.run(main)
+    except MeshError as exc:
+        fail(exc)
+    note = " (a duplicate: that id was already published, no new saga)" if duplicate else ""
+    typer.echo(f"published {subject} id {mid}{note}; see `meshctl saga list --since 5m`")
