@@ -390,3 +390,38 @@ duration = 0.3
     assert wait.wake_at is not None
     assert wait.started_at is not None
     assert wait.wake_at - wait.started_at == pytest.approx(0.3)
+
+
+async def test_command_trigger_started_by_meshctl_saga_start(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    from mesh.saga.state import saga_id
+
+    sagas = """
+[[sagas]]
+name = "by-command"
+trigger = { subject = "cmd.orchestrator.go" }
+[[sagas.steps]]
+name = "order"
+subject = "api.erp.sales_order.create"
+request = { deal = "$trigger.payload.deal" }
+"""
+    config = orchestrator_config(tmp_path / "orch.toml", server, sagas)
+    auth = ["--creds", str(server.admin_creds), "--server", server.url]
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        code, out = await cli(
+            "saga", "start", "cmd.orchestrator.go", "--data", '{"deal": 42}', "--id", "go-1", *auth
+        )
+        assert code == 0, out
+        code, out = await cli(
+            "saga", "start", "cmd.orchestrator.go", "--data", '{"deal": 42}', "--id", "go-1", *auth
+        )
+        assert "duplicate" in out
+        sid = saga_id("by-command", "go-1")
+        async with JetStream(server.nats_config(), name="test") as js:
+            await wait_saga(js, sid, lambda r: r.state == "completed", 20, "completed")
+    assert systems.bodies[f"{sid}:order"] == {"deal": 42}
+    assert len(systems.effect_log) == 1
+    code, out = await cli("saga", "start", "evt.deal.won.crm", *auth)
+    assert code == 2
+    assert "command subject" in out
