@@ -144,3 +144,12 @@ def test_saga_ids_are_deterministic_subject_tokens_and_records_round_trip() -> N
     assert [s.state for s in back.steps] == ["pending"] * 3
     assert not back.claimable(rec.lease_until - 1)
     assert back.claimable(rec.lease_until + 1)
+
+
+def test_the_readme_example_is_a_valid_config() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Orchestration (sagas)") :]
+    example = section[section.index("```toml\n") + 8 :]
+    example = example[: example.index("```")]
+    cfg = parse_orchestrator_config(example, source="README.md")
+    assert [s.name for s in cfg.sagas[0].steps] == ["order", "shipped", "cool_off"]
