@@ -22,6 +22,7 @@ Guarantees (README "Orchestration (sagas)"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -67,6 +68,10 @@ log = logging.getLogger(__name__)
 
 class LostSaga(MeshError):
     """This replica no longer owns the saga (another took it over, or an operator changed it)."""
+
+
+class _Parked(Exception):
+    """The saga was released until later (a long wait or backoff): stop running it here."""
 
 
 class _StepFailed(Exception):
@@ -168,6 +173,20 @@ class _Owned:
                     self.rec.lease_until = old_lease
                     log.warning("saga %s: cannot save its state yet: %s", self.rec.id, exc)
                     await anyio.sleep(0.5)
+
+    async def release(self, resume_at: float = 0.0) -> None:
+        """Give the saga up (no owner), claimable again from ``resume_at`` on; then raise
+        :class:`_Parked`. Raises LostSaga when the key changed since our last write."""
+        async with self.lock:
+            self.rec.owner = ""
+            self.rec.lease_until = 0.0
+            self.rec.resume_at = resume_at
+            self.rec.updated_at = time.time()
+            try:
+                self.revision = await self.bucket.update(self.rec.id, encode_record(self.rec), self.revision)
+            except RevisionConflict:
+                raise LostSaga(f"saga {self.rec.id} was changed by someone else") from None
+        raise _Parked
 
     async def heartbeat(self, lost: anyio.Event) -> None:
         while True:
@@ -271,9 +290,10 @@ class Orchestrator:
     async def _claim(self, rec: SagaRecord, revision: int) -> None:
         assert self._bucket is not None
         assert self._tg is not None
-        previous = rec.owner
-        rec = msgspec.structs.replace(rec)
+        previous = rec.owner if rec.lease_until else ""
+        rec = decode_record(encode_record(rec))  # our own copy: the watch keeps the cached one
         rec.owner = self.replica
+        rec.resume_at = 0.0
         rec.lease_until = time.time() + self.lease
         rec.updated_at = time.time()
         try:
@@ -362,7 +382,15 @@ class Orchestrator:
                     await self._advance(owned)
                 except LostSaga as exc:
                     log.warning("%s", exc)
+                except _Parked:
+                    log.info("saga %s parked until %s", owned.rec.id, _iso(owned.rec.resume_at))
                 tg.cancel_scope.cancel()
+        except BaseException:
+            # stopping (SIGTERM): hand the saga back at once instead of letting the lease run out
+            if not lost.is_set() and owned.rec.owner == self.replica:
+                with anyio.move_on_after(2.0, shield=True), contextlib.suppress(Exception):
+                    await owned.release()
+            raise
         finally:
             self.running.discard(owned.rec.id)
             self._wake.set()
@@ -392,6 +420,8 @@ class Orchestrator:
         rec = owned.rec
         now = time.time()
         if srec.next_attempt_at is not None and srec.next_attempt_at > now:
+            if srec.next_attempt_at - now > self.lease:
+                await owned.release(srec.next_attempt_at)  # any replica resumes it then
             await anyio.sleep(srec.next_attempt_at - now)
         if sdef.kind == "wait":
             await self._wait(owned, sdef, srec)
@@ -448,6 +478,8 @@ class Orchestrator:
                     return
             await owned.save()
         delay = srec.wake_at - time.time()
+        if delay > self.lease:
+            await owned.release(srec.wake_at)  # no lease held for hours: any replica resumes it then
         if delay > 0:
             await anyio.sleep(delay)
         srec.state = "completed"
@@ -610,6 +642,10 @@ class Orchestrator:
             "%s (dead-lettered to dlq.saga.%s; `meshctl saga retry %s` resumes it)", reason, rec.name, rec.id
         )
         await trace_saga_event(self.transport, rec, srec, "compensation_failed")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _step_def(saga: SagaDef, name: str) -> StepDef:

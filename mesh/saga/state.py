@@ -78,6 +78,8 @@ class SagaRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     owner: str = ""
     """The replica running it ("" when none)."""
     lease_until: float = 0.0
+    resume_at: float = 0.0
+    """A parked saga (a long wait or retry backoff, no owner) is claimable from this time on."""
     retries: int = 0
     """How many times an operator resumed it (``meshctl saga retry``)."""
 
@@ -89,8 +91,12 @@ class SagaRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
         return {s.name: s.result for s in self.steps if s.state != "pending" and s.result is not None}
 
     def claimable(self, now: float) -> bool:
-        """Active and with nobody's live lease on it."""
-        return self.state in ACTIVE_STATES and (not self.owner or self.lease_until < now)
+        """Active, with nobody's live lease on it, and not parked until later."""
+        return (
+            self.state in ACTIVE_STATES
+            and (not self.owner or self.lease_until < now)
+            and self.resume_at <= now
+        )
 
 
 _encoder = msgspec.json.Encoder()

@@ -4,7 +4,7 @@ the orchestrator with its own least-privilege creds (README "Orchestration (saga
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -71,25 +71,19 @@ def server(nats_server: SecuredNatsServer) -> SecuredNatsServer:
 
 @asynccontextmanager
 async def orchestrators(config: Path, n: int = 1) -> AsyncIterator[list[Orchestrator]]:
+    """``n`` replicas in-process, each on its own connection with the orchestrator's creds;
+    on exit they are cancelled first (as on SIGTERM), then their connections closed."""
     cfg = load_orchestrator_config(config)
-    async with anyio.create_task_group() as tg:
-        out = []
-        for i in range(n):
-            js = await JetStream(cfg.nats, name=f"orch-{i}").__aenter__()
-            tg.start_soon(_close_on_cancel, js)
-            o = Orchestrator(cfg, js, replica=f"replica-{i}")
-            await tg.start(o.run)
-            out.append(o)
-        yield out
-        tg.cancel_scope.cancel()
-
-
-async def _close_on_cancel(js: JetStream) -> None:
-    try:
-        await anyio.sleep_forever()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await js.aclose()
+    async with AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(JetStream(cfg.nats, name=f"orch-{i}")) for i in range(n)]
+        async with anyio.create_task_group() as tg:
+            out = []
+            for i, js in enumerate(conns):
+                o = Orchestrator(cfg, js, replica=f"replica-{i}")
+                await tg.start(o.run)
+                out.append(o)
+            yield out
+            tg.cancel_scope.cancel()
 
 
 async def cli(*args: str) -> tuple[int, str]:
@@ -425,3 +419,41 @@ request = { deal = "$trigger.payload.deal" }
     code, out = await cli("saga", "start", "evt.deal.won.crm", *auth)
     assert code == 2
     assert "command subject" in out
+
+
+async def test_long_waits_park_the_saga_and_a_stopping_replica_hands_its_sagas_back(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    sagas = """
+[[sagas]]
+name = "slow"
+trigger = { subject = "evt.deal.won.crm" }
+[[sagas.steps]]
+name = "nap"
+kind = "wait"
+duration = 2.5
+[[sagas.steps]]
+name = "order"
+subject = "api.erp.sales_order.create"
+timeout = 30.0
+"""
+    config = orchestrator_config(tmp_path / "orch.toml", server, sagas, lease=1.0)
+    async with Systems.running(server, APIS) as systems, JetStream(server.nats_config(), name="test") as js:
+        systems.script["api.erp.sales_order.create"] = ["hold"]
+        async with orchestrators(config):
+            sid = await publish_trigger(server, "evt.deal.won.crm", "deal-p", {}, "slow")
+            # a wait longer than the lease holds no lease: parked, claimable when it ends
+            parked = await wait_saga(js, sid, lambda r: r.resume_at > 0 and not r.owner, 10, "parked")
+            assert parked.resume_at == pytest.approx(parked.step("nap").wake_at)
+            rec = await wait_saga(js, sid, lambda r: r.step("order").state == "running", 10, "in step order")
+            assert rec.owner == "replica-0"
+            with anyio.fail_after(10):
+                while not systems.calls:
+                    await anyio.sleep(0.02)
+        # the replica stopped (cancelled) in the middle of the call: the saga is free at once
+        rec = await wait_saga(js, sid, lambda r: True, 5, "stored")
+        assert rec.owner == ""
+        assert rec.state == "running"
+        async with orchestrators(config):  # another replica finishes it (same idempotency key)
+            rec = await wait_saga(js, sid, lambda r: r.state == "completed", 10, "completed")
+    assert systems.effect_log == [("api.erp.sales_order.create", f"{sid}:order")]
