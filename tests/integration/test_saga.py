@@ -18,7 +18,7 @@ from mesh.transport import DLQ_STREAM, JetStream
 from tests._secure import SecuredNatsServer
 from tests.integration._saga import Systems, make_layout, orchestrator_config, publish_trigger, wait_saga
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 APIS = {
     "erp": ["customer.check", "sales_order.create", "sales_order.cancel"],

@@ -22,7 +22,7 @@ from tests.integration._saga import (
 )
 from tests.integration.test_saga import APIS, q2c
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.integration, pytest.mark.crash, pytest.mark.anyio, pytest.mark.timeout(120)]
 
 STEPS = {
     "customer": "api.erp.customer.check",
