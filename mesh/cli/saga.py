@@ -175,8 +175,12 @@ def _show(
         f" took {_duration(rec.created_at, rec.finished_at)}"
     )
     typer.echo(f"  trigger {rec.trigger.get('subject', '-')} id {rec.trigger.get('id', '-')}")
-    if rec.owner:
+    if rec.owner and rec.state in ("running", "compensating"):
         typer.echo(f"  owner {rec.owner} (lease until {_ts(rec.lease_until)})")
+    elif rec.owner:
+        typer.echo(f"  last run by {rec.owner}")
+    if rec.resume_at and rec.state in ("running", "compensating"):
+        typer.echo(f"  parked until {_ts(rec.resume_at)}")
     if rec.retries:
         typer.echo(f"  retried by an operator {rec.retries} time(s)")
     if rec.error:
