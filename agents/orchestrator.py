@@ -33,16 +33,26 @@ async def run_orchestrator(cfg: OrchestratorConfig) -> None:
     Raises:
         TransportError: NATS cannot be reached, or the bucket/streams are missing or refused.
     """
-    async with JetStream(cfg.nats, name=f"orchestrator {cfg.orchestrator.name}") as js:
-        orchestrator = Orchestrator(cfg, js)
-        async with anyio.create_task_group() as tg:
-            await tg.start(orchestrator.run)
-            log.info(
-                "orchestrator %s ready: %d saga definition(s): %s",
-                orchestrator.replica,
-                len(cfg.sagas),
-                ", ".join(s.name for s in cfg.sagas) or "none (runs sagas other replicas started)",
-            )
+    try:
+        async with JetStream(cfg.nats, name=f"orchestrator {cfg.orchestrator.name}") as js:
+            orchestrator = Orchestrator(cfg, js)
+            async with anyio.create_task_group() as tg:
+                await tg.start(orchestrator.run)
+                log.info(
+                    "orchestrator %s ready: %d saga definition(s): %s",
+                    orchestrator.replica,
+                    len(cfg.sagas),
+                    ", ".join(s.name for s in cfg.sagas) or "none (runs sagas other replicas started)",
+                )
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one mesh error inside nested task-group wrappers (the operator sees it, not a group)."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]  # type: ignore[assignment]
+    return group
 
 
 async def _main(cfg: OrchestratorConfig) -> None:

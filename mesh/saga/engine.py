@@ -231,7 +231,15 @@ class Orchestrator:
             TransportError: the ``mesh_sagas`` bucket or a trigger's stream is missing, or the
                 credentials refuse them.
         """
-        self._bucket = await self.transport.key_value(SAGA_BUCKET, create=False)
+        try:
+            self._bucket = await self.transport.key_value(SAGA_BUCKET, create=False)
+        except TransportError as exc:
+            if "does not exist" not in str(exc):
+                raise
+            raise TransportError(
+                f"KV bucket {SAGA_BUCKET} does not exist: the control plane creates it"
+                " (`meshctl control-plane run`), or create it with admin creds"
+            ) from None
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self._watch_loop)

@@ -5,6 +5,7 @@ idempotency key)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import anyio
@@ -88,3 +89,46 @@ async def test_sigkill_at_each_step_boundary_finishes_exactly_once(
     if point == "during":
         key = f"{sid}:order:compensate" if step == "compensation" else f"{sid}:{step}"
         assert [k for _, k in systems.calls].count(key) == 2, "the call was repeated with the same key"
+
+
+async def test_two_processes_the_survivor_takes_over_a_killed_replicas_saga(
+    nats_server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    make_layout(nats_server)
+    config = orchestrator_config(tmp_path / "orch.toml", nats_server, q2c(timeout=30.0), lease=2.0)
+    procs = [OrchestratorProcess(config, tmp_path / f"orchestrator-{i}.log") for i in range(2)]
+    admin = JetStream(nats_server.nats_config(), name="test")
+    async with Systems.running(nats_server, APIS) as systems, admin as js:
+        systems.script[STEPS["order"]] = ["exec_hold"]
+        for p in procs:
+            await anyio.to_thread.run_sync(p.start)
+        try:
+            sid = await publish_trigger(
+                nats_server, "evt.deal.won.crm", "deal-2p", {"deal": 2, "customer": "c", "amount": 5}, "q2c"
+            )
+            rec = await wait_saga(js, sid, lambda r: r.step("order").state == "running", 20, "in step order")
+            owner = next(p for p in procs if p.proc is not None and rec.owner.endswith(f"-{p.proc.pid}"))
+            survivor = next(p for p in procs if p is not owner)
+            await anyio.to_thread.run_sync(owner.kill)
+            done = await wait_saga(js, sid, lambda r: r.state == "completed", 30, "completed")
+        finally:
+            for p in procs:
+                await anyio.to_thread.run_sync(p.stop)
+    assert survivor.proc is not None
+    assert done.owner.endswith(f"-{survivor.proc.pid}")
+    assert set(systems.effects.values()) == {1}
+    assert len(systems.effect_log) == 3
+
+
+async def test_missing_bucket_is_one_line_and_exit_2(nats_server: SecuredNatsServer, tmp_path: Path) -> None:
+    from tests._secure import create_layout
+
+    create_layout(nats_server)  # streams, but no mesh_sagas bucket
+    config = orchestrator_config(tmp_path / "orch.toml", nats_server, q2c())
+    result = await anyio.run_process(
+        [sys.executable, "-m", "mesh", "orchestrator", "run", "--config", str(config)], check=False
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert "KV bucket mesh_sagas does not exist: the control plane creates it" in err
+    assert "Traceback" not in err
