@@ -153,3 +153,21 @@ def test_the_readme_example_is_a_valid_config() -> None:
     example = example[: example.index("```")]
     cfg = parse_orchestrator_config(example, source="README.md")
     assert [s.name for s in cfg.sagas[0].steps] == ["order", "shipped", "cool_off"]
+
+
+def test_meshctl_orchestrator_check_prints_each_problem_and_exits_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mesh.cli.main import app
+
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(GOOD)
+    bad.write_text(GOOD.replace('subject = "cmd.erp.ship"', 'subject = "erp.ship"').replace("duration = 1.5", ""))
+    result = CliRunner().invoke(app, ["orchestrator", "check", str(good), str(bad)])
+    assert result.exit_code == 2
+    assert f"{good}: ok (1 saga(s): q2c)" in result.output
+    assert f"{bad}: sagas[0].steps[1].subject: publish_await publishes a cmd.> subject" in result.output
+    assert f"{bad}: sagas[0].steps[2]: a wait step needs exactly one of duration and until" in result.output
+    result = CliRunner().invoke(app, ["orchestrator", "run", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
