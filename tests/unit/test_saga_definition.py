@@ -162,7 +162,9 @@ def test_meshctl_orchestrator_check_prints_each_problem_and_exits_2(tmp_path: Pa
 
     good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
     good.write_text(GOOD)
-    bad.write_text(GOOD.replace('subject = "cmd.erp.ship"', 'subject = "erp.ship"').replace("duration = 1.5", ""))
+    bad.write_text(
+        GOOD.replace('subject = "cmd.erp.ship"', 'subject = "erp.ship"').replace("duration = 1.5", "")
+    )
     result = CliRunner().invoke(app, ["orchestrator", "check", str(good), str(bad)])
     assert result.exit_code == 2
     assert f"{good}: ok (1 saga(s): q2c)" in result.output
