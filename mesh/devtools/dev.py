@@ -188,9 +188,7 @@ def _orchestrator_toml(nats_url: str, creds: Path | None, tls: str) -> str:
     )
 
 
-async def _start_orchestrator(
-    root: Path, nats_url: str, pki: DevPki | None, sec: _Security | None
-) -> _Agent:
+async def _start_orchestrator(root: Path, nats_url: str, pki: DevPki | None, sec: _Security | None) -> _Agent:
     """Write ``<root>/orchestrator.toml`` (the demo saga), issue its least-privilege creds when
     secured, start ``meshctl orchestrator run`` and wait for its "ready" log line.
 
