@@ -36,7 +36,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from mesh.envelope import DeadLetter
+from mesh.envelope import DeadLetter, Envelope
 from mesh.envelope import decode as decode_envelope
 from mesh.errors import MeshError, TransportError
 from mesh.saga import _api
@@ -108,12 +108,17 @@ def trigger_data(delivery: Delivery) -> dict[str, Any]:
             "correlation_id": headers.get("Mesh-Correlation-Id", ""),
             "payload": body,
         }
-    data = msgspec.to_builtins(env)
+    return _envelope_data(env, delivery.subject)
+
+
+def _envelope_data(env: Envelope, subject: str) -> dict[str, Any]:
+    """The envelope's fields as plain data, its payload decoded (None when not msgpack)."""
+    data: dict[str, Any] = {f: getattr(env, f) for f in env.__struct_fields__ if f != "payload"}
     try:
-        data["payload"] = msgspec.msgpack.decode(bytes(env.payload))
-    except msgspec.DecodeError:
+        data["payload"] = msgspec.to_builtins(msgspec.msgpack.decode(bytes(env.payload)))
+    except (msgspec.DecodeError, TypeError):
         data["payload"] = None
-    data["subject"] = delivery.subject
+    data["subject"] = subject
     return data
 
 
@@ -126,13 +131,7 @@ def _event_data(data: bytes, headers: dict[str, str], subject: str) -> dict[str,
         except ValueError:
             return None
         return {"subject": subject, "payload": body, "id": headers.get("Nats-Msg-Id", "")}
-    out = msgspec.to_builtins(env)
-    try:
-        out["payload"] = msgspec.msgpack.decode(bytes(env.payload))
-    except msgspec.DecodeError:
-        out["payload"] = None
-    out["subject"] = subject
-    return out
+    return _envelope_data(env, subject)
 
 
 class _Owned:
@@ -370,7 +369,7 @@ class Orchestrator:
             return
         await delivery.ack()
         log.info("saga %s started (%s)", sid, delivery.subject)
-        await trace_saga_event(self.transport, rec, None, "started")
+        await self._trace(rec, None, "started")
         self._start(rec, revision)
 
     # -- running one saga ----------------------------------------------------------------------
@@ -403,6 +402,12 @@ class Orchestrator:
             self.running.discard(owned.rec.id)
             self._wake.set()
 
+    async def _trace(self, rec: SagaRecord, step: StepRecord | None, event: str) -> None:
+        try:
+            await trace_saga_event(self.transport, rec, step, event)
+        except Exception as exc:  # tracing must never stop a saga
+            log.warning("saga %s: tracing %s failed: %s", rec.id, event, exc)
+
     def _context(self, rec: SagaRecord) -> dict[str, Any]:
         return {"trigger": rec.trigger, "saga": {"id": rec.id, "name": rec.name}, "steps": rec.results()}
 
@@ -416,7 +421,7 @@ class Orchestrator:
                     rec.finished_at = time.time()
                     await owned.save()
                     log.info("saga %s completed", rec.id)
-                    await trace_saga_event(self.transport, rec, None, "completed")
+                    await self._trace(rec, None, "completed")
                     return
                 await self._forward(owned, _step_def(rec.definition, step.name), step)
             elif rec.state == "compensating":
@@ -440,7 +445,7 @@ class Orchestrator:
         srec.attempt_started_at = time.time()
         srec.next_attempt_at = None
         await owned.save()
-        await trace_saga_event(self.transport, rec, srec, "attempt")
+        await self._trace(rec, srec, "attempt")
         try:
             result = await self._execute(owned, sdef, srec)
         except _StepFailed as exc:
@@ -458,14 +463,14 @@ class Orchestrator:
             rec.error = f"step {srec.name} failed after {srec.attempts} attempt(s): {exc}"
             await owned.save()
             log.warning("saga %s: %s; compensating", rec.id, rec.error)
-            await trace_saga_event(self.transport, rec, srec, "failed")
+            await self._trace(rec, srec, "failed")
             return
         srec.state = "completed"
         srec.result = result
         srec.error = ""
         srec.finished_at = time.time()
         await owned.save()
-        await trace_saga_event(self.transport, rec, srec, "completed")
+        await self._trace(rec, srec, "completed")
 
     async def _wait(self, owned: _Owned, sdef: StepDef, srec: StepRecord) -> None:
         if srec.wake_at is None:
@@ -494,7 +499,7 @@ class Orchestrator:
         srec.result = {"woke_at": srec.wake_at}
         srec.finished_at = time.time()
         await owned.save()
-        await trace_saga_event(self.transport, owned.rec, srec, "completed")
+        await self._trace(owned.rec, srec, "completed")
 
     async def _execute(self, owned: _Owned, sdef: StepDef, srec: StepRecord) -> dict[str, Any]:
         rec = owned.rec
@@ -606,12 +611,12 @@ class Orchestrator:
             srec.compensated_at = time.time()
             await owned.save()
             log.info("saga %s: compensated step %s", rec.id, srec.name)
-            await trace_saga_event(self.transport, rec, srec, "compensated")
+            await self._trace(rec, srec, "compensated")
         rec.state = "compensated"
         rec.finished_at = time.time()
         await owned.save()
         log.info("saga %s compensated", rec.id)
-        await trace_saga_event(self.transport, rec, None, "compensated")
+        await self._trace(rec, None, "compensated")
 
     async def _compensation_failed(self, owned: _Owned, srec: StepRecord, error: str, tries: int) -> None:
         rec = owned.rec
@@ -649,7 +654,7 @@ class Orchestrator:
         log.error(
             "%s (dead-lettered to dlq.saga.%s; `meshctl saga retry %s` resumes it)", reason, rec.name, rec.id
         )
-        await trace_saga_event(self.transport, rec, srec, "compensation_failed")
+        await self._trace(rec, srec, "compensation_failed")
 
 
 def _iso(t: float) -> str:

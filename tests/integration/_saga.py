@@ -66,6 +66,8 @@ class Systems:
         self.in_flight: Counter[str] = Counter()
         self.max_in_flight = 0
         self.bodies: dict[str, Any] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+        """The headers of the last request per idempotency key."""
 
     def executed(self, subject: str) -> list[str]:
         return [k for s, k in self.effect_log if s == subject]
@@ -90,6 +92,7 @@ class Systems:
         subject = req.subject
         key = (req.headers or {}).get("Mesh-Idempotency-Key", "")
         self.calls.append((subject, key))
+        self.headers[key] = dict(req.headers or {})
         action = self._action(subject)
         if action == "hold":
             return

@@ -457,3 +457,55 @@ timeout = 30.0
         async with orchestrators(config):  # another replica finishes it (same idempotency key)
             rec = await wait_saga(js, sid, lambda r: r.state == "completed", 10, "completed")
     assert systems.effect_log == [("api.erp.sales_order.create", f"{sid}:order")]
+
+
+async def test_an_envelope_event_triggers_with_its_fields_and_correlation(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    from mesh.envelope import Envelope, encode, encode_payload
+    from mesh.saga.state import saga_id
+    from mesh.transport import OutMessage
+
+    sagas = """
+[[sagas]]
+name = "won"
+trigger = { subject = "evt.deal.won.*" }
+[[sagas.steps]]
+name = "order"
+subject = "api.erp.sales_order.create"
+request = { deal = "$trigger.key", amount = "$trigger.payload.amount", origin = "from ${trigger.origin}" }
+"""
+    config = orchestrator_config(tmp_path / "orch.toml", server, sagas)
+    env = Envelope(
+        id="env-42", kind="deal.won", flow="deals", key="deal:42", version=3, origin="crm", occurred_at=1,
+        correlation_id="corr-42", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        payload=encode_payload({"amount": 1250}),
+    )  # fmt: skip
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        async with JetStream(server.nats_config(), name="crm") as js:
+            # a message that is neither an envelope nor JSON is dropped (logged), nothing stops
+            await js.publish_ack(OutMessage("evt.deal.won.crm", b"\xc1 not a message", msg_id="junk"))
+            await js.publish_ack(OutMessage("evt.deal.won.crm", encode(env), msg_id=env.id))
+            sid = saga_id("won", env.id)
+            await wait_saga(js, sid, lambda r: r.state == "completed", 20, "completed")
+        code, out = await cli(
+            "saga", "list", "--since", "1h", "--definition", "won", "--json", *_auth(server)
+        )
+        assert code == 0, out
+        assert sid in out
+        code, out = await cli("saga", "list", "--definition", "other", *_auth(server))
+        assert code == 0, out
+        assert sid not in out
+    assert len(systems.effect_log) == 1
+    key = f"{sid}:order"
+    assert systems.bodies[key] == {"deal": "deal:42", "amount": 1250, "origin": "from crm"}
+    headers = systems.headers[key]
+    assert headers["Mesh-Idempotency-Key"] == key
+    assert headers["Mesh-Correlation-Id"] == "corr-42"
+    assert headers["Mesh-Causation-Id"] == "env-42"
+    assert headers["traceparent"] == env.traceparent
+    assert int(headers["Mesh-Deadline"]) > 0
+
+
+def _auth(server: SecuredNatsServer) -> list[str]:
+    return ["--creds", str(server.admin_creds), "--server", server.url]
