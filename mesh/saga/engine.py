@@ -65,6 +65,9 @@ __all__ = ["LostSaga", "Orchestrator", "default_replica_id", "retry_saga", "trig
 
 log = logging.getLogger(__name__)
 
+_BUG_PARK = 60.0
+"""Seconds a saga whose run raised an unexpected error waits before any replica tries again."""
+
 
 class LostSaga(MeshError):
     """This replica no longer owns the saga (another took it over, or an operator changed it)."""
@@ -144,6 +147,7 @@ class _Owned:
         self.replica = replica
         self.lease = lease
         self.lock = anyio.Lock()
+        self.released = False
 
     async def save(self) -> None:
         """Write the record (and a fresh lease) by compare-and-swap.
@@ -153,6 +157,8 @@ class _Owned:
                 broker could not be reached.
         """
         async with self.lock:
+            if self.released:
+                raise LostSaga(f"saga {self.rec.id} was handed back")
             while True:
                 now = time.time()
                 if self.rec.lease_until < now:
@@ -181,6 +187,9 @@ class _Owned:
             self.rec.lease_until = 0.0
             self.rec.resume_at = resume_at
             self.rec.updated_at = time.time()
+            if self.released:
+                raise LostSaga(f"saga {self.rec.id} was handed back")
+            self.released = True  # no save after this one, whatever happens to it
             try:
                 self.revision = await self.bucket.update(self.rec.id, encode_record(self.rec), self.revision)
             except RevisionConflict:
@@ -346,7 +355,15 @@ class Orchestrator:
                     await anyio.sleep(1.0)
                     continue
                 for delivery in batch:
-                    await self._start_from(saga, delivery)
+                    try:
+                        await self._start_from(saga, delivery)
+                    except TransportError as exc:
+                        log.warning("saga %s: trigger %s: %s", saga.name, delivery.subject, exc)
+                    except Exception as exc:  # one bad message must not stop the triggers
+                        log.error("saga %s: trigger %s dropped: %s: %s", saga.name, delivery.subject,
+                                  type(exc).__name__, exc, exc_info=True)  # fmt: skip
+                        with contextlib.suppress(TransportError):
+                            await delivery.term()
 
     async def _start_from(self, saga: SagaDef, delivery: Delivery) -> None:
         assert self._bucket is not None
@@ -391,6 +408,12 @@ class Orchestrator:
                     log.warning("%s", exc)
                 except _Parked:
                     log.info("saga %s parked until %s", owned.rec.id, _iso(owned.rec.resume_at))
+                except Exception as exc:  # a bug must not stop the other sagas: retry it later
+                    log.error("saga %s: unexpected %s: %s; parked for %gs", owned.rec.id, type(exc).__name__,
+                              exc, _BUG_PARK, exc_info=True)  # fmt: skip
+                    owned.rec.error = f"internal error: {type(exc).__name__}: {exc}"
+                    with contextlib.suppress(_Parked, LostSaga, TransportError):
+                        await owned.release(time.time() + _BUG_PARK)
                 tg.cancel_scope.cancel()
         except BaseException:
             # stopping (SIGTERM): hand the saga back at once instead of letting the lease run out
