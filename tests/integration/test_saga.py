@@ -509,3 +509,40 @@ request = { deal = "$trigger.key", amount = "$trigger.payload.amount", origin = 
 
 def _auth(server: SecuredNatsServer) -> list[str]:
     return ["--creds", str(server.admin_creds), "--server", server.url]
+
+
+async def test_publish_await_without_the_event_times_out_and_compensates(
+    server: SecuredNatsServer, tmp_path: Path
+) -> None:
+    sagas = """
+[[sagas]]
+name = "ship"
+trigger = { subject = "evt.deal.won.crm" }
+[[sagas.steps]]
+name = "order"
+subject = "api.erp.sales_order.create"
+compensate = { subject = "api.erp.sales_order.cancel", request = { id = "$steps.order.id" } }
+[[sagas.steps]]
+name = "shipped"
+kind = "publish_await"
+subject = "cmd.erp.ship"
+request = { order = "$steps.order.id" }
+await_event = "evt.shipment.created.erp"
+match = { "payload.order" = "$steps.order.id" }
+timeout = 0.5
+retry = { attempts = 2, backoff = 0.1 }
+"""
+    config = orchestrator_config(tmp_path / "orch.toml", server, sagas)
+    async with Systems.running(server, APIS) as systems, orchestrators(config):
+        sid = await publish_trigger(server, "evt.deal.won.crm", "deal-t", {}, "ship")
+        async with JetStream(server.nats_config(), name="test") as js:
+            rec = await wait_saga(js, sid, lambda r: r.state == "compensated", 20, "compensated")
+            first = await js.get_message("MESH_COMMANDS", subject="cmd.erp.ship", seq=1)
+            second = await js.get_message(
+                "MESH_COMMANDS", subject="cmd.erp.ship", seq=first.seq + 1 if first else 1
+            )
+    assert rec.step("shipped").attempts == 2
+    assert "no evt.shipment.created.erp event matching" in rec.step("shipped").error
+    assert systems.executed("api.erp.sales_order.cancel") == [f"{sid}:order:compensate"]
+    assert first is not None
+    assert second is None, "the second attempt's command was deduplicated (same Nats-Msg-Id)"
