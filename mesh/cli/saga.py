@@ -1,4 +1,4 @@
-"""``meshctl saga``: start, list, show and retry sagas (KV bucket ``mesh_sagas``; README
+"""``meshctl saga``: start, list, show, retry and purge sagas (KV bucket ``mesh_sagas``; README
 "Orchestration (sagas)").
 
 Reading changes nothing. ``start`` publishes a saga's command trigger; ``retry`` resumes a
@@ -271,3 +271,45 @@ def _start(
         fail(exc)
     note = " (a duplicate: that id was already published, no new saga)" if duplicate else ""
     typer.echo(f"published {subject} id {mid}{note}; see `meshctl saga list --since 5m`")
+
+
+@app.command("purge")
+def _purge(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than", help="Finished before TIME: ISO-8601 or 7d, 12h, ...", show_default=False
+        ),
+    ],
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", help="Only these states (default: completed and compensated)."),
+    ] = None,
+    server: ServerOpt = DEFAULT_NATS_URL,
+) -> None:
+    """Delete finished sagas from mesh_sagas. Running and compensating sagas are never deleted;
+    failed ones only when asked for with --state failed."""
+    states = state or ["completed", "compensated"]
+    bad = [s for s in states if s not in ("completed", "compensated", "failed")]
+    if bad:
+        fail(f"--state {bad[0]!r}: only completed, compensated and failed sagas can be purged")
+    try:
+        before = parse_time(older_than).timestamp()
+    except ValueError as exc:
+        fail(f"--older-than: {exc}")
+
+    async def work(bucket: Bucket) -> int:
+        gone = 0
+        for rec in await _all(bucket):
+            if rec.state in states and (rec.finished_at or rec.updated_at) < before:
+                entry = await bucket.get(rec.id)
+                if entry is None or decode_record(entry.value).state not in states:
+                    continue
+                try:
+                    await bucket.delete(rec.id, entry.revision)
+                except RevisionConflict:
+                    continue  # changed meanwhile (retried?): keep it
+                gone += 1
+        return gone
+
+    typer.echo(f"deleted {_run(server, work)} saga(s)")

@@ -42,6 +42,7 @@ from mesh.errors import MeshError, TransportError
 from mesh.saga import _api
 from mesh.saga.definition import OrchestratorConfig, SagaDef, StepDef, render, resolve_path
 from mesh.saga.state import (
+    ACTIVE_STATES,
     SAGA_BUCKET,
     SagaRecord,
     StepRecord,
@@ -282,6 +283,9 @@ class Orchestrator:
                                 rec = decode_record(update.value)
                             except (msgspec.DecodeError, msgspec.ValidationError):
                                 log.error("%s: unreadable saga record %s", SAGA_BUCKET, update.key)
+                                continue
+                            if rec.state not in ACTIVE_STATES:
+                                self._known.pop(update.key, None)  # finished: nothing to run
                                 continue
                             self._known[update.key] = (rec, update.revision)
                             if rec.claimable(time.time()):

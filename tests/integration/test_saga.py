@@ -127,6 +127,15 @@ async def test_happy_path_runs_each_step_once_and_cli_shows_it(
     code, out = await cli("saga", "list", *auth, "--state", "failed")
     assert code == 0
     assert sid not in out
+    code, out = await cli("saga", "purge", "--older-than", "1h", *auth)
+    assert (code, out.strip()) == (0, "deleted 0 saga(s)")
+    code, out = await cli("saga", "purge", "--older-than", "2999-01-01T00:00:00Z", "--state", "failed", *auth)
+    assert (code, out.strip()) == (0, "deleted 0 saga(s)")
+    code, out = await cli("saga", "purge", "--older-than", "2999-01-01T00:00:00Z", *auth)
+    assert (code, out.strip()) == (0, "deleted 1 saga(s)")
+    code, out = await cli("saga", "show", sid, *auth)
+    assert code == 2
+    assert f"no saga {sid!r}" in out
 
 
 async def test_rejected_step_compensates_completed_steps_in_reverse_order(
