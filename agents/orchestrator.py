@@ -16,9 +16,11 @@ from typing import Any
 
 import anyio
 
+from mesh.endpoint import AgentEndpoint
 from mesh.readiness import Readiness
 from mesh.saga.definition import OrchestratorConfig
 from mesh.saga.engine import Orchestrator
+from mesh.saga.metrics import SagaMetrics
 from mesh.sdnotify import Notifier
 from mesh.transport import JetStream
 
@@ -27,17 +29,22 @@ __all__ = ["run_orchestrator", "run_orchestrator_process"]
 log = logging.getLogger(__name__)
 
 
-async def run_orchestrator(cfg: OrchestratorConfig) -> None:
-    """Connect and run the sagas of ``cfg`` until cancelled.
+async def run_orchestrator(
+    cfg: OrchestratorConfig, *, metrics: SagaMetrics | None = None, readiness: Readiness | None = None
+) -> None:
+    """Connect and run the sagas of ``cfg`` until cancelled; marks ``readiness`` condition
+    "sagas" once the triggers are bound and the active sagas loaded.
 
     Raises:
         TransportError: NATS cannot be reached, or the bucket/streams are missing or refused.
     """
     try:
         async with JetStream(cfg.nats, name=f"orchestrator {cfg.orchestrator.name}") as js:
-            orchestrator = Orchestrator(cfg, js)
+            orchestrator = Orchestrator(cfg, js, metrics=metrics)
             async with anyio.create_task_group() as tg:
                 await tg.start(orchestrator.run)
+                if readiness is not None:
+                    readiness.set("sagas")
                 log.info(
                     "orchestrator %s ready: %d saga definition(s): %s",
                     orchestrator.replica,
@@ -58,13 +65,20 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 async def _main(cfg: OrchestratorConfig) -> None:
     from agents.runner import run_until_signalled
 
-    readiness = Readiness(["signals"])
+    o = cfg.orchestrator
+    readiness = Readiness(["signals", "sagas"])
+    metrics = SagaMetrics()
     notifier = Notifier()
     scope = anyio.CancelScope()
+    endpoint: AgentEndpoint | None = None
+    if o.metrics_port is not None:
+        endpoint = AgentEndpoint(metrics.registry, readiness, o.metrics_host, o.metrics_port)
+        endpoint.start()
+        log.info("metrics on %s/metrics (probes /healthz, /readyz)", endpoint.url)
 
     async def run() -> None:
         with scope:
-            await run_orchestrator(cfg)
+            await run_orchestrator(cfg, metrics=metrics, readiness=readiness)
 
     def stop(signame: str) -> None:
         log.info("%s: stopping orchestrator %s", signame, cfg.orchestrator.name)
@@ -74,6 +88,8 @@ async def _main(cfg: OrchestratorConfig) -> None:
         await run_until_signalled(run, stop, readiness, notifier, f"orchestrator {cfg.orchestrator.name}")
     finally:
         notifier.close()
+        if endpoint is not None:
+            endpoint.close()
 
 
 def run_orchestrator_process(cfg: OrchestratorConfig) -> None:

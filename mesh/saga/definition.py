@@ -119,6 +119,9 @@ class OrchestratorSettings(ConfigStruct, frozen=True):
     lease: PositiveFloat = 15.0
     """Seconds a claimed saga stays this replica's without a heartbeat; a dead replica's sagas
     are taken over after it."""
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on this port (0: a free one)."""
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -41,6 +41,7 @@ from mesh.envelope import decode as decode_envelope
 from mesh.errors import MeshError, TransportError
 from mesh.saga import _api
 from mesh.saga.definition import OrchestratorConfig, SagaDef, StepDef, render, resolve_path
+from mesh.saga.metrics import SagaMetrics
 from mesh.saga.state import (
     ACTIVE_STATES,
     SAGA_BUCKET,
@@ -216,8 +217,16 @@ class Orchestrator:
     ``async with`` nothing: :meth:`run` owns every task and returns only when cancelled.
     """
 
-    def __init__(self, cfg: OrchestratorConfig, transport: Transport, *, replica: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: OrchestratorConfig,
+        transport: Transport,
+        *,
+        replica: str | None = None,
+        metrics: SagaMetrics | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.metrics = metrics or SagaMetrics()
         self.transport = transport
         self.replica = replica or cfg.orchestrator.replica or default_replica_id(cfg.orchestrator.name)
         self.lease = cfg.orchestrator.lease
@@ -331,6 +340,7 @@ class Orchestrator:
         assert self._bucket is not None
         assert self._tg is not None
         self.running.add(rec.id)
+        self.metrics.running.set(len(self.running))
         self._tg.start_soon(self._own, _Owned(self._bucket, rec, revision, self.replica, self.lease))
 
     # -- triggers ----------------------------------------------------------------------------
@@ -427,9 +437,20 @@ class Orchestrator:
             raise
         finally:
             self.running.discard(owned.rec.id)
+            self.metrics.running.set(len(self.running))
             self._wake.set()
 
     async def _trace(self, rec: SagaRecord, step: StepRecord | None, event: str) -> None:
+        m = self.metrics
+        if step is None:
+            if event == "started":
+                m.started.labels(rec.name).inc()
+            else:
+                m.finished.labels(rec.name, event).inc()
+        else:
+            m.steps.labels(rec.name, event).inc()
+            if event == "completed" and step.started_at and step.finished_at:
+                m.step_seconds.labels(rec.name).observe(max(0.0, step.finished_at - step.started_at))
         try:
             await trace_saga_event(self.transport, rec, step, event)
         except Exception as exc:  # tracing must never stop a saga
@@ -682,6 +703,7 @@ class Orchestrator:
             "%s (dead-lettered to dlq.saga.%s; `meshctl saga retry %s` resumes it)", reason, rec.name, rec.id
         )
         await self._trace(rec, srec, "compensation_failed")
+        await self._trace(rec, None, "failed")
 
 
 def _iso(t: float) -> str:

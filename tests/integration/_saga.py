@@ -165,12 +165,18 @@ def make_layout(server: SecuredNatsServer) -> None:
 
 
 def orchestrator_config(
-    path: Path, server: SecuredNatsServer, sagas: str, *, name: str = "orchestrator", lease: float = 2.0
+    path: Path,
+    server: SecuredNatsServer,
+    sagas: str,
+    *,
+    name: str = "orchestrator",
+    lease: float = 2.0,
+    extra: str = "",
 ) -> Path:
     """Write an orchestrator config with its own least-privilege creds (``<path>.creds``)."""
     creds = path.with_suffix(".creds")
     path.write_text(
-        f'[orchestrator]\nname = "{name}"\nlease = {lease}\n\n'
+        f'[orchestrator]\nname = "{name}"\nlease = {lease}\n{extra}\n'
         f'[nats]\nservers = ["{server.url}"]\ncreds = "{creds}"\ninbox_prefix = "_INBOX.{name}"\n\n{sagas}'
     )
     cfg = load_orchestrator_config(path)

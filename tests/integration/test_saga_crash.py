@@ -5,10 +5,12 @@ idempotency key)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from mesh.transport import JetStream
@@ -95,7 +97,9 @@ async def test_two_processes_the_survivor_takes_over_a_killed_replicas_saga(
     nats_server: SecuredNatsServer, tmp_path: Path
 ) -> None:
     make_layout(nats_server)
-    config = orchestrator_config(tmp_path / "orch.toml", nats_server, q2c(timeout=30.0), lease=2.0)
+    config = orchestrator_config(
+        tmp_path / "orch.toml", nats_server, q2c(timeout=30.0), lease=2.0, extra="metrics_port = 0"
+    )
     procs = [OrchestratorProcess(config, tmp_path / f"orchestrator-{i}.log") for i in range(2)]
     admin = JetStream(nats_server.nats_config(), name="test")
     async with Systems.running(nats_server, APIS) as systems, admin as js:
@@ -111,6 +115,13 @@ async def test_two_processes_the_survivor_takes_over_a_killed_replicas_saga(
             survivor = next(p for p in procs if p is not owner)
             await anyio.to_thread.run_sync(owner.kill)
             done = await wait_saga(js, sid, lambda r: r.state == "completed", 30, "completed")
+            url = re.search(r"metrics on (http://\S+)/metrics", survivor.log.read_text())
+            assert url is not None
+            async with httpx.AsyncClient(timeout=5) as http:
+                assert (await http.get(f"{url.group(1)}/readyz")).status_code == 200
+                exposition = (await http.get(f"{url.group(1)}/metrics")).text
+            assert 'mesh_sagas_finished_total{saga="q2c",state="completed"} 1.0' in exposition
+            assert 'mesh_saga_steps_total{event="completed",saga="q2c"}' in exposition
         finally:
             for p in procs:
                 await anyio.to_thread.run_sync(p.stop)
