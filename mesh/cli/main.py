@@ -43,6 +43,12 @@ from mesh.cli import (
     leafnode as cli_leafnode,
 )
 from mesh.cli import (
+    orchestrator as cli_orchestrator,
+)
+from mesh.cli import (
+    saga as cli_saga,
+)
+from mesh.cli import (
     schema as cli_schema,
 )
 from mesh.cli import (
@@ -84,6 +90,8 @@ app.add_typer(cli_files.app, name="files")
 app.add_typer(cli_capture.app, name="capture")
 app.add_typer(cli_security.app, name="security")
 app.add_typer(cli_xref.app, name="xref")
+app.add_typer(cli_orchestrator.app, name="orchestrator")
+app.add_typer(cli_saga.app, name="saga")
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)

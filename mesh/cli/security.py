@@ -5,6 +5,8 @@
   and prints how to start nats-server with it.
 * ``issue-agent --config agent.toml --dir DIR`` writes the least-privilege ``.creds`` of an agent
   that runs the static flows of its config without a control plane (on-prem, tests).
+* ``issue-orchestrator --config orchestrator.toml --dir DIR`` writes the least-privilege
+  ``.creds`` of a saga orchestrator (README "Orchestration (sagas)").
 * ``issue-leaf --dir DIR --domain D --out PATH`` writes the ``.creds`` a site's leaf node uses
   for its link to the hub (``meshctl leafnode config --credentials``).
 
@@ -157,3 +159,59 @@ def _issue_leaf(
     except OSError as exc:
         fail(f"cannot write {out}: {exc.strerror or exc}")
     typer.echo(f"wrote {path} (user {name}): pass it to `meshctl leafnode config --credentials`")
+
+
+@app.command("issue-orchestrator")
+def _issue_orchestrator(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The orchestrator config (TOML).")],
+    directory: Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write the .creds (default: the config's [nats] creds).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Write the .creds of the orchestrator in --config, allowed exactly what its sagas need.
+
+    It may read and write the saga bucket mesh_sagas, bind its sagas' trigger consumers
+    (saga-<name>), call system APIs (api.>), publish its publish_await commands, dead-letter
+    into dlq.saga.<name>, and nothing else (README "Security", permission table). Re-issue after
+    adding a saga. Set ``[nats] inbox_prefix = "_INBOX.<orchestrator name>"`` in the config.
+    """
+    from mesh.saga.definition import load_orchestrator_config
+    from mesh.security.authority import Authority, read_creds, write_creds
+    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
+    from mesh.security.permissions import inbox_prefix, permissions_for_orchestrator
+
+    try:
+        cfg = load_orchestrator_config(config)
+        target = out if out is not None else (Path(cfg.nats.creds) if cfg.nats.creds else None)
+        if target is None:
+            fail(f"{config}: no [nats] creds path in the config: pass --out PATH or set [nats] creds")
+        authority = Authority.load(directory)
+        perms = permissions_for_orchestrator(cfg)
+        seed: bytes | str = new_seed("user")
+        if target.exists():
+            with contextlib.suppress(InvalidToken):
+                seed = read_creds(target).seed
+        jwt = authority.issue_user(cfg.orchestrator.name, public_key_of_seed(seed), perms)
+        path = write_creds(target, jwt, seed)
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write the creds of orchestrator {config}: {exc.strerror or exc}")
+    wanted = inbox_prefix(cfg.orchestrator.name)
+    if cfg.nats.inbox_prefix != wanted:
+        typer.secho(
+            f"warning: {config}: [nats] inbox_prefix is {cfg.nats.inbox_prefix!r}; these creds only"
+            f" receive replies on {wanted!r}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"wrote {path} for orchestrator {cfg.orchestrator.name}: publishes {len(perms.pub.allow)} subjects,"
+        f" subscribes {len(perms.sub.allow)}"
+    )

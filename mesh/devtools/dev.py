@@ -190,6 +190,71 @@ modified_at = { from = "updated_at", convert = "datetime" }
 """
 
 
+DEMO_SAGA_TRIGGER = "cmd.orchestrator.demo"
+DEMO_SAGAS = f"""
+# A demo saga (README "Orchestration (sagas)"): start one with
+#   meshctl saga start {DEMO_SAGA_TRIGGER} --data '{{"customer": "C-1"}}'
+# It waits a second, then asks the ERP's system API for the customer; while no agent serves
+# api.erp.customer.get the call fails (unavailable), is retried, and the saga compensates.
+[[sagas]]
+name = "demo"
+description = "wait, then look the customer up in the ERP"
+trigger = {{ subject = "{DEMO_SAGA_TRIGGER}" }}
+
+[[sagas.steps]]
+name = "pause"
+kind = "wait"
+duration = 1.0
+
+[[sagas.steps]]
+name = "lookup"
+subject = "api.erp.customer.get"
+request = {{ id = "$trigger.payload.customer" }}
+timeout = 2.0
+retry = {{ attempts = 2, backoff = 0.5 }}
+"""
+
+
+def _orchestrator_toml(nats_url: str, creds: Path | None, tls: str) -> str:
+    creds_line = "" if creds is None else f'creds = "{creds}"  # meshctl security issue-orchestrator\n'
+    return (
+        f'[orchestrator]\nname = "orchestrator"\nlease = 10.0\n\n'
+        f'[nats]\nservers = ["{nats_url}"]\n{creds_line}inbox_prefix = "_INBOX.orchestrator"\n'
+        f"{tls}\n{DEMO_SAGAS}"
+    )
+
+
+async def _start_orchestrator(root: Path, nats_url: str, pki: DevPki | None, sec: _Security | None) -> _Agent:
+    """Write ``<root>/orchestrator.toml`` (the demo saga), issue its least-privilege creds when
+    secured, start ``meshctl orchestrator run`` and wait for its "ready" log line.
+
+    Raises:
+        StopError: its creds could not be issued, or it exited or was not ready in 60 s.
+    """
+    cfg = root / "orchestrator.toml"
+    creds = None if sec is None else root / "creds" / "orchestrator.creds"
+    cfg.write_text(_orchestrator_toml(nats_url, creds, "" if pki is None else pki.toml()))
+    if sec is not None:
+        made = await anyio.run_process(
+            [sys.executable, "-m", "mesh", "security", "issue-orchestrator", "--config", str(cfg),
+             "--dir", str(sec.dir)],
+            check=False,
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise StopError(f"orchestrator creds: {made.stderr.decode().strip()}")
+    orch = _Agent("orchestrator", ["orchestrator", "run", "--config", str(cfg)], root / "orchestrator.log")
+    orch.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and orch.alive():
+        if " ready: " in orch.log.read_text(errors="replace"):
+            return orch
+        await anyio.sleep(0.1)
+    tail = orch.log.read_text(errors="replace")[-3000:]
+    print(f"--- {orch.log} (last lines) ---\n{tail}", file=sys.stderr, flush=True)
+    orch.terminate()
+    raise StopError("orchestrator: not ready within 60s" if orch.alive() else "orchestrator exited")
+
+
 @dataclass
 class _Agent:
     """A child process of the stack (an agent or the control plane)."""
@@ -556,6 +621,8 @@ async def _start_and_run(
     for a in agents:
         await a.wait_ready()  # stores, NATS link, command channel, signal handlers
     erp, cloud = agents
+    orchestrator = await _start_orchestrator(root, nats.url, pki, sec)
+    children.append(orchestrator)
 
     exports = f"export MESH_NATS_URL={nats.url}"
     if sec is not None:
@@ -568,6 +635,8 @@ async def _start_and_run(
   CRM (cloud)   {crm_db}  <- agent cloud-agent metrics {cloud.metrics_url}
   flow customers: ERP table customers --[flows.to_canonical]--> canonical {SCHEMA_ID}
                   on evt.{ENTITY}.<upserted|deleted>.erp --[flows.from_canonical]--> CRM table accounts
+  orchestrator  saga demo (trigger {DEMO_SAGA_TRIGGER}), config {root / "orchestrator.toml"}
+                try: meshctl saga start {DEMO_SAGA_TRIGGER} --data '{{"customer": "C-1"}}'; meshctl saga list
   agent configs and logs: {root}/*.toml, {root}/*.log
   try: sqlite3 {crm_db} 'SELECT * FROM accounts LIMIT 3'
        meshctl api list; meshctl api call erp.customer.get --read --data '{{"id": 1}}'

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from mesh.errors import ConfigError
 from mesh.security.jwt import Permission, Permissions, ResponsePermission
-from mesh.transport.subjects import DLQ_STREAM, EVENTS_STREAM, consumer_name
+from mesh.transport.subjects import COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM, consumer_name
 
 if TYPE_CHECKING:
     from mesh.config import AgentConfig
+    from mesh.saga.definition import OrchestratorConfig
 
 __all__ = [
     "API_RESULTS_BUCKET",
@@ -33,8 +34,10 @@ __all__ = [
     "control_plane_permissions",
     "enrollment_permissions",
     "inbox_prefix",
+    "orchestrator_permissions",
     "permission_table",
     "permissions_for_agent",
+    "permissions_for_orchestrator",
     "validate_prefix",
     "validate_token",
 ]
@@ -167,6 +170,85 @@ def permissions_for_agent(cfg: AgentConfig, prefix: str = DEFAULT_PREFIX) -> Per
     return agent_permissions(a.name, systems, consumers, [f.name for f in cfg.flows], prefix, apis=apis)
 
 
+_SAGA_BUCKET = "mesh_sagas"
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]{1,200}(\.([A-Za-z0-9_-]{1,200}|\*))*(\.>)?")
+
+
+def _subject(value: str, what: str, root: str) -> str:
+    if not _SUBJECT.fullmatch(value) or not value.startswith(f"{root}."):
+        raise ConfigError(f"{what} {value!r} is not a {root}.> subject of tokens, '*' and a final '>'")
+    return value
+
+
+def orchestrator_permissions(
+    name: str,
+    triggers: Iterable[tuple[str, str]],
+    commands: Iterable[str] = (),
+    sagas: Iterable[str] = (),
+) -> Permissions:
+    """What orchestrator ``name`` may do (README "Orchestration (sagas)"): read and write the
+    saga bucket ``mesh_sagas`` (compare-and-swap puts, gets, watches), bind its trigger consumers
+    ``triggers`` ((stream, durable) pairs, durable ``saga-<saga>``), call any system API
+    (``api.>``, per the API contract), publish the ``commands`` of its publish_await steps, read
+    MESH_EVENTS through ephemeral consumers (awaited events), and dead-letter into
+    ``dlq.saga.<saga>`` for each of ``sagas``. Nothing else: it cannot publish events or touch
+    other buckets.
+
+    Raises:
+        ConfigError: a name that is not one subject token, or a command that is not ``cmd.>``.
+    """
+    validate_token(name, "orchestrator name")
+    kv = f"KV_{_SAGA_BUCKET}"
+    pub: list[str] = [
+        "api.>",
+        *sorted({_subject(c, "command subject", "cmd") for c in commands}),
+        *[f"dlq.saga.{validate_token(s, 'saga')}" for s in sorted(set(sagas))],
+        f"$KV.{_SAGA_BUCKET}.>",
+        "$JS.API.INFO",
+        f"$JS.API.STREAM.INFO.{kv}",
+        f"$JS.API.STREAM.MSG.GET.{kv}",
+        f"$JS.API.DIRECT.GET.{kv}.>",
+        f"$JS.API.CONSUMER.CREATE.{kv}",
+        f"$JS.API.CONSUMER.CREATE.{kv}.>",
+        f"$JS.API.CONSUMER.INFO.{kv}.>",
+        f"$JS.API.CONSUMER.DELETE.{kv}.>",
+        f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}",
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.>",
+        f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.>",
+        f"$JS.API.STREAM.INFO.{DLQ_STREAM}",
+        "$JS.FC.>",
+    ]
+    for stream, durable in sorted(set(triggers)):
+        if stream not in (EVENTS_STREAM, COMMANDS_STREAM):
+            raise ConfigError(f"a saga trigger reads {EVENTS_STREAM} or {COMMANDS_STREAM}, not {stream!r}")
+        validate_token(durable, "consumer")
+        pub += [
+            f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>",
+        ]
+    sub = [f"{inbox_prefix(name)}.>"]
+    return Permissions(pub=Permission(allow=list(dict.fromkeys(pub))), sub=Permission(allow=sub))
+
+
+def permissions_for_orchestrator(cfg: OrchestratorConfig) -> Permissions:
+    """:func:`orchestrator_permissions` for the sagas of an orchestrator config.
+
+    Raises:
+        ConfigError: a name that is not one subject token.
+    """
+    triggers = [
+        (COMMANDS_STREAM if s.trigger.subject.startswith("cmd.") else EVENTS_STREAM, f"saga-{s.name}")
+        for s in cfg.sagas
+    ]
+    commands = [st.subject for s in cfg.sagas for st in s.steps if st.kind == "publish_await"]
+    return orchestrator_permissions(cfg.orchestrator.name, triggers, commands, [s.name for s in cfg.sagas])
+
+
 def enrollment_permissions(name: str, prefix: str = DEFAULT_PREFIX) -> Permissions:
     """An enrollment token for agent ``name``: only the registration request and its reply.
 
@@ -205,9 +287,11 @@ def permission_table(prefix: str = DEFAULT_PREFIX) -> str:
     enroll = enrollment_permissions("A", prefix)
     admin = admin_permissions()
     cp = control_plane_permissions()
+    orch = orchestrator_permissions("O", [(EVENTS_STREAM, "saga-G")], ["cmd.S.op"], ["G"])
     rows = [
         ("agent `A` (one line per system `S`, flow `F`, consumer `C`)", agent),
         ("agent `A` serving the System API of `S` (`[api]` operations), in addition", api),
+        ("orchestrator `O` (saga `G` on an event trigger; `cmd.S.op` a publish_await command)", orch),
         ("enrollment token for `A` (expires, one use)", enroll),
         ("admin (`meshctl`)", admin),
         ("control plane (plus a SYS-account user for `$SYS.REQ.CLAIMS.UPDATE`)", cp),

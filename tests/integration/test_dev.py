@@ -71,7 +71,9 @@ def test_dev_up_syncs_and_exits_cleanly(tmp_path: Path) -> None:
         "admin.creds",
         "cloud-agent.creds",
         "erp-agent.creds",
+        "orchestrator.creds",
     ]
+    assert "orchestrator  saga demo (trigger cmd.orchestrator.demo)" in out
     assert f"export MESH_CREDS={creds / 'admin.creds'}" in out
     for name, other in (("erp-agent", "crm"), ("cloud-agent", "erp")):
         path = creds / f"{name}.creds"

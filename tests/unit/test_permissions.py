@@ -132,7 +132,7 @@ def test_markdown_table_lists_every_identity_and_permission() -> None:
     table = permission_table()
     lines = table.splitlines()
     assert lines[0].startswith("| identity |")
-    assert len(lines) == 7  # 5 identities; System API serving is its own row
+    assert len(lines) == 8  # 6 identities; System API serving is its own row
     for subject in AGENT.pub.allow + AGENT.sub.allow:
         rendered = subject.replace("crm-agent", "A").replace("sync-erp", "C").replace("sync", "F")
         assert f"`{rendered.replace('.crm', '.S')}`" in table
