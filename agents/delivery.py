@@ -71,6 +71,7 @@ from mesh.faults import crash_point
 from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
+from mesh.runs.bulk import RUN_HEADER
 from mesh.store import Inbox, InboxEntry, Outbox
 from mesh.transport import (
     EVENTS_STREAM,
@@ -84,7 +85,7 @@ from mesh.transport import (
 )
 from mesh.transport.subjects import consumer_name
 
-__all__ = ["CONFIG_RETRY", "Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
+__all__ = ["CONFIG_RETRY", "Apply", "Capture", "FlowPlan", "Inflight", "Relay", "RunTally", "TransportSource"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ _ROW_EVENTS = frozenset({"upserted", "deleted"})
 
 TransportSource = Callable[[], Awaitable[Transport]]
 """Waits until the broker link is up and returns its transport."""
+
+RunTally = Callable[[list[tuple[str, str, str]]], Awaitable[None]]
+"""Records (run id, envelope id, outcome) of bulk-run envelopes a sink handled (see :mod:`mesh.runs`)."""
 
 Inflight = Callable[[str], AbstractContextManager[anyio.CancelScope]]
 """A shielded scope for one unit of in-flight work of ``owner`` (see ``ConnectorAgent.inflight``)."""
@@ -269,8 +273,10 @@ class Capture:
                 crash_point("capture.before_commit")
                 with anyio.CancelScope(shield=True):  # one short transaction: let it finish
                     await outbox.capture(flow, batch.cursor, items, headers=dead)
-                if dead:
+                if dead and not batch.run:
                     rejected.inc(len(dead))
+                elif dead:
+                    rejected.inc(sum(1 for h in dead.values() if RUN_HEADER not in h))
                 crash_point("capture.after_commit")
                 captured.inc(len(items))
                 cursor = batch.cursor
@@ -284,9 +290,10 @@ class Capture:
         now = now_ms()
         items = []
         dead: dict[str, dict[str, str]] = {}
+        id_flow = f"{flow}@{batch.run}" if batch.run else flow  # a bulk run's own ids (mesh.runs.bulk)
         for ch in batch.changes:
             event = "deleted" if ch.deleted else "upserted"
-            eid = envelope_id(flow, system, ch.key, ch.version)
+            eid = envelope_id(id_flow, system, ch.key, ch.version)
             subject = event_subject(entity, event, system)
             schema, body = data.schema, ch.row
             if data.to_canonical is not None:
@@ -317,6 +324,8 @@ class Capture:
                 payload=encode_payload(body),
             )
             items.append((eid, subject, encode(env)))
+            if batch.run and eid not in dead:
+                dead[eid] = {RUN_HEADER: batch.run}  # extra headers by id (dead letters have theirs)
         return items, dead
 
 
@@ -402,8 +411,12 @@ class Apply:
         consumers: dict[str, Consumer] | None = None,
         streams: StreamCheck | None = None,
         config_retry: Backoff | None = None,
+        tally: RunTally | None = None,
     ) -> None:
         self.plan = plan
+        self.tally = tally
+        """Told the (run, envelope id, outcome) of envelopes of scheduled bulk runs (their
+        ``Mesh-Run`` header) after the sink's write and before the inbox records them."""
         self.streams = streams
         """Says whether MESH_EVENTS exists; without it a missing stream is retried every second."""
         self.config_retry = config_retry or CONFIG_RETRY
@@ -592,6 +605,14 @@ class Apply:
                 latency.observe(max(0, now - env.occurred_at) / 1000)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
+        if self.tally is not None:
+            ran = [
+                (d.headers[RUN_HEADER], env.id, outcome.value)
+                for (d, env, _), outcome in zip(todo, outcomes, strict=True)
+                if RUN_HEADER in d.headers and not isinstance(outcome, Exception)
+            ]
+            if ran:
+                await self.tally(ran)
         await inbox.record(entries)
         crash_point("apply.after_inbox")
         for d in acks:

@@ -40,6 +40,7 @@ from mesh.errors import ConfigError, ConfigProblem, RetryableError
 from mesh.mapping import MappingConfig
 from mesh.ownership import EntityOwnership
 from mesh.plugins import AdapterRegistry, RoleName, adapter_registry
+from mesh.runs.schedule import ScheduleConfig
 
 __all__ = [
     "AdapterConfig",
@@ -274,6 +275,9 @@ class FlowConfig(ConfigStruct, frozen=True):
     ownership: EntityOwnership | None = None
     """Apply side: which system may create, delete and write which fields (see
     :mod:`mesh.ownership`); versions are then compared per origin."""
+    schedule: ScheduleConfig | None = None
+    """Capture side: run the source as a scheduled bulk extract (:mod:`mesh.runs`) instead of
+    continuously; the source's adapter must have the ``bulk`` capability."""
 
 
 class AgentConfig(ConfigStruct, frozen=True):

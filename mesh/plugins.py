@@ -155,6 +155,9 @@ class AdapterPlugin:
     sink: Role | None = None
     capture: str | None = None
     runs: str | None = None
+    bulk: str | None = None
+    """``"module:callable"``: makes the source's full extract for a scheduled flow (the callable
+    takes the source config and returns a :class:`mesh.runs.bulk.BulkExtract`)."""
     summary: str = ""
     """One line for listings: what system the adapter talks to."""
 
@@ -180,11 +183,13 @@ class AdapterPlugin:
                     f" (declare it with tag={self.name!r})"
                 )
             _check_ref(self.name, f"{role_name} factory", role.factory)
-        for what, ref in (("capture", self.capture), ("runs", self.runs)):
+        for what, ref in (("capture", self.capture), ("runs", self.runs), ("bulk", self.bulk)):
             if ref is not None:
                 _check_ref(self.name, what, ref)
         if self.capture is not None and self.source is None:
             raise ValueError(f"adapter {self.name!r}: capture needs a source")
+        if self.bulk is not None and self.source is None:
+            raise ValueError(f"adapter {self.name!r}: bulk needs a source")
 
     @property
     def roles(self) -> tuple[RoleName, ...]:
@@ -193,7 +198,7 @@ class AdapterPlugin:
     @property
     def capabilities(self) -> frozenset[str]:
         """The roles and the optional capabilities this adapter declares."""
-        extra = [c for c in ("capture", "runs") if getattr(self, c) is not None]
+        extra = [c for c in ("capture", "runs", "bulk") if getattr(self, c) is not None]
         return frozenset([*self.roles, *extra])
 
     def role(self, role: RoleName) -> Role | None:
@@ -338,6 +343,15 @@ class AdapterRegistry:
             return None
         runs: RunLog = _resolve(plugin, "runs", plugin.runs)
         return runs
+
+    def bulk_of(self, cfg: AdapterConfig) -> Any | None:
+        """The maker of ``cfg``'s full extract (a callable taking ``cfg`` and returning a
+        :class:`mesh.runs.bulk.BulkExtract`), if its adapter declares the ``bulk`` capability
+        (raises :class:`~mesh.errors.PluginError` when it does not import)."""
+        plugin = self.plugin_of(cfg)
+        if plugin.bulk is None or plugin.source is None or type(cfg) is not plugin.source.config:
+            return None
+        return _resolve(plugin, "bulk", plugin.bulk)
 
 
 def _origin(ep: EntryPoint) -> str:

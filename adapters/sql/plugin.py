@@ -14,6 +14,7 @@ SQLITE = AdapterPlugin(
     source=Role(SqliteSourceConfig, "adapters.sql.sqlite:SqliteSource"),
     sink=Role(SqliteSinkConfig, "adapters.sql.sqlite:SqliteSink"),
     capture="adapters.sql._capture:SQLITE_CAPTURE",
+    bulk="adapters.sql._bulk:sqlite_extract",
 )
 
 POSTGRES = AdapterPlugin(
@@ -22,4 +23,5 @@ POSTGRES = AdapterPlugin(
     source=Role(PostgresSourceConfig, "adapters.sql.postgres:PostgresSource"),
     sink=Role(PostgresSinkConfig, "adapters.sql.postgres:PostgresSink"),
     capture="adapters.sql._capture:POSTGRES_CAPTURE",
+    bulk="adapters.sql._bulk:postgres_extract",
 )
