@@ -1,7 +1,7 @@
 """Control-plane state in JetStream KV: the buckets, compare-and-swap access, and a mirror.
 
-* :func:`ensure_buckets` creates ``mesh_agents``, ``mesh_flows``, ``mesh_assign`` and
-  ``mesh_leader`` when missing and is safe to run from many replicas at once.
+* :func:`ensure_buckets` creates ``mesh_agents``, ``mesh_flows``, ``mesh_assign``,
+  ``mesh_leader`` and ``mesh_runs`` when missing and is safe to run from many replicas at once.
 * :class:`Bucket` is the small interface the control plane needs: ``get``, ``create`` (only if
   absent), ``update`` (only if the revision still matches: compare-and-swap), ``put`` and
   ``delete`` and ``watch``; it lives in :mod:`mesh.transport` (``NatsBucket`` on JetStream,
@@ -20,6 +20,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from mesh.controlplane.models import AGENTS_BUCKET, ASSIGN_BUCKET, FLOWS_BUCKET, LEADER_BUCKET
+from mesh.runs.report import RUNS_BUCKET
 from mesh.transport import Bucket, Entry, MemoryBucket, NatsBucket, RevisionConflict, Transport
 
 __all__ = [
@@ -36,7 +37,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUCKETS: dict[str, int] = {AGENTS_BUCKET: 1, FLOWS_BUCKET: 5, ASSIGN_BUCKET: 1, LEADER_BUCKET: 1}
+BUCKETS: dict[str, int] = {
+    AGENTS_BUCKET: 1, FLOWS_BUCKET: 5, ASSIGN_BUCKET: 1, LEADER_BUCKET: 1,
+    RUNS_BUCKET: 1,  # run records of scheduled bulk runs, written by the agents (mesh.runs.report)
+}  # fmt: skip
 """Bucket name -> history kept per key."""
 
 DIRECT_BUCKETS: frozenset[str] = frozenset({ASSIGN_BUCKET})

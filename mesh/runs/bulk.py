@@ -22,6 +22,7 @@ How a run works, and what it guarantees:
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -94,6 +95,7 @@ def row_version(value: Any, field: str) -> int:
     Raises:
         ConfigError: the value is neither (``field`` names where it came from).
     """
+    original = value
     if isinstance(value, bool):
         pass
     elif isinstance(value, int):
@@ -104,17 +106,15 @@ def row_version(value: Any, field: str) -> int:
         text = value.strip()
         if text.lstrip("-").isdigit():
             return int(text)
-        try:
+        with contextlib.suppress(ValueError):
             value = datetime.fromisoformat(text)
-        except ValueError:
-            value = None
     if isinstance(value, date) and not isinstance(value, datetime):
         value = datetime(value.year, value.month, value.day)
     if isinstance(value, datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=UTC)
         return (moment - _EPOCH) // (datetime.resolution)
     raise ConfigError(
-        f"version_field {field!r} holds {value!r}: a row's version must be an integer or a timestamp"
+        f"version_field {field!r} holds {original!r}: a row's version must be an integer or a timestamp"
     )
 
 
@@ -146,8 +146,11 @@ class ScheduledSource(Source):
         self.flow, self.adapter, self.cfg, self.extract = flow, adapter, cfg, extract
         self.store, self.agent, self.now, self.tick, self.report = store, agent, now, tick, report
         self.schedule = Schedule(cfg.cron, cfg.timezone, now=now)
-        self._pending: dict[str, BulkRun] = {}
+        self._pending: dict[str, tuple[Checkpoint, BulkRun]] = {}
         self._last: Checkpoint | None = None
+        """The checkpoint of the last batch read (committed or not)."""
+        self._committed: Checkpoint | None = None
+        """The last checkpoint known to be in the outbox."""
         self._opened = False
 
     def __repr__(self) -> str:
@@ -164,7 +167,7 @@ class ScheduledSource(Source):
         self._opened = False
         with anyio.CancelScope(shield=True):
             try:
-                cp = self._last
+                cp = self._committed
                 if cp is not None and cp.run is not None:
                     await self._record(cp, "interrupted")
             finally:
@@ -200,9 +203,11 @@ class ScheduledSource(Source):
             ConfigError: a row's version field is missing or not a version.
         """
         cp = _CP_DEC.decode(cursor) if cursor else Checkpoint()
-        if self._last is None and cp.run is not None:  # resuming after a stop or crash
-            cp = msgspec.structs.replace(cp, resumed=cp.resumed + 1)
-            await self._record(cp, "running")
+        if self._last is None:
+            self._committed = cp
+            if cp.run is not None:  # resuming after a stop or crash
+                cp = msgspec.structs.replace(cp, resumed=cp.resumed + 1)
+                await self._record(cp, "running")
         self._last = cp
         if cp.run is None:
             c = self.cfg
@@ -213,11 +218,13 @@ class ScheduledSource(Source):
             cp = Checkpoint(last_due=due, run=run_id_for(self.flow, due), due=due, started_at=self.now())
             self._last = cp
             await self._record(cp, "running")
+            if self._committed is None or self._committed.run is None:
+                self._committed = cp  # a stop now leaves the run "interrupted" at 0 rows
         rows = await self.extract.chunk(cp.after, min(limit, self.cfg.chunk_size))
         if not rows:
             done = Checkpoint(last_due=cp.last_due)
             encoded = _CP_ENC.encode(done).decode()
-            self._pending[encoded] = self._record_of(cp, "completed", self.now())
+            self._pending[encoded] = (done, self._record_of(cp, "completed", self.now()))
             self._last = done
             return ChangeBatch(changes=[], cursor=encoded, run=cp.run or "")
         changes = []
@@ -231,15 +238,16 @@ class ScheduledSource(Source):
             changes.append(Change(key=key, version=version, row=row))
         cp = msgspec.structs.replace(cp, after=rows[-1][0], read=cp.read + len(rows), checksum=total)
         encoded = _CP_ENC.encode(cp).decode()
-        self._pending[encoded] = self._record_of(cp, "running")
+        self._pending[encoded] = (cp, self._record_of(cp, "running"))
         self._last = cp
         return ChangeBatch(changes=changes, cursor=encoded, run=cp.run or "")
 
     async def committed(self, cursor: str) -> None:
         """The chunk (or completion) of ``cursor`` is in the outbox: record it."""
-        run = self._pending.pop(cursor, None)
+        done = self._pending.pop(cursor, None)
         self._pending.clear()
-        if run is not None:
+        if done is not None:
+            self._committed, run = done
             await self.store.put(run)
             if self.report is not None:
                 await self.report(run)

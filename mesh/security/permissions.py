@@ -33,12 +33,14 @@ __all__ = [
     "inbox_prefix",
     "permission_table",
     "permissions_for_agent",
+    "runs_subject",
     "validate_prefix",
     "validate_token",
 ]
 
 DEFAULT_PREFIX = "mesh.cp"
 ASSIGN_BUCKET = "mesh_assign"
+RUNS_BUCKET = "mesh_runs"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
@@ -80,6 +82,12 @@ def assignment_get_subject(name: str) -> str:
     return f"$JS.API.DIRECT.GET.KV_{ASSIGN_BUCKET}.{assignment_subject(name)}"
 
 
+def runs_subject(name: str) -> str:
+    """``$KV.mesh_runs.<name>.>``: the agent's own keys of the run-record bucket (a KV put is a
+    JetStream publish to ``$KV.<bucket>.<key>``); other agents' keys stay out of reach."""
+    return f"$KV.{RUNS_BUCKET}.{validate_token(name, 'agent name')}.>"
+
+
 def agent_permissions(
     name: str,
     systems: Iterable[str],
@@ -116,6 +124,7 @@ def agent_permissions(
             f"$JS.ACK.{EVENTS_STREAM}.{c}.>",
         ]
     pub.append(assignment_get_subject(name))
+    pub.append(runs_subject(name))
     sub = [f"{inbox_prefix(name)}.>", f"{prefix}.agent.{name}", assignment_subject(name)]
     return Permissions(pub=Permission(allow=pub), sub=Permission(allow=sub), resp=ResponsePermission(1, 0))
 

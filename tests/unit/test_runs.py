@@ -1,0 +1,283 @@
+"""Scheduled bulk runs: cron schedules on a hand-moved clock, and the resumable bulk extract of a
+real SQLite table through the capture actor into a real outbox."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from adapters.sql._bulk import SqliteExtract
+from adapters.sql.config import SqliteSourceConfig
+from agents.delivery import Capture, FlowPlan
+from mesh.config import decode_flow
+from mesh.envelope import decode, envelope_id
+from mesh.errors import ConfigError
+from mesh.metrics import Metrics
+from mesh.runs import BulkRun, RunStore, Schedule, ScheduleConfig
+from mesh.runs.bulk import RUN_HEADER, Checkpoint, ScheduledSource, row_version, run_id_for
+from mesh.runs.records import SinkTally
+from mesh.runs.report import RunEntry, merge_runs
+from mesh.store import Outbox
+
+BERLIN = "Europe/Berlin"
+
+
+def ts(*args: int, tz: str = "UTC") -> float:
+    from zoneinfo import ZoneInfo
+
+    return datetime(*args, tzinfo=ZoneInfo(tz)).timestamp()  # type: ignore[misc]
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- the schedule ------------------------------------------------------------------------------
+
+
+def test_cron_in_a_time_zone_across_daylight_saving() -> None:
+    s = Schedule("0 2 * * *", BERLIN, now=Clock(0))
+    # 02:00 Berlin is 01:00 UTC in winter, 00:00 UTC in summer; on 2026-03-29 02:00 does not exist.
+    assert s.next_after(ts(2026, 1, 10, 12)) == ts(2026, 1, 11, 1)
+    assert s.next_after(ts(2026, 3, 28, 12)) == ts(2026, 3, 29, 3, tz=BERLIN)
+    assert s.next_after(ts(2026, 3, 29, 12)) == ts(2026, 3, 30, 0)
+    # 2026-10-25 02:00 happens twice in Berlin: one run.
+    first = s.next_after(ts(2026, 10, 24, 12))
+    assert first == ts(2026, 10, 25, 0)
+    assert s.next_after(first) == ts(2026, 10, 26, 1)
+
+
+def test_a_new_flow_waits_for_its_first_time_unless_first_run_is_now() -> None:
+    clock = Clock(ts(2026, 12, 3, 15, 30))
+    s = Schedule("0 2 * * *", "UTC", now=clock)
+    assert s.first_due(None) == ts(2026, 12, 4, 2)
+    assert s.first_due(None, first_now=True) == clock.now
+
+
+def test_missed_runs_while_down_run_once_on_start_or_are_skipped() -> None:
+    clock = Clock(ts(2026, 12, 3, 15, 30))
+    s = Schedule("0 2 * * *", "UTC", now=clock)
+    last = ts(2026, 11, 30, 2)  # the agent was down for the runs of Dec 1, 2 and 3
+    assert s.first_due(last, missed="run_once") == ts(2026, 12, 3, 2)  # one run, for the latest
+    assert s.first_due(last, missed="skip") == ts(2026, 12, 4, 2)
+    # A deadline of an hour: the 02:00 run is 13.5 hours late, so it is skipped.
+    assert s.first_due(last, missed="run_once", deadline=3600) == ts(2026, 12, 4, 2)
+    assert s.first_due(last, missed="run_once", deadline=86400) == ts(2026, 12, 3, 2)
+    # Nothing missed: the next time.
+    assert s.first_due(ts(2026, 12, 3, 2)) == ts(2026, 12, 4, 2)
+
+
+def test_schedule_config_errors_name_the_field() -> None:
+    base = {
+        "name": "f",
+        "entity": "customer",
+        "source": {"adapter": "sqlite", "path": "x.db", "table": "t", "key": "id"},
+    }
+    with pytest.raises(ConfigError, match=r"schedule.*cron.*not a valid cron"):
+        decode_flow({**base, "schedule": {"cron": "61 * * * *"}})
+    with pytest.raises(ConfigError, match=r"timezone.*Mars/Olympus"):
+        decode_flow({**base, "schedule": {"cron": "0 2 * * *", "timezone": "Mars/Olympus"}})
+    with pytest.raises(ConfigError, match="cronn"):
+        decode_flow({**base, "schedule": {"cronn": "0 2 * * *"}})
+    flow = decode_flow({**base, "schedule": {"cron": "0 2 * * *", "timezone": BERLIN}})
+    assert flow.schedule == ScheduleConfig(cron="0 2 * * *", timezone=BERLIN)
+
+
+def test_row_versions_are_the_rows_own() -> None:
+    assert row_version(42, "v") == 42
+    assert row_version("2026-12-03T02:00:00Z", "v") == row_version(datetime(2026, 12, 3, 2, tzinfo=UTC), "v")
+    assert row_version("2026-12-03 02:00:00", "v") == int(ts(2026, 12, 3, 2)) * 1_000_000
+    with pytest.raises(ConfigError, match="'v' holds 'soon'"):
+        row_version("soon", "v")
+
+
+# --- a bulk run through the capture actor --------------------------------------------------------
+
+
+def make_table(path: Path, n: int) -> None:
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, updated_at INTEGER NOT NULL)")
+        db.executemany(
+            "INSERT INTO customers VALUES (?, ?, ?)", [(i, f"n{i}", 1000 + i) for i in range(1, n + 1)]
+        )
+        db.commit()
+
+
+def plan() -> FlowPlan:
+    cfg = decode_flow(
+        {
+            "name": "customers", "entity": "customer",
+            "source": {"adapter": "sqlite", "path": "unused.db", "table": "customers", "key": "id"},
+            "schedule": {"cron": "0 2 * * *", "version_field": "updated_at", "chunk_size": 4},
+        }
+    )  # fmt: skip
+    return FlowPlan(cfg, agent="erp-agent", system="erp")
+
+
+async def until(check: Callable[[], Any], timeout: float = 10) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            got = check()
+            if hasattr(got, "__await__"):
+                got = await got
+            if got:
+                return
+            await anyio.sleep(0.01)
+
+
+def scheduled(
+    db: Path, store: RunStore, clock: Clock, reports: list[BulkRun] | None = None
+) -> ScheduledSource:
+    p = plan()
+    assert p.cfg.schedule is not None
+
+    async def report(run: BulkRun) -> None:
+        if reports is not None:
+            reports.append(run)
+
+    extract = SqliteExtract(SqliteSourceConfig(path=str(db), table="customers", key="id"))
+    return ScheduledSource("customers", "sqlite", p.cfg.schedule, extract, store, agent="erp-agent",
+                           now=clock, tick=0.01, report=report)  # fmt: skip
+
+
+pytestmark_anyio = pytest.mark.anyio
+
+
+@pytestmark_anyio
+async def test_a_run_starts_at_its_time_chunks_and_completes(tmp_path: Path) -> None:
+    db = tmp_path / "erp.db"
+    make_table(db, 10)
+    clock = Clock(ts(2026, 12, 3, 1, 59))
+    store = RunStore(tmp_path / "runs.db")
+    reports: list[BulkRun] = []
+    async with Outbox(tmp_path / "outbox.db") as outbox:
+        capture = Capture(
+            plan(), outbox, Metrics(), lambda: scheduled(db, store, clock, reports), outbox_max_bytes=10**9
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(capture.run)
+            await anyio.sleep(0.1)
+            assert await outbox.peek(100) == []  # 01:59: not yet
+            assert await store.list() == []
+            clock.now = ts(2026, 12, 3, 2)
+            run_id = run_id_for("customers", clock.now)
+            assert run_id == "customers-20261203T020000Z"
+            await until(lambda: _state(store, run_id, "completed"))
+            tg.cancel_scope.cancel()
+        rows = await outbox.peek(100)
+    assert len(rows) == 10
+    assert [r.id for r in rows] == [
+        envelope_id(f"customers@{run_id}", "erp", str(i), 1000 + i) for i in range(1, 11)
+    ]
+    assert {r.headers[RUN_HEADER] for r in rows if r.headers} == {run_id}
+    assert all(r.headers for r in rows)
+    assert decode(rows[0].data).version == 1001  # the row's own version, not the time of the run
+    run = await store.get(run_id)
+    assert run is not None
+    assert (run.state, run.read, run.published, run.scheduled_for) == ("completed", 10, 10, clock.now)
+    assert run.finished_at is not None
+    assert run.checksum
+    # running (start), one record per committed chunk of 4, 4, 2, then completed
+    assert [(r.state, r.read) for r in reports] == [
+        ("running", 0),
+        ("running", 4),
+        ("running", 8),
+        ("running", 10),
+        ("completed", 10),
+    ]
+
+
+async def _state(store: RunStore, run_id: str, state: str) -> bool:
+    run = await store.get(run_id)
+    return run is not None and run.state == state
+
+
+@pytestmark_anyio
+async def test_a_run_stopped_mid_way_resumes_from_its_checkpoint_with_the_same_ids(tmp_path: Path) -> None:
+    db = tmp_path / "erp.db"
+    make_table(db, 10)
+    clock = Clock(ts(2026, 12, 3, 2))
+    store = RunStore(tmp_path / "runs.db")
+    run_id = run_id_for("customers", ts(2026, 12, 4, 2))
+    p = plan()
+    async with Outbox(tmp_path / "outbox.db") as outbox:
+        # First attempt: two chunks committed, a third read but "crashed" before its commit.
+        src = scheduled(db, store, clock)
+        clock.now = ts(2026, 12, 4, 2)
+        # It ran yesterday (the cursor says so): today's 02:00 run is due.
+        cursor = msgspec.json.encode(Checkpoint(last_due=ts(2026, 12, 3, 2))).decode()
+        await outbox.capture("customers", cursor, [])
+        async with src:
+            for _ in range(2):
+                batch = await src.read(cursor, 100)
+                items, headers = Capture(p, outbox, Metrics(), lambda: src, outbox_max_bytes=10**9).envelopes(
+                    batch
+                )
+                await outbox.capture("customers", batch.cursor, items, headers=headers)
+                await src.committed(batch.cursor)
+                cursor = batch.cursor
+            lost = await src.read(cursor, 100)  # never committed
+        interrupted = await store.get(run_id)
+        assert interrupted is not None
+        assert (interrupted.state, interrupted.read) == ("interrupted", 8)
+        # Second attempt, from the committed cursor: the lost chunk comes again, same ids.
+        capture = Capture(p, outbox, Metrics(), lambda: scheduled(db, store, clock), outbox_max_bytes=10**9)
+        async with scheduled(db, store, clock) as peek:
+            again = capture.envelopes(await peek.read(cursor, 100))[0]
+        assert [i for i, _, _ in again] == [i for i, _, _ in capture.envelopes(lost)[0]]
+        async with anyio.create_task_group() as tg:
+            await tg.start(capture.run)
+            await until(lambda: _state(store, run_id, "completed"))
+            tg.cancel_scope.cancel()
+        rows = await outbox.peek(100)
+    assert len(rows) == 10
+    assert len({r.id for r in rows}) == 10
+    run = await store.get(run_id)
+    assert run is not None
+    assert (run.read, run.resumed) == (10, 1)  # one resume made progress
+    # The checksum does not depend on where the run was cut: an uninterrupted run agrees.
+    other = tmp_path / "other"
+    other.mkdir()
+    store2 = RunStore(other / "runs.db")
+    async with Outbox(other / "outbox.db") as outbox2:
+        await outbox2.capture(
+            "customers", msgspec.json.encode(Checkpoint(last_due=ts(2026, 12, 3, 2))).decode(), []
+        )
+        c2 = Capture(p, outbox2, Metrics(), lambda: scheduled(db, store2, clock), outbox_max_bytes=10**9)
+        async with anyio.create_task_group() as tg:
+            await tg.start(c2.run)
+            await until(lambda: _state(store2, run_id, "completed"))
+            tg.cancel_scope.cancel()
+    run2 = await store2.get(run_id)
+    assert run2 is not None
+    assert run2.checksum == run.checksum
+    assert run2.resumed == 0
+
+
+@pytestmark_anyio
+async def test_sink_tallies_count_each_envelope_once_and_merge_with_the_source_record(tmp_path: Path) -> None:
+    tally = SinkTally(tmp_path / "runs.db")
+    assert await tally.record("customers", [("r1", "a", "applied"), ("r1", "b", "stale")]) == {"r1"}
+    # A redelivery after a crash: the first outcome stays.
+    assert await tally.record("customers", [("r1", "a", "stale"), ("r1", "b", "stale")]) == set()
+    counts = await tally.counts("r1", "crm-agent")
+    assert counts is not None
+    assert (counts.applied, counts.skipped, counts.failed) == (1, 1, 0)
+    source = BulkRun(
+        id="r1", flow="customers", adapter="sqlite", state="completed", read=2, published=2, started_at=1
+    )
+    views = merge_runs([RunEntry(role="sink", sink=counts), RunEntry(role="source", source=source)])
+    assert [(v.run.id, v.run.applied, v.run.skipped) for v in views] == [("r1", 1, 1)]
+    assert msgspec.json.decode(msgspec.json.encode(views[0]))["run"]["applied"] == 1
