@@ -40,6 +40,9 @@ from mesh.cli import (
     leafnode as cli_leafnode,
 )
 from mesh.cli import (
+    runs as cli_runs,
+)
+from mesh.cli import (
     schema as cli_schema,
 )
 from mesh.cli import (
@@ -71,6 +74,7 @@ app.add_typer(cli_cp.app, name="control-plane")
 app.add_typer(cli_audit.app, name="audit")
 app.add_typer(cli_schema.app, name="schema")
 app.add_typer(cli_files.app, name="files")
+app.add_typer(cli_runs.app, name="runs")
 app.add_typer(cli_capture.app, name="capture")
 app.add_typer(cli_security.app, name="security")
 # register, deregister, revoke, list, health sit beside `agent run`
