@@ -17,7 +17,7 @@ from adapters.sql import _pg_common as pg
 from adapters.sql import _sqlite_common as lite
 from adapters.sql.config import PostgresSourceConfig, SqliteSourceConfig
 from mesh.errors import ConfigError
-from mesh.runs.bulk import BulkExtract
+from mesh.runs.bulk import BulkExtract, BulkRow
 
 __all__ = ["PostgresExtract", "SqliteExtract", "postgres_extract", "sqlite_extract"]
 
@@ -51,7 +51,7 @@ class SqliteExtract(BulkExtract):
         self._conn = conn
         self._names = [c.name for c in columns]
 
-    async def chunk(self, after: Any, limit: int) -> list[tuple[Any, str, dict[str, Any]]]:
+    async def chunk(self, after: Any, limit: int) -> list[BulkRow]:
         cfg = self.cfg
         cols = ", ".join(lite.quote(n) for n in self._names)
         sql = f"SELECT {cols} FROM {lite.quote(cfg.table)}"
@@ -68,7 +68,7 @@ class SqliteExtract(BulkExtract):
         out = []
         for values in rows:
             row = dict(zip(self._names, values, strict=True))
-            out.append((row[cfg.key], str(row[cfg.key]), row))
+            out.append(BulkRow(row[cfg.key], str(row[cfg.key]), row))
         return out
 
     async def aclose(self) -> None:
@@ -108,7 +108,7 @@ class PostgresExtract(BulkExtract):
             raise
         self._conn = conn
 
-    async def chunk(self, after: Any, limit: int) -> list[tuple[Any, str, dict[str, Any]]]:
+    async def chunk(self, after: Any, limit: int) -> list[BulkRow]:
         import psycopg
         from psycopg import sql
 
@@ -136,7 +136,7 @@ class PostgresExtract(BulkExtract):
             row = pg.decode_row(text)
             values = [row.get(c.name) for c in self._key]
             key = pg.encode_key(values)  # as the continuous PostgreSQL source spells it
-            out.append((values, key, row))
+            out.append(BulkRow(values, key, row))
         return out
 
     async def aclose(self) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgspec
@@ -36,12 +36,32 @@ from mesh.errors import ConfigError
 from mesh.runs.records import BulkRun, RunStore, add_hash, record_hash
 from mesh.runs.schedule import Clock, Schedule, ScheduleConfig
 
-__all__ = ["RUN_HEADER", "BulkExtract", "Checkpoint", "ScheduledSource", "row_version", "run_id_for"]
+__all__ = [
+    "RUN_HEADER",
+    "BulkExtract",
+    "BulkRow",
+    "Checkpoint",
+    "ScheduledSource",
+    "row_version",
+    "run_id_for",
+]
 
 RUN_HEADER = "Mesh-Run"
 """The message header naming the bulk run an envelope belongs to."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class BulkRow(NamedTuple):
+    """One extracted row: where it is (``position``, JSON-encodable, passed back as ``after`` to
+    continue), its entity ``key``, the ``row``, and its ``version`` when the adapter knows it
+    (None: read from the row's ``version_field``); ``deleted`` for a soft-deleted record."""
+
+    position: Any
+    key: str
+    row: dict[str, Any]
+    version: int | None = None
+    deleted: bool = False
 
 
 class BulkExtract(abc.ABC):
@@ -52,10 +72,9 @@ class BulkExtract(abc.ABC):
         """Connect. Raises SystemUnavailable (retry later) or ConfigError (table/columns missing)."""
 
     @abc.abstractmethod
-    async def chunk(self, after: Any, limit: int) -> list[tuple[Any, str, dict[str, Any]]]:
-        """Up to ``limit`` rows whose key sorts after ``after`` (None: from the first), in key
-        order, as (position, key, row): ``key`` is the entity key as the adapter's continuous
-        source spells it, ``position`` the JSON-encodable value to pass as ``after`` to continue.
+    async def chunk(self, after: Any, limit: int) -> list[BulkRow]:
+        """Up to ``limit`` rows whose position sorts after ``after`` (None: from the first), in
+        position order; ``key`` is the entity key as the adapter's continuous source spells it.
 
         Raises:
             SystemUnavailable: the system went away; the caller retries from the same checkpoint.
@@ -230,12 +249,15 @@ class ScheduledSource(Source):
         changes = []
         total = cp.checksum
         field = self.cfg.version_field
-        for _, key, row in rows:
-            if field not in row:
-                raise ConfigError(f"flow {self.flow}: rows have no field {field!r} (schedule.version_field)")
-            version = row_version(row[field], field)
+        for item in rows:
+            key, row, version = item.key, item.row, item.version
+            if version is None:
+                if field not in row:
+                    why = f"rows have no field {field!r} (schedule.version_field)"
+                    raise ConfigError(f"flow {self.flow}: {why}")
+                version = row_version(row[field], field)
             total = add_hash(total, record_hash(key, version, row))
-            changes.append(Change(key=key, version=version, row=row))
+            changes.append(Change(key=key, version=version, row=row, deleted=item.deleted))
         cp = msgspec.structs.replace(cp, after=rows[-1][0], read=cp.read + len(rows), checksum=total)
         encoded = _CP_ENC.encode(cp).decode()
         self._pending[encoded] = (cp, self._record_of(cp, "running"))

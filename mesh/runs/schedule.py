@@ -49,7 +49,10 @@ class ScheduleConfig(ConfigStruct, frozen=True):
     version_field: Annotated[str, msgspec.Meta(min_length=1)] = "updated_at"
     """The row field that holds the row's real version (an integer that grows with every change,
     or a timestamp: converted to microseconds since the epoch). A bulk row carries this version,
-    never "now", so it cannot overwrite a newer change applied in real time (I5)."""
+    never "now", so it cannot overwrite a newer change applied in real time (I5). Use the same
+    version the flow's real-time capture uses (e.g. its ``version_column``) so the two compare.
+    Adapters that version records themselves (REST: the source's ``version_field`` and
+    ``version_type``) ignore it."""
     first_run: Literal["schedule", "now"] = "schedule"
     """A flow that never ran: wait for the first scheduled time (``schedule``, like a CronJob) or
     run once at once (``now``, then on schedule)."""

@@ -324,3 +324,111 @@ poll_interval = 0.02
             if isinstance(proc, AgentProcess):
                 proc.kill()
         server.stop()
+
+
+class FakeCustomersApi:
+    """A real local HTTP server: ``GET /customers?page=N&page_size=S`` lists ``records`` (JSON
+    ``{"data": [...]}``), sorted by an unrelated field so key order is the extract's job; it
+    counts the listings it served."""
+
+    def __init__(self, records: list[dict[str, object]]) -> None:
+        import http.server
+        import urllib.parse
+
+        self.records = records
+        self.pages = 0
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                q = dict(urllib.parse.parse_qsl(url.query))
+                if url.path != "/customers":
+                    self.send_error(404)
+                    return
+                page, size = int(q.get("page", "1")), int(q.get("page_size", "100"))
+                rows = sorted(api.records, key=lambda r: str(r["name"]))[(page - 1) * size : page * size]
+                body = json.dumps({"data": rows}).encode()
+                api.pages += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> FakeCustomersApi:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_scheduled_rest_run_extracts_every_record_with_its_own_version(
+    tmp_path: Path, security_dir: Path
+) -> None:
+    n = 1_000
+    records: list[dict[str, object]] = [
+        {"id": i, "name": f"z{(i * 7919) % n:04d}", "credit": i, "updated_at": 5_000_000 + i}
+        for i in range(1, n + 1)
+    ]
+    dst = tmp_path / "crm.db"
+    make_target(dst)
+    server = NatsServer(tmp_path / "nats", security_dir, layout=True)
+    server.start()
+    source = sink = None
+    try:
+        create_runs_bucket(server)
+        with FakeCustomersApi(records) as api:
+            flow = f"""
+[[flows]]
+name = "customers"
+entity = "customer"
+[flows.source]
+adapter = "rest"
+base_url = "{api.url}"
+path = "/customers"
+records_path = "data"
+version_field = "updated_at"
+[flows.source.pagination]
+type = "page"
+size = 100
+[flows.schedule]
+cron = "*/5 * * * *"
+first_run = "now"
+chunk_size = 64
+"""
+            source = agent(tmp_path, server, security_dir, "api-agent", "api", flow)
+            sink = agent(tmp_path, server, security_dir, "crm-agent", "crm", sink_flow(dst))
+            sink.start()
+            source.start()
+            state = source.state_dir
+            wait_until(lambda: any(r.state == "completed" for r in local_runs(state)), 60,
+                       f"run completed\n{log_tail(source.log)}")  # fmt: skip
+            wait_until(lambda: len(table(dst)) == n, 60, f"{n} rows in the target\n{log_tail(sink.log)}")
+            assert api.pages == n // 100 + 1  # one listing (the last page is short... or empty)
+        want = [
+            (r["id"], r["name"], r["credit"], r["updated_at"]) for r in sorted(records, key=lambda r: r["id"])
+        ]  # type: ignore[arg-type, return-value]
+        assert table(dst) == want
+        assert_effect_once(dst)
+        [run] = local_runs(state)
+        assert (run.state, run.adapter, run.read, run.published) == ("completed", "rest", n, n)
+        source.terminate()
+        sink.terminate()
+    finally:
+        for proc in (source, sink):
+            if isinstance(proc, AgentProcess):
+                proc.kill()
+        server.stop()
