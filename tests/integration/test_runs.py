@@ -432,3 +432,38 @@ chunk_size = 64
             if isinstance(proc, AgentProcess):
                 proc.kill()
         server.stop()
+
+
+def test_agents_write_only_their_own_run_records(tmp_path: Path, security_dir: Path) -> None:
+    """``mesh_runs``: an agent's credentials (from the permission table) put its own keys and
+    are refused another agent's; the control plane's bucket is otherwise out of reach."""
+    from mesh.runs.records import run_key
+    from mesh.transport import OutMessage, Refused
+    from mesh.transport.jetstream import JetStream
+
+    server = NatsServer(tmp_path / "nats", security_dir, layout=True)
+    server.start()
+    try:
+        create_runs_bucket(server)
+        erp = agent(tmp_path, server, security_dir, "erp-agent", "erp", bulk_flow(tmp_path / "erp.db"))
+        creds = str(tmp_path / "erp-agent.creds")
+        del erp
+
+        async def main() -> None:
+            cfg = server.nats_config(creds=creds, inbox_prefix="_INBOX.erp-agent")
+            async with JetStream(cfg, name="erp-agent") as js:
+                own = f"$KV.{RUNS_BUCKET}.{run_key('erp-agent', 'customers', 'customers-1', 'source')}"
+                assert await js.publish(OutMessage(own, b"{}", "own-1")) >= 1
+                other = f"$KV.{RUNS_BUCKET}.{run_key('crm-agent', 'customers', 'customers-1', 'sink')}"
+                with pytest.raises(
+                    Refused, match=r"^permission denied: publish to \$KV\.mesh_runs\.crm-agent\."
+                ):
+                    await js.publish(OutMessage(other, b"{}", "forged-1"))
+                with pytest.raises(
+                    Refused, match=r"permission denied: publish to \$JS\.API\.STREAM\.PURGE\.KV_mesh_runs"
+                ):
+                    await js.purge(f"KV_{RUNS_BUCKET}", up_to_seq=10)
+
+        anyio.run(main)
+    finally:
+        server.stop()
