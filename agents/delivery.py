@@ -592,6 +592,8 @@ class Apply:
                 for d, env, _ in todo:
                     await self.fail(transport, batch, d, env, exc)
                 todo = []
+        if self.tally is not None and todo:
+            await self._tally(todo, outcomes)
         now = now_ms()
         latency = self.metrics.latency.labels(flow)
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):
@@ -605,18 +607,29 @@ class Apply:
                 latency.observe(max(0, now - env.occurred_at) / 1000)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
-        if self.tally is not None:
-            ran = [
-                (d.headers[RUN_HEADER], env.id, outcome.value)
-                for (d, env, _), outcome in zip(todo, outcomes, strict=True)
-                if RUN_HEADER in d.headers and not isinstance(outcome, Exception)
-            ]
-            if ran:
-                await self.tally(ran)
         await inbox.record(entries)
         crash_point("apply.after_inbox")
         for d in acks:
             await batch.ack(d)
+
+    async def _tally(
+        self, todo: Sequence[tuple[Delivery, Envelope, SinkRecord]], outcomes: Sequence[Applied | Exception]
+    ) -> None:
+        """Count bulk-run envelopes (header ``Mesh-Run``) by outcome, once the sink's writes are
+        durable: applied, stale, unchanged, or failed when the failure is final (dead-lettered)."""
+        assert self.tally is not None
+        policy, max_deliver = self.plan.retry, self.plan.consumer.max_deliver
+        ran = []
+        for (d, env, _), outcome in zip(todo, outcomes, strict=True):
+            run = d.headers.get(RUN_HEADER)
+            if run is None:
+                continue
+            if not isinstance(outcome, Exception):
+                ran.append((run, env.id, outcome.value))
+            elif policy.action(outcome) != "retry" or d.num_delivered >= max_deliver:
+                ran.append((run, env.id, "failed"))
+        if ran:
+            await self.tally(ran)
 
     def check(self, subject: str, env: Envelope, max_version: int) -> None:
         """Check that ``env`` agrees with the subject it arrived on and with this flow, before

@@ -281,3 +281,64 @@ async def test_sink_tallies_count_each_envelope_once_and_merge_with_the_source_r
     views = merge_runs([RunEntry(role="sink", sink=counts), RunEntry(role="source", source=source)])
     assert [(v.run.id, v.run.applied, v.run.skipped) for v in views] == [("r1", 1, 1)]
     assert msgspec.json.decode(msgspec.json.encode(views[0]))["run"]["applied"] == 1
+
+
+@pytestmark_anyio
+async def test_apply_tallies_bulk_run_envelopes_by_outcome_once(tmp_path: Path) -> None:
+    """Envelopes with ``Mesh-Run`` are counted (applied, stale, failed when dead-lettered) after
+    the sink's write; a redelivered duplicate is not counted again; other envelopes not at all."""
+    from agents.delivery import Apply
+    from mesh.adapters import Applied, SinkRecord
+    from mesh.config import StreamsConfig
+    from mesh.envelope import Envelope, encode, encode_payload
+    from mesh.errors import RejectedRecord
+    from mesh.store import Inbox
+    from mesh.transport import MemoryTransport, OutMessage, Transport
+    from tests.unit.test_delivery import ScriptedSink
+
+    def sample(metrics: Metrics, outcome: str) -> float:
+        labels = {"flow": "customers", "outcome": outcome}
+        return metrics.registry.get_sample_value("mesh_consumed_messages_total", labels) or 0.0
+
+    def env(key: str, version: int) -> Envelope:
+        return Envelope(
+            id=envelope_id("customers@r1", "crm", key, version), kind="customer.upserted", flow="customers",
+            key=key, version=version, origin="crm", occurred_at=1, correlation_id="c",
+            payload=encode_payload({"id": key}),
+        )  # fmt: skip
+
+    def outcome(r: SinkRecord) -> Applied | Exception:
+        return {"1": Applied.APPLIED, "2": Applied.STALE}.get(r.key) or RejectedRecord("CHECK failed")
+
+    tallied: list[tuple[str, str, str]] = []
+
+    async def tally(items: list[tuple[str, str, str]]) -> None:
+        tallied.extend(items)
+
+    cfg = decode_flow({
+        "name": "customers", "entity": "customer",
+        "sink": {"adapter": "sqlite", "path": "unused.db", "table": "t", "key": "id"},
+        "consumer": {"max_deliver": 3, "ack_wait": 30, "fetch_timeout": 0.1},
+    })  # fmt: skip
+    sink = ScriptedSink(outcome, [])
+    async with MemoryTransport(name="unit") as t, Inbox(tmp_path / "inbox.db") as inbox:
+        await t.ensure_streams(StreamsConfig())
+
+        async def connected() -> Transport:
+            return t
+
+        metrics = Metrics()
+        plan = FlowPlan(cfg, agent="crm-agent", system="erp")
+        apply = Apply(plan, inbox, connected, metrics, lambda: sink, tally=tally)
+        envs = [env("1", 1), env("2", 1), env("3", 1)]
+        for e in envs:
+            await t.publish(OutMessage("evt.customer.upserted.crm", encode(e), e.id, {RUN_HEADER: "r1"}))
+        await t.publish(OutMessage("evt.customer.upserted.crm", encode(envs[0]), "again", {RUN_HEADER: "r1"}))
+        plain = Envelope(**{**msgspec.structs.asdict(env("4", 1)), "id": "plain-4"})
+        await t.publish(OutMessage("evt.customer.upserted.crm", encode(plain), plain.id))
+        async with anyio.create_task_group() as tg:
+            await tg.start(apply.run)
+            await until(lambda: len(sink.seen) == 4 and sample(metrics, "duplicate") == 1)
+            tg.cancel_scope.cancel()
+    assert sorted(tallied) == sorted([("r1", envs[0].id, "applied"), ("r1", envs[1].id, "stale"),
+                                      ("r1", envs[2].id, "failed")])  # fmt: skip
