@@ -171,6 +171,7 @@ class ScheduledSource(Source):
         self._committed: Checkpoint | None = None
         """The last checkpoint known to be in the outbox."""
         self._opened = False
+        self._failed = False
 
     def __repr__(self) -> str:
         run = self._last.run if self._last else None
@@ -187,21 +188,25 @@ class ScheduledSource(Source):
         with anyio.CancelScope(shield=True):
             try:
                 cp = self._committed
-                if cp is not None and cp.run is not None:
+                if cp is not None and cp.run is not None and not self._failed:
                     await self._record(cp, "interrupted")
             finally:
                 await self.extract.aclose()
 
-    def _record_of(self, cp: Checkpoint, state: str, finished: float | None = None) -> BulkRun:
+    def _record_of(
+        self, cp: Checkpoint, state: str, finished: float | None = None, detail: str = ""
+    ) -> BulkRun:
         assert cp.run is not None
         return BulkRun(
             id=cp.run, flow=self.flow, adapter=self.adapter, agent=self.agent, state=state,  # type: ignore[arg-type]
             scheduled_for=cp.due, started_at=cp.started_at, finished_at=finished, read=cp.read,
-            published=cp.read, checksum=f"{cp.checksum:032x}", resumed=cp.resumed,
+            published=cp.read, checksum=f"{cp.checksum:032x}", resumed=cp.resumed, detail=detail,
         )  # fmt: skip
 
-    async def _record(self, cp: Checkpoint, state: str, finished: float | None = None) -> None:
-        run = self._record_of(cp, state, finished)
+    async def _record(
+        self, cp: Checkpoint, state: str, finished: float | None = None, detail: str = ""
+    ) -> None:
+        run = self._record_of(cp, state, finished, detail)
         await self.store.put(run)
         if self.report is not None:
             await self.report(run)
@@ -239,7 +244,17 @@ class ScheduledSource(Source):
             await self._record(cp, "running")
             if self._committed is None or self._committed.run is None:
                 self._committed = cp  # a stop now leaves the run "interrupted" at 0 rows
-        rows = await self.extract.chunk(cp.after, min(limit, self.cfg.chunk_size))
+        try:
+            return self._batch(cp, await self.extract.chunk(cp.after, min(limit, self.cfg.chunk_size)))
+        except ConfigError as exc:
+            # The flow goes "failing" and retries (agents.delivery); the run resumes from its
+            # checkpoint once the cause is fixed. Until then the record says why.
+            committed = self._committed if self._committed and self._committed.run == cp.run else cp
+            await self._record(committed, "failed", detail=str(exc))
+            self._failed = True
+            raise
+
+    def _batch(self, cp: Checkpoint, rows: list[BulkRow]) -> ChangeBatch:
         if not rows:
             done = Checkpoint(last_due=cp.last_due)
             encoded = _CP_ENC.encode(done).decode()

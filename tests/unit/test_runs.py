@@ -342,3 +342,21 @@ async def test_apply_tallies_bulk_run_envelopes_by_outcome_once(tmp_path: Path) 
             tg.cancel_scope.cancel()
     assert sorted(tallied) == sorted([("r1", envs[0].id, "applied"), ("r1", envs[1].id, "stale"),
                                       ("r1", envs[2].id, "failed")])  # fmt: skip
+
+
+@pytestmark_anyio
+async def test_a_run_that_cannot_version_its_rows_is_failed_with_the_reason(tmp_path: Path) -> None:
+    db = tmp_path / "erp.db"
+    with closing(sqlite3.connect(db)) as c:
+        c.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")  # no updated_at
+        c.execute("INSERT INTO customers VALUES (1, 'a')")
+        c.commit()
+    clock = Clock(ts(2026, 12, 4, 2))
+    store = RunStore(tmp_path / "runs.db")
+    cursor = msgspec.json.encode(Checkpoint(last_due=ts(2026, 12, 3, 2))).decode()
+    with pytest.raises(ConfigError, match="no field 'updated_at'"):
+        async with scheduled(db, store, clock) as src:
+            await src.read(cursor, 100)
+    [run] = await store.list()
+    assert (run.state, run.read) == ("failed", 0)
+    assert "rows have no field 'updated_at' (schedule.version_field)" in run.detail
