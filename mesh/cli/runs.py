@@ -1,8 +1,10 @@
 """``meshctl runs list|show``: run records of scheduled bulk runs, across agents and adapters.
 
 Reads the ``mesh_runs`` KV bucket (every source agent's record of its runs, with the counts the
-sink agents report for the same run; see :mod:`mesh.runs.report`), or with ``--state-dir`` one
-agent's own ``runs.db`` without NATS. Reading never writes. Errors the operator can fix (server
+sink agents report for the same run; see :mod:`mesh.runs.report`), or, without NATS, one agent's
+own records: ``--state-dir`` (its ``runs.db``) or ``--config agent.toml`` (its ``runs.db`` plus
+the file runs of its CSV flows, the records ``meshctl files runs`` lists, as runs of adapter
+``csv`` with ids ``<flow>-file-<n>``). Reading never writes. Errors the operator can fix (server
 down, no bucket yet, unknown run) print one line and exit 2.
 """
 
@@ -17,8 +19,10 @@ import typer
 
 from mesh.cli._common import DEFAULT_URL, ControlPlaneOpt, JsonOpt, connection, fail, timestamp
 from mesh.cli.dlq import quiet_connection_logs
+from mesh.config import load_agent_config
 from mesh.errors import MeshError, TransportError
-from mesh.runs.records import RunStore, SinkTally
+from mesh.plugins import adapter_registry
+from mesh.runs.records import BulkRun, RunStore, SinkTally
 from mesh.runs.report import ENTRY, RUNS_BUCKET, RunEntry, RunView, merge_runs
 
 __all__ = ["app", "format_view", "read_bucket"]
@@ -39,6 +43,13 @@ StateDirOpt = Annotated[
         show_default=False,
     ),
 ]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="Read one agent's own records, CSV file runs included (agent TOML).",
+        show_default=False,
+    ),
+]  # fmt: skip
 FlowOpt = Annotated[str | None, typer.Option("--flow", help="Only this flow's runs.", show_default=False)]
 
 _ENC = msgspec.json.Encoder()
@@ -86,11 +97,52 @@ async def _local(state_dir: Path) -> list[RunEntry]:
     return entries
 
 
-def _views(state_dir: Path | None, server: str, flow: str | None) -> list[RunView]:
+_CSV_STATE = {"complete": "completed", "duplicate": "completed", "running": "running", "failed": "failed"}
+
+
+def _csv_runs(config: Path) -> list[RunEntry]:
+    """The CSV flows' file runs of the agent ``config`` as bulk-run entries (``meshctl files runs``)."""
+    cfg = load_agent_config(config)
+    registry = adapter_registry()
+    entries = []
+    seen: set[tuple[str, str]] = set()
+    for f in cfg.flows:
+        for side in (f.source, f.sink):
+            if side is None:
+                continue
+            log = registry.runs_of(side)
+            if log is None or (f.name, log.location(side)) in seen:
+                continue
+            seen.add((f.name, log.location(side)))
+            for r in log.read(side):
+                run = BulkRun(
+                    id=f"{f.name}-file-{r.id}", flow=f.name, adapter=str(type(side).__struct_config__.tag),
+                    agent=cfg.agent.name, state=_CSV_STATE.get(r.status, "failed"),  # type: ignore[arg-type]
+                    started_at=r.started_at, finished_at=r.finished_at, read=r.rows_in, published=r.rows_out,
+                    failed=r.rows_failed, checksum=r.checksum or "",
+                    detail=" ".join(x for x in (r.direction, r.file, r.detail) if x),
+                )  # fmt: skip
+                entries.append(RunEntry(role="source", source=run))
+    return entries
+
+
+def _views(
+    state_dir: Path | None, server: str, flow: str | None, config: Path | None = None
+) -> list[RunView]:
     quiet_connection_logs()
+    if config is not None:
+        if state_dir is not None:
+            fail("give --config or --state-dir, not both")
+        try:
+            state_dir = Path(load_agent_config(config).agent.state_dir)
+        except MeshError as exc:
+            fail(exc)
 
     async def main() -> list[RunEntry]:
-        return await (_local(state_dir) if state_dir is not None else read_bucket(server))
+        if state_dir is None:
+            return await read_bucket(server)
+        local = await _local(state_dir)
+        return local + (await anyio.to_thread.run_sync(_csv_runs, config) if config is not None else [])
 
     try:
         entries = anyio.run(main)
@@ -122,11 +174,12 @@ def _list(
     flow: FlowOpt = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest first).")] = 50,
     state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
     server: ControlPlaneOpt = DEFAULT_URL,
 ) -> None:
     """List runs, newest first: state, start, duration, counts read/published/applied/failed."""
-    views = _views(state_dir, server, flow)[:limit]
+    views = _views(state_dir, server, flow, config)[:limit]
     if as_json:
         typer.echo(_ENC.encode([msgspec.structs.asdict(v.run) for v in views]).decode())
         return
@@ -140,11 +193,12 @@ def _list(
 def _show(
     run_id: Annotated[str, typer.Argument(help="The run id (as `meshctl runs list` prints it).")],
     state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
     server: ControlPlaneOpt = DEFAULT_URL,
 ) -> None:
     """One run in full, with each sink agent's counts."""
-    found = [v for v in _views(state_dir, server, None) if v.run.id == run_id]
+    found = [v for v in _views(state_dir, server, None, config) if v.run.id == run_id]
     if not found:
         fail(f"no run {run_id!r} (see `meshctl runs list`)")
     v = found[0]

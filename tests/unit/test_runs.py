@@ -360,3 +360,49 @@ async def test_a_run_that_cannot_version_its_rows_is_failed_with_the_reason(tmp_
     [run] = await store.list()
     assert (run.state, run.read) == ("failed", 0)
     assert "rows have no field 'updated_at' (schedule.version_field)" in run.detail
+
+
+@pytestmark_anyio
+async def test_meshctl_runs_lists_an_agents_bulk_and_csv_runs_without_nats(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from mesh.cli import app
+    from mesh.config import load_agent_config
+    from tests.unit.test_csv_cli import make_runs
+
+    config = await make_runs(tmp_path)  # one CSV import (3 rows, 1 rejected) and one export
+    state = Path(load_agent_config(config).agent.state_dir)
+    bulk = BulkRun(id="other-20261203T020000Z", flow="other", adapter="sqlite", agent="files-agent",
+                   state="completed", started_at=time_now(), finished_at=time_now() + 2, read=5, published=5,
+                   checksum="ab" * 16)  # fmt: skip
+    await RunStore(state / "runs.db").put(bulk)
+    await SinkTally(state / "runs.db").record("other", [(bulk.id, "e1", "applied"), (bulk.id, "e2", "stale")])
+    runner = CliRunner()
+
+    async def cli(args: list[str]) -> Any:  # meshctl runs its own event loop: another thread
+        return await anyio.to_thread.run_sync(runner.invoke, app, args)
+
+    result = await cli(["runs", "list", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    docs = {d["id"]: d for d in json.loads(result.output)}
+    assert set(docs) == {"orders-in-file-1", "orders-out-file-1", bulk.id}
+    i = docs["orders-in-file-1"]
+    assert (i["adapter"], i["state"], i["read"], i["published"], i["failed"]) == ("csv", "completed", 3, 2, 1)
+    assert len(i["checksum"]) == 64
+    b = docs[bulk.id]
+    assert (b["state"], b["read"], b["applied"], b["skipped"]) == ("completed", 5, 1, 1)
+    shown = await cli(["runs", "show", bulk.id, "--state-dir", str(state)])
+    assert shown.exit_code == 0, shown.output
+    assert "applied        1" in shown.output
+    both = await cli(["runs", "list", "--config", str(config), "--state-dir", str(state)])
+    assert both.exit_code == 2
+    assert "not both" in both.output
+    assert "Traceback" not in both.output
+
+
+def time_now() -> float:
+    import time
+
+    return time.time()
