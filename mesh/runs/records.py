@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,7 +167,13 @@ CREATE TABLE IF NOT EXISTS sink_outcomes (
     run TEXT NOT NULL, flow TEXT NOT NULL, id TEXT NOT NULL, outcome TEXT NOT NULL,
     PRIMARY KEY (run, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_runs (run TEXT PRIMARY KEY, flow TEXT NOT NULL, first_seen REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sink_runs_flow ON sink_runs (flow, first_seen);
 """
+
+KEEP_RUNS = 20
+"""Per flow, the sink keeps the per-envelope outcomes of this many most recent runs; older runs'
+outcomes are dropped (their last counts stay in ``mesh_runs``), so the file does not grow."""
 
 
 class SinkTally:
@@ -178,12 +185,13 @@ class SinkTally:
     guard's answer on redelivery) instead of ``applied``.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, keep_runs: int = KEEP_RUNS) -> None:
         self.path = Path(path)
+        self.keep_runs = keep_runs
         self._lock = anyio.Lock()
 
     def __repr__(self) -> str:
-        return f"<SinkTally {self.path}>"
+        return f"<SinkTally {self.path} keep_runs={self.keep_runs}>"
 
     def _run(self, work: Any) -> Any:
         try:
@@ -204,14 +212,32 @@ class SinkTally:
         """Record (run, envelope id, outcome) triples; return the runs that changed."""
 
         def work(conn: sqlite3.Connection) -> set[str]:
+            runs = {run for run, _, _ in outcomes}
             conn.execute("BEGIN IMMEDIATE")
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO sink_outcomes (run, flow, id, outcome) VALUES (?, ?, ?, ?)",
-                [(run, flow, i, o) for run, i, o in outcomes],
-            )
-            conn.execute("COMMIT")
-            return {run for run, _, _ in outcomes} if conn.total_changes != before else set()
+            try:
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO sink_outcomes (run, flow, id, outcome) VALUES (?, ?, ?, ?)",
+                    [(run, flow, i, o) for run, i, o in outcomes],
+                )
+                changed = conn.total_changes != before
+                new = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO sink_runs (run, flow, first_seen) VALUES (?, ?, ?)",
+                    [(run, flow, time.time()) for run in sorted(runs)],
+                )
+                if conn.total_changes != new:  # a new run: forget the outcomes of old ones
+                    old = [r for (r,) in conn.execute(
+                        "SELECT run FROM sink_runs WHERE flow = ? ORDER BY first_seen DESC, rowid DESC LIMIT -1 OFFSET ?",
+                        (flow, self.keep_runs),
+                    )]  # fmt: skip
+                    conn.executemany("DELETE FROM sink_outcomes WHERE run = ?", [(r,) for r in old])
+                    conn.executemany("DELETE FROM sink_runs WHERE run = ?", [(r,) for r in old])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return runs if changed else set()
 
         async with self._lock:
             changed: set[str] = await anyio.to_thread.run_sync(self._run, work)

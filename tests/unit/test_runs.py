@@ -406,3 +406,13 @@ def time_now() -> float:
     import time
 
     return time.time()
+
+
+@pytestmark_anyio
+async def test_sink_tallies_keep_only_the_latest_runs_per_flow(tmp_path: Path) -> None:
+    tally = SinkTally(tmp_path / "runs.db", keep_runs=2)
+    for n in range(4):
+        await tally.record("customers", [(f"r{n}", f"e{n}", "applied")])
+        await tally.record("orders", [(f"o{n}", f"e{n}", "applied")]) if n == 0 else None
+    assert [await tally.counts(f"r{n}", "a") is not None for n in range(4)] == [False, False, True, True]
+    assert await tally.counts("o0", "a") is not None  # another flow's runs are its own
