@@ -228,7 +228,8 @@ class SinkTally:
                 )
                 if conn.total_changes != new:  # a new run: forget the outcomes of old ones
                     old = [r for (r,) in conn.execute(
-                        "SELECT run FROM sink_runs WHERE flow = ? ORDER BY first_seen DESC, rowid DESC LIMIT -1 OFFSET ?",
+                        "SELECT run FROM sink_runs WHERE flow = ? "
+                        "ORDER BY first_seen DESC, rowid DESC LIMIT -1 OFFSET ?",
                         (flow, self.keep_runs),
                     )]  # fmt: skip
                     conn.executemany("DELETE FROM sink_outcomes WHERE run = ?", [(r,) for r in old])
