@@ -14,6 +14,7 @@ by their ``adapter = "..."`` with the tagged unions built from the installed ada
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -36,7 +37,7 @@ from mesh._config_base import (
     PositiveInt,
     Token,
 )
-from mesh.errors import ConfigError, ConfigProblem, RetryableError
+from mesh.errors import ConfigError, ConfigProblem, PluginError, RetryableError
 from mesh.mapping import MappingConfig
 from mesh.ownership import EntityOwnership
 from mesh.plugins import AdapterRegistry, RoleName, adapter_registry
@@ -426,6 +427,18 @@ def check_flow(flow: FlowConfig, path: str) -> list[ConfigProblem]:
             problems.extend(
                 ConfigProblem(f"{path}.{side}.{p}" if p else f"{path}.{side}", m) for p, m in cfg.problems()
             )
+    if flow.schedule is not None:
+        if flow.source is None:
+            problems.append(ConfigProblem(f"{path}.schedule", "a schedule runs the flow's [source]: add one"))
+        else:
+            tag = type(flow.source).__struct_config__.tag
+            with contextlib.suppress(PluginError):  # an unknown adapter is reported elsewhere
+                if adapter_registry().plugin_of(flow.source).bulk is None:
+                    problems.append(ConfigProblem(
+                        f"{path}.schedule",
+                        f"adapter {tag!r} cannot run on a schedule (it has no bulk extract; "
+                        "sqlite, postgres and rest can)",
+                    ))  # fmt: skip
     return problems
 
 

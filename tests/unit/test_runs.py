@@ -416,3 +416,46 @@ async def test_sink_tallies_keep_only_the_latest_runs_per_flow(tmp_path: Path) -
         await tally.record("orders", [(f"o{n}", f"e{n}", "applied")]) if n == 0 else None
     assert [await tally.counts(f"r{n}", "a") is not None for n in range(4)] == [False, False, True, True]
     assert await tally.counts("o0", "a") is not None  # another flow's runs are its own
+
+
+def test_a_schedule_needs_a_source_whose_adapter_can_extract(tmp_path: Path) -> None:
+    from mesh.config import load_agent_config
+
+    base = """
+[agent]
+name = "a"
+system = "s"
+state_dir = "state"
+[[flows]]
+name = "f"
+entity = "customer"
+"""
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        base
+        + """
+[flows.source]
+adapter = "csv"
+inbox_dir = "in"
+state_path = "state/f.db"
+key = "id"
+[flows.schedule]
+cron = "0 2 * * *"
+"""
+    )
+    with pytest.raises(ConfigError, match=r"flows\[0\]\.schedule.*adapter 'csv' cannot run on a schedule"):
+        load_agent_config(config)
+    config.write_text(
+        base
+        + """
+[flows.sink]
+adapter = "sqlite"
+path = "x.db"
+table = "t"
+key = "id"
+[flows.schedule]
+cron = "0 2 * * *"
+"""
+    )
+    with pytest.raises(ConfigError, match=r"flows\[0\]\.schedule.*runs the flow.s \[source\]"):
+        load_agent_config(config)
