@@ -444,6 +444,11 @@ def test_agents_write_only_their_own_run_records(tmp_path: Path, security_dir: P
     server = NatsServer(tmp_path / "nats", security_dir, layout=True)
     server.start()
     try:
+        before = meshctl(server, "runs", "list")  # no control plane yet: no bucket
+        assert before.returncode == 2
+        assert before.stderr.startswith("error: cannot read the mesh_runs bucket")
+        assert len(before.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in before.stderr
         create_runs_bucket(server)
         erp = agent(tmp_path, server, security_dir, "erp-agent", "erp", bulk_flow(tmp_path / "erp.db"))
         creds = str(tmp_path / "erp-agent.creds")

@@ -3,6 +3,7 @@ last committed chunk and every row reaches the target exactly once (slow: ``cras
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import pytest
 from tests._pg import PgCluster
 from tests._secure import SecuredNatsServer as NatsServer
 from tests.integration._harness import AgentProcess, assert_effect_once, log_tail, wait_until
-from tests.integration.test_runs import agent, create_runs_bucket, local_runs, make_target, sink_flow, table
+from tests.integration.test_runs import (
+    agent,
+    create_runs_bucket,
+    local_runs,
+    make_target,
+    meshctl,
+    sink_flow,
+    table,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.crash, pytest.mark.timeout(600)]
 
@@ -83,6 +92,12 @@ chunk_size = 1000
         [run] = local_runs(state)
         assert (run.state, run.read, run.published, run.resumed) == ("completed", N, N, 2)
         print(f"killed at {killed_at} rows; run took {run.finished_at - run.started_at:.1f}s")  # type: ignore[operator]
+
+        def applied() -> int:
+            out = meshctl(server, "runs", "show", run.id, "--json")
+            return int(json.loads(out.stdout)["run"]["applied"]) if out.returncode == 0 else -1
+
+        wait_until(lambda: applied() == N, 60, "the sink's applied count in mesh_runs")
         source.terminate()
         sink.terminate()
     finally:
