@@ -168,6 +168,7 @@ def meshctl(server: NatsServer, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.crash  # SIGKILLs the source agent (so: slow, see tests/conftest.py)
 def test_a_scheduled_sqlite_run_killed_twice_resumes_and_applies_once(
     tmp_path: Path, security_dir: Path
 ) -> None:
