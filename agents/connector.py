@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -23,23 +23,27 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from agents.control import ControlChannel
-from agents.delivery import Apply, Capture, FlowPlan, Relay
+from agents.delivery import Apply, Capture, FlowPlan, Relay, RunTally
 from agents.flows import FlowHandle, FlowManager
 from agents.layout import StreamCheck
 from mesh.actors import Actor, Backoff, Supervisor
 from mesh.adapters import Sink, Source
 from mesh.api import RESULTS_BUCKET, ensure_results_bucket
 from mesh.api.server import ApiServer
-from mesh.config import AdapterConfig, AgentConfig, NatsConfig
+from mesh.config import AdapterConfig, AgentConfig, FlowConfig, NatsConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
-from mesh.errors import TransportError
+from mesh.errors import ConfigError, TransportError
 from mesh.heartbeat import Heartbeat, metric_total
 from mesh.metrics import Metrics
 from mesh.plugins import adapter_registry
 from mesh.readiness import Readiness
 from mesh.redact import redact_urls
+from mesh.runs import RunStore
+from mesh.runs.bulk import ScheduledSource
+from mesh.runs.records import SinkTally
+from mesh.runs.report import RunReporter
 from mesh.store import Inbox, Outbox, private_dir
-from mesh.transport import Consumer, JetStream
+from mesh.transport import Consumer, JetStream, OutMessage
 
 __all__ = [
     "Apply",
@@ -170,7 +174,12 @@ class ConnectorAgent:
         state = Path(cfg.agent.state_dir)
         self.outbox = Outbox(state / "outbox.db")
         self.inbox = Inbox(state / "inbox.db")
+        self.runs = RunStore(state / "runs.db")
+        """Run records of this agent's scheduled flows (:mod:`mesh.runs`)."""
+        self.tally = SinkTally(state / "runs.db")
+        """What this agent's sinks did with the envelopes of bulk runs."""
         self.link = NatsLink(cfg, self.metrics, self.readiness)
+        self.run_reports = RunReporter(cfg.agent.name, self._publish)
         self.streams = StreamCheck(self.link.wait, cfg.streams, self.readiness, every=stream_check_every)
         self.api_server: ApiServer | None = None
         """The System API service (README "System APIs"), once serving."""
@@ -246,6 +255,7 @@ class ConnectorAgent:
                 agent=self.cfg.agent.name, inflight=self.inflight, streams=self.streams,
             )  # fmt: skip
             await sup.start("relay", relay.run)  # the agent's, whatever flows come and go
+            await sup.start("run-reports", self.run_reports.run)
             a = self.cfg.agent
             self.flows = FlowManager(
                 a.name, sup, self._flow_actors,
@@ -291,9 +301,9 @@ class ConnectorAgent:
         a = self.cfg.agent
         plan = FlowPlan(h.cfg, agent=a.name, system=a.system)  # one per flow (re)start, shared
         actors: list[tuple[str, Actor]] = []
-        if (source_cfg := h.cfg.source) is not None:
+        if h.cfg.source is not None:
             capture = Capture(
-                plan, self.outbox, self.metrics, lambda: open_source(source_cfg),
+                plan, self.outbox, self.metrics, self._source_maker(h.cfg),
                 outbox_max_bytes=a.outbox_max_bytes, handle=h, config_retry=self.config_retry,
             )  # fmt: skip
             actors.append((f"capture:{h.name}", capture.run))
@@ -301,10 +311,43 @@ class ConnectorAgent:
             apply = Apply(
                 plan, self.inbox, self.link.wait, self.metrics, lambda: open_sink(sink_cfg),
                 handle=h, inflight=self.inflight, consumers=self.consumers, streams=self.streams,
-                config_retry=self.config_retry,
+                config_retry=self.config_retry, tally=self._tally_of(h.name),
             )  # fmt: skip
             actors.append((f"apply:{h.name}", apply.run))
         return actors
+
+    def _source_maker(self, flow: FlowConfig) -> Callable[[], Source]:
+        """Opens the flow's source: continuous, or a scheduled bulk run (:mod:`mesh.runs`)."""
+        source_cfg, schedule = flow.source, flow.schedule
+        assert source_cfg is not None
+        if schedule is None:
+            return lambda: open_source(source_cfg)
+
+        tag = str(type(source_cfg).__struct_config__.tag)
+
+        def scheduled() -> Source:
+            maker = adapter_registry().bulk_of(source_cfg)
+            if maker is None:
+                why = f"adapter {tag!r} cannot run on a schedule (it has no bulk extract)"
+                raise ConfigError(f"flow {flow.name}: {why}")
+            return ScheduledSource(
+                flow.name, tag, schedule, maker(source_cfg), self.runs,
+                agent=self.cfg.agent.name, report=self.run_reports.report,
+            )  # fmt: skip
+
+        return scheduled
+
+    async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
+        js = await self.link.wait()
+        await js.publish(OutMessage(subject, data, msg_id))
+
+    def _tally_of(self, flow: str) -> RunTally:
+        async def tally(outcomes: list[tuple[str, str, str]]) -> None:
+            changed = await self.tally.record(flow, outcomes)
+            if changed:
+                await self.run_reports.tallied(self.tally, flow, changed)
+
+        return tally
 
     async def _outbox_depth(self, flow: str) -> int:
         return (await self.outbox.stats_by_flow()).get(flow, (0, 0.0))[0]

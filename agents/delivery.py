@@ -73,6 +73,7 @@ from mesh.faults import crash_point
 from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
+from mesh.runs.bulk import RUN_HEADER
 from mesh.store import Inbox, InboxEntry, Outbox
 from mesh.transport import (
     EVENTS_STREAM,
@@ -86,7 +87,7 @@ from mesh.transport import (
 )
 from mesh.transport.subjects import consumer_name
 
-__all__ = ["CONFIG_RETRY", "Apply", "Capture", "FlowPlan", "Inflight", "Relay", "TransportSource"]
+__all__ = ["CONFIG_RETRY", "Apply", "Capture", "FlowPlan", "Inflight", "Relay", "RunTally", "TransportSource"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ _ROW_EVENTS = frozenset({"upserted", "deleted"})
 
 TransportSource = Callable[[], Awaitable[Transport]]
 """Waits until the broker link is up and returns its transport."""
+
+RunTally = Callable[[list[tuple[str, str, str]]], Awaitable[None]]
+"""Records (run id, envelope id, outcome) of bulk-run envelopes a sink handled (see :mod:`mesh.runs`)."""
 
 Inflight = Callable[[str], AbstractContextManager[anyio.CancelScope]]
 """A shielded scope for one unit of in-flight work of ``owner`` (see ``ConnectorAgent.inflight``)."""
@@ -271,8 +275,10 @@ class Capture:
                 crash_point("capture.before_commit")
                 with anyio.CancelScope(shield=True):  # one short transaction: let it finish
                     await outbox.capture(flow, batch.cursor, items, headers=dead)
-                if dead:
+                if dead and not batch.run:
                     rejected.inc(len(dead))
+                elif dead:
+                    rejected.inc(sum(1 for h in dead.values() if RUN_HEADER not in h))
                 crash_point("capture.after_commit")
                 captured.inc(len(items))
                 cursor = batch.cursor
@@ -286,9 +292,10 @@ class Capture:
         now = now_ms()
         items = []
         dead: dict[str, dict[str, str]] = {}
+        id_flow = f"{flow}@{batch.run}" if batch.run else flow  # a bulk run's own ids (mesh.runs.bulk)
         for ch in batch.changes:
             event = "deleted" if ch.deleted else "upserted"
-            eid = envelope_id(flow, system, ch.key, ch.version)
+            eid = envelope_id(id_flow, system, ch.key, ch.version)
             subject = event_subject(entity, event, system)
             schema, body = data.schema, ch.row
             if data.to_canonical is not None:
@@ -319,6 +326,8 @@ class Capture:
                 payload=encode_payload(body),
             )
             items.append((eid, subject, encode(env)))
+            if batch.run and eid not in dead:
+                dead[eid] = {RUN_HEADER: batch.run}  # extra headers by id (dead letters have theirs)
         return items, dead
 
 
@@ -404,8 +413,12 @@ class Apply:
         consumers: dict[str, Consumer] | None = None,
         streams: StreamCheck | None = None,
         config_retry: Backoff | None = None,
+        tally: RunTally | None = None,
     ) -> None:
         self.plan = plan
+        self.tally = tally
+        """Told the (run, envelope id, outcome) of envelopes of scheduled bulk runs (their
+        ``Mesh-Run`` header) after the sink's write and before the inbox records them."""
         self.streams = streams
         """Says whether MESH_EVENTS exists; without it a missing stream is retried every second."""
         self.config_retry = config_retry or CONFIG_RETRY
@@ -581,6 +594,8 @@ class Apply:
                 for d, env, _ in todo:
                     await self.fail(transport, batch, d, env, exc)
                 todo = []
+        if self.tally is not None and todo:
+            await self._tally(todo, outcomes)
         now = now_ms()
         latency = self.metrics.latency.labels(flow)
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):
@@ -598,6 +613,25 @@ class Apply:
         crash_point("apply.after_inbox")
         for d in acks:
             await batch.ack(d)
+
+    async def _tally(
+        self, todo: Sequence[tuple[Delivery, Envelope, SinkRecord]], outcomes: Sequence[Applied | Exception]
+    ) -> None:
+        """Count bulk-run envelopes (header ``Mesh-Run``) by outcome, once the sink's writes are
+        durable: applied, stale, unchanged, or failed when the failure is final (dead-lettered)."""
+        assert self.tally is not None
+        policy, max_deliver = self.plan.retry, self.plan.consumer.max_deliver
+        ran = []
+        for (d, env, _), outcome in zip(todo, outcomes, strict=True):
+            run = d.headers.get(RUN_HEADER)
+            if run is None:
+                continue
+            if not isinstance(outcome, Exception):
+                ran.append((run, env.id, outcome.value))
+            elif policy.action(outcome) != "retry" or d.num_delivered >= max_deliver:
+                ran.append((run, env.id, "failed"))
+        if ran:
+            await self.tally(ran)
 
     def check(self, subject: str, env: Envelope, max_version: int) -> None:
         """Check that ``env`` agrees with the subject it arrived on and with this flow, before

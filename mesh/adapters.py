@@ -45,6 +45,9 @@ class ChangeBatch(msgspec.Struct, frozen=True, kw_only=True):
 
     changes: list[Change]
     cursor: str
+    run: str = ""
+    """The scheduled bulk run the changes belong to (see :mod:`mesh.runs.bulk`): their envelope
+    ids then derive from (flow, run, key, version) and carry the ``Mesh-Run`` header."""
 
 
 class SinkRecord(msgspec.Struct, frozen=True, kw_only=True):

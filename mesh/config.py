@@ -14,6 +14,7 @@ by their ``adapter = "..."`` with the tagged unions built from the installed ada
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -37,10 +38,11 @@ from mesh._config_base import (
     PositiveInt,
     Token,
 )
-from mesh.errors import ConfigError, ConfigProblem, RetryableError
+from mesh.errors import ConfigError, ConfigProblem, PluginError, RetryableError
 from mesh.mapping import MappingConfig
 from mesh.ownership import EntityOwnership
 from mesh.plugins import AdapterRegistry, RoleName, adapter_registry
+from mesh.runs.schedule import ScheduleConfig
 
 __all__ = [
     "AdapterConfig",
@@ -290,6 +292,9 @@ class FlowConfig(ConfigStruct, frozen=True):
     ownership: EntityOwnership | None = None
     """Apply side: which system may create, delete and write which fields (see
     :mod:`mesh.ownership`); versions are then compared per origin."""
+    schedule: ScheduleConfig | None = None
+    """Capture side: run the source as a scheduled bulk extract (:mod:`mesh.runs`) instead of
+    continuously; the source's adapter must have the ``bulk`` capability."""
 
 
 class AgentConfig(ConfigStruct, frozen=True):
@@ -443,6 +448,18 @@ def check_flow(flow: FlowConfig, path: str) -> list[ConfigProblem]:
             problems.extend(
                 ConfigProblem(f"{path}.{side}.{p}" if p else f"{path}.{side}", m) for p, m in cfg.problems()
             )
+    if flow.schedule is not None:
+        if flow.source is None:
+            problems.append(ConfigProblem(f"{path}.schedule", "a schedule runs the flow's [source]: add one"))
+        else:
+            tag = type(flow.source).__struct_config__.tag
+            with contextlib.suppress(PluginError):  # an unknown adapter is reported elsewhere
+                if adapter_registry().plugin_of(flow.source).bulk is None:
+                    problems.append(ConfigProblem(
+                        f"{path}.schedule",
+                        f"adapter {tag!r} cannot run on a schedule (it has no bulk extract; "
+                        "sqlite, postgres and rest can)",
+                    ))  # fmt: skip
     return problems
 
 

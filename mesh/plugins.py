@@ -181,6 +181,9 @@ class AdapterPlugin:
     operation: Role | None = None
     """Optional: System API operations (``[api.operations.run]``); the factory takes the operation's
     run config and returns a :class:`mesh.api.Operation`."""
+    bulk: str | None = None
+    """``"module:callable"``: makes the source's full extract for a scheduled flow (the callable
+    takes the source config and returns a :class:`mesh.runs.bulk.BulkExtract`)."""
     summary: str = ""
     """One line for listings: what system the adapter talks to."""
 
@@ -206,11 +209,14 @@ class AdapterPlugin:
                     f" (declare it with tag={self.name!r})"
                 )
             _check_ref(self.name, f"{role_name} factory", role.factory)
-        for what, ref in (("capture", self.capture), ("runs", self.runs), ("preflight", self.preflight)):
+        refs = (("capture", self.capture), ("runs", self.runs), ("preflight", self.preflight), ("bulk", self.bulk))
+        for what, ref in refs:
             if ref is not None:
                 _check_ref(self.name, what, ref)
         if self.capture is not None and self.source is None:
             raise ValueError(f"adapter {self.name!r}: capture needs a source")
+        if self.bulk is not None and self.source is None:
+            raise ValueError(f"adapter {self.name!r}: bulk needs a source")
 
     @property
     def roles(self) -> tuple[RoleName, ...]:
@@ -219,7 +225,9 @@ class AdapterPlugin:
     @property
     def capabilities(self) -> frozenset[str]:
         """The roles and the optional capabilities this adapter declares."""
-        extra = [c for c in ("capture", "runs", "preflight", "operation") if getattr(self, c) is not None]
+        extra = [
+            c for c in ("capture", "runs", "preflight", "operation", "bulk") if getattr(self, c) is not None
+        ]
         return frozenset([*self.roles, *extra])
 
     def role(self, role: RoleName) -> Role | None:
@@ -384,6 +392,15 @@ class AdapterRegistry:
             return None
         check: Preflight = _resolve(plugin, "preflight", plugin.preflight)
         return check
+
+    def bulk_of(self, cfg: AdapterConfig) -> Any | None:
+        """The maker of ``cfg``'s full extract (a callable taking ``cfg`` and returning a
+        :class:`mesh.runs.bulk.BulkExtract`), if its adapter declares the ``bulk`` capability
+        (raises :class:`~mesh.errors.PluginError` when it does not import)."""
+        plugin = self.plugin_of(cfg)
+        if plugin.bulk is None or plugin.source is None or type(cfg) is not plugin.source.config:
+            return None
+        return _resolve(plugin, "bulk", plugin.bulk)
 
 
 def _origin(ep: EntryPoint) -> str:

@@ -16,4 +16,5 @@ REST = AdapterPlugin(
     sink=Role(RestSinkConfig, "adapters.rest.sink:RestSink"),
     preflight="adapters.rest._preflight:rest_preflight",
     operation=Role(RestOperationConfig, "adapters.rest._api:RestOperation"),
+    bulk="adapters.rest._bulk:rest_extract",
 )

@@ -17,6 +17,7 @@ SQLITE = AdapterPlugin(
     capture="adapters.sql._capture:SQLITE_CAPTURE",
     preflight="adapters.sql._preflight:sql_preflight",
     operation=Role(SqliteOperationConfig, "adapters.sql._api:SqliteOperation"),
+    bulk="adapters.sql._bulk:sqlite_extract",
 )
 
 POSTGRES = AdapterPlugin(
@@ -27,4 +28,5 @@ POSTGRES = AdapterPlugin(
     capture="adapters.sql._capture:POSTGRES_CAPTURE",
     preflight="adapters.sql._preflight:sql_preflight",
     operation=Role(PostgresOperationConfig, "adapters.sql._api:PostgresOperation"),
+    bulk="adapters.sql._bulk:postgres_extract",
 )

@@ -47,6 +47,7 @@ from mesh.cli import (
 )
 from mesh.cli import (
     saga as cli_saga,
+    runs as cli_runs,
 )
 from mesh.cli import (
     schema as cli_schema,
@@ -87,6 +88,7 @@ app.add_typer(cli_audit.app, name="audit")
 app.add_typer(cli_api.app, name="api")
 app.add_typer(cli_schema.app, name="schema")
 app.add_typer(cli_files.app, name="files")
+app.add_typer(cli_runs.app, name="runs")
 app.add_typer(cli_capture.app, name="capture")
 app.add_typer(cli_security.app, name="security")
 app.add_typer(cli_xref.app, name="xref")

@@ -1,8 +1,8 @@
 """Control-plane state in JetStream KV: the buckets, compare-and-swap access, and a mirror.
 
 * :func:`ensure_buckets` creates ``mesh_agents``, ``mesh_flows``, ``mesh_assign``,
-  ``mesh_leader`` and ``mesh_sagas`` (the orchestrators' saga state) when missing and is safe
-  to run from many replicas at once.
+  ``mesh_leader``, ``mesh_sagas`` (the orchestrators' saga state) and ``mesh_runs`` (run
+  records of scheduled bulk runs) when missing and is safe to run from many replicas at once.
 * :class:`Bucket` is the small interface the control plane needs: ``get``, ``create`` (only if
   absent), ``update`` (only if the revision still matches: compare-and-swap), ``put`` and
   ``delete`` and ``watch``; it lives in :mod:`mesh.transport` (``NatsBucket`` on JetStream,
@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 
 from mesh.controlplane.models import AGENTS_BUCKET, ASSIGN_BUCKET, FLOWS_BUCKET, LEADER_BUCKET
 from mesh.saga.state import SAGA_BUCKET
+from mesh.runs.report import RUNS_BUCKET
 from mesh.transport import Bucket, Entry, MemoryBucket, NatsBucket, RevisionConflict, Transport
 
 __all__ = [
@@ -44,6 +45,7 @@ BUCKETS: dict[str, int] = {
     ASSIGN_BUCKET: 1,
     LEADER_BUCKET: 1,
     SAGA_BUCKET: 1,  # the orchestrators' saga state (mesh.saga)
+    RUNS_BUCKET: 1,  # run records of scheduled bulk runs, written by the agents (mesh.runs.report)
 }
 """Bucket name -> history kept per key."""
 

@@ -38,6 +38,7 @@ __all__ = [
     "permission_table",
     "permissions_for_agent",
     "permissions_for_orchestrator",
+    "runs_subject",
     "validate_prefix",
     "validate_token",
 ]
@@ -45,6 +46,7 @@ __all__ = [
 DEFAULT_PREFIX = "mesh.cp"
 ASSIGN_BUCKET = "mesh_assign"
 API_RESULTS_BUCKET = "mesh_api_results"
+RUNS_BUCKET = "mesh_runs"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
@@ -86,6 +88,12 @@ def assignment_get_subject(name: str) -> str:
     return f"$JS.API.DIRECT.GET.KV_{ASSIGN_BUCKET}.{assignment_subject(name)}"
 
 
+def runs_subject(name: str) -> str:
+    """``$KV.mesh_runs.<name>.>``: the agent's own keys of the run-record bucket (a KV put is a
+    JetStream publish to ``$KV.<bucket>.<key>``); other agents' keys stay out of reach."""
+    return f"$KV.{RUNS_BUCKET}.{validate_token(name, 'agent name')}.>"
+
+
 def agent_permissions(
     name: str,
     systems: Iterable[str],
@@ -125,6 +133,7 @@ def agent_permissions(
             f"$JS.ACK.{EVENTS_STREAM}.{c}.>",
         ]
     pub.append(assignment_get_subject(name))
+    pub.append(runs_subject(name))
     sub = [f"{inbox_prefix(name)}.>", f"{prefix}.agent.{name}", assignment_subject(name)]
     api_pub, api_sub = api_permissions(apis)
     pub += api_pub

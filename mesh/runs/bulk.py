@@ -1,0 +1,290 @@
+"""The scheduled bulk run of a source: :class:`ScheduledSource` wraps an adapter's
+:class:`BulkExtract` (rows in key order, after a key) into a resumable, chunked Source.
+
+How a run works, and what it guarantees:
+
+* When the schedule says a run is due (:class:`~mesh.runs.schedule.Schedule`), the run id is
+  derived from the flow and the scheduled time (``customers-20261203T020000Z``): a run restarted
+  before its first chunk committed gets the same id.
+* Each chunk (``chunk_size`` rows with keys after the last committed key) is one
+  :class:`~mesh.adapters.ChangeBatch` whose cursor is the run's checkpoint (run id, last key,
+  counts, checksum). The capture actor commits the cursor and the chunk's envelopes in ONE outbox
+  transaction (I1), so a run killed at any point resumes from its last committed chunk.
+* Every row carries its real version (``version_field``), never the time of the run; the
+  envelope id is derived from (flow, run id, key, version) (I2), so a resumed chunk yields the
+  same ids (the outbox and JetStream drop the repeats, the sink's inbox dedupes), and a row that
+  an event already brought to a newer version is skipped by the sink's version guard (I5).
+  Envelopes of a run carry the header ``Mesh-Run: <run id>`` so sinks can count what they applied.
+* When the extract is exhausted the run is ``completed`` (an empty batch carries the final
+  checkpoint) and the source waits for the next scheduled time.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime
+from typing import Any, NamedTuple
+
+import anyio
+import msgspec
+
+from mesh.adapters import Change, ChangeBatch, Source
+from mesh.errors import ConfigError
+from mesh.runs.records import BulkRun, RunStore, add_hash, record_hash
+from mesh.runs.schedule import Clock, Schedule, ScheduleConfig
+
+__all__ = [
+    "RUN_HEADER",
+    "BulkExtract",
+    "BulkRow",
+    "Checkpoint",
+    "ScheduledSource",
+    "row_version",
+    "run_id_for",
+]
+
+RUN_HEADER = "Mesh-Run"
+"""The message header naming the bulk run an envelope belongs to."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class BulkRow(NamedTuple):
+    """One extracted row: where it is (``position``, JSON-encodable, passed back as ``after`` to
+    continue), its entity ``key``, the ``row``, and its ``version`` when the adapter knows it
+    (None: read from the row's ``version_field``); ``deleted`` for a soft-deleted record."""
+
+    position: Any
+    key: str
+    row: dict[str, Any]
+    version: int | None = None
+    deleted: bool = False
+
+
+class BulkExtract(abc.ABC):
+    """An adapter's full extract, in key order. Implementations: adapters/sql/_bulk.py,
+    adapters/rest/_bulk.py. Used as an async context manager (``open`` / idempotent ``aclose``)."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect. Raises SystemUnavailable (retry later) or ConfigError (table/columns missing)."""
+
+    @abc.abstractmethod
+    async def chunk(self, after: Any, limit: int) -> list[BulkRow]:
+        """Up to ``limit`` rows whose position sorts after ``after`` (None: from the first), in
+        position order; ``key`` is the entity key as the adapter's continuous source spells it.
+
+        Raises:
+            SystemUnavailable: the system went away; the caller retries from the same checkpoint.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""
+
+
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The cursor of a scheduled flow: the run in progress (if any) and the last run's schedule time."""
+
+    last_due: float | None = None
+    """The scheduled time of the last run started (None: never ran)."""
+    run: str | None = None
+    due: float = 0.0
+    started_at: float = 0.0
+    after: Any = None
+    read: int = 0
+    checksum: int = 0
+    resumed: int = 0
+
+
+_CP_ENC = msgspec.json.Encoder()
+_CP_DEC = msgspec.json.Decoder(Checkpoint)
+
+
+def run_id_for(flow: str, due: float) -> str:
+    return f"{flow}-{datetime.fromtimestamp(due, UTC):%Y%m%dT%H%M%SZ}"
+
+
+def row_version(value: Any, field: str) -> int:
+    """A row's version: an integer, or a timestamp (datetime, date or ISO-8601 text) in
+    microseconds since the epoch (naive = UTC).
+
+    Raises:
+        ConfigError: the value is neither (``field`` names where it came from).
+    """
+    original = value
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        return value
+    elif isinstance(value, float) and value.is_integer():
+        return int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        with contextlib.suppress(ValueError):
+            value = datetime.fromisoformat(text)
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return (moment - _EPOCH) // (datetime.resolution)
+    raise ConfigError(
+        f"version_field {field!r} holds {original!r}: a row's version must be an integer or a timestamp"
+    )
+
+
+Reporter = Callable[[BulkRun], Awaitable[None]]
+"""Told every committed change of a run record (the agent reports it to ``mesh_runs``)."""
+
+
+class ScheduledSource(Source):
+    """A Source that runs ``extract`` as a chunked, resumable bulk run at ``schedule``'s times.
+
+    ``now`` is the clock (seconds since the epoch) and ``tick`` the longest sleep between looks at
+    it, so a test can move time by hand. Run records go to ``store`` (and ``report``) only once the
+    chunk they describe is committed (:meth:`committed`).
+    """
+
+    def __init__(
+        self,
+        flow: str,
+        adapter: str,
+        cfg: ScheduleConfig,
+        extract: BulkExtract,
+        store: RunStore,
+        *,
+        agent: str = "",
+        now: Clock = time.time,
+        tick: float = 1.0,
+        report: Reporter | None = None,
+    ) -> None:
+        self.flow, self.adapter, self.cfg, self.extract = flow, adapter, cfg, extract
+        self.store, self.agent, self.now, self.tick, self.report = store, agent, now, tick, report
+        self.schedule = Schedule(cfg.cron, cfg.timezone, now=now)
+        self._pending: dict[str, tuple[Checkpoint, BulkRun]] = {}
+        self._last: Checkpoint | None = None
+        """The checkpoint of the last batch read (committed or not)."""
+        self._committed: Checkpoint | None = None
+        """The last checkpoint known to be in the outbox."""
+        self._opened = False
+        self._failed = False
+
+    def __repr__(self) -> str:
+        run = self._last.run if self._last else None
+        return f"<ScheduledSource {self.flow} {self.schedule!r} run={run}>"
+
+    async def open(self) -> None:
+        await self.extract.open()
+        self._opened = True
+
+    async def aclose(self) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        with anyio.CancelScope(shield=True):
+            try:
+                cp = self._committed
+                if cp is not None and cp.run is not None and not self._failed:
+                    await self._record(cp, "interrupted")
+            finally:
+                await self.extract.aclose()
+
+    def _record_of(
+        self, cp: Checkpoint, state: str, finished: float | None = None, detail: str = ""
+    ) -> BulkRun:
+        assert cp.run is not None
+        return BulkRun(
+            id=cp.run, flow=self.flow, adapter=self.adapter, agent=self.agent, state=state,  # type: ignore[arg-type]
+            scheduled_for=cp.due, started_at=cp.started_at, finished_at=finished, read=cp.read,
+            published=cp.read, checksum=f"{cp.checksum:032x}", resumed=cp.resumed, detail=detail,
+        )  # fmt: skip
+
+    async def _record(
+        self, cp: Checkpoint, state: str, finished: float | None = None, detail: str = ""
+    ) -> None:
+        run = self._record_of(cp, state, finished, detail)
+        await self.store.put(run)
+        if self.report is not None:
+            await self.report(run)
+
+    async def _wait_until(self, due: float) -> None:
+        # The clock is injected (tests move it), so look at it every ``tick``; cancellable.
+        while (left := due - self.now()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(min(left, self.tick))
+
+    async def read(self, cursor: str | None, limit: int) -> ChangeBatch:
+        """The next chunk of the run in progress; else waits (cancellable) for the next due run.
+
+        Unlike a continuous source, it returns one empty batch when a run completes: its cursor
+        records the completion.
+
+        Raises:
+            SystemUnavailable: from the extract; retry from the same cursor.
+            ConfigError: a row's version field is missing or not a version.
+        """
+        cp = _CP_DEC.decode(cursor) if cursor else Checkpoint()
+        if self._last is None:
+            self._committed = cp
+            if cp.run is not None:  # resuming after a stop or crash
+                cp = msgspec.structs.replace(cp, resumed=cp.resumed + 1)
+                await self._record(cp, "running")
+        self._last = cp
+        if cp.run is None:
+            c = self.cfg
+            due = self.schedule.first_due(
+                cp.last_due, missed=c.missed, deadline=c.starting_deadline, first_now=c.first_run == "now"
+            )
+            await self._wait_until(due)
+            cp = Checkpoint(last_due=due, run=run_id_for(self.flow, due), due=due, started_at=self.now())
+            self._last = cp
+            await self._record(cp, "running")
+            if self._committed is None or self._committed.run is None:
+                self._committed = cp  # a stop now leaves the run "interrupted" at 0 rows
+        try:
+            return self._batch(cp, await self.extract.chunk(cp.after, min(limit, self.cfg.chunk_size)))
+        except ConfigError as exc:
+            # The flow goes "failing" and retries (agents.delivery); the run resumes from its
+            # checkpoint once the cause is fixed. Until then the record says why.
+            committed = self._committed if self._committed and self._committed.run == cp.run else cp
+            await self._record(committed, "failed", detail=str(exc))
+            self._failed = True
+            raise
+
+    def _batch(self, cp: Checkpoint, rows: list[BulkRow]) -> ChangeBatch:
+        if not rows:
+            done = Checkpoint(last_due=cp.last_due)
+            encoded = _CP_ENC.encode(done).decode()
+            self._pending[encoded] = (done, self._record_of(cp, "completed", self.now()))
+            self._last = done
+            return ChangeBatch(changes=[], cursor=encoded, run=cp.run or "")
+        changes = []
+        total = cp.checksum
+        field = self.cfg.version_field
+        for item in rows:
+            key, row, version = item.key, item.row, item.version
+            if version is None:
+                if field not in row:
+                    why = f"rows have no field {field!r} (schedule.version_field)"
+                    raise ConfigError(f"flow {self.flow}: {why}")
+                version = row_version(row[field], field)
+            total = add_hash(total, record_hash(key, version, row))
+            changes.append(Change(key=key, version=version, row=row, deleted=item.deleted))
+        cp = msgspec.structs.replace(cp, after=rows[-1][0], read=cp.read + len(rows), checksum=total)
+        encoded = _CP_ENC.encode(cp).decode()
+        self._pending[encoded] = (cp, self._record_of(cp, "running"))
+        self._last = cp
+        return ChangeBatch(changes=changes, cursor=encoded, run=cp.run or "")
+
+    async def committed(self, cursor: str) -> None:
+        """The chunk (or completion) of ``cursor`` is in the outbox: record it."""
+        done = self._pending.pop(cursor, None)
+        self._pending.clear()
+        if done is not None:
+            self._committed, run = done
+            await self.store.put(run)
+            if self.report is not None:
+                await self.report(run)
