@@ -18,7 +18,9 @@
 * :meth:`ControlChannel.serve_commands` answers ``<prefix>.agent.<name>`` requests
   (:class:`~mesh.controlplane.models.AgentCommand`: pause, resume, drain, restart) with a
   :class:`~mesh.controlplane.models.CommandResult`; a malformed request gets a failed result
-  naming the problem, never silence.
+  naming the problem, never silence. In the same task group it answers reconciliation
+  requests on ``<prefix>.reconcile.<name>`` (:class:`~mesh.reconcile.ReconcileService`) for the
+  flows the manager runs.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from agents.flows import FlowManager
+from mesh.config import FlowConfig
 from mesh.controlplane.client import DEFAULT_PREFIX
 from mesh.controlplane.identity import load_credentials
 from mesh.controlplane.models import ASSIGN_BUCKET, AgentCommand, Assignment, CommandResult, encode
 from mesh.errors import ConfigError, TransportError
 from mesh.readiness import Readiness
+from mesh.reconcile import ReconcileService, reconcile_subject
 from mesh.security.authority import read_creds, write_creds
 from mesh.security.jwt import InvalidToken, UserClaims, decode
 from mesh.transport import Entry, Message, Refused, Subscription, Transport
@@ -69,10 +73,12 @@ class ControlChannel:
         retry_every: float = 5.0,
         readiness: Readiness | None = None,
         creds: str | Path | None = None,
+        system: str = "",
     ) -> None:
         """``creds``: the agent's ``[nats] creds`` file, rewritten when its assignment brings a
         new JWT (None: security off, JWTs in assignments are ignored)."""
         self.creds = Path(creds) if creds is not None else None
+        self.system = system
         self.name = name
         self.readiness = readiness
         if readiness is not None:
@@ -213,11 +219,19 @@ class ControlChannel:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(functools.partial(transport.serve, subject, self._answer))
+                reconcile = ReconcileService(self.name, self.system, self._flow_config)
+                # one scan at a time: a reconciliation reads whole tables
+                at = reconcile_subject(self.name, self.prefix)
+                await tg.start(functools.partial(transport.serve, at, reconcile.answer, max_concurrent=1))
                 if self.readiness is not None:
                     self.readiness.set("commands")
         finally:
             if self.readiness is not None:
                 self.readiness.clear("commands", "command channel closed")
+
+    def _flow_config(self, name: str) -> FlowConfig | None:
+        h = self.flows.flows.get(name)
+        return h.cfg if h is not None else None
 
     async def _answer(self, msg: Message) -> bytes:
         try:

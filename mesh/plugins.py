@@ -38,7 +38,7 @@ from __future__ import annotations
 import importlib
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
@@ -56,6 +56,7 @@ __all__ = [
     "AdapterRegistry",
     "CaptureState",
     "ChangeCapture",
+    "ReconcileAccess",
     "Role",
     "RoleName",
     "RunLog",
@@ -140,6 +141,38 @@ class RunLog(Protocol):
         ...
 
 
+class ReconcileAccess(Protocol):
+    """The optional ``reconcile`` capability (``meshctl reconcile``, :mod:`mesh.reconcile`):
+    read a side's records in chunks, re-emit source records, delete target records."""
+
+    def scan(self, cfg: Any, role: RoleName, chunk: int) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every record of the source table / target, as column dicts, in chunks of at most
+        ``chunk`` records (keyset pagination: never the whole table in memory).
+
+        Raises:
+            MeshError: the table cannot be read.
+        """
+        ...
+
+    async def restamp(self, cfg: Any, keys: Sequence[Any]) -> int:
+        """Source side: capture the rows with these key values again as new changes (a new
+        version, so a new envelope id that passes the sinks' version guards); how many.
+
+        Raises:
+            ConfigError: this source cannot re-emit (e.g. cursor mode).
+            MeshError: the source cannot be written.
+        """
+        ...
+
+    async def delete(self, cfg: Any, keys: Sequence[str]) -> int:
+        """Sink side: delete the records with these key values (as text); how many.
+
+        Raises:
+            MeshError: the target refused.
+        """
+        ...
+
+
 @dataclass(frozen=True)
 class AdapterPlugin:
     """One adapter's declaration: its name, its roles, and its optional capabilities.
@@ -156,6 +189,8 @@ class AdapterPlugin:
     capture: str | None = None
     runs: str | None = None
     summary: str = ""
+    reconcile: str | None = None
+    """``"module:attribute"`` of a :class:`ReconcileAccess` (``meshctl reconcile``)."""
     """One line for listings: what system the adapter talks to."""
 
     def __post_init__(self) -> None:
@@ -180,7 +215,7 @@ class AdapterPlugin:
                     f" (declare it with tag={self.name!r})"
                 )
             _check_ref(self.name, f"{role_name} factory", role.factory)
-        for what, ref in (("capture", self.capture), ("runs", self.runs)):
+        for what, ref in (("capture", self.capture), ("runs", self.runs), ("reconcile", self.reconcile)):
             if ref is not None:
                 _check_ref(self.name, what, ref)
         if self.capture is not None and self.source is None:
@@ -193,7 +228,7 @@ class AdapterPlugin:
     @property
     def capabilities(self) -> frozenset[str]:
         """The roles and the optional capabilities this adapter declares."""
-        extra = [c for c in ("capture", "runs") if getattr(self, c) is not None]
+        extra = [c for c in ("capture", "runs", "reconcile") if getattr(self, c) is not None]
         return frozenset([*self.roles, *extra])
 
     def role(self, role: RoleName) -> Role | None:
@@ -338,6 +373,14 @@ class AdapterRegistry:
             return None
         runs: RunLog = _resolve(plugin, "runs", plugin.runs)
         return runs
+
+    def reconcile_of(self, cfg: AdapterConfig) -> ReconcileAccess | None:
+        """The reconcile capability of ``cfg``'s adapter, if it declares one."""
+        plugin = self.plugin_of(cfg)
+        if plugin.reconcile is None:
+            return None
+        access: ReconcileAccess = _resolve(plugin, "reconcile", plugin.reconcile)
+        return access
 
 
 def _origin(ep: EntryPoint) -> str:

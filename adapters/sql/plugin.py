@@ -14,6 +14,7 @@ SQLITE = AdapterPlugin(
     source=Role(SqliteSourceConfig, "adapters.sql.sqlite:SqliteSource"),
     sink=Role(SqliteSinkConfig, "adapters.sql.sqlite:SqliteSink"),
     capture="adapters.sql._capture:SQLITE_CAPTURE",
+    reconcile="adapters.sql._reconcile:SQLITE",
 )
 
 POSTGRES = AdapterPlugin(

@@ -116,7 +116,12 @@ def agent_permissions(
             f"$JS.ACK.{EVENTS_STREAM}.{c}.>",
         ]
     pub.append(assignment_get_subject(name))
-    sub = [f"{inbox_prefix(name)}.>", f"{prefix}.agent.{name}", assignment_subject(name)]
+    sub = [
+        f"{inbox_prefix(name)}.>",
+        f"{prefix}.agent.{name}",
+        f"{prefix}.reconcile.{name}",
+        assignment_subject(name),
+    ]
     return Permissions(pub=Permission(allow=pub), sub=Permission(allow=sub), resp=ResponsePermission(1, 0))
 
 

@@ -36,7 +36,7 @@ def test_the_built_in_adapters_are_installed_entry_points_of_this_distribution()
         assert f"{value!r} (distribution connector-mesh " in registry.origins[name]
     assert set(BUILT_IN) <= set(registry.names("source"))
     assert set(BUILT_IN) - {"webhook"} <= set(registry.names("sink"))
-    assert registry["sqlite"].capabilities == {"source", "sink", "capture"}
+    assert registry["sqlite"].capabilities == {"source", "sink", "capture", "reconcile"}
     assert registry["csv"].capabilities == {"source", "sink", "runs"}
 
 
