@@ -40,6 +40,9 @@ from mesh.cli import (
     leafnode as cli_leafnode,
 )
 from mesh.cli import (
+    reconcile as cli_reconcile,
+)
+from mesh.cli import (
     schema as cli_schema,
 )
 from mesh.cli import (
@@ -73,6 +76,7 @@ app.add_typer(cli_schema.app, name="schema")
 app.add_typer(cli_files.app, name="files")
 app.add_typer(cli_capture.app, name="capture")
 app.add_typer(cli_security.app, name="security")
+app.command("reconcile")(cli_reconcile.reconcile_command)
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)
