@@ -30,7 +30,8 @@ def render(report: Report) -> str:
     for t in report.targets:
         out.append(
             f"flow {report.flow} -> {t.agent} ({t.system}): source {t.source_count}, "
-            f"target {t.target_count}; missing {len(t.missing)}, extra {len(t.extra)}, different {len(t.different)}"
+            f"target {t.target_count}; missing {len(t.missing)}, extra {len(t.extra)}, "
+            f"different {len(t.different)}"
         )
     for kind, keys in (("missing", report.missing), ("extra", report.extra)):
         if keys:
