@@ -19,12 +19,18 @@ from mesh.transport.memory import MemoryBroker, MemoryTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
-SCHEMA = "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT, credit_cents INTEGER)"
-CRM_SCHEMA = "CREATE TABLE accounts (account_id TEXT PRIMARY KEY, company TEXT, email_address TEXT, credit TEXT)"
+SCHEMA = (
+    "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT, credit_cents INTEGER)"
+)
+CRM_SCHEMA = (
+    "CREATE TABLE accounts (account_id TEXT PRIMARY KEY, company TEXT, email_address TEXT, credit TEXT)"
+)
 
 
 def _config(name: str, system: str, flow: str) -> AgentConfig:
-    return parse_agent_config(f'[agent]\nname = "{name}"\nsystem = "{system}"\nstate_dir = "/nonexistent"\n{flow}')
+    return parse_agent_config(
+        f'[agent]\nname = "{name}"\nsystem = "{system}"\nstate_dir = "/nonexistent"\n{flow}'
+    )
 
 
 def erp_flow(db: Path) -> str:
