@@ -23,4 +23,5 @@ POSTGRES = AdapterPlugin(
     source=Role(PostgresSourceConfig, "adapters.sql.postgres:PostgresSource"),
     sink=Role(PostgresSinkConfig, "adapters.sql.postgres:PostgresSink"),
     capture="adapters.sql._capture:POSTGRES_CAPTURE",
+    reconcile="adapters.sql._reconcile:POSTGRES",
 )

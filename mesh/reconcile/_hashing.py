@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import decimal
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
 
 _json = msgspec.json.Encoder(order="sorted")
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+\.[0-9]+")
+NULL_HASH = ""  # set below: the hash of a null value (SQL hashing uses it as a literal)
 
 
 def text_of(value: Any) -> str | None:
-    """The comparable text of one value (None for null)."""
+    """The comparable text of one value (None for null). PostgreSQL computes the same text in
+    SQL for integer, boolean, numeric and text columns (``adapters/sql/_reconcile.py``)."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -31,7 +35,8 @@ def text_of(value: Any) -> str | None:
     if isinstance(value, decimal.Decimal):
         return format(value.normalize(), "f") if value.is_finite() else str(value)
     if isinstance(value, str):
-        return value
+        # "12.50" (a money amount as text) and numeric 12.5 are one value: trailing zeros go
+        return format(decimal.Decimal(value).normalize(), "f") if _DECIMAL_TEXT.fullmatch(value) else value
     if isinstance(value, bytes):
         return value.hex()
     return _json.encode(value).decode()
@@ -42,6 +47,9 @@ def field_hash(value: Any) -> str:
     text = text_of(value)
     data = b"\x00null" if text is None else b"v" + text.encode()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+NULL_HASH = field_hash(None)
 
 
 def field_hashes(row: Mapping[str, Any], fields: Iterable[str]) -> dict[str, str]:

@@ -81,6 +81,13 @@ class _Side:
         refuses is skipped (it is in the dead-letter stream, not in the target: reported missing)."""
         assert self.adapter is not None
         key_field, fields = self.req.key_field, self.req.fields
+        hashed = getattr(self.access, "scan_hashes", None)
+        if self.role == "sink" and fields and hashed is not None:  # hashed by the database
+            async for pairs in hashed(self.adapter, key_field, fields, self.req.chunk):
+                self.chunks += 1
+                for key, hashes in pairs:
+                    yield key, hashes, {}
+            return
         async for chunk in self.access.scan(self.adapter, self.role, self.req.chunk):
             self.chunks += 1
             for raw in chunk:
