@@ -8,6 +8,7 @@ as ``1``, hash alike on both sides.
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 import hashlib
 import re
@@ -18,6 +19,7 @@ import msgspec
 
 _json = msgspec.json.Encoder(order="sorted")
 _DECIMAL_TEXT = re.compile(r"-?[0-9]+\.[0-9]+")
+_TIMESTAMP_TEXT = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}(:?\d{2})?)?")
 NULL_HASH = ""  # set below: the hash of a null value (SQL hashing uses it as a literal)
 
 
@@ -34,12 +36,26 @@ def text_of(value: Any) -> str | None:
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, decimal.Decimal):
         return format(value.normalize(), "f") if value.is_finite() else str(value)
+    if isinstance(value, dt.datetime):
+        return _instant(value)
     if isinstance(value, str):
+        if _TIMESTAMP_TEXT.fullmatch(value):
+            # one instant, whatever the notation: "…Z", "…+00:00", "… 10:00:00.120"
+            try:
+                return _instant(dt.datetime.fromisoformat(value))
+            except ValueError:
+                return value
         # "12.50" (a money amount as text) and numeric 12.5 are one value: trailing zeros go
         return format(decimal.Decimal(value).normalize(), "f") if _DECIMAL_TEXT.fullmatch(value) else value
     if isinstance(value, bytes):
         return value.hex()
     return _json.encode(value).decode()
+
+
+def _instant(value: dt.datetime) -> str:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC)
+    return value.isoformat(timespec="microseconds")
 
 
 def field_hash(value: Any) -> str:
