@@ -13,4 +13,5 @@ REST = AdapterPlugin(
     summary="a JSON REST API (a polled list endpoint; one request per record as a sink)",
     source=Role(RestSourceConfig, "adapters.rest.source:RestSource"),
     sink=Role(RestSinkConfig, "adapters.rest.sink:RestSink"),
+    reconcile="adapters.rest._reconcile:REST",
 )

@@ -184,7 +184,9 @@ class ReconcileService:
     def _describe(self, cfg: FlowConfig, role: RoleName) -> ReconcileReply:
         if role == "source":
             return ReconcileReply(side=role, system=self.system)
-        key = getattr(cfg.sink, "key", None)
+        access = adapter_registry().reconcile_of(cfg.sink) if cfg.sink is not None else None
+        key_of = getattr(access, "key_field", None)
+        key = key_of(cfg.sink) if key_of is not None else getattr(cfg.sink, "key", None)
         if not isinstance(key, str):
             return ReconcileReply(
                 ok=False, message=f"flow {cfg.name!r}: reconcile needs a single sink key column"
