@@ -6,11 +6,14 @@ after it is clean), and an agent cannot answer or ask another agent's reconcile 
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import sqlite3
 import subprocess
 import sys
+import threading
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,12 @@ class Target:
         got = self.run("SELECT account_id, company, email_address, credit_limit FROM accounts")
         return {r[0]: r for r in got}
 
+    def drift(self) -> None:
+        """Behind the mesh's back: account 7 deleted, 12 changed (two fields), 900 added."""
+        self.run("DELETE FROM accounts WHERE account_id = '7'")
+        self.run("UPDATE accounts SET company = 'Changed', credit_limit = '1.00' WHERE account_id = '12'")
+        self.run("INSERT INTO accounts (account_id, company) VALUES ('900', 'Nobody')")
+
 
 def sqlite_target(tmp: Path) -> Target:
     crm = tmp / "crm.db"
@@ -85,6 +94,76 @@ def postgres_target(cluster: PgCluster, dbname: str) -> Target:
             return [tuple(r) for r in cur.fetchall()] if cur.description else []
 
     return Target(flow, run)
+
+
+class ListApi(Target):
+    """A fake CRM REST API (a real HTTP server on a loopback port, in a thread): ``PUT`` and
+    ``DELETE /customers/{key}``, and the list endpoint ``GET /customers?page=N&page_size=S``
+    answering ``{"data": [...]}`` in key order. It counts list requests."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        self.lists = 0
+        self.lock = threading.Lock()
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, doc: object = None) -> None:
+                body = b"" if doc is None else json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self) -> None:
+                key = urllib.parse.unquote(self.path.removeprefix("/customers/"))
+                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with api.lock:
+                    api.records[key] = doc
+                self._send(200, doc)
+
+            def do_DELETE(self) -> None:
+                key = urllib.parse.unquote(self.path.removeprefix("/customers/"))
+                with api.lock:
+                    gone = api.records.pop(key, None)
+                self._send(204 if gone is not None else 404)
+
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                q = urllib.parse.parse_qs(url.query)
+                page, size = int(q["page"][0]), int(q["page_size"][0])
+                with api.lock:
+                    api.lists += 1
+                    ordered = [api.records[k] for k in sorted(api.records)]
+                self._send(200, {"data": ordered[(page - 1) * size : page * size]})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        sink = (
+            f'[flows.sink]\nadapter = "rest"\nbase_url = "{url}"\nupsert_path = "/customers/{{key}}"\n'
+            f'state_path = "{tmp / "rest-versions.db"}"\nlist_path = "/customers"\n'
+            'list_records_path = "data"\nlist_key_field = "account_id"\n'
+            '[flows.sink.list_pagination]\ntype = "page"\nsize = 8\n'
+        )
+        flow = re.sub(r"\[flows\.sink\]\n(.*\n)*?(?=\n)", sink, CRM_FLOW, count=1)
+        super().__init__(flow, lambda stmt: [])
+
+    def rows(self) -> dict[object, tuple[object, ...]]:
+        with self.lock:
+            docs = list(self.records.values())
+        fields = ("account_id", "company", "email_address", "credit_limit")
+        return {d["account_id"]: tuple(d.get(f) for f in fields) for d in docs}
+
+    def drift(self) -> None:
+        with self.lock:
+            del self.records["7"]
+            self.records["12"] = {**self.records["12"], "company": "Changed", "credit_limit": "1.00"}
+            self.records["900"] = {"account_id": "900", "company": "Nobody"}
 
 
 def meshctl_reconcile(server: SecuredNatsServer, *args: str) -> tuple[int, dict[str, Any]]:
@@ -123,10 +202,7 @@ def drift_found_and_repaired(tmp_path: Path, server: SecuredNatsServer, target: 
         assert (code, report["missing"], report["extra"], report["different"]) == (0, [], [], [])
 
         before = target.rows()
-        # behind the mesh's back: a row deleted, fields changed, a row added
-        target.run("DELETE FROM accounts WHERE account_id = '7'")
-        target.run("UPDATE accounts SET company = 'Changed', credit_limit = '1.00' WHERE account_id = '12'")
-        target.run("INSERT INTO accounts (account_id, company) VALUES ('900', 'Nobody')")
+        target.drift()
         code, report = meshctl_reconcile(server)
         assert code == 1
         assert report["flow"] == "customers"
@@ -152,6 +228,16 @@ def drift_found_and_repaired(tmp_path: Path, server: SecuredNatsServer, target: 
 
 def test_sqlite_target_drift_found_and_repaired(tmp_path: Path, nats_server: SecuredNatsServer) -> None:
     drift_found_and_repaired(tmp_path, nats_server, sqlite_target(tmp_path))
+
+
+def test_rest_target_drift_found_and_repaired(tmp_path: Path, nats_server: SecuredNatsServer) -> None:
+    api = ListApi(tmp_path)
+    try:
+        drift_found_and_repaired(tmp_path, nats_server, api)
+    finally:
+        api.server.shutdown()
+        api.server.server_close()
+    assert api.lists >= 5 * 6  # 5 pages of 8 per listing (40 records), at least 6 listings
 
 
 def test_postgres_target_drift_found_and_repaired(
