@@ -103,8 +103,8 @@ async def mesh(erp: Path, crm: Path, ownership: str = "") -> AsyncIterator[Memor
         tg.cancel_scope.cancel()
 
 
-def reconciler(op: MemoryTransport, **kw: int) -> Reconciler:
-    return Reconciler(op, "customers", ["erp-agent", "crm-agent"], timeout=30, **kw)
+def reconciler(op: MemoryTransport, *, chunk: int = 1000, buckets: int = 1024) -> Reconciler:
+    return Reconciler(op, "customers", ["erp-agent", "crm-agent"], timeout=30, chunk=chunk, buckets=buckets)
 
 
 async def test_clean_then_exactly_the_injected_drift(tmp_path: Path) -> None:
