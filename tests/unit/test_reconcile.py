@@ -14,7 +14,11 @@ import anyio
 import pytest
 
 from mesh.config import AgentConfig, parse_agent_config
+from mesh.controlplane.metrics import ControlPlaneMetrics
+from mesh.controlplane.settings import settings_from
+from mesh.errors import ConfigError
 from mesh.reconcile import Difference, ReconcileError, Reconciler, ReconcileService, reconcile_subject
+from mesh.reconcile.schedule import ReconcileSchedule, ReconcileScheduler
 from mesh.transport.memory import MemoryBroker, MemoryTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -167,3 +171,70 @@ async def test_extras_are_kept_when_ownership_forbids_the_delete(tmp_path: Path)
     assert report.kept_extra == ["77"]
     with sqlite3.connect(crm) as c:
         assert c.execute("SELECT count(*) FROM accounts WHERE account_id = '77'").fetchone() == (1,)
+
+
+async def test_scheduled_reconcile_sets_the_gauge_and_audits(tmp_path: Path) -> None:
+    erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
+    fill(erp, crm, 10)
+    with sqlite3.connect(crm) as c:
+        c.execute("DELETE FROM accounts WHERE account_id IN ('3', '4')")
+        c.execute("UPDATE accounts SET company = 'x' WHERE account_id = '5'")
+    metrics = ControlPlaneMetrics()
+    entries: list[tuple[str, str, str, str, dict[str, str]]] = []
+    audited = anyio.Event()
+
+    async def audit(kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
+        entries.append((kind, who, target, what, detail))
+        audited.set()
+
+    settings = settings_from(
+        {"reconcile": [{"flow": "customers", "every": 1, "agents": ["erp-agent", "crm-agent"]}]}
+    )
+    leader = True
+    async with mesh(erp, crm) as op:
+        scheduler = ReconcileScheduler(
+            op, settings.reconcile, gauge=metrics.reconcile_exceptions, audit=audit,
+            agents=lambda: [], is_leader=lambda: leader, who="schedule@cp-1",
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            with anyio.fail_after(20):
+                await audited.wait()
+            tg.cancel_scope.cancel()
+    assert entries[0][:4] == ("reconcile", "schedule@cp-1", "customers", "missing 2, extra 0, different 1")
+
+    def value(kind: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "mesh_reconcile_exceptions", {"flow": "customers", "kind": kind}
+        )
+
+    assert (value("missing"), value("extra"), value("different"), value("error")) == (2, 0, 1, 0)
+
+
+async def test_a_scheduled_run_that_cannot_complete_is_counted_as_error(tmp_path: Path) -> None:
+    erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
+    fill(erp, crm, 2)
+    metrics = ControlPlaneMetrics()
+    entries: list[str] = []
+
+    async def audit(kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
+        entries.append(what)
+
+    schedule = ReconcileSchedule(flow="customers", agents=["crm-agent"], timeout=1)
+    async with mesh(erp, crm) as op:
+        scheduler = ReconcileScheduler(
+            op, [schedule], gauge=metrics.reconcile_exceptions, audit=audit,
+            agents=lambda: [], is_leader=lambda: True, who="cp",
+        )  # fmt: skip
+        assert await scheduler.run_once(schedule) is None
+    assert entries == [entries[0]]
+    assert entries[0].startswith("failed: flow customers: reconcile needs exactly one source agent")
+    sample = metrics.registry.get_sample_value(
+        "mesh_reconcile_exceptions", {"flow": "customers", "kind": "error"}
+    )
+    assert sample == 1
+
+
+def test_settings_refuse_a_bad_schedule() -> None:
+    with pytest.raises(ConfigError, match=r"reconcile"):
+        settings_from({"reconcile": [{"flow": "customers", "every": 0.1}]})
