@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 
 from mesh.devtools.dev import CRM_FLOW, CRM_SCHEMA, ERP_FLOW, ERP_SCHEMA
@@ -195,8 +197,6 @@ def drift_found_and_repaired(tmp_path: Path, server: SecuredNatsServer, target: 
     try:
         for a in agents:
             a.start()
-        with sqlite3.connect(erp) as c:  # the capture triggers exist now: every row as a change
-            c.execute("UPDATE customers SET name = name")
         wait_until(lambda: len(target.rows()) == 40, 60, "the CRM to hold the ERP's 40 customers")
         code, report = meshctl_reconcile(server)
         assert (code, report["missing"], report["extra"], report["different"]) == (0, [], [], [])
@@ -261,3 +261,67 @@ async def test_an_agent_cannot_serve_or_ask_another_agents_reconcile_subject(
                 await sub.next(timeout=2)
         async with await js.subscribe("mesh.cp.reconcile.erp-agent"):
             pass  # its own: allowed
+
+
+@pytest.mark.anyio
+async def test_scheduled_reconcile_on_the_control_plane_metrics_and_audit(
+    tmp_path: Path, nats_server: SecuredNatsServer
+) -> None:
+    """The control plane's ``[[reconcile]]`` schedule: its /metrics shows what the last run
+    found, and each run leaves an audit entry."""
+    import httpx
+
+    from agents.control_plane import ControlPlane
+    from mesh.controlplane.audit import tail
+    from mesh.controlplane.settings import settings_from
+
+    target = sqlite_target(tmp_path)
+    erp = tmp_path / "erp.db"
+    with sqlite3.connect(erp) as c:
+        c.executescript(ERP_SCHEMA)
+        c.executemany(
+            "INSERT INTO customers (id, name, email, country, credit_limit_cents) VALUES (?, ?, ?, ?, ?)",
+            [(i, f"Customer {i}", f"c{i}@example.com", "FR", i) for i in range(1, 21)],
+        )
+    configs = [
+        agent_config(tmp_path, "erp-agent", "erp", ERP_FLOW, nats_server.url),
+        agent_config(tmp_path, "crm-agent", "crm", target.flow, nats_server.url),
+    ]
+    for cfg in configs:
+        secure_agent(cfg, nats_server)
+    agents = [AgentProcess(cfg, tmp_path / f"{cfg.stem}.log") for cfg in configs]
+    cp_creds = nats_server.security_dir / "creds" / "control-plane.creds"
+    settings = settings_from({
+        "name": "cp1", "http_port": 0,
+        "nats": {"servers": [nats_server.url], "request_timeout": 2.0, "creds": str(cp_creds)},
+        "reconcile": [{"flow": "customers", "every": 1, "agents": ["erp-agent", "crm-agent"], "timeout": 10}],
+    })  # fmt: skip
+    cp = ControlPlane(settings)
+    try:
+        for a in agents:
+            await anyio.to_thread.run_sync(a.start)
+        await anyio.to_thread.run_sync(wait_until, lambda: len(target.rows()) == 20, 60, "20 CRM rows")
+        target.drift()
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: cp.run(task_status=task_status))
+            url = cp.http_url
+            assert url is not None
+
+            async def found() -> dict[str, float]:
+                async with httpx.AsyncClient() as http:
+                    text = (await http.get(f"{url}/metrics")).text
+                pattern = r'mesh_reconcile_exceptions\{flow="customers",kind="(\w+)"\} (\S+)'
+                return {m[1]: float(m[2]) for m in re.finditer(pattern, text)}
+
+            with anyio.fail_after(30):
+                while (got := await found()) != {"missing": 1, "extra": 1, "different": 1, "error": 0}:
+                    await anyio.sleep(0.2)
+            async with JetStream(nats_server.nats_config(), name="audit-reader") as js:
+                entries = [r.entry async for r in tail(js, last=50, kind="reconcile")]
+            cp.stop()
+        assert got == {"missing": 1, "extra": 1, "different": 1, "error": 0}
+        assert entries
+        assert (entries[0].target, entries[0].what) == ("customers", "missing 1, extra 1, different 1")
+    finally:
+        for a in agents:
+            a.terminate()
