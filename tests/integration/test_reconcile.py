@@ -325,3 +325,19 @@ async def test_scheduled_reconcile_on_the_control_plane_metrics_and_audit(
     finally:
         for a in agents:
             a.terminate()
+
+
+def test_reconcile_that_cannot_run_says_why_in_one_line(
+    tmp_path: Path, nats_server: SecuredNatsServer
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mesh", "reconcile", "customers", "--agent", "nobody", "--timeout", "1",
+         "--nats", nats_server.url, "--creds", str(nats_server.admin_creds)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: flow customers: reconcile needs exactly one source agent (found: none among nobody); "
+        "name them with --agent"
+    ]
+    assert "Traceback" not in done.stderr
