@@ -179,16 +179,42 @@ def meshctl_reconcile(server: SecuredNatsServer, *args: str) -> tuple[int, dict[
     return done.returncode, json.loads(done.stdout)
 
 
-def drift_found_and_repaired(tmp_path: Path, server: SecuredNatsServer, target: Target) -> None:
-    erp = tmp_path / "erp.db"
-    with sqlite3.connect(erp) as c:
+ERP_ROWS = [(i, f"Customer {i}", f"c{i}@example.com", "DE", i * 1000 + 10) for i in range(1, 41)]
+ERP_INSERT = "INSERT INTO customers (id, name, email, country, credit_limit_cents) VALUES (?, ?, ?, ?, ?)"
+
+
+def sqlite_source(tmp: Path) -> str:
+    """The dev stack's ERP (40 customers); its flow text."""
+    with sqlite3.connect(tmp / "erp.db") as c:
         c.executescript(ERP_SCHEMA)
-        c.executemany(
-            "INSERT INTO customers (id, name, email, country, credit_limit_cents) VALUES (?, ?, ?, ?, ?)",
-            [(i, f"Customer {i}", f"c{i}@example.com", "DE", i * 1000 + 10) for i in range(1, 41)],
+        c.executemany(ERP_INSERT, ERP_ROWS)
+    return ERP_FLOW.replace('path = "erp.db"', f'path = "{tmp / "erp.db"}"')
+
+
+def postgres_source(cluster: PgCluster, dbname: str) -> str:
+    """The same ERP in PostgreSQL (change capture by triggers, initial snapshot); its flow text."""
+    with cluster.connect(dbname) as db:
+        db.execute(
+            "CREATE TABLE customers (id integer PRIMARY KEY, name text NOT NULL, email text, country text,"
+            " credit_limit_cents integer NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now())"
         )
+        with db.cursor() as cur:
+            cur.executemany(ERP_INSERT.replace("?", "%s"), ERP_ROWS)
+    source = (
+        f'[flows.source]\nadapter = "postgres"\ndsn = "{cluster.dsn(dbname)}"\ntable = "customers"\n'
+        'key = "id"\ninstall_triggers = true\npoll_interval = 0.05\n'
+    )
+    flow = re.sub(r"\[flows\.source\]\n(.*\n)*?(?=\n)", source, ERP_FLOW, count=1)
+    assert 'adapter = "postgres"' in flow
+    return flow
+
+
+def drift_found_and_repaired(
+    tmp_path: Path, server: SecuredNatsServer, target: Target, source: str | None = None
+) -> None:
+    source = source if source is not None else sqlite_source(tmp_path)
     configs = [
-        agent_config(tmp_path, "erp-agent", "erp", ERP_FLOW, server.url),
+        agent_config(tmp_path, "erp-agent", "erp", source, server.url),
         agent_config(tmp_path, "crm-agent", "crm", target.flow, server.url),
     ]
     agents = [AgentProcess(cfg, tmp_path / f"{cfg.stem}.log") for cfg in configs]
@@ -238,6 +264,15 @@ def test_rest_target_drift_found_and_repaired(tmp_path: Path, nats_server: Secur
         api.server.shutdown()
         api.server.server_close()
     assert api.lists >= 5 * 6  # 5 pages of 8 per listing (40 records), at least 6 listings
+
+
+def test_postgres_source_drift_found_and_repaired(
+    tmp_path: Path, nats_server: SecuredNatsServer, pg_cluster: PgCluster, pg_db: str
+) -> None:
+    """Repair re-stamps the rows in the PostgreSQL change table."""
+    drift_found_and_repaired(
+        tmp_path, nats_server, sqlite_target(tmp_path), postgres_source(pg_cluster, pg_db)
+    )
 
 
 def test_postgres_target_drift_found_and_repaired(
