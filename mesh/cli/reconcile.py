@@ -59,7 +59,7 @@ def reconcile_command(
         ),
     ] = None,
     buckets: Annotated[
-        int, typer.Option("--buckets", min=1, max=65536, help="Key buckets of the first round.")
+        int, typer.Option("--buckets", min=1, max=8192, help="Key buckets of the first round.")
     ] = 1024,
     chunk: Annotated[
         int, typer.Option("--chunk", min=1, max=50000, help="Rows per read and records per answer.")

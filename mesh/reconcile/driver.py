@@ -35,6 +35,9 @@ from mesh.transport import NoReply, NoResponders, Transport
 __all__ = ["ReconcileError", "Reconciler"]
 
 _reply = msgspec.json.Decoder(ReconcileReply)
+PER_ANSWER = 2000
+"""At most this many records (or keys) per answer or request, whatever ``chunk``: every message
+stays well under NATS' default 1 MB payload limit."""
 _encode = msgspec.json.Encoder().encode
 
 
@@ -180,13 +183,15 @@ class Reconciler:
         return t
 
     def _groups(self, buckets: list[int], src: ReconcileReply, dst: ReconcileReply) -> list[list[int]]:
-        """Differing buckets in groups of about ``chunk`` records (by the larger side's counts)."""
+        """Differing buckets in groups of about ``chunk`` records (at most :data:`PER_ANSWER`,
+        by the larger side's counts)."""
+        limit = min(self.chunk, PER_ANSWER)
         groups: list[list[int]] = []
         current: list[int] = []
         size = 0
         for b in buckets:
             n = max(src.digests.get(str(b), [0])[0], dst.digests.get(str(b), [0])[0])
-            if current and size + n > self.chunk:
+            if current and size + n > limit:
                 groups.append(current)
                 current, size = [], 0
             current.append(b)
@@ -205,14 +210,14 @@ class Reconciler:
         done = {"reemitted": 0, "deleted": 0}
         resend = sorted({*report.missing, *(d.key for d in report.different)}, key=_key_order)
         any_sink = next(iter(self.sinks.values()))
-        for start in range(0, len(resend), self.chunk):
-            keys = resend[start : start + self.chunk]
+        for start in range(0, len(resend), PER_ANSWER):
+            keys = resend[start : start + PER_ANSWER]
             reply = await self.ask(self.source, self._spec(any_sink, op="restamp", keys=keys))
             done["reemitted"] += reply.done
         for t in report.targets:
             sink = self.sinks[t.agent]
-            for start in range(0, len(t.extra), self.chunk):
-                keys = t.extra[start : start + self.chunk]
+            for start in range(0, len(t.extra), PER_ANSWER):
+                keys = t.extra[start : start + PER_ANSWER]
                 req = self._spec(sink, op="delete", keys=keys, origin=self.source_system)
                 try:
                     reply = await self.ask(t.agent, req)

@@ -45,7 +45,7 @@ class ReconcileSchedule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     """The agents running the flow's sides (default: every active registered agent)."""
     repair: bool = False
     """Repair what a run finds (as ``meshctl reconcile --repair``)."""
-    buckets: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 1024
+    buckets: Annotated[int, msgspec.Meta(ge=1, le=8192)] = 1024
     chunk: Annotated[int, msgspec.Meta(ge=1, le=50000)] = 1000
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from mesh.config import FlowConfig
-from mesh.errors import MappingError, MeshError
+from mesh.errors import ConfigError, MappingError, MeshError
 from mesh.flowdata import compile_flow_data
 from mesh.mapping import Mapper, compile_mapping
 from mesh.plugins import ReconcileAccess, RoleName, adapter_registry
@@ -41,7 +41,7 @@ _request = msgspec.json.Decoder(ReconcileRequest)
 _encode = msgspec.json.Encoder().encode
 
 MAX_CHUNK = 50_000
-MAX_BUCKETS = 65_536
+MAX_BUCKETS = 8192  # a digests answer of 8192 buckets is ~400 kB: under NATS' 1 MB limit
 
 
 class _Side:
@@ -63,6 +63,13 @@ class _Side:
         await data.open()
         self.to_canonical = data.to_canonical
         if self.req.mapping is not None:
+            lookups = self.req.mapping.get("lookups") or {}
+            if any(isinstance(lk, dict) and lk.get("sqlite") for lk in lookups.values()):
+                # a path on the sink's host; the requester must not make this agent open files
+                raise ConfigError(
+                    f"flow {self.cfg.name}: the sink's mapping uses a SQLite lookup, which reconcile "
+                    "cannot carry to the source agent (use inline values)"
+                )
             self.from_canonical = compile_mapping(
                 self.req.mapping, self.cfg.entity, "from_canonical", source="the sink's mapping",
                 path=f"{self.cfg.name}.from_canonical",
