@@ -143,7 +143,14 @@ class RunLog(Protocol):
 
 class ReconcileAccess(Protocol):
     """The optional ``reconcile`` capability (``meshctl reconcile``, :mod:`mesh.reconcile`):
-    read a side's records in chunks, re-emit source records, delete target records."""
+    read a side's records in chunks, re-emit source records, delete target records.
+
+    Two optional methods, looked up by name: ``key_field(cfg) -> str`` (the target's key field,
+    when the config has no ``key``), and ``scan_hashes(cfg, key_field, fields, chunk)``, an
+    async iterator of chunks of ``(key text, {field: hash})`` computed by the target itself (in
+    SQL), used instead of :meth:`scan` on the sink side; its hashes must equal
+    ``mesh.reconcile._hashing.field_hash`` of the value.
+    """
 
     def scan(self, cfg: Any, role: RoleName, chunk: int) -> AsyncIterator[list[dict[str, Any]]]:
         """Every record of the source table / target, as column dicts, in chunks of at most
