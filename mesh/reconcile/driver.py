@@ -126,6 +126,11 @@ class Reconciler:
         if not self.sinks:
             raise ReconcileError(f"flow {self.flow}: no sink agent answers (asked {', '.join(self.agents)})")
         self.source, self.source_system = sources[0][0], sources[0][1].system
+        # again, naming the source's system: a sink with ownership rules then compares only the
+        # fields that system may write
+        for agent in list(self.sinks):
+            req = ReconcileRequest(op="describe", flow=self.flow, origin=self.source_system)
+            self.sinks[agent] = await self.ask(agent, req)
 
     def _spec(self, sink: ReconcileReply, **kw: Any) -> ReconcileRequest:
         return ReconcileRequest(

@@ -149,7 +149,7 @@ class ReconcileService:
             tag = type(adapter).__struct_config__.tag
             return ReconcileReply(ok=False, message=f"adapter {tag!r} of flow {req.flow!r} cannot reconcile")
         if req.op == "describe":
-            return self._describe(cfg, role)
+            return self._describe(cfg, role, req.origin)
         side = _Side(cfg, role, access, req)
         await side.prepare()
         if req.op == "digests":
@@ -188,7 +188,7 @@ class ReconcileService:
             return ReconcileReply(side=role, done=done)
         return ReconcileReply(ok=False, message=f"unknown op {req.op!r}")  # pragma: no cover
 
-    def _describe(self, cfg: FlowConfig, role: RoleName) -> ReconcileReply:
+    def _describe(self, cfg: FlowConfig, role: RoleName, origin: str) -> ReconcileReply:
         if role == "source":
             return ReconcileReply(side=role, system=self.system)
         access = adapter_registry().reconcile_of(cfg.sink) if cfg.sink is not None else None
@@ -200,7 +200,25 @@ class ReconcileService:
             )
         mapping = msgspec.to_builtins(cfg.from_canonical) if cfg.from_canonical is not None else None
         fields = sorted(cfg.from_canonical.fields) if cfg.from_canonical is not None else []
+        if origin and cfg.ownership is not None and cfg.from_canonical is not None:
+            fields = _owned(cfg, origin, fields)
         return ReconcileReply(side=role, system=self.system, key_field=key, fields=fields, mapping=mapping)
+
+
+def _owned(cfg: FlowConfig, origin: str, fields: list[str]) -> list[str]:
+    """The target fields whose canonical source ``origin`` may write (the others are set by
+    other systems: comparing them would report drift that is none). Constants count as owned."""
+    assert cfg.from_canonical is not None
+    data = compile_flow_data(cfg, source=f"flow {cfg.name}", path=cfg.name)
+    if data.ownership is None:
+        return fields
+    out = []
+    for f in fields:
+        rule = cfg.from_canonical.fields[f]
+        path = rule if isinstance(rule, str) else rule.source
+        if path is None or path == "id" or data.ownership.writable(cfg.entity, origin, [path])[0]:
+            out.append(f)
+    return out
 
 
 def _source_key(cfg: FlowConfig) -> str:

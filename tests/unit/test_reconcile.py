@@ -238,3 +238,20 @@ async def test_a_scheduled_run_that_cannot_complete_is_counted_as_error(tmp_path
 def test_settings_refuse_a_bad_schedule() -> None:
     with pytest.raises(ConfigError, match=r"reconcile"):
         settings_from({"reconcile": [{"flow": "customers", "every": 0.1}]})
+
+
+async def test_fields_the_source_does_not_own_are_not_compared(tmp_path: Path) -> None:
+    erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
+    fill(erp, crm, 10)
+    with sqlite3.connect(crm) as c:  # the CRM owns the e-mail address: its own edit is no drift
+        c.execute("UPDATE accounts SET email_address = 'sales@crm.example' WHERE account_id = '2'")
+        c.execute("UPDATE accounts SET company = 'Renamed', email_address = NULL WHERE account_id = '3'")
+    ownership = (
+        '[flows.ownership]\ndefault_owner = "crm"\n[flows.ownership.fields]\nname = "erp"\n'
+        'credit_limit = "erp"\n'
+    )
+    async with mesh(erp, crm, ownership) as op:
+        rec = reconciler(op)
+        report = await rec.compare()
+    assert rec.sinks["crm-agent"].fields == ["account_id", "company", "credit"]
+    assert report.different == [Difference("3", ["company"])]
