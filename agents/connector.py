@@ -272,7 +272,7 @@ class ConnectorAgent:
             await sup.start("heartbeat", heartbeat.run)
             control = ControlChannel(
                 a.name, a.state_dir, self.link.wait, self.flows, readiness=self.readiness,
-                creds=self.cfg.nats.creds,
+                creds=self.cfg.nats.creds, system=a.system,
             )  # fmt: skip
             await sup.start("assignments", control.watch_assignments)
             await sup.start("commands", control.serve_commands)

@@ -22,6 +22,9 @@
   checks the flow config it carries exactly as the agent would run it (its path confinement and
   allowed environment variables, then :mod:`mesh.preflight` against the real systems), or the
   flows it runs when it carries none; it changes nothing. Each problem is one failed outcome.
+  In the same task group it answers reconciliation
+  requests on ``<prefix>.reconcile.<name>`` (:class:`~mesh.reconcile.ReconcileService`) for the
+  flows the manager runs.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from mesh.controlplane.models import (
 from mesh.errors import ConfigError, ConfigProblem, TransportError
 from mesh.preflight import preflight_flow
 from mesh.readiness import Readiness
+from mesh.reconcile import ReconcileService, reconcile_subject
 from mesh.security.authority import read_creds, write_creds
 from mesh.security.jwt import InvalidToken, UserClaims, decode
 from mesh.transport import Entry, Message, Refused, Subscription, Transport
@@ -81,10 +85,12 @@ class ControlChannel:
         retry_every: float = 5.0,
         readiness: Readiness | None = None,
         creds: str | Path | None = None,
+        system: str = "",
     ) -> None:
         """``creds``: the agent's ``[nats] creds`` file, rewritten when its assignment brings a
         new JWT (None: security off, JWTs in assignments are ignored)."""
         self.creds = Path(creds) if creds is not None else None
+        self.system = system
         self.name = name
         self.readiness = readiness
         if readiness is not None:
@@ -225,11 +231,19 @@ class ControlChannel:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(functools.partial(transport.serve, subject, self._answer))
+                reconcile = ReconcileService(self.name, self.system, self._flow_config)
+                # one scan at a time: a reconciliation reads whole tables
+                at = reconcile_subject(self.name, self.prefix)
+                await tg.start(functools.partial(transport.serve, at, reconcile.answer, max_concurrent=1))
                 if self.readiness is not None:
                     self.readiness.set("commands")
         finally:
             if self.readiness is not None:
                 self.readiness.clear("commands", "command channel closed")
+
+    def _flow_config(self, name: str) -> FlowConfig | None:
+        h = self.flows.flows.get(name)
+        return h.cfg if h is not None else None
 
     async def _answer(self, msg: Message) -> bytes:
         try:

@@ -94,6 +94,7 @@ from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import StatusBuilder, config_file_flows, flow_views
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
+from mesh.reconcile.schedule import ReconcileScheduler
 from mesh.sdnotify import Notifier
 from mesh.security.authority import Authority
 from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders, NotFound, Transport
@@ -283,6 +284,13 @@ class ControlPlane:
             await sup.start("lease", self.lease.run)
             await sup.start("writes", self._serve_writes)
             await sup.start("sweep", self._sweep)
+            if s.reconcile:
+                scheduler = ReconcileScheduler(
+                    self.js, s.reconcile, gauge=self.metrics.reconcile_exceptions, audit=append,
+                    agents=self._active_agents, is_leader=lambda: self.is_leader, who=f"schedule@{self.name}",
+                    prefix=self.prefix,
+                )  # fmt: skip
+                await sup.start("reconcile", scheduler.run)
             if self.enrollment is not None:
                 await sup.start("account-push", self._push_account)
             log.info(
@@ -605,6 +613,10 @@ class ControlPlane:
         except TransportError as exc:
             log.error("audit: %s (the command %s was carried out)", exc, what)
             self.metrics.audit_failures.inc()
+
+    def _active_agents(self) -> list[str]:
+        assert self.builder is not None
+        return [v.name for v in self.builder.agents() if v.state == "active"]
 
     # --- health sweep, gauges, dead-letter depths ----------------------------------------------
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import importlib
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
@@ -57,6 +57,7 @@ __all__ = [
     "CaptureState",
     "ChangeCapture",
     "Preflight",
+    "ReconcileAccess",
     "Role",
     "RoleName",
     "RunLog",
@@ -161,6 +162,45 @@ class Preflight(Protocol):
         ...
 
 
+class ReconcileAccess(Protocol):
+    """The optional ``reconcile`` capability (``meshctl reconcile``, :mod:`mesh.reconcile`):
+    read a side's records in chunks, re-emit source records, delete target records.
+
+    Two optional methods, looked up by name: ``key_field(cfg) -> str`` (the target's key field,
+    when the config has no ``key``), and ``scan_hashes(cfg, key_field, fields, chunk)``, an
+    async iterator of chunks of ``(key text, {field: hash})`` computed by the target itself (in
+    SQL), used instead of :meth:`scan` on the sink side; its hashes must equal
+    ``mesh.reconcile._hashing.field_hash`` of the value.
+    """
+
+    def scan(self, cfg: Any, role: RoleName, chunk: int) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every record of the source table / target, as column dicts, in chunks of at most
+        ``chunk`` records (keyset pagination: never the whole table in memory).
+
+        Raises:
+            MeshError: the table cannot be read.
+        """
+        ...
+
+    async def restamp(self, cfg: Any, keys: Sequence[Any]) -> int:
+        """Source side: capture the rows with these key values again as new changes (a new
+        version, so a new envelope id that passes the sinks' version guards); how many.
+
+        Raises:
+            ConfigError: this source cannot re-emit (e.g. cursor mode).
+            MeshError: the source cannot be written.
+        """
+        ...
+
+    async def delete(self, cfg: Any, keys: Sequence[str]) -> int:
+        """Sink side: delete the records with these key values (as text); how many.
+
+        Raises:
+            MeshError: the target refused.
+        """
+        ...
+
+
 @dataclass(frozen=True)
 class AdapterPlugin:
     """One adapter's declaration: its name, its roles, and its optional capabilities.
@@ -185,6 +225,8 @@ class AdapterPlugin:
     """``"module:callable"``: makes the source's full extract for a scheduled flow (the callable
     takes the source config and returns a :class:`mesh.runs.bulk.BulkExtract`)."""
     summary: str = ""
+    reconcile: str | None = None
+    """``"module:attribute"`` of a :class:`ReconcileAccess` (``meshctl reconcile``)."""
     """One line for listings: what system the adapter talks to."""
 
     def __post_init__(self) -> None:
@@ -209,7 +251,13 @@ class AdapterPlugin:
                     f" (declare it with tag={self.name!r})"
                 )
             _check_ref(self.name, f"{role_name} factory", role.factory)
-        refs = (("capture", self.capture), ("runs", self.runs), ("preflight", self.preflight), ("bulk", self.bulk))
+        refs = (
+            ("capture", self.capture),
+            ("runs", self.runs),
+            ("preflight", self.preflight),
+            ("bulk", self.bulk),
+            ("reconcile", self.reconcile),
+        )
         for what, ref in refs:
             if ref is not None:
                 _check_ref(self.name, what, ref)
@@ -226,7 +274,9 @@ class AdapterPlugin:
     def capabilities(self) -> frozenset[str]:
         """The roles and the optional capabilities this adapter declares."""
         extra = [
-            c for c in ("capture", "runs", "preflight", "operation", "bulk") if getattr(self, c) is not None
+            c
+            for c in ("capture", "runs", "preflight", "operation", "bulk", "reconcile")
+            if getattr(self, c) is not None
         ]
         return frozenset([*self.roles, *extra])
 
@@ -401,6 +451,13 @@ class AdapterRegistry:
         if plugin.bulk is None or plugin.source is None or type(cfg) is not plugin.source.config:
             return None
         return _resolve(plugin, "bulk", plugin.bulk)
+    def reconcile_of(self, cfg: AdapterConfig) -> ReconcileAccess | None:
+        """The reconcile capability of ``cfg``'s adapter, if it declares one."""
+        plugin = self.plugin_of(cfg)
+        if plugin.reconcile is None:
+            return None
+        access: ReconcileAccess = _resolve(plugin, "reconcile", plugin.reconcile)
+        return access
 
 
 def _origin(ep: EntryPoint) -> str:

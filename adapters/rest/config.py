@@ -281,6 +281,16 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     """Consecutive failed requests (5xx, 408, timeouts, connection errors) that open the circuit."""
     breaker_cooldown: PositiveFloat = 30.0
     """Seconds the open circuit refuses at once before one probe request is let through."""
+    # Reconciliation (``meshctl reconcile``, adapters/rest/_reconcile.py): the target's list endpoint.
+    list_path: Annotated[str, msgspec.Meta(pattern=r"^/[^?#]*$")] | None = None
+    """Path under ``base_url`` that lists the target's records (``/customers``); none: the
+    target cannot be reconciled."""
+    list_records_path: FieldPath | None = None
+    """Where the records are in a listing's body (``data``); none: the body is the list."""
+    list_pagination: RestPagination | None = None
+    """``[flows.sink.list_pagination]``, as a source's ``pagination``; none: one request."""
+    list_key_field: str | None = None
+    """The listed records' field that holds the key (default: ``key_field``, else ``id``)."""
 
     def __post_init__(self) -> None:
         _check_headers(self.headers, self.headers_env, self.headers_file)

@@ -17,4 +17,5 @@ REST = AdapterPlugin(
     preflight="adapters.rest._preflight:rest_preflight",
     operation=Role(RestOperationConfig, "adapters.rest._api:RestOperation"),
     bulk="adapters.rest._bulk:rest_extract",
+    reconcile="adapters.rest._reconcile:REST",
 )

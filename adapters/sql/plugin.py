@@ -18,6 +18,7 @@ SQLITE = AdapterPlugin(
     preflight="adapters.sql._preflight:sql_preflight",
     operation=Role(SqliteOperationConfig, "adapters.sql._api:SqliteOperation"),
     bulk="adapters.sql._bulk:sqlite_extract",
+    reconcile="adapters.sql._reconcile:SQLITE",
 )
 
 POSTGRES = AdapterPlugin(
@@ -29,4 +30,5 @@ POSTGRES = AdapterPlugin(
     preflight="adapters.sql._preflight:sql_preflight",
     operation=Role(PostgresOperationConfig, "adapters.sql._api:PostgresOperation"),
     bulk="adapters.sql._bulk:postgres_extract",
+    reconcile="adapters.sql._reconcile:POSTGRES",
 )

@@ -46,8 +46,13 @@ from mesh.cli import (
     orchestrator as cli_orchestrator,
 )
 from mesh.cli import (
-    saga as cli_saga,
+    reconcile as cli_reconcile,
+)
+from mesh.cli import (
     runs as cli_runs,
+)
+from mesh.cli import (
+    saga as cli_saga,
 )
 from mesh.cli import (
     schema as cli_schema,
@@ -94,6 +99,7 @@ app.add_typer(cli_security.app, name="security")
 app.add_typer(cli_xref.app, name="xref")
 app.add_typer(cli_orchestrator.app, name="orchestrator")
 app.add_typer(cli_saga.app, name="saga")
+app.command("reconcile")(cli_reconcile.reconcile_command)
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)

@@ -21,8 +21,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from mesh.controlplane.models import AGENTS_BUCKET, ASSIGN_BUCKET, FLOWS_BUCKET, LEADER_BUCKET
-from mesh.saga.state import SAGA_BUCKET
 from mesh.runs.report import RUNS_BUCKET
+from mesh.saga.state import SAGA_BUCKET
 from mesh.transport import Bucket, Entry, MemoryBucket, NatsBucket, RevisionConflict, Transport
 
 __all__ = [

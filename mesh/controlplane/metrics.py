@@ -72,6 +72,13 @@ class ControlPlaneMetrics:
             ["flow"],
             registry=r,
         )
+        self.reconcile_exceptions = Gauge(
+            "mesh_reconcile_exceptions",
+            "Records the last scheduled reconciliation of a flow found missing, extra or different"
+            " (error: 1 when it could not run)",
+            ["flow", "kind"],
+            registry=r,
+        )
         self.flow_dlq = Gauge(
             "mesh_cp_flow_dead_letters_messages",
             "Messages of a flow in the dead-letter stream MESH_DLQ",

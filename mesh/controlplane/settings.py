@@ -19,6 +19,7 @@ import msgspec
 from mesh.config import NatsConfig, StreamsConfig, check_tls_files
 from mesh.controlplane.health import HealthPolicy
 from mesh.errors import ConfigError, ConfigProblem
+from mesh.reconcile.schedule import ReconcileSchedule
 
 __all__ = ["ControlPlaneSettings", "default_replica_name", "load_settings", "settings_from"]
 
@@ -61,6 +62,9 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     lease_renew: PositiveFloat = 1.0
     sweep_interval: PositiveFloat = 1.0
     """How often health verdicts, gauges and dead-letter depths are refreshed."""
+    reconcile: list[ReconcileSchedule] = []
+    """``[[reconcile]]`` tables: flows the leader reconciles on an interval (see
+    :mod:`mesh.reconcile.schedule`)."""
 
     def __post_init__(self) -> None:
         if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):

@@ -134,7 +134,12 @@ def agent_permissions(
         ]
     pub.append(assignment_get_subject(name))
     pub.append(runs_subject(name))
-    sub = [f"{inbox_prefix(name)}.>", f"{prefix}.agent.{name}", assignment_subject(name)]
+    sub = [
+        f"{inbox_prefix(name)}.>",
+        f"{prefix}.agent.{name}",
+        f"{prefix}.reconcile.{name}",
+        assignment_subject(name),
+    ]
     api_pub, api_sub = api_permissions(apis)
     pub += api_pub
     sub += api_sub

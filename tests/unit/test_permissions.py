@@ -79,6 +79,7 @@ def test_agent_subscriptions_and_replies() -> None:
     assert AGENT.sub.allow == [
         "_INBOX.crm-agent.>",
         "mesh.cp.agent.crm-agent",
+        "mesh.cp.reconcile.crm-agent",
         "$KV.mesh_assign.agent.crm-agent",
     ]
     assert AGENT.resp is not None

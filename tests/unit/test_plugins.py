@@ -36,7 +36,9 @@ def test_the_built_in_adapters_are_installed_entry_points_of_this_distribution()
         assert f"{value!r} (distribution connector-mesh " in registry.origins[name]
     assert set(BUILT_IN) <= set(registry.names("source"))
     assert set(BUILT_IN) - {"webhook"} <= set(registry.names("sink"))
-    assert registry["sqlite"].capabilities == {"source", "sink", "capture", "preflight", "operation", "bulk"}
+    assert registry["sqlite"].capabilities == {
+        "source", "sink", "capture", "preflight", "operation", "bulk", "reconcile",
+    }  # fmt: skip
     assert registry["csv"].capabilities == {"source", "sink", "runs"}
 
 
