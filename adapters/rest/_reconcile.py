@@ -135,7 +135,7 @@ class RestReconcile:
 
     async def delete(self, cfg: Any, keys: Sequence[str]) -> int:
         assert isinstance(cfg, RestSinkConfig)
-        template = cfg.delete_path or cfg.upsert_path
+        template = cfg.delete_path or cfg.upsert_path or ""
         if "{key}" not in template:
             raise ConfigError("deleting an extra record needs a path with {key} (delete_path or upsert_path)")
         client, _ = self._client(cfg)

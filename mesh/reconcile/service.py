@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -140,7 +140,7 @@ class ReconcileService:
             return ReconcileReply(ok=False, message=f"agent {self.name} does not run flow {req.flow!r}")
         if not (0 < req.chunk <= MAX_CHUNK and 0 < req.buckets <= MAX_BUCKETS):
             return ReconcileReply(ok=False, message=f"chunk must be 1..{MAX_CHUNK}, buckets 1..{MAX_BUCKETS}")
-        role: RoleName = "source" if cfg.source is not None else "sink"
+        role: Literal["source", "sink"] = "source" if cfg.source is not None else "sink"
         adapter = cfg.source if cfg.source is not None else cfg.sink
         if adapter is None:
             return ReconcileReply(ok=False, message=f"flow {req.flow!r} has neither source nor sink here")
@@ -188,7 +188,7 @@ class ReconcileService:
             return ReconcileReply(side=role, done=done)
         return ReconcileReply(ok=False, message=f"unknown op {req.op!r}")  # pragma: no cover
 
-    def _describe(self, cfg: FlowConfig, role: RoleName, origin: str) -> ReconcileReply:
+    def _describe(self, cfg: FlowConfig, role: Literal["source", "sink"], origin: str) -> ReconcileReply:
         if role == "source":
             return ReconcileReply(side=role, system=self.system)
         access = adapter_registry().reconcile_of(cfg.sink) if cfg.sink is not None else None
