@@ -36,10 +36,11 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
+from mesh.api import ApiError
+from mesh.api import client as api_client
 from mesh.envelope import DeadLetter, Envelope
 from mesh.envelope import decode as decode_envelope
 from mesh.errors import MeshError, TransportError
-from mesh.saga import _api
 from mesh.saga.definition import OrchestratorConfig, SagaDef, StepDef, render, resolve_path
 from mesh.saga.metrics import SagaMetrics
 from mesh.saga.state import (
@@ -566,7 +567,7 @@ class Orchestrator:
     ) -> dict[str, Any]:
         try:
             with anyio.fail_after(timeout + 1.0):
-                return await _api.call(
+                result: dict[str, Any] = await api_client.call(
                     self.transport,
                     subject,
                     body,
@@ -576,7 +577,8 @@ class Orchestrator:
                     causation_id=str(rec.trigger.get("id", "")),
                     traceparent=str(rec.trigger.get("traceparent", "")),
                 )
-        except _api.ApiError as exc:
+                return result
+        except ApiError as exc:
             raise _StepFailed(f"{subject}: {exc}", retryable=exc.retryable) from None
         except TimeoutError:
             raise _StepFailed(f"{subject}: timeout after {timeout:g}s", retryable=True) from None
