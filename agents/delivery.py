@@ -72,6 +72,7 @@ from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.store import Inbox, InboxEntry, Outbox
+from mesh.trace import CauseLinks, TraceRecorder, child_traceparent, new_traceparent
 from mesh.transport import (
     EVENTS_STREAM,
     Consumer,
@@ -123,6 +124,10 @@ class FlowPlan:
     system: str
     """The agent's system: the origin of what it captures; never applied back to it (I7)."""
     _data: FlowData | None = field(default=None, repr=False)
+    tracer: TraceRecorder | None = field(default=None, repr=False)
+    """Where capture and apply record what happened (README "Tracing business transactions")."""
+    links: CauseLinks | None = field(default=None, repr=False)
+    """What this agent applied lately, so that the echo it captures keeps its correlation id."""
 
     @property
     def name(self) -> str:
@@ -284,9 +289,15 @@ class Capture:
         now = now_ms()
         items = []
         dead: dict[str, dict[str, str]] = {}
+        tracer, links = plan.tracer, plan.links
         for ch in batch.changes:
             event = "deleted" if ch.deleted else "upserted"
             eid = envelope_id(flow, system, ch.key, ch.version)
+            bkey = f"{entity}:{ch.key}"
+            # A new transaction, unless this change is the effect of one this agent applied.
+            cause = links.cause_of(bkey) if links is not None else None
+            corr, caused_by = (cause.correlation_id, cause.envelope_id) if cause else (eid, "")
+            traceparent = child_traceparent(cause.traceparent) if cause else new_traceparent()
             subject = event_subject(entity, event, system)
             schema, body = data.schema, ch.row
             if data.to_canonical is not None:
@@ -313,10 +324,23 @@ class Capture:
                 version=ch.version,
                 origin=system,
                 occurred_at=ch.occurred_at or now,
-                correlation_id=eid,
+                correlation_id=corr,
+                causation_id=caused_by,
+                traceparent=traceparent,
                 payload=encode_payload(body),
             )
             items.append((eid, subject, encode(env)))
+            if tracer is not None:
+                tracer.record(
+                    "captured", correlation_id=corr, envelope_id=eid, causation_id=caused_by,
+                    business_key=bkey, flow=flow, latency_ms=now - env.occurred_at, traceparent=traceparent,
+                    outcome="deleted" if ch.deleted else "",
+                )  # fmt: skip
+                if eid in dead:
+                    tracer.record(
+                        "dead_lettered", correlation_id=corr, envelope_id=eid, business_key=bkey, flow=flow,
+                        outcome="capture", detail=dead[eid]["Mesh-Reason"],
+                    )  # fmt: skip
         return items, dead
 
 
@@ -333,7 +357,9 @@ class Relay:
         agent: str = "",
         inflight: Inflight = _shielded,
         streams: StreamCheck | None = None,
+        tracer: TraceRecorder | None = None,
     ) -> None:
+        self.tracer = tracer
         self.streams = streams
         """Says whether the streams exist: the relay starts publishing once they do (a stream
         deleted later just leaves publishes unacknowledged, retried with backoff)."""
@@ -373,6 +399,8 @@ class Relay:
                 counts[r.flow] = counts.get(r.flow, 0) + 1
             for flow, n in counts.items():
                 metrics.published.labels(flow).inc(n)
+            if self.tracer is not None and self.tracer.enabled:
+                _trace_published_into(self.tracer, [r.data for r in done])
             missed = len(rows) - len(done)
             if missed:
                 metrics.publish_failures.inc(missed)
@@ -384,6 +412,19 @@ class Relay:
                 await anyio.sleep(delay)
             else:
                 failures = 0
+
+
+def _trace_published_into(tracer: TraceRecorder, published: Sequence[bytes]) -> None:
+    now = now_ms()
+    for data in published:
+        try:
+            env = decode(data)
+        except DecodeError:
+            continue  # a dead-lettered raw row: its capture recorded it
+        tracer.record(
+            "published", correlation_id=env.correlation_id, envelope_id=env.id, causation_id=env.causation_id,
+            business_key=f"{env.entity}:{env.key}", flow=env.flow, latency_ms=now - env.occurred_at,
+        )  # fmt: skip
 
 
 class Apply:
@@ -557,6 +598,7 @@ class Apply:
                 handled.labels(flow, "echo").inc()
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
                 acks.append(d)
+                self._trace_applied(env, "echo")
                 continue
             try:
                 record = self._record(env)
@@ -567,6 +609,7 @@ class Apply:
                 handled.labels(flow, "not_owner").inc()
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "not_owner"))
                 acks.append(d)
+                self._trace_applied(env, "not_owner")
                 continue
             todo.append((d, env, record))
 
@@ -590,12 +633,29 @@ class Apply:
             acks.append(d)
             if outcome is Applied.APPLIED:
                 latency.observe(max(0, now - env.occurred_at) / 1000)
+            self._trace_applied(env, outcome.value, now)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
         await inbox.record(entries)
         crash_point("apply.after_inbox")
         for d in acks:
             await batch.ack(d)
+
+    def _trace_applied(self, env: Envelope, outcome: str, now: int | None = None) -> None:
+        """Record that ``env`` reached this sink (``outcome``: applied, unchanged, stale, echo,
+        not_owner); an applied change is remembered so that its echo stays linked."""
+        plan = self.plan
+        bkey = f"{env.entity}:{env.key}"
+        if plan.links is not None and outcome == Applied.APPLIED.value:
+            plan.links.remember(bkey, env.correlation_id or env.id, env.id, env.traceparent)
+        if plan.tracer is None:
+            return
+        now = now_ms() if now is None else now
+        plan.tracer.record(
+            "applied", correlation_id=env.correlation_id or env.id, envelope_id=env.id,
+            causation_id=env.causation_id, business_key=bkey, flow=plan.name,
+            latency_ms=now - env.occurred_at, outcome=outcome, traceparent=env.traceparent,
+        )  # fmt: skip
 
     def check(self, subject: str, env: Envelope, max_version: int) -> None:
         """Check that ``env`` agrees with the subject it arrived on and with this flow, before
@@ -688,6 +748,15 @@ class Apply:
         await transport.publish(OutMessage(dlq_subject(plan.name), d.data, msg_id, {**original, **headers}))
         self.metrics.dead_lettered.labels(plan.name, letter.error_class).inc()
         self.metrics.handled.labels(plan.name, "dead_lettered").inc()
+        if plan.tracer is not None:
+            eid = env.id if env else letter.original_msg_id
+            plan.tracer.record(
+                "dead_lettered", correlation_id=(env.correlation_id if env else "") or eid, envelope_id=eid,
+                causation_id=env.causation_id if env else "",
+                business_key=f"{env.entity}:{env.key}" if env else "", flow=plan.name,
+                latency_ms=now_ms() - env.occurred_at if env else 0, outcome=letter.error_class,
+                detail=letter.reason, traceparent=env.traceparent if env else "",
+            )  # fmt: skip
         # Not recorded in the inbox: a replay of the fixed message must still apply.
 
 

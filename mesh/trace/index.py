@@ -1,0 +1,240 @@
+"""Business transactions, derived from trace records: their path and their status.
+
+A transaction is everything that shares one correlation id. :class:`TxnIndex` holds the records
+of the most recent transactions in memory (bounded), finds a transaction by its correlation id,
+by the id of any envelope in it, or by a business key (``customer:ALFKI``), and derives its
+status (README "Tracing business transactions"):
+
+* ``failed``: a message of it is dead-lettered (and not applied since, e.g. by a DLQ replay), an
+  API call failed for good (an error that is not retryable), or its saga failed without
+  compensating;
+* ``compensated``: its saga ran its compensations to the end (``saga_compensated``);
+* ``completed``: every envelope published in it has been applied (any final sink outcome:
+  applied, unchanged, stale, echo, not_owner) by at least one sink, nothing is dead-lettered,
+  every started saga completed, and every API call succeeded;
+* ``in_progress``: anything else (captured but not published yet, published and not applied
+  yet, a saga still running).
+
+The control plane and ``meshctl trace`` build the same index from the stream (see
+:mod:`mesh.trace.query`). Pure code, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+from mesh.trace.records import TraceRecord
+
+__all__ = ["STATUSES", "Transaction", "TxnIndex", "TxnStatus", "TxnSummary", "derive_status"]
+
+TxnStatus = Literal["in_progress", "completed", "failed", "compensated"]
+STATUSES: tuple[str, ...] = ("in_progress", "completed", "failed", "compensated")
+
+_MAX_RECORDS = 500
+"""Records kept per transaction (its first ones: a runaway loop cannot eat the memory)."""
+
+
+class TxnSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One transaction in a listing (``/status``, ``meshctl trace --status``)."""
+
+    correlation_id: str
+    status: str
+    started: int
+    updated: int
+    business_keys: list[str]
+    systems: list[str]
+    records: int
+    reason: str = ""
+
+
+@dataclass(eq=False)
+class Transaction:
+    """The records of one correlation id, in time order."""
+
+    correlation_id: str
+    records: list[TraceRecord] = field(default_factory=list)
+    dropped: int = 0
+    _status: tuple[TxnStatus, str] | None = None
+
+    def add(self, r: TraceRecord) -> None:
+        self._status = None
+        if len(self.records) >= _MAX_RECORDS:
+            self.dropped += 1
+            return
+        if self.records and r.at < self.records[-1].at:
+            # Records of several agents arrive out of order: keep the list sorted by time.
+            i = len(self.records)
+            while i and self.records[i - 1].at > r.at:
+                i -= 1
+            self.records.insert(i, r)
+        else:
+            self.records.append(r)
+
+    @property
+    def started(self) -> int:
+        return self.records[0].at if self.records else 0
+
+    @property
+    def updated(self) -> int:
+        return self.records[-1].at if self.records else 0
+
+    def status(self) -> tuple[TxnStatus, str]:
+        """(status, reason), derived once per change (see :func:`derive_status`)."""
+        if self._status is None:
+            self._status = derive_status(self.records)
+        return self._status
+
+    def summary(self) -> TxnSummary:
+        status, reason = self.status()
+        keys = sorted({r.business_key for r in self.records if r.business_key})
+        systems = sorted({r.system for r in self.records if r.system})
+        return TxnSummary(
+            correlation_id=self.correlation_id, status=status, started=self.started, updated=self.updated,
+            business_keys=keys, systems=systems, records=len(self.records), reason=reason,
+        )  # fmt: skip
+
+
+def derive_status(records: list[TraceRecord]) -> tuple[TxnStatus, str]:
+    """The status of a transaction made of ``records`` (time order) and, for ``failed`` and
+    ``compensated``, the reason; the rules are in the module docstring."""
+    published: set[str] = set()
+    applied: set[str] = set()
+    dead: dict[str, str] = {}
+    sagas_open = 0
+    saga_failed = ""
+    compensated = ""
+    api_failed = ""
+    api_open = 0
+    for r in records:
+        k = r.kind
+        if k in ("captured", "published"):
+            published.add(r.envelope_id)  # captured: on its way, it must be applied too
+        elif k == "applied":
+            applied.add(r.envelope_id)
+            dead.pop(r.envelope_id, None)  # a replayed dead letter that now applied
+        elif k == "dead_lettered":
+            dead[r.envelope_id] = r.detail or "dead-lettered"
+        elif k == "api_call":
+            if r.outcome == "started":
+                api_open += 1
+            elif r.outcome == "ok":
+                api_open = max(0, api_open - 1)
+            else:
+                api_open = max(0, api_open - 1)
+                if r.outcome not in ("unavailable", "timeout"):
+                    api_failed = f"{r.detail or 'API call'}: {r.outcome}"
+        elif k == "saga_step":
+            if r.outcome == "saga_started":
+                sagas_open += 1
+            elif r.outcome == "saga_completed":
+                sagas_open = max(0, sagas_open - 1)
+            elif r.outcome == "saga_compensated":
+                sagas_open = max(0, sagas_open - 1)
+                compensated = r.detail or "compensated"
+            elif r.outcome == "saga_failed":
+                sagas_open = max(0, sagas_open - 1)
+                saga_failed = r.detail or "saga failed"
+    if compensated:
+        return "compensated", compensated
+    if dead:
+        eid, reason = next(iter(dead.items()))
+        return "failed", f"{eid} dead-lettered: {reason}"
+    if saga_failed:
+        return "failed", saga_failed
+    if api_failed:
+        return "failed", api_failed
+    pending = published - applied
+    if not records or pending or sagas_open or api_open:
+        return "in_progress", ""
+    return "completed", ""
+
+
+class TxnIndex:
+    """The most recent ``max_transactions`` transactions, by correlation id, envelope id and
+    business key. ``forged`` counts records refused because their ``agent`` is not the one in
+    their subject."""
+
+    def __init__(self, max_transactions: int = 100_000) -> None:
+        self.max_transactions = max_transactions
+        self.txns: OrderedDict[str, Transaction] = OrderedDict()
+        self.by_envelope: dict[str, str] = {}
+        self.by_key: dict[str, list[str]] = {}
+        self.records = 0
+        self.forged = 0
+        self.last_seq = 0
+
+    def __repr__(self) -> str:
+        return f"<TxnIndex transactions={len(self.txns)} records={self.records}>"
+
+    def add(self, r: TraceRecord, *, subject_agent: str | None = None) -> None:
+        """Index one record; with ``subject_agent`` (the agent token of the subject it came on),
+        a record claiming another agent is refused (counted in ``forged``)."""
+        if subject_agent is not None and r.agent != subject_agent:
+            self.forged += 1
+            return
+        corr = r.correlation_id or (self.by_envelope.get(r.envelope_id, "") if r.envelope_id else "")
+        corr = corr or r.envelope_id
+        if not corr:
+            return
+        txn = self.txns.get(corr)
+        if txn is None:
+            txn = self.txns[corr] = Transaction(corr)
+            if len(self.txns) > self.max_transactions:
+                self._evict()
+        else:
+            self.txns.move_to_end(corr)
+        txn.add(r)
+        self.records += 1
+        if r.envelope_id:
+            self.by_envelope.setdefault(r.envelope_id, corr)
+        if r.business_key:
+            ids = self.by_key.setdefault(r.business_key, [])
+            if corr not in ids:
+                ids.append(corr)
+
+    def _evict(self) -> None:
+        corr, txn = self.txns.popitem(last=False)
+        for r in txn.records:
+            if self.by_envelope.get(r.envelope_id) == corr:
+                del self.by_envelope[r.envelope_id]
+            ids = self.by_key.get(r.business_key)
+            if ids is not None and corr in ids:
+                ids.remove(corr)
+                if not ids:
+                    del self.by_key[r.business_key]
+
+    def find(self, ident: str) -> list[Transaction]:
+        """The transactions ``ident`` names: a correlation id, an envelope id or a business key
+        (``<entity>:<key>``; every transaction that touched it, oldest first)."""
+        if ident in self.txns:
+            return [self.txns[ident]]
+        corr = self.by_envelope.get(ident)
+        if corr is not None and corr in self.txns:
+            return [self.txns[corr]]
+        found = [self.txns[c] for c in self.by_key.get(ident, []) if c in self.txns]
+        return sorted(found, key=lambda t: t.started)
+
+    def list(self, status: str | None = None, since_ms: int = 0, limit: int = 100) -> list[TxnSummary]:
+        """The newest transactions (updated at or after ``since_ms``, of ``status`` if given),
+        newest first, at most ``limit``."""
+        out: list[TxnSummary] = []
+        for txn in reversed(self.txns.values()):
+            if txn.updated < since_ms:
+                continue
+            s = txn.summary()
+            if status is not None and s.status != status:
+                continue
+            out.append(s)
+        out.sort(key=lambda s: s.updated, reverse=True)
+        return out[:limit]
+
+    def counts(self) -> dict[str, int]:
+        """How many transactions have each status."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for txn in self.txns.values():
+            counts[txn.status()[0]] += 1
+        return counts
