@@ -27,6 +27,7 @@ from mesh.controlplane.models import (
     HeartbeatRecord,
     StatusReport,
 )
+from mesh.trace import TransactionsView
 
 __all__ = ["StatusBuilder", "flow_state", "flow_views"]
 
@@ -120,8 +121,9 @@ class StatusBuilder:
         dlq_depths: Mapping[str, int],
         now: float | None = None,
         specs: Mapping[str, FlowSpec] | None = None,
+        transactions: TransactionsView | None = None,
     ) -> StatusReport:
-        """The whole ``/status`` document."""
+        """The whole ``/status`` document (``transactions``: from the trace tracker)."""
         now = time.time() if now is None else now
         agents = self.agents(now)
         counts: dict[str, int] = dict.fromkeys(HEALTH_STATES, 0)
@@ -134,6 +136,7 @@ class StatusBuilder:
             agents=agents,
             flows=flow_views(agents, dlq_depths, specs),
             counts=counts,
+            transactions=transactions,
         )
 
 

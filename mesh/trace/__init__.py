@@ -5,7 +5,15 @@ stream ``MESH_TRACE``; :class:`TxnIndex` rebuilds transactions from those record
 their status; :func:`load_index` reads the stream.
 """
 
-from mesh.trace.index import STATUSES, Transaction, TxnIndex, TxnStatus, TxnSummary, derive_status
+from mesh.trace.index import (
+    STATUSES,
+    Transaction,
+    TransactionsView,
+    TxnIndex,
+    TxnStatus,
+    TxnSummary,
+    derive_status,
+)
 from mesh.trace.links import CauseLinks, Link
 from mesh.trace.query import add_message, format_record, load_index
 from mesh.trace.recorder import TraceRecorder, current_recorder, record, use_recorder
@@ -31,6 +39,7 @@ __all__ = [
     "TraceRecord",
     "TraceRecorder",
     "Transaction",
+    "TransactionsView",
     "TxnIndex",
     "TxnStatus",
     "TxnSummary",

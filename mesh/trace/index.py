@@ -29,7 +29,15 @@ import msgspec
 
 from mesh.trace.records import TraceRecord
 
-__all__ = ["STATUSES", "Transaction", "TxnIndex", "TxnStatus", "TxnSummary", "derive_status"]
+__all__ = [
+    "STATUSES",
+    "Transaction",
+    "TransactionsView",
+    "TxnIndex",
+    "TxnStatus",
+    "TxnSummary",
+    "derive_status",
+]
 
 TxnStatus = Literal["in_progress", "completed", "failed", "compensated"]
 STATUSES: tuple[str, ...] = ("in_progress", "completed", "failed", "compensated")
@@ -49,6 +57,19 @@ class TxnSummary(msgspec.Struct, frozen=True, kw_only=True):
     systems: list[str]
     records: int
     reason: str = ""
+
+
+class TransactionsView(msgspec.Struct, frozen=True, kw_only=True):
+    """Business transactions in ``/status``: how many have each status, the latest failures."""
+
+    counts: dict[str, int]
+    """``in_progress``, ``completed``, ``failed``, ``compensated`` (always all four)."""
+    recent_failed: list[TxnSummary]
+    """The last failed transactions, newest first (at most 10)."""
+    indexed: int = 0
+    """Transactions held in memory (the oldest go beyond ``max_transactions``)."""
+    forged: int = 0
+    """Records refused because they claimed another agent than their subject's."""
 
 
 @dataclass(eq=False)
