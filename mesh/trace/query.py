@@ -57,7 +57,7 @@ async def load_index(
     end = info.last_seq
     start = max(index.last_seq + 1, info.first_seq, 1)
     if since is not None:
-        first = await js.get_message(TRACE_STREAM, since=since)
+        first = await js.get_message(TRACE_STREAM, subject="trace.>", since=since)
         if first is None:
             return index
         start = max(start, first.seq)
