@@ -75,7 +75,8 @@ async def control_plane(server: NatsServer) -> AsyncIterator[ControlPlane]:
 
 
 async def meshctl(server: NatsServer, *args: str) -> tuple[int, str, str]:
-    cmd = [sys.executable, "-m", "mesh", "trace", *args, "--nats", server.url, "--creds", str(server.admin_creds)]
+    access = ["--nats", server.url, "--creds", str(server.admin_creds)]
+    cmd = [sys.executable, "-m", "mesh", "trace", *args, *access]
     done = await anyio.run_process(cmd, check=False)
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
@@ -90,7 +91,9 @@ async def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
     raise AssertionError(what)  # pragma: no cover
 
 
-async def test_a_transaction_across_three_systems_traced_end_to_end(tmp_path: Path, nats_server: NatsServer) -> None:
+async def test_a_transaction_across_three_systems_traced_end_to_end(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
     erp_db, crm_db = tmp_path / "erp.db", tmp_path / "crm.db"
     make_erp(erp_db)
     make_crm(crm_db)
@@ -109,7 +112,8 @@ async def test_a_transaction_across_three_systems_traced_end_to_end(tmp_path: Pa
         anyio.create_task_group() as tg,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.http_port}", timeout=5) as http,
     ):
-        fin_cfg = secure_config(finance_toml(tmp_path, nats_server.url, api.url), tmp_path / "fin.creds", nats_server)
+        fin_toml = finance_toml(tmp_path, nats_server.url, api.url)
+        fin_cfg = secure_config(fin_toml, tmp_path / "fin.creds", nats_server)
         for cfg in (erp_cfg, crm_cfg, fin_cfg):
             await tg.start(ConnectorAgent(cfg).run)
 
@@ -130,7 +134,8 @@ async def test_a_transaction_across_three_systems_traced_end_to_end(tmp_path: Pa
         # The control plane's /status counts them.
         status = (await http.get("/status")).json()
         tx = status["transactions"]
-        assert tx["counts"]["completed"] >= 1 and tx["counts"]["failed"] >= 1
+        assert tx["counts"]["completed"] >= 1
+        assert tx["counts"]["failed"] >= 1
         assert two["correlation_id"] in [t["correlation_id"] for t in tx["recent_failed"]]
         assert tx["forged"] == 0
 
@@ -169,15 +174,19 @@ async def test_a_transaction_across_three_systems_traced_end_to_end(tmp_path: Pa
         path = [line.split()[2] for line in lines[2:]]
         assert path[:2] == ["captured", "published"], out
         assert "dead_lettered" in path and "applied" in path, out
-        assert "finance-agent/finance" in out and "crm-agent/crm" in out and "erp-agent/erp" in out
+        assert "finance-agent/finance" in out
+        assert "crm-agent/crm" in out
+        assert "erp-agent/erp" in out
 
         rc, out, err = await meshctl(nats_server, "--status", "failed", "--since", "1h", "--json")
         assert rc == 0, err
         listed = [t["correlation_id"] for t in json.loads(out)["transactions"]]
-        assert two["correlation_id"] in listed and one["correlation_id"] not in listed
+        assert two["correlation_id"] in listed
+        assert one["correlation_id"] not in listed
 
         rc, out, err = await meshctl(nats_server, "customer:999")
-        assert rc == 1 and "no transaction found" in err
+        assert rc == 1
+        assert "no transaction found" in err
 
         tg.cancel_scope.cancel()
 
@@ -186,7 +195,8 @@ async def test_an_agent_may_publish_trace_records_only_under_its_own_name(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     cfg = secure_config(agent_toml(
-        name="erp-agent", system="erp", state=tmp_path / "s-erp", url=nats_server.url, source=tmp_path / "e.db",
+        name="erp-agent", system="erp", state=tmp_path / "s-erp", url=nats_server.url,
+        source=tmp_path / "e.db",
     ), tmp_path / "erp.creds", nats_server)  # fmt: skip
     record = TraceRecord(kind="applied", at=1, agent="crm-agent", correlation_id="c1")
     async with JetStream(agent_nats_config(cfg), name="erp-agent") as js:
