@@ -1,0 +1,252 @@
+"""mesh.trace without a broker: status derivation, the transaction index, the recorder (batching,
+sampling, bounded buffer), the record points of capture and apply, and the echo link."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from agents.delivery import Apply, Capture, FlowPlan
+from mesh.adapters import Applied, Change, ChangeBatch
+from mesh.config import StreamsConfig, TraceConfig, parse_agent_config
+from mesh.errors import ConfigError, RejectedRecord
+from mesh.metrics import Metrics
+from mesh.store import Inbox
+from mesh.trace import (
+    CauseLinks,
+    TraceRecord,
+    TraceRecorder,
+    TxnIndex,
+    child_traceparent,
+    decode_batch,
+    derive_status,
+    new_traceparent,
+    record,
+    use_recorder,
+)
+from mesh.transport import TRACE_STREAM, MemoryTransport, Transport
+from tests.unit.test_delivery import ScriptedSink, envelope, event, flow, until
+
+pytestmark = pytest.mark.anyio
+
+
+def r(kind: str, at: int, **kw: Any) -> TraceRecord:
+    kw.setdefault("agent", "a")
+    kw.setdefault("correlation_id", "c1")
+    return TraceRecord(kind=kind, at=at, **kw)  # type: ignore[arg-type]
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def test_status_follows_the_records() -> None:
+    captured = r("captured", 1, envelope_id="e1", system="erp")
+    published = r("published", 2, envelope_id="e1", system="erp")
+    applied = r("applied", 3, envelope_id="e1", system="crm", outcome="applied")
+    dead = r("dead_lettered", 4, envelope_id="e1", system="fin", detail="HTTP 400")
+    assert derive_status([]) == ("in_progress", "")
+    assert derive_status([captured]) == ("in_progress", "")
+    assert derive_status([captured, published]) == ("in_progress", "")
+    assert derive_status([captured, published, applied]) == ("completed", "")
+    status, reason = derive_status([captured, published, applied, dead])
+    assert status == "failed"
+    assert "e1 dead-lettered: HTTP 400" in reason
+    replayed = r("applied", 5, envelope_id="e1", system="fin", outcome="applied")
+    assert derive_status([captured, published, applied, dead, replayed]) == ("completed", "")
+    # an echo suppressed by the sink still ends the envelope's journey
+    echo = r("applied", 3, envelope_id="e1", system="erp", outcome="not_owner")
+    assert derive_status([captured, published, echo])[0] == "completed"
+
+
+def test_sagas_and_api_calls_decide_too() -> None:
+    started = r("saga_step", 1, outcome="saga_started", detail="quote-to-cash")
+    step = r("saga_step", 2, outcome="completed", detail="create order")
+    assert derive_status([started, step]) == ("in_progress", "")
+    assert derive_status([started, step, r("saga_step", 3, outcome="saga_completed")]) == ("completed", "")
+    compensated = r("saga_step", 4, outcome="saga_compensated", detail="invoice refused")
+    assert derive_status([started, step, compensated]) == ("compensated", "invoice refused")
+    assert derive_status([started, r("saga_step", 3, outcome="saga_failed", detail="x")]) == ("failed", "x")
+    call = r("api_call", 1, outcome="started", detail="api.erp.sales_order.create")
+    assert derive_status([call])[0] == "in_progress"
+    assert derive_status([call, r("api_call", 2, outcome="ok")])[0] == "completed"
+    assert derive_status([r("api_call", 2, outcome="unavailable")])[0] == "completed"  # retryable
+    rejected = r("api_call", 2, outcome="rejected", detail="api.finance.invoice.create")
+    assert derive_status([rejected]) == ("failed", "api.finance.invoice.create: rejected")
+
+
+# --- index ----------------------------------------------------------------------------------------
+
+
+def test_the_index_finds_a_transaction_by_correlation_envelope_and_business_key() -> None:
+    idx = TxnIndex()
+    idx.add(r("applied", 30, envelope_id="e1", business_key="customer:7", system="crm", outcome="applied"))
+    idx.add(r("captured", 10, envelope_id="e1", business_key="customer:7", system="erp"))
+    idx.add(r("published", 20, envelope_id="e1", business_key="customer:7", system="erp"))
+    idx.add(r("captured", 40, correlation_id="c2", envelope_id="e2", business_key="customer:7"))
+    [txn] = idx.find("c1")
+    assert [x.at for x in txn.records] == [10, 20, 30]  # time order, whatever the arrival order
+    assert idx.find("e1") == [txn]
+    assert [t.correlation_id for t in idx.find("customer:7")] == ["c1", "c2"]
+    assert idx.find("customer:8") == []
+    assert idx.counts() == {"in_progress": 1, "completed": 1, "failed": 0, "compensated": 0}
+    assert [s.correlation_id for s in idx.list("in_progress")] == ["c2"]
+    assert [s.correlation_id for s in idx.list(since_ms=35)] == ["c2"]
+    summary = idx.list("completed")[0]
+    assert (summary.systems, summary.business_keys, summary.records) == (["crm", "erp"], ["customer:7"], 3)
+
+
+def test_a_record_for_another_agent_than_its_subject_is_refused() -> None:
+    idx = TxnIndex()
+    idx.add(r("applied", 1, agent="crm-agent"), subject_agent="erp-agent")
+    assert idx.find("c1") == []
+    assert idx.forged == 1
+
+
+def test_the_index_is_bounded() -> None:
+    idx = TxnIndex(max_transactions=3)
+    for n in range(5):
+        idx.add(r("captured", n, correlation_id=f"c{n}", envelope_id=f"e{n}", business_key=f"k:{n}"))
+    assert list(idx.txns) == ["c2", "c3", "c4"]
+    assert idx.find("e0") == []
+    assert idx.find("k:1") == []
+    assert "k:0" not in idx.by_key
+
+
+# --- recorder -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[Transport]:
+    async with MemoryTransport(name="unit") as t:
+        await t.ensure_streams(StreamsConfig())
+        yield t
+
+
+def trace_messages(t: Transport) -> list[Any]:
+    assert isinstance(t, MemoryTransport)
+    return t.broker.streams[TRACE_STREAM].messages
+
+
+async def test_records_are_published_in_one_message_per_kind(transport: Transport) -> None:
+    rec = TraceRecorder("erp-agent", "erp")
+    for n in range(500):
+        rec.record("applied", correlation_id=f"c{n}", envelope_id=f"e{n}")
+    rec.record("dead_lettered", correlation_id="c1", envelope_id="e1", detail="x" * 2000)
+    assert await rec.flush(transport) == 501
+    msgs = trace_messages(transport)
+    assert [m.subject for m in msgs] == ["trace.erp-agent.applied", "trace.erp-agent.dead_lettered"]
+    applied = decode_batch(msgs[0].data)
+    assert len(applied) == 500
+    assert applied[0].system == "erp"
+    assert len(decode_batch(msgs[1].data)[0].detail) == 500  # bounded
+    assert rec.buffer == []
+    assert rec.published == 501
+
+
+async def test_records_wait_in_memory_while_the_stream_is_missing() -> None:
+    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=3))
+    for n in range(5):
+        rec.record("captured", correlation_id=f"c{n}")
+    assert (len(rec.buffer), rec.dropped) == (3, 2)
+    async with MemoryTransport(name="unit") as t:  # no streams yet
+        with pytest.raises(Exception, match="no stream"):
+            await rec.flush(t)
+        assert len(rec.buffer) == 3
+        await t.ensure_streams(StreamsConfig())
+        assert await rec.flush(t) == 3
+
+
+async def test_the_recorder_runs_in_the_background(transport: Transport) -> None:
+    async def connected() -> Transport:
+        return transport
+
+    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(flush_interval=0.01), transport=connected)
+    async with anyio.create_task_group() as tg:
+        await tg.start(rec.run)
+        with use_recorder(rec):
+            record("saga_step", correlation_id="c9", outcome="saga_started")  # what the saga engine calls
+        await until(lambda: rec.published == 1)
+        tg.cancel_scope.cancel()
+    [msg] = trace_messages(transport)
+    assert decode_batch(msg.data)[0].outcome == "saga_started"
+    record("saga_step", correlation_id="c9")  # no current recorder: nothing, no error
+
+
+def test_sampling_is_per_transaction_and_switchable() -> None:
+    half = TraceRecorder("a", cfg=TraceConfig(sample=0.5))
+    other = TraceRecorder("b", cfg=TraceConfig(sample=0.5))
+    kept = [c for c in (f"corr-{n}" for n in range(2000)) if half.sampled(c)]
+    assert 800 < len(kept) < 1200
+    assert all(other.sampled(c) for c in kept)  # every agent keeps the same transactions
+    off = TraceRecorder("a", cfg=TraceConfig(enabled=False))
+    off.record("captured", correlation_id="c1")
+    assert off.buffer == []
+
+
+def test_traceparents() -> None:
+    parent = new_traceparent()
+    child = child_traceparent(parent)
+    assert parent.split("-")[1] == child.split("-")[1]
+    assert parent.split("-")[2] != child.split("-")[2]
+    assert len(child_traceparent("garbage").split("-")[1]) == 32
+
+
+def test_trace_config_and_retention_are_validated() -> None:
+    base = '[agent]\nname = "a"\nsystem = "s"\nstate_dir = "/tmp/x"\n'
+    extra = "[trace]\nsample = 0.25\n[streams.trace]\nmax_age = 3600\nmax_bytes = 1000\n"
+    cfg = parse_agent_config(base + extra)
+    assert cfg.trace.sample == 0.25
+    assert cfg.trace.enabled
+    assert (cfg.streams.trace.max_age, cfg.streams.trace.max_bytes) == (3600, 1000)
+    assert StreamsConfig().trace.max_age == 7 * 24 * 3600
+    with pytest.raises(ConfigError, match=r"trace\.sample"):
+        parse_agent_config(base + "[trace]\nsample = 2\n")
+    with pytest.raises(ConfigError, match=r"trace"):
+        parse_agent_config(base + "[trace]\nsampel = 0.5\n")
+
+
+# --- record points and the echo link ----------------------------------------------------------------
+
+
+async def test_apply_records_outcomes_and_dead_letters_and_links_the_echo(
+    transport: Transport, tmp_path: Path
+) -> None:
+    rec = TraceRecorder("crm-agent", "crm")
+    links = CauseLinks(window=60)
+
+    async def connected() -> Transport:
+        return transport
+
+    sink = ScriptedSink(lambda x: RejectedRecord("no") if x.key == "2" else Applied.APPLIED, [])
+    plan = FlowPlan(flow(), agent="crm-agent", system="crm", tracer=rec, links=links)
+    one, two = envelope("1", 5, origin="erp"), envelope("2", 5, origin="erp")
+    one = msgspec.structs.replace(one, traceparent=new_traceparent())
+    for env in (one, two):
+        await transport.publish(event(env))
+    async with Inbox(tmp_path / "inbox.db") as inbox, anyio.create_task_group() as tg:
+        await tg.start(Apply(plan, inbox, connected, Metrics(), lambda: sink).run)
+        await until(lambda: len(rec.buffer) == 2)
+        tg.cancel_scope.cancel()
+    by_kind = {x.kind: x for x in rec.buffer}
+    assert by_kind["applied"].envelope_id == one.id
+    assert by_kind["applied"].correlation_id == "corr-1"
+    assert by_kind["applied"].business_key == "customer:1"
+    assert by_kind["dead_lettered"].envelope_id == two.id
+    assert by_kind["dead_lettered"].detail == "no"
+
+    # The CRM then captures customer 1 again (its own trigger, or the echo of a two-way sync).
+    capture = Capture(plan, None, Metrics(), lambda: None, outbox_max_bytes=1)  # type: ignore[arg-type]
+    rec.buffer.clear()
+    changes = [Change(key="1", version=9), Change(key="3", version=1)]
+    items, _ = capture.envelopes(ChangeBatch(changes=changes, cursor="x"))
+    echo, fresh = rec.buffer
+    assert (echo.correlation_id, echo.causation_id) == ("corr-1", one.id)
+    assert echo.traceparent.split("-")[1] == one.traceparent.split("-")[1]
+    assert fresh.correlation_id == fresh.envelope_id  # unrelated: a new transaction
+    assert fresh.causation_id == ""
+    assert len(items) == 2
