@@ -71,7 +71,7 @@ from mesh.faults import crash_point
 from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
-from mesh.store import Inbox, InboxEntry, Outbox
+from mesh.store import Inbox, InboxEntry, Outbox, OutboxRow
 from mesh.trace import CauseLinks, TraceRecorder, child_traceparent, new_traceparent
 from mesh.transport import (
     EVENTS_STREAM,
@@ -400,7 +400,7 @@ class Relay:
             for flow, n in counts.items():
                 metrics.published.labels(flow).inc(n)
             if self.tracer is not None and self.tracer.enabled:
-                _trace_published_into(self.tracer, [r.data for r in done])
+                _trace_published_into(self.tracer, done)
             missed = len(rows) - len(done)
             if missed:
                 metrics.publish_failures.inc(missed)
@@ -414,17 +414,24 @@ class Relay:
                 failures = 0
 
 
-def _trace_published_into(tracer: TraceRecorder, published: Sequence[bytes]) -> None:
+def _trace_published_into(tracer: TraceRecorder, published: Sequence[OutboxRow]) -> None:
+    """``published`` records for acked outbox rows. The row id is the envelope id, which the
+    index maps to its transaction (the capture's record names it): no envelope is decoded,
+    unless sampling must know the correlation id to decide."""
     now = now_ms()
-    for data in published:
-        try:
-            env = decode(data)
-        except DecodeError:
+    sampling = tracer.cfg.sample < 1.0
+    for row in published:
+        corr = ""
+        if sampling:
+            try:
+                corr = decode(row.data).correlation_id
+            except DecodeError:
+                continue  # a dead-lettered raw row: its capture recorded it
+            if not tracer.sampled(corr):
+                continue
+        elif not row.subject.startswith("evt."):
             continue  # a dead-lettered raw row: its capture recorded it
-        tracer.record(
-            "published", correlation_id=env.correlation_id, envelope_id=env.id, causation_id=env.causation_id,
-            business_key=f"{env.entity}:{env.key}", flow=env.flow, latency_ms=now - env.occurred_at,
-        )  # fmt: skip
+        tracer.record("published", correlation_id=corr, envelope_id=row.id, flow=row.flow, at=now)
 
 
 class Apply:
