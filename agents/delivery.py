@@ -295,9 +295,13 @@ class Capture:
             eid = envelope_id(flow, system, ch.key, ch.version)
             bkey = f"{entity}:{ch.key}"
             # A new transaction, unless this change is the effect of one this agent applied.
-            cause = links.cause_of(bkey) if links is not None else None
-            corr, caused_by = (cause.correlation_id, cause.envelope_id) if cause else (eid, "")
-            traceparent = child_traceparent(cause.traceparent) if cause else new_traceparent()
+            if ch.correlation_id:  # the source knows the transaction (e.g. a webhook header)
+                corr, caused_by, parent = ch.correlation_id, ch.causation_id, ch.traceparent
+            elif (cause := links.cause_of(bkey) if links is not None else None) is not None:
+                corr, caused_by, parent = cause.correlation_id, cause.envelope_id, cause.traceparent
+            else:
+                corr, caused_by, parent = eid, ch.causation_id, ch.traceparent
+            traceparent = child_traceparent(parent) if parent else new_traceparent()
             subject = event_subject(entity, event, system)
             schema, body = data.schema, ch.row
             if data.to_canonical is not None:

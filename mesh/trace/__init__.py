@@ -26,7 +26,10 @@ from mesh.trace.records import (
     decode_batch,
     encode_batch,
     new_traceparent,
+    trace_context,
     trace_subject,
+    valid_id,
+    valid_traceparent,
 )
 
 __all__ = [
@@ -53,6 +56,9 @@ __all__ = [
     "load_index",
     "new_traceparent",
     "record",
+    "trace_context",
     "trace_subject",
     "use_recorder",
+    "valid_id",
+    "valid_traceparent",
 ]

@@ -13,6 +13,8 @@ new fields get defaults; encoders and decoders are built once.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
@@ -28,7 +30,10 @@ __all__ = [
     "decode_batch",
     "encode_batch",
     "new_traceparent",
+    "trace_context",
     "trace_subject",
+    "valid_id",
+    "valid_traceparent",
 ]
 
 TraceKind = Literal["captured", "published", "applied", "dead_lettered", "api_call", "saga_step"]
@@ -94,6 +99,39 @@ def trace_subject(agent: str, kind: str) -> str:
     return f"trace.{agent}.{kind}"
 
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
+
+
+def valid_traceparent(value: str) -> bool:
+    """Whether ``value`` is a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``)."""
+    return bool(_TRACEPARENT.fullmatch(value))
+
+
+def valid_id(value: str) -> bool:
+    """Whether ``value`` may serve as a correlation or causation id taken from outside: 1-200
+    characters of letters, digits and ``._:@/+=-`` (no spaces, nothing that could break a log
+    line or a subject)."""
+    return bool(_ID.fullmatch(value))
+
+
+def trace_context(headers: Mapping[str, str]) -> dict[str, str]:
+    """The trace context carried by request headers (``Mesh-Correlation-Id``,
+    ``Mesh-Causation-Id``, ``traceparent``, case-insensitive): only the valid ones."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    out = {}
+    corr = lowered.get("mesh-correlation-id", "").strip()
+    if corr and valid_id(corr):
+        out["correlation_id"] = corr
+    cause = lowered.get("mesh-causation-id", "").strip()
+    if cause and valid_id(cause):
+        out["causation_id"] = cause
+    parent = lowered.get("traceparent", "").strip().lower()
+    if parent and valid_traceparent(parent):
+        out["traceparent"] = parent
+    return out
+
+
 def new_traceparent() -> str:
     """A new W3C ``traceparent`` (version 00, random trace and span ids, sampled)."""
     return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
@@ -102,7 +140,7 @@ def new_traceparent() -> str:
 def child_traceparent(parent: str) -> str:
     """A ``traceparent`` for something caused by ``parent``: the same trace id, a new span id
     (a new trace when ``parent`` is empty or malformed)."""
-    parts = parent.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+    if not valid_traceparent(parent):
         return new_traceparent()
+    parts = parent.split("-")
     return f"{parts[0]}-{parts[1]}-{os.urandom(8).hex()}-{parts[3]}"

@@ -250,3 +250,32 @@ async def test_apply_records_outcomes_and_dead_letters_and_links_the_echo(
     assert fresh.correlation_id == fresh.envelope_id  # unrelated: a new transaction
     assert fresh.causation_id == ""
     assert len(items) == 2
+
+
+async def test_a_webhook_sender_s_transaction_is_carried_into_the_envelopes(tmp_path: Path) -> None:
+    from tests.unit.test_webhook import event as hook_event
+    from tests.unit.test_webhook import post, receiver
+
+    parent = new_traceparent()
+    sent = {"Mesh-Correlation-Id": "deal:42-won", "Mesh-Causation-Id": "crm-evt-9", "traceparent": parent}
+    async with receiver(tmp_path) as (source, client, batches):
+        assert (await post(client, source.url or "", hook_event(7, 3), headers=sent)).status_code == 200
+        bad = {"Mesh-Correlation-Id": "has spaces; and <tags>", "traceparent": "00-nothex"}
+        assert (await post(client, source.url or "", hook_event(8, 1), headers=bad)).status_code == 200
+    seven, eight = [c for b in batches for c in b.changes]
+    assert (seven.correlation_id, seven.causation_id) == ("deal:42-won", "crm-evt-9")
+    assert seven.traceparent == parent
+    assert (eight.correlation_id, eight.traceparent) == ("", "")  # invalid: ignored, a new transaction
+
+    rec = TraceRecorder("hook-agent", "shop")
+    plan = FlowPlan(flow(), agent="hook-agent", system="shop", tracer=rec, links=CauseLinks())
+    capture = Capture(plan, None, Metrics(), lambda: None, outbox_max_bytes=1)  # type: ignore[arg-type]
+    items, _ = capture.envelopes(ChangeBatch(changes=[seven, eight], cursor="x"))
+    from mesh.envelope import decode
+
+    env7, env8 = (decode(data) for _, _, data in items)
+    assert (env7.correlation_id, env7.causation_id) == ("deal:42-won", "crm-evt-9")
+    assert env7.traceparent.split("-")[1] == parent.split("-")[1]
+    assert env7.traceparent != parent  # a child span
+    assert env8.correlation_id == env8.id
+    assert [x.correlation_id for x in rec.buffer] == ["deal:42-won", env8.id]
