@@ -209,3 +209,23 @@ async def test_an_agent_may_publish_trace_records_only_under_its_own_name(
         assert await js.publish(OutMessage("trace.erp-agent.captured", encode_batch([own]), "own-1")) >= 1
         with pytest.raises(Refused, match=r"^permission denied: publish to trace\.erp-agent\.x\.y$"):
             await js.publish(OutMessage("trace.erp-agent.x.y", b"", "deep-1"))
+
+
+async def test_trace_retention_is_configurable(nats_server: NatsServer) -> None:
+    import nats
+
+    from mesh.config import StreamsConfig, TraceRetention
+
+    async with JetStream(nats_server.nats_config(), name="layout") as js:
+        await js.ensure_streams(StreamsConfig())
+        nc = await nats.connect(nats_server.url, user_credentials=str(nats_server.admin_creds))
+        try:
+            info = await nc.jetstream().stream_info("MESH_TRACE")
+            assert info.config.subjects == ["trace.>"]
+            assert (info.config.max_age, info.config.max_bytes) == (7 * 24 * 3600, 1 << 30)
+            # the layout keepers bring an existing stream to the configured retention
+            await js.ensure_streams(StreamsConfig(trace=TraceRetention(max_age=3600, max_bytes=5_000_000)))
+            info = await nc.jetstream().stream_info("MESH_TRACE")
+            assert (info.config.max_age, info.config.max_bytes) == (3600, 5_000_000)
+        finally:
+            await nc.close()
