@@ -395,6 +395,7 @@ class Relay:
             messages = [OutMessage(r.subject, r.data, r.id, r.headers or {}) for r in rows]
             with self.inflight("relay"):  # finish the round (bounded) even during shutdown
                 acked = await transport.publish_many(messages, cfg.window)
+                acked_at = now_ms()
                 crash_point("relay.after_publish")
                 done = [r for r, ok in zip(rows, acked, strict=True) if ok]
                 await outbox.remove(done)
@@ -404,7 +405,7 @@ class Relay:
             for flow, n in counts.items():
                 metrics.published.labels(flow).inc(n)
             if self.tracer is not None and self.tracer.enabled:
-                _trace_published_into(self.tracer, done)
+                _trace_published_into(self.tracer, done, acked_at)
             missed = len(rows) - len(done)
             if missed:
                 metrics.publish_failures.inc(missed)
@@ -418,11 +419,10 @@ class Relay:
                 failures = 0
 
 
-def _trace_published_into(tracer: TraceRecorder, published: Sequence[OutboxRow]) -> None:
+def _trace_published_into(tracer: TraceRecorder, published: Sequence[OutboxRow], now: int) -> None:
     """``published`` records for acked outbox rows. The row id is the envelope id, which the
     index maps to its transaction (the capture's record names it): no envelope is decoded,
-    unless sampling must know the correlation id to decide."""
-    now = now_ms()
+    unless sampling must know the correlation id to decide. ``now``: when the acks came."""
     sampling = tracer.cfg.sample < 1.0
     for row in published:
         corr = ""
@@ -608,8 +608,7 @@ class Apply:
             if not plan.accepts(env.origin):
                 handled.labels(flow, "echo").inc()
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
-                acks.append(d)
-                self._trace_applied(env, "echo")
+                acks.append(d)  # its own system's event: not traced (every such sink would say so)
                 continue
             try:
                 record = self._record(env)

@@ -125,8 +125,11 @@ async def test_a_transaction_across_three_systems_traced_end_to_end(
             t1, t2 = one.json()["transactions"][0], two.json()["transactions"][0]
             if t1["status"] != "completed" or t2["status"] != "failed":
                 return None
-            applied = [r for r in t2["records"] if r["kind"] == "applied"]
-            return {"one": t1, "two": t2} if applied else None  # the CRM took customer 2 too
+            # records of different agents arrive in any order: wait for every one expected
+            seen1 = {(r["kind"], r["system"]) for r in t1["records"]}
+            done1 = seen1 >= {("applied", "crm"), ("applied", "finance")}
+            done2 = any(r["kind"] == "applied" for r in t2["records"])  # the CRM took customer 2
+            return {"one": t1, "two": t2} if done1 and done2 else None
 
         found = await wait_for("customer 1 completed and customer 2 failed", settled)
         one, two = found["one"], found["two"]
@@ -229,3 +232,68 @@ async def test_trace_retention_is_configurable(nats_server: NatsServer) -> None:
             assert (info.config.max_age, info.config.max_bytes) == (3600, 5_000_000)
         finally:
             await nc.close()
+
+
+def extra_flow(name: str, *, source: Path | None = None, sink: Path | None = None) -> str:
+    text = f'\n[[flows]]\nname = "{name}"\nentity = "customer"\n'
+    if source is not None:
+        text += f'[flows.source]\nadapter = "sqlite"\npath = "{source}"\ntable = "customers"\nkey = "id"\n'
+        text += "poll_interval = 0.02\n"
+    if sink is not None:
+        text += "[flows.consumer]\nfetch_timeout = 0.2\n"
+        text += f'[flows.sink]\nadapter = "sqlite"\npath = "{sink}"\ntable = "customers"\nkey = "id"\n'
+    return text
+
+
+async def test_the_echo_of_a_two_way_sync_stays_in_its_transaction(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """ERP -> CRM -> ERP: the CRM captures the change it just applied (its own change capture
+    sees the write) and sends it back; the ERP finds nothing new. All of it is one transaction."""
+    erp_db, crm_db = tmp_path / "erp.db", tmp_path / "crm.db"
+    make_erp(erp_db)
+    make_crm(crm_db)
+    erp_cfg = secure_config(agent_toml(
+        name="erp-agent", system="erp", state=tmp_path / "s-erp", url=nats_server.url, source=erp_db,
+        extra=extra_flow("crm-out", sink=erp_db),
+    ), tmp_path / "erp.creds", nats_server)  # fmt: skip
+    crm_cfg = secure_config(agent_toml(
+        name="crm-agent", system="crm", state=tmp_path / "s-crm", url=nats_server.url, sink=crm_db,
+        extra=extra_flow("crm-out", source=crm_db),
+    ), tmp_path / "crm.creds", nats_server)  # fmt: skip
+    with sqlite3.connect(erp_db) as c:
+        c.execute("INSERT INTO customers VALUES (5, 'Eve', 'e@example.com', 'DE', 100, 1.5)")
+    async with (
+        control_plane(nats_server) as cp,
+        anyio.create_task_group() as tg,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.http_port}", timeout=5) as http,
+    ):
+        for cfg in (erp_cfg, crm_cfg):
+            await tg.start(ConnectorAgent(cfg).run)
+
+        async def round_trip() -> list[dict[str, Any]] | None:
+            answer = await http.get("/trace/customer:5")
+            if answer.status_code != 200:
+                return None
+            [txn] = answer.json()["transactions"]
+            # records of different agents arrive in any order: wait for all six
+            kinds = {(r["kind"], r["system"]) for r in txn["records"]}
+            return txn["records"] if len(kinds) == 6 and txn["status"] == "completed" else None
+
+        records = await wait_for("the echo back at the ERP", round_trip)
+        tg.cancel_scope.cancel()
+    path = [(r["kind"], r["system"]) for r in records]
+    assert sorted(path) == sorted([
+        ("captured", "erp"), ("published", "erp"), ("applied", "crm"),
+        ("captured", "crm"), ("published", "crm"), ("applied", "erp"),
+    ]), path  # fmt: skip
+    assert path[0] == ("captured", "erp")
+    at = {p: r["at"] for p, r in zip(path, records, strict=True)}
+    causal = [("captured", "erp"), ("applied", "crm"), ("captured", "crm"), ("applied", "erp")]
+    assert [at[p] for p in causal] == sorted(at[p] for p in causal)
+    first, echo = records[0], records[path.index(("captured", "crm"))]
+    assert echo["causation_id"] == first["envelope_id"]
+    assert echo["envelope_id"] != first["envelope_id"]
+    assert echo["traceparent"].split("-")[1] == first["traceparent"].split("-")[1]
+    back = records[path.index(("applied", "erp"))]
+    assert back["outcome"] in ("unchanged", "stale", "not_owner")  # nothing new for the ERP
