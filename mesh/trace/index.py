@@ -46,6 +46,13 @@ _MAX_RECORDS = 500
 """Records kept per transaction (its first ones: a runaway loop cannot eat the memory)."""
 
 
+_STAGE = {"captured": 0, "published": 1, "api_call": 2, "saga_step": 2, "applied": 3, "dead_lettered": 4}
+
+
+def _order(r: TraceRecord) -> tuple[int, int]:
+    return r.at, _STAGE.get(r.kind, 2)
+
+
 class TxnSummary(msgspec.Struct, frozen=True, kw_only=True):
     """One transaction in a listing (``/status``, ``meshctl trace --status``)."""
 
@@ -86,10 +93,12 @@ class Transaction:
         if len(self.records) >= _MAX_RECORDS:
             self.dropped += 1
             return
-        if self.records and r.at < self.records[-1].at:
-            # Records of several agents arrive out of order: keep the list sorted by time.
+        key = _order(r)
+        if self.records and key < _order(self.records[-1]):
+            # Records of several agents arrive out of order: keep the list sorted by time (and,
+            # within one millisecond, by the order of the journey).
             i = len(self.records)
-            while i and self.records[i - 1].at > r.at:
+            while i and _order(self.records[i - 1]) > key:
                 i -= 1
             self.records.insert(i, r)
         else:

@@ -279,3 +279,11 @@ async def test_a_webhook_sender_s_transaction_is_carried_into_the_envelopes(tmp_
     assert env7.traceparent != parent  # a child span
     assert env8.correlation_id == env8.id
     assert [x.correlation_id for x in rec.buffer] == ["deal:42-won", env8.id]
+
+
+def test_records_of_one_millisecond_follow_the_journey() -> None:
+    idx = TxnIndex()
+    idx.add(r("applied", 5, envelope_id="e1"))
+    idx.add(r("published", 5, envelope_id="e1"))
+    idx.add(r("captured", 5, envelope_id="e1"))
+    assert [x.kind for x in idx.find("c1")[0].records] == ["captured", "published", "applied"]
