@@ -287,3 +287,46 @@ def test_records_of_one_millisecond_follow_the_journey() -> None:
     idx.add(r("published", 5, envelope_id="e1"))
     idx.add(r("captured", 5, envelope_id="e1"))
     assert [x.kind for x in idx.find("c1")[0].records] == ["captured", "published", "applied"]
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+async def test_http_trace_routes() -> None:
+    import httpx
+
+    from mesh.controlplane.http import create_app
+    from mesh.controlplane.txn import TxnTracker
+    from tests.unit.test_cp_http import FakeSource
+
+    class Source(FakeSource):
+        txns = TxnTracker(MemoryTransport(name="unused"))
+
+    source = Source()
+    idx = source.txns.index
+    idx.add(r("captured", 10, envelope_id="e1", business_key="customer:1"))
+    idx.add(r("dead_lettered", 11, envelope_id="e1", detail="HTTP 400"))
+    idx.add(r("captured", 12, correlation_id="c2", envelope_id="e2", business_key="customer:2"))
+    app = create_app(source, token="t0ken")
+    auth = {"Authorization": "Bearer t0ken"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp") as c:
+        assert (await c.get("/trace/customer:1")).status_code == 401  # behind the token like /status
+        one = (await c.get("/trace/customer:1", headers=auth)).json()
+        [txn] = one["transactions"]
+        assert (txn["correlation_id"], txn["status"]) == ("c1", "failed")
+        assert [x["kind"] for x in txn["records"]] == ["captured", "dead_lettered"]
+        assert (await c.get("/trace/e2", headers=auth)).json()["transactions"][0]["status"] == "in_progress"
+        missing = await c.get("/trace/customer:9", headers=auth)
+        assert missing.status_code == 404
+        assert "customer:9" in missing.json()["error"]
+        listed = (await c.get("/trace?status=failed", headers=auth)).json()["transactions"]
+        assert [t["correlation_id"] for t in listed] == ["c1"]
+        assert (await c.get("/trace?status=nope", headers=auth)).status_code == 400
+        assert (await c.get("/trace?since=abc", headers=auth)).status_code == 400
+
+    class Plain(FakeSource):
+        pass
+
+    app = create_app(Plain())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp") as c:
+        assert (await c.get("/trace/x")).status_code == 404
