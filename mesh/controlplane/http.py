@@ -241,6 +241,18 @@ def render_dashboard(report: StatusReport) -> str:
         for f in report.flows
     )
     counts = " · ".join(f"{e(k)} {v}" for k, v in report.counts.items())
+    tx = report.transactions
+    txns = ""
+    if tx is not None:
+        failed = "".join(
+            f'<li><a href="trace/{e(t.correlation_id)}">{e(t.correlation_id)}</a> '
+            f"{e(', '.join(t.business_keys[:3]))}: {e(t.reason)}</li>"
+            for t in tx.recent_failed
+        )
+        txns = (
+            "<p>transactions: " + " · ".join(f"{e(k)} {v}" for k, v in tx.counts.items()) + "</p>"
+            + (f"<ul>{failed}</ul>" if failed else "")
+        )
     leader = e(cp.leader or "none")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     return f"""<!doctype html>
@@ -253,6 +265,7 @@ th,td{{border:1px solid #d0d7de;padding:3px 8px;text-align:left}}th{{background:
 <p>replica <b>{e(cp.replica)}</b> ({"leader" if cp.is_leader else "follower"}) · leader {leader} ·
 NATS {"connected" if cp.nats_connected else "<b>disconnected</b>"} · {stamp}</p>
 <p>{len(report.agents)} agent(s): {counts}</p>
+{txns}
 <h2>Agents</h2><table><tr><th>name</th><th>site</th><th>host</th><th>version</th><th>health</th>
 <th>state</th><th>last heartbeat</th><th>outbox</th><th>errors</th><th>why</th></tr>{agent_rows}</table>
 <h2>Flows</h2><table><tr><th>name</th><th>state</th><th>desired</th><th>generation</th><th>agents</th>

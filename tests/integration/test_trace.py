@@ -141,6 +141,9 @@ async def test_a_transaction_across_three_systems_traced_end_to_end(
         assert tx["counts"]["failed"] >= 1
         assert two["correlation_id"] in [t["correlation_id"] for t in tx["recent_failed"]]
         assert tx["forged"] == 0
+        page = (await http.get("/")).text
+        assert "transactions: in_progress" in page
+        assert f'href="trace/{two["correlation_id"]}"' in page
 
         # Customer 1: captured at the ERP, published, applied at the CRM and at finance, in time order.
         kinds = [(r["kind"], r["system"]) for r in one["records"]]
