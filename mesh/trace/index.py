@@ -196,6 +196,9 @@ class TxnIndex:
         self.records = 0
         self.forged = 0
         self.last_seq = 0
+        self._counts = dict.fromkeys(STATUSES, 0)
+        self._failed: OrderedDict[str, None] = OrderedDict()
+        """Failed transactions, the latest to fail last (``/status`` lists them without a scan)."""
 
     def __repr__(self) -> str:
         return f"<TxnIndex transactions={len(self.txns)} records={self.records}>"
@@ -211,14 +214,25 @@ class TxnIndex:
         if not corr:
             return
         txn = self.txns.get(corr)
+        old: str | None = None
         if txn is None:
             txn = self.txns[corr] = Transaction(corr)
             if len(self.txns) > self.max_transactions:
                 self._evict()
         else:
             self.txns.move_to_end(corr)
+            old = txn.status()[0]
         txn.add(r)
         self.records += 1
+        new = txn.status()[0]  # kept current, so that counts and listings never scan
+        if old is not None:
+            self._counts[old] -= 1
+        self._counts[new] += 1
+        if new == "failed":
+            self._failed[corr] = None
+            self._failed.move_to_end(corr)
+        elif old == "failed":
+            self._failed.pop(corr, None)
         if r.envelope_id:
             self.by_envelope.setdefault(r.envelope_id, corr)
         if r.business_key:
@@ -228,6 +242,9 @@ class TxnIndex:
 
     def _evict(self) -> None:
         corr, txn = self.txns.popitem(last=False)
+        if txn.records:
+            self._counts[txn.status()[0]] -= 1
+        self._failed.pop(corr, None)
         for r in txn.records:
             if self.by_envelope.get(r.envelope_id) == corr:
                 del self.by_envelope[r.envelope_id]
@@ -249,22 +266,20 @@ class TxnIndex:
         return sorted(found, key=lambda t: t.started)
 
     def list(self, status: str | None = None, since_ms: int = 0, limit: int = 100) -> list[TxnSummary]:
-        """The newest transactions (updated at or after ``since_ms``, of ``status`` if given),
-        newest first, at most ``limit``."""
+        """The most recently touched transactions (updated at or after ``since_ms``, of
+        ``status`` if given), newest first, at most ``limit``."""
         out: list[TxnSummary] = []
-        for txn in reversed(self.txns.values()):
-            if txn.updated < since_ms:
+        # The most recently touched first: for "failed" only the failed ones are visited.
+        for corr in reversed(self._failed if status == "failed" else self.txns):
+            txn = self.txns[corr]
+            if txn.updated < since_ms or (status is not None and txn.status()[0] != status):
                 continue
-            s = txn.summary()
-            if status is not None and s.status != status:
-                continue
-            out.append(s)
+            out.append(txn.summary())
+            if len(out) >= limit:
+                break
         out.sort(key=lambda s: s.updated, reverse=True)
-        return out[:limit]
+        return out
 
     def counts(self) -> dict[str, int]:
-        """How many transactions have each status."""
-        counts = dict.fromkeys(STATUSES, 0)
-        for txn in self.txns.values():
-            counts[txn.status()[0]] += 1
-        return counts
+        """How many transactions have each status (kept as records arrive: no scan)."""
+        return dict(self._counts)

@@ -115,6 +115,21 @@ def test_the_index_is_bounded() -> None:
     assert idx.find("e0") == []
     assert idx.find("k:1") == []
     assert "k:0" not in idx.by_key
+    assert idx.counts() == {"in_progress": 3, "completed": 0, "failed": 0, "compensated": 0}
+
+
+def test_counts_and_the_failed_list_follow_each_record() -> None:
+    idx = TxnIndex()
+    idx.add(r("captured", 1, envelope_id="e1"))
+    idx.add(r("dead_lettered", 2, envelope_id="e1", detail="no"))
+    idx.add(r("captured", 3, correlation_id="c2", envelope_id="e2"))
+    idx.add(r("dead_lettered", 4, correlation_id="c2", envelope_id="e2", detail="no"))
+    assert idx.counts()["failed"] == 2
+    assert [s.correlation_id for s in idx.list("failed")] == ["c2", "c1"]
+    assert [s.correlation_id for s in idx.list("failed", limit=1)] == ["c2"]
+    idx.add(r("applied", 5, envelope_id="e1", outcome="applied"))  # c1 replayed from the DLQ
+    assert idx.counts() == {"in_progress": 0, "completed": 1, "failed": 1, "compensated": 0}
+    assert [s.correlation_id for s in idx.list("failed")] == ["c2"]
 
 
 # --- recorder -------------------------------------------------------------------------------------
