@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from mesh.config import NatsConfig, StreamsConfig, check_tls_files
+from mesh.config import NatsConfig, PositiveInt, StreamsConfig, check_tls_files
 from mesh.controlplane.health import HealthPolicy
 from mesh.errors import ConfigError, ConfigProblem
 
@@ -61,6 +61,9 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     lease_renew: PositiveFloat = 1.0
     sweep_interval: PositiveFloat = 1.0
     """How often health verdicts, gauges and dead-letter depths are refreshed."""
+    trace_transactions: PositiveInt = 20_000
+    """Business transactions kept in memory from MESH_TRACE (about 1.2 KB each with three
+    records: 20,000 is ~25 MB); older ones are still in the stream for ``meshctl trace``."""
 
     def __post_init__(self) -> None:
         if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):

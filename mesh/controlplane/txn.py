@@ -40,7 +40,7 @@ class TraceView(msgspec.Struct, frozen=True, kw_only=True):
 class TxnTracker:
     """Follows ``MESH_TRACE`` into a :class:`TxnIndex` (see the module docstring)."""
 
-    def __init__(self, js: Transport, *, max_transactions: int = 100_000) -> None:
+    def __init__(self, js: Transport, *, max_transactions: int = 20_000) -> None:
         self.js = js
         self.index = TxnIndex(max_transactions)
         self.caught_up = anyio.Event()
