@@ -95,7 +95,9 @@ def format_record(r: TraceRecord) -> str:
     if r.outcome:
         bits.append(r.outcome)
     if r.detail:
-        bits.append(f"({r.detail})")
+        # one line whatever a foreign system put in a reason (no newlines or control characters)
+        detail = "".join(c if c.isprintable() else " " for c in r.detail)
+        bits.append(f"({' '.join(detail.split())})")
     return "  ".join(bits)
 
 

@@ -345,3 +345,12 @@ async def test_http_trace_routes() -> None:
     app = create_app(Plain())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp") as c:
         assert (await c.get("/trace/x")).status_code == 404
+
+
+def test_a_printed_record_is_one_line() -> None:
+    from mesh.trace import format_record
+
+    line = format_record(r("dead_lettered", 0, system="fin", detail="HTTP 400:\n{\"error\":\r\n \x1b[31mbad}"))
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert line.endswith('(HTTP 400: {"error": [31mbad})')
