@@ -350,7 +350,8 @@ async def test_http_trace_routes() -> None:
 def test_a_printed_record_is_one_line() -> None:
     from mesh.trace import format_record
 
-    line = format_record(r("dead_lettered", 0, system="fin", detail="HTTP 400:\n{\"error\":\r\n \x1b[31mbad}"))
+    reason = 'HTTP 400:\n{"error":\r\n \x1b[31mbad}'
+    line = format_record(r("dead_lettered", 0, system="fin", detail=reason))
     assert "\n" not in line
     assert "\x1b" not in line
     assert line.endswith('(HTTP 400: {"error": [31mbad})')
