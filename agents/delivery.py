@@ -26,7 +26,9 @@ Guarantees: nothing is acked before it is durable; a malformed or refused messag
 dead-lettered with its reason (a :class:`~mesh.envelope.DeadLetter`) and then termed, and the
 flow keeps going (I6); events whose origin is this agent's own system are never applied back to
 it (I7). Each actor binds ``agent`` and ``flow`` to its log records, and every log line about
-one message carries its ``correlation_id``. The actors run on any
+one message carries its ``correlation_id``. With a :class:`~mesh.trace.TraceRecorder` on the
+plan, capture, relay and apply record what they did (``captured``, ``published``, ``applied``,
+``dead_lettered``) in memory; the recorder publishes them in batches off this path. The actors run on any
 :class:`~mesh.transport.Transport`: JetStream in production, memory in unit tests.
 """
 
@@ -603,6 +605,8 @@ class Apply:
             if env.id in seen or env.id in batch_ids:
                 handled.labels(flow, "duplicate").inc()
                 acks.append(d)
+                # traced too: after a crash the first apply's record may never have left memory
+                self._trace_applied(env, "duplicate")
                 continue
             batch_ids.add(env.id)
             if not plan.accepts(env.origin):
