@@ -355,3 +355,20 @@ def test_a_printed_record_is_one_line() -> None:
     assert "\n" not in line
     assert "\x1b" not in line
     assert line.endswith('(HTTP 400: {"error": [31mbad})')
+
+
+def test_meshctl_trace_usage_errors_are_one_line() -> None:
+    from typer.testing import CliRunner
+
+    from mesh.cli.main import app
+
+    runner = CliRunner()
+    for args, message in (
+        (["trace"], "give a transaction ID"),
+        (["trace", "--status", "lost"], "--status must be one of in_progress, completed, failed, compensated"),
+        (["trace", "x", "--since", "yesterday"], "--since: 'yesterday' is neither"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert "Traceback" not in result.output
