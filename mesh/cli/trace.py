@@ -37,19 +37,27 @@ def trace_command(
     ident: Annotated[
         str | None,
         typer.Argument(
-            metavar="ID", help="A correlation id, an envelope id or a business key (entity:key).",
+            metavar="ID",
+            help="A correlation id, an envelope id or a business key (entity:key).",
             show_default=False,
         ),
     ] = None,
     status: Annotated[
         str | None,
-        typer.Option("--status", help=f"List transactions with this status ({', '.join(STATUSES)}).",
-                     show_default=False),
+        typer.Option(
+            "--status",
+            help=f"List transactions with this status ({', '.join(STATUSES)}).",
+            show_default=False,
+        ),
     ] = None,
     since: Annotated[
         str | None,
-        typer.Option("--since", help="Only records at or after TIME: ISO-8601 or 15m, 2h, 1d (default: "
-                     "everything the stream retains; 1d when listing).", show_default=False),
+        typer.Option(
+            "--since",
+            help="Only records at or after TIME: ISO-8601 or 15m, 2h, 1d (default: "
+            "everything the stream retains; 1d when listing).",
+            show_default=False,
+        ),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most N transactions listed.")] = 50,
     as_json: JsonOpt = False,

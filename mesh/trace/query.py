@@ -99,5 +99,3 @@ def format_record(r: TraceRecord) -> str:
         detail = "".join(c if c.isprintable() else " " for c in r.detail)
         bits.append(f"({' '.join(detail.split())})")
     return "  ".join(bits)
-
-
