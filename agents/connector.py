@@ -171,7 +171,10 @@ class ConnectorAgent:
         self.inbox = Inbox(state / "inbox.db")
         self.link = NatsLink(cfg, self.metrics, self.readiness)
         self.streams = StreamCheck(self.link.wait, cfg.streams, self.readiness, every=stream_check_every)
-        self.tracer = TraceRecorder(cfg.agent.name, cfg.agent.system, cfg=cfg.trace, transport=self.link.wait)
+        self.tracer = TraceRecorder(
+            cfg.agent.name, cfg.agent.system, cfg=cfg.trace, transport=self.link.wait,
+            counter=self.metrics.trace_records,
+        )  # fmt: skip
         """Trace records of this agent (``mesh.trace.record`` in its tasks records here too)."""
         self.links = CauseLinks(cfg.trace.link_window)
         self.consumers: dict[str, Consumer] = {}

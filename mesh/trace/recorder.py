@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 from anyio.abc import TaskStatus
+from prometheus_client import Counter
 
 from mesh.config import TraceConfig
 from mesh.envelope import now_ms
@@ -54,7 +55,9 @@ class TraceRecorder:
         *,
         cfg: TraceConfig | None = None,
         transport: Callable[[], Awaitable[Transport]] | None = None,
+        counter: Counter | None = None,
     ) -> None:
+        """``counter``: a Prometheus counter labelled ``outcome`` (``published``, ``dropped``)."""
         self.agent = agent
         self.system = system
         self.cfg = cfg or TraceConfig()
@@ -63,6 +66,8 @@ class TraceRecorder:
         self.buffer: list[TraceRecord] = []
         self.published = 0
         self.dropped = 0
+        self._published_count = counter.labels("published") if counter is not None else None
+        self._dropped_count = counter.labels("dropped") if counter is not None else None
         self._ready = anyio.Event()
         self._threshold = int(self.cfg.sample * 2**32)
         self._warned = False
@@ -106,6 +111,8 @@ class TraceRecorder:
             return
         if len(self.buffer) >= self.cfg.max_buffer:
             self.dropped += 1
+            if self._dropped_count is not None:
+                self._dropped_count.inc()
             if not self._warned:
                 self._warned = True
                 log.warning("trace: %d records buffered (max_buffer); dropping new ones", len(self.buffer))
@@ -144,6 +151,8 @@ class TraceRecorder:
                 self.buffer[:0] = left[: max(0, self.cfg.max_buffer - len(self.buffer))]
                 self._ready.set()
             self.published += done
+            if done and self._published_count is not None:
+                self._published_count.inc(done)
         if done:
             self._warned = False
         return done

@@ -164,7 +164,8 @@ async def test_records_are_published_in_one_message_per_kind(transport: Transpor
 
 
 async def test_records_wait_in_memory_while_the_stream_is_missing() -> None:
-    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=3))
+    metrics = Metrics()
+    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=3), counter=metrics.trace_records)
     for n in range(5):
         rec.record("captured", correlation_id=f"c{n}")
     assert (len(rec.buffer), rec.dropped) == (3, 2)
@@ -174,6 +175,11 @@ async def test_records_wait_in_memory_while_the_stream_is_missing() -> None:
         assert len(rec.buffer) == 3
         await t.ensure_streams(StreamsConfig())
         assert await rec.flush(t) == 3
+
+    def count(outcome: str) -> float | None:
+        return metrics.registry.get_sample_value("mesh_trace_records_total", {"outcome": outcome})
+
+    assert (count("published"), count("dropped")) == (3, 2)
 
 
 async def test_the_recorder_runs_in_the_background(transport: Transport) -> None:
