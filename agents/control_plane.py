@@ -130,7 +130,9 @@ class ControlPlane:
         self.http_port: int | None = None
         self.buckets: dict[str, Bucket] = {}
         self.layout = LayoutKeeper(self.js, settings.streams, every=heal_every)
-        self.txns = TxnTracker(self.js, max_transactions=settings.trace_transactions)
+        self.txns = TxnTracker(
+            self.js, max_transactions=settings.trace_transactions, rebuild=settings.trace_rebuild
+        )
         """Business transactions read from MESH_TRACE (``/status``, ``/trace/<id>``)."""
         self.mirror: KvMirror | None = None
         self.lease: LeaderLease | None = None

@@ -5,8 +5,9 @@ consumed or changed) and prints every transaction ``ID`` names — a correlation
 envelope in it, or a business key such as ``customer:ALFKI`` — as its path across systems in
 time order: captured, published, applied per sink, API calls, saga steps, dead letters, with
 agent, system and latency, then its status. ``meshctl trace --status failed --since 1h`` lists
-transactions instead. ``--json`` prints JSON. Errors the operator can fix (no broker, no trace
-stream yet, a bad ``--since``) print one line and exit 2; an unknown ID exits 1.
+transactions instead. ``--json`` prints JSON. Both read the last day of records unless
+``--since`` says otherwise (a busy mesh retains days of them). Errors the operator can fix (no
+broker, no trace stream yet, a bad ``--since``) print one line and exit 2; an unknown ID exits 1.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ def trace_command(
         str | None,
         typer.Option(
             "--since",
-            help="Only records at or after TIME: ISO-8601 or 15m, 2h, 1d (default: "
-            "everything the stream retains; 1d when listing).",
+            help="Only records at or after TIME: ISO-8601 or 15m, 2h, 7d (default: 1d).",
             show_default=False,
         ),
     ] = None,
@@ -74,7 +74,7 @@ def trace_command(
         start = parse_time(since) if since is not None else None
     except ValueError as exc:
         fail(f"--since: {exc}")
-    if start is None and ident is None:
+    if start is None:  # a busy mesh retains days of records: read the last day unless told
         start = datetime.now(UTC) - timedelta(days=1)
     quiet_connection_logs()
 
@@ -96,7 +96,8 @@ def trace_command(
         if as_json:
             typer.echo(_encoder.encode({"query": ident, "transactions": []}).decode())
         else:
-            typer.echo(f"no transaction found for {ident!r} in the trace stream", err=True)
+            window = f"since {since}" if since else "in the last day"
+            typer.echo(f"no transaction found for {ident!r} {window} (--since 7d searches further)", err=True)
         raise typer.Exit(1)
     if as_json:
         doc = {

@@ -7,6 +7,8 @@ index from the stream (bounded by the stream's retention, ``[streams.trace]``), 
 leader or follower, keeps its own. ``/status`` shows the count per status and the latest failed
 transactions; ``GET /trace/<id>`` a transaction's records; ``GET /trace?status=&since=`` a list.
 
+At start only the last ``trace_rebuild`` seconds (default one hour) are read back.
+
 A record whose ``agent`` is not the agent named by its subject (``trace.<agent>.<kind>``, which
 NATS permissions tie to the publisher) is refused and counted in ``forged``.
 """
@@ -14,6 +16,7 @@ NATS permissions tie to the publisher) is refused and counted in ``forged``.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import msgspec
@@ -40,8 +43,10 @@ class TraceView(msgspec.Struct, frozen=True, kw_only=True):
 class TxnTracker:
     """Follows ``MESH_TRACE`` into a :class:`TxnIndex` (see the module docstring)."""
 
-    def __init__(self, js: Transport, *, max_transactions: int = 20_000) -> None:
+    def __init__(self, js: Transport, *, max_transactions: int = 20_000, rebuild: float = 3600.0) -> None:
+        """``rebuild``: seconds of records read back at start (0: everything the stream retains)."""
         self.js = js
+        self.rebuild = rebuild
         self.index = TxnIndex(max_transactions)
         self.caught_up = anyio.Event()
         """Set once everything stored when the tracker started has been read."""
@@ -73,6 +78,14 @@ class TxnTracker:
         if end <= self.index.last_seq or info.messages == 0:
             self.caught_up.set()
         start = max(self.index.last_seq + 1, info.first_seq, 1)
+        if self.index.last_seq == 0 and self.rebuild > 0 and info.messages:
+            # A busy mesh keeps days of records: read back only the recent ones (the index
+            # holds max_transactions anyway); meshctl trace --since reaches further back.
+            since = datetime.now(UTC) - timedelta(seconds=self.rebuild)
+            first = await self.js.get_message(TRACE_STREAM, subject="trace.>", since=since)
+            start = first.seq if first is not None else end + 1
+            if start > end:
+                self.caught_up.set()
         async with await self.js.read_stream(TRACE_STREAM, start_seq=start) as reader:
             while True:
                 msg = await reader.next(timeout=5.0)

@@ -300,3 +300,34 @@ async def test_the_echo_of_a_two_way_sync_stays_in_its_transaction(
     assert echo["traceparent"].split("-")[1] == first["traceparent"].split("-")[1]
     back = records[path.index(("applied", "erp"))]
     assert back["outcome"] in ("unchanged", "stale", "not_owner")  # nothing new for the ERP
+
+
+async def test_the_control_plane_rebuilds_its_index_from_recent_records(nats_server: NatsServer) -> None:
+    import time
+
+    from mesh.config import StreamsConfig
+    from mesh.controlplane.txn import TxnTracker
+
+    def batch(corr: str) -> bytes:
+        return encode_batch([TraceRecord(kind="captured", at=1, agent="erp-agent", correlation_id=corr)])
+
+    async with JetStream(nats_server.nats_config(), name="admin") as js:
+        await js.ensure_streams(StreamsConfig())
+        await js.publish(OutMessage("trace.erp-agent.captured", batch("old"), "m-old"))
+        stored = time.time()
+        with anyio.fail_after(5):
+            while time.time() < stored + 0.3:  # the record must be older than the window below
+                await anyio.sleep(0.05)
+        everything, recent = TxnTracker(js, rebuild=0), TxnTracker(js, rebuild=0.25)
+        async with anyio.create_task_group() as tg:
+            for tracker in (everything, recent):
+                await tg.start(tracker.run)
+                with anyio.fail_after(10):
+                    await tracker.caught_up.wait()
+            assert [t.correlation_id for t in everything.index.find("old")] == ["old"]
+            assert recent.index.find("old") == []  # beyond the rebuild window
+            await js.publish(OutMessage("trace.erp-agent.captured", batch("new"), "m-new"))
+            with anyio.fail_after(10):
+                while not recent.index.find("new"):
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
