@@ -612,7 +612,9 @@ class Apply:
             if not plan.accepts(env.origin):
                 handled.labels(flow, "echo").inc()
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
-                acks.append(d)  # its own system's event: not traced (every such sink would say so)
+                acks.append(d)
+                if env.origin != plan.system:  # its own system's events are not traced
+                    self._trace_applied(env, "filtered")  # (not in accept_origins)
                 continue
             try:
                 record = self._record(env)

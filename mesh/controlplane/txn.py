@@ -15,6 +15,7 @@ NATS permissions tie to the publisher) is refused and counted in ``forged``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -24,7 +25,7 @@ from anyio.abc import TaskStatus
 
 from mesh.errors import TransportError
 from mesh.trace import STATUSES, TraceRecord, TransactionsView, TxnIndex, add_message
-from mesh.transport import TRACE_STREAM, NotFound, Transport
+from mesh.transport import EVENTS_STREAM, TRACE_STREAM, NotFound, Transport
 
 __all__ = ["TraceView", "TxnTracker"]
 
@@ -47,15 +48,50 @@ class TxnTracker:
         """``rebuild``: seconds of records read back at start (0: everything the stream retains)."""
         self.js = js
         self.rebuild = rebuild
-        self.index = TxnIndex(max_transactions)
+        self.sinks: dict[str, frozenset[str]] = {}
+        """Entity -> the durable consumers on MESH_EVENTS that apply its events (refreshed)."""
+        self.index = TxnIndex(max_transactions, expected=self.expected)
         self.caught_up = anyio.Event()
         """Set once everything stored when the tracker started has been read."""
 
     def __repr__(self) -> str:
         return f"<TxnTracker {self.index!r} seq={self.index.last_seq}>"
 
+    def expected(self, entity: str, origin: str) -> frozenset[str]:
+        """The consumers that must apply an ``entity`` event of ``origin`` (not its own system's)."""
+        return frozenset(c for c in self.sinks.get(entity, ()) if not c.endswith(f"-{origin}"))
+
+    async def refresh_sinks(self) -> None:
+        """Learn which durable consumers apply which entity (``evt.<entity>.>`` filters).
+
+        Raises:
+            TransportError: the broker did not answer (the last known sinks stay).
+        """
+        try:
+            consumers = await self.js.consumers(EVENTS_STREAM)
+        except NotFound:
+            return
+        sinks: dict[str, set[str]] = {}
+        for c in consumers:
+            parts = c.filter_subject.split(".")
+            if len(parts) == 3 and parts[0] == "evt" and parts[2] == ">":
+                sinks.setdefault(parts[1], set()).add(c.name)
+        self.sinks = {entity: frozenset(names) for entity, names in sinks.items()}
+
+    async def _refresh_sinks_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TransportError):
+                await self.refresh_sinks()
+            await anyio.sleep(10)
+
     async def run(self, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Follow the stream until cancelled; waits (without failing) while it is missing."""
+        """Follow the stream until cancelled; waits (without failing) while it is missing.
+        Every 10 s it also learns which sinks consume which entity (:meth:`refresh_sinks`)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._refresh_sinks_loop)
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         task_status.started()
         warned = False
         while True:

@@ -7,6 +7,7 @@ their status; :func:`load_index` reads the stream.
 
 from mesh.trace.index import (
     STATUSES,
+    Expected,
     Transaction,
     TransactionsView,
     TxnIndex,
@@ -36,6 +37,7 @@ __all__ = [
     "KINDS",
     "STATUSES",
     "CauseLinks",
+    "Expected",
     "Link",
     "TraceBatch",
     "TraceKind",

@@ -9,9 +9,11 @@ status (README "Tracing business transactions"):
   API call failed for good (an error that is not retryable), or its saga failed without
   compensating;
 * ``compensated``: its saga ran its compensations to the end (``saga_compensated``);
-* ``completed``: every envelope published in it has been applied (any final sink outcome:
-  applied, unchanged, stale, echo, not_owner) by at least one sink, nothing is dead-lettered,
-  every started saga completed, and every API call succeeded;
+* ``completed``: every envelope captured or published in it has been applied (any final sink
+  outcome: applied, unchanged, stale, duplicate, not_owner, filtered) by every sink expected to
+  consume it (the durable consumers on its entity, but its own system's; when unknown, by at
+  least one sink), nothing is dead-lettered, every started saga completed, and every API call
+  succeeded;
 * ``in_progress``: anything else (captured but not published yet, published and not applied
   yet, a saga still running).
 
@@ -22,15 +24,18 @@ The control plane and ``meshctl trace`` build the same index from the stream (se
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
 
 from mesh.trace.records import TraceRecord
+from mesh.transport.subjects import consumer_name
 
 __all__ = [
     "STATUSES",
+    "Expected",
     "Transaction",
     "TransactionsView",
     "TxnIndex",
@@ -40,6 +45,8 @@ __all__ = [
 ]
 
 TxnStatus = Literal["in_progress", "completed", "failed", "compensated"]
+Expected = Callable[[str, str], frozenset[str]]
+"""(entity, origin system) -> the durable consumers (``<flow>-<sink system>``) that apply it."""
 STATUSES: tuple[str, ...] = ("in_progress", "completed", "failed", "compensated")
 
 _MAX_RECORDS = 500
@@ -86,6 +93,7 @@ class Transaction:
     correlation_id: str
     records: list[TraceRecord] = field(default_factory=list)
     dropped: int = 0
+    expected: Expected | None = None
     _status: tuple[TxnStatus, str] | None = None
 
     def add(self, r: TraceRecord) -> None:
@@ -115,7 +123,7 @@ class Transaction:
     def status(self) -> tuple[TxnStatus, str]:
         """(status, reason), derived once per change (see :func:`derive_status`)."""
         if self._status is None:
-            self._status = derive_status(self.records)
+            self._status = derive_status(self.records, self.expected)
         return self._status
 
     def summary(self) -> TxnSummary:
@@ -128,11 +136,15 @@ class Transaction:
         )  # fmt: skip
 
 
-def derive_status(records: list[TraceRecord]) -> tuple[TxnStatus, str]:
+def derive_status(records: list[TraceRecord], expected: Expected | None = None) -> tuple[TxnStatus, str]:
     """The status of a transaction made of ``records`` (time order) and, for ``failed`` and
-    ``compensated``, the reason; the rules are in the module docstring."""
+    ``compensated``, the reason; the rules are in the module docstring. ``expected`` names the
+    sinks (durable consumers ``<flow>-<system>``) that must apply an envelope of an entity from
+    an origin; without it (or when it names none), one sink is enough."""
     published: set[str] = set()
     applied: set[str] = set()
+    applied_by: dict[str, set[str]] = {}
+    origin_of: dict[str, tuple[str, str]] = {}
     dead: dict[str, str] = {}
     sagas_open = 0
     saga_failed = ""
@@ -143,8 +155,11 @@ def derive_status(records: list[TraceRecord]) -> tuple[TxnStatus, str]:
         k = r.kind
         if k in ("captured", "published"):
             published.add(r.envelope_id)  # captured: on its way, it must be applied too
+            if k == "captured" and r.business_key:
+                origin_of[r.envelope_id] = (r.business_key.partition(":")[0], r.system)
         elif k == "applied":
             applied.add(r.envelope_id)
+            applied_by.setdefault(r.envelope_id, set()).add(consumer_name(r.flow, r.system))
             dead.pop(r.envelope_id, None)  # a replayed dead letter that now applied
         elif k == "dead_lettered":
             dead[r.envelope_id] = r.detail or "dead-lettered"
@@ -178,6 +193,11 @@ def derive_status(records: list[TraceRecord]) -> tuple[TxnStatus, str]:
     if api_failed:
         return "failed", api_failed
     pending = published - applied
+    if expected is not None and not pending:
+        for eid, (entity, origin) in origin_of.items():
+            if not expected(entity, origin) <= applied_by.get(eid, set()):
+                pending.add(eid)
+                break
     if not records or pending or sagas_open or api_open:
         return "in_progress", ""
     return "completed", ""
@@ -188,8 +208,10 @@ class TxnIndex:
     business key. ``forged`` counts records refused because their ``agent`` is not the one in
     their subject."""
 
-    def __init__(self, max_transactions: int = 100_000) -> None:
+    def __init__(self, max_transactions: int = 100_000, expected: Expected | None = None) -> None:
         self.max_transactions = max_transactions
+        self.expected = expected
+        """Which sinks must apply an envelope (see :func:`derive_status`)."""
         self.txns: OrderedDict[str, Transaction] = OrderedDict()
         self.by_envelope: dict[str, str] = {}
         self.by_key: dict[str, list[str]] = {}
@@ -216,7 +238,7 @@ class TxnIndex:
         txn = self.txns.get(corr)
         old: str | None = None
         if txn is None:
-            txn = self.txns[corr] = Transaction(corr)
+            txn = self.txns[corr] = Transaction(corr, expected=self.expected)
             if len(self.txns) > self.max_transactions:
                 self._evict()
         else:

@@ -141,6 +141,10 @@ async def test_a_transaction_across_three_systems_traced_end_to_end(
         assert tx["counts"]["failed"] >= 1
         assert two["correlation_id"] in [t["correlation_id"] for t in tx["recent_failed"]]
         assert tx["forged"] == 0
+        await cp.txns.refresh_sinks()  # which sinks apply customers: the consumers on MESH_EVENTS
+        assert cp.txns.sinks["customer"] == {"customers-crm", "customers-finance"}
+        assert cp.txns.expected("customer", "erp") == {"customers-crm", "customers-finance"}
+        assert cp.txns.expected("customer", "crm") == {"customers-finance"}
         page = (await http.get("/")).text
         assert "transactions: in_progress" in page
         assert f'href="trace/{two["correlation_id"]}"' in page

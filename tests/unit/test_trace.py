@@ -378,3 +378,22 @@ def test_meshctl_trace_usage_errors_are_one_line() -> None:
         assert result.exit_code == 2, result.output
         assert message in result.output
         assert "Traceback" not in result.output
+
+
+def test_completed_waits_for_every_expected_sink() -> None:
+    def expected(entity: str, origin: str) -> frozenset[str]:
+        consumers = {"customers-crm", "customers-finance", "back-erp"}
+        return frozenset(c for c in consumers if entity == "customer" and not c.endswith(f"-{origin}"))
+
+    captured = r("captured", 1, envelope_id="e1", system="erp", business_key="customer:1")
+    crm = r("applied", 2, envelope_id="e1", system="crm", flow="customers", outcome="applied")
+    fin = r("applied", 3, envelope_id="e1", system="finance", flow="customers", outcome="unchanged")
+    assert derive_status([captured, crm]) == ("completed", "")  # no knowledge: one sink is enough
+    assert derive_status([captured, crm], expected) == ("in_progress", "")
+    assert derive_status([captured, crm, fin], expected) == ("completed", "")
+    idx = TxnIndex(expected=expected)
+    for x in (captured, crm):
+        idx.add(x)
+    assert idx.counts()["in_progress"] == 1
+    idx.add(fin)
+    assert idx.counts()["completed"] == 1
