@@ -43,6 +43,7 @@ from mesh.runs.bulk import ScheduledSource
 from mesh.runs.records import SinkTally
 from mesh.runs.report import RunReporter
 from mesh.store import Inbox, Outbox, private_dir
+from mesh.trace import CauseLinks, TraceRecorder, use_recorder
 from mesh.transport import Consumer, JetStream, OutMessage
 
 __all__ = [
@@ -183,6 +184,12 @@ class ConnectorAgent:
         self.streams = StreamCheck(self.link.wait, cfg.streams, self.readiness, every=stream_check_every)
         self.api_server: ApiServer | None = None
         """The System API service (README "System APIs"), once serving."""
+        self.tracer = TraceRecorder(
+            cfg.agent.name, cfg.agent.system, cfg=cfg.trace, transport=self.link.wait,
+            counter=self.metrics.trace_records,
+        )  # fmt: skip
+        """Trace records of this agent (``mesh.trace.record`` in its tasks records here too)."""
+        self.links = CauseLinks(cfg.trace.link_window)
         self.consumers: dict[str, Consumer] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
@@ -236,6 +243,10 @@ class ConnectorAgent:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Signals ``task_status`` once every actor has started."""
+        with use_recorder(self.tracer):  # inherited by every task the agent starts
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         await anyio.to_thread.run_sync(private_dir, Path(self.cfg.agent.state_dir))
         restarts = self.metrics.actor_restarts
         async with (
@@ -252,8 +263,9 @@ class ConnectorAgent:
             await sup.start("streams", self.streams.run)
             relay = Relay(
                 self.outbox, self.link.wait, self.metrics, self.cfg.relay,
-                agent=self.cfg.agent.name, inflight=self.inflight, streams=self.streams,
+                agent=self.cfg.agent.name, inflight=self.inflight, streams=self.streams, tracer=self.tracer,
             )  # fmt: skip
+            await sup.start("trace", self.tracer.run)
             await sup.start("relay", relay.run)  # the agent's, whatever flows come and go
             await sup.start("run-reports", self.run_reports.run)
             a = self.cfg.agent
@@ -299,7 +311,7 @@ class ConnectorAgent:
 
     def _flow_actors(self, h: FlowHandle) -> list[tuple[str, Actor]]:
         a = self.cfg.agent
-        plan = FlowPlan(h.cfg, agent=a.name, system=a.system)  # one per flow (re)start, shared
+        plan = FlowPlan(h.cfg, agent=a.name, system=a.system, tracer=self.tracer, links=self.links)
         actors: list[tuple[str, Actor]] = []
         if h.cfg.source is not None:
             capture = Capture(

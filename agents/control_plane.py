@@ -92,6 +92,7 @@ from mesh.controlplane.models import (
 from mesh.controlplane.registry import Registry
 from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import StatusBuilder, config_file_flows, flow_views
+from mesh.controlplane.txn import TxnTracker
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
 from mesh.reconcile.schedule import ReconcileScheduler
@@ -130,6 +131,10 @@ class ControlPlane:
         self.http_port: int | None = None
         self.buckets: dict[str, Bucket] = {}
         self.layout = LayoutKeeper(self.js, settings.streams, every=heal_every)
+        self.txns = TxnTracker(
+            self.js, max_transactions=settings.trace_transactions, rebuild=settings.trace_rebuild
+        )
+        """Business transactions read from MESH_TRACE (``/status``, ``/trace/<id>``)."""
         self.mirror: KvMirror | None = None
         self.lease: LeaderLease | None = None
         self.builder: StatusBuilder | None = None
@@ -187,7 +192,8 @@ class ControlPlane:
                 counts={"healthy": 0, "degraded": 0, "stale": 0, "lost": 0},
             )
         specs = self.flow_store.specs() if self.flow_store is not None else None
-        return self.builder.report(info, self.dlq_depths, specs=specs)
+        txns = self.txns.view() if self.txns.caught_up.is_set() else None
+        return self.builder.report(info, self.dlq_depths, specs=specs, transactions=txns)
 
     async def readiness(self) -> str | None:
         if not self.conditions.ready:
@@ -279,6 +285,7 @@ class ControlPlane:
                 {AGENTS_BUCKET: self.mirror, FLOWS_BUCKET: flows_mirror, ASSIGN_BUCKET: assign_mirror}
             )
             await sup.start("layout", self.layout.run)
+            await sup.start("trace", self.txns.run)
             self.conditions.set("kv")
             await sup.start("reads", self._serve_reads)
             await sup.start("lease", self.lease.run)

@@ -26,7 +26,9 @@ Guarantees: nothing is acked before it is durable; a malformed or refused messag
 dead-lettered with its reason (a :class:`~mesh.envelope.DeadLetter`) and then termed, and the
 flow keeps going (I6); events whose origin is this agent's own system are never applied back to
 it (I7). Each actor binds ``agent`` and ``flow`` to its log records, and every log line about
-one message carries its ``correlation_id``. The actors run on any
+one message carries its ``correlation_id``. With a :class:`~mesh.trace.TraceRecorder` on the
+plan, capture, relay and apply record what they did (``captured``, ``published``, ``applied``,
+``dead_lettered``) in memory; the recorder publishes them in batches off this path. The actors run on any
 :class:`~mesh.transport.Transport`: JetStream in production, memory in unit tests.
 """
 
@@ -74,7 +76,8 @@ from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.runs.bulk import RUN_HEADER
-from mesh.store import Inbox, InboxEntry, Outbox
+from mesh.store import Inbox, InboxEntry, Outbox, OutboxRow
+from mesh.trace import CauseLinks, TraceRecorder, child_traceparent, new_traceparent
 from mesh.transport import (
     EVENTS_STREAM,
     Consumer,
@@ -129,6 +132,10 @@ class FlowPlan:
     system: str
     """The agent's system: the origin of what it captures; never applied back to it (I7)."""
     _data: FlowData | None = field(default=None, repr=False)
+    tracer: TraceRecorder | None = field(default=None, repr=False)
+    """Where capture and apply record what happened (README "Tracing business transactions")."""
+    links: CauseLinks | None = field(default=None, repr=False)
+    """What this agent applied lately, so that the echo it captures keeps its correlation id."""
 
     @property
     def name(self) -> str:
@@ -293,9 +300,19 @@ class Capture:
         items = []
         dead: dict[str, dict[str, str]] = {}
         id_flow = f"{flow}@{batch.run}" if batch.run else flow  # a bulk run's own ids (mesh.runs.bulk)
+        tracer, links = plan.tracer, plan.links
         for ch in batch.changes:
             event = "deleted" if ch.deleted else "upserted"
             eid = envelope_id(id_flow, system, ch.key, ch.version)
+            bkey = f"{entity}:{ch.key}"
+            # A new transaction, unless this change is the effect of one this agent applied.
+            if ch.correlation_id:  # the source knows the transaction (e.g. a webhook header)
+                corr, caused_by, parent = ch.correlation_id, ch.causation_id, ch.traceparent
+            elif (cause := links.cause_of(bkey) if links is not None else None) is not None:
+                corr, caused_by, parent = cause.correlation_id, cause.envelope_id, cause.traceparent
+            else:
+                corr, caused_by, parent = eid, ch.causation_id, ch.traceparent
+            traceparent = child_traceparent(parent) if parent else new_traceparent()
             subject = event_subject(entity, event, system)
             schema, body = data.schema, ch.row
             if data.to_canonical is not None:
@@ -322,12 +339,25 @@ class Capture:
                 version=ch.version,
                 origin=system,
                 occurred_at=ch.occurred_at or now,
-                correlation_id=eid,
+                correlation_id=corr,
+                causation_id=caused_by,
+                traceparent=traceparent,
                 payload=encode_payload(body),
             )
             items.append((eid, subject, encode(env)))
             if batch.run and eid not in dead:
                 dead[eid] = {RUN_HEADER: batch.run}  # extra headers by id (dead letters have theirs)
+            if tracer is not None:
+                tracer.record(
+                    "captured", correlation_id=corr, envelope_id=eid, causation_id=caused_by,
+                    business_key=bkey, flow=flow, latency_ms=now - env.occurred_at, traceparent=traceparent,
+                    outcome="deleted" if ch.deleted else "",
+                )  # fmt: skip
+                if "Mesh-Reason" in dead.get(eid, {}):
+                    tracer.record(
+                        "dead_lettered", correlation_id=corr, envelope_id=eid, business_key=bkey, flow=flow,
+                        outcome="capture", detail=dead[eid]["Mesh-Reason"],
+                    )  # fmt: skip
         return items, dead
 
 
@@ -344,7 +374,9 @@ class Relay:
         agent: str = "",
         inflight: Inflight = _shielded,
         streams: StreamCheck | None = None,
+        tracer: TraceRecorder | None = None,
     ) -> None:
+        self.tracer = tracer
         self.streams = streams
         """Says whether the streams exist: the relay starts publishing once they do (a stream
         deleted later just leaves publishes unacknowledged, retried with backoff)."""
@@ -376,6 +408,7 @@ class Relay:
             messages = [OutMessage(r.subject, r.data, r.id, r.headers or {}) for r in rows]
             with self.inflight("relay"):  # finish the round (bounded) even during shutdown
                 acked = await transport.publish_many(messages, cfg.window)
+                acked_at = now_ms()
                 crash_point("relay.after_publish")
                 done = [r for r, ok in zip(rows, acked, strict=True) if ok]
                 await outbox.remove(done)
@@ -384,6 +417,8 @@ class Relay:
                 counts[r.flow] = counts.get(r.flow, 0) + 1
             for flow, n in counts.items():
                 metrics.published.labels(flow).inc(n)
+            if self.tracer is not None and self.tracer.enabled:
+                _trace_published_into(self.tracer, done, acked_at)
             missed = len(rows) - len(done)
             if missed:
                 metrics.publish_failures.inc(missed)
@@ -395,6 +430,25 @@ class Relay:
                 await anyio.sleep(delay)
             else:
                 failures = 0
+
+
+def _trace_published_into(tracer: TraceRecorder, published: Sequence[OutboxRow], now: int) -> None:
+    """``published`` records for acked outbox rows. The row id is the envelope id, which the
+    index maps to its transaction (the capture's record names it): no envelope is decoded,
+    unless sampling must know the correlation id to decide. ``now``: when the acks came."""
+    sampling = tracer.cfg.sample < 1.0
+    for row in published:
+        corr = ""
+        if sampling:
+            try:
+                corr = decode(row.data).correlation_id
+            except DecodeError:
+                continue  # a dead-lettered raw row: its capture recorded it
+            if not tracer.sampled(corr):
+                continue
+        elif not row.subject.startswith("evt."):
+            continue  # a dead-lettered raw row: its capture recorded it
+        tracer.record("published", correlation_id=corr, envelope_id=row.id, flow=row.flow, at=now)
 
 
 class Apply:
@@ -566,12 +620,16 @@ class Apply:
             if env.id in seen or env.id in batch_ids:
                 handled.labels(flow, "duplicate").inc()
                 acks.append(d)
+                # traced too: after a crash the first apply's record may never have left memory
+                self._trace_applied(env, "duplicate")
                 continue
             batch_ids.add(env.id)
             if not plan.accepts(env.origin):
                 handled.labels(flow, "echo").inc()
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
                 acks.append(d)
+                if env.origin != plan.system:  # its own system's events are not traced
+                    self._trace_applied(env, "filtered")  # (not in accept_origins)
                 continue
             try:
                 record = self._record(env)
@@ -582,6 +640,7 @@ class Apply:
                 handled.labels(flow, "not_owner").inc()
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "not_owner"))
                 acks.append(d)
+                self._trace_applied(env, "not_owner")
                 continue
             todo.append((d, env, record))
 
@@ -607,6 +666,7 @@ class Apply:
             acks.append(d)
             if outcome is Applied.APPLIED:
                 latency.observe(max(0, now - env.occurred_at) / 1000)
+            self._trace_applied(env, outcome.value, now)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
         await inbox.record(entries)
@@ -632,6 +692,22 @@ class Apply:
                 ran.append((run, env.id, "failed"))
         if ran:
             await self.tally(ran)
+
+    def _trace_applied(self, env: Envelope, outcome: str, now: int | None = None) -> None:
+        """Record that ``env`` reached this sink (``outcome``: applied, unchanged, stale, echo,
+        not_owner); an applied change is remembered so that its echo stays linked."""
+        plan = self.plan
+        bkey = f"{env.entity}:{env.key}"
+        if plan.links is not None and outcome == Applied.APPLIED.value:
+            plan.links.remember(bkey, env.correlation_id or env.id, env.id, env.traceparent)
+        if plan.tracer is None:
+            return
+        now = now_ms() if now is None else now
+        plan.tracer.record(
+            "applied", correlation_id=env.correlation_id or env.id, envelope_id=env.id,
+            causation_id=env.causation_id, business_key=bkey, flow=plan.name,
+            latency_ms=now - env.occurred_at, outcome=outcome, traceparent=env.traceparent,
+        )  # fmt: skip
 
     def check(self, subject: str, env: Envelope, max_version: int) -> None:
         """Check that ``env`` agrees with the subject it arrived on and with this flow, before
@@ -740,6 +816,15 @@ class Apply:
         await transport.publish(OutMessage(dlq_subject(plan.name), d.data, msg_id, {**original, **headers}))
         self.metrics.dead_lettered.labels(plan.name, letter.error_class).inc()
         self.metrics.handled.labels(plan.name, "dead_lettered").inc()
+        if plan.tracer is not None:
+            eid = env.id if env else letter.original_msg_id
+            plan.tracer.record(
+                "dead_lettered", correlation_id=(env.correlation_id if env else "") or eid, envelope_id=eid,
+                causation_id=env.causation_id if env else "",
+                business_key=f"{env.entity}:{env.key}" if env else "", flow=plan.name,
+                latency_ms=now_ms() - env.occurred_at if env else 0, outcome=letter.error_class,
+                detail=letter.reason, traceparent=env.traceparent if env else "",
+            )  # fmt: skip
         # Not recorded in the inbox: a replay of the fixed message must still apply.
 
 

@@ -38,6 +38,13 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     row: dict[str, Any] = msgspec.field(default_factory=dict)
     occurred_at: int = 0
     """Milliseconds since the epoch when the change happened (0: unknown, use capture time)."""
+    correlation_id: str = ""
+    """The business transaction this change belongs to, when the source knows it (a webhook's
+    ``Mesh-Correlation-Id`` header); empty: capture starts a new one (README "Tracing")."""
+    causation_id: str = ""
+    """The id of the message that caused this change, when the source knows it."""
+    traceparent: str = ""
+    """The W3C ``traceparent`` the change arrived with; the envelope carries a child of it."""
 
 
 class ChangeBatch(msgspec.Struct, frozen=True, kw_only=True):

@@ -63,6 +63,8 @@ __all__ = [
     "StreamsConfig",
     "TlsConfig",
     "Token",
+    "TraceConfig",
+    "TraceRetention",
     "agent_config_type",
     "check_flow",
     "check_tls_files",
@@ -177,6 +179,34 @@ class NatsConfig(ConfigStruct, frozen=True):
             raise ValueError("password_env / password_file: set at most one of them")
 
 
+class TraceRetention(ConfigStruct, frozen=True):
+    """How long the trace stream ``MESH_TRACE`` keeps its records (``[streams.trace]``)."""
+
+    max_age: Annotated[float, msgspec.Meta(ge=0)] = 7 * 24 * 3600.0
+    """Seconds a trace record is kept (0 = no age limit)."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=-1)] = 1 << 30
+    """Bytes the stream may hold before the oldest records go (-1 = no size limit)."""
+
+
+class TraceConfig(ConfigStruct, frozen=True):
+    """Business transaction tracing (``[trace]``, README "Tracing business transactions")."""
+
+    enabled: bool = True
+    """Whether this agent publishes trace records (to ``trace.<agent>.<kind>``)."""
+    sample: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+    """The share of transactions traced, decided per correlation id (so a transaction is traced
+    everywhere or nowhere): 1.0 every one, 0.1 one in ten."""
+    flush_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.2
+    """Longest a record waits in memory before it is published (records are batched)."""
+    max_buffer: PositiveInt = 10_000
+    """Records held in memory at most while the broker is away; beyond, new ones are dropped
+    (and counted): tracing never slows or blocks the delivery path."""
+    link_window: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    """Seconds after this agent applied a change to its system during which a change of the
+    same ``entity:key`` captured from that system is taken as caused by it (same correlation
+    id, ``causation_id`` = the applied envelope's id): the echo of a two-way sync stays linked."""
+
+
 class StreamsConfig(ConfigStruct, frozen=True):
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     duplicate_window: PositiveFloat = 120.0
@@ -184,6 +214,8 @@ class StreamsConfig(ConfigStruct, frozen=True):
     max_age: float = 7 * 24 * 3600.0
     """Seconds events are kept in MESH_EVENTS (0 = forever)."""
     storage: Literal["file", "memory"] = "file"
+    trace: TraceRetention = msgspec.field(default_factory=TraceRetention)
+    """Retention of the trace stream ``MESH_TRACE``."""
     manage: bool | None = None
     """Whether an *agent* creates the streams (the control plane always owns them and heals
     them). Unset (the default): create a stream only when it is missing and the agent's NATS
@@ -302,6 +334,7 @@ class AgentConfig(ConfigStruct, frozen=True):
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
+    trace: TraceConfig = msgspec.field(default_factory=TraceConfig)
     flows: list[FlowConfig] = msgspec.field(default_factory=list)
     api: ApiConfig | None = None
     """System API operations this agent serves (README "System APIs")."""

@@ -51,6 +51,12 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     ``version`` is the per-entity version assigned at the source; sinks never let a lower version
     overwrite a higher one (I5). ``occurred_at`` is milliseconds since the Unix epoch, when the
     change was captured. ``payload`` stays encoded until whoever needs it decodes it.
+
+    ``correlation_id`` names the business transaction: a capture starts a new one (its own id)
+    unless the change came with one (a webhook header) or is the effect of a change this agent
+    just applied; whatever a message causes carries the same value. ``causation_id`` is the id of
+    the message that caused this one (empty for a fresh change); ``traceparent`` is a W3C trace
+    context, a child span of the cause's (README "Tracing business transactions").
     """
 
     id: str

@@ -99,7 +99,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HUB_DOMAIN = "hub"
 LEAF_PORT = 7422
 """nats-server's default leaf node port."""
-MESH_SUBJECTS = ("evt.>", "cmd.>", "dlq.>", "audit.>")
+MESH_SUBJECTS = ("evt.>", "cmd.>", "dlq.>", "audit.>", "trace.>")
 """Subjects of the mesh's streams; they must not cross the leaf link (see the module doc)."""
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")

@@ -99,6 +99,10 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.trace_records = Counter(
+            "mesh_trace_records", "Trace records published, or dropped (buffer full, broker away)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.nats_connected = Gauge(
             "mesh_nats_connected", "1 while the agent's NATS connection is up", registry=r
         )

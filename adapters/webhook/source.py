@@ -82,6 +82,7 @@ from adapters.webhook.config import WebhookSourceConfig
 from mesh.adapters import Change, ChangeBatch, Source
 from mesh.controlplane.http import HttpServer
 from mesh.errors import ConfigError, SystemUnavailable
+from mesh.trace import trace_context
 
 __all__ = ["WebhookSource", "sign"]
 
@@ -446,6 +447,9 @@ class WebhookSource(Source):
             changes, ignored = self._mapper.changes(document, timestamp)
         except MappingError as exc:
             return _error(422, str(exc))
+        context = trace_context(request.headers)
+        if context:  # the sender's transaction: the captured changes belong to it (README "Tracing")
+            changes = [msgspec.structs.replace(c, **context) for c in changes]
         delivery_id = request.headers.get(cfg.id_header) if cfg.id_header is not None else None
         if delivery_id:
             if len(delivery_id) > _MAX_ID or not delivery_id.isprintable():

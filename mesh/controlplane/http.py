@@ -18,6 +18,9 @@ Routes (GET and HEAD only)::
     /status         the StatusReport JSON document (schema_version mesh-cp-status/1)
     /status/schema  JSON Schema of /status
     /metrics        Prometheus text format (names mesh_cp_*)
+    /trace/<id>     a business transaction's records and status (by correlation id, envelope id
+                    or entity:key), JSON; 404 when none is known
+    /trace          transactions, newest first (?status=failed&since=<seconds>&limit=<n>)
 
 Guarantees: every error is a small JSON body ``{"error": ..., "status": ...}`` (404, 405, 401,
 413, 431, 500); a path with a trailing slash is 404, never a redirect (Starlette builds those from
@@ -55,6 +58,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mesh.controlplane._httpguard import RequestLimits, guarded_h11, is_loopback
 from mesh.controlplane.models import StatusReport, status_schema
 from mesh.errors import ConfigError
+from mesh.trace import STATUSES
 
 __all__ = ["HttpServer", "StatusSource", "create_app", "render_dashboard"]
 
@@ -148,6 +152,33 @@ def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
     async def schema(request: Request) -> Response:
         return _json_response(status_schema())
 
+    async def trace_one(request: Request) -> Response:
+        tracker = getattr(source, "txns", None)
+        if tracker is None:
+            return _error(404, "tracing is not available on this endpoint")
+        ident = request.path_params["ident"]
+        found = tracker.trace(ident)
+        if not found:
+            what = "a correlation id, envelope id or entity:key"
+            return _error(404, f"no transaction known for {ident!r} ({what})")
+        return _json_response({"query": ident, "transactions": found})
+
+    async def trace_list(request: Request) -> Response:
+        tracker = getattr(source, "txns", None)
+        if tracker is None:
+            return _error(404, "tracing is not available on this endpoint")
+        status = request.query_params.get("status") or None
+        if status is not None and status not in STATUSES:
+            return _error(400, f"status must be one of {', '.join(STATUSES)}")
+        try:
+            since = float(request.query_params.get("since", "0"))
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError:
+            return _error(400, "since (seconds) and limit must be numbers")
+        since_ms = int((time.time() - since) * 1000) if since > 0 else 0
+        listed = tracker.index.list(status, since_ms, max(1, min(limit, 1000)))
+        return _json_response({"transactions": listed})
+
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(source.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -169,6 +200,8 @@ def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
             ("/status", status),
             ("/status/schema", schema),
             ("/metrics", metrics),
+            ("/trace", trace_list),
+            ("/trace/{ident:path}", trace_one),
         )
     ]
     middleware = [Middleware(_BearerAuth, token=token)] if token else []
@@ -208,6 +241,18 @@ def render_dashboard(report: StatusReport) -> str:
         for f in report.flows
     )
     counts = " · ".join(f"{e(k)} {v}" for k, v in report.counts.items())
+    tx = report.transactions
+    txns = ""
+    if tx is not None:
+        failed = "".join(
+            f'<li><a href="trace/{e(t.correlation_id)}">{e(t.correlation_id)}</a> '
+            f"{e(', '.join(t.business_keys[:3]))}: {e(t.reason)}</li>"
+            for t in tx.recent_failed
+        )
+        txns = (
+            "<p>transactions: " + " · ".join(f"{e(k)} {v}" for k, v in tx.counts.items()) + "</p>"
+            + (f"<ul>{failed}</ul>" if failed else "")
+        )
     leader = e(cp.leader or "none")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     return f"""<!doctype html>
@@ -220,6 +265,7 @@ th,td{{border:1px solid #d0d7de;padding:3px 8px;text-align:left}}th{{background:
 <p>replica <b>{e(cp.replica)}</b> ({"leader" if cp.is_leader else "follower"}) · leader {leader} ·
 NATS {"connected" if cp.nats_connected else "<b>disconnected</b>"} · {stamp}</p>
 <p>{len(report.agents)} agent(s): {counts}</p>
+{txns}
 <h2>Agents</h2><table><tr><th>name</th><th>site</th><th>host</th><th>version</th><th>health</th>
 <th>state</th><th>last heartbeat</th><th>outbox</th><th>errors</th><th>why</th></tr>{agent_rows}</table>
 <h2>Flows</h2><table><tr><th>name</th><th>state</th><th>desired</th><th>generation</th><th>agents</th>

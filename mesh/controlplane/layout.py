@@ -31,6 +31,7 @@ from mesh.transport import (
     COMMANDS_STREAM,
     DLQ_STREAM,
     EVENTS_STREAM,
+    TRACE_STREAM,
     Entry,
     KvWatch,
     NoResponders,
@@ -42,7 +43,7 @@ __all__ = ["STREAMS", "HealingBucket", "LayoutKeeper"]
 
 log = logging.getLogger(__name__)
 
-STREAMS: tuple[str, ...] = (EVENTS_STREAM, COMMANDS_STREAM, DLQ_STREAM, AUDIT_STREAM)
+STREAMS: tuple[str, ...] = (EVENTS_STREAM, COMMANDS_STREAM, DLQ_STREAM, AUDIT_STREAM, TRACE_STREAM)
 """The streams the control plane owns."""
 
 

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from mesh.errors import DecodeError
+from mesh.trace.index import TransactionsView
 
 __all__ = [
     "AGENTS_BUCKET",
@@ -504,6 +505,9 @@ class StatusReport(_Rep, frozen=True, tag="status"):
     flows: list[FlowView]
     counts: dict[str, int]
     """Agents by health: ``healthy``, ``degraded``, ``stale``, ``lost`` (always all four)."""
+    transactions: TransactionsView | None = None
+    """Business transactions by status and the latest failed ones (README "Tracing business
+    transactions"); None before the trace stream has been read."""
 
 
 class Agents(_Rep, frozen=True, tag="agents"):

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from mesh.config import NatsConfig, StreamsConfig, check_tls_files
+from mesh.config import NatsConfig, PositiveInt, StreamsConfig, check_tls_files
 from mesh.controlplane.health import HealthPolicy
 from mesh.errors import ConfigError, ConfigProblem
 from mesh.reconcile.schedule import ReconcileSchedule
@@ -65,6 +65,11 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     reconcile: list[ReconcileSchedule] = []
     """``[[reconcile]]`` tables: flows the leader reconciles on an interval (see
     :mod:`mesh.reconcile.schedule`)."""
+    trace_transactions: PositiveInt = 20_000
+    """Business transactions kept in memory from MESH_TRACE (about 1.2 KB each with three
+    records: 20,000 is ~25 MB); older ones are still in the stream for ``meshctl trace``."""
+    trace_rebuild: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    """Seconds of MESH_TRACE read back at start to rebuild the index (0: all it retains)."""
 
     def __post_init__(self) -> None:
         if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):

@@ -29,6 +29,7 @@ from mesh.controlplane.models import (
     HeartbeatRecord,
     StatusReport,
 )
+from mesh.trace import TransactionsView
 
 __all__ = ["CONFIG_FILE", "StatusBuilder", "config_file_flows", "flow_state", "flow_views"]
 
@@ -126,8 +127,9 @@ class StatusBuilder:
         dlq_depths: Mapping[str, int],
         now: float | None = None,
         specs: Mapping[str, FlowSpec] | None = None,
+        transactions: TransactionsView | None = None,
     ) -> StatusReport:
-        """The whole ``/status`` document."""
+        """The whole ``/status`` document (``transactions``: from the trace tracker)."""
         now = time.time() if now is None else now
         agents = self.agents(now)
         counts: dict[str, int] = dict.fromkeys(HEALTH_STATES, 0)
@@ -140,6 +142,7 @@ class StatusBuilder:
             agents=agents,
             flows=flow_views(agents, dlq_depths, specs),
             counts=counts,
+            transactions=transactions,
         )
 
 

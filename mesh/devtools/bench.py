@@ -69,6 +69,8 @@ inbox_prefix = "_INBOX.{name}"
 [relay]
 batch_size = 2000
 window = 512
+[trace]
+enabled = {"false" if os.environ.get("MESH_BENCH_TRACE") == "0" else "true"}
 {flow}"""
 
 

@@ -115,6 +115,7 @@ def agent_permissions(
     pub: list[str] = []
     pub += [f"evt.*.*.{validate_token(s, 'system')}" for s in sorted(set(systems))]
     pub += [f"dlq.{validate_token(f, 'flow')}" for f in sorted(set(flows))]
+    pub.append(f"trace.{name}.*")  # trace records about itself only (mesh.trace)
     pub += [
         f"{prefix}.register.{name}",
         f"{prefix}.heartbeat.{name}",

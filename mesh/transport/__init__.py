@@ -34,6 +34,7 @@ from mesh.transport.subjects import (
     COMMANDS_STREAM,
     DLQ_STREAM,
     EVENTS_STREAM,
+    TRACE_STREAM,
     dlq_subject,
     event_subject,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "COMMANDS_STREAM",
     "DLQ_STREAM",
     "EVENTS_STREAM",
+    "TRACE_STREAM",
     "Bucket",
     "Consumer",
     "ConsumerState",

@@ -88,7 +88,7 @@ from mesh.transport.base import (
     Subscription,
     Transport,
 )
-from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM
+from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM, TRACE_STREAM
 
 __all__ = ["JetStream", "NatsBucket", "NatsDelivery", "PullConsumer"]
 
@@ -587,6 +587,10 @@ class JetStream(Transport):
             StreamConfig(name=COMMANDS_STREAM, subjects=["cmd.>"], max_age=cfg.max_age or None, **common),
             StreamConfig(name=DLQ_STREAM, subjects=["dlq.>"], **common),
             StreamConfig(name=AUDIT_STREAM, subjects=["audit.>"], **common),
+            StreamConfig(
+                name=TRACE_STREAM, subjects=["trace.>"], max_age=cfg.trace.max_age or None,
+                max_bytes=cfg.trace.max_bytes, **common,
+            ),
         ]
         jsm = self.js
         for sc in streams:

@@ -11,6 +11,7 @@ __all__ = [
     "DLQ_STREAM",
     "EVENTS_STREAM",
     "STREAM_SUBJECTS",
+    "TRACE_STREAM",
     "consumer_name",
     "dlq_subject",
     "event_subject",
@@ -21,12 +22,14 @@ EVENTS_STREAM = "MESH_EVENTS"
 COMMANDS_STREAM = "MESH_COMMANDS"
 DLQ_STREAM = "MESH_DLQ"
 AUDIT_STREAM = "MESH_AUDIT"
+TRACE_STREAM = "MESH_TRACE"
 
 STREAM_SUBJECTS: dict[str, str] = {
     EVENTS_STREAM: "evt.>",
     COMMANDS_STREAM: "cmd.>",
     DLQ_STREAM: "dlq.>",
     AUDIT_STREAM: "audit.>",
+    TRACE_STREAM: "trace.>",
 }
 """Each mesh stream and the subjects it stores."""
 

@@ -1,0 +1,56 @@
+"""Linking an echo back to its cause: what an agent applied, remembered for a short while.
+
+When agent A applies change E (correlation C) to its system S and then captures a change of the
+same ``entity:key`` from S within ``[trace] link_window`` seconds, that change is most likely
+E's effect (a two-way sync's echo, or a trigger in S reacting to it). :class:`CauseLinks` lets
+the capture take C as its correlation id, E as its ``causation_id`` and a child of E's
+``traceparent``, so ``meshctl trace`` shows ERP -> CRM -> ERP as one transaction even when
+ownership then suppresses the echo. In memory only, bounded; a heuristic by key and time, not a
+proof (documented in the README).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import NamedTuple
+
+__all__ = ["CauseLinks", "Link"]
+
+
+class Link(NamedTuple):
+    correlation_id: str
+    envelope_id: str
+    traceparent: str
+    at: float
+
+
+class CauseLinks:
+    """``entity:key`` -> the last change applied to it here, for ``window`` seconds."""
+
+    def __init__(self, window: float = 60.0, max_entries: int = 100_000) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._links: OrderedDict[str, Link] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<CauseLinks window={self.window:g}s entries={len(self._links)}>"
+
+    def remember(self, business_key: str, correlation_id: str, envelope_id: str, traceparent: str) -> None:
+        if self.window <= 0:
+            return
+        self._links[business_key] = Link(correlation_id, envelope_id, traceparent, time.monotonic())
+        self._links.move_to_end(business_key)
+        while len(self._links) > self.max_entries:
+            self._links.popitem(last=False)
+
+    def cause_of(self, business_key: str) -> Link | None:
+        """The change applied to ``business_key`` within the window, if any (kept: several
+        captured changes may follow one applied change)."""
+        link = self._links.get(business_key)
+        if link is None:
+            return None
+        if time.monotonic() - link.at > self.window:
+            del self._links[business_key]
+            return None
+        return link
