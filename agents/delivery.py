@@ -45,6 +45,7 @@ from anyio.abc import TaskStatus
 
 from agents.flows import FlowHandle
 from agents.layout import StreamCheck
+from mesh import telemetry
 from mesh.actors import Backoff
 from mesh.adapters import Applied, ChangeBatch, Sink, SinkRecord, Source
 from mesh.config import AdapterConfig, ConsumerConfig, FlowConfig, RelayConfig, RetryConfig
@@ -314,6 +315,7 @@ class Capture:
                 origin=system,
                 occurred_at=ch.occurred_at or now,
                 correlation_id=eid,
+                traceparent=telemetry.capture(flow, ch, eid, now) if telemetry.ON else "",
                 payload=encode_payload(body),
             )
             items.append((eid, subject, encode(env)))
@@ -364,10 +366,13 @@ class Relay:
                 continue
             messages = [OutMessage(r.subject, r.data, r.id, r.headers or {}) for r in rows]
             with self.inflight("relay"):  # finish the round (bounded) even during shutdown
+                started = time.time_ns()
                 acked = await transport.publish_many(messages, cfg.window)
                 crash_point("relay.after_publish")
                 done = [r for r, ok in zip(rows, acked, strict=True) if ok]
                 await outbox.remove(done)
+            if telemetry.ON:
+                telemetry.published([r.data for r in done], started, [r.subject for r in done])
             counts: dict[str, int] = {}
             for r in done:
                 counts[r.flow] = counts.get(r.flow, 0) + 1
@@ -571,6 +576,7 @@ class Apply:
             todo.append((d, env, record))
 
         outcomes: Sequence[Applied | Exception] = []
+        spans = telemetry.start_apply([t[1] for t in todo], plan.agent) if telemetry.ON and todo else None
         if todo:
             try:
                 outcomes = await sink.apply([t[2] for t in todo])
@@ -579,6 +585,8 @@ class Apply:
                 for d, env, _ in todo:
                     await self.fail(transport, batch, d, env, exc)
                 todo = []
+        if spans is not None:
+            telemetry.applied(spans, outcomes, [t[1].id for t in todo])
         now = now_ms()
         latency = self.metrics.latency.labels(flow)
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):

@@ -58,6 +58,7 @@ __all__ = [
     "RelayConfig",
     "RetryConfig",
     "StreamsConfig",
+    "TelemetryConfig",
     "TlsConfig",
     "Token",
     "agent_config_type",
@@ -276,11 +277,22 @@ class FlowConfig(ConfigStruct, frozen=True):
     :mod:`mesh.ownership`); versions are then compared per origin."""
 
 
+class TelemetryConfig(ConfigStruct, frozen=True):
+    """OpenTelemetry tracing (README "OpenTelemetry"; needs the ``otel`` extra)."""
+
+    otlp_endpoint: str = ""
+    """OTLP/HTTP collector base URL (``http://collector:4318``; spans go to ``/v1/traces``).
+    Empty: ``OTEL_EXPORTER_OTLP_ENDPOINT`` if set, else tracing is off."""
+    service_name: str = ""
+    """The spans' ``service.name``; default ``connector-mesh.<agent name>``."""
+
+
 class AgentConfig(ConfigStruct, frozen=True):
     agent: AgentSection
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     flows: list[FlowConfig] = msgspec.field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
