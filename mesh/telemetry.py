@@ -102,7 +102,7 @@ def configure(
     provider = TracerProvider(resource=resource)
     url = endpoint.rstrip("/") + "/v1/traces"
     if exporter is None:
-        exporter = OTLPSpanExporter(endpoint=url)
+        exporter = OTLPSpanExporter(endpoint=url, timeout=5)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     _provider, _tracer = provider, provider.get_tracer("connector-mesh")
     ON = True
