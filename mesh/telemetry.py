@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ON",
     "TelemetryUnavailable",
+    "answered",
     "api_call",
     "applied",
     "capture",
@@ -261,14 +262,33 @@ def _child(name: str, envelope_id: str, attributes: dict[str, Any]) -> Iterator[
             raise
 
 
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
 def api_call(envelope_id: str, method: str, url: str) -> contextlib.AbstractContextManager[Span | None]:
     """A span around one call to an external API made while applying envelope ``envelope_id``
-    (a child of its apply span); yields the span (None while tracing is off) to set, say,
-    ``http.response.status_code`` on."""
-    return _child("mesh.api_call", envelope_id, {"http.request.method": method, "url.full": url})
+    (a child of its apply span); ``url`` is absolute or a path. Yields the span, None while
+    tracing is off (then nothing is allocated); see :func:`answered`."""
+    if _tracer is None:
+        return _OFF
+    where = "url.full" if "://" in url else "url.path"
+    return _child("mesh.api_call", envelope_id, {"http.request.method": method, where: url})
+
+
+def answered(span: Span | None, status: int) -> None:
+    """Record the HTTP status an :func:`api_call` got (4xx/5xx mark the span as an error)."""
+    if span is None:
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
 
 
 def saga_step(envelope_id: str, saga: str, step: str) -> contextlib.AbstractContextManager[Span | None]:
     """A span around one step of a saga run for envelope ``envelope_id`` (a child of its apply
-    span)."""
+    span). No saga runs in the mesh yet: this is the record point sagas will call."""
+    if _tracer is None:
+        return _OFF
     return _child("mesh.saga_step", envelope_id, {"mesh.saga": saga, "mesh.saga_step": step})

@@ -65,6 +65,7 @@ from adapters.rest._ratelimit import RequestGate
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
 from adapters.rest._state import VersionStore, default_target
 from adapters.rest.config import RestSinkConfig
+from mesh import telemetry
 from mesh.adapters import Applied, Sink, SinkRecord
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 
@@ -270,8 +271,9 @@ class RestSink(Sink):
                 await self._gate.acquire()
                 self._counts["requests"] += 1
                 try:
-                    with anyio.fail_after(cfg.timeout):
+                    with anyio.fail_after(cfg.timeout), telemetry.api_call(record.id, method, path) as span:
                         response = await client.request(method, path, content=body, headers=headers)
+                        telemetry.answered(span, response.status_code)
                 except (TimeoutError, httpx.TimeoutException):
                     self._breaker.failure()
                     problem = f"no answer within {cfg.timeout:g}s"

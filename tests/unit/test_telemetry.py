@@ -7,18 +7,22 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from adapters.rest.config import RestBearerAuth, RestSinkConfig
+from adapters.rest.sink import RestSink
 from mesh import telemetry
-from mesh.adapters import Applied, Change
+from mesh.adapters import Applied, Change, SinkRecord
 from mesh.config import parse_agent_config
 from mesh.envelope import Envelope, encode, encode_payload, envelope_id
-from mesh.errors import ConfigError, RetryableError
+from mesh.errors import ConfigError, RetryableError, SystemUnavailable
 
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
@@ -149,3 +153,47 @@ def test_failed_apply_and_unsettled_spans(spans: InMemorySpanExporter) -> None:
 def test_envelope_carries_traceparent_through_encoding() -> None:
     env = _envelope("1", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")
     assert msgspec.msgpack.decode(encode(env), type=Envelope).traceparent == env.traceparent
+
+
+@pytest.mark.anyio
+async def test_rest_sink_call_is_a_child_of_the_apply_span(
+    spans: InMemorySpanExporter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The REST sink's HTTP request (httpx MockTransport: no socket) gets an api_call span under
+    the apply span of the envelope it applies, with the status it got."""
+    monkeypatch.setenv("CRM_TOKEN", "t0ken")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200 if request.url.path.endswith("/1") else 503)
+
+    cfg = RestSinkConfig(
+        base_url="https://crm.test/api", upsert_path="/customers/{key}", state_path=str(tmp_path / "rest.db"),
+        auth=RestBearerAuth(token_env="CRM_TOKEN"), max_attempts=1, backoff_initial=0.01, backoff_max=0.01,
+    )  # fmt: skip
+    envs = [_envelope("1", ""), _envelope("2", "")]
+    records = [
+        SinkRecord(id=e.id, key=e.key, version=e.version, deleted=False, row={"id": e.key}, origin="erp")
+        for e in envs
+    ]
+    async with RestSink(cfg, transport=httpx.MockTransport(handler)) as sink:
+        opened = telemetry.start_apply(envs[:1])
+        outcomes = await sink.apply(records[:1])
+        telemetry.applied(opened, outcomes, [envs[0].id])
+        opened = telemetry.start_apply(envs[1:])
+        with pytest.raises(SystemUnavailable):
+            await sink.apply(records[1:])
+        telemetry.applied(opened, [], [])
+    telemetry.shutdown()
+    finished = spans.get_finished_spans()
+    apply = {s.attributes["mesh.key"]: s for s in finished if s.name == "mesh.apply" and s.attributes}
+    calls = [s for s in finished if s.name == "mesh.api_call"]
+    assert len(calls) == 2
+    by_parent = {c.parent.span_id: c for c in calls if c.parent is not None}
+    ok, failed = by_parent[apply["1"].context.span_id], by_parent[apply["2"].context.span_id]
+    assert ok.attributes is not None
+    assert failed.attributes is not None
+    assert ok.attributes["http.response.status_code"] == 200
+    assert ok.attributes["url.path"] == "/customers/1"
+    assert ok.attributes["http.request.method"] == "PUT"
+    assert failed.attributes["http.response.status_code"] == 503
+    assert failed.status.status_code is StatusCode.ERROR
