@@ -5,6 +5,9 @@ decodes the protobuf ``ExportTraceServiceRequest`` with ``opentelemetry-proto``)
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,3 +147,28 @@ def test_one_change_is_one_trace_across_two_agents(
     assert apply.attributes["mesh.flow"] == "customers"
     assert publish.attributes["messaging.system"] == "nats"
     assert capture.attributes["mesh.envelope_id"] == apply.attributes["mesh.envelope_id"]
+
+
+def test_an_endpoint_without_the_extra_is_one_line_at_start(tmp_path: Path) -> None:
+    """With ``opentelemetry`` not importable (a package on PYTHONPATH that refuses to import
+    stands in for the missing extra), an agent configured to export stops at start with one
+    line naming the field and the fix, before it connects anywhere."""
+    hidden = tmp_path / "site" / "opentelemetry"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ImportError("hidden", name="opentelemetry")\n')
+    config = tmp_path / "erp.toml"
+    config.write_text(
+        f'[agent]\nname = "erp"\nsystem = "erp"\nstate_dir = "{tmp_path / "state"}"\n'
+        '[telemetry]\notlp_endpoint = "http://127.0.0.1:4318"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run(
+        [sys.executable, "-m", "mesh", "agent", "run", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "telemetry.otlp_endpoint" in lines[0]
+    assert "pip install 'connector-mesh[otel]'" in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
