@@ -243,14 +243,16 @@ def applied(spans: dict[str, Span] | None, outcomes: Sequence[object], ids: Sequ
 
 
 @contextlib.contextmanager
-def _child(name: str, envelope_id: str, attributes: dict[str, Any]) -> Iterator[Span | None]:
+def _child(
+    name: str, envelope_id: str, attributes: dict[str, Any], traceparent: str = ""
+) -> Iterator[Span | None]:
     if _tracer is None:
         yield None
         return
     from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
     parent = (_apply_spans.get() or {}).get(envelope_id)
-    context = set_span_in_context(parent) if parent is not None else None
+    context = set_span_in_context(parent) if parent is not None else _context(traceparent)
     kind = SpanKind.CLIENT if name == "mesh.api_call" else SpanKind.INTERNAL
     with _tracer.start_as_current_span(
         name, context=context, kind=kind, attributes=attributes, set_status_on_exception=False
@@ -286,9 +288,12 @@ def answered(span: Span | None, status: int) -> None:
         span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
 
 
-def saga_step(envelope_id: str, saga: str, step: str) -> contextlib.AbstractContextManager[Span | None]:
-    """A span around one step of a saga run for envelope ``envelope_id`` (a child of its apply
-    span). No saga runs in the mesh yet: this is the record point sagas will call."""
+def saga_step(
+    envelope_id: str, saga: str, step: str, traceparent: str = ""
+) -> contextlib.AbstractContextManager[Span | None]:
+    """A span around one step of a saga: a child of the apply span of envelope ``envelope_id``
+    when one is open in this task, else of ``traceparent`` (the step message's, in an
+    orchestrator process), else a new trace. The record point for saga steps to call."""
     if _tracer is None:
         return _OFF
-    return _child("mesh.saga_step", envelope_id, {"mesh.saga": saga, "mesh.saga_step": step})
+    return _child("mesh.saga_step", envelope_id, {"mesh.saga": saga, "mesh.saga_step": step}, traceparent)

@@ -197,3 +197,20 @@ async def test_rest_sink_call_is_a_child_of_the_apply_span(
     assert ok.attributes["http.request.method"] == "PUT"
     assert failed.attributes["http.response.status_code"] == 503
     assert failed.status.status_code is StatusCode.ERROR
+
+
+def test_saga_step_continues_a_traceparent_outside_an_apply(spans: InMemorySpanExporter) -> None:
+    """In an orchestrator (no apply span open), a saga step continues the step message's trace."""
+    parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    with telemetry.saga_step("some-envelope", "order-to-cash", "reserve", parent) as span:
+        assert span is not None
+    with telemetry.saga_step("other", "order-to-cash", "bill"):
+        pass
+    telemetry.shutdown()
+    first, second = spans.get_finished_spans()
+    assert f"{first.context.trace_id:032x}" == "ab" * 16
+    assert first.parent is not None
+    assert f"{first.parent.span_id:016x}" == "cd" * 8
+    assert second.parent is None
+    assert second.attributes is not None
+    assert second.attributes["mesh.saga_step"] == "bill"
