@@ -367,3 +367,20 @@ def test_dashboard_covers_the_kpis() -> None:
         assert needle in exprs, needle
     per_flow = [e for e in _exprs(_dashboard()) if 'flow=~"$flow"' in e]
     assert len(per_flow) >= 15
+
+
+def test_the_helm_prometheus_rule_passes_promtool(tmp_path: Path) -> None:
+    """The chart's PrometheusRule (the deployed groups plus its scrape alerts) is valid Prometheus."""
+    tool = _promtool()
+    from tests.deploy.test_helm_chart import render
+
+    (rule,) = [
+        d
+        for d in render({"monitoring": {"prometheusRule": {"enabled": True}}})
+        if d["kind"] == "PrometheusRule"
+    ]
+    path = tmp_path / "chart-rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]), encoding="utf-8")
+    done = _run(tool, "check", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(_rules()) + 2} rules found" in done.stdout
