@@ -48,6 +48,7 @@ from anyio.abc import TaskStatus
 
 from agents.flows import FlowHandle
 from agents.layout import StreamCheck
+from mesh import telemetry
 from mesh.actors import Backoff
 from mesh.adapters import Applied, ChangeBatch, Sink, SinkRecord, Source
 from mesh.config import AdapterConfig, ConsumerConfig, FlowConfig, RelayConfig, RetryConfig
@@ -312,7 +313,10 @@ class Capture:
                 corr, caused_by, parent = cause.correlation_id, cause.envelope_id, cause.traceparent
             else:
                 corr, caused_by, parent = eid, ch.causation_id, ch.traceparent
-            traceparent = child_traceparent(parent) if parent else new_traceparent()
+            if telemetry.ON:  # an OpenTelemetry capture span continuing the caller's trace
+                traceparent = telemetry.capture(flow, ch, eid, now, parent)
+            else:
+                traceparent = child_traceparent(parent) if parent else new_traceparent()
             subject = event_subject(entity, event, system)
             schema, body = data.schema, ch.row
             if data.to_canonical is not None:
@@ -407,11 +411,14 @@ class Relay:
                 continue
             messages = [OutMessage(r.subject, r.data, r.id, r.headers or {}) for r in rows]
             with self.inflight("relay"):  # finish the round (bounded) even during shutdown
+                started = time.time_ns()
                 acked = await transport.publish_many(messages, cfg.window)
                 acked_at = now_ms()
                 crash_point("relay.after_publish")
                 done = [r for r, ok in zip(rows, acked, strict=True) if ok]
                 await outbox.remove(done)
+            if telemetry.ON:
+                telemetry.published([r.data for r in done], started, [r.subject for r in done])
             counts: dict[str, int] = {}
             for r in done:
                 counts[r.flow] = counts.get(r.flow, 0) + 1
@@ -645,6 +652,7 @@ class Apply:
             todo.append((d, env, record))
 
         outcomes: Sequence[Applied | Exception] = []
+        spans = telemetry.start_apply([t[1] for t in todo], plan.agent) if telemetry.ON and todo else None
         if todo:
             try:
                 outcomes = await sink.apply([t[2] for t in todo])
@@ -655,6 +663,8 @@ class Apply:
                 todo = []
         if self.tally is not None and todo:
             await self._tally(todo, outcomes)
+        if spans is not None:
+            telemetry.applied(spans, outcomes, [t[1].id for t in todo])
         now = now_ms()
         latency = self.metrics.latency.labels(flow)
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from mesh import telemetry
 from mesh.config import AgentConfig
 from mesh.endpoint import AgentEndpoint, remove_endpoint_file, write_endpoint_file
 from mesh.metrics import Metrics
@@ -104,6 +105,7 @@ async def _main(cfg: AgentConfig) -> None:
     from agents.connector import ConnectorAgent
 
     a = cfg.agent
+    telemetry.configure_agent(cfg)
     metrics = Metrics()
     readiness = Readiness(["signals"])
     agent = ConnectorAgent(cfg, metrics=metrics, readiness=readiness)
@@ -122,6 +124,7 @@ async def _main(cfg: AgentConfig) -> None:
     try:
         await run_until_signalled(agent.run, stop, readiness, notifier, f"agent {a.name}")
     finally:
+        telemetry.shutdown()  # flush the spans still queued
         notifier.close()
         if endpoint is not None:
             endpoint.close()

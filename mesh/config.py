@@ -61,6 +61,7 @@ __all__ = [
     "RelayConfig",
     "RetryConfig",
     "StreamsConfig",
+    "TelemetryConfig",
     "TlsConfig",
     "Token",
     "TraceConfig",
@@ -329,12 +330,23 @@ class FlowConfig(ConfigStruct, frozen=True):
     continuously; the source's adapter must have the ``bulk`` capability."""
 
 
+class TelemetryConfig(ConfigStruct, frozen=True):
+    """OpenTelemetry tracing (README "OpenTelemetry"; needs the ``otel`` extra)."""
+
+    otlp_endpoint: str = ""
+    """OTLP/HTTP collector base URL (``http://collector:4318``; spans go to ``/v1/traces``).
+    Empty: ``OTEL_EXPORTER_OTLP_ENDPOINT`` if set, else tracing is off."""
+    service_name: str = ""
+    """The spans' ``service.name``; default ``connector-mesh.<agent name>``."""
+
+
 class AgentConfig(ConfigStruct, frozen=True):
     agent: AgentSection
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     trace: TraceConfig = msgspec.field(default_factory=TraceConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     flows: list[FlowConfig] = msgspec.field(default_factory=list)
     api: ApiConfig | None = None
     """System API operations this agent serves (README "System APIs")."""

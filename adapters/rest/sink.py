@@ -80,6 +80,7 @@ from adapters.rest._state import VersionStore, default_target
 from adapters.rest._template import guard_key, refusal, refusal_reason
 from adapters.rest._templated import TemplatedApply
 from adapters.rest.config import RestSinkConfig
+from mesh import telemetry
 from mesh.adapters import Applied, Sink, SinkRecord
 from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
 
@@ -295,8 +296,9 @@ class RestSink(TemplatedApply, Sink):
                 await self._gate.acquire()
                 self._counts["requests"] += 1
                 try:
-                    with anyio.fail_after(cfg.timeout):
+                    with anyio.fail_after(cfg.timeout), telemetry.api_call(record.id, method, path) as span:
                         response = await client.request(method, path, content=body, headers=headers)
+                        telemetry.answered(span, response.status_code)
                 except (TimeoutError, httpx.TimeoutException):
                     self._breaker.failure()
                     problem = f"no answer within {cfg.timeout:g}s"

@@ -491,3 +491,73 @@ def test_agent_runs_from_the_rendered_pod_spec(nats_server: SecuredNatsServer, t
                     proc.kill()
                     proc.wait()
     assert proc.returncode == 0, log_path.read_text()[-3000:]
+
+
+# -- monitoring: the alert rules and the Grafana dashboard come from deploy/ ---------------------
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _monitoring_on() -> dict[str, Any]:
+    return {
+        "monitoring": {
+            "prometheusRule": {"enabled": True},
+            "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "mesh"}},
+        }
+    }
+
+
+def test_prometheus_rule_renders_the_deployed_rules() -> None:
+    """One source: the PrometheusRule holds every group of deploy/prometheus/connector-mesh-rules.yaml
+    unchanged (annotations' ``{{ $labels.x }}`` left for Prometheus), plus the chart's scrape alerts."""
+    deployed = yaml.safe_load((DEPLOY / "prometheus" / "connector-mesh-rules.yaml").read_text())
+    (rule,) = kinds(render(_monitoring_on()))["PrometheusRule"]
+    groups = rule["spec"]["groups"]
+    assert groups[: len(deployed["groups"])] == deployed["groups"]
+    extra = groups[len(deployed["groups"]) :]
+    assert [g["name"] for g in extra] == ["connector-mesh-targets"]
+    alerts = [r["alert"] for g in groups for r in g["rules"] if "alert" in r]
+    assert len(alerts) == len(set(alerts))
+    for group in groups:
+        for r in group["rules"]:
+            if "alert" in r:
+                assert r["labels"]["severity"] in {"critical", "warning"}, r["alert"]
+                assert r["annotations"]["summary"], r["alert"]
+                assert r["annotations"]["description"], r["alert"]
+    assert "{{ $labels.flow }}" in str(groups)
+    assert "{{ $labels.pod }}" in str(extra)
+    jsonschema.validate(rule, CRD_SCHEMAS["PrometheusRule"])
+
+
+def _dashboard_configmaps(values: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in render(values)
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-grafana-dashboard")
+    ]
+
+
+def test_grafana_dashboard_configmap() -> None:
+    """The dashboard ConfigMap carries the sidecar's label and deploy/grafana/connector-mesh.json
+    byte for byte; off by default."""
+    assert not _dashboard_configmaps(None)
+    (cm,) = _dashboard_configmaps(_monitoring_on())
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "mesh"}
+    deployed = (DEPLOY / "grafana" / "connector-mesh.json").read_text()
+    assert cm["data"]["connector-mesh.json"] == deployed.rstrip("\n")
+    kubernetes_validate.validate(cm, KUBE_VERSIONS[-1], strict=True)
+    custom = _monitoring_on()
+    custom["monitoring"]["grafanaDashboard"].update(
+        sidecarLabel="grafana.example.com/dashboard", sidecarLabelValue="mesh"
+    )
+    (cm,) = _dashboard_configmaps(custom)
+    assert cm["metadata"]["labels"]["grafana.example.com/dashboard"] == "mesh"
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+
+
+def test_schema_refuses_a_bad_sidecar_label() -> None:
+    bad = _monitoring_on()
+    bad["monitoring"]["grafanaDashboard"]["sidecarLabel"] = "not a label"
+    with pytest.raises(Exception, match="sidecarLabel"):
+        render(bad)
