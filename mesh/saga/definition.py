@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from mesh._config_base import ConfigStruct, PositiveFloat, PositiveInt, Token
-from mesh.config import NatsConfig, validation_problem
+from mesh.config import NatsConfig, TraceConfig, validation_problem
 from mesh.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -130,6 +130,8 @@ class OrchestratorConfig(ConfigStruct, frozen=True):
     orchestrator: OrchestratorSettings = OrchestratorSettings()
     nats: NatsConfig = NatsConfig()
     sagas: list[SagaDef] = msgspec.field(default_factory=list)
+    trace: TraceConfig = TraceConfig()
+    """``saga_step`` records to ``trace.<orchestrator name>.saga_step`` (``link_window`` unused)."""
 
     def saga(self, name: str) -> SagaDef | None:
         return next((s for s in self.sagas if s.name == name), None)
