@@ -17,7 +17,8 @@ Every step has a per-attempt ``timeout``, a ``retry`` policy (attempts, backoff)
 Templates: a string that is exactly ``"$<path>"`` is replaced by the value at ``path`` (any
 type); ``"${<path>}"`` inside a longer string is replaced by the value's text. Paths start at
 ``trigger`` (the triggering event: ``id``, ``key``, ``kind``, ``correlation_id``, ``payload``...),
-``steps.<earlier step>`` (that step's result) or ``saga`` (``id``, ``name``). :func:`load_orchestrator_config`
+``steps.<earlier step>`` (that step's result) or ``saga`` (``id``, ``name``, ``error``: why it
+compensates, for a compensation's request). :func:`load_orchestrator_config`
 checks every path's root and step name, so a typo is a config error naming file and field.
 """
 

@@ -8,7 +8,9 @@ correlation id, else the saga id), names the saga id as its ``envelope_id`` (so 
 <saga id>`` finds it) and the trigger as its cause. Outcomes: ``saga_started``,
 ``saga_completed``, ``saga_compensated``, ``saga_failed`` for the saga; ``started`` (an attempt),
 ``completed``, ``failed``, ``compensated``, ``compensation_failed`` for a step. ``detail`` is
-``<saga>/<step>`` plus the reason of a failure.
+``<saga>/<step>`` plus the reason of a failure. When a saga starts, its trigger message is
+recorded ``applied`` (outcome ``saga_started``, flow ``saga-<name>``): the saga is what consumes
+it, so the transaction completes when the saga does.
 
 Guarantees: appends to memory only (no I/O); never raises.
 """
@@ -73,6 +75,19 @@ def _record(rec: SagaRecord, step: StepRecord | None, event: str) -> None:
             detail += f": {step.compensation_error}"
         elif event == "completed":
             latency = (step.finished_at or 0) - (step.attempt_started_at or step.started_at or 0)
+    if step is None and event == "started" and trigger.get("id"):
+        # The trigger message has been taken up: starting the saga is what applying it means here
+        # (no sink consumes a saga's trigger, so without this its transaction never completes).
+        record(
+            "applied",
+            correlation_id=corr,
+            envelope_id=str(trigger["id"]),
+            business_key=_business_key(trigger),
+            flow=f"saga-{rec.name}",
+            outcome="saga_started",
+            detail=rec.id,
+            traceparent=str(trigger.get("traceparent", "")),
+        )
     record(
         "saga_step",
         correlation_id=corr,

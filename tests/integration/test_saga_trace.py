@@ -81,7 +81,12 @@ async def test_a_compensated_saga_makes_its_transaction_compensated(
         index = await _index_when(server, sid, "saga_compensated")
         tg.cancel_scope.cancel()
     [txn] = index.find(sid)
-    steps = [(r.outcome, r.detail.split(":")[0]) for r in txn.records]
+    [taken] = [r for r in txn.records if r.kind == "applied"]
+    assert (taken.envelope_id, taken.outcome, taken.detail) == ("deal-9", "saga_started", sid)
+    assert (taken.agent, taken.flow) == ("q2c-orch", "saga-q2c")
+    assert index.find("deal-9") == [txn], "the trigger's id finds the transaction"
+    records = [r for r in txn.records if r.kind == "saga_step"]
+    steps = [(r.outcome, r.detail.split(":")[0]) for r in records]
     assert steps == [
         ("saga_started", "q2c"),
         ("started", "q2c/order attempt 1"),
@@ -91,10 +96,8 @@ async def test_a_compensated_saga_makes_its_transaction_compensated(
         ("compensated", "q2c/order"),
         ("saga_compensated", "q2c"),
     ]
-    assert {(r.kind, r.agent, r.system, r.envelope_id) for r in txn.records} == {
-        ("saga_step", "q2c-orch", "orchestrator", sid)
-    }
-    assert "api.finance.invoice.create" in txn.records[4].detail
+    assert {(r.agent, r.system, r.envelope_id) for r in records} == {("q2c-orch", "orchestrator", sid)}
+    assert "api.finance.invoice.create" in records[4].detail
     status, reason = txn.status()
     assert status == "compensated"
     assert "step invoice failed" in reason
