@@ -35,7 +35,7 @@ request = { deal = "$trigger.payload.deal" }
 timeout = 2.0
 [sagas.steps.compensate]
 subject = "api.erp.sales_order.cancel"
-request = { order = "$steps.order.id" }
+request = { order = "$steps.order.id", reason = "${saga.error}" }
 
 [[sagas.steps]]
 name = "invoice"
@@ -102,6 +102,8 @@ async def test_a_compensated_saga_makes_its_transaction_compensated(
     assert status == "compensated"
     assert "step invoice failed" in reason
     assert systems.executed("api.erp.sales_order.cancel") == [f"{sid}:order:compensate"]
+    cancel = systems.bodies[f"{sid}:order:compensate"]
+    assert cancel["reason"].startswith("step invoice failed after 1 attempt(s): api.finance.invoice.create")
 
 
 async def test_the_orchestrator_may_trace_only_under_its_own_name(
