@@ -22,7 +22,8 @@ from mesh.saga.definition import OrchestratorConfig
 from mesh.saga.engine import Orchestrator
 from mesh.saga.metrics import SagaMetrics
 from mesh.sdnotify import Notifier
-from mesh.transport import JetStream
+from mesh.trace import TraceRecorder, use_recorder
+from mesh.transport import JetStream, Transport
 
 __all__ = ["run_orchestrator", "run_orchestrator_process"]
 
@@ -33,7 +34,9 @@ async def run_orchestrator(
     cfg: OrchestratorConfig, *, metrics: SagaMetrics | None = None, readiness: Readiness | None = None
 ) -> None:
     """Connect and run the sagas of ``cfg`` until cancelled; marks ``readiness`` condition
-    "sagas" once the triggers are bound and the active sagas loaded.
+    "sagas" once the triggers are bound and the active sagas loaded. Saga transitions are
+    traced through the orchestrator's own :class:`~mesh.trace.TraceRecorder` (``[trace]``,
+    published on ``trace.<orchestrator name>.saga_step``; best effort, never in a saga's way).
 
     Raises:
         TransportError: NATS cannot be reached, or the bucket/streams are missing or refused.
@@ -41,8 +44,18 @@ async def run_orchestrator(
     try:
         async with JetStream(cfg.nats, name=f"orchestrator {cfg.orchestrator.name}") as js:
             orchestrator = Orchestrator(cfg, js, metrics=metrics)
+
+            async def link() -> Transport:
+                return js
+
+            tracer = TraceRecorder(
+                cfg.orchestrator.name, "orchestrator", cfg=cfg.trace, transport=link,
+                counter=orchestrator.metrics.trace_records,
+            )  # fmt: skip
             async with anyio.create_task_group() as tg:
-                await tg.start(orchestrator.run)
+                await tg.start(tracer.run)
+                with use_recorder(tracer):  # the saga tasks inherit it
+                    await tg.start(orchestrator.run)
                 if readiness is not None:
                     readiness.set("sagas")
                 log.info(

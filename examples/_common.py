@@ -349,7 +349,7 @@ class AgentProcess:
         return out
 
     def counts(self) -> str:
-        """``captured=.. published=.. applied=..`` as far as this agent does each."""
+        """``captured=.. published=.. applied=.. api-calls=..`` as far as this agent does each."""
         m = self.metrics()
         parts = []
         if "mesh_captured_messages_total" in m:
@@ -361,7 +361,9 @@ class AgentProcess:
             dead = m.get("mesh_dead_lettered_messages_total", 0)
             if dead:
                 parts.append(f"dead-lettered={dead:.0f}")
-        return " ".join(parts) or "starting"
+        if "mesh_api_calls_total" in m:  # a System API (README "System APIs")
+            parts.append(f"api-calls={m['mesh_api_calls_total']:.0f}")
+        return " ".join(parts) or ("ready" if self.ready else "starting")
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -18,6 +18,11 @@ operation at ``api.<system>.<entity>.<operation>``; replicas of the agent share 
   own transaction) and executes only when there is none. Errors a retry could cure
   (``unavailable``, ``deadline_exceeded``, ``internal``) release the claim; refusals
   (``bad_request``, ``not_found``, ``conflict``, ``rejected``) are stored and replayed.
+* Every call is traced (README "Tracing business transactions"): an ``api_call`` record
+  ``started`` when it arrives and one with its outcome (``ok``, ``replayed`` or the error code)
+  and latency when answered, both in the transaction named by ``Mesh-Correlation-Id`` (a call
+  without one is its own transaction, named by a new id), recorded to the agent's
+  :class:`~mesh.trace.TraceRecorder` (:func:`mesh.trace.record`; nothing without one).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from mesh.errors import ConfigError, RejectedRecord, RetryableError
 from mesh.faults import crash_point
 from mesh.metrics import Metrics
 from mesh.plugins import AdapterRegistry, adapter_registry
+from mesh.trace import child_traceparent, record, trace_context
 from mesh.transport import Refused, Transport
 
 __all__ = ["ApiServer"]
@@ -198,15 +204,26 @@ class ApiServer:
 
     async def _answer(self, ep: _Endpoint, incoming: _micro.Incoming, slots: anyio.Semaphore) -> None:
         started = time.monotonic()
+        ctx = trace_context(incoming.headers)
+        corr = ctx.get("correlation_id") or uuid.uuid4().hex
+        parent = child_traceparent(ctx.get("traceparent", ""))
+        cause = ctx.get("causation_id", "")
         try:
             self.calls += 1
+            record("api_call", correlation_id=corr, causation_id=cause, outcome="started",
+                   detail=ep.subject, traceparent=parent, system=self.system)  # fmt: skip
             try:
                 data, replayed = await self.handle(ep, incoming.data, incoming.headers)
                 body, headers = ok_reply(data, replayed=replayed), dict[str, str]()
                 outcome = "replayed" if replayed else "ok"
+                detail = ep.subject
             except ApiError as exc:
                 body, headers = error_reply(exc)
                 outcome = exc.code
+                detail = f"{ep.subject}: {exc.message}"
+            record("api_call", correlation_id=corr, causation_id=cause, outcome=outcome, detail=detail,
+                   latency_ms=int((time.monotonic() - started) * 1000), traceparent=parent,
+                   system=self.system)  # fmt: skip
             if self.metrics is not None:
                 self.metrics.api_calls.labels(ep.cfg.name, outcome).inc()
                 self.metrics.api_call_duration.labels(ep.cfg.name).observe(time.monotonic() - started)

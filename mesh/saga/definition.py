@@ -17,7 +17,8 @@ Every step has a per-attempt ``timeout``, a ``retry`` policy (attempts, backoff)
 Templates: a string that is exactly ``"$<path>"`` is replaced by the value at ``path`` (any
 type); ``"${<path>}"`` inside a longer string is replaced by the value's text. Paths start at
 ``trigger`` (the triggering event: ``id``, ``key``, ``kind``, ``correlation_id``, ``payload``...),
-``steps.<earlier step>`` (that step's result) or ``saga`` (``id``, ``name``). :func:`load_orchestrator_config`
+``steps.<earlier step>`` (that step's result) or ``saga`` (``id``, ``name``, ``error``: why it
+compensates, for a compensation's request). :func:`load_orchestrator_config`
 checks every path's root and step name, so a typo is a config error naming file and field.
 """
 
@@ -31,7 +32,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from mesh._config_base import ConfigStruct, PositiveFloat, PositiveInt, Token
-from mesh.config import NatsConfig, validation_problem
+from mesh.config import NatsConfig, TraceConfig, validation_problem
 from mesh.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -130,6 +131,8 @@ class OrchestratorConfig(ConfigStruct, frozen=True):
     orchestrator: OrchestratorSettings = OrchestratorSettings()
     nats: NatsConfig = NatsConfig()
     sagas: list[SagaDef] = msgspec.field(default_factory=list)
+    trace: TraceConfig = TraceConfig()
+    """``saga_step`` records to ``trace.<orchestrator name>.saga_step`` (``link_window`` unused)."""
 
     def saga(self, name: str) -> SagaDef | None:
         return next((s for s in self.sagas if s.name == name), None)

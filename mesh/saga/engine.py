@@ -458,7 +458,8 @@ class Orchestrator:
             log.warning("saga %s: tracing %s failed: %s", rec.id, event, exc)
 
     def _context(self, rec: SagaRecord) -> dict[str, Any]:
-        return {"trigger": rec.trigger, "saga": {"id": rec.id, "name": rec.name}, "steps": rec.results()}
+        saga = {"id": rec.id, "name": rec.name, "error": rec.error}  # error: why it compensates
+        return {"trigger": rec.trigger, "saga": saga, "steps": rec.results()}
 
     async def _advance(self, owned: _Owned) -> None:
         while True:

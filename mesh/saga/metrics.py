@@ -37,4 +37,7 @@ class SagaMetrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
+        self.trace_records = Counter(
+            "mesh_trace_records", "Trace records (saga_step) published or dropped", ["outcome"], registry=r
+        )
         self.running = Gauge("mesh_sagas_running", "Sagas this replica runs now", registry=r)

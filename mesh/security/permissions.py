@@ -206,7 +206,8 @@ def orchestrator_permissions(
     ``triggers`` ((stream, durable) pairs, durable ``saga-<saga>``), call any system API
     (``api.>``, per the API contract), publish the ``commands`` of its publish_await steps, read
     MESH_EVENTS through ephemeral consumers (awaited events), and dead-letter into
-    ``dlq.saga.<saga>`` for each of ``sagas``. Nothing else: it cannot publish events or touch
+    ``dlq.saga.<saga>`` for each of ``sagas``, and publish its trace records on
+    ``trace.<name>.*`` (stream MESH_TRACE). Nothing else: it cannot publish events or touch
     other buckets.
 
     Raises:
@@ -217,6 +218,7 @@ def orchestrator_permissions(
     pub: list[str] = [
         "api.>",
         *sorted({_subject(c, "command subject", "cmd") for c in commands}),
+        f"trace.{name}.*",
         *[f"dlq.saga.{validate_token(s, 'saga')}" for s in sorted(set(sagas))],
         f"$KV.{_SAGA_BUCKET}.>",
         "$JS.API.INFO",

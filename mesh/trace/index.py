@@ -13,7 +13,7 @@ status (README "Tracing business transactions"):
   outcome: applied, unchanged, stale, duplicate, not_owner, filtered) by every sink expected to
   consume it (the durable consumers on its entity, but its own system's; when unknown, by at
   least one sink), nothing is dead-lettered, every started saga completed, and every API call
-  succeeded;
+  succeeded (``ok``, or ``replayed``: the answer of an earlier call with its idempotency key);
 * ``in_progress``: anything else (captured but not published yet, published and not applied
   yet, a saga still running).
 
@@ -52,6 +52,9 @@ STATUSES: tuple[str, ...] = ("in_progress", "completed", "failed", "compensated"
 _MAX_RECORDS = 500
 """Records kept per transaction (its first ones: a runaway loop cannot eat the memory)."""
 
+
+_RETRYABLE = frozenset({"unavailable", "timeout", "deadline_exceeded"})
+"""API call outcomes a retry may cure: not a failure of the transaction (the caller retries)."""
 
 _STAGE = {"captured": 0, "published": 1, "api_call": 2, "saga_step": 2, "applied": 3, "dead_lettered": 4}
 
@@ -166,11 +169,11 @@ def derive_status(records: list[TraceRecord], expected: Expected | None = None) 
         elif k == "api_call":
             if r.outcome == "started":
                 api_open += 1
-            elif r.outcome == "ok":
+            elif r.outcome in ("ok", "replayed"):
                 api_open = max(0, api_open - 1)
             else:
                 api_open = max(0, api_open - 1)
-                if r.outcome not in ("unavailable", "timeout"):
+                if r.outcome not in _RETRYABLE:
                     api_failed = f"{r.detail or 'API call'}: {r.outcome}"
         elif k == "saga_step":
             if r.outcome == "saga_started":

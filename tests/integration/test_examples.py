@@ -1,7 +1,7 @@
 """The runnable examples in examples/ run as a user runs them and verify what they show.
 
-Each ``run.py`` starts its own PostgreSQL cluster, nats-server, fake APIs and agent processes,
-makes live changes for ``--duration`` seconds, checks the targets against the ERP, and stops
+Each ``run.py`` starts its own nats-server, fake APIs and agent processes (and, but for
+quote-to-cash, a PostgreSQL cluster), makes its changes, checks the targets, and stops
 everything. These tests run each one briefly and hold it to its contract: exit 0 with its
 verification passed and a decoded canonical event shown; exit 2 naming what is missing; on
 Ctrl-C exit 130; and in every case no process left behind.
@@ -84,6 +84,33 @@ def test_example_runs_and_verifies(tmp_path: Path, name: str, shows: list[str]) 
     for text in shows:
         assert text in out, f"{text!r} not shown:\n{out[-4000:]}"
     assert (run_dir / "erp-agent.toml").is_file()  # the rendered config is kept for the user
+    assert not _left_behind(out, run_dir), "the example left processes behind"
+
+
+def test_quote_to_cash_compensates_and_survives_a_sigkill(tmp_path: Path) -> None:
+    """SQLite CRM and ERP, a fake finance API, three agents and the orchestrator (no PostgreSQL,
+    no reference data): the happy path, a refused invoice compensated, a SIGKILLed orchestrator
+    finishing its saga once, and the trace of one transaction across the systems."""
+    run_dir = tmp_path / "run"
+    proc = _run("quote-to-cash", run_dir, "--timeout", "60")
+    out, _ = proc.communicate(timeout=110)
+    assert proc.returncode == 0, out[-6000:]
+    assert "verification passed" in out
+    assert "FAIL" not in out
+    for text in [
+        "compensation ran: step sales_order undone by api.erp.sales_order.cancel",
+        "compensation ran: step deal_processing undone by api.crm.deal.set_status",
+        "reason='step invoice failed after 1 attempt(s): api.finance.invoice.create: rejected:",
+        "SIGKILLed (mid-saga: step invoice running)",
+        "ok   deal 4: exactly one confirmed ERP sales order SO-4",
+        "ok   deal 4: exactly one finance invoice",
+        "systems: crm -> orchestrator -> erp -> finance",
+        "api_call       finance-agent/finance",
+        "saga_completed  (quote-to-cash)",
+    ]:
+        assert text in out, f"{text!r} not shown:\n{out[-4000:]}"
+    assert re.search(r"transaction \S+: completed", out), out[-4000:]
+    assert (run_dir / "orchestrator.toml").is_file()
     assert not _left_behind(out, run_dir), "the example left processes behind"
 
 

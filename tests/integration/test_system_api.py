@@ -465,3 +465,50 @@ async def test_an_agent_of_crm_cannot_serve_erps_api_nor_touch_erps_results(
             async with serving(crm):
                 got = await call(js, "api.crm.customer.get", {"id": "ALFKI"}, idempotency_key=None, timeout=5)
                 assert got["id"] == "ALFKI"
+
+
+async def test_every_call_is_traced_in_its_callers_transaction(
+    erp: AgentConfig, erp_db: Path, nats_server: SecuredNatsServer
+) -> None:
+    """The server records ``api_call`` started + outcome (ok, replayed, the error code) with the
+    caller's correlation id to the agent's recorder; the index reads those outcomes."""
+    from mesh.trace import TraceRecorder, TxnIndex, use_recorder
+
+    tracer = TraceRecorder("erp-agent", "erp")  # no transport: records stay in memory
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with use_recorder(tracer):
+        async with admin(nats_server) as js, serving(erp) as _:
+            for _ in range(2):
+                await call(js, "api.erp.sales_order.create", order(), idempotency_key="t-1", timeout=5,
+                           correlation_id="deal:7-txn", causation_id="env-1", traceparent=parent)  # fmt: skip
+            with pytest.raises(ApiError):
+                await call(js, "api.erp.sales_order.create", order("SO-2", -1), idempotency_key="t-2",
+                           timeout=5, correlation_id="deal:8-txn")  # fmt: skip
+            await call(js, "api.erp.customer.get", {"id": "ALFKI"}, idempotency_key=None, timeout=5)
+    by_corr: dict[str, list[Any]] = {}
+    for r in tracer.buffer:
+        assert r.kind == "api_call"
+        assert (r.agent, r.system) == ("erp-agent", "erp")
+        by_corr.setdefault(r.correlation_id, []).append(r)
+    ok = by_corr.pop("deal:7-txn")
+    assert [r.outcome for r in ok] == ["started", "ok", "started", "replayed"]
+    assert {r.detail for r in ok} == {"api.erp.sales_order.create"}
+    assert {r.causation_id for r in ok} == {"env-1"}
+    assert all(r.traceparent.split("-")[1] == parent.split("-")[1] for r in ok), "same trace id"
+    assert all(r.traceparent != parent for r in ok), "a child span, not the caller's"
+    refused = by_corr.pop("deal:8-txn")
+    assert [r.outcome for r in refused] == ["started", "rejected"]
+    assert refused[1].detail.startswith("api.erp.sales_order.create: ")
+    # an uncorrelated call is traced as its own transaction
+    [(corr, read)] = by_corr.items()
+    assert [r.outcome for r in read] == ["started", "ok"]
+    assert corr
+
+    index = TxnIndex()
+    for r in tracer.buffer:
+        index.add(r)
+    assert index.find("deal:7-txn")[0].status() == ("completed", "")
+    status, reason = index.find("deal:8-txn")[0].status()
+    assert status == "failed"
+    assert reason.startswith("api.erp.sales_order.create: ")
+    assert reason.endswith(": rejected")

@@ -155,6 +155,21 @@ def test_the_readme_example_is_a_valid_config() -> None:
     assert [s.name for s in cfg.sagas[0].steps] == ["order", "shipped", "cool_off"]
 
 
+def test_the_quote_to_cash_example_is_a_valid_config_whose_compensations_name_the_error() -> None:
+    path = Path(__file__).parents[2] / "examples" / "quote-to-cash" / "orchestrator.toml"
+    text = path.read_text(encoding="utf-8").replace("${metrics_port}", "0").replace("${nats_url}", "nats://x:1")
+    cfg = parse_orchestrator_config(text, source=str(path))
+    saga = cfg.sagas[0]
+    assert (saga.name, saga.trigger.subject) == ("quote-to-cash", "evt.deal.upserted.crm")
+    compensated = {s.name: s.compensate for s in saga.steps if s.compensate is not None}
+    assert sorted(compensated) == ["deal_processing", "sales_order"]
+    ctx = {"trigger": {"payload": {"deal_id": 3}}, "saga": {"id": "s", "name": "q", "error": "refused"},
+           "steps": {"sales_order": {"order_id": 7}}}  # fmt: skip
+    assert render(compensated["sales_order"].request, ctx) == {"order_id": 7, "reason": "refused"}
+    assert render(compensated["deal_processing"].request, ctx)["reason"] == "refused"
+    assert "trace.q2c-orchestrator.*" in permissions_for_orchestrator(cfg).pub.allow
+
+
 def test_meshctl_orchestrator_check_prints_each_problem_and_exits_2(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -77,6 +77,26 @@ def test_sagas_and_api_calls_decide_too() -> None:
     assert derive_status([r("api_call", 2, outcome="unavailable")])[0] == "completed"  # retryable
     rejected = r("api_call", 2, outcome="rejected", detail="api.finance.invoice.create")
     assert derive_status([rejected]) == ("failed", "api.finance.invoice.create: rejected")
+    # a repeated key answered from the first call's result is a success; a deadline a retry may meet
+    replayed = r("api_call", 3, outcome="replayed", detail="api.erp.sales_order.create")
+    assert derive_status([call, replayed])[0] == "completed"
+    late = r("api_call", 2, outcome="deadline_exceeded", detail="api.erp.sales_order.create")
+    assert derive_status([call, late, r("api_call", 3, outcome="started"), replayed])[0] == "completed"
+    # a refused call whose saga compensated: the transaction is compensated, not failed
+    assert derive_status([started, call, rejected, compensated])[0] == "compensated"
+
+
+def test_a_saga_trigger_is_consumed_by_its_saga() -> None:
+    """A captured event no sink applies but a saga started from: the saga's ``applied`` record
+    (outcome ``saga_started``, what mesh.saga.tracing records) ends the event's journey."""
+    captured = r("captured", 1, envelope_id="e1", system="crm", business_key="deal:1")
+    published = r("published", 2, envelope_id="e1", system="crm")
+    taken = r("applied", 3, envelope_id="e1", system="orchestrator", flow="saga-q2c", outcome="saga_started")
+    started = r("saga_step", 3, outcome="saga_started", envelope_id="q2c-1", system="orchestrator")
+    done = r("saga_step", 9, outcome="saga_completed", envelope_id="q2c-1", system="orchestrator")
+    assert derive_status([captured, published, started, done])[0] == "in_progress"
+    assert derive_status([captured, published, taken, started])[0] == "in_progress"
+    assert derive_status([captured, published, taken, started, done]) == ("completed", "")
 
 
 # --- index ----------------------------------------------------------------------------------------
