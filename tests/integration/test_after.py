@@ -94,10 +94,10 @@ poll_interval = 0.05
     )
 
 
-def sink_flows(target: str, parent: Side, child: Side, ref: str) -> str:
+def sink_flows(kind: str, target: str, parent: Side, child: Side, ref: str) -> str:
     out = ""
     for s in (parent, child):
-        if target.startswith("postgresql://"):
+        if kind == "postgres":
             sink = f'adapter = "postgres"\ndsn = "{target}"\ntable = "{s.table}"\nkey = {_toml_key(s.key)}'
         else:
             sink = f'adapter = "sqlite"\npath = "{target}"\ntable = "{s.table}"\nkey = "{s.key[0]}"'
@@ -216,7 +216,7 @@ def test_after_holds_children_until_their_parent_is_applied_and_parent_deletes_u
     dsn = pg_cluster.dsn(source_db)
     erp_cfg = agent_toml(tmp_path, "erp-agent", "erp", server.url, source_flows(dsn, [parent, child]))
     crm_cfg = agent_toml(
-        tmp_path, "crm-agent", "crm", server.url, sink_flows(target_spec, parent, child, ref)
+        tmp_path, "crm-agent", "crm", server.url, sink_flows(target_kind, target_spec, parent, child, ref)
     )
     for cfg in (erp_cfg, crm_cfg):
         issue_agent_creds(cfg, security_dir)
