@@ -97,6 +97,19 @@ class AppliedKeys:
                     found.update(r[0] for r in await cur.fetchall())
         return found
 
+    async def versions(self, flow: str, keys: Sequence[str]) -> dict[str, int]:
+        """The newest version recorded for each of ``keys`` of ``flow`` (keys never applied omitted)."""
+        await self._schema()
+        found: dict[str, int] = {}
+        with store_errors(self.inbox.path):
+            for i in range(0, len(keys), _CHUNK):
+                part = list(keys[i : i + _CHUNK])
+                marks = ",".join("?" * len(part))
+                sql = f"SELECT key, version FROM applied_keys WHERE flow = ? AND key IN ({marks})"
+                async with self.inbox.db.execute(sql, [flow, *part]) as cur:
+                    found.update((k, int(v)) for k, v in await cur.fetchall())
+        return found
+
     async def children(
         self, parent_flow: str, parent_keys: Sequence[str]
     ) -> dict[str, list[tuple[str, str]]]:

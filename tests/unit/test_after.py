@@ -120,6 +120,24 @@ async def test_a_parent_delete_waits_for_its_childrens_deletes(transport: Transp
     assert stream(transport, DLQ_STREAM) == []
 
 
+async def test_a_record_older_than_what_its_flow_applied_is_not_held(
+    transport: Transport, inbox: Inbox
+) -> None:
+    """A line inserted and deleted again while its order never arrived (or came and went): the
+    delete applies, and the redelivered insert goes to the sink, whose version guard skips it,
+    instead of being held until the budget ends and dead-lettered."""
+    pair = Pair(transport, inbox)
+    await publish(transport, env("order", "orders", "10248", 1, {"id": 10248, "customer": "ALFKI"}))
+    async with anyio.create_task_group() as tg:
+        await tg.start(pair.child.run)
+        await until(lambda: pair.count("orders", "held") >= 1)
+        await publish(transport, env("order", "orders", "10248", 2, None, deleted=True))
+        await until(lambda: len(pair.child_sink.seen) == 2)
+        tg.cancel_scope.cancel()
+    assert keys(pair.child_sink.seen) == [("10248", True), ("10248", False)]
+    assert stream(transport, DLQ_STREAM) == []
+
+
 async def test_a_child_still_held_at_the_end_of_the_budget_is_dead_lettered_with_why(
     transport: Transport, inbox: Inbox
 ) -> None:
