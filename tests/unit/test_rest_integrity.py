@@ -11,7 +11,7 @@ import httpx
 import msgspec
 import pytest
 
-from adapters.rest._preflight import rest_preflight
+from adapters.rest._preflight import _request
 from adapters.rest.config import RestOperation, RestSinkConfig, RestSourceConfig
 from adapters.rest.sink import RestSink
 from mesh.adapters import Applied, SinkRecord
@@ -144,8 +144,6 @@ def test_preflight_path_parses_and_must_be_a_path(tmp_path: Path) -> None:
 async def test_preflight_gets_preflight_path_for_sinks_and_sources(tmp_path: Path) -> None:
     """The preflight builds its own client; a MockTransport cannot reach it, so what is checked
     here is the request it would send (the network side is tests/integration/test_preflight_rest.py)."""
-    from adapters.rest._preflight import _request
-
     sink = plain(tmp_path, preflight_path="/Organisation")
     assert _request(sink) == ("GET", "http://fin.test/api/Organisation", {}, "preflight_path")
     assert _request(plain(tmp_path))[:2] == ("HEAD", "http://fin.test/api")
@@ -154,4 +152,3 @@ async def test_preflight_gets_preflight_path_for_sinks_and_sources(tmp_path: Pat
         preflight_path="/Organisation",
     )  # fmt: skip
     assert _request(source)[1:] == ("http://fin.test/api/Organisation", {}, "preflight_path")
-    assert rest_preflight is not None
