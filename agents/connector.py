@@ -311,7 +311,10 @@ class ConnectorAgent:
 
     def _flow_actors(self, h: FlowHandle) -> list[tuple[str, Actor]]:
         a = self.cfg.agent
-        plan = FlowPlan(h.cfg, agent=a.name, system=a.system, tracer=self.tracer, links=self.links)
+        plan = FlowPlan(
+            h.cfg, agent=a.name, system=a.system, tracer=self.tracer, links=self.links,
+            is_parent=lambda: self._is_parent(h.name),
+        )  # fmt: skip
         actors: list[tuple[str, Actor]] = []
         if h.cfg.source is not None:
             capture = Capture(
@@ -327,6 +330,11 @@ class ConnectorAgent:
             )  # fmt: skip
             actors.append((f"apply:{h.name}", apply.run))
         return actors
+
+    def _is_parent(self, name: str) -> bool:
+        """Whether a flow of this agent names ``name`` in its ``after`` (parent before child)."""
+        flows = [h.cfg for h in self.flows.flows.values()] if self.flows else self.cfg.flows
+        return any(f.after is not None and f.after.flow == name for f in flows)
 
     def _source_maker(self, flow: FlowConfig) -> Callable[[], Source]:
         """Opens the flow's source: continuous, or a scheduled bulk run (:mod:`mesh.runs`)."""

@@ -46,6 +46,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskStatus
 
+from agents._hold import Hold
 from agents.flows import FlowHandle
 from agents.layout import StreamCheck
 from mesh import telemetry
@@ -77,7 +78,7 @@ from mesh.flowdata import FlowData, compile_flow_data
 from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.runs.bulk import RUN_HEADER
-from mesh.store import Inbox, InboxEntry, Outbox, OutboxRow
+from mesh.store import AppliedKeys, Inbox, InboxEntry, Outbox, OutboxRow
 from mesh.trace import CauseLinks, TraceRecorder, child_traceparent, new_traceparent
 from mesh.transport import (
     EVENTS_STREAM,
@@ -137,6 +138,8 @@ class FlowPlan:
     """Where capture and apply record what happened (README "Tracing business transactions")."""
     links: CauseLinks | None = field(default=None, repr=False)
     """What this agent applied lately, so that the echo it captures keeps its correlation id."""
+    is_parent: Callable[[], bool] = field(default=lambda: False, repr=False)
+    """Whether another flow of this agent names this one in its ``after`` (asked as it runs)."""
 
     @property
     def name(self) -> str:
@@ -492,6 +495,8 @@ class Apply:
         self.inflight = inflight
         self.consumers = consumers if consumers is not None else {}
         """Where the bound consumer is published while it runs (for the pending gauges)."""
+        self.hold = Hold(plan.name, plan.cfg.after, plan.is_parent, AppliedKeys(inbox))
+        """Parent before child (``after``): which records wait, and what this flow applied."""
 
     def __repr__(self) -> str:
         return f"<Apply {self.plan.name} as {self.plan.durable}>"
@@ -623,6 +628,8 @@ class Apply:
         entries: list[InboxEntry] = []
         acks: list[Delivery] = []
         batch_ids: set[str] = set()
+        hold = self.hold if self.hold.active else None
+        settled: list[Envelope] = []  # for the parent/child state (only with ``after``)
         for d, env in decoded:
             if env.id in seen or env.id in batch_ids:
                 handled.labels(flow, "duplicate").inc()
@@ -635,6 +642,8 @@ class Apply:
                 handled.labels(flow, "echo").inc()
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
                 acks.append(d)
+                if hold is not None:
+                    settled.append(env)  # it came from this system: it is there
                 if env.origin != plan.system:  # its own system's events are not traced
                     self._trace_applied(env, "filtered")  # (not in accept_origins)
                 continue
@@ -651,6 +660,11 @@ class Apply:
                 continue
             todo.append((d, env, record))
 
+        if hold is not None and todo and (blocked := await hold.blocked([env for _, env, _ in todo])):
+            for d, env, _ in todo:
+                if env.id in blocked:
+                    await self._held(transport, batch, d, env, blocked[env.id])
+            todo = [t for t in todo if t[1].id not in blocked]
         outcomes: Sequence[Applied | Exception] = []
         spans = telemetry.start_apply([t[1] for t in todo], plan.agent) if telemetry.ON and todo else None
         if todo:
@@ -674,11 +688,15 @@ class Apply:
             handled.labels(flow, outcome.value).inc()
             entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
             acks.append(d)
+            if hold is not None:
+                settled.append(env)
             if outcome is Applied.APPLIED:
                 latency.observe(max(0, now - env.occurred_at) / 1000)
             self._trace_applied(env, outcome.value, now)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
+        if hold is not None:
+            await hold.record(settled)  # before the inbox: a crash between leaves it ahead
         await inbox.record(entries)
         crash_point("apply.after_inbox")
         for d in acks:
@@ -768,6 +786,30 @@ class Apply:
             id=env.id, key=env.key, version=env.version, deleted=env.is_delete,
             row=row, origin=env.origin, scope=scope, create=create,
         )  # fmt: skip
+
+    async def _held(
+        self, transport: Transport, batch: _Batch, d: Delivery, env: Envelope, reason: str
+    ) -> None:
+        """Nak a record that waits for its parent (or a parent delete for its children) on the
+        integrity schedule, counted as ``held``, not as a retry; dead-letter it once it is still
+        held after ``retry.integrity_retry`` (or at once when IntegrityPending is set to
+        ``dead_letter`` or the budget is 0)."""
+        policy, max_deliver = self.plan.retry, self.plan.consumer.max_deliver
+        exc = IntegrityPending(reason)
+        if policy.action(exc) == "retry" and policy.integrity_retry > 0 and d.num_delivered < max_deliver:
+            self.metrics.handled.labels(self.plan.name, "held").inc()
+            with log_context(correlation_id=env.correlation_id):
+                log.debug("flow %s: %s", self.plan.name, reason)
+            await batch.nak(d, policy.integrity_delay(d.num_delivered, max_deliver))
+            return
+        exc = IntegrityPending(
+            f"{reason}; still held after {d.num_delivered} deliveries over retry.integrity_retry ="
+            f" {policy.integrity_retry:g}s"
+        )
+        await self.dead_letter(transport, d, env, exc)
+        await batch.term(d)
+        if self.tally is not None and (run := d.headers.get(RUN_HEADER)) is not None:
+            await self.tally([(run, env.id, "failed")])
 
     async def fail(
         self, transport: Transport, batch: _Batch, d: Delivery, env: Envelope | None, exc: Exception

@@ -46,6 +46,7 @@ from mesh.runs.schedule import ScheduleConfig
 
 __all__ = [
     "AdapterConfig",
+    "AfterConfig",
     "AgentConfig",
     "AgentSection",
     "ConfigStruct",
@@ -299,6 +300,20 @@ class RetryConfig(ConfigStruct, frozen=True):
         return "retry" if isinstance(exc, RetryableError) else "dead_letter"
 
 
+class AfterConfig(ConfigStruct, frozen=True):
+    """A child flow's parent (``after = { flow = "orders", key = "order_id" }``): the sink applies
+    a record of this flow only once the parent record it references has been applied by the
+    ``flow``'s sink on this agent, and applies a delete of a parent only once the children that
+    reference it have been deleted here (README "Parent before child")."""
+
+    flow: Token
+    """The parent flow: another flow of this agent with a [sink]."""
+    key: str | list[str]
+    """The field(s) of this flow's canonical record holding the parent's key (several fields:
+    a composite key, in the parent key's column order). A record whose field is null or missing
+    references no parent and is not held."""
+
+
 class FlowConfig(ConfigStruct, frozen=True):
     """One flow: what it carries, its source and/or sink, and how it treats failures.
 
@@ -328,6 +343,9 @@ class FlowConfig(ConfigStruct, frozen=True):
     schedule: ScheduleConfig | None = None
     """Capture side: run the source as a scheduled bulk extract (:mod:`mesh.runs`) instead of
     continuously; the source's adapter must have the ``bulk`` capability."""
+    after: AfterConfig | None = None
+    """Apply side: the parent flow whose records this flow's records reference (parent before
+    child, deletes child before parent); held records wait up to ``retry.integrity_retry``."""
 
 
 class TelemetryConfig(ConfigStruct, frozen=True):
@@ -516,10 +534,48 @@ def _check(cfg: AgentConfig) -> list[ConfigProblem]:
             problems.append(ConfigProblem(f"flows[{i}].name", f"duplicate flow name {flow.name!r}"))
         seen.add(flow.name)
         problems.extend(check_flow(flow, f"flows[{i}]"))
+    problems.extend(_check_after(cfg.flows))
     if not cfg.nats.servers:
         problems.append(ConfigProblem("nats.servers", "expected at least one server URL"))
     if cfg.api is not None:
         problems.extend(check_api(cfg.api))
+    return problems
+
+
+def _check_after(flows: Sequence[FlowConfig]) -> list[ConfigProblem]:
+    """``after`` names another flow of this agent with a [sink], from a flow with a [sink], and
+    the parents do not form a cycle (which would hold every record of the cycle)."""
+    problems: list[ConfigProblem] = []
+    by_name = {f.name: f for f in flows}
+    for i, flow in enumerate(flows):
+        if flow.after is None:
+            continue
+        where = f"flows[{i}].after"
+        parent = by_name.get(flow.after.flow)
+        if flow.sink is None:
+            problems.append(ConfigProblem(where, "`after` orders what a [sink] applies: this flow has none"))
+        elif flow.after.flow == flow.name:
+            problems.append(ConfigProblem(f"{where}.flow", "a flow cannot come after itself"))
+        elif parent is None or parent.sink is None:
+            sinks = ", ".join(sorted(f.name for f in flows if f.sink is not None and f.name != flow.name))
+            problems.append(ConfigProblem(
+                f"{where}.flow",
+                f"{flow.after.flow!r} is not a flow of this agent with a [sink]"
+                f" (expected one of: {sinks or 'none'})",
+            ))  # fmt: skip
+        elif isinstance(flow.after.key, list) and not flow.after.key:
+            problems.append(ConfigProblem(f"{where}.key", "expected at least one field"))
+        else:
+            chain: list[str] = [flow.name]
+            step: FlowConfig | None = parent
+            while step is not None and step.after is not None and step.name not in chain:
+                chain.append(step.name)
+                step = by_name.get(step.after.flow)
+            if step is not None and step.name == flow.name:
+                problems.append(ConfigProblem(
+                    f"{where}.flow",
+                    f"parents form a cycle ({' -> '.join([*chain, flow.name])}): nothing could apply",
+                ))  # fmt: skip
     return problems
 
 

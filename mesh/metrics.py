@@ -31,7 +31,7 @@ class Metrics:
         self.handled = Counter(
             "mesh_consumed_messages",
             "Messages a sink settled, by outcome (applied, unchanged, stale, duplicate, echo, not_owner, "
-            "dead_lettered)",
+            "dead_lettered, held: nak'ed to wait for a parent or for children, see a flow's after)",
             ["flow", "outcome"],
             registry=r,
         )

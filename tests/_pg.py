@@ -31,7 +31,11 @@ from mesh.broker import free_port
 PG_BIN = Path(os.environ.get("MESH_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PASSWORD_ROLE = "mesh_pw"
 PASSWORD = "s3cret-for-tests"
-NORTHWIND = Path(__file__).resolve().parents[2] / "shared" / "data" / "northwind" / "northwind-postgres.sql"
+NORTHWIND = (
+    Path(os.environ.get("MESH_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    / "northwind"
+    / "northwind-postgres.sql"
+)
 
 _HBA = f"""
 local all all trust

@@ -28,9 +28,8 @@ __all__ = ["rest_preflight"]
 def _request(cfg: RestSourceConfig | RestSinkConfig) -> tuple[str, str, dict[str, str], str]:
     """(method, url, query params, the config field the path comes from)."""
     base = cfg.base_url.rstrip("/")
-    custom = getattr(cfg, "preflight_path", None)
-    if isinstance(custom, str) and custom:
-        return "GET", base + "/" + custom.lstrip("/"), {}, "preflight_path"
+    if cfg.preflight_path:
+        return "GET", base + cfg.preflight_path, {}, "preflight_path"
     if isinstance(cfg, RestSourceConfig):
         return "GET", base + cfg.path, dict(cfg.params), "path"
     return "HEAD", cfg.base_url, {}, "base_url"

@@ -18,7 +18,7 @@ import msgspec
 from adapters.rest._paths import collect, first
 from adapters.rest.config import RestSinkConfig
 from mesh.adapters import SinkRecord
-from mesh.errors import RejectedRecord
+from mesh.errors import IntegrityPending, RejectedRecord
 
 __all__ = [
     "BODY_LIMIT",
@@ -172,11 +172,15 @@ def refusal(
     request: bytes | None,
     answer: bytes,
     redact: Callable[[str], str],
-) -> RejectedRecord:
-    """A :class:`RejectedRecord` that carries, for the dead letter, the status and both bodies
+    *,
+    integrity: bool = False,
+) -> RejectedRecord | IntegrityPending:
+    """A :class:`RejectedRecord` (or, ``integrity``: an :class:`IntegrityPending`, a status of
+    ``integrity_statuses``) that carries, for the dead letter, the status and both bodies
     (bounded to :data:`BODY_LIMIT`, secret values masked by ``redact``; headers are never kept)."""
-    exc = RejectedRecord(redact(f"{what}: HTTP {status}: {reason or excerpt(answer)}"))
-    exc.dead_letter_extra = {  # type: ignore[attr-defined]  # read by the agent's dead_letter()
+    cls = IntegrityPending if integrity else RejectedRecord
+    exc = cls(redact(f"{what}: HTTP {status}: {reason or excerpt(answer)}"))
+    exc.dead_letter_extra = {  # type: ignore[union-attr]  # read by the agent's dead_letter()
         "http_status": status,
         "request_body": _text(request or b"", redact),
         "response_body": _text(answer, redact),

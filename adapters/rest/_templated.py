@@ -35,7 +35,7 @@ from adapters.rest._template import (
 )
 from adapters.rest.config import RestOperation, RestSinkConfig
 from mesh.adapters import Applied, SinkRecord
-from mesh.errors import RejectedRecord, SystemUnavailable
+from mesh.errors import IntegrityPending, RejectedRecord, SystemUnavailable
 
 __all__ = ["TemplatedApply"]
 
@@ -329,6 +329,13 @@ class TemplatedApply:
                         self._breaker.success()
                         await self._settle(what, status, remaining, response.content, outcomes, applied)
                         return
+                    if status in cfg.integrity_statuses:  # a related record missing: the agent retries
+                        self._breaker.success()
+                        for op in remaining:
+                            outcomes[op.slot] = self._refuse(
+                                what, status, op, response.content, integrity=True
+                            )
+                        return
                     problem = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
                     if status in _GONE:
@@ -426,8 +433,15 @@ class TemplatedApply:
             self._counts["applied"] += 1
 
     def _refuse(
-        self, what: str, status: int, op: _Op, answer: bytes, *, reason: str | None = None
-    ) -> RejectedRecord:
+        self,
+        what: str,
+        status: int,
+        op: _Op,
+        answer: bytes,
+        *,
+        reason: str | None = None,
+        integrity: bool = False,
+    ) -> RejectedRecord | IntegrityPending:
         """A refusal of one record, carrying its request and the answer for the dead letter. A
         refused create is known not to have happened: its pending mark is dropped."""
         _, credentials = self._require()
@@ -436,7 +450,7 @@ class TemplatedApply:
             self._refused_creates.append(op.record.key)
         request = None if op.item is None else body_of(self._config, [op.item])
         why = reason if reason is not None else refusal_reason(self._config, answer)
-        return refusal(what, status, why, request, answer, credentials.redact)
+        return refusal(what, status, why, request, answer, credentials.redact, integrity=integrity)
 
 
 class _Op(NamedTuple):

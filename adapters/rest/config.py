@@ -188,6 +188,11 @@ class RestLookup(ConfigStruct, frozen=True):
     """Query parameters; ``{key}`` in a value is replaced by the record key."""
 
 
+_PreflightPath = Annotated[str, msgspec.Meta(pattern=r"^/[^?#]*$")]
+"""A path under ``base_url``: starts with ``/``, no query or fragment."""
+_ClientStatus = Annotated[int, msgspec.Meta(ge=400, le=499)]
+
+
 class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     """A JSON REST API as a sink: one request per record, guarded by a local version table.
 
@@ -240,6 +245,15 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     error_path: _ResponsePath | None = None
     """Where a refusal's messages are in an error answer (Xero:
     ``Elements[].ValidationErrors[].Message``); default: the start of the body."""
+    integrity_statuses: list[_ClientStatus] = msgspec.field(default_factory=list)
+    """HTTP statuses that mean "a related record is missing" (e.g. ``[409, 422]`` for an API
+    that refuses an invoice whose contact it does not know yet): a record answered with one is
+    :class:`~mesh.errors.IntegrityPending`, retried for ``retry.integrity_retry`` seconds before
+    it is dead-lettered, instead of a :class:`~mesh.errors.RejectedRecord` dead-lettered at once."""
+    preflight_path: _PreflightPath | None = None
+    """A cheap authenticated GET under ``base_url`` that ``meshctl config check --connect`` sends
+    to check reachability and credentials (Xero: ``/Organisation``); default: a HEAD of
+    ``base_url``."""
     omit_nulls: bool = False
     """Leave null fields out of the body instead of sending JSON ``null``."""
     tombstone_field: Annotated[str, msgspec.Meta(min_length=1)] = "deleted"
@@ -470,6 +484,10 @@ class RestSourceConfig(AdapterConfig, frozen=True, tag="rest"):
     version_type: Literal["integer", "timestamp", "epoch_seconds", "epoch_millis"] = "integer"
     key_field: FieldPath = "id"
     """Path of each record's key (a string or an integer)."""
+    preflight_path: _PreflightPath | None = None
+    """A cheap authenticated GET under ``base_url`` that ``meshctl config check --connect`` sends
+    to check reachability and credentials (Xero: ``/Organisation``); default: the first page of
+    ``path``."""
     records_path: FieldPath | None = None
     """Where the records are in the body (``data``, ``Contacts``, ``result.items``); none: the
     body itself is the list."""

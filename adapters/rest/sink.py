@@ -82,7 +82,7 @@ from adapters.rest._templated import TemplatedApply
 from adapters.rest.config import RestSinkConfig
 from mesh import telemetry
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.errors import ConfigError, RejectedRecord, SystemUnavailable
+from mesh.errors import ConfigError, IntegrityPending, RejectedRecord, SystemUnavailable
 
 __all__ = ["RestSink"]
 
@@ -265,7 +265,7 @@ class RestSink(TemplatedApply, Sink):
             return "PATCH", self._upsert_path.format(key=key), body
         return cfg.method, self._upsert_path.format(key=key), body
 
-    async def _apply_one(self, record: SinkRecord) -> Applied | RejectedRecord:
+    async def _apply_one(self, record: SinkRecord) -> Applied | RejectedRecord | IntegrityPending:
         """Send one record, retrying within the bounds; record its version after a 2xx.
 
         Raises:
@@ -320,6 +320,13 @@ class RestSink(TemplatedApply, Sink):
                             )
                         self._counts["applied"] += 1
                         return Applied.APPLIED
+                    if status in cfg.integrity_statuses:  # a related record missing: the agent retries
+                        self._breaker.success()
+                        self._counts["rejected"] += 1
+                        reason = refusal_reason(cfg, response.content)
+                        return refusal(
+                            what, status, reason, body, response.content, credentials.redact, integrity=True
+                        )
                     problem = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
                     if status == 429 or status == 409:

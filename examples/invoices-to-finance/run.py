@@ -211,6 +211,8 @@ async def scenario(stack: Stack) -> bool:
     stack.info(
         f"erp-agent {erp.counts()} | finance-agent {fin.counts()} | finance calls {len(finance.requests)}"
     )
+    held = fin.metrics().get("mesh_consumed_messages_total{outcome=held}", 0)
+    stack.info(f"deliveries held by after = (an invoice before its contact): {held:.0f}")
     log = stack.root / "finance-requests.jsonl"
     with log.open("w") as out:  # every request the finance API received, for contract checks
         for c in finance.requests:

@@ -141,3 +141,18 @@ async def test_an_unset_token_variable_is_a_problem_at_auth(tmp_path: Path) -> N
     assert [line.split(": ", 1)[0] for line in lines] == ["flows[0].source.auth", "flows[1].sink.auth"]
     assert "CRM_TOKEN" in lines[0]
     assert seen == []  # no request without credentials
+
+
+async def test_preflight_path_is_what_both_sides_get(tmp_path: Path) -> None:
+    """``preflight_path`` replaces the source's first page and the sink's HEAD of ``base_url``;
+    a 404 there is a problem at that field."""
+    body = rest_flows("API", tmp_path).replace(
+        'records_path = "customers"', 'records_path = "customers"\npreflight_path = "/"'
+    ).replace('timeout = 2.0', 'timeout = 2.0\npreflight_path = "/Organisation"')  # fmt: skip
+    async with serve_api() as (api, seen):
+        code, lines, out = await check(tmp_path, body.replace("API", api), TOKEN)
+    assert code == 1, out
+    assert sorted(seen) == ["GET /api/", "GET /api/Organisation"]
+    assert lines == [
+        f"flows[1].sink.preflight_path: GET {api}/Organisation answered HTTP 404: no such endpoint"
+    ]
