@@ -271,6 +271,7 @@ class Capture:
                     await outbox.capture(flow, batch.cursor, items, headers=dead)
                 if dead:
                     rejected.inc(len(dead))
+                    self.metrics.failures.labels(flow, "mapping").inc(len(dead))
                 crash_point("capture.after_commit")
                 captured.inc(len(items))
                 cursor = batch.cursor
@@ -376,6 +377,9 @@ class Relay:
             missed = len(rows) - len(done)
             if missed:
                 metrics.publish_failures.inc(missed)
+                for r, ok in zip(rows, acked, strict=True):
+                    if not ok:
+                        metrics.failures.labels(r.flow, "transient").inc()
                 delay = backoff.delay(failures)
                 failures += 1
                 log.warning("%d of %d publishes unacknowledged; retrying in %.1fs", missed, len(rows), delay)
@@ -537,6 +541,7 @@ class Apply:
             except InvalidEnvelope as exc:
                 # Never retried, whatever the retry policy says: the same bytes fail again. The
                 # inbox, the sink and its version guard never see it (I6).
+                self.metrics.failed(flow, exc)
                 await self.dead_letter(transport, d, env, exc)
                 await batch.term(d)
                 continue
@@ -580,7 +585,7 @@ class Apply:
                     await self.fail(transport, batch, d, env, exc)
                 todo = []
         now = now_ms()
-        latency = self.metrics.latency.labels(flow)
+        slo = plan.cfg.slo_seconds
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 await self.fail(transport, batch, d, env, outcome)
@@ -589,7 +594,9 @@ class Apply:
             entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
             acks.append(d)
             if outcome is Applied.APPLIED:
-                latency.observe(max(0, now - env.occurred_at) / 1000)
+                self.metrics.applied(
+                    flow, env.occurred_at / 1000, max(0, now - env.occurred_at) / 1000, slo
+                )
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
         await inbox.record(entries)
@@ -652,6 +659,7 @@ class Apply:
     ) -> None:
         """Retry later (delayed nak) or dead-letter, by the flow's retry policy (I6). The
         attempt count is the server's (``num_delivered``)."""
+        self.metrics.failed(self.plan.name, exc)
         policy = self.plan.retry
         if policy.action(exc) == "retry" and d.num_delivered < self.plan.consumer.max_deliver:
             self.metrics.retries.labels(self.plan.name).inc()

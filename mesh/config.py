@@ -274,6 +274,9 @@ class FlowConfig(ConfigStruct, frozen=True):
     ownership: EntityOwnership | None = None
     """Apply side: which system may create, delete and write which fields (see
     :mod:`mesh.ownership`); versions are then compared per origin."""
+    slo_seconds: PositiveFloat = 5.0
+    """Apply side: the SLO target; a change counts as on time when applied within this many
+    seconds of its capture (``mesh_slo_changes_on_time_total``, ``/status`` ``slo_ratio``)."""
 
 
 class AgentConfig(ConfigStruct, frozen=True):

@@ -52,6 +52,7 @@ __all__ = [
     "FlowOp",
     "FlowOutcome",
     "FlowPart",
+    "FlowKpis",
     "FlowReport",
     "FlowSpec",
     "FlowSpecView",
@@ -136,6 +137,33 @@ class Manifest(_Msg, frozen=True):
     """Static flows of its config file with a sink (it consumes ``<flow>-<system>``)."""
 
 
+class FlowKpis(_Msg, frozen=True):
+    """A flow's cumulative counters on one agent since it started (they restart from 0 with the
+    agent: readers take deltas per agent incarnation and treat a decrease as a restart)."""
+
+    captured: int = 0
+    published: int = 0
+    applied: int = 0
+    """Changes written at the sink (outcome ``applied``)."""
+    duplicates: int = 0
+    """Redeliveries the inbox suppressed."""
+    not_owner: int = 0
+    """Changes refused by the ownership rules."""
+    retries: int = 0
+    dead_lettered: int = 0
+    failures: dict[str, int] = msgspec.field(default_factory=dict)
+    """Failed attempts by error class (``transient``, ``integrity``, ``mapping``, ...)."""
+    latency_buckets: list[int] = msgspec.field(default_factory=list)
+    """Cumulative counts of the end-to-end latency histogram per bound of
+    :data:`mesh.metrics.LATENCY_BUCKETS`, then +Inf (empty: none observed)."""
+    latency_sum: float = 0.0
+    freshness_seconds: float | None = None
+    """Age of the newest change applied (None: nothing applied yet)."""
+    slo_seconds: float = 5.0
+    slo_total: int = 0
+    slo_on_time: int = 0
+
+
 class FlowReport(_Msg, frozen=True):
     """One flow as its agent sees it. ``None`` means "this agent does not run that side"."""
 
@@ -156,6 +184,8 @@ class FlowReport(_Msg, frozen=True):
     """The applied generation the agent runs (0: from its own config file)."""
     detail: str = ""
     """Why the flow is not running (paused by whom, the last failure)."""
+    kpis: FlowKpis | None = None
+    """Cumulative KPI counters (None from agents older than the KPIs)."""
 
 
 class HeartbeatPayload(_Msg, frozen=True):
