@@ -594,9 +594,7 @@ class Apply:
             entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
             acks.append(d)
             if outcome is Applied.APPLIED:
-                self.metrics.applied(
-                    flow, env.occurred_at / 1000, max(0, now - env.occurred_at) / 1000, slo
-                )
+                self.metrics.applied(flow, env.occurred_at / 1000, max(0, now - env.occurred_at) / 1000, slo)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
         await inbox.record(entries)

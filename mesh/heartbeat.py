@@ -39,8 +39,8 @@ from prometheus_client import CollectorRegistry
 
 from mesh.controlplane.client import DEFAULT_PREFIX, ControlPlaneClient
 from mesh.controlplane.identity import load_credentials
-from mesh.controlplane.models import Heartbeat as HeartbeatRequest
 from mesh.controlplane.models import FlowKpis, HeartbeatAck, HeartbeatPayload, Refused, mesh_version
+from mesh.controlplane.models import Heartbeat as HeartbeatRequest
 from mesh.errors import ConfigError, MeshError, StopError
 from mesh.metrics import LATENCY_BUCKETS, Metrics
 from mesh.transport import Transport
@@ -242,7 +242,5 @@ def flow_kpis(metrics: Metrics, now: float | None = None) -> dict[str, FlowKpis]
         buckets: dict[float, int] = d.pop("buckets")
         counts = [buckets.get(float(b), 0) for b in LATENCY_BUCKETS] + [buckets.get(float("inf"), 0)]
         fresh = metrics.freshness_of(flow, now) if flow in metrics.newest_applied else None
-        out[flow] = FlowKpis(
-            **d, latency_buckets=counts if counts[-1] else [], freshness_seconds=fresh
-        )
+        out[flow] = FlowKpis(**d, latency_buckets=counts if counts[-1] else [], freshness_seconds=fresh)
     return out

@@ -78,3 +78,51 @@ class ControlPlaneMetrics:
             ["flow"],
             registry=r,
         )
+        self.flow_dlq_age = Gauge(
+            "mesh_cp_flow_dead_letters_oldest_age_seconds",
+            "Age of a flow's oldest message in MESH_DLQ (0 when none)",
+            ["flow"],
+            registry=r,
+        )
+        self.agent_heartbeat_age = Gauge(
+            "mesh_cp_agent_heartbeat_age_seconds",
+            "Seconds since the agent's last accepted heartbeat",
+            ["agent", "site"],
+            registry=r,
+        )
+        self.flow_applied = Counter(
+            "mesh_cp_flow_applied",
+            "Changes applied at a flow's sinks, grown in heartbeats this replica saw",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_failures = Counter(
+            "mesh_cp_flow_failures",
+            "Failed attempts of a flow, grown in heartbeats this replica saw",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_retries = Counter(
+            "mesh_cp_flow_retries",
+            "Retries of a flow, grown in heartbeats this replica saw",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_latency = Gauge(
+            "mesh_cp_flow_latency_seconds",
+            "End-to-end latency quantiles of a flow over the last minute, from heartbeat histograms",
+            ["flow", "quantile"],
+            registry=r,
+        )
+        self.flow_freshness = Gauge(
+            "mesh_cp_flow_freshness_seconds",
+            "Age of the newest change applied for a flow",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_slo_ratio = Gauge(
+            "mesh_cp_flow_slo_ratio",
+            "Share of a flow's changes applied within its SLO target over the last hour",
+            ["flow"],
+            registry=r,
+        )

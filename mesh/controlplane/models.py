@@ -46,13 +46,14 @@ __all__ = [
     "DeleteFlow",
     "Deregister",
     "DesiredState",
+    "DlqReason",
     "Done",
     "FlowChange",
     "FlowCommand",
+    "FlowKpis",
     "FlowOp",
     "FlowOutcome",
     "FlowPart",
-    "FlowKpis",
     "FlowReport",
     "FlowSpec",
     "FlowSpecView",
@@ -78,6 +79,7 @@ __all__ = [
     "Request",
     "Revoke",
     "StatusReport",
+    "SystemView",
     "TokenCreate",
     "TokenCreated",
     "TokenRecord",
@@ -390,11 +392,28 @@ class FlowCommand(_Req, frozen=True, tag="command"):
 
 
 Request = (
-    Register | Deregister | Revoke | Heartbeat | ListAgents | GetStatus | ApplyFlows | DeleteFlow | ListFlows
-    | FlowCommand | TokenCreate | ListTokens
+    Register
+    | Deregister
+    | Revoke
+    | Heartbeat
+    | ListAgents
+    | GetStatus
+    | ApplyFlows
+    | DeleteFlow
+    | ListFlows
+    | FlowCommand
+    | TokenCreate
+    | ListTokens
 )
 WRITE_KINDS = (
-    "register", "deregister", "revoke", "heartbeat", "flow_apply", "flow_delete", "command", "token_create"
+    "register",
+    "deregister",
+    "revoke",
+    "heartbeat",
+    "flow_apply",
+    "flow_delete",
+    "command",
+    "token_create",
 )
 """Request kinds only the leader serves."""
 READ_KINDS = ("agents", "status", "flows", "tokens")
@@ -510,6 +529,59 @@ class FlowView(_Msg, frozen=True):
     that only agents' config files define)."""
     generation: int = 0
     """The applied generation (0 for flows from agents' config files)."""
+    applied: int = 0
+    """Changes applied at the sinks, summed over the reporting agents' current incarnations."""
+    captured: int = 0
+    duplicates: int = 0
+    """Redeliveries the sinks' inboxes suppressed."""
+    not_owner: int = 0
+    """Changes refused by the ownership rules."""
+    retries: int = 0
+    failures: dict[str, int] = msgspec.field(default_factory=dict)
+    """Failed attempts by error class (``transient``, ``integrity``, ``mapping``, ...)."""
+    applied_per_second: float = 0.0
+    """Rates over the last minute (from heartbeats; 0 until two have arrived)."""
+    captured_per_second: float = 0.0
+    failures_per_second: float = 0.0
+    retries_per_second: float = 0.0
+    latency_p50_seconds: float | None = None
+    """End-to-end latency (capture to effect) of the changes applied in the last minute."""
+    latency_p99_seconds: float | None = None
+    freshness_seconds: float | None = None
+    """Age of the newest change applied at any sink (None: nothing applied yet)."""
+    dlq_oldest_age_seconds: float = 0.0
+    """Age of the flow's oldest message in ``MESH_DLQ`` (0 when none)."""
+    dlq_top_reasons: list[DlqReason] = msgspec.field(default_factory=list)
+    """The most frequent reasons among the flow's recent dead letters, most frequent first."""
+    slo_seconds: float | None = None
+    """The flow's SLO target (from its sinks' heartbeats)."""
+    slo_ratio: float | None = None
+    """Share of the changes applied within ``slo_seconds`` over the last hour (None: none)."""
+
+
+class DlqReason(_Msg, frozen=True):
+    """One reason dead letters of a flow share: its error class, a sample reason, how many."""
+
+    error_class: str
+    reason: str
+    count: int
+
+
+class SystemView(_Msg, frozen=True):
+    """One system (an agent's ``[agent] system``) across the agents fronting it."""
+
+    name: str
+    agents: list[str]
+    sites: list[str]
+    health: str
+    """The worst health of its agents."""
+    flows: list[str]
+    applied_per_second: float = 0.0
+    """Changes applied into the system per second (last minute)."""
+    captured_per_second: float = 0.0
+    failures_per_second: float = 0.0
+    backlog: int = 0
+    """Envelopes captured from the system still in outboxes."""
 
 
 class ControlPlaneInfo(_Msg, frozen=True):
@@ -534,6 +606,8 @@ class StatusReport(_Rep, frozen=True, tag="status"):
     flows: list[FlowView]
     counts: dict[str, int]
     """Agents by health: ``healthy``, ``degraded``, ``stale``, ``lost`` (always all four)."""
+    systems: list[SystemView] = msgspec.field(default_factory=list)
+    """KPIs per system (empty from control planes older than the KPIs)."""
 
 
 class Agents(_Rep, frozen=True, tag="agents"):
@@ -648,8 +722,17 @@ class Flows(_Rep, frozen=True, tag="flows"):
 
 
 Reply = (
-    Registered | Done | Refused | HeartbeatAck | Agents | StatusReport | CommandResult | FlowsApplied | Flows
-    | TokenCreated | Tokens
+    Registered
+    | Done
+    | Refused
+    | HeartbeatAck
+    | Agents
+    | StatusReport
+    | CommandResult
+    | FlowsApplied
+    | Flows
+    | TokenCreated
+    | Tokens
 )
 
 

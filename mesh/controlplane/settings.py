@@ -61,6 +61,9 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     lease_renew: PositiveFloat = 1.0
     sweep_interval: PositiveFloat = 1.0
     """How often health verdicts, gauges and dead-letter depths are refreshed."""
+    series_resolution: PositiveFloat = 5.0
+    """Seconds between two points of the dashboard's in-memory time series (one hour of them
+    is kept per flow: 720 points at the default)."""
 
     def __post_init__(self) -> None:
         if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):
