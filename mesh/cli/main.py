@@ -45,6 +45,9 @@ from mesh.cli import (
 from mesh.cli import (
     security as cli_security,
 )
+from mesh.cli import (
+    top as cli_top,
+)
 from mesh.cli._common import add_nats_options
 from mesh.cli._output import fail
 from mesh.errors import ConfigError, MeshError
@@ -73,6 +76,7 @@ app.add_typer(cli_schema.app, name="schema")
 app.add_typer(cli_files.app, name="files")
 app.add_typer(cli_capture.app, name="capture")
 app.add_typer(cli_security.app, name="security")
+app.command("top")(cli_top.top)
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)
