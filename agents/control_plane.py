@@ -692,7 +692,7 @@ class ControlPlane:
                     with contextlib.suppress(KeyError):
                         m.flow_latency.remove(f.name, q)
                 else:
-                    m.flow_latency.labels(f.name, q).set(value)
+                    m.flow_latency.set(f.name, q, value)
 
     async def _dlq_depths(self) -> dict[str, int]:
         """Messages per flow in MESH_DLQ (``dlq.<flow>``); the last known on failure."""

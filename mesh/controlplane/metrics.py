@@ -7,9 +7,38 @@ Per-flow gauges are rebuilt on every sweep, so a flow nobody reports any more di
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
 
-__all__ = ["ControlPlaneMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["ControlPlaneMetrics", "FlowQuantiles"]
+
+
+class FlowQuantiles(Collector):
+    """Quantiles per flow exposed as a Prometheus *summary* of quantile samples only
+    (``name{flow=...,quantile="0.99"}``): ``promtool check metrics`` refuses a ``quantile``
+    label on a gauge. The control plane computes them from the agents' histograms."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.values: dict[tuple[str, str], float] = {}
+        registry.register(self)
+
+    def set(self, flow: str, quantile: str, value: float) -> None:
+        self.values[(flow, quantile)] = value
+
+    def remove(self, flow: str, quantile: str) -> None:
+        """Forget one series. Raises KeyError when it is not there (as a gauge's ``remove``)."""
+        del self.values[(flow, quantile)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, "summary")
+        for (flow, q), value in sorted(self.values.items()):
+            family.add_sample(self.name, {"flow": flow, "quantile": q}, value)
+        yield family
 
 
 class ControlPlaneMetrics:
@@ -108,10 +137,9 @@ class ControlPlaneMetrics:
             ["flow"],
             registry=r,
         )
-        self.flow_latency = Gauge(
+        self.flow_latency = FlowQuantiles(
             "mesh_cp_flow_latency_seconds",
             "End-to-end latency quantiles of a flow over the last minute, from heartbeat histograms",
-            ["flow", "quantile"],
             registry=r,
         )
         self.flow_freshness = Gauge(

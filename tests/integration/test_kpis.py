@@ -1,0 +1,110 @@
+"""Per-flow KPIs end to end: two agents move changes through a secured nats-server while the
+control plane records them. /status has rates, p50/p99, freshness, SLO ratio, failures by class
+and dead letters (oldest age, top reasons); /api/series has points; both /metrics expositions
+pass `promtool check metrics`; `meshctl top --once` prints one plain frame of the same KPIs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mesh.transport import JetStream, OutMessage
+from tests._secure import SecuredNatsServer
+from tests.integration._harness import rows, wait_until
+from tests.integration._ops_stack import OpsStack, ops_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _flow(stack: OpsStack) -> dict[str, object]:
+    [flow] = [f for f in stack.get("/status")["flows"] if f["name"] == "customers"]
+    return flow
+
+
+def _promtool(exposition: str, tmp: Path) -> None:
+    tool = shutil.which("promtool")
+    if tool is None:
+        reason = "promtool not found (apt-get install prometheus)"
+        if os.environ.get("MESH_REQUIRE_PROMTOOL") == "1":
+            pytest.fail(f"{reason} (and MESH_REQUIRE_PROMTOOL=1)")
+        pytest.skip(reason)
+    done = subprocess.run([tool, "check", "metrics"], input=exposition, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def _publish_garbage(stack: OpsStack, server: SecuredNatsServer) -> None:
+    async with JetStream(server.nats_config(), name="test-garbage") as js:
+        for i in range(3):
+            await js.publish(OutMessage("evt.customer.upserted.erp", b"not an envelope", f"garbage-{i}"))
+
+
+def test_kpis_in_status_series_metrics_and_top(nats_server: SecuredNatsServer, tmp_path: Path) -> None:
+    with ops_stack(nats_server, tmp_path) as stack:
+        stack.erp.insert(300)
+        wait_until(lambda: len(rows(stack.crm_db)) == 300, 30, "300 rows at the CRM")
+        anyio.run(_publish_garbage, stack, nats_server)
+        stack.erp.insert(200)
+        wait_until(lambda: len(rows(stack.crm_db)) == 500, 30, "500 rows at the CRM")
+
+        def kpis_in() -> bool:
+            f = _flow(stack)
+            return (
+                f["applied"] == 500 and f["captured"] == 500 and f["dlq_depth"] == 3
+                and bool(f["dlq_top_reasons"]) and f["slo_ratio"] is not None
+                and f["latency_p99_seconds"] is not None
+            )  # fmt: skip
+
+        wait_until(kpis_in, 30, "the flow's KPIs in /status")
+        f = _flow(stack)
+        assert f["failures"] == {"integrity": 3}
+        assert f["slo_seconds"] == 5.0
+        assert 0 < f["slo_ratio"] <= 1
+        assert 0 < f["latency_p50_seconds"] <= f["latency_p99_seconds"] < 5
+        assert f["freshness_seconds"] is not None
+        assert f["dlq_oldest_age_seconds"] >= 0
+        [reason] = f["dlq_top_reasons"]
+        assert reason["error_class"] == "DecodeError"
+        assert reason["count"] == 3
+        systems = {s["name"]: s for s in stack.get("/status")["systems"]}
+        assert systems["erp"]["sites"] == ["on-prem"]
+        assert systems["crm"]["sites"] == ["cloud"]
+
+        series = stack.get("/api/series?flow=customers&minutes=5")
+        assert len(series["t"]) >= 2
+        assert sum(v or 0 for v in series["applied_per_second"]) > 0
+        assert any(v is not None for v in series["latency_p99_seconds"])
+
+        cp_metrics = stack.text("/metrics")
+        for name in ("mesh_cp_flow_applied_total{flow=\"customers\"}", "mesh_cp_flow_slo_ratio",
+                     "mesh_cp_flow_latency_seconds{flow=\"customers\",quantile=\"0.99\"}",
+                     "mesh_cp_flow_dead_letters_oldest_age_seconds", "mesh_cp_agent_heartbeat_age_seconds",
+                     "mesh_cp_flow_freshness_seconds"):  # fmt: skip
+            assert name in cp_metrics, name
+        _promtool(cp_metrics, tmp_path)
+        for agent in stack.agents:
+            url = agent.readyz_url
+            assert url is not None
+            with urllib.request.urlopen(url.replace("/readyz", "/metrics"), timeout=5) as r:
+                exposition = r.read().decode()
+            assert "mesh_end_to_end_latency_seconds_bucket" in exposition
+            _promtool(exposition, tmp_path)
+
+        top = subprocess.run(
+            [sys.executable, "-m", "mesh", "top", "--once", "--control-plane", stack.nats],
+            capture_output=True, text=True, timeout=30, env={**os.environ, **stack.admin_env},
+        )  # fmt: skip
+        assert top.returncode == 0, top.stderr
+        assert "\x1b" not in top.stdout
+        lines = top.stdout.splitlines()
+        assert any(line.startswith("on-prem") and "erp-agent" in line for line in lines), top.stdout
+        assert any(line.startswith("cloud") and "crm-agent" in line for line in lines), top.stdout
+        assert any(line.startswith("customers") for line in lines), top.stdout
+        assert "customers: 3 x DecodeError" in top.stdout
