@@ -328,7 +328,7 @@ def render_dashboard(report: StatusReport) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>connector mesh · control plane</title>
+<title>connector mesh · control plane</title><link rel="icon" href="data:,">
 <link rel="stylesheet" href="static/uPlot.min.css"><link rel="stylesheet" href="static/dashboard.css">
 </head>
 <body><h1>Connector mesh</h1>
