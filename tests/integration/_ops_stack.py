@@ -1,4 +1,4 @@
-"""A running mesh for the operations views: a secured nats-server, a control-plane process
+"""A running mesh for the operations views: a secured nats-server, control-plane processes
 (series every 0.5 s), an on-prem ERP agent and a cloud CRM agent moving customers, both
 registered, heartbeating every 0.3 s, each with its own least-privilege creds."""
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from typer.testing import CliRunner
 
@@ -30,15 +30,17 @@ __all__ = ["OpsStack", "ops_stack"]
 @dataclass
 class OpsStack:
     http: str
-    """The control plane's HTTP base URL."""
+    """The first control-plane replica's HTTP base URL."""
     nats: str
     erp: ErpLoad
     crm_db: Path
     admin_env: dict[str, str]
     agents: list[AgentProcess]
+    replicas: list[str]
+    """Every replica's HTTP base URL (the first is ``http``)."""
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.http + path, timeout=5) as r:
+    def get(self, path: str, base: str | None = None) -> Any:
+        with urllib.request.urlopen((base or self.http) + path, timeout=5) as r:
             return json.loads(r.read())
 
     def text(self, path: str) -> str:
@@ -57,25 +59,32 @@ def _agent(tmp: Path, server: SecuredNatsServer, name: str, system: str, site: s
 
 
 @contextmanager
-def ops_stack(server: SecuredNatsServer, tmp: Path) -> Iterator[OpsStack]:
-    """Start everything; stop it all on exit (SIGTERM, then SIGKILL after 10 s)."""
+def ops_stack(server: SecuredNatsServer, tmp: Path, *, replicas: int = 1) -> Iterator[OpsStack]:
+    """Start everything (``replicas`` control-plane processes); stop it all on exit (SIGTERM,
+    then SIGKILL after 10 s)."""
     admin_env = {"MESH_CREDS": str(server.admin_creds)}
-    port = free_port()
     settings = tmp / "cp.toml"
     settings.write_text("series_resolution = 0.5\nsweep_interval = 0.25\n")
-    cp_log = open(tmp / "cp.log", "wb")  # noqa: SIM115 - closed below
-    cp = subprocess.Popen(
-        [sys.executable, "-m", "mesh", "control-plane", "run", "--config", str(settings),
-         "--nats", server.url, "--http", f"127.0.0.1:{port}", "--name", "cp1"],
-        stdout=cp_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MESH_CREDS": str(server.security_dir / "creds" / "control-plane.creds")},
-    )  # fmt: skip
+    procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+    urls: list[str] = []
     agents: list[AgentProcess] = []
     try:
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/readyz", timeout=30, alive=lambda: cp.poll() is None)
-        except NotReady as exc:
-            raise AssertionError(f"control plane: {exc}\n{log_tail(tmp / 'cp.log')}") from None
+        for n in range(1, replicas + 1):
+            port = free_port()
+            log = open(tmp / f"cp{n}.log", "wb")  # noqa: SIM115 - closed below
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mesh", "control-plane", "run", "--config", str(settings),
+                 "--nats", server.url, "--http", f"127.0.0.1:{port}", "--name", f"cp{n}"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "MESH_CREDS": str(server.security_dir / "creds" / "control-plane.creds")},
+            )  # fmt: skip
+            procs.append((proc, log))
+            try:
+                alive = lambda p=proc: p.poll() is None  # noqa: E731
+                wait_ready(f"http://127.0.0.1:{port}/readyz", timeout=30, alive=alive)
+            except NotReady as exc:
+                raise AssertionError(f"control plane cp{n}: {exc}\n{log_tail(tmp / f'cp{n}.log')}") from None
+            urls.append(f"http://127.0.0.1:{port}")
         erp_db, crm_db = tmp / "erp.db", tmp / "crm.db"
         make_erp(erp_db)
         make_crm(crm_db)
@@ -90,18 +99,17 @@ def ops_stack(server: SecuredNatsServer, tmp: Path) -> Iterator[OpsStack]:
             agent = AgentProcess(cfg, tmp / f"{cfg.stem}.log")
             agent.start()
             agents.append(agent)
-        yield OpsStack(
-            f"http://127.0.0.1:{port}", server.url, ErpLoad(erp_db, seed=3), crm_db, admin_env, agents
-        )
+        yield OpsStack(urls[0], server.url, ErpLoad(erp_db, seed=3), crm_db, admin_env, agents, urls)
     finally:
         for agent in agents:
             if agent.alive:
                 agent.terminate()
-        if cp.poll() is None:
-            os.kill(cp.pid, signal.SIGTERM)
-            try:
-                cp.wait(10)
-            except subprocess.TimeoutExpired:
-                cp.kill()
-                cp.wait()
-        cp_log.close()
+        for proc, log in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()

@@ -1,12 +1,15 @@
-"""Per-flow KPIs end to end: two agents move changes through a secured nats-server while the
-control plane records them. /status has rates, p50/p99, freshness, SLO ratio, failures by class
-and dead letters (oldest age, top reasons); /api/series has points; both /metrics expositions
-pass `promtool check metrics`; `meshctl top --once` prints one plain frame of the same KPIs."""
+"""Per-flow KPIs end to end: two agents move changes through a secured nats-server while two
+control-plane replicas record them (the follower too). /status has rates, p50/p99, freshness,
+SLO ratio, failures by class and dead letters (oldest age, top reasons); /api/series has points
+on every replica; every /metrics exposition passes `promtool check metrics`; `meshctl top
+--once` prints one plain frame of the same KPIs, and live `meshctl top` prints frame after frame
+until Ctrl-C (exit 0)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -47,7 +50,7 @@ async def _publish_garbage(stack: OpsStack, server: SecuredNatsServer) -> None:
 
 
 def test_kpis_in_status_series_metrics_and_top(nats_server: SecuredNatsServer, tmp_path: Path) -> None:
-    with ops_stack(nats_server, tmp_path) as stack:
+    with ops_stack(nats_server, tmp_path, replicas=2) as stack:
         stack.erp.insert(300)
         wait_until(lambda: len(rows(stack.crm_db)) == 300, 30, "300 rows at the CRM")
         anyio.run(_publish_garbage, stack, nats_server)
@@ -77,10 +80,11 @@ def test_kpis_in_status_series_metrics_and_top(nats_server: SecuredNatsServer, t
         assert systems["erp"]["sites"] == ["on-prem"]
         assert systems["crm"]["sites"] == ["cloud"]
 
-        series = stack.get("/api/series?flow=customers&minutes=5")
-        assert len(series["t"]) >= 2
-        assert sum(v or 0 for v in series["applied_per_second"]) > 0
-        assert any(v is not None for v in series["latency_p99_seconds"])
+        for replica in stack.replicas:  # the follower records the series too
+            series = stack.get("/api/series?flow=customers&minutes=5", replica)
+            assert len(series["t"]) >= 2, replica
+            assert sum(v or 0 for v in series["applied_per_second"]) > 0, replica
+            assert any(v is not None for v in series["latency_p99_seconds"]), replica
 
         cp_metrics = stack.text("/metrics")
         for name in ("mesh_cp_flow_applied_total{flow=\"customers\"}", "mesh_cp_flow_slo_ratio",
@@ -108,3 +112,21 @@ def test_kpis_in_status_series_metrics_and_top(nats_server: SecuredNatsServer, t
         assert any(line.startswith("cloud") and "crm-agent" in line for line in lines), top.stdout
         assert any(line.startswith("customers") for line in lines), top.stdout
         assert "customers: 3 x DecodeError" in top.stdout
+
+        # live: frames one after the other (plain text off a terminal) until Ctrl-C, exit 0
+        live = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "top", "-n", "0.3", "--control-plane", stack.nats],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **stack.admin_env},
+        )  # fmt: skip
+        assert live.stdout is not None
+        frames = 0
+        while frames < 2:
+            line = live.stdout.readline()
+            assert line, live.stderr.read() if live.stderr else "top ended"
+            frames += line.startswith("meshctl top · replica")
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=15)
+        assert live.returncode == 0, err
+        assert "\x1b" not in out
+        assert "Traceback" not in err
