@@ -10,8 +10,11 @@ restarted: its new value is the growth) and :meth:`SeriesStore.tick` closes one 
 Guarantees:
 
 * **Bounded memory**: per flow a ring buffer of ``capacity`` points (default one hour at 5 s
-  resolution: 720), at most ``max_flows`` flows (the least recently reported is dropped), and
-  latency buckets kept for the last ``window`` seconds only.
+  resolution: 720) stored as doubles in one preallocated array (~75 KB), at most ``max_flows``
+  flows (the least recently reported is dropped), and latency buckets kept for the last
+  ``window`` seconds only.
+* Rates, quantiles and SLO sums are summarised once per tick, so ``/status`` over many flows
+  costs no more than without the series.
 * Points are at least ``resolution`` seconds apart; rates are per second over the point's span.
 * Quantiles come from the summed bucket counts by linear interpolation inside the bucket, as
   Prometheus' ``histogram_quantile`` does (so they agree with Grafana on the agents' metrics).
@@ -21,9 +24,10 @@ from __future__ import annotations
 
 import math
 import time
+from array import array
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import astuple, dataclass, field
 
 from mesh.controlplane.models import AgentView, FlowKpis
 from mesh.metrics import LATENCY_BUCKETS
@@ -74,6 +78,57 @@ class Point:
     slo_on_time: int = 0
 
 
+_NAN = float("nan")
+_NF = 13  # fields of a Point
+
+
+class _Ring:
+    """A fixed-capacity ring of :class:`Point` s stored as doubles (``capacity`` x 13 x 8 bytes,
+    allocated once): about 75 KB per flow for an hour at 5 s, instead of ~0.3 MB as objects."""
+
+    __slots__ = ("capacity", "data", "size", "start")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.data = array("d", bytes(8 * capacity * _NF))
+        self.start = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, p: Point) -> None:
+        if self.size < self.capacity:
+            i = (self.start + self.size) % self.capacity
+            self.size += 1
+        else:
+            i = self.start
+            self.start = (self.start + 1) % self.capacity
+        values = [(_NAN if v is None else float(v)) for v in astuple(p)]
+        self.data[i * _NF : (i + 1) * _NF] = array("d", values)
+
+    def __iter__(self) -> Iterator[Point]:
+        d = self.data
+        for n in range(self.size):
+            i = ((self.start + n) % self.capacity) * _NF
+            v = d[i : i + _NF]
+            yield Point(
+                t=v[0], span=v[1], applied=v[2], captured=v[3], published=v[4], failures=v[5],
+                retries=v[6], dead_lettered=v[7], p50=None if math.isnan(v[8]) else v[8],
+                p99=None if math.isnan(v[9]) else v[9], backlog=int(v[10]), slo_total=int(v[11]),
+                slo_on_time=int(v[12]),
+            )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    rates: dict[str, float]
+    p50: float | None
+    p99: float | None
+    slo_total: int
+    slo_on_time: int
+
+
 @dataclass(slots=True)
 class FlowTotals:
     """What one flow accumulated between two ticks (sums of per-agent deltas)."""
@@ -122,13 +177,13 @@ class SeriesStore:
         self.capacity = capacity
         self.max_flows = max_flows
         self.window = window
-        self.series: dict[str, deque[Point]] = {}
+        self.series: dict[str, _Ring] = {}
         self._pending: dict[str, FlowTotals] = {}
         self._last: dict[tuple[str, str], tuple[float, FlowKpis]] = {}
         """(agent_id, flow) -> (received_at, kpis) of the last heartbeat taken."""
-        self._recent: dict[str, deque[tuple[float, FlowTotals]]] = {}
+        self._recent: dict[str, deque[tuple[float, float, FlowTotals]]] = {}
         """Per flow: the closed totals of the last ``window`` seconds (for quantiles, SLO)."""
-        self._hour: dict[str, deque[tuple[float, int, int]]] = {}
+        self._summary: dict[str, _Summary] = {}
         self._backlog: dict[str, int] = {}
         self._last_tick: float | None = None
         self._seen_at: dict[str, float] = {}
@@ -205,14 +260,13 @@ class SeriesStore:
             tot = self._pending.pop(name, None) or FlowTotals()
             per_bucket = tot.buckets
             recent = self._recent.setdefault(name, deque())
-            recent.append((now, tot))
+            recent.append((now, span, tot))
             while recent and now - recent[0][0] > self.window:
                 recent.popleft()
-            hour = self._hour.setdefault(name, deque())
-            hour.append((now, tot.slo_total, tot.slo_on_time))
-            while hour and now - hour[0][0] > 3600:
-                hour.popleft()
-            self.series.setdefault(name, deque(maxlen=self.capacity)).append(
+            ring = self.series.get(name)
+            if ring is None:
+                ring = self.series[name] = _Ring(self.capacity)
+            ring.append(
                 Point(
                     t=now, span=span,
                     applied=tot.applied / span, captured=tot.captured / span,
@@ -223,13 +277,33 @@ class SeriesStore:
                     slo_total=tot.slo_total, slo_on_time=tot.slo_on_time,
                 )
             )  # fmt: skip
+            self._summarise(name, recent, ring)
         return True
+
+    def _summarise(self, name: str, recent: deque[tuple[float, float, FlowTotals]], ring: _Ring) -> None:
+        """Rates and quantiles over the window, SLO sums over the ring: computed once a tick, so
+        a status request (or a sweep) over many flows reads them in O(1)."""
+        span = sum(sp for _, sp, _ in recent) or 1.0
+        counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        sums = FlowTotals()
+        for _, _, tot in recent:
+            for i, n in enumerate(tot.buckets):
+                counts[i] += n
+            for field_name in ("applied", "captured", "published", "failures", "retries", "dead_lettered"):
+                setattr(sums, field_name, getattr(sums, field_name) + getattr(tot, field_name))
+        d = ring.data  # unused slots are zeros: the sums need no bounds
+        self._summary[name] = _Summary(
+            rates={k: getattr(sums, k) / span for k in ("applied", "captured", "published", "failures",
+                                                         "retries", "dead_lettered")},
+            p50=quantile(0.5, counts), p99=quantile(0.99, counts),
+            slo_total=int(sum(d[11::_NF])), slo_on_time=int(sum(d[12::_NF])),
+        )  # fmt: skip
 
     def _drop(self, name: str) -> None:
         self._seen_at.pop(name, None)
         self.series.pop(name, None)
         self._recent.pop(name, None)
-        self._hour.pop(name, None)
+        self._summary.pop(name, None)
         self._pending.pop(name, None)
 
     def flows(self) -> list[str]:
@@ -242,26 +316,22 @@ class SeriesStore:
         return [p for p in self.series.get(flow, ()) if p.t >= since]
 
     def latency(self, flow: str) -> tuple[float | None, float | None]:
-        """p50 and p99 (seconds) of the changes applied over the last ``window`` seconds."""
-        counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        for _, tot in self._recent.get(flow, ()):
-            for i, n in enumerate(tot.buckets):
-                counts[i] += n
-        return quantile(0.5, counts), quantile(0.99, counts)
+        """p50 and p99 (seconds) of the changes applied over the last ``window`` seconds (as of
+        the last tick)."""
+        summary = self._summary.get(flow)
+        return (summary.p50, summary.p99) if summary is not None else (None, None)
 
     def rate(self, flow: str, what: str = "applied") -> float:
-        """Per-second rate of a counter (``applied``, ``failures``, ...) over the last window."""
-        recent = self._recent.get(flow, ())
-        if not recent:
-            return 0.0
-        pts = self.series.get(flow, ())
-        span = sum(p.span for p in list(pts)[-len(recent) :]) or 1.0
-        return sum(getattr(t, what) for _, t in recent) / span
+        """Per-second rate of a counter (``applied``, ``captured``, ``published``, ``failures``,
+        ``retries``, ``dead_lettered``) over the last ``window`` seconds (as of the last tick)."""
+        summary = self._summary.get(flow)
+        return summary.rates[what] if summary is not None else 0.0
 
     def slo(self, flow: str) -> tuple[int, int]:
-        """(changes applied, of them on time) over the last hour."""
-        hour = self._hour.get(flow, ())
-        return sum(t for _, t, _ in hour), sum(o for _, _, o in hour)
+        """(changes applied, of them on time) over the series (one hour at the control plane's
+        capacity)."""
+        summary = self._summary.get(flow)
+        return (summary.slo_total, summary.slo_on_time) if summary is not None else (0, 0)
 
     def as_json(self, flow: str, minutes: float = 60.0, now: float | None = None) -> dict[str, object]:
         """The ``/api/series`` document of one flow: parallel arrays, uPlot's data layout."""
