@@ -72,7 +72,10 @@ def test_dashboard_draws_charts_from_the_running_mesh(nats_server: SecuredNatsSe
                     page = browser.new_page(viewport={"width": 1700, "height": 1300})
                     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
                     page.on("pageerror", lambda e: errors.append(str(e)))
-                    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)  # noqa: E501
+                    page.on(
+                        "response",
+                        lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+                    )  # noqa: E501
                     page.goto(stack.http + "/")
                     page.evaluate("() => { window.__sameDocument = true; }")
                     page.wait_for_function(

@@ -278,3 +278,15 @@ def test_dashboard_groups_agents_by_site_and_escapes() -> None:
     assert page.index("site cloud") < page.index("site on-prem")
     assert "&lt;b&gt;crm&lt;/b&gt;" in page
     assert "<b>crm</b>" not in page
+
+
+@pytest.mark.anyio
+async def test_series_and_static_files_need_the_bearer_token() -> None:
+    app = create_app(Source(), token="tok-9", series=SeriesStore())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp") as c:
+        for path in ("/api/series", "/static/dashboard.js", "/static/uPlot.iife.min.js"):
+            r = await c.get(path)
+            assert r.status_code == 401, path
+            assert r.headers["content-security-policy"] == CSP
+        r = await c.get("/api/series", headers={"Authorization": "Bearer tok-9"})
+        assert r.json() == {"flows": []}
