@@ -75,7 +75,7 @@ def test_dashboard_draws_charts_from_the_running_mesh(nats_server: SecuredNatsSe
                     page.on(
                         "response",
                         lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None,
-                    )  # noqa: E501
+                    )
                     page.goto(stack.http + "/")
                     page.evaluate("() => { window.__sameDocument = true; }")
                     page.wait_for_function(
