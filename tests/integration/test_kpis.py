@@ -93,13 +93,21 @@ def test_kpis_in_status_series_metrics_and_top(nats_server: SecuredNatsServer, t
                      "mesh_cp_flow_freshness_seconds"):  # fmt: skip
             assert name in cp_metrics, name
         _promtool(cp_metrics, tmp_path)
+        expositions = {}
         for agent in stack.agents:
             url = agent.readyz_url
             assert url is not None
             with urllib.request.urlopen(url.replace("/readyz", "/metrics"), timeout=5) as r:
-                exposition = r.read().decode()
-            assert "mesh_end_to_end_latency_seconds_bucket" in exposition
+                expositions[agent.config.stem] = exposition = r.read().decode()
             _promtool(exposition, tmp_path)
+        erp, crm = expositions["erp-agent"], expositions["crm-agent"]
+        assert 'mesh_flow_outbox_depth_messages{flow="customers"}' in erp
+        assert 'mesh_flow_outbox_oldest_age_seconds{flow="customers"}' in erp
+        assert 'mesh_failures_total{error_class="integrity",flow="customers"} 3.0' in crm
+        assert 'mesh_slo_changes_total{flow="customers"} 500.0' in crm
+        assert 'mesh_slo_target_seconds{flow="customers"} 5.0' in crm
+        assert 'mesh_end_to_end_latency_seconds_bucket{flow="customers",le="0.005"}' in crm
+        assert 'mesh_flow_freshness_seconds{flow="customers"}' in crm
 
         top = subprocess.run(
             [sys.executable, "-m", "mesh", "top", "--once", "--control-plane", stack.nats],
