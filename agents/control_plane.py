@@ -750,6 +750,8 @@ class ControlPlane:
                 top_reasons=[DlqReason(error_class=c or "unknown", reason=r, count=n) for c, (r, n) in top],
             )
             self._dlq_read_depth[flow] = depth
+        for flow in set(self._dlq_read_depth) - set(out):  # emptied (purged, replayed): read anew
+            del self._dlq_read_depth[flow]
         return out
 
 
