@@ -138,3 +138,14 @@ def test_kpis_in_status_series_metrics_and_top(nats_server: SecuredNatsServer, t
         assert live.returncode == 0, err
         assert "\x1b" not in out
         assert "Traceback" not in err
+
+        # an agent's own creds may not read the status (no publish right on <prefix>.status)
+        refused = subprocess.run(
+            [sys.executable, "-m", "mesh", "top", "--once", "--control-plane", stack.nats, "--timeout", "2"],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "MESH_CREDS": str(tmp_path / "erp-agent.creds")},
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stdout
+        assert "permission denied" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "Traceback" not in refused.stderr
