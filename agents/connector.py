@@ -33,7 +33,7 @@ from mesh.api.server import ApiServer
 from mesh.config import AdapterConfig, AgentConfig, FlowConfig, NatsConfig
 from mesh.controlplane.models import FlowReport, HeartbeatPayload
 from mesh.errors import ConfigError, TransportError
-from mesh.heartbeat import Heartbeat, metric_total
+from mesh.heartbeat import Heartbeat, flow_kpis, metric_total
 from mesh.metrics import Metrics
 from mesh.plugins import adapter_registry
 from mesh.readiness import Readiness
@@ -315,6 +315,7 @@ class ConnectorAgent:
             h.cfg, agent=a.name, system=a.system, tracer=self.tracer, links=self.links,
             is_parent=lambda: self._is_parent(h.name),
         )  # fmt: skip
+        self.metrics.track_flow(h.cfg.name, h.cfg.slo_seconds)
         actors: list[tuple[str, Actor]] = []
         if h.cfg.source is not None:
             capture = Capture(
@@ -382,6 +383,7 @@ class ConnectorAgent:
         reg = self.metrics.registry
         flows = []
         handles = list(self.flows.flows.values()) if self.flows else []
+        kpis = flow_kpis(self.metrics)
         for h in handles:
             f = h.cfg
             pending = None
@@ -404,6 +406,7 @@ class ConnectorAgent:
                     dead_lettered=int(dead),
                     generation=h.generation,
                     detail=detail,
+                    kpis=kpis.get(f.name),
                 )
             )
         a = self.cfg.agent
@@ -439,7 +442,14 @@ class ConnectorAgent:
                 if pruned:
                     log.info("inbox: forgot %d ids older than the retention", pruned)
                 next_prune = anyio.current_time() + 3600
-            depth, age = await self.outbox.stats()
+            by_flow = await self.outbox.stats_by_flow()
+            depth = sum(n for n, _ in by_flow.values())
+            age = max((a for _, a in by_flow.values()), default=0.0)
+            for h in list(self.flows.flows.values()) if self.flows else []:
+                if h.cfg.source is not None:
+                    f_depth, f_age = by_flow.get(h.cfg.name, (0, 0.0))
+                    self.metrics.flow_outbox_depth.labels(h.cfg.name).set(f_depth)
+                    self.metrics.flow_outbox_age.labels(h.cfg.name).set(f_age)
             self.metrics.outbox_depth.set(depth)
             self.metrics.outbox_age.set(age)
             self.metrics.outbox_bytes.set(self.outbox.nbytes)

@@ -68,6 +68,7 @@ from mesh.controlplane.models import (
     DeleteFlow,
     Deregister,
     DesiredState,
+    DlqReason,
     FlowCommand,
     FlowOutcome,
     Flows,
@@ -90,8 +91,9 @@ from mesh.controlplane.models import (
     mesh_version,
 )
 from mesh.controlplane.registry import Registry
+from mesh.controlplane.series import SeriesStore
 from mesh.controlplane.settings import ControlPlaneSettings
-from mesh.controlplane.status import StatusBuilder, config_file_flows, flow_views
+from mesh.controlplane.status import DlqInfo, StatusBuilder, config_file_flows, flow_views
 from mesh.controlplane.txn import TxnTracker
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
@@ -145,6 +147,13 @@ class ControlPlane:
         self.enrollment: Enrollment | None = None
         self.tracker = HealthTracker()
         self.dlq_depths: dict[str, int] = {}
+        self.dlq_info: dict[str, DlqInfo] = {}
+        """Per flow with dead letters: the oldest one's time and the top reasons."""
+        res = settings.series_resolution
+        self.series = SeriesStore(resolution=res, capacity=int(3600 / res) + 1)
+        """The dashboard's time series, recorded from the heartbeats this replica mirrors."""
+        self._agent_series: set[tuple[str, str]] = set()
+        self._dlq_read_depth: dict[str, int] = {}
         self._audit: AuditLog | None = None
         self._flow_series: set[str] = set()
         self.supervisor: Supervisor | None = None
@@ -193,7 +202,9 @@ class ControlPlane:
             )
         specs = self.flow_store.specs() if self.flow_store is not None else None
         txns = self.txns.view() if self.txns.caught_up.is_set() else None
-        return self.builder.report(info, self.dlq_depths, specs=specs, transactions=txns)
+        return self.builder.report(
+            info, self.dlq_depths, specs=specs, transactions=txns, series=self.series, dlq=self.dlq_info
+        )
 
     async def readiness(self) -> str | None:
         if not self.conditions.ready:
@@ -229,7 +240,7 @@ class ControlPlane:
                 sup.cancel()
             if s.http_port is not None:
                 self.http = HttpServer(
-                    create_app(self, token=token),
+                    create_app(self, token=token, series=self.series),
                     s.http_host,
                     s.http_port,
                     tls_cert_file=s.http_tls_cert_file,
@@ -641,6 +652,8 @@ class ControlPlane:
                 next_dlq = anyio.current_time() + max(2.0, self.settings.sweep_interval)
                 with anyio.move_on_after(2):
                     self.dlq_depths = await self._dlq_depths()
+                with anyio.move_on_after(2):
+                    self.dlq_info = await self._dlq_details(self.dlq_depths)
             self._observe()
             await anyio.sleep(self.settings.sweep_interval)
 
@@ -660,20 +673,54 @@ class ControlPlane:
             m.agents.labels(h).set(sum(1 for v in views if v.health == h))
         m.revoked.set(sum(1 for v in views if v.state == "revoked"))
         specs = self.flow_store.specs() if self.flow_store is not None else None
-        flows = flow_views(views, self.dlq_depths, specs)
-        gauges = (m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq)
+        grown = self.series.observe(views)
+        self.series.tick()
+        for name, g in grown.items():
+            m.flow_applied.labels(name).inc(g.applied)
+            m.flow_failures.labels(name).inc(g.failures)
+            m.flow_retries.labels(name).inc(g.retries)
+        now = time.time()
+        agent_series = set()
+        for v in views:
+            if v.last_heartbeat is not None:
+                agent_series.add((v.name, v.site))
+                m.agent_heartbeat_age.labels(v.name, v.site).set(max(0.0, now - v.last_heartbeat))
+        for was in self._agent_series - agent_series:
+            with contextlib.suppress(KeyError):
+                m.agent_heartbeat_age.remove(*was)
+        self._agent_series = agent_series
+        flows = flow_views(views, self.dlq_depths, specs, series=self.series, dlq=self.dlq_info, now=now)
+        gauges = (
+            m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq, m.flow_dlq_age, m.flow_freshness,
+            m.flow_slo_ratio, m.flow_applied, m.flow_failures, m.flow_retries,
+        )  # fmt: skip
         # Keep the label children and set values; drop only flows that are gone (clearing and
         # re-creating every series each sweep cost ~60% of a sweep at 1,000 agents).
         for gone in self._flow_series - {f.name for f in flows}:
             for gauge in gauges:
                 with contextlib.suppress(KeyError):
                     gauge.remove(gone)
+            for q in ("0.5", "0.99"):
+                with contextlib.suppress(KeyError):
+                    m.flow_latency.remove(gone, q)
         self._flow_series = {f.name for f in flows}
         for f in flows:
             m.flow_backlog.labels(f.name).set(f.backlog)
             m.flow_pending.labels(f.name).set(f.consumer_pending)
             m.flow_lag.labels(f.name).set(f.lag_seconds)
             m.flow_dlq.labels(f.name).set(f.dlq_depth)
+            m.flow_dlq_age.labels(f.name).set(f.dlq_oldest_age_seconds)
+            m.flow_freshness.labels(f.name).set(f.freshness_seconds or 0.0)
+            m.flow_slo_ratio.labels(f.name).set(1.0 if f.slo_ratio is None else f.slo_ratio)
+            m.flow_applied.labels(f.name)
+            m.flow_failures.labels(f.name)
+            m.flow_retries.labels(f.name)
+            for q, value in (("0.5", f.latency_p50_seconds), ("0.99", f.latency_p99_seconds)):
+                if value is None:
+                    with contextlib.suppress(KeyError):
+                        m.flow_latency.remove(f.name, q)
+                else:
+                    m.flow_latency.set(f.name, q, value)
 
     async def _dlq_depths(self) -> dict[str, int]:
         """Messages per flow in MESH_DLQ (``dlq.<flow>``); the last known on failure."""
@@ -685,6 +732,55 @@ class ControlPlane:
             log.debug("dead-letter depths: %s", exc)
             return self.dlq_depths
         return {subject.removeprefix("dlq."): n for subject, n in info.subjects.items()}
+
+    async def _dlq_details(self, depths: dict[str, int]) -> dict[str, DlqInfo]:
+        """For each flow with dead letters: when the oldest was stored, and the most frequent
+        (error class, reason) among its last 200. Re-read only for flows whose depth changed;
+        the last known on failure."""
+        out: dict[str, DlqInfo] = {}
+        for flow, depth in depths.items():
+            if depth <= 0:
+                continue
+            known = self.dlq_info.get(flow)
+            if known is not None and self._dlq_read_depth.get(flow) == depth:
+                out[flow] = known
+                continue
+            subject = f"dlq.{flow}"
+            try:
+                first = await self.js.get_message(DLQ_STREAM, subject=subject, seq=1)
+                last = await self.js.get_message(DLQ_STREAM, subject=subject, last=True)
+                if first is None or last is None:
+                    continue
+                counts: dict[tuple[str, str], int] = {}
+                async with await self.js.read_stream(
+                    DLQ_STREAM, subject=subject, start_seq=max(first.seq, last.seq - 200)
+                ) as reader:
+                    for _ in range(200):
+                        msg = await reader.next(0.5)
+                        if msg is None:
+                            break
+                        key = (msg.headers.get("Mesh-Error-Class", ""), msg.headers.get("Mesh-Reason", ""))
+                        counts[key] = counts.get(key, 0) + 1
+                        if msg.seq >= last.seq:
+                            break
+            except (NotFound, TransportError) as exc:
+                log.debug("dead letters of %s: %s", flow, exc)
+                if known is not None:
+                    out[flow] = known
+                continue
+            by_class: dict[str, tuple[str, int]] = {}
+            for (cls, reason), n in counts.items():
+                sample, total = by_class.get(cls, (reason, 0))
+                by_class[cls] = (sample, total + n)
+            top = sorted(by_class.items(), key=lambda kv: -kv[1][1])[:5]
+            out[flow] = DlqInfo(
+                oldest_at=first.time.timestamp(),
+                top_reasons=[DlqReason(error_class=c or "unknown", reason=r, count=n) for c, (r, n) in top],
+            )
+            self._dlq_read_depth[flow] = depth
+        for flow in set(self._dlq_read_depth) - set(out):  # emptied (purged, replayed): read anew
+            del self._dlq_read_depth[flow]
+        return out
 
 
 _SECURITY_OFF = (

@@ -289,7 +289,9 @@ class Capture:
                 if dead and not batch.run:
                     rejected.inc(len(dead))
                 elif dead:
-                    rejected.inc(sum(1 for h in dead.values() if RUN_HEADER not in h))
+                    mapped_out = sum(1 for h in dead.values() if RUN_HEADER not in h)
+                    rejected.inc(mapped_out)
+                    self.metrics.failures.labels(flow, "mapping").inc(mapped_out)
                 crash_point("capture.after_commit")
                 captured.inc(len(items))
                 cursor = batch.cursor
@@ -432,6 +434,9 @@ class Relay:
             missed = len(rows) - len(done)
             if missed:
                 metrics.publish_failures.inc(missed)
+                for r, ok in zip(rows, acked, strict=True):
+                    if not ok:
+                        metrics.failures.labels(r.flow, "transient").inc()
                 delay = backoff.delay(failures)
                 failures += 1
                 log.warning("%d of %d publishes unacknowledged; retrying in %.1fs", missed, len(rows), delay)
@@ -618,6 +623,7 @@ class Apply:
             except InvalidEnvelope as exc:
                 # Never retried, whatever the retry policy says: the same bytes fail again. The
                 # inbox, the sink and its version guard never see it (I6).
+                self.metrics.failed(flow, exc)
                 await self.dead_letter(transport, d, env, exc)
                 await batch.term(d)
                 continue
@@ -680,7 +686,7 @@ class Apply:
         if spans is not None:
             telemetry.applied(spans, outcomes, [t[1].id for t in todo])
         now = now_ms()
-        latency = self.metrics.latency.labels(flow)
+        slo = plan.cfg.slo_seconds
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 await self.fail(transport, batch, d, env, outcome)
@@ -691,7 +697,7 @@ class Apply:
             if hold is not None:
                 settled.append(env)
             if outcome is Applied.APPLIED:
-                latency.observe(max(0, now - env.occurred_at) / 1000)
+                self.metrics.applied(flow, env.occurred_at / 1000, max(0, now - env.occurred_at) / 1000, slo)
             self._trace_applied(env, outcome.value, now)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
@@ -816,6 +822,7 @@ class Apply:
     ) -> None:
         """Retry later (delayed nak) or dead-letter, by the flow's retry policy (I6). The
         attempt count is the server's (``num_delivered``)."""
+        self.metrics.failed(self.plan.name, exc)
         policy = self.plan.retry
         max_deliver = self.plan.consumer.max_deliver
         if isinstance(exc, IntegrityPending) and policy.action(exc) == "retry":

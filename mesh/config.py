@@ -346,6 +346,9 @@ class FlowConfig(ConfigStruct, frozen=True):
     after: AfterConfig | None = None
     """Apply side: the parent flow whose records this flow's records reference (parent before
     child, deletes child before parent); held records wait up to ``retry.integrity_retry``."""
+    slo_seconds: PositiveFloat = 5.0
+    """Apply side: the SLO target; a change counts as on time when applied within this many
+    seconds of its capture (``mesh_slo_changes_on_time_total``, ``/status`` ``slo_ratio``)."""
 
 
 class TelemetryConfig(ConfigStruct, frozen=True):

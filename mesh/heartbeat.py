@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -40,12 +41,13 @@ from prometheus_client import CollectorRegistry
 
 from mesh.controlplane.client import DEFAULT_PREFIX, ControlPlaneClient
 from mesh.controlplane.identity import load_credentials
+from mesh.controlplane.models import FlowKpis, HeartbeatAck, HeartbeatPayload, Refused, mesh_version
 from mesh.controlplane.models import Heartbeat as HeartbeatRequest
-from mesh.controlplane.models import HeartbeatAck, HeartbeatPayload, Refused, mesh_version
 from mesh.errors import ConfigError, MeshError, StopError
+from mesh.metrics import LATENCY_BUCKETS, Metrics
 from mesh.transport import Transport
 
-__all__ = ["Collect", "Heartbeat", "metric_total"]
+__all__ = ["Collect", "Heartbeat", "flow_kpis", "metric_total"]
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +207,55 @@ def metric_total(registry: CollectorRegistry, name: str, **labels: str) -> float
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+_OUTCOME_FIELDS = {"applied": "applied", "duplicate": "duplicates", "not_owner": "not_owner"}
+_COUNTERS = {
+    "mesh_captured_messages_total": "captured",
+    "mesh_published_messages_total": "published",
+    "mesh_retried_messages_total": "retries",
+    "mesh_dead_lettered_messages_total": "dead_lettered",
+}
+
+
+def flow_kpis(metrics: Metrics, now: float | None = None) -> dict[str, FlowKpis]:
+    """Every flow's cumulative KPI counters from an agent's metrics, in one pass over its
+    registry (for the heartbeat's :attr:`FlowReport.kpis`). Latency buckets follow
+    :data:`~mesh.metrics.LATENCY_BUCKETS` then +Inf."""
+    acc: dict[str, dict[str, Any]] = {}
+
+    def of(flow: str) -> dict[str, Any]:
+        return acc.setdefault(flow, {"failures": {}, "buckets": {}})
+
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            flow = sample.labels.get("flow")
+            if flow is None:
+                continue
+            name = sample.name
+            if name in _COUNTERS:
+                d = of(flow)
+                d[_COUNTERS[name]] = d.get(_COUNTERS[name], 0) + int(sample.value)
+            elif name == "mesh_consumed_messages_total":
+                field = _OUTCOME_FIELDS.get(sample.labels.get("outcome", ""))
+                if field is not None:
+                    of(flow)[field] = int(sample.value)
+            elif name == "mesh_failures_total":
+                of(flow)["failures"][sample.labels["error_class"]] = int(sample.value)
+            elif name == "mesh_end_to_end_latency_seconds_bucket":
+                of(flow)["buckets"][float(sample.labels["le"])] = int(sample.value)
+            elif name == "mesh_end_to_end_latency_seconds_sum":
+                of(flow)["latency_sum"] = float(sample.value)
+            elif name == "mesh_slo_target_seconds":
+                of(flow)["slo_seconds"] = float(sample.value)
+            elif name == "mesh_slo_changes_total":
+                of(flow)["slo_total"] = int(sample.value)
+            elif name == "mesh_slo_changes_on_time_total":
+                of(flow)["slo_on_time"] = int(sample.value)
+    out = {}
+    for flow, d in acc.items():
+        buckets: dict[float, int] = d.pop("buckets")
+        counts = [buckets.get(float(b), 0) for b in LATENCY_BUCKETS] + [buckets.get(float("inf"), 0)]
+        fresh = metrics.freshness_of(flow, now) if flow in metrics.newest_applied else None
+        out[flow] = FlowKpis(**d, latency_buckets=counts if counts[-1] else [], freshness_seconds=fresh)
+    return out

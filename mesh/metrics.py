@@ -6,11 +6,48 @@ durations are seconds), so ``promtool check metrics`` accepts the exposition.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics"]
+from mesh.errors import (
+    DecodeError,
+    InvalidEnvelope,
+    MappingError,
+    PermanentError,
+    RejectedRecord,
+    RetryableError,
+)
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+__all__ = ["DEFAULT_SLO_SECONDS", "LATENCY_BUCKETS", "Metrics", "error_class_of"]
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+    0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
+"""Upper bounds (seconds) of the end-to-end latency histogram, fine enough to read a 5 ms p99.
+Fixed: heartbeats carry the cumulative count per bound (plus +Inf) in this order."""
+
+DEFAULT_SLO_SECONDS = 5.0
+"""A flow's default SLO target: a change counts as on time when applied within it."""
+
+
+def error_class_of(exc: BaseException) -> str:
+    """The ``error_class`` label of a failure: ``transient`` (retryable: the system or NATS was
+    unavailable), ``integrity`` (undecodable or inconsistent envelope), ``mapping``,
+    ``rejected`` (the target system refused the record), ``permanent`` (other permanent
+    errors) or ``other`` (an exception the adapter did not classify)."""
+    if isinstance(exc, RetryableError):
+        return "transient"
+    if isinstance(exc, DecodeError | InvalidEnvelope):
+        return "integrity"
+    if isinstance(exc, MappingError):
+        return "mapping"
+    if isinstance(exc, RejectedRecord):
+        return "rejected"
+    if isinstance(exc, PermanentError):
+        return "permanent"
+    return "other"
 
 
 class Metrics:
@@ -58,9 +95,44 @@ class Metrics:
             "mesh_end_to_end_latency_seconds",
             "From capture at the source to durable write at the sink",
             ["flow"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.failures = Counter(
+            "mesh_failures",
+            "Failed apply or publish attempts, by error class (transient, integrity, mapping, "
+            "rejected, permanent, other)",
+            ["flow", "error_class"],
+            registry=r,
+        )
+        self.freshness = Gauge(
+            "mesh_flow_freshness_seconds",
+            "Age of the newest change applied at the sink (now minus its capture time); 0 before any",
+            ["flow"],
+            registry=r,
+        )
+        self.slo_target = Gauge(
+            "mesh_slo_target_seconds", "The flow's SLO target (slo_seconds)", ["flow"], registry=r
+        )
+        self.slo_changes = Counter(
+            "mesh_slo_changes", "Changes applied at the sink (SLO denominator)", ["flow"], registry=r
+        )
+        self.slo_on_time = Counter(
+            "mesh_slo_changes_on_time",
+            "Changes applied within the flow's SLO target from capture",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_outbox_depth = Gauge(
+            "mesh_flow_outbox_depth_messages", "Envelopes of the flow waiting in the outbox",
+            ["flow"], registry=r,
+        )  # fmt: skip
+        self.flow_outbox_age = Gauge(
+            "mesh_flow_outbox_oldest_age_seconds", "Age of the flow's oldest envelope in the outbox",
+            ["flow"], registry=r,
+        )  # fmt: skip
+        self.newest_applied: dict[str, float] = {}
+        """Per flow: capture time (Unix seconds) of the newest change applied."""
         self.outbox_depth = Gauge("mesh_outbox_depth_messages", "Envelopes waiting in the outbox", registry=r)
         self.outbox_bytes = Gauge(
             "mesh_outbox_size_bytes", "Bytes of envelopes waiting in the outbox", registry=r
@@ -96,7 +168,7 @@ class Metrics:
             "mesh_api_call_duration_seconds",
             "From a System API request's arrival to its reply",
             ["operation"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.trace_records = Counter(
@@ -106,3 +178,33 @@ class Metrics:
         self.nats_connected = Gauge(
             "mesh_nats_connected", "1 while the agent's NATS connection is up", registry=r
         )
+
+    def track_flow(self, flow: str, slo_seconds: float = DEFAULT_SLO_SECONDS) -> None:
+        """Create the flow's KPI series at zero (so rates exist before the first change) and set
+        its SLO target. Idempotent."""
+        self.slo_target.labels(flow).set(slo_seconds)
+        self.slo_changes.labels(flow)
+        self.slo_on_time.labels(flow)
+        self.latency.labels(flow)
+        self.freshness.labels(flow).set_function(lambda: self.freshness_of(flow))
+
+    def freshness_of(self, flow: str, now: float | None = None) -> float:
+        """Seconds since the capture of the newest change applied for ``flow``; 0 before any."""
+        newest = self.newest_applied.get(flow)
+        if newest is None:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - newest)
+
+    def applied(self, flow: str, occurred_at: float, latency: float, slo_seconds: float) -> None:
+        """Record one change applied at the sink: latency histogram, SLO counters, freshness.
+        ``occurred_at`` is its capture time (Unix seconds), ``latency`` capture to effect."""
+        self.latency.labels(flow).observe(latency)
+        self.slo_changes.labels(flow).inc()
+        if latency <= slo_seconds:
+            self.slo_on_time.labels(flow).inc()
+        if occurred_at > self.newest_applied.get(flow, 0.0):
+            self.newest_applied[flow] = occurred_at
+
+    def failed(self, flow: str, exc: BaseException) -> None:
+        """Count one failed attempt of ``flow`` by :func:`error_class_of`."""
+        self.failures.labels(flow, error_class_of(exc)).inc()

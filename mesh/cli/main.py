@@ -61,6 +61,9 @@ from mesh.cli import (
     security as cli_security,
 )
 from mesh.cli import (
+    top as cli_top,
+)
+from mesh.cli import (
     trace as cli_trace,
 )
 from mesh.cli import (
@@ -104,6 +107,7 @@ app.add_typer(cli_orchestrator.app, name="orchestrator")
 app.add_typer(cli_saga.app, name="saga")
 app.command("reconcile")(cli_reconcile.reconcile_command)
 app.command("trace")(cli_trace.trace_command)
+app.command("top")(cli_top.top)
 # register, deregister, revoke, list, health sit beside `agent run`
 agent_app.registered_commands.extend(cli_agent_cp.app.registered_commands)
 agent_app.registered_groups.extend(cli_agent_cp.app.registered_groups)

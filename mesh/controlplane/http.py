@@ -10,7 +10,12 @@ such as vLLM use).
 
 Routes (GET and HEAD only)::
 
-    /               HTML dashboard: agents and flows, server-rendered, refreshes every 5 s
+    /               HTML dashboard: agents by site, systems, flows with KPIs, charts of the last
+                    hour per flow, dead letters with top reasons; server-rendered, then updated
+                    in place by static/dashboard.js every 5 s (no page reload)
+    /static/<file>  the page's script and style and the vendored chart library (uPlot, MIT)
+    /api/series     per-flow time series JSON (``?flow=<name>&minutes=<1..1440>``; without
+                    ``flow``: every flow), uPlot's layout: parallel arrays over ``t``
     /healthz        200 {"status": "alive"} while the process serves HTTP
     /readyz         200 {"ready": true} once the source says ready (the control plane: signal
                     handlers, NATS link, KV buckets and request handlers up, KV readable,
@@ -21,6 +26,10 @@ Routes (GET and HEAD only)::
     /trace/<id>     a business transaction's records and status (by correlation id, envelope id
                     or entity:key), JSON; 404 when none is known
     /trace          transactions, newest first (?status=failed&since=<seconds>&limit=<n>)
+
+Every response carries a Content-Security-Policy that allows scripts, styles and fetches from
+the same origin only (no inline script, no CDN: the page works offline), plus ``nosniff``,
+``no-referrer`` and ``frame-ancestors 'none'``.
 
 Guarantees: every error is a small JSON body ``{"error": ..., "status": ...}`` (404, 405, 401,
 413, 431, 500); a path with a trailing slash is 404, never a redirect (Starlette builds those from
@@ -40,6 +49,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from importlib import resources
 from typing import Any, Protocol
 
 import anyio
@@ -57,6 +67,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.controlplane._httpguard import RequestLimits, guarded_h11, is_loopback
 from mesh.controlplane.models import StatusReport, status_schema
+from mesh.controlplane.series import SeriesStore
 from mesh.errors import ConfigError
 from mesh.trace import STATUSES
 
@@ -66,6 +77,48 @@ log = logging.getLogger(__name__)
 
 _PUBLIC = frozenset({"/healthz", "/readyz"})
 _json = msgspec.json.Encoder()
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+"""The Content-Security-Policy of every response: same-origin scripts, styles and fetches only."""
+_SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+_STATIC_TYPES = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "uPlot.min.css": "text/css; charset=utf-8",
+    "uPlot.LICENSE": "text/plain; charset=utf-8",
+}
+
+
+class _SecurityHeaders:
+    """ASGI middleware: add the CSP and friends to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *_SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def _static(name: str) -> bytes:
+    return resources.files("mesh.controlplane").joinpath("static", name).read_bytes()
 
 
 class StatusSource(Protocol):
@@ -131,8 +184,11 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
-    """The ASGI application for ``source`` (optionally behind a bearer token)."""
+def create_app(
+    source: StatusSource, *, token: str | None = None, series: SeriesStore | None = None
+) -> Starlette:
+    """The ASGI application for ``source`` (optionally behind a bearer token); ``series``
+    feeds ``/api/series`` (absent: it lists no flow)."""
 
     async def dashboard(request: Request) -> Response:
         return HTMLResponse(render_dashboard(source.status()))
@@ -182,6 +238,33 @@ def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(source.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        media = _STATIC_TYPES.get(name)
+        if media is None:
+            return _error(404, "not found")
+        return Response(_static(name), media_type=media, headers={"Cache-Control": "max-age=300"})
+
+    async def api_series(request: Request) -> Response:
+        try:
+            minutes = float(request.query_params.get("minutes", "60"))
+        except ValueError:
+            minutes = -1.0
+        if not 1 <= minutes <= 1440:
+            return _error(400, "minutes must be a number from 1 to 1440")
+        flow = request.query_params.get("flow")
+        if series is None:
+            if flow:
+                return _error(404, f"no series for flow {flow!r}")
+            return _json_response({"flows": []})
+        if flow:
+            if flow not in series.series:
+                return _error(
+                    404, f"no series for flow {flow!r} (flows: {', '.join(series.flows()) or 'none'})"
+                )
+            return _json_response(series.as_json(flow, minutes))
+        return _json_response({"flows": [series.as_json(f, minutes) for f in series.flows()]})
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail).lower())
@@ -202,9 +285,13 @@ def create_app(source: StatusSource, *, token: str | None = None) -> Starlette:
             ("/metrics", metrics),
             ("/trace", trace_list),
             ("/trace/{ident:path}", trace_one),
+            ("/api/series", api_series),
+            ("/static/{name}", static),
         )
     ]
-    middleware = [Middleware(_BearerAuth, token=token)] if token else []
+    middleware = [Middleware(_SecurityHeaders)]
+    if token:
+        middleware.append(Middleware(_BearerAuth, token=token))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -220,25 +307,54 @@ def _ago(t: float | None, now: float) -> str:
     return "never" if t is None else f"{max(0.0, now - t):.1f}s ago"
 
 
+def _num(x: float | None, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
+    return "-" if x is None else f"{x * scale:.{digits}f}{unit}"
+
+
 def render_dashboard(report: StatusReport) -> str:
-    """A small self-contained HTML page (no scripts): summary, agents table, flows table."""
+    """The dashboard page: agents by site, systems, flows with their KPIs and dead letters,
+    server-rendered (readable without scripts), with chart containers that
+    ``static/dashboard.js`` fills from ``/api/series`` and refreshes, with the tables, every 5 s
+    without reloading. Everything agents report is HTML-escaped; no inline script or style."""
     e = html.escape
     now = report.generated_at
     cp = report.control_plane
-    colour = {"healthy": "#1a7f37", "degraded": "#9a6700", "stale": "#bc4c00", "lost": "#cf222e"}
-    agent_rows = "".join(
-        f"<tr><td>{e(a.name)}</td><td>{e(a.site)}</td><td>{e(a.host)}</td><td>{e(a.version)}</td>"
-        f'<td style="color:{colour[a.health]}"><b>{e(a.health)}</b></td><td>{e(a.state)}</td>'
-        f"<td>{_ago(a.last_heartbeat, now)}</td><td>{a.outbox_depth}</td><td>{a.errors}</td>"
-        f"<td>{e(a.reason)}</td></tr>"
-        for a in report.agents
+    sites: dict[str, list[str]] = {}
+    for a in report.agents:
+        sites.setdefault(a.site, []).append(
+            f"<tr><td>{e(a.name)}</td><td>{e(a.manifest.system or '-')}</td><td>{e(a.host)}</td>"
+            f"<td>{e(a.version)}</td>"
+            f'<td class="h-{e(a.health)}"><b>{e(a.health)}</b></td><td>{e(a.state)}</td>'
+            f"<td>{_ago(a.last_heartbeat, now)}</td><td>{a.outbox_depth}</td><td>{a.errors}</td>"
+            f"<td>{e(a.reason)}</td></tr>"
+        )
+    agents_html = "".join(
+        f"<h3>site {e(site)}</h3><table><tr><th>name</th><th>system</th><th>host</th><th>version</th>"
+        f"<th>health</th><th>state</th><th>last heartbeat</th><th>outbox</th><th>errors</th>"
+        f"<th>why</th></tr>{''.join(rows)}</table>"
+        for site, rows in sorted(sites.items())
+    )
+    system_rows = "".join(
+        f"<tr><td>{e(s.name)}</td><td>{e(', '.join(s.sites))}</td><td>{e(', '.join(s.agents))}</td>"
+        f'<td class="h-{e(s.health)}"><b>{e(s.health)}</b></td><td>{s.captured_per_second:.1f}</td>'
+        f"<td>{s.applied_per_second:.1f}</td><td>{s.failures_per_second:.2f}</td><td>{s.backlog}</td></tr>"
+        for s in report.systems
     )
     flow_rows = "".join(
-        f"<tr><td>{e(f.name)}</td><td>{e(f.state)}</td>"
-        f"<td>{e(f.desired or 'config file')}</td><td>{f.generation or '-'}</td>"
-        f"<td>{e(', '.join(f.agents))}</td><td>{f.backlog}</td>"
-        f"<td>{f.consumer_pending}</td><td>{f.lag_seconds:.1f}</td><td>{f.dlq_depth}</td></tr>"
+        f"<tr><td>{e(f.name)}</td><td>{e(f.state)}</td><td>{e(', '.join(f.agents))}</td>"
+        f"<td>{f.applied_per_second:.1f}</td><td>{_num(f.latency_p50_seconds, 1000, ' ms')}</td>"
+        f"<td>{_num(f.latency_p99_seconds, 1000, ' ms')}</td><td>{f.failures_per_second:.2f}</td>"
+        f"<td>{f.retries_per_second:.2f}</td><td>{f.backlog}</td><td>{f.consumer_pending}</td>"
+        f"<td>{f.dlq_depth}</td><td>{_num(f.freshness_seconds, 1, ' s')}</td>"
+        f"<td>{_num(f.slo_ratio, 100, ' %')}</td></tr>"
         for f in report.flows
+    )
+    dead = [f for f in report.flows if f.dlq_depth]
+    dlq_rows = "".join(
+        f"<tr><td>{e(f.name)}</td><td>{f.dlq_depth}</td><td>{f.dlq_oldest_age_seconds:.0f} s</td><td>"
+        + "<br>".join(f"{r.count} x {e(r.error_class)}: {e(r.reason[:160])}" for r in f.dlq_top_reasons)
+        + "</td></tr>"
+        for f in dead
     )
     counts = " · ".join(f"{e(k)} {v}" for k, v in report.counts.items())
     tx = report.transactions
@@ -256,22 +372,29 @@ def render_dashboard(report: StatusReport) -> str:
     leader = e(cp.leader or "none")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>connector mesh · control plane</title>
-<style>body{{font:14px system-ui,sans-serif;margin:1.5em}}
-table{{border-collapse:collapse;margin:.5em 0 1.5em}}
-th,td{{border:1px solid #d0d7de;padding:3px 8px;text-align:left}}th{{background:#f6f8fa}}</style></head>
+<html lang="en"><head><meta charset="utf-8">
+<title>connector mesh · control plane</title><link rel="icon" href="data:,">
+<link rel="stylesheet" href="static/uPlot.min.css"><link rel="stylesheet" href="static/dashboard.css">
+</head>
 <body><h1>Connector mesh</h1>
-<p>replica <b>{e(cp.replica)}</b> ({"leader" if cp.is_leader else "follower"}) · leader {leader} ·
-NATS {"connected" if cp.nats_connected else "<b>disconnected</b>"} · {stamp}</p>
-<p>{len(report.agents)} agent(s): {counts}</p>
-{txns}
-<h2>Agents</h2><table><tr><th>name</th><th>site</th><th>host</th><th>version</th><th>health</th>
-<th>state</th><th>last heartbeat</th><th>outbox</th><th>errors</th><th>why</th></tr>{agent_rows}</table>
-<h2>Flows</h2><table><tr><th>name</th><th>state</th><th>desired</th><th>generation</th><th>agents</th>
-<th>backlog</th><th>consumer pending</th>
-<th>lag (s)</th><th>dead letters</th></tr>{flow_rows}</table>
-<p><a href="status">status JSON</a> · <a href="status/schema">schema</a> · <a href="metrics">metrics</a></p>
+<p id="summary">replica <b>{e(cp.replica)}</b> ({"leader" if cp.is_leader else "follower"}) ·
+leader {leader} · NATS {"connected" if cp.nats_connected else "<b>disconnected</b>"} · {stamp}</p>
+<p id="counts">{len(report.agents)} agent(s): {counts}</p>
+<div id="transactions">{txns}</div>
+<h2>Agents by site</h2><div id="agents">{agents_html or "<p>no agent registered</p>"}</div>
+<h2>Systems</h2><div id="systems"><table><tr><th>system</th><th>sites</th><th>agents</th><th>health</th>
+<th>captured/s</th><th>applied/s</th><th>failures/s</th><th>backlog</th></tr>{system_rows}</table></div>
+<h2>Flows</h2><div id="flows"><table><tr><th>name</th><th>state</th><th>agents</th><th>applied/s</th>
+<th>p50</th><th>p99</th><th>failures/s</th><th>retries/s</th><th>backlog</th><th>consumer pending</th>
+<th>dead letters</th><th>freshness</th><th>SLO</th></tr>{flow_rows}</table></div>
+<h2>Charts (last hour)</h2><div id="charts"><p>charts need JavaScript</p></div>
+<h2>Dead letters</h2><div id="dlq"><table><tr><th>flow</th><th>depth</th><th>oldest</th><th>top reasons</th>
+</tr>{dlq_rows}</table></div>
+<p id="error" class="error"></p>
+<p><a href="status">status JSON</a> · <a href="api/series">series JSON</a> ·
+<a href="status/schema">schema</a> · <a href="metrics">metrics</a> ·
+charts by <a href="static/uPlot.LICENSE">uPlot</a> (MIT)</p>
+<script src="static/uPlot.iife.min.js"></script><script src="static/dashboard.js"></script>
 </body></html>
 """
 

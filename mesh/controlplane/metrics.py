@@ -7,9 +7,38 @@ Per-flow gauges are rebuilt on every sweep, so a flow nobody reports any more di
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
 
-__all__ = ["ControlPlaneMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["ControlPlaneMetrics", "FlowQuantiles"]
+
+
+class FlowQuantiles(Collector):
+    """Quantiles per flow exposed as a Prometheus *summary* of quantile samples only
+    (``name{flow=...,quantile="0.99"}``): ``promtool check metrics`` refuses a ``quantile``
+    label on a gauge. The control plane computes them from the agents' histograms."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.values: dict[tuple[str, str], float] = {}
+        registry.register(self)
+
+    def set(self, flow: str, quantile: str, value: float) -> None:
+        self.values[(flow, quantile)] = value
+
+    def remove(self, flow: str, quantile: str) -> None:
+        """Forget one series. Raises KeyError when it is not there (as a gauge's ``remove``)."""
+        del self.values[(flow, quantile)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, "summary")
+        for (flow, q), value in sorted(self.values.items()):
+            family.add_sample(self.name, {"flow": flow, "quantile": q}, value)
+        yield family
 
 
 class ControlPlaneMetrics:
@@ -82,6 +111,53 @@ class ControlPlaneMetrics:
         self.flow_dlq = Gauge(
             "mesh_cp_flow_dead_letters_messages",
             "Messages of a flow in the dead-letter stream MESH_DLQ",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_dlq_age = Gauge(
+            "mesh_cp_flow_dead_letters_oldest_age_seconds",
+            "Age of a flow's oldest message in MESH_DLQ (0 when none)",
+            ["flow"],
+            registry=r,
+        )
+        self.agent_heartbeat_age = Gauge(
+            "mesh_cp_agent_heartbeat_age_seconds",
+            "Seconds since the agent's last accepted heartbeat",
+            ["agent", "site"],
+            registry=r,
+        )
+        self.flow_applied = Counter(
+            "mesh_cp_flow_applied",
+            "Changes applied at a flow's sinks, grown in heartbeats this replica saw",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_failures = Counter(
+            "mesh_cp_flow_failures",
+            "Failed attempts of a flow, grown in heartbeats this replica saw",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_retries = Counter(
+            "mesh_cp_flow_retries",
+            "Retries of a flow, grown in heartbeats this replica saw",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_latency = FlowQuantiles(
+            "mesh_cp_flow_latency_seconds",
+            "End-to-end latency quantiles of a flow over the last minute, from heartbeat histograms",
+            registry=r,
+        )
+        self.flow_freshness = Gauge(
+            "mesh_cp_flow_freshness_seconds",
+            "Age of the newest change applied for a flow",
+            ["flow"],
+            registry=r,
+        )
+        self.flow_slo_ratio = Gauge(
+            "mesh_cp_flow_slo_ratio",
+            "Share of a flow's changes applied within its SLO target over the last hour",
             ["flow"],
             registry=r,
         )

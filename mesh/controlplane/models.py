@@ -47,9 +47,11 @@ __all__ = [
     "DeleteFlow",
     "Deregister",
     "DesiredState",
+    "DlqReason",
     "Done",
     "FlowChange",
     "FlowCommand",
+    "FlowKpis",
     "FlowOp",
     "FlowOutcome",
     "FlowPart",
@@ -78,6 +80,7 @@ __all__ = [
     "Request",
     "Revoke",
     "StatusReport",
+    "SystemView",
     "TokenCreate",
     "TokenCreated",
     "TokenRecord",
@@ -137,6 +140,33 @@ class Manifest(_Msg, frozen=True):
     """Static flows of its config file with a sink (it consumes ``<flow>-<system>``)."""
 
 
+class FlowKpis(_Msg, frozen=True):
+    """A flow's cumulative counters on one agent since it started (they restart from 0 with the
+    agent: readers take deltas per agent incarnation and treat a decrease as a restart)."""
+
+    captured: int = 0
+    published: int = 0
+    applied: int = 0
+    """Changes written at the sink (outcome ``applied``)."""
+    duplicates: int = 0
+    """Redeliveries the inbox suppressed."""
+    not_owner: int = 0
+    """Changes refused by the ownership rules."""
+    retries: int = 0
+    dead_lettered: int = 0
+    failures: dict[str, int] = msgspec.field(default_factory=dict)
+    """Failed attempts by error class (``transient``, ``integrity``, ``mapping``, ...)."""
+    latency_buckets: list[int] = msgspec.field(default_factory=list)
+    """Cumulative counts of the end-to-end latency histogram per bound of
+    :data:`mesh.metrics.LATENCY_BUCKETS`, then +Inf (empty: none observed)."""
+    latency_sum: float = 0.0
+    freshness_seconds: float | None = None
+    """Age of the newest change applied (None: nothing applied yet)."""
+    slo_seconds: float = 5.0
+    slo_total: int = 0
+    slo_on_time: int = 0
+
+
 class FlowReport(_Msg, frozen=True):
     """One flow as its agent sees it. ``None`` means "this agent does not run that side"."""
 
@@ -157,6 +187,8 @@ class FlowReport(_Msg, frozen=True):
     """The applied generation the agent runs (0: from its own config file)."""
     detail: str = ""
     """Why the flow is not running (paused by whom, the last failure)."""
+    kpis: FlowKpis | None = None
+    """Cumulative KPI counters (None from agents older than the KPIs)."""
 
 
 class HeartbeatPayload(_Msg, frozen=True):
@@ -361,11 +393,28 @@ class FlowCommand(_Req, frozen=True, tag="command"):
 
 
 Request = (
-    Register | Deregister | Revoke | Heartbeat | ListAgents | GetStatus | ApplyFlows | DeleteFlow | ListFlows
-    | FlowCommand | TokenCreate | ListTokens
+    Register
+    | Deregister
+    | Revoke
+    | Heartbeat
+    | ListAgents
+    | GetStatus
+    | ApplyFlows
+    | DeleteFlow
+    | ListFlows
+    | FlowCommand
+    | TokenCreate
+    | ListTokens
 )
 WRITE_KINDS = (
-    "register", "deregister", "revoke", "heartbeat", "flow_apply", "flow_delete", "command", "token_create"
+    "register",
+    "deregister",
+    "revoke",
+    "heartbeat",
+    "flow_apply",
+    "flow_delete",
+    "command",
+    "token_create",
 )
 """Request kinds only the leader serves."""
 READ_KINDS = ("agents", "status", "flows", "tokens")
@@ -481,6 +530,59 @@ class FlowView(_Msg, frozen=True):
     that only agents' config files define)."""
     generation: int = 0
     """The applied generation (0 for flows from agents' config files)."""
+    applied: int = 0
+    """Changes applied at the sinks, summed over the reporting agents' current incarnations."""
+    captured: int = 0
+    duplicates: int = 0
+    """Redeliveries the sinks' inboxes suppressed."""
+    not_owner: int = 0
+    """Changes refused by the ownership rules."""
+    retries: int = 0
+    failures: dict[str, int] = msgspec.field(default_factory=dict)
+    """Failed attempts by error class (``transient``, ``integrity``, ``mapping``, ...)."""
+    applied_per_second: float = 0.0
+    """Rates over the last minute (from heartbeats; 0 until two have arrived)."""
+    captured_per_second: float = 0.0
+    failures_per_second: float = 0.0
+    retries_per_second: float = 0.0
+    latency_p50_seconds: float | None = None
+    """End-to-end latency (capture to effect) of the changes applied in the last minute."""
+    latency_p99_seconds: float | None = None
+    freshness_seconds: float | None = None
+    """Age of the newest change applied at any sink (None: nothing applied yet)."""
+    dlq_oldest_age_seconds: float = 0.0
+    """Age of the flow's oldest message in ``MESH_DLQ`` (0 when none)."""
+    dlq_top_reasons: list[DlqReason] = msgspec.field(default_factory=list)
+    """The most frequent reasons among the flow's recent dead letters, most frequent first."""
+    slo_seconds: float | None = None
+    """The flow's SLO target (from its sinks' heartbeats)."""
+    slo_ratio: float | None = None
+    """Share of the changes applied within ``slo_seconds`` over the last hour (None: none)."""
+
+
+class DlqReason(_Msg, frozen=True):
+    """One reason dead letters of a flow share: its error class, a sample reason, how many."""
+
+    error_class: str
+    reason: str
+    count: int
+
+
+class SystemView(_Msg, frozen=True):
+    """One system (an agent's ``[agent] system``) across the agents fronting it."""
+
+    name: str
+    agents: list[str]
+    sites: list[str]
+    health: str
+    """The worst health of its agents."""
+    flows: list[str]
+    applied_per_second: float = 0.0
+    """Changes applied into the system per second (last minute)."""
+    captured_per_second: float = 0.0
+    failures_per_second: float = 0.0
+    backlog: int = 0
+    """Envelopes captured from the system still in outboxes."""
 
 
 class ControlPlaneInfo(_Msg, frozen=True):
@@ -508,6 +610,8 @@ class StatusReport(_Rep, frozen=True, tag="status"):
     transactions: TransactionsView | None = None
     """Business transactions by status and the latest failed ones (README "Tracing business
     transactions"); None before the trace stream has been read."""
+    systems: list[SystemView] = msgspec.field(default_factory=list)
+    """KPIs per system (empty from control planes older than the KPIs)."""
 
 
 class Agents(_Rep, frozen=True, tag="agents"):
@@ -627,8 +731,17 @@ class Flows(_Rep, frozen=True, tag="flows"):
 
 
 Reply = (
-    Registered | Done | Refused | HeartbeatAck | Agents | StatusReport | CommandResult | FlowsApplied | Flows
-    | TokenCreated | Tokens
+    Registered
+    | Done
+    | Refused
+    | HeartbeatAck
+    | Agents
+    | StatusReport
+    | CommandResult
+    | FlowsApplied
+    | Flows
+    | TokenCreated
+    | Tokens
 )
 
 

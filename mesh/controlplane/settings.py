@@ -70,6 +70,9 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     records: 20,000 is ~25 MB); older ones are still in the stream for ``meshctl trace``."""
     trace_rebuild: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
     """Seconds of MESH_TRACE read back at start to rebuild the index (0: all it retains)."""
+    series_resolution: PositiveFloat = 5.0
+    """Seconds between two points of the dashboard's in-memory time series (one hour of them
+    is kept per flow: 720 points at the default)."""
 
     def __post_init__(self) -> None:
         if (self.http_tls_cert_file is None) != (self.http_tls_key_file is None):
