@@ -255,3 +255,79 @@ async def test_fields_the_source_does_not_own_are_not_compared(tmp_path: Path) -
         report = await rec.compare()
     assert rec.sinks["crm-agent"].fields == ["account_id", "company", "credit"]
     assert report.different == [Difference("3", ["company"])]
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_cron_scheduled_reconcile_runs_at_the_scheduled_times(tmp_path: Path) -> None:
+    """``schedule = "0 3 * * *"`` in Europe/Berlin, on a clock moved by hand: nothing before 03:00
+    Berlin (02:00 UTC in winter), one run at it, the next due a day later; a non-leader never runs."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    erp, crm = tmp_path / "erp.db", tmp_path / "crm.db"
+    fill(erp, crm, 4)
+    with sqlite3.connect(crm) as c:
+        c.execute("DELETE FROM accounts WHERE account_id = '2'")
+    berlin = ZoneInfo("Europe/Berlin")
+    three = datetime(2026, 12, 4, 3, tzinfo=berlin).timestamp()
+    clock = _Clock(three - 3600)
+    metrics = ControlPlaneMetrics()
+    whats: list[str] = []
+    audited = anyio.Event()
+
+    async def audit(kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
+        whats.append(what)
+        audited.set()
+
+    settings = settings_from({"reconcile": [{
+        "flow": "customers", "schedule": "0 3 * * *", "timezone": "Europe/Berlin",
+        "agents": ["erp-agent", "crm-agent"],
+    }]})  # fmt: skip
+    leader = [True]
+    async with mesh(erp, crm) as op:
+        scheduler = ReconcileScheduler(
+            op, settings.reconcile, gauge=metrics.reconcile_exceptions, audit=audit,
+            agents=lambda: [], is_leader=lambda: leader[0], who="cp", now=clock, tick=0.01,
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            with anyio.fail_after(10):
+                while scheduler.due.get("customers") is None:
+                    await anyio.sleep(0.01)
+            assert scheduler.due["customers"] == three
+            assert whats == []
+            clock.now = three
+            with anyio.fail_after(20):
+                await audited.wait()
+                while scheduler.due["customers"] == three:
+                    await anyio.sleep(0.01)
+            assert whats == ["missing 1, extra 0, different 0"]
+            nxt = datetime(2026, 12, 5, 3, tzinfo=berlin).timestamp()
+            assert scheduler.due["customers"] == nxt == three + timedelta(days=1).total_seconds()
+            leader[0] = False  # a standby replica lets the time pass
+            clock.now = nxt
+            with anyio.fail_after(10):
+                while scheduler.due["customers"] == nxt:
+                    await anyio.sleep(0.01)
+            assert scheduler.runs == 1
+            tg.cancel_scope.cancel()
+
+
+def test_settings_check_the_cron_schedule() -> None:
+    s = settings_from({"reconcile": [{"flow": "a", "schedule": "0 3 * * *"}, {"flow": "b"}]})
+    assert [(r.schedule, r.interval) for r in s.reconcile] == [("0 3 * * *", 3600.0), (None, 3600.0)]
+    with pytest.raises(ConfigError, match=r"not a valid cron expression"):
+        settings_from({"reconcile": [{"flow": "customers", "schedule": "0 3 * *"}]})
+    with pytest.raises(ConfigError, match=r"unknown time zone"):
+        settings_from(
+            {"reconcile": [{"flow": "customers", "schedule": "0 3 * * *", "timezone": "Mars/Base"}]}
+        )
+    with pytest.raises(ConfigError, match=r"not both"):
+        settings_from({"reconcile": [{"flow": "customers", "schedule": "0 3 * * *", "every": 60}]})
