@@ -4,7 +4,8 @@ Reads the ``mesh_runs`` KV bucket (every source agent's record of its runs, with
 sink agents report for the same run; see :mod:`mesh.runs.report`), or, without NATS, one agent's
 own records: ``--state-dir`` (its ``runs.db``) or ``--config agent.toml`` (its ``runs.db`` plus
 the file runs of its CSV flows, the records ``meshctl files runs`` lists, as runs of adapter
-``csv`` with ids ``<flow>-file-<n>``). Reading never writes. Errors the operator can fix (server
+``csv`` with ids ``<flow>-import-<n>`` / ``<flow>-export-<n>``; running agents report these
+to the bucket too). Reading never writes. Errors the operator can fix (server
 down, no bucket yet, unknown run) print one line and exit 2.
 """
 
@@ -22,7 +23,8 @@ from mesh.cli.dlq import quiet_connection_logs
 from mesh.config import load_agent_config
 from mesh.errors import MeshError, TransportError
 from mesh.plugins import adapter_registry
-from mesh.runs.records import BulkRun, RunStore, SinkTally
+from mesh.runs.adapter_runs import adapter_run
+from mesh.runs.records import RunStore, SinkTally
 from mesh.runs.report import ENTRY, RUNS_BUCKET, RunEntry, RunView, merge_runs
 
 __all__ = ["app", "format_view", "read_bucket"]
@@ -97,9 +99,6 @@ async def _local(state_dir: Path) -> list[RunEntry]:
     return entries
 
 
-_CSV_STATE = {"complete": "completed", "duplicate": "completed", "running": "running", "failed": "failed"}
-
-
 def _csv_runs(config: Path) -> list[RunEntry]:
     """The CSV flows' file runs of the agent ``config`` as bulk-run entries (``meshctl files runs``)."""
     cfg = load_agent_config(config)
@@ -115,13 +114,7 @@ def _csv_runs(config: Path) -> list[RunEntry]:
                 continue
             seen.add((f.name, log.location(side)))
             for r in log.read(side):
-                run = BulkRun(
-                    id=f"{f.name}-file-{r.id}", flow=f.name, adapter=str(type(side).__struct_config__.tag),
-                    agent=cfg.agent.name, state=_CSV_STATE.get(r.status, "failed"),  # type: ignore[arg-type]
-                    started_at=r.started_at, finished_at=r.finished_at, read=r.rows_in, published=r.rows_out,
-                    failed=r.rows_failed, checksum=r.checksum or "",
-                    detail=" ".join(x for x in (r.direction, r.file, r.detail) if x),
-                )  # fmt: skip
+                run = adapter_run(f.name, str(type(side).__struct_config__.tag), cfg.agent.name, r)
                 entries.append(RunEntry(role="source", source=run))
     return entries
 
