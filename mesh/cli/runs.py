@@ -7,6 +7,12 @@ the file runs of its CSV flows, the records ``meshctl files runs`` lists, as run
 ``csv`` with ids ``<flow>-import-<n>`` / ``<flow>-export-<n>``; running agents report these
 to the bucket too). Reading never writes. Errors the operator can fix (server
 down, no bucket yet, unknown run) print one line and exit 2.
+
+``meshctl runs start FLOW --agent A`` starts a bulk run of a scheduled flow now: the command
+``run`` on the agent's command subject ``<prefix>.agent.<A>`` (what ``meshctl flow pause`` and
+``--dry-run --connect`` use too). Exit 0 with the run's id once the agent started it; 1 when the
+agent refused (no such scheduled flow, a run in progress, the flow paused or failing); 2 when the
+agent did not answer.
 """
 
 from __future__ import annotations
@@ -18,9 +24,19 @@ import anyio
 import msgspec
 import typer
 
-from mesh.cli._common import DEFAULT_URL, ControlPlaneOpt, JsonOpt, connection, fail, timestamp
+from mesh.cli._common import (
+    DEFAULT_PREFIX,
+    DEFAULT_URL,
+    ControlPlaneOpt,
+    JsonOpt,
+    PrefixOpt,
+    connection,
+    fail,
+    timestamp,
+)
 from mesh.cli.dlq import quiet_connection_logs
 from mesh.config import load_agent_config
+from mesh.controlplane.models import AgentCommand, CommandResult, encode
 from mesh.errors import MeshError, TransportError
 from mesh.plugins import adapter_registry
 from mesh.runs.adapter_runs import adapter_run
@@ -209,3 +225,37 @@ def _show(
         typer.echo(f"{name:<14} {value}")
     for s in v.sinks:
         typer.echo(f"sink {s.agent:<9} applied {s.applied} skipped {s.skipped} failed {s.failed}")
+
+
+@app.command("start")
+def _start(
+    flow: Annotated[str, typer.Argument(help="The scheduled flow (one with [flows.schedule]).")],
+    agent: Annotated[str, typer.Option("--agent", "-a", help="The agent running the flow's source.")],
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the run to start.")
+    ] = 30.0,
+    as_json: JsonOpt = False,
+    server: ControlPlaneOpt = DEFAULT_URL,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    """Start a bulk run of a scheduled flow now (the schedule goes on as before)."""
+    from agents.control import command_subject
+
+    quiet_connection_logs()
+    cmd = AgentCommand(op="run", flow=flow, timeout=timeout, actor="meshctl")
+
+    async def main() -> CommandResult:
+        async with connection(server, timeout) as js:
+            msg = await js.request(command_subject(agent, prefix), encode(cmd), timeout=timeout + 5)
+            return msgspec.json.decode(msg.data, type=CommandResult)
+
+    try:
+        result = anyio.run(main)
+    except (MeshError, msgspec.DecodeError) as exc:
+        fail(f"agent {agent} did not answer the run command: {exc} (is it up and running flow {flow}?)")
+    if as_json:
+        typer.echo(_ENC.encode(result).decode())
+    elif result.ok:
+        typer.echo(f"{flow} on {agent}: {result.message} (meshctl runs list --flow {flow})")
+    if not result.ok:
+        fail(f"{flow} on {agent}: {result.message}", 1)

@@ -151,6 +151,14 @@ class RunTrigger:
         self._requested = False
         self._wake = anyio.Event()
         self._started = anyio.Event()
+        self._manual: dict[str, int] = {}
+
+    def manual_id(self, base: str) -> str:
+        """``base``, or ``base-2``, ``-3``... when runs started now already had it (several
+        within one second): every run gets its own id, hence its own envelope ids."""
+        n = self._manual.get(base, 0) + 1
+        self._manual = {base: n}  # only the latest second can repeat
+        return base if n == 1 else f"{base}-{n}"
 
     def __repr__(self) -> str:
         return f"<RunTrigger current={self.current} requested={self._requested}>"
@@ -294,7 +302,7 @@ class ScheduledSource(Source):
             # The clock is injected (tests move it): looked at every ``tick``; cancellable.
             if await self.trigger.wait_due(due, self.now, self.tick):
                 now = self.now()  # a run now: the schedule (last_due) stays as it was
-                run = f"{run_id_for(self.flow, now)}-now"
+                run = self.trigger.manual_id(f"{run_id_for(self.flow, now)}-now")
                 cp = Checkpoint(last_due=cp.last_due, run=run, due=now, started_at=now)
             else:
                 cp = Checkpoint(last_due=due, run=run_id_for(self.flow, due), due=due, started_at=self.now())
