@@ -162,8 +162,8 @@ async def test_reconcile_reads_every_page_of_a_rest_list_endpoint(
     assert report.missing == ["2"]
     assert report.extra == ["26"]
     assert report.different == [Difference("14", ["name"])]
-    t = report.targets[0]
-    assert (t.source_count, t.target_count) == (N, N)
+    target = report.targets[0]
+    assert (target.source_count, target.target_count) == (N, N)
     # 25 records, 10 a page: 3 pages per scan (offset: the short third page ends it; cursor: a
     # null next cursor), one chunk each; two scans of the target (digests, then records)
     pages = [0, 10, 20] if kind == "offset" else [None, "10", "20"]

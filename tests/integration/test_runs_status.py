@@ -48,8 +48,9 @@ async def max_age_of_runs_bucket(js: JetStream) -> float:
 
 
 def entry(run: BulkRun | None = None, sink: SinkCounts | None = None) -> bytes:
-    role = "source" if run is not None else "sink"
-    return msgspec.json.encode(RunEntry(role=role, source=run, sink=sink))
+    if run is not None:
+        return msgspec.json.encode(RunEntry(role="source", source=run))
+    return msgspec.json.encode(RunEntry(role="sink", sink=sink))
 
 
 async def test_status_shows_the_latest_run_of_each_flow_and_the_bucket_keeps_runs_max_age(
