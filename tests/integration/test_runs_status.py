@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import httpx
 import msgspec
 import pytest
@@ -128,3 +129,31 @@ async def test_a_run_record_older_than_runs_max_age_leaves_the_bucket(
         with anyio.fail_after(20):
             while await bucket.get(key) is not None:
                 await anyio.sleep(0.1)
+
+
+async def test_a_real_agents_scheduled_run_shows_in_status(nats_server: NatsServer, tmp_path: Path) -> None:
+    """End to end: an agent process runs a scheduled SQLite flow (``first_run = "now"``), reports
+    its run to ``mesh_runs``, and the control plane's ``/status`` shows it completed."""
+    from tests.integration._harness import AgentProcess, log_tail
+    from tests.integration.test_runs import Versions, agent, bulk_flow, make_source
+
+    src = tmp_path / "erp.db"
+    make_source(src, 30, Versions())
+    proc: AgentProcess | None = None
+    async with control_plane(nats_server) as cp:
+        proc = agent(tmp_path, nats_server, nats_server.security_dir, "erp-agent", "erp", bulk_flow(src))
+        try:
+            await anyio.to_thread.run_sync(proc.start)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.http_port}", timeout=5) as http:
+                with anyio.fail_after(60):
+                    while True:
+                        runs = (await http.get("/status")).json()["runs"]
+                        if runs and runs[0]["state"] == "completed":
+                            break
+                        await anyio.sleep(0.1)
+            [run] = runs
+            assert (run["flow"], run["agent"], run["adapter"]) == ("customers", "erp-agent", "sqlite")
+            assert (run["read"], run["published"]) == (30, 30), log_tail(proc.log)
+            assert run["finished_at"] is not None
+        finally:
+            await anyio.to_thread.run_sync(proc.kill)
