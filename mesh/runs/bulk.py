@@ -276,6 +276,18 @@ class ScheduledSource(Source):
         if self.report is not None:
             await self.report(run)
 
+    async def _close_orphans(self, keep: str | None) -> None:
+        """Runs still recorded ``running`` that the cursor does not continue were killed before
+        their first chunk committed (nothing of them is in the outbox): ``interrupted``. A
+        scheduled one that is due again starts afresh under the same id."""
+        for run in await self.store.list(self.flow, limit=20):
+            if run.state == "running" and run.id != keep:
+                why = "the agent stopped before the run's first chunk was committed"
+                gone = msgspec.structs.replace(run, state="interrupted", detail=why)
+                await self.store.put(gone)
+                if self.report is not None:
+                    await self.report(gone)
+
     async def read(self, cursor: str | None, limit: int) -> ChangeBatch:
         """The next chunk of the run in progress; else waits (cancellable) for the next due run.
 
@@ -289,6 +301,7 @@ class ScheduledSource(Source):
         cp = _CP_DEC.decode(cursor) if cursor else Checkpoint()
         if self._last is None:
             self._committed = cp
+            await self._close_orphans(cp.run)
             if cp.run is not None:  # resuming after a stop or crash
                 cp = msgspec.structs.replace(cp, resumed=cp.resumed + 1)
                 await self._record(cp, "running")

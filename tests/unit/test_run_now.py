@@ -109,3 +109,26 @@ async def test_csv_file_runs_become_bulk_run_records_reported_once_per_change(tm
 async def outbox_ids(tmp: Path) -> set[str]:
     async with Outbox(tmp / "outbox.db") as outbox:
         return {r.id for r in await outbox.peek(1000)}
+
+
+async def test_a_run_killed_before_its_first_chunk_is_not_left_running(tmp_path: Path) -> None:
+    """A run started by hand whose start never reached the outbox (SIGKILL) is recorded
+    ``interrupted`` when the source starts again, not ``running`` for ever."""
+    db = tmp_path / "erp.db"
+    make_table(db, 3)
+    store = RunStore(tmp_path / "runs.db")
+    lost = BulkRun(id="customers-20261203T150000Z-now", flow="customers", adapter="sqlite", started_at=1.0)
+    await store.put(lost)
+    reports: list[BulkRun] = []
+    clock = Clock(ts(2026, 12, 3, 16, 0))
+    cursor = msgspec.json.encode(Checkpoint(last_due=ts(2026, 12, 2, 2))).decode()
+    async with scheduled(db, store, clock, reports) as src:  # today's 02:00 run is due (missed)
+        batch = await src.read(cursor, 100)
+    assert batch.run == "customers-20261203T020000Z"
+    got = await store.get(lost.id)
+    assert got is not None
+    assert (got.state, got.detail) == (
+        "interrupted",
+        "the agent stopped before the run's first chunk was committed",
+    )
+    assert (reports[0].id, reports[0].state) == (lost.id, "interrupted")  # reported to mesh_runs too
