@@ -39,7 +39,8 @@ from mesh.plugins import adapter_registry
 from mesh.readiness import Readiness
 from mesh.redact import redact_urls
 from mesh.runs import RunStore
-from mesh.runs.bulk import ScheduledSource
+from mesh.runs.adapter_runs import AdapterRunWatcher
+from mesh.runs.bulk import RunTrigger, ScheduledSource
 from mesh.runs.records import SinkTally
 from mesh.runs.report import RunReporter
 from mesh.store import Inbox, Outbox, private_dir
@@ -181,6 +182,8 @@ class ConnectorAgent:
         """What this agent's sinks did with the envelopes of bulk runs."""
         self.link = NatsLink(cfg, self.metrics, self.readiness)
         self.run_reports = RunReporter(cfg.agent.name, self._publish)
+        self.run_triggers: dict[str, RunTrigger] = {}
+        """Per scheduled flow: starts a run now (``meshctl runs start``, :mod:`agents.control`)."""
         self.streams = StreamCheck(self.link.wait, cfg.streams, self.readiness, every=stream_check_every)
         self.api_server: ApiServer | None = None
         """The System API service (README "System APIs"), once serving."""
@@ -276,6 +279,8 @@ class ConnectorAgent:
                 allowed_env=a.allowed_env,
             )  # fmt: skip
             await self.flows.add_configured(self.cfg.flows)
+            adapter_runs = AdapterRunWatcher(a.name, self._flow_sides, self.run_reports.report)
+            await sup.start("adapter-runs", adapter_runs.run)
             await sup.start("gauges", self._gauges)
             heartbeat = Heartbeat(
                 a.name, a.site, self.link.wait, self._heartbeat_payload,
@@ -284,7 +289,7 @@ class ConnectorAgent:
             await sup.start("heartbeat", heartbeat.run)
             control = ControlChannel(
                 a.name, a.state_dir, self.link.wait, self.flows, readiness=self.readiness,
-                creds=self.cfg.nats.creds, system=a.system,
+                creds=self.cfg.nats.creds, system=a.system, run_triggers=self.run_triggers,
             )  # fmt: skip
             await sup.start("assignments", control.watch_assignments)
             await sup.start("commands", control.serve_commands)
@@ -343,6 +348,7 @@ class ConnectorAgent:
         assert source_cfg is not None
         if schedule is None:
             return lambda: open_source(source_cfg)
+        trigger = self.run_triggers.setdefault(flow.name, RunTrigger())
 
         tag = str(type(source_cfg).__struct_config__.tag)
 
@@ -353,10 +359,15 @@ class ConnectorAgent:
                 raise ConfigError(f"flow {flow.name}: {why}")
             return ScheduledSource(
                 flow.name, tag, schedule, maker(source_cfg), self.runs,
-                agent=self.cfg.agent.name, report=self.run_reports.report,
+                agent=self.cfg.agent.name, report=self.run_reports.report, trigger=trigger,
             )  # fmt: skip
 
         return scheduled
+
+    def _flow_sides(self) -> list[tuple[str, object]]:
+        """(flow, source or sink config) of every flow side this agent runs now."""
+        flows = self.flows.flows.values() if self.flows is not None else ()
+        return [(h.name, side) for h in flows for side in (h.cfg.source, h.cfg.sink) if side is not None]
 
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
         js = await self.link.wait()

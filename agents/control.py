@@ -22,6 +22,8 @@
   checks the flow config it carries exactly as the agent would run it (its path confinement and
   allowed environment variables, then :mod:`mesh.preflight` against the real systems), or the
   flows it runs when it carries none; it changes nothing. Each problem is one failed outcome.
+  ``run`` (``meshctl runs start FLOW --agent A``) starts a bulk run of a scheduled flow now
+  (:class:`~mesh.runs.bulk.RunTrigger`) and answers with the run's id once it started.
   In the same task group it answers reconciliation
   requests on ``<prefix>.reconcile.<name>`` (:class:`~mesh.reconcile.ReconcileService`) for the
   flows the manager runs.
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -55,6 +57,7 @@ from mesh.errors import ConfigError, ConfigProblem, TransportError
 from mesh.preflight import preflight_flow
 from mesh.readiness import Readiness
 from mesh.reconcile import ReconcileService, reconcile_subject
+from mesh.runs.bulk import RunTrigger
 from mesh.security.authority import read_creds, write_creds
 from mesh.security.jwt import InvalidToken, UserClaims, decode
 from mesh.transport import Entry, Message, Refused, Subscription, Transport
@@ -86,9 +89,12 @@ class ControlChannel:
         readiness: Readiness | None = None,
         creds: str | Path | None = None,
         system: str = "",
+        run_triggers: Mapping[str, RunTrigger] | None = None,
     ) -> None:
         """``creds``: the agent's ``[nats] creds`` file, rewritten when its assignment brings a
-        new JWT (None: security off, JWTs in assignments are ignored)."""
+        new JWT (None: security off, JWTs in assignments are ignored). ``run_triggers``: per
+        scheduled flow, what the ``run`` command pulls (``meshctl runs start``)."""
+        self.run_triggers: Mapping[str, RunTrigger] = run_triggers if run_triggers is not None else {}
         self.creds = Path(creds) if creds is not None else None
         self.system = system
         self.name = name
@@ -254,12 +260,33 @@ class ControlChannel:
             try:
                 if cmd.op == "preflight":
                     result = await self._preflight(cmd)
+                elif cmd.op == "run":
+                    result = await self._run_now(cmd)
                 else:
                     result = await self.flows.command(cmd)
             except Exception as exc:  # an answer, whatever happened: the operator is waiting
                 log.exception("command %s failed", cmd.op)
                 result = CommandResult(ok=False, message=f"{cmd.op} failed on {self.name}: {exc!r}")
         return encode(result)
+
+    async def _run_now(self, cmd: AgentCommand) -> CommandResult:
+        """Start a bulk run of the scheduled flow ``cmd.flow`` now; answers once it started (with
+        its id) or why not: no such flow here, not scheduled, a run in progress, or the source did
+        not start it within ``cmd.timeout`` (paused, failing)."""
+        name = cmd.flow
+        if name is None:
+            return CommandResult(ok=False, message="run: name the flow (meshctl runs start FLOW --agent A)")
+        handle = self.flows.flows.get(name)
+        if handle is None or handle.cfg.source is None:
+            return CommandResult(ok=False, message=f"agent {self.name} runs no source of flow {name!r}")
+        trigger = self.run_triggers.get(name)
+        if handle.cfg.schedule is None or trigger is None:
+            why = f"flow {name} on agent {self.name} has no [flows.schedule]: its source runs continuously"
+            return CommandResult(ok=False, message=why)
+        ok, what = await trigger.run_now(cmd.timeout)
+        message = f"run {what} started" if ok else what
+        outcome = FlowOutcome(agent=self.name, flow=name, ok=ok, state=handle.state, message=message)
+        return CommandResult(ok=ok, message=message, outcomes=[outcome])
 
     async def _preflight(self, cmd: AgentCommand) -> CommandResult:
         """Check ``cmd.config`` (or the flows this agent runs) against the real systems."""

@@ -91,6 +91,7 @@ from mesh.controlplane.models import (
     mesh_version,
 )
 from mesh.controlplane.registry import Registry
+from mesh.controlplane.runs_view import RunsView
 from mesh.controlplane.series import SeriesStore
 from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import DlqInfo, StatusBuilder, config_file_flows, flow_views
@@ -98,6 +99,7 @@ from mesh.controlplane.txn import TxnTracker
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
 from mesh.reconcile.schedule import ReconcileScheduler
+from mesh.runs.report import RUNS_BUCKET
 from mesh.sdnotify import Notifier
 from mesh.security.authority import Authority
 from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders, NotFound, Transport
@@ -132,12 +134,16 @@ class ControlPlane:
         self.http: HttpServer | None = None
         self.http_port: int | None = None
         self.buckets: dict[str, Bucket] = {}
-        self.layout = LayoutKeeper(self.js, settings.streams, every=heal_every)
+        self.layout = LayoutKeeper(
+            self.js, settings.streams, every=heal_every, runs_max_age=settings.runs_max_age
+        )
         self.txns = TxnTracker(
             self.js, max_transactions=settings.trace_transactions, rebuild=settings.trace_rebuild
         )
         """Business transactions read from MESH_TRACE (``/status``, ``/trace/<id>``)."""
         self.mirror: KvMirror | None = None
+        self.runs_view: RunsView | None = None
+        """The ``runs`` section of ``/status`` (a mirror of ``mesh_runs``)."""
         self.lease: LeaderLease | None = None
         self.builder: StatusBuilder | None = None
         self.agent_registry: Registry | None = None
@@ -202,9 +208,12 @@ class ControlPlane:
             )
         specs = self.flow_store.specs() if self.flow_store is not None else None
         txns = self.txns.view() if self.txns.caught_up.is_set() else None
-        return self.builder.report(
+        report = self.builder.report(
             info, self.dlq_depths, specs=specs, transactions=txns, series=self.series, dlq=self.dlq_info
         )
+        if self.runs_view is not None:
+            report = msgspec.structs.replace(report, runs=self.runs_view.latest(report.generated_at))
+        return report
 
     async def readiness(self) -> str | None:
         if not self.conditions.ready:
@@ -292,6 +301,9 @@ class ControlPlane:
             await sup.start("mirror", self.mirror.run)
             await sup.start("flows-mirror", flows_mirror.run)
             await sup.start("assign-mirror", assign_mirror.run)
+            runs_mirror = KvMirror(self.js, self.buckets[RUNS_BUCKET])
+            await sup.start("runs-mirror", runs_mirror.run)
+            self.runs_view = RunsView(runs_mirror)
             self.layout.mirrors.update(
                 {AGENTS_BUCKET: self.mirror, FLOWS_BUCKET: flows_mirror, ASSIGN_BUCKET: assign_mirror}
             )

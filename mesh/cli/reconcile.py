@@ -25,11 +25,13 @@ _SHOW = 20
 
 
 def render(report: Report) -> str:
-    """The human-readable report: one summary line per target, then up to 20 keys per kind."""
+    """The human-readable report: one summary line per (source, target) pair, then up to 20
+    keys per kind."""
     out = []
     for t in report.targets:
+        origin = f" {t.source}" if t.source else ""  # two-way flows: one line per direction
         out.append(
-            f"flow {report.flow} -> {t.agent} ({t.system}): source {t.source_count}, "
+            f"flow {report.flow}{origin} -> {t.agent} ({t.system}): source {t.source_count}, "
             f"target {t.target_count}; missing {len(t.missing)}, extra {len(t.extra)}, "
             f"different {len(t.different)}"
         )

@@ -4,8 +4,15 @@ Reads the ``mesh_runs`` KV bucket (every source agent's record of its runs, with
 sink agents report for the same run; see :mod:`mesh.runs.report`), or, without NATS, one agent's
 own records: ``--state-dir`` (its ``runs.db``) or ``--config agent.toml`` (its ``runs.db`` plus
 the file runs of its CSV flows, the records ``meshctl files runs`` lists, as runs of adapter
-``csv`` with ids ``<flow>-file-<n>``). Reading never writes. Errors the operator can fix (server
+``csv`` with ids ``<flow>-import-<n>`` / ``<flow>-export-<n>``; running agents report these
+to the bucket too). Reading never writes. Errors the operator can fix (server
 down, no bucket yet, unknown run) print one line and exit 2.
+
+``meshctl runs start FLOW --agent A`` starts a bulk run of a scheduled flow now: the command
+``run`` on the agent's command subject ``<prefix>.agent.<A>`` (what ``meshctl flow pause`` and
+``--dry-run --connect`` use too). Exit 0 with the run's id once the agent started it; 1 when the
+agent refused (no such scheduled flow, a run in progress, the flow paused or failing); 2 when the
+agent did not answer.
 """
 
 from __future__ import annotations
@@ -17,12 +24,23 @@ import anyio
 import msgspec
 import typer
 
-from mesh.cli._common import DEFAULT_URL, ControlPlaneOpt, JsonOpt, connection, fail, timestamp
+from mesh.cli._common import (
+    DEFAULT_PREFIX,
+    DEFAULT_URL,
+    ControlPlaneOpt,
+    JsonOpt,
+    PrefixOpt,
+    connection,
+    fail,
+    timestamp,
+)
 from mesh.cli.dlq import quiet_connection_logs
 from mesh.config import load_agent_config
+from mesh.controlplane.models import AgentCommand, CommandResult, encode
 from mesh.errors import MeshError, TransportError
 from mesh.plugins import adapter_registry
-from mesh.runs.records import BulkRun, RunStore, SinkTally
+from mesh.runs.adapter_runs import adapter_run
+from mesh.runs.records import RunStore, SinkTally
 from mesh.runs.report import ENTRY, RUNS_BUCKET, RunEntry, RunView, merge_runs
 
 __all__ = ["app", "format_view", "read_bucket"]
@@ -97,9 +115,6 @@ async def _local(state_dir: Path) -> list[RunEntry]:
     return entries
 
 
-_CSV_STATE = {"complete": "completed", "duplicate": "completed", "running": "running", "failed": "failed"}
-
-
 def _csv_runs(config: Path) -> list[RunEntry]:
     """The CSV flows' file runs of the agent ``config`` as bulk-run entries (``meshctl files runs``)."""
     cfg = load_agent_config(config)
@@ -115,13 +130,7 @@ def _csv_runs(config: Path) -> list[RunEntry]:
                 continue
             seen.add((f.name, log.location(side)))
             for r in log.read(side):
-                run = BulkRun(
-                    id=f"{f.name}-file-{r.id}", flow=f.name, adapter=str(type(side).__struct_config__.tag),
-                    agent=cfg.agent.name, state=_CSV_STATE.get(r.status, "failed"),  # type: ignore[arg-type]
-                    started_at=r.started_at, finished_at=r.finished_at, read=r.rows_in, published=r.rows_out,
-                    failed=r.rows_failed, checksum=r.checksum or "",
-                    detail=" ".join(x for x in (r.direction, r.file, r.detail) if x),
-                )  # fmt: skip
+                run = adapter_run(f.name, str(type(side).__struct_config__.tag), cfg.agent.name, r)
                 entries.append(RunEntry(role="source", source=run))
     return entries
 
@@ -216,3 +225,37 @@ def _show(
         typer.echo(f"{name:<14} {value}")
     for s in v.sinks:
         typer.echo(f"sink {s.agent:<9} applied {s.applied} skipped {s.skipped} failed {s.failed}")
+
+
+@app.command("start")
+def _start(
+    flow: Annotated[str, typer.Argument(help="The scheduled flow (one with [flows.schedule]).")],
+    agent: Annotated[str, typer.Option("--agent", "-a", help="The agent running the flow's source.")],
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the run to start.")
+    ] = 30.0,
+    as_json: JsonOpt = False,
+    server: ControlPlaneOpt = DEFAULT_URL,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+) -> None:
+    """Start a bulk run of a scheduled flow now (the schedule goes on as before)."""
+    from agents.control import command_subject
+
+    quiet_connection_logs()
+    cmd = AgentCommand(op="run", flow=flow, timeout=timeout, actor="meshctl")
+
+    async def main() -> CommandResult:
+        async with connection(server, timeout) as js:
+            msg = await js.request(command_subject(agent, prefix), encode(cmd), timeout=timeout + 5)
+            return msgspec.json.decode(msg.data, type=CommandResult)
+
+    try:
+        result = anyio.run(main)
+    except (MeshError, msgspec.DecodeError) as exc:
+        fail(f"agent {agent} did not answer the run command: {exc} (is it up and running flow {flow}?)")
+    if as_json:
+        typer.echo(_ENC.encode(result).decode())
+    elif result.ok:
+        typer.echo(f"{flow} on {agent}: {result.message} (meshctl runs list --flow {flow})")
+    if not result.ok:
+        fail(f"{flow} on {agent}: {result.message}", 1)

@@ -25,7 +25,9 @@ from anyio.abc import TaskStatus
 from mesh.api import RESULTS_BUCKET, ensure_results_bucket
 from mesh.config import StreamsConfig
 from mesh.controlplane.kv import BUCKETS, DIRECT_BUCKETS, Bucket, KvMirror, ensure_buckets
+from mesh.controlplane.runs_view import ensure_runs_retention
 from mesh.errors import TransportError
+from mesh.runs.report import DEFAULT_RUNS_MAX_AGE, RUNS_BUCKET
 from mesh.transport import (
     AUDIT_STREAM,
     COMMANDS_STREAM,
@@ -61,8 +63,10 @@ class LayoutKeeper:
         *,
         every: float = 5.0,
         mirrors: dict[str, KvMirror] | None = None,
+        runs_max_age: float = DEFAULT_RUNS_MAX_AGE,
     ) -> None:
         self.js = js
+        self.runs_max_age = runs_max_age
         self.streams = streams
         self.every = every
         self.mirrors: dict[str, KvMirror] = mirrors if mirrors is not None else {}
@@ -92,6 +96,7 @@ class LayoutKeeper:
         """
         await self.js.ensure_streams(self.streams)
         buckets = await ensure_buckets(self.js, replicas=self._replicas, memory=self._memory)
+        await ensure_runs_retention(self.js, self.runs_max_age)
         await ensure_results_bucket(self.js, replicas=self._replicas, memory=self._memory)
         return {name: HealingBucket(b, self) for name, b in buckets.items()}
 
@@ -138,6 +143,8 @@ class LayoutKeeper:
                     name, history=BUCKETS[name], replicas=self._replicas, memory=self._memory,
                     direct=name in DIRECT_BUCKETS,
                 )  # fmt: skip
+                if name == RUNS_BUCKET:
+                    await ensure_runs_retention(self.js, self.runs_max_age)
                 restored = await self._restore(name, bucket)
                 log.warning(
                     "healed: KV bucket %s was missing; recreated it%s", name,

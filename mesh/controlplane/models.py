@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from mesh.errors import DecodeError
+from mesh.runs.report import RunSummary
 from mesh.trace.index import TransactionsView
 
 __all__ = [
@@ -612,6 +613,10 @@ class StatusReport(_Rep, frozen=True, tag="status"):
     transactions"); None before the trace stream has been read."""
     systems: list[SystemView] = msgspec.field(default_factory=list)
     """KPIs per system (empty from control planes older than the KPIs)."""
+    runs: list[RunSummary] = []
+    """The latest bulk run of each flow that has run records in ``mesh_runs`` (scheduled SQL and
+    REST runs, CSV file runs): state, counts and age (README "Schedules, bulk runs and hybrid
+    sync")."""
 
 
 class Agents(_Rep, frozen=True, tag="agents"):
@@ -672,9 +677,10 @@ class AgentCommand(_Msg, frozen=True):
     """What the leader (or the operator's ``meshctl``) sends an agent on ``<prefix>.agent.<name>``
     (request/reply)."""
 
-    op: FlowOp | Literal["preflight"]
+    op: FlowOp | Literal["preflight", "run"]
+    """``run`` (``meshctl runs start``): start a bulk run of the scheduled ``flow`` now."""
     flow: str | None = None
-    """``None``: every flow the agent runs."""
+    """``None``: every flow the agent runs (``run`` needs one)."""
     timeout: float = 30.0
     actor: str = ""
     config: dict[str, Any] | None = None

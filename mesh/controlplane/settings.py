@@ -20,6 +20,7 @@ from mesh.config import NatsConfig, PositiveInt, StreamsConfig, check_tls_files
 from mesh.controlplane.health import HealthPolicy
 from mesh.errors import ConfigError, ConfigProblem
 from mesh.reconcile.schedule import ReconcileSchedule
+from mesh.runs.report import DEFAULT_RUNS_MAX_AGE
 
 __all__ = ["ControlPlaneSettings", "default_replica_name", "load_settings", "settings_from"]
 
@@ -65,6 +66,9 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     reconcile: list[ReconcileSchedule] = []
     """``[[reconcile]]`` tables: flows the leader reconciles on an interval (see
     :mod:`mesh.reconcile.schedule`)."""
+    runs_max_age: Annotated[float, msgspec.Meta(ge=0)] = DEFAULT_RUNS_MAX_AGE
+    """Seconds a run record stays in the ``mesh_runs`` bucket after its last update (default 30
+    days; 0: forever). Applied to the bucket at start, also when it already exists."""
     trace_transactions: PositiveInt = 20_000
     """Business transactions kept in memory from MESH_TRACE (about 1.2 KB each with three
     records: 20,000 is ~25 MB); older ones are still in the stream for ``meshctl trace``."""

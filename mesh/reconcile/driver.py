@@ -6,6 +6,11 @@ only buckets whose pairs differ are asked for per-record field hashes (``records
 that one answer holds about ``chunk`` records. A million equal rows cost two streaming scans and
 two small answers; a handful of drifted rows add one ``records`` round per side.
 
+The comparison runs per (source side, sink side) pair: every agent running the flow's source
+against every other agent running its sink whose system differs (a sink never applies its own
+system's events). A one-way flow has one source and one pair per target; a two-way flow whose
+agents each run both sides has one pair per direction.
+
 Repair (:func:`repair`) goes through the normal delivery path: the source re-emits missing and
 different records as new changes (new version, new envelope id: neither the inbox nor the version
 guard drops them, I2/I4/I5), the sink deletes extras when the flow's ownership lets the source's
@@ -15,7 +20,7 @@ system delete; :func:`reconcile` is then run again until clean or ``wait`` secon
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgspec
@@ -32,7 +37,7 @@ from mesh.reconcile.models import (
 from mesh.security.permissions import DEFAULT_PREFIX
 from mesh.transport import NoReply, NoResponders, Transport
 
-__all__ = ["ReconcileError", "Reconciler"]
+__all__ = ["Pair", "ReconcileError", "Reconciler"]
 
 _reply = msgspec.json.Decoder(ReconcileReply)
 PER_ANSWER = 2000
@@ -43,6 +48,16 @@ _encode = msgspec.json.Encoder().encode
 
 class ReconcileError(MeshError):
     """Reconciliation cannot run: no source or sink answers, or an agent refused (one line)."""
+
+
+class Pair(NamedTuple):
+    """One source side and one sink side of the flow, compared with each other."""
+
+    source: str
+    source_system: str
+    sink: str
+    described: ReconcileReply
+    """The sink's ``describe`` answer, with the fields the source's system may write."""
 
 
 class Reconciler:
@@ -66,11 +81,15 @@ class Reconciler:
         self.transport, self.flow, self.agents = transport, flow, list(agents)
         self.prefix, self.buckets, self.chunk, self.timeout = prefix, buckets, chunk, timeout
         self.source = ""
+        """The first source agent (a two-way flow has several: see :attr:`pairs`)."""
         self.source_system = ""
         self.sinks: dict[str, ReconcileReply] = {}
+        """Sink agent -> its ``describe`` answer (for the last source it was paired with)."""
+        self.pairs: list[Pair] = []
 
     def __repr__(self) -> str:
-        return f"<Reconciler {self.flow} source={self.source or '?'} sinks={sorted(self.sinks)}>"
+        pairs = [f"{p.source}->{p.sink}" for p in self.pairs]
+        return f"<Reconciler {self.flow} pairs={pairs or '?'}>"
 
     async def ask(self, agent: str, req: ReconcileRequest) -> ReconcileReply:
         """One request and its successful reply.
@@ -102,35 +121,45 @@ class Reconciler:
         return reply
 
     async def describe(self) -> None:
-        """Find the flow's source and sinks among the agents.
+        """Find the flow's sources and sinks among the agents, and pair them.
 
         Raises:
-            ReconcileError: not exactly one source, or no sink, answers for the flow.
+            ReconcileError: no source, or no sink of another system, answers for the flow.
         """
-        sources: list[tuple[str, ReconcileReply]] = []
-        self.sinks = {}
+        sources: dict[str, str] = {}
+        sinks: list[str] = []
+        systems: dict[str, str] = {}
         for agent in self.agents:
             reply = await self._request(agent, ReconcileRequest(op="describe", flow=self.flow), quiet=True)
             if reply is None:
                 continue
-            if reply.side == "source":
-                sources.append((agent, reply))
-            elif reply.side == "sink":
-                self.sinks[agent] = reply
-        if len(sources) != 1:
-            found = ", ".join(a for a, _ in sources) or "none"
+            systems[agent] = reply.system
+            sides = reply.sides or [reply.side]  # an agent of before two-way reconcile: one side
+            if "source" in sides:
+                sources[agent] = reply.system
+            if "sink" in sides:
+                sinks.append(agent)
+        if not sources:
             raise ReconcileError(
-                f"flow {self.flow}: reconcile needs exactly one source agent (found: {found} among "
+                f"flow {self.flow}: reconcile needs a source agent (found none among "
                 f"{', '.join(self.agents) or 'no agents'}); name them with --agent"
             )
-        if not self.sinks:
-            raise ReconcileError(f"flow {self.flow}: no sink agent answers (asked {', '.join(self.agents)})")
-        self.source, self.source_system = sources[0][0], sources[0][1].system
-        # again, naming the source's system: a sink with ownership rules then compares only the
-        # fields that system may write
-        for agent in list(self.sinks):
-            req = ReconcileRequest(op="describe", flow=self.flow, origin=self.source_system)
-            self.sinks[agent] = await self.ask(agent, req)
+        self.pairs, self.sinks = [], {}
+        for source, system in sources.items():
+            for agent in sinks:
+                if agent == source or systems.get(agent) == system:
+                    continue  # a sink does not apply its own system's events
+                # naming the source's system: a sink with ownership rules then compares only the
+                # fields that system may write
+                req = ReconcileRequest(op="describe", flow=self.flow, side="sink", origin=system)
+                described = await self.ask(agent, req)
+                self.pairs.append(Pair(source, system, agent, described))
+                self.sinks[agent] = described
+        if not self.pairs:
+            raise ReconcileError(
+                f"flow {self.flow}: no sink agent of another system answers (asked {', '.join(self.agents)})"
+            )
+        self.source, self.source_system = self.pairs[0].source, self.pairs[0].source_system
 
     def _spec(self, sink: ReconcileReply, **kw: Any) -> ReconcileRequest:
         return ReconcileRequest(
@@ -144,11 +173,11 @@ class Reconciler:
         Raises:
             ReconcileError: see :meth:`ask` and :meth:`describe`.
         """
-        if not self.source:
+        if not self.pairs:
             await self.describe()
         report = Report(flow=self.flow)
-        for agent, sink in sorted(self.sinks.items()):
-            report.targets.append(await self._compare_one(agent, sink))
+        for pair in sorted(self.pairs, key=lambda p: (p.sink, p.source)):
+            report.targets.append(await self._compare_one(pair))
         missing: set[str] = set()
         extra: set[str] = set()
         different: dict[str, set[str]] = {}
@@ -161,10 +190,13 @@ class Reconciler:
         report.different = [Difference(k, sorted(different[k])) for k in _sorted_keys(different)]
         return report
 
-    async def _compare_one(self, agent: str, sink: ReconcileReply) -> TargetReport:
-        t = TargetReport(agent=agent, system=sink.system, requests={"digests": 0, "records": 0})
-        src = await self.ask(self.source, self._spec(sink, op="digests"))
-        dst = await self.ask(agent, self._spec(sink, op="digests"))
+    async def _compare_one(self, pair: Pair) -> TargetReport:
+        agent, sink, source = pair.sink, pair.described, pair.source
+        t = TargetReport(
+            agent=agent, system=sink.system, source=source, requests={"digests": 0, "records": 0}
+        )
+        src = await self.ask(source, self._spec(sink, op="digests", side="source"))
+        dst = await self.ask(agent, self._spec(sink, op="digests", side="sink"))
         t.requests["digests"] += 2
         t.chunks += src.chunks + dst.chunks
         t.source_count, t.target_count = src.count, dst.count
@@ -172,8 +204,8 @@ class Reconciler:
             int(b) for b in set(src.digests) | set(dst.digests) if src.digests.get(b) != dst.digests.get(b)
         )
         for group in self._groups(differing, src, dst):
-            s = await self.ask(self.source, self._spec(sink, op="records", select=group))
-            d = await self.ask(agent, self._spec(sink, op="records", select=group))
+            s = await self.ask(source, self._spec(sink, op="records", select=group, side="source"))
+            d = await self.ask(agent, self._spec(sink, op="records", select=group, side="sink"))
             t.requests["records"] += 2
             t.chunks += s.chunks + d.chunks
             t.missing += [k for k in s.records if k not in d.records]
@@ -209,21 +241,45 @@ class Reconciler:
         """Re-emit missing and different records from the source; delete extras where allowed
         (the rest land in ``report.kept_extra``). Counts by action.
 
+        Two-way flows: each key is re-emitted by one source only (the first in ``agents``
+        order whose target misses it or differs), and a key that a source holds is never deleted
+        as an extra of another direction: it is propagated instead. (Without tombstones a record
+        deleted behind the mesh's back on one side cannot be told from one created on the other:
+        it comes back.)
+
         Raises:
             ReconcileError: see :meth:`ask` (an ownership refusal of a delete is not an error).
         """
         done = {"reemitted": 0, "deleted": 0}
-        resend = sorted({*report.missing, *(d.key for d in report.different)}, key=_key_order)
-        any_sink = next(iter(self.sinks.values()))
-        for start in range(0, len(resend), PER_ANSWER):
-            keys = resend[start : start + PER_ANSWER]
-            reply = await self.ask(self.source, self._spec(any_sink, op="restamp", keys=keys))
-            done["reemitted"] += reply.done
+        pairs = {(p.source, p.sink): p for p in self.pairs}
+        # Per source: the keys its targets miss or hold differently, each key re-emitted by ONE
+        # source: in a two-way flow a key differing in both directions would otherwise be sent
+        # both ways and swap; the first source in ``agents`` order wins.
+        order = {a: i for i, a in enumerate(self.agents)}
+        resend: dict[str, tuple[ReconcileReply, set[str]]] = {}
+        claimed: set[str] = set()
+        for t in sorted(report.targets, key=lambda t: (order.get(t.source, len(order)), t.source)):
+            pair = pairs[(t.source, t.agent)]
+            fresh = {*t.missing, *(d.key for d in t.different)} - claimed
+            claimed |= fresh
+            resend.setdefault(t.source, (pair.described, set()))[1].update(fresh)
+        # A key some target misses exists at a source: in a two-way flow it is "extra" in the
+        # other direction, and is propagated (above), not deleted.
+        sourced = {k for t in report.targets for k in t.missing}
+        for source, (described, wanted) in sorted(resend.items()):
+            ordered = sorted(wanted, key=_key_order)
+            for start in range(0, len(ordered), PER_ANSWER):
+                keys = ordered[start : start + PER_ANSWER]
+                req = self._spec(described, op="restamp", keys=keys, side="source")
+                done["reemitted"] += (await self.ask(source, req)).done
         for t in report.targets:
-            sink = self.sinks[t.agent]
-            for start in range(0, len(t.extra), PER_ANSWER):
-                keys = t.extra[start : start + PER_ANSWER]
-                req = self._spec(sink, op="delete", keys=keys, origin=self.source_system)
+            pair = pairs[(t.source, t.agent)]
+            extra = [k for k in t.extra if k not in sourced]
+            for start in range(0, len(extra), PER_ANSWER):
+                keys = extra[start : start + PER_ANSWER]
+                req = self._spec(
+                    pair.described, op="delete", keys=keys, origin=pair.source_system, side="sink"
+                )
                 try:
                     reply = await self.ask(t.agent, req)
                 except ReconcileError as exc:

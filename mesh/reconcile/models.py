@@ -3,8 +3,12 @@
 
 A request names an ``op``:
 
-* ``describe``: which side of the flow the agent runs; a sink also says how it compares (its
-  key column, the fields it writes and its ``from_canonical`` mapping), a source its system.
+* ``describe``: which sides of the flow the agent runs (``sides``; a two-way flow: both); a
+  sink also says how it compares (its key column, the fields it writes and its
+  ``from_canonical`` mapping), a source its system.
+
+Every request may name the ``side`` it is for (an agent running both sides of a two-way flow
+answers for that one); without it, the agent's source if it runs one, else its sink.
 * ``digests``: stream every record of the side, in chunks of ``chunk`` rows, and answer the
   per-bucket count and hash (``buckets`` buckets by key hash).
 * ``records``: the per-field hashes of the records in the buckets ``select``.
@@ -45,6 +49,8 @@ def reconcile_subject(agent: str, prefix: str = DEFAULT_PREFIX) -> str:
 class ReconcileRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     op: Op
     flow: str
+    side: Literal["source", "sink", ""] = ""
+    """The flow side asked (empty: the source if the agent runs one, else the sink)."""
     key_field: str = ""
     """The target's key column: records are matched by its value, as text."""
     fields: list[str] = []
@@ -64,6 +70,8 @@ class ReconcileReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     ok: bool = True
     message: str = ""
     side: Literal["source", "sink", ""] = ""
+    sides: list[str] = []
+    """``describe``: every side of the flow the agent runs (``side`` is the one described)."""
     system: str = ""
     key_field: str = ""
     fields: list[str] = []
@@ -85,10 +93,12 @@ class Difference(msgspec.Struct, frozen=True):
 
 
 class TargetReport(msgspec.Struct, kw_only=True):
-    """One sink of the flow compared with the source."""
+    """One sink of the flow compared with one source (``source``)."""
 
     agent: str
     system: str = ""
+    source: str = ""
+    """The source agent compared with this sink (a two-way flow has one pair per direction)."""
     source_count: int = 0
     target_count: int = 0
     missing: list[str] = []

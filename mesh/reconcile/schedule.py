@@ -1,16 +1,21 @@
 """Scheduled reconciliation on the control plane (``[[reconcile]]`` in its settings).
 
-Every ``every`` seconds the **leader** replica compares each scheduled flow (as
+At the times of a cron ``schedule`` (``"0 3 * * *"``, read in ``timezone`` by cronsim, as the
+bulk-run schedules of :mod:`mesh.runs.schedule`), or every ``every`` seconds (the default:
+hourly), the **leader** replica compares each scheduled flow (as
 ``meshctl reconcile`` does, without repairing unless ``repair = true``), sets the gauge
 ``mesh_reconcile_exceptions{flow,kind}`` (``kind``: missing, extra, different; the counts of
 the last run) and appends an audit entry ``reconcile`` naming the counts. A run that cannot
 complete (an agent away) sets ``kind="error"`` to 1 and is audited too; the schedule goes on.
-A simple interval for now: cron expressions come with the scheduler of issue 14 item 1.
+A cron time that passes while no replica leads (or while a run is still going) is not made up:
+the next run is at the next scheduled time, as with ``missed = "skip"``. ``schedule`` and
+``every`` are exclusive.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated
 
@@ -22,6 +27,7 @@ from prometheus_client import Gauge
 from mesh.errors import MeshError
 from mesh.reconcile.driver import Reconciler
 from mesh.reconcile.models import Report
+from mesh.runs.schedule import Clock, Schedule
 from mesh.security.permissions import DEFAULT_PREFIX
 from mesh.transport import Transport
 
@@ -39,8 +45,13 @@ class ReconcileSchedule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     """One ``[[reconcile]]`` table of the control plane's settings."""
 
     flow: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,200}$")]
-    every: Annotated[float, msgspec.Meta(ge=1.0)] = 3600.0
-    """Seconds between runs (the first run is ``every`` after the replica becomes leader)."""
+    every: Annotated[float, msgspec.Meta(ge=1.0)] | None = None
+    """Seconds between runs (the first run is ``every`` after the control plane starts);
+    3600 when neither this nor ``schedule`` is set."""
+    schedule: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    """A five-field cron expression (``0 3 * * *``: every day at 03:00), as cronsim reads it."""
+    timezone: str = "UTC"
+    """The IANA time zone ``schedule`` is read in (``Europe/Berlin``)."""
     agents: list[str] = []
     """The agents running the flow's sides (default: every active registered agent)."""
     repair: bool = False
@@ -48,6 +59,19 @@ class ReconcileSchedule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     buckets: Annotated[int, msgspec.Meta(ge=1, le=8192)] = 1024
     chunk: Annotated[int, msgspec.Meta(ge=1, le=50000)] = 1000
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None:
+            if self.every is not None:
+                raise ValueError("give either schedule (cron) or every (seconds), not both")
+            Schedule.check(self.schedule, self.timezone)
+        elif self.timezone != "UTC":
+            raise ValueError("timezone needs a schedule (cron)")
+
+    @property
+    def interval(self) -> float:
+        """Seconds between runs when there is no cron ``schedule``."""
+        return 3600.0 if self.every is None else self.every
 
 
 class ReconcileScheduler:
@@ -64,11 +88,17 @@ class ReconcileScheduler:
         is_leader: Callable[[], bool],
         who: str,
         prefix: str = DEFAULT_PREFIX,
+        now: Clock = time.time,
+        tick: float = 1.0,
     ) -> None:
+        """``now`` is the clock cron schedules are evaluated on and ``tick`` the longest sleep
+        between looks at it (tests move the clock by hand)."""
         self.transport, self.schedules = transport, list(schedules)
         self.gauge, self.audit, self.agents, self.is_leader = gauge, audit, agents, is_leader
-        self.who, self.prefix = who, prefix
+        self.who, self.prefix, self.now, self.tick = who, prefix, now, tick
         self.runs = 0
+        self.due: dict[str, float] = {}
+        """The next scheduled time (seconds since the epoch) of each cron-scheduled flow."""
 
     def __repr__(self) -> str:
         return f"<ReconcileScheduler {[s.flow for s in self.schedules]} runs={self.runs}>"
@@ -81,10 +111,22 @@ class ReconcileScheduler:
             task_status.started()
 
     async def _loop(self, s: ReconcileSchedule) -> None:
+        if s.schedule is None:
+            while True:
+                await anyio.sleep(s.interval)
+                if self.is_leader():
+                    await self.run_once(s)
+        cron = Schedule(s.schedule, s.timezone, now=self.now)
+        due = cron.next_after(self.now())
         while True:
-            await anyio.sleep(s.every)
+            self.due[s.flow] = due
+            # The clock is injected (tests move it), so look at it every ``tick``; cancellable.
+            while (left := due - self.now()) > 0:  # noqa: ASYNC110
+                await anyio.sleep(min(left, self.tick))
             if self.is_leader():
                 await self.run_once(s)
+            # Times that passed during the run (or a clock jump) are skipped, not made up.
+            due = cron.next_after(max(due, self.now()))
 
     async def run_once(self, s: ReconcileSchedule) -> Report | None:
         """One run of ``s``: gauge and audit entry set; the report (None when it failed)."""

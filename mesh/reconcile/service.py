@@ -140,16 +140,22 @@ class ReconcileService:
             return ReconcileReply(ok=False, message=f"agent {self.name} does not run flow {req.flow!r}")
         if not (0 < req.chunk <= MAX_CHUNK and 0 < req.buckets <= MAX_BUCKETS):
             return ReconcileReply(ok=False, message=f"chunk must be 1..{MAX_CHUNK}, buckets 1..{MAX_BUCKETS}")
-        role: Literal["source", "sink"] = "source" if cfg.source is not None else "sink"
-        adapter = cfg.source if cfg.source is not None else cfg.sink
-        if adapter is None:
+        sides = [s for s, a in (("source", cfg.source), ("sink", cfg.sink)) if a is not None]
+        if not sides:
             return ReconcileReply(ok=False, message=f"flow {req.flow!r} has neither source nor sink here")
+        if req.side and req.side not in sides:
+            return ReconcileReply(
+                ok=False, message=f"agent {self.name} runs no {req.side} of flow {req.flow!r}"
+            )
+        role: Literal["source", "sink"] = req.side or ("source" if cfg.source is not None else "sink")
+        adapter = cfg.source if role == "source" else cfg.sink
+        assert adapter is not None  # role is one of sides
         access = adapter_registry().reconcile_of(adapter)
         if access is None:
             tag = type(adapter).__struct_config__.tag
             return ReconcileReply(ok=False, message=f"adapter {tag!r} of flow {req.flow!r} cannot reconcile")
         if req.op == "describe":
-            return self._describe(cfg, role, req.origin)
+            return msgspec.structs.replace(self._describe(cfg, role, req.origin), sides=sides)
         side = _Side(cfg, role, access, req)
         await side.prepare()
         if req.op == "digests":

@@ -17,6 +17,9 @@ How a run works, and what it guarantees:
   Envelopes of a run carry the header ``Mesh-Run: <run id>`` so sinks can count what they applied.
 * When the extract is exhausted the run is ``completed`` (an empty batch carries the final
   checkpoint) and the source waits for the next scheduled time.
+* A :class:`RunTrigger` starts a run now, between scheduled times (``meshctl runs start``): its
+  id is ``<flow>-<UTC time>-now``; it leaves the schedule as it was (the next scheduled run is
+  still due at its time). While a run is in progress a trigger starts nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "BulkExtract",
     "BulkRow",
     "Checkpoint",
+    "RunTrigger",
     "ScheduledSource",
     "row_version",
     "run_id_for",
@@ -137,6 +141,64 @@ def row_version(value: Any, field: str) -> int:
     )
 
 
+class RunTrigger:
+    """Starts a scheduled flow's run now. One per flow, kept by the agent across the restarts of
+    its :class:`ScheduledSource` (which calls :meth:`wait_due`, :meth:`began` and :meth:`ended`)."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        """The run in progress (None: the source waits for the next run, or is not running)."""
+        self._requested = False
+        self._wake = anyio.Event()
+        self._started = anyio.Event()
+        self._manual: dict[str, int] = {}
+
+    def manual_id(self, base: str) -> str:
+        """``base``, or ``base-2``, ``-3``... when runs started now already had it (several
+        within one second): every run gets its own id, hence its own envelope ids."""
+        n = self._manual.get(base, 0) + 1
+        self._manual = {base: n}  # only the latest second can repeat
+        return base if n == 1 else f"{base}-{n}"
+
+    def __repr__(self) -> str:
+        return f"<RunTrigger current={self.current} requested={self._requested}>"
+
+    async def run_now(self, timeout: float) -> tuple[bool, str]:
+        """Ask for a run now and wait up to ``timeout`` seconds for the source to start it.
+        ``(True, run id)`` once started; ``(False, why)`` when a run is already in progress (its
+        id in the message) or the source did not start one in time (the flow is paused, failing or
+        not running here; the request stays, so the run starts when the source reads again)."""
+        if self.current is not None:
+            return False, f"run {self.current} is in progress"
+        self._requested = True
+        started = self._started = anyio.Event()
+        self._wake.set()
+        with anyio.move_on_after(timeout):
+            await started.wait()
+            return True, self.current or ""
+        return False, f"the flow's source did not start a run within {timeout:g}s (is the flow running?)"
+
+    async def wait_due(self, due: float, now: Clock, tick: float) -> bool:
+        """Wait until ``due`` (by ``now``, looked at every ``tick``) or a request; True if requested."""
+        while not self._requested and (left := due - now()) > 0:
+            self._wake = anyio.Event()
+            if self._requested:
+                break
+            with anyio.move_on_after(min(left, tick)):
+                await self._wake.wait()
+        return self._requested
+
+    def began(self, run: str) -> None:
+        """The source started (or resumed) ``run``: a request waiting for it is answered."""
+        self.current = run
+        self._requested = False
+        self._started.set()
+
+    def ended(self) -> None:
+        """The run in progress completed."""
+        self.current = None
+
+
 Reporter = Callable[[BulkRun], Awaitable[None]]
 """Told every committed change of a run record (the agent reports it to ``mesh_runs``)."""
 
@@ -161,9 +223,12 @@ class ScheduledSource(Source):
         now: Clock = time.time,
         tick: float = 1.0,
         report: Reporter | None = None,
+        trigger: RunTrigger | None = None,
     ) -> None:
+        """``trigger``: starts a run now when asked (:class:`RunTrigger`)."""
         self.flow, self.adapter, self.cfg, self.extract = flow, adapter, cfg, extract
         self.store, self.agent, self.now, self.tick, self.report = store, agent, now, tick, report
+        self.trigger = trigger if trigger is not None else RunTrigger()
         self.schedule = Schedule(cfg.cron, cfg.timezone, now=now)
         self._pending: dict[str, tuple[Checkpoint, BulkRun]] = {}
         self._last: Checkpoint | None = None
@@ -211,10 +276,17 @@ class ScheduledSource(Source):
         if self.report is not None:
             await self.report(run)
 
-    async def _wait_until(self, due: float) -> None:
-        # The clock is injected (tests move it), so look at it every ``tick``; cancellable.
-        while (left := due - self.now()) > 0:  # noqa: ASYNC110
-            await anyio.sleep(min(left, self.tick))
+    async def _close_orphans(self, keep: str | None) -> None:
+        """Runs still recorded ``running`` that the cursor does not continue were killed before
+        their first chunk committed (nothing of them is in the outbox): ``interrupted``. A
+        scheduled one that is due again starts afresh under the same id."""
+        for run in await self.store.list(self.flow, limit=20):
+            if run.state == "running" and run.id != keep:
+                why = "the agent stopped before the run's first chunk was committed"
+                gone = msgspec.structs.replace(run, state="interrupted", detail=why)
+                await self.store.put(gone)
+                if self.report is not None:
+                    await self.report(gone)
 
     async def read(self, cursor: str | None, limit: int) -> ChangeBatch:
         """The next chunk of the run in progress; else waits (cancellable) for the next due run.
@@ -229,19 +301,27 @@ class ScheduledSource(Source):
         cp = _CP_DEC.decode(cursor) if cursor else Checkpoint()
         if self._last is None:
             self._committed = cp
+            await self._close_orphans(cp.run)
             if cp.run is not None:  # resuming after a stop or crash
                 cp = msgspec.structs.replace(cp, resumed=cp.resumed + 1)
                 await self._record(cp, "running")
+                self.trigger.began(cp.run or "")
         self._last = cp
         if cp.run is None:
             c = self.cfg
             due = self.schedule.first_due(
                 cp.last_due, missed=c.missed, deadline=c.starting_deadline, first_now=c.first_run == "now"
             )
-            await self._wait_until(due)
-            cp = Checkpoint(last_due=due, run=run_id_for(self.flow, due), due=due, started_at=self.now())
+            # The clock is injected (tests move it): looked at every ``tick``; cancellable.
+            if await self.trigger.wait_due(due, self.now, self.tick):
+                now = self.now()  # a run now: the schedule (last_due) stays as it was
+                run = self.trigger.manual_id(f"{run_id_for(self.flow, now)}-now")
+                cp = Checkpoint(last_due=cp.last_due, run=run, due=now, started_at=now)
+            else:
+                cp = Checkpoint(last_due=due, run=run_id_for(self.flow, due), due=due, started_at=self.now())
             self._last = cp
             await self._record(cp, "running")
+            self.trigger.began(cp.run or "")
             if self._committed is None or self._committed.run is None:
                 self._committed = cp  # a stop now leaves the run "interrupted" at 0 rows
         try:
@@ -260,6 +340,7 @@ class ScheduledSource(Source):
             encoded = _CP_ENC.encode(done).decode()
             self._pending[encoded] = (done, self._record_of(cp, "completed", self.now()))
             self._last = done
+            self.trigger.ended()
             return ChangeBatch(changes=[], cursor=encoded, run=cp.run or "")
         changes = []
         total = cp.checksum

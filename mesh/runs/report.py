@@ -5,7 +5,10 @@ Every agent writes only its own keys (``<agent>.<flow>.<run id>.source|sink``, s
 and nothing else of the bucket). A KV put is a JetStream publish to ``$KV.mesh_runs.<key>``,
 so an agent needs no JetStream API rights for it. Reports are best effort and retried: the
 agent's ``runs.db`` is the durable record; the bucket is the mesh-wide view
-(``meshctl runs list|show``), eventually consistent. The control plane creates the bucket.
+(``meshctl runs list|show``), eventually consistent. The control plane creates the bucket and
+keeps its entries ``runs_max_age`` seconds (default 30 days, see
+:func:`mesh.controlplane.runs_view.ensure_runs_retention`): a record not updated for that long
+leaves the bucket (the agent's ``runs.db`` still has it).
 """
 
 from __future__ import annotations
@@ -22,11 +25,23 @@ from anyio.abc import TaskStatus
 from mesh.errors import MeshError
 from mesh.runs.records import BulkRun, SinkCounts, SinkTally, run_key
 
-__all__ = ["RUNS_BUCKET", "Publish", "RunEntry", "RunReporter", "RunView", "merge_runs"]
+__all__ = [
+    "DEFAULT_RUNS_MAX_AGE",
+    "RUNS_BUCKET",
+    "Publish",
+    "RunEntry",
+    "RunReporter",
+    "RunSummary",
+    "RunView",
+    "latest_per_flow",
+    "merge_runs",
+]
 
 log = logging.getLogger(__name__)
 
 RUNS_BUCKET = "mesh_runs"
+DEFAULT_RUNS_MAX_AGE = 30 * 86400.0
+"""Seconds a run record stays in ``mesh_runs`` after its last update (30 days)."""
 
 
 Publish = Callable[[str, bytes, str], Awaitable[object]]
@@ -52,18 +67,19 @@ ENTRY = msgspec.json.Decoder(RunEntry)
 
 
 def merge_runs(entries: Iterable[RunEntry]) -> list[RunView]:
-    """Source records joined with the sink counts of the same (flow, run), newest first;
+    """Source records (one per agent, flow and run id) joined with the sink counts of the same
+    (flow, run), newest first;
     ``applied``/``skipped`` are the sinks' sums and ``failed`` adds theirs."""
-    sources: dict[tuple[str, str], BulkRun] = {}
+    sources: dict[tuple[str, str, str], BulkRun] = {}
     sinks: dict[tuple[str, str], list[SinkCounts]] = {}
     for e in entries:
         if e.source is not None:
-            sources[(e.source.flow, e.source.id)] = e.source
+            sources[(e.source.flow, e.source.id, e.source.agent)] = e.source
         elif e.sink is not None:
             sinks.setdefault((e.sink.flow, e.sink.run), []).append(e.sink)
     views = []
     for k, run in sources.items():
-        got = sorted(sinks.get(k, []), key=lambda s: s.agent)
+        got = sorted(sinks.get(k[:2], []), key=lambda s: s.agent)
         run = msgspec.structs.replace(
             run, applied=sum(s.applied for s in got), skipped=sum(s.skipped for s in got),
             failed=run.failed + sum(s.failed for s in got),
@@ -71,6 +87,47 @@ def merge_runs(entries: Iterable[RunEntry]) -> list[RunView]:
         views.append(RunView(run=run, sinks=got))
     views.sort(key=lambda v: (v.run.started_at, v.run.id), reverse=True)
     return views
+
+
+class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """The latest run of one flow, as the control plane's ``/status`` shows it (``runs``)."""
+
+    flow: str
+    run: str
+    """The run's id (``meshctl runs show RUN``)."""
+    agent: str
+    adapter: str
+    state: str
+    """``running``, ``completed``, ``failed`` or ``interrupted`` (CSV: ``duplicate`` too)."""
+    started_at: float
+    finished_at: float | None = None
+    read: int = 0
+    published: int = 0
+    applied: int = 0
+    skipped: int = 0
+    failed: int = 0
+    age_seconds: float = 0.0
+    """Seconds since the run finished (or, while it runs, since it started)."""
+
+
+def latest_per_flow(views: Iterable[RunView], now: float) -> list[RunSummary]:
+    """The newest run of each flow (by start time, as :func:`merge_runs` orders), by flow name."""
+    latest: dict[str, RunView] = {}
+    for v in views:
+        have = latest.get(v.run.flow)
+        if have is None or (v.run.started_at, v.run.id) > (have.run.started_at, have.run.id):
+            latest[v.run.flow] = v
+    out = []
+    for flow in sorted(latest):
+        r = latest[flow].run
+        since = r.finished_at if r.finished_at is not None else r.started_at
+        out.append(RunSummary(
+            flow=flow, run=r.id, agent=r.agent, adapter=r.adapter, state=r.state,
+            started_at=r.started_at, finished_at=r.finished_at, read=r.read, published=r.published,
+            applied=r.applied, skipped=r.skipped, failed=r.failed,
+            age_seconds=round(max(0.0, now - since), 3),
+        ))  # fmt: skip
+    return out
 
 
 class RunReporter:

@@ -372,7 +372,7 @@ def test_reconcile_that_cannot_run_says_why_in_one_line(
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: flow customers: reconcile needs exactly one source agent (found: none among nobody); "
+        "error: flow customers: reconcile needs a source agent (found none among nobody); "
         "name them with --agent"
     ]
     assert "Traceback" not in done.stderr

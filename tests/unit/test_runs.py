@@ -387,8 +387,8 @@ async def test_meshctl_runs_lists_an_agents_bulk_and_csv_runs_without_nats(tmp_p
     result = await cli(["runs", "list", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
     docs = {d["id"]: d for d in json.loads(result.output)}
-    assert set(docs) == {"orders-in-file-1", "orders-out-file-1", bulk.id}
-    i = docs["orders-in-file-1"]
+    assert set(docs) == {"orders-in-import-1", "orders-out-export-1", bulk.id}
+    i = docs["orders-in-import-1"]
     assert (i["adapter"], i["state"], i["read"], i["published"], i["failed"]) == ("csv", "completed", 3, 2, 1)
     assert len(i["checksum"]) == 64
     b = docs[bulk.id]
