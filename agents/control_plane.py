@@ -7,7 +7,7 @@ One process is one *replica*; run several for high availability. Each replica::
                         .<caller>
     NATS request/reply  <prefix>.register|deregister|   ◄── the leader only (queue group)
                         revoke|heartbeat|flow_apply|
-                        flow_delete|command.<caller>
+                        flow_delete|command|policy.<caller>
     KV mesh_agents ──watch──► mirror ──► health sweep, status, metrics
     KV mesh_leader ◄──CAS──► lease (one leader; see mesh.controlplane.lease)
     stream MESH_AUDIT ◄── register / deregister / revoke entries (leader)
@@ -89,6 +89,7 @@ from mesh.controlplane.models import (
     encode,
     mesh_version,
 )
+from mesh.controlplane.policy import PolicyCoordinator
 from mesh.controlplane.registry import Registry
 from mesh.controlplane.settings import ControlPlaneSettings
 from mesh.controlplane.status import StatusBuilder, config_file_flows, flow_views
@@ -393,6 +394,8 @@ class ControlPlane:
             await self.lease.wait(leader=True)
             async with anyio.create_task_group() as tg:
                 await tg.start(functools.partial(self._serve, WRITE_KINDS, "writers"))
+                # API policies (mesh.controlplane.policy): a fresh coordinator per leader term.
+                await tg.start(PolicyCoordinator().serve, self.js, self.prefix)
                 await self.lease.wait(leader=False)
                 tg.cancel_scope.cancel()
 

@@ -17,7 +17,7 @@ import msgspec
 
 from adapters.rest._auth import Credentials
 from adapters.rest._paths import first
-from adapters.rest._ratelimit import RequestGate
+from adapters.rest._ratelimit import RequestGate, SharedGate
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
 from adapters.rest._state import VersionStore
 from adapters.rest._template import (
@@ -52,7 +52,7 @@ class TemplatedApply:
 
     _config: RestSinkConfig
     _store: VersionStore
-    _gate: RequestGate
+    _gate: RequestGate | SharedGate
     _breaker: CircuitBreaker
     _counts: dict[str, int]
     _upsert_path: str

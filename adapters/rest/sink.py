@@ -74,7 +74,7 @@ import httpx
 import msgspec
 
 from adapters.rest._auth import Credentials
-from adapters.rest._ratelimit import RequestGate
+from adapters.rest._ratelimit import gate_for
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
 from adapters.rest._state import VersionStore, default_target
 from adapters.rest._template import guard_key, refusal, refusal_reason
@@ -111,7 +111,7 @@ class RestSink(TemplatedApply, Sink):
         self._templated = config.templated
         self._xref = config.results is not None and config.results.id is not None
         self._refused_creates: list[str] = []  # their pending marks go at the end of the round
-        self._gate = RequestGate(config.rate_limit, config.burst)
+        self._gate = gate_for(config.rate_limit, config.burst, config.policy)
         self._breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._credentials: Credentials | None = None
         self._client: httpx.AsyncClient | None = None
