@@ -1,0 +1,165 @@
+"""Shared API policies: the coordinator's bucket, concurrency split and persisted daily quota;
+the client's grants, degradation to the local share and recovery (in-memory transport)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from mesh.config import load_agent_config
+from mesh.controlplane.policy import PolicyCoordinator
+from mesh.errors import ConfigError
+from mesh.policy import PolicyClient, PolicyConfig, PolicyGrant, PolicyMetrics, PolicyRequest, QuotaExhausted
+from mesh.policy.wire import decode_grant, encode
+from mesh.transport import MemoryBucket, MemoryTransport
+
+pytestmark = pytest.mark.anyio
+
+SPEC = PolicyConfig(rate=50, burst=10, concurrency=8)
+
+
+async def ask(coord: PolicyCoordinator, caller: str, want: int, spec: PolicyConfig = SPEC) -> PolicyGrant:
+    return decode_grant(
+        await coord.handle(caller, encode(PolicyRequest(policy="xero", want=want, spec=spec)))
+    )
+
+
+async def test_the_coordinator_grants_no_more_than_burst_plus_rate_times_elapsed() -> None:
+    coord = PolicyCoordinator(MemoryBucket())
+    began = anyio.current_time()
+    granted = 0
+    waits = 0
+    while granted < 60:
+        g = await ask(coord, f"a{granted % 4}", 5)
+        granted += g.tokens
+        if not g.tokens:
+            assert g.wait > 0
+            waits += 1
+            await anyio.sleep(g.wait)  # what a client does; the property below is about counts
+        assert granted <= 10 + 50 * (anyio.current_time() - began) + 5
+    assert waits > 0  # the burst ran out: the bucket made callers wait
+
+
+async def test_the_first_burst_is_exactly_the_burst() -> None:
+    coord = PolicyCoordinator(MemoryBucket())
+    grants = [await ask(coord, "a", 4) for _ in range(3)]
+    assert [g.tokens for g in grants][:2] == [4, 4]
+    assert grants[2].tokens <= 3  # 10 in the bucket, refilled by at most a few in between
+
+
+async def test_concurrency_is_split_between_the_active_callers() -> None:
+    coord = PolicyCoordinator(MemoryBucket())
+    assert (await ask(coord, "a", 1)).concurrency == 8
+    assert (await ask(coord, "b", 1)).concurrency == 4
+    assert (await ask(coord, "c", 1)).concurrency == 2  # 8 // 3
+
+
+async def test_the_daily_quota_is_counted_in_kv_and_survives_a_new_coordinator() -> None:
+    bucket = MemoryBucket()
+    spec = PolicyConfig(rate=1000, burst=1000, daily_quota=12, timezone="Europe/London")
+    noon = dt.datetime(2026, 7, 1, 12, 0, tzinfo=zoneinfo.ZoneInfo("Europe/London")).timestamp()
+    first = PolicyCoordinator(bucket, clock=lambda: noon)
+    assert (await ask(first, "a", 8, spec)).tokens == 8
+    entry = await bucket.get("xero.2026-07-01")
+    assert entry is not None
+    assert msgspec.json.decode(entry.value) == {"used": 8}
+    second = PolicyCoordinator(bucket, clock=lambda: noon)  # a new leader term
+    g = await ask(second, "b", 8, spec)
+    assert (g.tokens, g.quota_used) == (4, 12)
+    spent = await ask(second, "a", 1, spec)
+    assert spent.tokens == 0
+    midnight = dt.datetime(2026, 7, 2, 0, 0, tzinfo=zoneinfo.ZoneInfo("Europe/London")).timestamp()
+    assert spent.quota_reset == midnight
+    tomorrow = PolicyCoordinator(bucket, clock=lambda: midnight + 1)
+    assert (await ask(tomorrow, "a", 3, spec)).tokens == 3  # a new day, a new count
+
+
+async def test_a_malformed_request_is_answered_with_an_error() -> None:
+    g = decode_grant(await PolicyCoordinator(MemoryBucket()).handle("a", b"{}"))
+    assert g.tokens == 0
+    assert "invalid policy request" in g.error
+
+
+async def _served(
+    broker_transport: MemoryTransport, coord: PolicyCoordinator, tg: anyio.abc.TaskGroup
+) -> None:
+    await tg.start(coord.serve, broker_transport, "mesh.cp")
+
+
+async def test_the_client_takes_tokens_from_the_coordinator() -> None:
+    async with MemoryTransport(name="cp") as cp, anyio.create_task_group() as tg:
+        agent = MemoryTransport(cp.broker, name="agent")
+        await agent.connect()
+        await _served(cp, PolicyCoordinator(), tg)
+        metrics = PolicyMetrics()
+        client = PolicyClient("a1", {"xero": SPEC}, lambda: agent, metrics=metrics)
+        gate = client.gate("xero")
+        for _ in range(12):
+            await gate.acquire()
+        assert not gate.degraded
+        granted = metrics.registry.get_sample_value("mesh_policy_tokens_granted_total", {"policy": "xero"})
+        assert granted is not None
+        assert 12 <= granted <= 12 + gate.batch
+        assert client.problems() == []
+        tg.cancel_scope.cancel()
+
+
+async def test_the_client_degrades_to_its_local_share_and_recovers() -> None:
+    async with MemoryTransport(name="cp") as cp, anyio.create_task_group() as tg:
+        agent = MemoryTransport(cp.broker, name="agent")
+        await agent.connect()
+        metrics = PolicyMetrics()
+        client = PolicyClient("a1", {"xero": SPEC}, lambda: agent, metrics=metrics, retry_every=0.05)
+        gate = client.gate("xero")
+        await gate.acquire()  # nobody serves mesh.cp.policy.a1: the local share lets it through
+        assert gate.degraded
+        assert metrics.registry.get_sample_value("mesh_policy_degraded", {"policy": "xero"}) == 1
+        assert "coordinator unreachable" in client.problems()[0]
+        await _served(cp, PolicyCoordinator(), tg)
+        with anyio.fail_after(10):
+            while gate.degraded:
+                await gate.acquire()
+        assert metrics.registry.get_sample_value("mesh_policy_degraded", {"policy": "xero"}) == 0
+        assert client.problems() == []
+        tg.cancel_scope.cancel()
+
+
+async def test_a_spent_quota_raises_until_it_resets() -> None:
+    spec = PolicyConfig(rate=100, burst=100, daily_quota=3)
+    async with MemoryTransport(name="cp") as cp, anyio.create_task_group() as tg:
+        agent = MemoryTransport(cp.broker, name="agent")
+        await agent.connect()
+        await _served(cp, PolicyCoordinator(), tg)
+        metrics = PolicyMetrics()
+        gate = PolicyClient("a1", {"q": spec}, lambda: agent, metrics=metrics).gate("q")
+        for _ in range(3):
+            await gate.acquire()
+        with pytest.raises(QuotaExhausted, match="daily quota spent") as info:
+            await gate.acquire()
+        assert info.value.reset_at > 0
+        assert metrics.registry.get_sample_value("mesh_policy_quota_exhausted", {"policy": "q"}) == 1
+        assert "daily quota spent" in (gate.problem() or "")
+        tg.cancel_scope.cancel()
+
+
+def test_an_undeclared_policy_is_a_config_error() -> None:
+    client = PolicyClient("a1", {"xero": SPEC}, lambda: None)
+    with pytest.raises(ConfigError, match=r"\[policies.hubspot\]"):
+        client.gate("hubspot")
+
+
+def test_a_bad_timezone_is_refused_with_the_file_and_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[agent]\nname = "a1"\nsystem = "erp"\nstate_dir = "state"\n'
+        '[policies.xero]\nrate = 50\ntimezone = "Mars/Olympus"\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"agent.toml: policies.*timezone 'Mars/Olympus' is not an IANA time zone"
+    ):
+        load_agent_config(cfg)
