@@ -8,6 +8,7 @@ import zoneinfo
 from pathlib import Path
 
 import anyio
+import httpx
 import msgspec
 import pytest
 
@@ -163,3 +164,58 @@ def test_a_bad_timezone_is_refused_with_the_file_and_field(tmp_path: Path) -> No
         ConfigError, match=r"agent.toml: policies.*timezone 'Mars/Olympus' is not an IANA time zone"
     ):
         load_agent_config(cfg)
+
+
+async def test_a_rest_sink_under_a_spent_quota_gives_its_batch_back(tmp_path: Path) -> None:
+    from adapters.rest.config import RestSinkConfig
+    from adapters.rest.sink import RestSink
+    from mesh.adapters import Applied, SinkRecord
+    from mesh.policy import install
+
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(200, json={})
+
+    def rec(key: int) -> SinkRecord:
+        return SinkRecord(id=f"e{key}", key=str(key), version=1, deleted=False, row={"id": key}, origin="erp")
+
+    cfg = RestSinkConfig(
+        base_url="http://crm.test",
+        upsert_path="/customers/{key}",
+        state_path=str(tmp_path / "s.db"),
+        policy="crm",
+    )
+    spec = PolicyConfig(rate=100, burst=100, daily_quota=2)
+    async with MemoryTransport(name="cp") as cp, anyio.create_task_group() as tg:
+        agent = MemoryTransport(cp.broker, name="agent")
+        await agent.connect()
+        await _served(cp, PolicyCoordinator(), tg)
+        install(PolicyClient("a1", {"crm": spec}, lambda: agent))
+        try:
+            async with RestSink(cfg, transport=httpx.MockTransport(handler)) as sink:
+                assert await sink.apply([rec(1), rec(2)]) == [Applied.APPLIED, Applied.APPLIED]
+                with pytest.raises(QuotaExhausted, match="API policy 'crm': daily quota spent"):
+                    await sink.apply([rec(3)])
+        finally:
+            install(None)
+        tg.cancel_scope.cancel()
+    assert sent == ["/customers/1", "/customers/2"]  # nothing went out over the quota
+
+
+async def test_a_rest_sink_naming_an_undeclared_policy_fails_with_a_config_error(tmp_path: Path) -> None:
+    from adapters.rest.config import RestSinkConfig
+    from adapters.rest.sink import RestSink
+    from mesh.adapters import SinkRecord
+    from mesh.policy import install
+
+    install(None)
+    cfg = RestSinkConfig(
+        base_url="http://crm.test", upsert_path="/c/{key}", state_path=str(tmp_path / "s.db"), policy="crm"
+    )
+    record = SinkRecord(id="e", key="1", version=1, deleted=False, row={"id": 1}, origin="erp")
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json={}))
+    async with RestSink(cfg, transport=transport) as sink:
+        with pytest.raises(ConfigError, match=r"declare \[policies.crm\] in the agent config"):
+            await sink.apply([record])
