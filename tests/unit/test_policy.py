@@ -219,3 +219,31 @@ async def test_a_rest_sink_naming_an_undeclared_policy_fails_with_a_config_error
     async with RestSink(cfg, transport=transport) as sink:
         with pytest.raises(ConfigError, match=r"declare \[policies.crm\] in the agent config"):
             await sink.apply([record])
+
+
+async def test_a_system_api_rest_operation_under_a_spent_quota_is_unavailable() -> None:
+    from adapters.rest._api import RestOperation, RestOperationConfig
+    from mesh.api import Call
+    from mesh.policy import install
+
+    spec = PolicyConfig(rate=100, daily_quota=1)
+    bucket = MemoryBucket()
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    await bucket.create(f"finance.{today}", b'{"used": 1}')  # spent by other agents today
+    op = RestOperation(
+        RestOperationConfig(
+            base_url="http://127.0.0.1:9", path="/invoices", policy="finance"
+        )  # nothing listens
+    )
+    async with MemoryTransport(name="cp") as cp, anyio.create_task_group() as tg:
+        agent = MemoryTransport(cp.broker, name="agent")
+        await agent.connect()
+        await _served(cp, PolicyCoordinator(bucket), tg)
+        install(PolicyClient("a1", {"finance": spec}, lambda: agent))
+        try:
+            async with op:
+                with pytest.raises(QuotaExhausted, match="API policy 'finance': daily quota spent"):
+                    await op.run({"amount": 1}, Call(operation="invoice.create", key="k", deadline=0))
+        finally:
+            install(None)
+        tg.cancel_scope.cancel()
