@@ -247,3 +247,47 @@ async def test_a_system_api_rest_operation_under_a_spent_quota_is_unavailable() 
         finally:
             install(None)
         tg.cancel_scope.cancel()
+
+
+async def test_an_agent_declares_policies_and_installs_their_client(tmp_path: Path) -> None:
+    from agents.connector import ConnectorAgent
+    from mesh.config import parse_agent_config
+    from mesh.policy import current_client, install, policy_gate
+
+    text = f"""
+[agent]
+name = "crm-agent"
+system = "crm"
+state_dir = "{tmp_path / "state"}"
+
+[policies.xero]
+rate = 50
+burst = 10
+daily_quota = 5000
+timezone = "Europe/London"
+
+[[flows]]
+name = "customers"
+entity = "customer"
+[flows.sink]
+adapter = "rest"
+base_url = "https://api.example.com"
+upsert_path = "/customers/{{key}}"
+state_path = "{tmp_path / "rest.db"}"
+policy = "xero"
+"""
+    cfg = parse_agent_config(text)
+    assert cfg.policies["xero"].effective_burst == 10
+    sink = cfg.flows[0].sink
+    assert sink is not None
+    assert getattr(sink, "policy", None) == "xero"
+    try:
+        agent = ConnectorAgent(cfg)
+        assert current_client() is agent.policies
+        gate = policy_gate("xero")
+        assert gate.spec.daily_quota == 5000
+        assert agent.policies.problems() == []
+        value = agent.metrics.registry.get_sample_value("mesh_policy_degraded", {"policy": "xero"})
+        assert value == 0  # the agent's /metrics carries the policy series
+    finally:
+        install(None)
