@@ -9,6 +9,9 @@ concurrency and daily quota are shared with every other agent and replica naming
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from mesh.policy import PolicyGate, policy_gate
 from mesh.policy.bucket import RequestGate
 
@@ -39,6 +42,12 @@ class SharedGate:
             self._paused_until = max(self._paused_until, deadline)
         else:
             self._gate.pause_until(deadline)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of this agent's slots of the policy's concurrency for one request."""
+        async with self._resolve().slot():
+            yield
 
     async def acquire(self) -> None:
         """Take one shared token (see :meth:`mesh.policy.PolicyGate.acquire`).

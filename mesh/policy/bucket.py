@@ -9,7 +9,9 @@ target's, not one key's.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import AsyncIterator
 
 import anyio
 
@@ -38,6 +40,12 @@ class RequestGate:
     def pause_until(self, deadline: float) -> None:
         """Let no request through before ``deadline`` (an ``anyio.current_time()`` value)."""
         self._paused_until = max(self._paused_until, deadline)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """No concurrency bound of its own (the adapter's ``concurrency`` applies); the same
+        interface as :meth:`mesh.policy.PolicyGate.slot`."""
+        yield
 
     async def acquire(self) -> None:
         """Wait for a pause to end and a token to be free, then take the token."""
