@@ -395,7 +395,7 @@ class ControlPlane:
             async with anyio.create_task_group() as tg:
                 await tg.start(functools.partial(self._serve, WRITE_KINDS, "writers"))
                 # API policies (mesh.controlplane.policy): a fresh coordinator per leader term.
-                await tg.start(PolicyCoordinator().serve, self.js, self.prefix)
+                await tg.start(PolicyCoordinator(audit=self._audit_policy).serve, self.js, self.prefix)
                 await self.lease.wait(leader=False)
                 tg.cancel_scope.cancel()
 
@@ -623,6 +623,12 @@ class ControlPlane:
         except TransportError as exc:
             log.error("audit: %s (the command %s was carried out)", exc, what)
             self.metrics.audit_failures.inc()
+
+    async def _audit_policy(
+        self, kind: str, who: str, target: str, what: str, detail: dict[str, str]
+    ) -> None:
+        if self._audit is not None:
+            await self._audit.append(kind, who=who, target=target, what=what, detail=detail)
 
     def _active_agents(self) -> list[str]:
         assert self.builder is not None

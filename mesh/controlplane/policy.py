@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import anyio
@@ -37,9 +37,12 @@ from mesh.policy.config import PolicyConfig
 from mesh.policy.wire import PolicyGrant, decode_request, encode
 from mesh.transport import Bucket, Message, RevisionConflict, Transport
 
-__all__ = ["POLICY_BUCKET", "PolicyCoordinator"]
+__all__ = ["POLICY_BUCKET", "AuditAppend", "PolicyCoordinator"]
 
 log = logging.getLogger(__name__)
+
+AuditAppend = Callable[[str, str, str, str, dict[str, str]], Awaitable[None]]
+"""(kind, who, target, what, detail) -> an audit entry (the control plane's audit trail)."""
 
 POLICY_BUCKET = "mesh_policy"
 """Daily quota counters: ``<policy>.<YYYY-MM-DD>`` holds ``{"used": n}``."""
@@ -59,11 +62,14 @@ class _State:
         self.used = 0
         self.revision: int | None = None
         self.reset_at = 0.0
+        self.audited = ""
 
 
 class PolicyCoordinator:
     """One leader term's coordinator. ``bucket``: the ``mesh_policy`` KV bucket (None: opened
-    by :meth:`serve`). ``clock``: wall-clock seconds (the quota's day; tests pass their own)."""
+    by :meth:`serve`). ``clock``: wall-clock seconds (the quota's day; tests pass their own).
+    ``audit``: records a ``policy_quota`` entry (who: the caller refused first) once per
+    policy and day when the quota runs out."""
 
     def __init__(
         self,
@@ -71,8 +77,10 @@ class PolicyCoordinator:
         *,
         ttl: float = 1.0,
         clock: Callable[[], float] = time.time,
+        audit: AuditAppend | None = None,
     ) -> None:
         self.bucket = bucket
+        self.audit = audit
         self.ttl = ttl
         self.clock = clock
         self.states: dict[str, _State] = {}
@@ -137,6 +145,9 @@ class PolicyCoordinator:
             await self._load_day(name, st)
             left = spec.daily_quota - st.used
             if left <= 0:
+                if st.audited != st.day:
+                    st.audited = st.day
+                    await self._audit_spent(caller, name, st)
                 return PolicyGrant(
                     concurrency=share, quota_used=st.used, quota_reset=st.reset_at, ttl=self.ttl
                 )
@@ -149,6 +160,17 @@ class PolicyCoordinator:
             return PolicyGrant(wait=wait, concurrency=share, quota_used=used, ttl=self.ttl)
         st.tokens -= n
         return PolicyGrant(tokens=n, concurrency=share, quota_used=used, ttl=self.ttl)
+
+    async def _audit_spent(self, caller: str, name: str, st: _State) -> None:
+        log.warning("API policy %s: daily quota %s spent for %s", name, st.spec.daily_quota, st.day)
+        if self.audit is None:
+            return
+        what = f"daily quota {st.spec.daily_quota} of API policy {name} spent for {st.day}"
+        detail = {"used": str(st.used), "resets_at": str(st.reset_at), "timezone": st.spec.timezone}
+        try:
+            await self.audit("policy_quota", caller, name, what, detail)
+        except TransportError as exc:
+            log.error("audit: %s (the quota of %s stays spent)", exc, name)
 
     async def _load_day(self, name: str, st: _State) -> None:
         assert self.bucket is not None

@@ -22,6 +22,8 @@ from mesh.transport import JetStream, Refused
 from tests._secure import SecuredNatsServer
 from tests.integration._harness import log_tail, wait_until
 
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
 RATE, BURST = 50.0, 10
 SPEC = PolicyConfig(rate=RATE, burst=BURST, concurrency=8, local_share=0.25)
 
@@ -68,6 +70,7 @@ def _by(hits: list[Hit], agents: set[str], state: str, after: float = 0.0) -> se
     return {h.agent for h in hits if h.agent in agents and h.state == state and h.at > after}
 
 
+@pytest.mark.crash
 def test_four_agents_share_one_limit_through_a_kill_and_a_coordinator_restart(
     tmp_path: Path, nats_server: SecuredNatsServer, control_plane: ControlPlaneProcess
 ) -> None:

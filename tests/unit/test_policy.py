@@ -69,13 +69,22 @@ async def test_the_daily_quota_is_counted_in_kv_and_survives_a_new_coordinator()
     entry = await bucket.get("xero.2026-07-01")
     assert entry is not None
     assert msgspec.json.decode(entry.value) == {"used": 8}
-    second = PolicyCoordinator(bucket, clock=lambda: noon)  # a new leader term
+    audited: list[tuple[str, str, str, str]] = []
+
+    async def audit(kind: str, who: str, target: str, what: str, detail: dict[str, str]) -> None:
+        audited.append((kind, who, target, what))
+
+    second = PolicyCoordinator(bucket, clock=lambda: noon, audit=audit)  # a new leader term
     g = await ask(second, "b", 8, spec)
     assert (g.tokens, g.quota_used) == (4, 12)
     spent = await ask(second, "a", 1, spec)
     assert spent.tokens == 0
     midnight = dt.datetime(2026, 7, 2, 0, 0, tzinfo=zoneinfo.ZoneInfo("Europe/London")).timestamp()
     assert spent.quota_reset == midnight
+    assert (await ask(second, "b", 1, spec)).tokens == 0
+    assert audited == [
+        ("policy_quota", "a", "xero", "daily quota 12 of API policy xero spent for 2026-07-01")
+    ]
     tomorrow = PolicyCoordinator(bucket, clock=lambda: midnight + 1)
     assert (await ask(tomorrow, "a", 3, spec)).tokens == 3  # a new day, a new count
 
