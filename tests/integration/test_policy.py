@@ -124,10 +124,13 @@ def test_four_agents_share_one_limit_through_a_kill_and_a_coordinator_restart(
                     p.wait()
         hits = api.snapshot()
     counts = windows([h.at for h in hits])[1:-1]  # the first holds the start burst, the last is cut short
-    # Grants never exceed rate + burst per second; a new leader starts with a full bucket while
-    # tokens of the old one may still be in use (one grant lifetime), hence one more burst.
+    # Grants never exceed rate + burst per second. Slack: a new leader starts with a full bucket
+    # while the old one's grants may still be in use (one more burst), and an agent starved of
+    # CPU may spend its last batch (a tenth of the rate) in the next window. Unshared, the four
+    # would do 200 per window.
+    bound = RATE + 2 * BURST + 4 * (RATE / 10)
     assert counts, "no complete window"
-    assert max(counts) <= RATE + 2 * BURST, f"requests per 1-s window: {counts}"
+    assert max(counts) <= bound, f"requests per 1-s window: {counts}"
     assert sum(1 for h in hits if h.agent == dead and h.at > killed_at) == 0
     degraded = [h for h in hits if h.state == "degraded"]
     assert degraded, "no request went through on the local share"
