@@ -295,8 +295,9 @@ class RestSink(TemplatedApply, Sink):
                 await self._gate.acquire()
                 self._counts["requests"] += 1
                 try:
-                    with anyio.fail_after(cfg.timeout):
-                        response = await client.request(method, path, content=body, headers=headers)
+                    async with self._gate.slot():  # the policy's concurrency share (mesh.policy)
+                        with anyio.fail_after(cfg.timeout):
+                            response = await client.request(method, path, content=body, headers=headers)
                 except (TimeoutError, httpx.TimeoutException):
                     self._breaker.failure()
                     problem = f"no answer within {cfg.timeout:g}s"

@@ -302,3 +302,50 @@ policy = "xero"
         assert value == 0  # the agent's /metrics carries the policy series
     finally:
         install(None)
+
+
+@pytest.mark.parametrize("policy", [None, "crm"])
+async def test_a_rest_sink_keeps_to_its_share_of_the_policy_concurrency(
+    tmp_path: Path, policy: str | None
+) -> None:
+    from adapters.rest.config import RestSinkConfig
+    from adapters.rest.sink import RestSink
+    from mesh.adapters import Applied, SinkRecord
+    from mesh.policy import install
+
+    inflight = peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal inflight, peak
+        inflight += 1
+        peak = max(peak, inflight)
+        for _ in range(2000):  # let the other requests of the batch start meanwhile, if they may
+            if peak > 1:
+                break
+            await anyio.lowlevel.checkpoint()
+        inflight -= 1
+        return httpx.Response(200, json={})
+
+    records = [
+        SinkRecord(id=f"e{k}", key=str(k), version=1, deleted=False, row={"id": k}, origin="erp")
+        for k in range(6)
+    ]
+    cfg = RestSinkConfig(
+        base_url="http://crm.test", upsert_path="/c/{key}", state_path=str(tmp_path / "s.db"), policy=policy
+    )
+    spec = PolicyConfig(rate=1000, burst=100, concurrency=1)
+    async with MemoryTransport(name="cp") as cp, anyio.create_task_group() as tg:
+        agent = MemoryTransport(cp.broker, name="agent")
+        await agent.connect()
+        await _served(cp, PolicyCoordinator(), tg)
+        install(PolicyClient("a1", {"crm": spec}, lambda: agent))
+        try:
+            async with RestSink(cfg, transport=httpx.MockTransport(handler)) as sink:
+                assert await sink.apply(records) == [Applied.APPLIED] * 6
+        finally:
+            install(None)
+        tg.cancel_scope.cancel()
+    if policy:
+        assert peak == 1
+    else:
+        assert peak > 1  # the sink alone sends several at once (up to its own concurrency, 8)
