@@ -36,6 +36,7 @@ from mesh.errors import ConfigError, TransportError
 from mesh.heartbeat import Heartbeat, flow_kpis, metric_total
 from mesh.metrics import Metrics
 from mesh.plugins import adapter_registry
+from mesh.policy import PolicyClient, PolicyMetrics, install
 from mesh.readiness import Readiness
 from mesh.redact import redact_urls
 from mesh.runs import RunStore
@@ -181,6 +182,15 @@ class ConnectorAgent:
         self.tally = SinkTally(state / "runs.db")
         """What this agent's sinks did with the envelopes of bulk runs."""
         self.link = NatsLink(cfg, self.metrics, self.readiness)
+        self.policies = PolicyClient(
+            cfg.agent.name,
+            cfg.policies,
+            lambda: self.link.current,
+            metrics=PolicyMetrics(self.metrics.registry),
+        )
+        """Shared API policies (README "Shared rate limits and quotas (API policy)"); installed
+        for this process's adapters (one agent per process)."""
+        install(self.policies)
         self.run_reports = RunReporter(cfg.agent.name, self._publish)
         self.run_triggers: dict[str, RunTrigger] = {}
         """Per scheduled flow: starts a run now (``meshctl runs start``, :mod:`agents.control`)."""
@@ -426,6 +436,7 @@ class ConnectorAgent:
             problems.append("NATS disconnected")
         if depth > a.outbox_warn_depth or age > a.outbox_warn_age:
             problems.append(f"outbox backlog {depth}, oldest {age:.0f}s")
+        problems += self.policies.problems()  # degraded to the local share, quota spent
         for report in flows:  # the reason too: `meshctl agent health` shows this line as WHY
             if report.state == "failing":
                 why = f": {report.detail}" if report.detail else ""

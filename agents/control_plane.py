@@ -7,7 +7,7 @@ One process is one *replica*; run several for high availability. Each replica::
                         .<caller>
     NATS request/reply  <prefix>.register|deregister|   ◄── the leader only (queue group)
                         revoke|heartbeat|flow_apply|
-                        flow_delete|command.<caller>
+                        flow_delete|command|policy.<caller>
     KV mesh_agents ──watch──► mirror ──► health sweep, status, metrics
     KV mesh_leader ◄──CAS──► lease (one leader; see mesh.controlplane.lease)
     stream MESH_AUDIT ◄── register / deregister / revoke entries (leader)
@@ -90,6 +90,7 @@ from mesh.controlplane.models import (
     encode,
     mesh_version,
 )
+from mesh.controlplane.policy import PolicyCoordinator
 from mesh.controlplane.registry import Registry
 from mesh.controlplane.runs_view import RunsView
 from mesh.controlplane.series import SeriesStore
@@ -416,6 +417,8 @@ class ControlPlane:
             await self.lease.wait(leader=True)
             async with anyio.create_task_group() as tg:
                 await tg.start(functools.partial(self._serve, WRITE_KINDS, "writers"))
+                # API policies (mesh.controlplane.policy): a fresh coordinator per leader term.
+                await tg.start(PolicyCoordinator(audit=self._audit_policy).serve, self.js, self.prefix)
                 await self.lease.wait(leader=False)
                 tg.cancel_scope.cancel()
 
@@ -643,6 +646,12 @@ class ControlPlane:
         except TransportError as exc:
             log.error("audit: %s (the command %s was carried out)", exc, what)
             self.metrics.audit_failures.inc()
+
+    async def _audit_policy(
+        self, kind: str, who: str, target: str, what: str, detail: dict[str, str]
+    ) -> None:
+        if self._audit is not None:
+            await self._audit.append(kind, who=who, target=target, what=what, detail=detail)
 
     def _active_agents(self) -> list[str]:
         assert self.builder is not None

@@ -38,6 +38,7 @@ from mesh._config_base import (
     PositiveInt,
     Token,
 )
+from mesh._policy_config import PolicyConfig
 from mesh.errors import ConfigError, ConfigProblem, PluginError, RetryableError
 from mesh.mapping import MappingConfig
 from mesh.ownership import EntityOwnership
@@ -371,6 +372,9 @@ class AgentConfig(ConfigStruct, frozen=True):
     flows: list[FlowConfig] = msgspec.field(default_factory=list)
     api: ApiConfig | None = None
     """System API operations this agent serves (README "System APIs")."""
+    policies: dict[Token, PolicyConfig] = msgspec.field(default_factory=dict)
+    """Shared API policies adapters name (``policy = "<name>"``), README "Shared rate limits
+    and quotas (API policy)"."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per log line (ts, level, logger, msg, agent, flow, correlation_id)."""

@@ -17,6 +17,7 @@ Status codes: 2xx ok; 404 ``not_found``; 409 ``conflict``; 400, 422 and other 4x
 
 from __future__ import annotations
 
+import contextlib
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -25,9 +26,10 @@ from typing import Annotated, Any, Literal, Self
 import msgspec
 
 from adapters.rest.config import RestAuth, _resolve_auth
-from mesh._config_base import AdapterConfig, PositiveFloat
+from mesh._config_base import AdapterConfig, PositiveFloat, Token
 from mesh.api import ApiError, Call, Operation
 from mesh.errors import ConfigProblem, SystemUnavailable
+from mesh.policy import policy_gate
 
 __all__ = ["RestOperation", "RestOperationConfig"]
 
@@ -45,6 +47,10 @@ class RestOperationConfig(AdapterConfig, frozen=True, tag="rest"):
     headers: dict[str, str] = {}
     auth: RestAuth | None = None
     timeout: PositiveFloat = 10.0
+    policy: Token | None = None
+    """A shared API policy (``[policies.<name>]`` in the agent config) every call passes:
+    rate, concurrency and daily quota shared with every agent naming it (README "Shared rate
+    limits and quotas (API policy)"); a spent quota answers ``unavailable``."""
 
     def resolved(self, resolve: Callable[[str], str]) -> Self:
         return msgspec.structs.replace(self, auth=_resolve_auth(self.auth, resolve))
@@ -124,9 +130,14 @@ class RestOperation(Operation):
             json_body = request if cfg.body is None else {k: _get(request, p) for k, p in cfg.body.items()}
         where = f"{cfg.method} {cfg.base_url}{cfg.path}"
         try:
-            response = await self._client.request(
-                cfg.method, path, params=params or None, json=json_body, headers=headers
-            )
+            async with contextlib.AsyncExitStack() as stack:
+                if cfg.policy is not None:
+                    gate = policy_gate(cfg.policy)
+                    await gate.acquire()
+                    await stack.enter_async_context(gate.slot())
+                response = await self._client.request(
+                    cfg.method, path, params=params or None, json=json_body, headers=headers
+                )
         except httpx.HTTPError as exc:
             raise SystemUnavailable(f"{where}: {type(exc).__name__}") from None
         status = response.status_code

@@ -1,57 +1,67 @@
-"""A per-target request gate: a token bucket plus a shared pause for ``429 Retry-After``.
+"""The request gate of a REST sink, source or System API operation.
 
-Every request of one sink passes :meth:`RequestGate.acquire` first. Waiters are served in
-arrival order (they queue on one lock), so a steady stream of requests cannot starve an early
-one. When the target answers 429 with ``Retry-After``, :meth:`RequestGate.pause_until` holds
-*every* request of the sink until then, not just the one that was refused: the limit is the
-target's, not one key's.
+Without ``policy`` it is a local :class:`~mesh.policy.bucket.RequestGate` (a token bucket of
+``rate_limit``/``burst`` plus a shared pause for ``429 Retry-After``), private to the adapter.
+With ``policy = "<name>"`` it is the agent's :class:`~mesh.policy.PolicyGate`: the rate,
+concurrency and daily quota are shared with every other agent and replica naming the policy
+(README "Shared rate limits and quotas (API policy)").
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import AsyncIterator
 
-import anyio
+from mesh.policy import PolicyGate, policy_gate
+from mesh.policy.bucket import RequestGate
 
-__all__ = ["RequestGate"]
+__all__ = ["RequestGate", "SharedGate", "gate_for"]
 
 
-class RequestGate:
-    """Token bucket of ``rate`` requests per second holding up to ``burst`` tokens (``rate`` 0:
-    no limit, only pauses apply). Starts full. Cancellable while waiting."""
+class SharedGate:
+    """The agent's gate of policy ``name``, looked up at the first request (the adapter may be
+    built before the agent installs its policy client, e.g. by a config check)."""
 
-    def __init__(self, rate: float, burst: int | None = None) -> None:
-        if rate < 0:
-            raise ValueError(f"rate must be >= 0, got {rate}")
-        self.rate = rate
-        self.burst = burst if burst is not None else max(1, math.ceil(rate))
-        self._tokens = float(self.burst)
-        self._stamp = anyio.current_time()
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._gate: PolicyGate | None = None
         self._paused_until = 0.0
-        self._lock = anyio.Lock()
 
     def __repr__(self) -> str:
-        limit = f"{self.rate:g}/s burst={self.burst}" if self.rate else "unlimited"
-        pause = max(0.0, self._paused_until - anyio.current_time())
-        return f"<RequestGate {limit}" + (f" paused={pause:.1f}s>" if pause else ">")
+        return repr(self._gate) if self._gate is not None else f"<SharedGate {self.name} unresolved>"
+
+    def _resolve(self) -> PolicyGate:
+        if self._gate is None:
+            self._gate = policy_gate(self.name)
+            self._gate.pause_until(self._paused_until)
+        return self._gate
 
     def pause_until(self, deadline: float) -> None:
-        """Let no request through before ``deadline`` (an ``anyio.current_time()`` value)."""
-        self._paused_until = max(self._paused_until, deadline)
+        """Hold every request of the agent under this policy until ``deadline``."""
+        if self._gate is None:
+            self._paused_until = max(self._paused_until, deadline)
+        else:
+            self._gate.pause_until(deadline)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of this agent's slots of the policy's concurrency for one request."""
+        async with self._resolve().slot():
+            yield
 
     async def acquire(self) -> None:
-        """Wait for a pause to end and a token to be free, then take the token."""
-        async with self._lock:
-            while True:
-                now = anyio.current_time()
-                wait = self._paused_until - now
-                if self.rate:
-                    self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-                    self._stamp = now
-                    if self._tokens < 1:
-                        wait = max(wait, (1 - self._tokens) / self.rate)
-                if wait <= 0:
-                    if self.rate:
-                        self._tokens -= 1
-                    return
-                await anyio.sleep(wait)
+        """Take one shared token (see :meth:`mesh.policy.PolicyGate.acquire`).
+
+        Raises:
+            ConfigError: the agent declares no ``[policies.<name>]`` (or no agent runs here).
+            QuotaExhausted: the policy's daily quota is spent (a SystemUnavailable: the batch
+                goes back and is retried).
+        """
+        await self._resolve().acquire()
+
+
+def gate_for(rate: float, burst: int | None, policy: str | None) -> RequestGate | SharedGate:
+    """The shared gate of ``policy`` when one is named, else a local bucket of ``rate``/``burst``."""
+    if policy is not None:
+        return SharedGate(policy)
+    return RequestGate(rate, burst)

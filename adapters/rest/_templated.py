@@ -17,7 +17,7 @@ import msgspec
 
 from adapters.rest._auth import Credentials
 from adapters.rest._paths import first
-from adapters.rest._ratelimit import RequestGate
+from adapters.rest._ratelimit import RequestGate, SharedGate
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
 from adapters.rest._state import VersionStore
 from adapters.rest._template import (
@@ -52,7 +52,7 @@ class TemplatedApply:
 
     _config: RestSinkConfig
     _store: VersionStore
-    _gate: RequestGate
+    _gate: RequestGate | SharedGate
     _breaker: CircuitBreaker
     _counts: dict[str, int]
     _upsert_path: str
@@ -259,8 +259,9 @@ class TemplatedApply:
         self._counts["lookups"] += 1
         try:
             await self._gate.acquire()
-            with anyio.fail_after(self._config.timeout):
-                response = await client.request(lookup.method, path, params=params)
+            async with self._gate.slot():  # the policy's concurrency share (mesh.policy)
+                with anyio.fail_after(self._config.timeout):
+                    response = await client.request(lookup.method, path, params=params)
         except (TimeoutError, httpx.TimeoutException):
             raise SystemUnavailable(f"{what}: no answer within {self._config.timeout:g}s") from None
         except httpx.HTTPError as exc:
@@ -312,10 +313,11 @@ class TemplatedApply:
                 await self._gate.acquire()
                 self._counts["requests"] += 1
                 try:
-                    with anyio.fail_after(cfg.timeout):
-                        response = await client.request(
-                            head.method, head.path, params=head.params, content=body, headers=headers
-                        )
+                    async with self._gate.slot():  # the policy's concurrency share (mesh.policy)
+                        with anyio.fail_after(cfg.timeout):
+                            response = await client.request(
+                                head.method, head.path, params=head.params, content=body, headers=headers
+                            )
                 except (TimeoutError, httpx.TimeoutException):
                     self._breaker.failure()
                     problem, lost = f"no answer within {cfg.timeout:g}s", True

@@ -18,6 +18,7 @@ from mesh.config import (
     HeaderName,
     PositiveFloat,
     PositiveInt,
+    Token,
 )
 from mesh.secrets import SecretFile, exactly_one, secret_header_problem
 
@@ -282,6 +283,11 @@ class RestSinkConfig(AdapterConfig, frozen=True, tag="rest"):
     burst: PositiveInt | None = None
     """Token-bucket size: requests that may go at once after a quiet spell (default:
     ``rate_limit`` rounded up)."""
+    policy: Token | None = None
+    """A shared API policy (``[policies.<name>]`` in the agent config): its rate, concurrency
+    and daily quota are shared with every agent and replica naming it, coordinated by the
+    control plane, instead of ``rate_limit``/``burst`` (README "Shared rate limits and quotas
+    (API policy)")."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     """Tries per request within one ``apply`` on 5xx, 408, 409, 429, timeouts and connection
     errors; then the batch is given back (the agent naks it with its own backoff)."""

@@ -74,7 +74,7 @@ import httpx
 import msgspec
 
 from adapters.rest._auth import Credentials
-from adapters.rest._ratelimit import RequestGate
+from adapters.rest._ratelimit import gate_for
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
 from adapters.rest._state import VersionStore, default_target
 from adapters.rest._template import guard_key, refusal, refusal_reason
@@ -112,7 +112,7 @@ class RestSink(TemplatedApply, Sink):
         self._templated = config.templated
         self._xref = config.results is not None and config.results.id is not None
         self._refused_creates: list[str] = []  # their pending marks go at the end of the round
-        self._gate = RequestGate(config.rate_limit, config.burst)
+        self._gate = gate_for(config.rate_limit, config.burst, config.policy)
         self._breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
         self._credentials: Credentials | None = None
         self._client: httpx.AsyncClient | None = None
@@ -296,9 +296,10 @@ class RestSink(TemplatedApply, Sink):
                 await self._gate.acquire()
                 self._counts["requests"] += 1
                 try:
-                    with anyio.fail_after(cfg.timeout), telemetry.api_call(record.id, method, path) as span:
-                        response = await client.request(method, path, content=body, headers=headers)
-                        telemetry.answered(span, response.status_code)
+                    async with self._gate.slot():  # the policy's concurrency share (mesh.policy)
+                        with anyio.fail_after(cfg.timeout), telemetry.api_call(record.id, method, path) as span:
+                            response = await client.request(method, path, content=body, headers=headers)
+                            telemetry.answered(span, response.status_code)
                 except (TimeoutError, httpx.TimeoutException):
                     self._breaker.failure()
                     problem = f"no answer within {cfg.timeout:g}s"

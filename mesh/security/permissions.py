@@ -119,6 +119,7 @@ def agent_permissions(
     pub += [
         f"{prefix}.register.{name}",
         f"{prefix}.heartbeat.{name}",
+        f"{prefix}.policy.{name}",  # shared API policy tokens (mesh.policy), as itself only
         "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
         f"$JS.API.STREAM.INFO.{DLQ_STREAM}",
