@@ -297,7 +297,8 @@ class RestSink(TemplatedApply, Sink):
                 self._counts["requests"] += 1
                 try:
                     async with self._gate.slot():  # the policy's concurrency share (mesh.policy)
-                        with anyio.fail_after(cfg.timeout), telemetry.api_call(record.id, method, path) as span:
+                        timed = anyio.fail_after(cfg.timeout)
+                        with timed, telemetry.api_call(record.id, method, path) as span:
                             response = await client.request(method, path, content=body, headers=headers)
                             telemetry.answered(span, response.status_code)
                 except (TimeoutError, httpx.TimeoutException):
