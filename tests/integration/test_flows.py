@@ -286,7 +286,7 @@ entity = "order"
         view = json.loads(_cli(cli_flow.app, "get", "customers", "--json", "--control-plane", url))
         assert view["spec"]["generation"] == 2
         wait_until(lambda: all(r["generation"] == 2 for r in json.loads(
-            _cli(cli_flow.app, "get", "customers", "--json", "--control-plane", url))["reports"]), 10,
+            _cli(cli_flow.app, "get", "customers", "--json", "--control-plane", url))["reports"]), 30,
             "agents to run generation 2")  # fmt: skip
 
         # Drain: capture stops, the backlog is published and applied, then the flow stops. The
