@@ -277,12 +277,20 @@ def _bench(
     outage: Annotated[
         bool, typer.Option("--outage", help="Measure the offline edge instead: outage per GiB, drain after.")
     ] = False,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Measure sink scaling instead: drain by 1, then by N agents sharing the consumer."
+        ),
+    ] = 0,
 ) -> None:
     """Benchmark the mesh against raw nats-py and a FastStream pipeline in the same run (not a test)."""
-    from mesh.devtools.bench import run_bench, run_outage_bench
+    from mesh.devtools.bench import run_bench, run_outage_bench, run_scale_bench
 
     try:
-        if outage:
+        if replicas:
+            run_scale_bench(events=events, replicas=replicas, json_out=json_out)
+        elif outage:
             run_outage_bench(events=events, json_out=json_out)
         else:
             run_bench(

@@ -40,7 +40,7 @@ import anyio
 from mesh.broker import NatsServer
 from mesh.devtools._bench_auth import Secured as _Secured
 
-__all__ = ["run_bench", "run_outage_bench"]
+__all__ = ["run_bench", "run_outage_bench", "run_scale_bench"]
 
 _SOURCE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -56,6 +56,13 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS applied (id INTEGER PRIMARY KEY, applied_ms REAL NOT NULL);
 CREATE TRIGGER IF NOT EXISTS events_applied AFTER INSERT ON events BEGIN
     INSERT OR REPLACE INTO applied VALUES (NEW.id, (julianday('now') - 2440587.5) * 86400000.0);
+END;
+CREATE TABLE IF NOT EXISTS writes (id INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS events_inserted AFTER INSERT ON events BEGIN
+    INSERT INTO writes VALUES (NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS events_updated AFTER UPDATE ON events BEGIN
+    INSERT INTO writes VALUES (NEW.id);
 END;
 """
 
@@ -137,6 +144,13 @@ class _Procs:
                 p.kill()
                 p.wait()
 
+    def effects(self) -> tuple[int, int]:
+        """(writes to the target's rows, distinct rows written): equal when every event took
+        effect once."""
+        with sqlite3.connect(self.dst_db, timeout=10) as c:
+            n, distinct = c.execute("SELECT count(*), count(DISTINCT id) FROM writes").fetchone()
+            return int(n), int(distinct)
+
     def applied(self) -> int:
         with sqlite3.connect(self.dst_db, timeout=10) as c:
             return int(c.execute("SELECT count(*) FROM applied").fetchone()[0])
@@ -145,7 +159,7 @@ class _Procs:
 class _Mesh(_Procs):
     """A source agent and a sink agent as child processes, with their SQLite systems."""
 
-    def __init__(self, root: Path, url: str, sec: _Secured) -> None:
+    def __init__(self, root: Path, url: str, sec: _Secured, sinks: int = 1) -> None:
         self.root = root
         root.mkdir(parents=True)
         self.src_db, self.dst_db = root / "source.db", root / "target.db"
@@ -156,10 +170,10 @@ class _Mesh(_Procs):
             c.execute("PRAGMA journal_mode=WAL")
             c.executescript(_TARGET_SCHEMA)
         self.configs = []
-        for name, system, flow in (
-            ("bench-src", "erp", _source_flow(self.src_db)),
-            ("bench-dst", "crm", _sink_flow(self.dst_db)),
-        ):
+        agents = [("bench-src", "erp", _source_flow(self.src_db))]
+        # replicas of one sink share its durable consumer (same flow, same system)
+        agents += [(f"bench-dst{i or ''}", "crm", _sink_flow(self.dst_db)) for i in range(sinks)]
+        for name, system, flow in agents:
             path = root / f"{name}.toml"
             text = _agent_toml(name, system, root, url, flow)
             path.write_text(text)
@@ -179,6 +193,8 @@ class _Mesh(_Procs):
             role = "source" if cfg.stem == "bench-src" else "sink"
             if only is not None and role != only:
                 continue
+            if role in self.roles:
+                role = cfg.stem.replace("bench-dst", "sink")
             log = open(self.root / f"{cfg.stem}.log", "ab")  # noqa: SIM115
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "mesh", "agent", "run", "--config", str(cfg)],
@@ -310,8 +326,10 @@ async def _drain(
         cpu["nats-server"] = _cpu_s(server_pid) - server0
     finally:
         pipe.stop()
+    writes, distinct = pipe.effects()
     return {
         "events": events, "applied": done, "complete": complete, "seconds": elapsed, "rate": done / elapsed,
+        "effect_once": writes == distinct, "target_writes": writes,
         "peak_rss_mb": rss, "cpu_s": cpu, "cpu_us_per_event": sum(cpu.values()) / max(1, done) * 1e6,
     }  # fmt: skip
 
@@ -563,6 +581,8 @@ def _round(
             drain = anyio.run(_drain, make("drain"), server.url, events, sec, server.pid, bound)
             latency = anyio.run(_latency, make("latency"), server.url, rate, seconds, sec)
             out[name] = {"drain": drain, "latency": latency}
+    out["load"] = os.getloadavg()  # other work on the machine during the round
+    print(f"round done; load average {out['load'][0]:.2f}", flush=True)
     return out
 
 
@@ -654,3 +674,28 @@ def _print(result: dict[str, Any], rate: int, repeat: int) -> None:
             f" (against {which}, the faster)"
         )
         print(f"mesh/FastStream p99    {mesh['latency']['p99_ms'] / fs['latency']['p99_ms']:.2f}x")
+
+
+def run_scale_bench(*, events: int, replicas: int, json_out: Path | None) -> dict[str, Any]:
+    """One sink flow drained by 1 agent, then by ``replicas`` agents sharing its durable consumer
+    (same flow, same system), on one secured nats-server; checks that every event took effect
+    once (the target's insert and update triggers count every write)."""
+    root = Path(tempfile.mkdtemp(prefix="mesh-scale-"))
+    sec = _Secured(root)
+    result: dict[str, Any] = {"cpus": os.cpu_count()}
+    with sec.server(root / "nats") as server:
+        for n in (1, replicas):
+            print(f"mesh: drain {events} with {n} sink replica(s) ...", flush=True)
+            pipe = _Mesh(root / f"sinks{n}", server.url, sec, sinks=n)
+            result[f"sinks_{n}"] = anyio.run(_drain, pipe, server.url, events, sec, server.pid)
+    result["load"] = os.getloadavg()
+    one, many = result["sinks_1"], result[f"sinks_{replicas}"]
+    print()
+    print(f"load average {result['load'][0]:.2f} on {result['cpus']} CPUs")
+    for n, r in ((1, one), (replicas, many)):
+        print(f"{n} sink replica(s): drain {r['rate']:8.0f} events/s, target writes {r['target_writes']}"
+              f" for {events} events, effect once: {r['effect_once']}")  # fmt: skip
+    print(f"scaling {many['rate'] / one['rate']:.2f}x with {replicas} replicas")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    return result
