@@ -89,7 +89,7 @@ async def _sub(url: str, creds: str, db: str, patched: bool) -> None:
         from faststream.nats.subscriber.usecases import stream_pull_subscriber
 
         # catch the bare asyncio.TimeoutError too (nats-py's own TimeoutError subclasses it)
-        stream_pull_subscriber.TimeoutError = TimeoutError  # type: ignore[misc,assignment]
+        setattr(stream_pull_subscriber, "TimeoutError", TimeoutError)  # noqa: B010
 
     conn = await aiosqlite.connect(db)
     # Its per-message INFO lines ("Received", "Processed") at DEBUG, as for a throughput job.
