@@ -72,8 +72,14 @@ async def _pub(url: str, creds: str, db: str) -> None:
                 if not rows:
                     await asyncio.sleep(0.005)
                     continue
-                await asyncio.gather(*(one(r) for r in rows))
-                last = rows[-1][0]
+                while rows:  # at-least-once: publish again what was not acked (same msg id)
+                    outcomes = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
+                    failed = [r for r, o in zip(rows, outcomes, strict=True) if isinstance(o, Exception)]
+                    errors = [o for o in outcomes if isinstance(o, Exception)]
+                    if errors:
+                        logging.warning("%d publishes failed (%r); again", len(errors), errors[0])
+                    last = max(last, rows[-1][0])
+                    rows = failed
 
     task = asyncio.create_task(loop())
     await _until_terminated()
