@@ -793,12 +793,12 @@ class JetStream(Transport):
         """Publish with at most ``window`` unacknowledged at a time; True where PubAck arrived.
 
         Acks arrive on one wildcard reply subscription per connection instead of one request
-        per message. Window slots are taken without yielding to the loop while the window has
-        room, so nats-py's flusher sends a whole chunk in one write (nats-py's own
-        ``publish_async`` yields for every message through ``wait_for`` and so writes each one
-        alone). Every ack is bounded (the lesson of nats.py #985): a publish stalled longer than
-        ``request_timeout`` for a window slot, or an ack not back within ``request_timeout`` of
-        the last send, counts as not acked. Never raises for a failed message: the caller keeps
+        per message. Messages are handed to nats-py without yielding to the loop while the
+        window has room, and a full window waits until half of it is acked, so nats-py's flusher
+        sends each chunk in one write (nats-py's own ``publish_async`` yields for every message
+        through ``wait_for`` and so writes each one alone). Every ack is bounded (the lesson of
+        nats.py #985): a full window not half acked within ``request_timeout``, or an ack not
+        back within ``request_timeout`` of the last send, counts as not acked. Never raises for a failed message: the caller keeps
         the unacked ones and retries (same ``Nats-Msg-Id``, so the server drops a duplicate).
         """
         if not messages:
@@ -806,26 +806,33 @@ class JetStream(Transport):
         acks = await self._pub_acks()
         nc = self.nc
         timeout = self.cfg.request_timeout
-        slots = asyncio.Semaphore(max(1, window))
+        window = max(1, window)
+        low_water = window // 2
+        inflight = 0
+        room = asyncio.Event()
         loop = asyncio.get_running_loop()
         sent: list[tuple[str, asyncio.Future[bool]]] = []
 
         def release(_fut: asyncio.Future[bool]) -> None:
-            slots.release()
+            nonlocal inflight
+            inflight -= 1
+            if inflight <= low_water:
+                room.set()
 
         try:
             for m in messages:
                 if not self.is_connected:
                     break
-                if slots.locked():
-                    # The window is full: waiting lets the flusher write what was queued.
+                if inflight >= window:
+                    # The window is full: wait until half of it is acked, so the next chunk goes
+                    # out in one write again (a slot at a time would mean a write per message).
+                    room.clear()
                     with anyio.move_on_after(timeout) as stalled:
-                        await slots.acquire()
+                        await room.wait()
                     if stalled.cancelled_caught:
                         log.debug("publish %s not sent: window stalled %gs", m.msg_id, timeout)
                         break
-                else:
-                    await slots.acquire()  # free: returns without suspending
+                inflight += 1
                 token = acks.token()
                 fut: asyncio.Future[bool] = loop.create_future()
                 fut.add_done_callback(release)
