@@ -798,8 +798,9 @@ class JetStream(Transport):
         sends each chunk in one write (nats-py's own ``publish_async`` yields for every message
         through ``wait_for`` and so writes each one alone). Every ack is bounded (the lesson of
         nats.py #985): a full window not half acked within ``request_timeout``, or an ack not
-        back within ``request_timeout`` of the last send, counts as not acked. Never raises for a failed message: the caller keeps
-        the unacked ones and retries (same ``Nats-Msg-Id``, so the server drops a duplicate).
+        back within ``request_timeout`` of the last send, counts as not acked. Never raises for
+        a failed message: the caller keeps the unacked ones and retries (same ``Nats-Msg-Id``,
+        so the server drops a duplicate).
         """
         if not messages:
             return []
