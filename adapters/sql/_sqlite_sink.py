@@ -200,14 +200,27 @@ class SqliteSink(Sink):
     def _apply_batch(
         self, conn: sqlite3.Connection, records: Sequence[SinkRecord]
     ) -> list[Applied | Exception]:
-        """The whole batch, in the worker thread: ``BEGIN IMMEDIATE`` ... ``COMMIT``."""
+        """The whole batch, in the worker thread: ``BEGIN IMMEDIATE`` ... ``COMMIT``.
+
+        First without a savepoint per record (two statements less per record); when a record
+        fails, the batch is rolled back and applied again with one savepoint per record, so the
+        failing record alone is refused.
+        """
+        try:
+            return self._apply_tx(conn, records, savepoints=False)
+        except _RecordFailed:
+            return self._apply_tx(conn, records, savepoints=True)
+
+    def _apply_tx(
+        self, conn: sqlite3.Connection, records: Sequence[SinkRecord], *, savepoints: bool
+    ) -> list[Applied | Exception]:
         try:
             conn.execute("BEGIN IMMEDIATE")
             target = self._shape(conn)
             versions = self._stored_versions(conn, records)
             outcomes: list[Applied | Exception] = []
             for record in records:
-                outcome, target = self._apply_one(conn, record, target, versions)
+                outcome, target = self._apply_one(conn, record, target, versions, savepoints)
                 outcomes.append(outcome)
             # Cancelled while the batch ran: roll it back rather than commit behind the back of
             # a caller that will not see the outcomes.
@@ -239,7 +252,12 @@ class SqliteSink(Sink):
         return versions
 
     def _apply_one(
-        self, conn: sqlite3.Connection, record: SinkRecord, target: _Target | None, versions: dict[str, int]
+        self,
+        conn: sqlite3.Connection,
+        record: SinkRecord,
+        target: _Target | None,
+        versions: dict[str, int],
+        savepoints: bool = True,
     ) -> tuple[Applied | Exception, _Target | None]:
         table = self._config.table
         if record.version not in _INT64:
@@ -256,7 +274,8 @@ class SqliteSink(Sink):
                 return RejectedRecord(f"{table} key {record.key!r}: {exc}"), target
         created = False
         outcome = Applied.APPLIED
-        conn.execute("SAVEPOINT mesh_record")
+        if savepoints:
+            conn.execute("SAVEPOINT mesh_record")
         try:
             if record.deleted:
                 if target is not None and record.create:
@@ -277,10 +296,13 @@ class SqliteSink(Sink):
                 if not written:
                     outcome = Applied.UNCHANGED  # the row held these values already (or is absent)
             conn.execute(_STORE_VERSION, (table, guard, record.version, int(record.deleted)))
-            conn.execute("RELEASE mesh_record")
+            if savepoints:
+                conn.execute("RELEASE mesh_record")
         except sqlite3.Error as exc:
             if not is_record_error(exc):
                 raise  # the whole batch rolls back
+            if not savepoints:
+                raise _RecordFailed from exc  # the batch again, with a savepoint per record
             conn.execute("ROLLBACK TO mesh_record")
             conn.execute("RELEASE mesh_record")
             if created:
@@ -358,6 +380,10 @@ class SqliteSink(Sink):
         if conn is not None:
             with anyio.CancelScope(shield=True), suppress(sqlite3.Error):
                 await self._in_thread(conn.close)
+
+
+class _RecordFailed(Exception):
+    """A record failed in a batch applied without savepoints: apply it again with them."""
 
 
 def _table_columns(conn: sqlite3.Connection, table: str) -> list[Column]:

@@ -272,18 +272,39 @@ def _bench(
     rate: Annotated[int, typer.Option(help="Paced rate for the latency test (events/s).")] = 1000,
     seconds: Annotated[float, typer.Option(help="Duration of the paced latency test.")] = 10.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write results here.")] = None,
+    repeat: Annotated[
+        int, typer.Option(min=1, help="Interleave the pipelines this many times and report medians.")
+    ] = 1,
+    faststream: Annotated[
+        bool, typer.Option(help="Also run the FastStream peer (needs the bench extra).")
+    ] = True,
     outage: Annotated[
         bool, typer.Option("--outage", help="Measure the offline edge instead: outage per GiB, drain after.")
     ] = False,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Measure sink scaling instead: drain by 1, then by N agents sharing the consumer."
+        ),
+    ] = 0,
 ) -> None:
-    """Benchmark the mesh path against raw nats-py in the same run (not a test)."""
-    from mesh.devtools.bench import run_bench, run_outage_bench
+    """Benchmark the mesh against raw nats-py and a FastStream pipeline in the same run (not a test)."""
+    from mesh.devtools.bench import run_bench, run_outage_bench, run_scale_bench
 
     try:
-        if outage:
+        if replicas:
+            run_scale_bench(events=events, replicas=replicas, json_out=json_out)
+        elif outage:
             run_outage_bench(events=events, json_out=json_out)
         else:
-            run_bench(events=events, rate=rate, seconds=seconds, json_out=json_out)
+            run_bench(
+                events=events,
+                rate=rate,
+                seconds=seconds,
+                json_out=json_out,
+                repeat=repeat,
+                faststream=faststream,
+            )
     except MeshError as exc:
         _fail(exc)
 

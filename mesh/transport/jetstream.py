@@ -369,6 +369,56 @@ class _TlsRefused(Exception):
         self.error = error
 
 
+def _take_queued_without_waiting(psub: Any) -> None:
+    """Let a fetch take a message already received without a task and a ``wait_for`` each.
+
+    nats-py's ``fetch`` collects a batch through ``Subscription.next_msg``, which starts a task
+    running ``wait_for(queue.get(), timeout)`` for every message, even when it is already queued;
+    for a 1,000-message batch that is most of the consumer's loop time. A queued message is
+    taken directly, with the same bookkeeping as ``next_msg``; otherwise ``next_msg`` waits as
+    before (its timeout unchanged). Left alone if nats-py's subscription is not as expected.
+    """
+    sub = getattr(psub, "_sub", None)
+    queue = getattr(sub, "_pending_queue", None)
+    if sub is None or not isinstance(queue, asyncio.Queue) or not hasattr(sub, "_pending_size"):
+        return
+    waiting_next_msg = sub.next_msg
+
+    async def next_msg(timeout: float | None = 1.0) -> Msg:
+        if queue.empty() or sub._conn.is_closed:
+            return await waiting_next_msg(timeout)
+        msg: Msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
+
+    sub.next_msg = next_msg
+
+
+class _PubAcks:
+    """The reply subscription of windowed publishes: each PubAck resolves its waiting future
+    (True for a stored or duplicate message, False for an error or a no-responders status)."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox() + "."
+        self.waiting: dict[str, asyncio.Future[bool]] = {}
+        self._next = 0
+
+    async def start(self) -> None:
+        await translated("subscribe to publish acks", self.nc.subscribe(self.prefix + "*", cb=self._on_ack))
+
+    def token(self) -> str:
+        self._next += 1
+        return format(self._next, "x")
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self.waiting.pop(msg.subject[len(self.prefix) :], None)
+        if fut is not None and not fut.done():
+            data = msg.data
+            fut.set_result(b'"seq"' in data and b'"error"' not in data)
+
+
 class JetStream(Transport):
     """Owns one NATS connection and everything nats-py spawns for it.
 
@@ -383,7 +433,7 @@ class JetStream(Transport):
         """JetStream domain to address (``$JS.<domain>.API``); None: the server's own."""
         self._nc: _Client | None = None
         self._js: JetStreamContext | None = None
-        self._windowed: dict[int, JetStreamContext] = {}
+        self._acks: _PubAcks | None = None
         self._closing = False
         self.connected = anyio.Event()
         self.reconnects = 0
@@ -549,7 +599,7 @@ class JetStream(Transport):
         self._closing = True
         nc, self._nc = self._nc, None
         self._js = None
-        self._windowed.clear()
+        self._acks = None
         if nc is None or nc.is_closed:
             return
         with anyio.move_on_after(5, shield=True):
@@ -742,50 +792,79 @@ class JetStream(Transport):
     async def publish_many(self, messages: Sequence[OutMessage], window: int) -> list[bool]:
         """Publish with at most ``window`` unacknowledged at a time; True where PubAck arrived.
 
-        Acks arrive on one wildcard subscription (nats-py's ``publish_async``) instead of one
-        request per message. nats-py can leave such a future unresolved forever (nats.py #985),
-        so every ack is bounded: a publish stalled longer than ``request_timeout`` for a window
-        slot, or an ack not back within ``request_timeout`` of the last send, counts as not
-        acked. Never raises for a failed message: the caller keeps the unacked ones and retries.
+        Acks arrive on one wildcard reply subscription per connection instead of one request
+        per message. Messages are handed to nats-py without yielding to the loop while the
+        window has room, and a full window waits until half of it is acked, so nats-py's flusher
+        sends each chunk in one write (nats-py's own ``publish_async`` yields for every message
+        through ``wait_for`` and so writes each one alone). Every ack is bounded (the lesson of
+        nats.py #985): a full window not half acked within ``request_timeout``, or an ack not
+        back within ``request_timeout`` of the last send, counts as not acked. Never raises for
+        a failed message: the caller keeps the unacked ones and retries (same ``Nats-Msg-Id``,
+        so the server drops a duplicate).
         """
         if not messages:
             return []
-        js = self._window_js(window)
+        acks = await self._pub_acks()
+        nc = self.nc
         timeout = self.cfg.request_timeout
-        futures: list[asyncio.Future[Any]] = []
+        window = max(1, window)
+        low_water = window // 2
+        inflight = 0
+        room = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[str, asyncio.Future[bool]]] = []
+
+        def release(_fut: asyncio.Future[bool]) -> None:
+            nonlocal inflight
+            inflight -= 1
+            if inflight <= low_water:
+                room.set()
+
         try:
             for m in messages:
                 if not self.is_connected:
                     break
+                if inflight >= window:
+                    # The window is full: wait until half of it is acked, so the next chunk goes
+                    # out in one write again (a slot at a time would mean a write per message).
+                    room.clear()
+                    with anyio.move_on_after(timeout) as stalled:
+                        await room.wait()
+                    if stalled.cancelled_caught:
+                        log.debug("publish %s not sent: window stalled %gs", m.msg_id, timeout)
+                        break
+                inflight += 1
+                token = acks.token()
+                fut: asyncio.Future[bool] = loop.create_future()
+                fut.add_done_callback(release)
+                acks.waiting[token] = fut
+                sent.append((token, fut))
                 headers = {"Nats-Msg-Id": m.msg_id, "Content-Type": CONTENT_TYPE, **m.headers}
                 try:
-                    fut = await js.publish_async(m.subject, m.data, wait_stall=timeout, headers=headers)
+                    await nc.publish(m.subject, m.data, reply=acks.prefix + token, headers=headers)
                 except NATS_ERRORS as exc:
                     log.debug("publish %s not sent: %s", m.msg_id, exc)
                     break
-                futures.append(fut)
-            with anyio.move_on_after(timeout):
-                for fut in futures:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(fut)
+            pending = [fut for _, fut in sent if not fut.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=timeout)
         finally:
-            for fut in futures:
+            for token, fut in sent:
                 if not fut.done():
-                    fut.cancel()  # releases its window slot in nats-py
+                    acks.waiting.pop(token, None)
+                    fut.cancel()
         results = [False] * len(messages)
-        for i, fut in enumerate(futures):
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                results[i] = True
+        for i, (_, fut) in enumerate(sent):
+            results[i] = fut.done() and not fut.cancelled() and fut.result()
         return results
 
-    def _window_js(self, window: int) -> JetStreamContext:
-        js = self._windowed.get(window)
-        if js is None:
-            js = self.nc.jetstream(
-                timeout=self.cfg.request_timeout, publish_async_max_pending=window, domain=self.domain
-            )
-            self._windowed[window] = js
-        return js
+    async def _pub_acks(self) -> _PubAcks:
+        acks = self._acks
+        if acks is None or acks.nc is not self.nc:
+            acks = _PubAcks(self.nc)
+            await acks.start()
+            self._acks = acks
+        return acks
 
     async def pull_consumer(
         self,
@@ -815,6 +894,7 @@ class JetStream(Transport):
             f"bind consumer {durable}", self.js.pull_subscribe_bind(durable=durable, stream=stream)
         )
         next_subject = f"{self._api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        _take_queued_without_waiting(sub)
         return PullConsumer(sub, durable, denials=self.nc.denials, next_subject=next_subject)
 
     async def key_value(
