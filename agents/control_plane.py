@@ -38,6 +38,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskStatus
 
@@ -95,7 +96,14 @@ from mesh.controlplane.registry import Registry
 from mesh.controlplane.runs_view import RunsView
 from mesh.controlplane.series import SeriesStore
 from mesh.controlplane.settings import ControlPlaneSettings
-from mesh.controlplane.status import DlqInfo, StatusBuilder, config_file_flows, flow_views
+from mesh.controlplane.status import (
+    DlqInfo,
+    StatusBuilder,
+    config_file_flows,
+    cooperatively,
+    flow_views,
+    flow_views_steps,
+)
 from mesh.controlplane.txn import TxnTracker
 from mesh.errors import DecodeError, TransportError
 from mesh.readiness import Readiness
@@ -103,6 +111,7 @@ from mesh.reconcile.schedule import ReconcileScheduler
 from mesh.runs.report import RUNS_BUCKET
 from mesh.sdnotify import Notifier
 from mesh.security.authority import Authority
+from mesh.trace import TransactionsView
 from mesh.transport import DLQ_STREAM, JetStream, Message, NoReply, NoResponders, NotFound, Transport
 
 __all__ = ["ControlPlane", "run_control_plane_process"]
@@ -110,6 +119,11 @@ __all__ = ["ControlPlane", "run_control_plane_process"]
 log = logging.getLogger(__name__)
 
 _CONCURRENCY = 64
+_STEP = 250
+"""Items handled between two yields to the event loop in a sweep."""
+STATUS_MAX_AGE = 2.0
+"""Seconds a sweep-built status report is served before a request rebuilds it (the sweep
+rebuilds it every ``sweep_interval``; this bounds staleness when the sweep is slow)."""
 
 
 class ControlPlane:
@@ -165,6 +179,8 @@ class ControlPlane:
         self._flow_series: set[str] = set()
         self.supervisor: Supervisor | None = None
         self._stopping = False
+        self._status: tuple[float, StatusReport] | None = None
+        self._status_dirty = False
         self.conditions = Readiness(("nats", "kv", "handlers"))
         """Met as the parts come up (the process runner adds "signals"); see :meth:`readiness`."""
 
@@ -190,14 +206,44 @@ class ControlPlane:
 
     # --- StatusSource (HTTP) -----------------------------------------------------------------
 
-    def status(self) -> StatusReport:
-        info = ControlPlaneInfo(
+    def _info(self) -> ControlPlaneInfo:
+        return ControlPlaneInfo(
             replica=self.name,
             leader=self.lease.leader if self.lease else None,
             is_leader=self.is_leader,
             nats_connected=self.js.is_connected,
             version=mesh_version(),
         )
+
+    def _transactions(self) -> TransactionsView | None:
+        return self.txns.view() if self.txns.caught_up.is_set() else None
+
+    def _cache_status(self, report: StatusReport) -> StatusReport:
+        if self.runs_view is not None:
+            report = msgspec.structs.replace(report, runs=self.runs_view.latest(report.generated_at))
+        self._status = (anyio.current_time(), report)
+        self._status_dirty = False
+        return report
+
+    def invalidate_status(self) -> None:
+        """Make the next :meth:`status` build a fresh report (after a registry or flow change)."""
+        self._status_dirty = True
+
+    def status(self) -> StatusReport:
+        """The status document: the one the last sweep built (at most ``sweep_interval`` old,
+        so a request over thousands of agents costs no rebuild), or a fresh one when that is
+        older than :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since, or
+        the control plane, leader or NATS link changed. The same object is returned until it is
+        rebuilt (the HTTP layer caches its encodings and ETags by it)."""
+        info = self._info()
+        cached = self._status
+        if (
+            cached is not None
+            and not self._status_dirty
+            and anyio.current_time() - cached[0] <= STATUS_MAX_AGE
+            and cached[1].control_plane == info
+        ):
+            return cached[1]
         if self.builder is None:
             return StatusReport(
                 schema_version="mesh-cp-status/1",
@@ -208,13 +254,11 @@ class ControlPlane:
                 counts={"healthy": 0, "degraded": 0, "stale": 0, "lost": 0},
             )
         specs = self.flow_store.specs() if self.flow_store is not None else None
-        txns = self.txns.view() if self.txns.caught_up.is_set() else None
         report = self.builder.report(
-            info, self.dlq_depths, specs=specs, transactions=txns, series=self.series, dlq=self.dlq_info
-        )
-        if self.runs_view is not None:
-            report = msgspec.structs.replace(report, runs=self.runs_view.latest(report.generated_at))
-        return report
+            info, self.dlq_depths, specs=specs, transactions=self._transactions(), series=self.series,
+            dlq=self.dlq_info,
+        )  # fmt: skip
+        return self._cache_status(report)
 
     async def readiness(self) -> str | None:
         if not self.conditions.ready:
@@ -460,6 +504,8 @@ class ControlPlane:
         assert store is not None
         if isinstance(req, Heartbeat):
             return await registry.heartbeat(req)
+        if not isinstance(req, GetStatus | ListFlows | ListAgents | ListTokens):
+            self.invalidate_status()  # a registry or flow change: the next /status shows it
         if isinstance(req, Register):
             reply: Reply = await registry.register(req)
             await store.reconcile()
@@ -675,14 +721,17 @@ class ControlPlane:
                     self.dlq_depths = await self._dlq_depths()
                 with anyio.move_on_after(2):
                     self.dlq_info = await self._dlq_details(self.dlq_depths)
-            self._observe()
+            await self._observe()
             await anyio.sleep(self.settings.sweep_interval)
 
-    def _observe(self) -> None:
+    async def _observe(self) -> None:
+        """One sweep: health transitions, series, metrics, and the cached ``/status`` report,
+        built in steps that let requests and heartbeats be served in between."""
         assert self.builder is not None
         m = self.metrics
         m.nats_connected.set(1 if self.js.is_connected else 0)
-        views = self.builder.agents()
+        now = time.time()
+        views = await cooperatively(self.builder.agents_steps(now))
         for t in self.tracker.update((v.name, v.health, v.reason) for v in views):
             if t.before is None:
                 continue
@@ -700,9 +749,10 @@ class ControlPlane:
             m.flow_applied.labels(name).inc(g.applied)
             m.flow_failures.labels(name).inc(g.failures)
             m.flow_retries.labels(name).inc(g.retries)
-        now = time.time()
         agent_series = set()
-        for v in views:
+        for i, v in enumerate(views, 1):
+            if i % _STEP == 0:
+                await anyio.lowlevel.checkpoint()
             if v.last_heartbeat is not None:
                 agent_series.add((v.name, v.site))
                 m.agent_heartbeat_age.labels(v.name, v.site).set(max(0.0, now - v.last_heartbeat))
@@ -710,7 +760,12 @@ class ControlPlane:
             with contextlib.suppress(KeyError):
                 m.agent_heartbeat_age.remove(*was)
         self._agent_series = agent_series
-        flows = flow_views(views, self.dlq_depths, specs, series=self.series, dlq=self.dlq_info, now=now)
+        flows = await cooperatively(
+            flow_views_steps(views, self.dlq_depths, specs, series=self.series, dlq=self.dlq_info, now=now)
+        )
+        self._cache_status(self.builder.assemble(
+            self._info(), views, flows, now, self._transactions(), series=self.series
+        ))  # fmt: skip
         gauges = (
             m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq, m.flow_dlq_age, m.flow_freshness,
             m.flow_slo_ratio, m.flow_applied, m.flow_failures, m.flow_retries,
@@ -725,7 +780,9 @@ class ControlPlane:
                 with contextlib.suppress(KeyError):
                     m.flow_latency.remove(gone, q)
         self._flow_series = {f.name for f in flows}
-        for f in flows:
+        for i, f in enumerate(flows, 1):
+            if i % _STEP == 0:
+                await anyio.lowlevel.checkpoint()
             m.flow_backlog.labels(f.name).set(f.backlog)
             m.flow_pending.labels(f.name).set(f.consumer_pending)
             m.flow_lag.labels(f.name).set(f.lag_seconds)

@@ -20,7 +20,11 @@ Routes (GET and HEAD only)::
     /readyz         200 {"ready": true} once the source says ready (the control plane: signal
                     handlers, NATS link, KV buckets and request handlers up, KV readable,
                     not stopping), else 503 {"ready": false, "reason": what it waits for}
-    /status         the StatusReport JSON document (schema_version mesh-cp-status/1)
+    /status         the StatusReport JSON document (schema_version mesh-cp-status/1); by default
+                    a summary (counts, counts per site, the agents that are not healthy, the
+                    flows); ``?agents=all`` lists every agent; ``site=``, ``health=``,
+                    ``limit=``, ``offset=`` narrow and page the agents (see
+                    :func:`status_page`). ETag / If-None-Match (304), gzip
     /status/schema  JSON Schema of /status
     /metrics        Prometheus text format (names mesh_cp_*)
     /trace/<id>     a business transaction's records and status (by correlation id, envelope id
@@ -42,13 +46,16 @@ With a bearer token configured, every route but ``/healthz`` and ``/readyz`` (pr
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
+import hashlib
 import hmac
 import html
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from importlib import resources
 from typing import Any, Protocol
 
@@ -60,18 +67,28 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.controlplane._httpguard import RequestLimits, guarded_h11, is_loopback
-from mesh.controlplane.models import StatusReport, status_schema
+from mesh.controlplane.models import HEALTH_STATES, AgentsPage, StatusReport, status_schema
 from mesh.controlplane.series import SeriesStore
 from mesh.errors import ConfigError
 from mesh.trace import STATUSES
 
-__all__ = ["HttpServer", "StatusSource", "create_app", "render_dashboard"]
+__all__ = [
+    "SUMMARY_LIMIT",
+    "HttpServer",
+    "StatusQuery",
+    "StatusSource",
+    "create_app",
+    "parse_status_query",
+    "render_dashboard",
+    "status_page",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +162,140 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+SUMMARY_LIMIT = 100
+"""Agents a ``/status`` summary lists at most unless ``limit`` says otherwise."""
+_MAX_LIMIT = 10_000
+_GZIP_MIN = 1024
+"""Bodies at least this large are sent gzip-compressed to clients that accept it."""
+_GZIP_THREAD_MIN = 128 * 1024
+"""Bodies at least this large are compressed in a worker thread (the loop keeps serving)."""
+
+
+class StatusQuery(msgspec.Struct, frozen=True):
+    """What ``/status`` was asked for (see :func:`parse_status_query`)."""
+
+    agents: str = "summary"
+    site: str | None = None
+    health: str | None = None
+    limit: int | None = None
+    offset: int = 0
+
+
+def parse_status_query(params: Mapping[str, str]) -> StatusQuery | str:
+    """The :class:`StatusQuery` of ``/status``'s query parameters, or the one-line reason they
+    are wrong (``agents`` is ``summary`` or ``all``; ``health`` one of the health states;
+    ``limit`` 0..10000 and ``offset`` >= 0, whole numbers)."""
+    agents = params.get("agents", "summary")
+    if agents not in ("summary", "all"):
+        return "agents must be summary or all"
+    health = params.get("health") or None
+    if health is not None and health not in HEALTH_STATES:
+        return f"health must be one of {', '.join(HEALTH_STATES)}"
+    try:
+        limit = int(params["limit"]) if params.get("limit") else None
+        offset = int(params.get("offset") or 0)
+    except ValueError:
+        return "limit and offset must be whole numbers"
+    if limit is not None and not 0 <= limit <= _MAX_LIMIT:
+        return f"limit must be from 0 to {_MAX_LIMIT}"
+    if offset < 0:
+        return "offset must be 0 or more"
+    return StatusQuery(agents=agents, site=params.get("site") or None, health=health, limit=limit,
+                       offset=offset)  # fmt: skip
+
+
+def status_page(report: StatusReport, query: StatusQuery) -> StatusReport:
+    """``report`` with the agents ``query`` selects and the per-site counts.
+
+    ``summary``: the agents that are not both healthy and active (unless ``health`` asks for
+    one state: then the agents in it), at most ``limit`` (default :data:`SUMMARY_LIMIT`), and
+    the per-site counts of sites with such an agent, so its size does not grow with healthy
+    agents. ``all``: every agent (``limit`` only when given) and every site. ``site`` and
+    ``health`` narrow both modes. Counts, flows, systems, transactions and runs are unchanged.
+    """
+    sites: dict[str, dict[str, int]] = {}
+    for a in report.agents:
+        per = sites.get(a.site)
+        if per is None:
+            per = sites[a.site] = dict.fromkeys(HEALTH_STATES, 0)
+        per[a.health] += 1
+    chosen = [
+        a
+        for a in report.agents
+        if (query.site is None or a.site == query.site)
+        and (
+            a.health == query.health
+            if query.health is not None
+            else query.agents == "all" or a.health != "healthy" or a.state != "active"
+        )
+    ]
+    limit = query.limit
+    if limit is None and query.agents == "summary":
+        limit = SUMMARY_LIMIT
+    end = None if limit is None else query.offset + limit
+    if query.agents == "summary":
+        listed = {a.site for a in chosen}
+        shown = {k: v for k, v in sites.items() if k in listed}
+    else:
+        shown = sites if query.site is None else {k: v for k, v in sites.items() if k == query.site}
+    page = AgentsPage(mode="summary" if query.agents == "summary" else "all", total=len(chosen),
+                      offset=query.offset, limit=limit, sites=len(sites))  # fmt: skip
+    return msgspec.structs.replace(
+        report, agents=chosen[query.offset : end], agents_page=page, sites=dict(sorted(shown.items()))
+    )
+
+
+class _Encoded:
+    """One ``/status`` variant, encoded once per report: body, ETag, gzip form (lazily)."""
+
+    __slots__ = ("body", "etag", "gzipped")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+        self.gzipped: bytes | None = None
+
+    async def gzip(self) -> bytes:
+        if self.gzipped is None:
+            squeeze = functools.partial(gzip.compress, self.body, 5, mtime=0)
+            if len(self.body) >= _GZIP_THREAD_MIN:
+                self.gzipped = await anyio.to_thread.run_sync(squeeze)
+            else:
+                self.gzipped = squeeze()
+        return self.gzipped
+
+
+class _StatusCache:
+    """Encodings of the current report's variants, by query; dropped when the source hands
+    out another report object (sources such as the control plane return the same object
+    until they rebuild it, so a poll between rebuilds costs a dict lookup)."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.report: StatusReport | None = None
+        self.size = size
+        self.variants: dict[StatusQuery, _Encoded] = {}
+
+    def get(self, report: StatusReport, query: StatusQuery) -> _Encoded:
+        if report is not self.report:
+            self.report = report
+            self.variants = {}
+        found = self.variants.get(query)
+        if found is None:
+            if len(self.variants) >= self.size:
+                self.variants.pop(next(iter(self.variants)))
+            found = self.variants[query] = _Encoded(_json.encode(status_page(report, query)))
+        return found
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """Whether an If-None-Match header matches ``etag`` (weak comparison, RFC 9110 13.1.2;
+    the gzip form's tag is the identity one with ``-gz``)."""
+    for tag in header.split(","):
+        tag = tag.strip().removeprefix("W/")
+        if tag == "*" or tag == etag or tag == etag[:-1] + '-gz"':
+            return True
+    return False
+
 
 def _guarded(handler: Handler) -> Handler:
     """Turn any exception into a JSON 500 (logged with its traceback, never sent)."""
@@ -202,8 +353,22 @@ def create_app(
             return _json_response({"ready": True})
         return _json_response({"ready": False, "reason": reason}, 503)
 
+    cache = _StatusCache()
+
     async def status(request: Request) -> Response:
-        return Response(_json.encode(source.status()), media_type="application/json")
+        query = parse_status_query(request.query_params)
+        if isinstance(query, str):
+            return _error(400, query)
+        encoded = cache.get(source.status(), query)
+        zipped = len(encoded.body) >= _GZIP_MIN and "gzip" in request.headers.get("accept-encoding", "")
+        etag = encoded.etag[:-1] + '-gz"' if zipped else encoded.etag
+        headers = {"ETag": etag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
+        if _etag_matches(request.headers.get("if-none-match", ""), encoded.etag):
+            return Response(status_code=304, headers=headers)
+        if zipped:
+            headers["Content-Encoding"] = "gzip"
+            return Response(await encoded.gzip(), media_type="application/json", headers=headers)
+        return Response(encoded.body, media_type="application/json", headers=headers)
 
     async def schema(request: Request) -> Response:
         return _json_response(status_schema())
@@ -289,7 +454,12 @@ def create_app(
             ("/static/{name}", static),
         )
     ]
-    middleware = [Middleware(_SecurityHeaders)]
+    # Large bodies (the dashboard, /api/series, /metrics) compressed for clients that accept it;
+    # /status compresses its own (once per report, not per request), which this then leaves be.
+    middleware = [
+        Middleware(_SecurityHeaders),
+        Middleware(GZipMiddleware, minimum_size=_GZIP_MIN, compresslevel=5),
+    ]
     if token:
         middleware.append(Middleware(_BearerAuth, token=token))
     app = Starlette(
@@ -366,7 +536,9 @@ def render_dashboard(report: StatusReport) -> str:
             for t in tx.recent_failed
         )
         txns = (
-            "<p>transactions: " + " · ".join(f"{e(k)} {v}" for k, v in tx.counts.items()) + "</p>"
+            "<p>transactions: "
+            + " · ".join(f"{e(k)} {v}" for k, v in tx.counts.items())
+            + "</p>"
             + (f"<ul>{failed}</ul>" if failed else "")
         )
     leader = e(cp.leader or "none")

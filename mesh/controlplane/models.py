@@ -40,6 +40,7 @@ __all__ = [
     "AgentRecord",
     "AgentView",
     "Agents",
+    "AgentsPage",
     "ApplyFlows",
     "AssignedFlow",
     "Assignment",
@@ -596,6 +597,22 @@ class ControlPlaneInfo(_Msg, frozen=True):
     version: str
 
 
+class AgentsPage(_Msg, frozen=True):
+    """Which agents a ``/status`` document lists (``GET /status?agents=...``)."""
+
+    mode: Literal["summary", "all"]
+    """``summary`` (the default): the agents that are not healthy and active; ``all``: every
+    agent. Either narrowed by ``site`` and ``health``."""
+    total: int
+    """Agents that match the mode and filters (``agents`` holds ``limit`` of them from ``offset``)."""
+    offset: int = 0
+    limit: int | None = None
+    """None: no limit."""
+    sites: int = 0
+    """Sites with at least one agent (``sites`` of the document may list fewer: in ``summary``
+    mode only those with an agent that is not healthy)."""
+
+
 class StatusReport(_Rep, frozen=True, tag="status"):
     """The ``/status`` document (schema: ``GET /status/schema``, or :func:`status_schema`)."""
 
@@ -617,6 +634,11 @@ class StatusReport(_Rep, frozen=True, tag="status"):
     """The latest bulk run of each flow that has run records in ``mesh_runs`` (scheduled SQL and
     REST runs, CSV file runs): state, counts and age (README "Schedules, bulk runs and hybrid
     sync")."""
+    agents_page: AgentsPage | None = None
+    """How ``agents`` was chosen over HTTP (``/status?agents=summary|all&site=&health=&limit=
+    &offset=``); None in the NATS ``status`` reply, which lists every agent."""
+    sites: dict[str, dict[str, int]] = {}
+    """Agents by site and health, over HTTP (see ``agents_page.sites``)."""
 
 
 class Agents(_Rep, frozen=True, tag="agents"):

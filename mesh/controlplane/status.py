@@ -9,9 +9,10 @@ cached by KV revision, so a request over N agents decodes only what changed sinc
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Generator, Mapping
+from typing import Any, TypeVar
 
+import anyio
 import msgspec
 
 from mesh.controlplane.health import HealthPolicy, assess
@@ -40,8 +41,10 @@ __all__ = [
     "DlqInfo",
     "StatusBuilder",
     "config_file_flows",
+    "cooperatively",
     "flow_state",
     "flow_views",
+    "flow_views_steps",
     "system_views",
 ]
 
@@ -56,6 +59,32 @@ class DlqInfo(msgspec.Struct, frozen=True):
     oldest_at: float | None = None
     """Unix time the oldest was stored (None when unknown)."""
     top_reasons: list[DlqReason] = msgspec.field(default_factory=list)
+
+
+_STEP = 250
+"""Items built between two yields of a ``*_steps`` generator (a few ms of work at most)."""
+T = TypeVar("T")
+Steps = Generator[None, None, T]
+"""A computation that yields now and then so an event loop can serve requests in between."""
+
+
+def _drain(steps: Steps[T]) -> T:
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+async def cooperatively(steps: Steps[T]) -> T:
+    """Run ``steps`` to its result on the event loop, letting other tasks run at each of its
+    yields (so building ``/status`` over thousands of agents never blocks the loop for long)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        await anyio.lowlevel.checkpoint()
 
 
 _record = msgspec.json.Decoder(AgentRecord)
@@ -100,6 +129,11 @@ class StatusBuilder:
 
     def agents(self, now: float | None = None) -> list[AgentView]:
         """Every registered agent with its health, sorted by name."""
+        return _drain(self.agents_steps(now))
+
+    def agents_steps(self, now: float | None = None) -> Steps[list[AgentView]]:
+        """:meth:`agents` as steps (see :func:`cooperatively`); the agents are those of the
+        mirror when it starts."""
         now = time.time() if now is None else now
         records = self.mirror.with_prefix("agent.")
         beats = self.mirror.with_prefix("heartbeat.")
@@ -108,7 +142,9 @@ class StatusBuilder:
         for gone in set(self._heartbeats) - set(beats):
             del self._heartbeats[gone]
         views = []
-        for name in sorted(records):
+        for i, name in enumerate(sorted(records), 1):
+            if i % _STEP == 0:
+                yield
             rec = self._decode_record(name, records[name])
             if rec is None:
                 continue
@@ -158,6 +194,20 @@ class StatusBuilder:
         now = time.time() if now is None else now
         agents = self.agents(now)
         flows = flow_views(agents, dlq_depths, specs, series=series, dlq=dlq, now=now)
+        return self.assemble(info, agents, flows, now, transactions, series=series)
+
+    def assemble(
+        self,
+        info: ControlPlaneInfo,
+        agents: list[AgentView],
+        flows: list[FlowView],
+        now: float,
+        transactions: TransactionsView | None = None,
+        *,
+        series: SeriesStore | None = None,
+    ) -> StatusReport:
+        """The ``/status`` document from views already built (by :meth:`agents_steps` and
+        :func:`flow_views_steps`)."""
         counts: dict[str, int] = dict.fromkeys(HEALTH_STATES, 0)
         for a in agents:
             counts[a.health] += 1
@@ -192,6 +242,19 @@ def flow_views(
     dlq: Mapping[str, DlqInfo] | None = None,
     now: float | None = None,
 ) -> list[FlowView]:
+    """See :func:`flow_views_steps` (the same, at once)."""
+    return _drain(flow_views_steps(agents, dlq_depths, specs, series=series, dlq=dlq, now=now))
+
+
+def flow_views_steps(
+    agents: list[AgentView],
+    dlq_depths: Mapping[str, int],
+    specs: Mapping[str, FlowSpec] | None = None,
+    *,
+    series: SeriesStore | None = None,
+    dlq: Mapping[str, DlqInfo] | None = None,
+    now: float | None = None,
+) -> Steps[list[FlowView]]:
     """Aggregate the flows agents report (fresh or not), those applied (``specs``) and those
     with dead letters. An applied flow no fresh agent reports yet is ``pending``. Cumulative
     KPIs are sums over the reporting agents; rates, quantiles and the SLO ratio come from
@@ -207,7 +270,9 @@ def flow_views(
             by_flow.setdefault(f.name, []).append((a, f))
     names = set(by_flow) | set(dlq_depths) | set(specs)
     views = []
-    for name in sorted(names):
+    for i, name in enumerate(sorted(names), 1):
+        if i % _STEP == 0:
+            yield
         reporting = by_flow.get(name, [])
         fresh = [f.state for a, f in reporting if a.health in ("healthy", "degraded") and a.state == "active"]
         spec = specs.get(name)

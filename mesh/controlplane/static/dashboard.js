@@ -141,7 +141,7 @@
   }
 
   function refresh() {
-    Promise.all([get("status"), get("api/series?minutes=60")]).then(function (res) {
+    Promise.all([get("status?agents=all"), get("api/series?minutes=60")]).then(function (res) {
       renderStatus(res[0]);
       renderSeries(res[1].flows);
       document.getElementById("error").textContent = "";
