@@ -585,7 +585,7 @@ async def _run(
         sim.send("stop")
         heartbeats = await sim.receive("result", timeout=30)
         heartbeats.pop("event")
-        final = (await http.get("/status")).json()
+        final = (await http.get("/status", params={"agents": "all"})).json()
     return {
         "agents": args.agents,
         "interval": args.interval,
@@ -605,13 +605,20 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _top(causes: dict[str, int], n: int = 3) -> str:
+    """The ``n`` most frequent causes, and how many others (one readable line, not thousands)."""
+    top = sorted(causes.items(), key=lambda kv: -kv[1])
+    text = "; ".join(f"{count} x {cause}" for cause, count in top[:n])
+    return text + (f"; and {len(top) - n} other cause(s)" if len(top) > n else "")
+
+
 def _problems(res: dict[str, Any]) -> list[str]:
     out = []
     hb = res["heartbeats"]
     if hb["refused"]:
-        out.append(f"{hb['refused']} heartbeat(s) refused: {hb['refusals']}")
+        out.append(f"{hb['refused']} heartbeat(s) refused: {_top(hb['refusals'])}")
     if hb["failed"]:
-        out.append(f"{hb['failed']} heartbeat(s) unanswered or failed: {hb['failures']}")
+        out.append(f"{hb['failed']} heartbeat(s) unanswered or failed: {_top(hb['failures'])}")
     if not hb["sent"]:
         out.append("no heartbeat sent in the window")
     for phase in ("baseline", "load"):
@@ -659,8 +666,10 @@ def _print(res: dict[str, Any]) -> None:
           f"{lo['cpu_percent']['driver']:.0f}%: they share the machine with the control plane)")  # fmt: skip
     lat = hb["latency_ms"]
     expected = n / res["interval"]
+    accepted = 100.0 * hb["accepted"] / hb["sent"] if hb["sent"] else math.nan
     print(f"heartbeats: sent {hb['sent']} ({hb['rate']:.0f}/s, expected {expected:.0f}/s), accepted "
-          f"{hb['accepted']}, refused {hb['refused']}, failed {hb['failed']}, late {hb['late']}; reply ms "
+          f"{hb['accepted']} ({accepted:.1f}%), refused {hb['refused']}, failed {hb['failed']}, "
+          f"late {hb['late']}; reply ms "
           f"p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} p99 {lat['p99']:.1f} max {lat['max']:.1f}")  # fmt: skip
     reg = res["registration"]
     print(f"registration: {reg['agents']} agents in {reg['seconds']:.1f}s "
