@@ -124,6 +124,9 @@ _STEP = 250
 STATUS_MAX_AGE = 2.0
 """Seconds a sweep-built status report is served before a request rebuilds it (the sweep
 rebuilds it every ``sweep_interval``; this bounds staleness when the sweep is slow)."""
+SYNC_REBUILD_AGENTS = 500
+"""Up to this many agents a registry or flow change rebuilds the status report on the next
+request (read your writes); above, the sweep rebuilds it in steps right away."""
 
 
 class ControlPlane:
@@ -181,6 +184,7 @@ class ControlPlane:
         self._stopping = False
         self._status: tuple[float, StatusReport] | None = None
         self._status_dirty = False
+        self._wake_sweep = anyio.Event()
         self.conditions = Readiness(("nats", "kv", "handlers"))
         """Met as the parts come up (the process runner adds "signals"); see :meth:`readiness`."""
 
@@ -226,20 +230,24 @@ class ControlPlane:
         return report
 
     def invalidate_status(self) -> None:
-        """Make the next :meth:`status` build a fresh report (after a registry or flow change)."""
+        """A registry or flow change: the next :meth:`status` builds a fresh report when the
+        fleet is small (a few ms); with more than :data:`SYNC_REBUILD_AGENTS` agents the sweep
+        runs at once instead (a registration storm must not rebuild on every request)."""
         self._status_dirty = True
+        self._wake_sweep.set()
 
     def status(self) -> StatusReport:
         """The status document: the one the last sweep built (at most ``sweep_interval`` old,
         so a request over thousands of agents costs no rebuild), or a fresh one when that is
-        older than :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since, or
-        the control plane, leader or NATS link changed. The same object is returned until it is
+        older than :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since (see
+        :meth:`invalidate_status`), or the control plane, leader or NATS link changed. The same object is returned until it is
         rebuilt (the HTTP layer caches its encodings and ETags by it)."""
         info = self._info()
         cached = self._status
+        dirty = self._status_dirty and len(cached[1].agents if cached else ()) <= SYNC_REBUILD_AGENTS
         if (
             cached is not None
-            and not self._status_dirty
+            and not dirty
             and anyio.current_time() - cached[0] <= STATUS_MAX_AGE
             and cached[1].control_plane == info
         ):
@@ -722,7 +730,9 @@ class ControlPlane:
                 with anyio.move_on_after(2):
                     self.dlq_info = await self._dlq_details(self.dlq_depths)
             await self._observe()
-            await anyio.sleep(self.settings.sweep_interval)
+            with anyio.move_on_after(self.settings.sweep_interval):
+                await self._wake_sweep.wait()
+            self._wake_sweep = anyio.Event()
 
     async def _observe(self) -> None:
         """One sweep: health transitions, series, metrics, and the cached ``/status`` report,

@@ -94,6 +94,10 @@ class Registry:
         self.mirror = mirror
         self._audit = audit
         self._on_audit_failure = on_audit_failure
+        self._records: dict[str, tuple[int, AgentRecord]] = {}
+        """Decoded agent records by KV revision (a heartbeat must not decode one each time)."""
+        self._errors: dict[str, tuple[int, str, int]] = {}
+        """Per agent: (heartbeat revision, agent id, error count) of the last heartbeat stored."""
 
     def __repr__(self) -> str:
         return f"<Registry {self.bucket.name} via {self.replica}>"
@@ -337,7 +341,12 @@ class Registry:
                 code="unknown",
                 reason=f"agent {req.name!r} is not registered: register it (`meshctl agent register`)",
             )
-        rec = _record.decode(current.value)
+        cached = self._records.get(req.name)
+        if cached is not None and cached[0] == current.revision:
+            rec = cached[1]
+        else:
+            rec = _record.decode(current.value)
+            self._records[req.name] = (current.revision, rec)
         if rec.agent_id != req.agent_id:
             return Refused(
                 code="unknown",
@@ -352,9 +361,9 @@ class Registry:
                 code="unauthorized", reason=f"bad credential for agent {req.name!r}; register it again"
             )
         delta = 0
-        previous = await self._cached_heartbeat(req.name)
-        if previous is not None and previous.agent_id == req.agent_id:
-            delta = max(0, req.payload.errors - previous.payload.errors)
+        previous = self._previous_errors(req.name)
+        if previous is not None and previous[0] == req.agent_id:
+            delta = max(0, req.payload.errors - previous[1])
         hb = HeartbeatRecord(
             agent_id=req.agent_id,
             name=req.name,
@@ -367,17 +376,29 @@ class Registry:
             errors_delta=delta,
         )
         key, value = heartbeat_key(req.name), encode(hb)
-        self._stored(key, value, await self.bucket.put(key, value))
+        revision = await self.bucket.put(key, value)
+        self._stored(key, value, revision)
+        if len(self._errors) > 4 * len(self._records) + 64:
+            self._errors.clear()  # agents deregistered long ago: start again (bounded memory)
+        self._errors[req.name] = (revision, req.agent_id, req.payload.errors)
+        if len(self._records) > 100_000:
+            self._records.clear()
         return HeartbeatAck(seq=req.seq, leader=self.replica)
 
-    async def _cached_heartbeat(self, name: str) -> HeartbeatRecord | None:
+    def _previous_errors(self, name: str) -> tuple[str, int] | None:
+        """(agent id, error count) of the agent's stored heartbeat: remembered when this replica
+        stored it (and the mirror still holds that revision), else decoded from the mirror."""
         entry = self.mirror.get(heartbeat_key(name)) if self.mirror is not None else None
         if entry is None:
             return None
+        known = self._errors.get(name)
+        if known is not None and known[0] == entry.revision:
+            return known[1], known[2]
         try:
-            return _heartbeat.decode(entry.value)
+            hb = _heartbeat.decode(entry.value)
         except msgspec.DecodeError:
             return None
+        return hb.agent_id, hb.payload.errors
 
 
 def _revoked(rec: AgentRecord) -> str:
