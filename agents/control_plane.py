@@ -184,6 +184,7 @@ class ControlPlane:
         self._stopping = False
         self._status: tuple[float, StatusReport] | None = None
         self._status_dirty = False
+        self._status_generation = 0
         self._wake_sweep = anyio.Event()
         self.conditions = Readiness(("nats", "kv", "handlers"))
         """Met as the parts come up (the process runner adds "signals"); see :meth:`readiness`."""
@@ -222,11 +223,13 @@ class ControlPlane:
     def _transactions(self) -> TransactionsView | None:
         return self.txns.view() if self.txns.caught_up.is_set() else None
 
-    def _cache_status(self, report: StatusReport) -> StatusReport:
+    def _cache_status(self, report: StatusReport, generation: int) -> StatusReport:
+        """Keep ``report``, built from what was known at change ``generation``: a change since
+        (during a sweep's build) leaves the cache dirty."""
         if self.runs_view is not None:
             report = msgspec.structs.replace(report, runs=self.runs_view.latest(report.generated_at))
         self._status = (anyio.current_time(), report)
-        self._status_dirty = False
+        self._status_dirty = generation != self._status_generation
         return report
 
     def invalidate_status(self) -> None:
@@ -234,14 +237,16 @@ class ControlPlane:
         fleet is small (a few ms); with more than :data:`SYNC_REBUILD_AGENTS` agents the sweep
         runs at once instead (a registration storm must not rebuild on every request)."""
         self._status_dirty = True
+        self._status_generation += 1
         self._wake_sweep.set()
 
     def status(self) -> StatusReport:
         """The status document: the one the last sweep built (at most ``sweep_interval`` old,
         so a request over thousands of agents costs no rebuild), or a fresh one when that is
-        older than :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since (see
-        :meth:`invalidate_status`), or the control plane, leader or NATS link changed. The same object is returned until it is
-        rebuilt (the HTTP layer caches its encodings and ETags by it)."""
+        older than :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since
+        (see :meth:`invalidate_status`), or the control plane, leader or NATS link changed. The
+        same object is returned until it is rebuilt (the HTTP layer caches its encodings and
+        ETags by it)."""
         info = self._info()
         cached = self._status
         dirty = self._status_dirty and len(cached[1].agents if cached else ()) <= SYNC_REBUILD_AGENTS
@@ -266,7 +271,7 @@ class ControlPlane:
             info, self.dlq_depths, specs=specs, transactions=self._transactions(), series=self.series,
             dlq=self.dlq_info,
         )  # fmt: skip
-        return self._cache_status(report)
+        return self._cache_status(report, self._status_generation)
 
     async def readiness(self) -> str | None:
         if not self.conditions.ready:
@@ -741,6 +746,7 @@ class ControlPlane:
         m = self.metrics
         m.nats_connected.set(1 if self.js.is_connected else 0)
         now = time.time()
+        generation = self._status_generation
         views = await cooperatively(self.builder.agents_steps(now))
         for t in self.tracker.update((v.name, v.health, v.reason) for v in views):
             if t.before is None:
@@ -773,9 +779,10 @@ class ControlPlane:
         flows = await cooperatively(
             flow_views_steps(views, self.dlq_depths, specs, series=self.series, dlq=self.dlq_info, now=now)
         )
-        self._cache_status(self.builder.assemble(
+        report = self.builder.assemble(
             self._info(), views, flows, now, self._transactions(), series=self.series
-        ))  # fmt: skip
+        )
+        self._cache_status(report, generation)
         gauges = (
             m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq, m.flow_dlq_age, m.flow_freshness,
             m.flow_slo_ratio, m.flow_applied, m.flow_failures, m.flow_retries,
