@@ -125,8 +125,9 @@ STATUS_MAX_AGE = 2.0
 """Seconds a sweep-built status report is served before a request rebuilds it (the sweep
 rebuilds it every ``sweep_interval``; this bounds staleness when the sweep is slow)."""
 SYNC_REBUILD_AGENTS = 500
-"""Up to this many agents a registry or flow change rebuilds the status report on the next
-request (read your writes); above, the sweep rebuilds it in steps right away."""
+"""Up to this many agents every status request builds a fresh report (a few ms: as fresh as
+the mirror); above, requests get the one the sweep built, and a registry or flow change makes
+the sweep rebuild it right away."""
 
 
 class ControlPlane:
@@ -183,8 +184,6 @@ class ControlPlane:
         self.supervisor: Supervisor | None = None
         self._stopping = False
         self._status: tuple[float, StatusReport] | None = None
-        self._status_dirty = False
-        self._status_generation = 0
         self._wake_sweep = anyio.Event()
         self.conditions = Readiness(("nats", "kv", "handlers"))
         """Met as the parts come up (the process runner adds "signals"); see :meth:`readiness`."""
@@ -223,36 +222,32 @@ class ControlPlane:
     def _transactions(self) -> TransactionsView | None:
         return self.txns.view() if self.txns.caught_up.is_set() else None
 
-    def _cache_status(self, report: StatusReport, generation: int) -> StatusReport:
-        """Keep ``report``, built from what was known at change ``generation``: a change since
-        (during a sweep's build) leaves the cache dirty."""
+    def _cache_status(self, report: StatusReport) -> StatusReport:
         if self.runs_view is not None:
             report = msgspec.structs.replace(report, runs=self.runs_view.latest(report.generated_at))
         self._status = (anyio.current_time(), report)
-        self._status_dirty = generation != self._status_generation
         return report
 
     def invalidate_status(self) -> None:
-        """A registry or flow change: the next :meth:`status` builds a fresh report when the
-        fleet is small (a few ms); with more than :data:`SYNC_REBUILD_AGENTS` agents the sweep
-        runs at once instead (a registration storm must not rebuild on every request)."""
-        self._status_dirty = True
-        self._status_generation += 1
+        """A registry or flow change: the sweep rebuilds the cached report at once (a
+        registration storm must not rebuild it on every request; a change during a build sets
+        this again, so the next build has it)."""
         self._wake_sweep.set()
 
     def status(self) -> StatusReport:
-        """The status document: the one the last sweep built (at most ``sweep_interval`` old,
-        so a request over thousands of agents costs no rebuild), or a fresh one when that is
-        older than :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since
-        (see :meth:`invalidate_status`), or the control plane, leader or NATS link changed. The
+        """The status document. Up to :data:`SYNC_REBUILD_AGENTS` agents: built now. Above:
+        the one the last sweep built (at most ``sweep_interval`` old, so a request over
+        thousands of agents costs no rebuild), or a fresh one when that is older than
+        :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since (see
+        :meth:`invalidate_status`), or the control plane, leader or NATS link changed. The
         same object is returned until it is rebuilt (the HTTP layer caches its encodings and
         ETags by it)."""
         info = self._info()
         cached = self._status
-        dirty = self._status_dirty and len(cached[1].agents if cached else ()) <= SYNC_REBUILD_AGENTS
+        small = len(cached[1].agents if cached else ()) <= SYNC_REBUILD_AGENTS
         if (
             cached is not None
-            and not dirty
+            and not small
             and anyio.current_time() - cached[0] <= STATUS_MAX_AGE
             and cached[1].control_plane == info
         ):
@@ -271,7 +266,7 @@ class ControlPlane:
             info, self.dlq_depths, specs=specs, transactions=self._transactions(), series=self.series,
             dlq=self.dlq_info,
         )  # fmt: skip
-        return self._cache_status(report, self._status_generation)
+        return self._cache_status(report)
 
     async def readiness(self) -> str | None:
         if not self.conditions.ready:
@@ -517,8 +512,18 @@ class ControlPlane:
         assert store is not None
         if isinstance(req, Heartbeat):
             return await registry.heartbeat(req)
-        if not isinstance(req, GetStatus | ListFlows | ListAgents | ListTokens):
-            self.invalidate_status()  # a registry or flow change: the next /status shows it
+        if isinstance(req, GetStatus | ListFlows | ListAgents | ListTokens):
+            return await self._dispatch_request(req)
+        try:
+            return await self._dispatch_request(req)
+        finally:
+            self.invalidate_status()  # a registry or flow change (done): the next /status shows it
+
+    async def _dispatch_request(self, req: Request) -> Reply:
+        registry, builder, store = self.agent_registry, self.builder, self.flow_store
+        assert registry is not None
+        assert builder is not None
+        assert store is not None
         if isinstance(req, Register):
             reply: Reply = await registry.register(req)
             await store.reconcile()
@@ -746,7 +751,6 @@ class ControlPlane:
         m = self.metrics
         m.nats_connected.set(1 if self.js.is_connected else 0)
         now = time.time()
-        generation = self._status_generation
         views = await cooperatively(self.builder.agents_steps(now))
         for t in self.tracker.update((v.name, v.health, v.reason) for v in views):
             if t.before is None:
@@ -782,7 +786,7 @@ class ControlPlane:
         report = self.builder.assemble(
             self._info(), views, flows, now, self._transactions(), series=self.series
         )
-        self._cache_status(report, generation)
+        self._cache_status(report)
         gauges = (
             m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq, m.flow_dlq_age, m.flow_freshness,
             m.flow_slo_ratio, m.flow_applied, m.flow_failures, m.flow_retries,

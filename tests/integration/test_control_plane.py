@@ -388,7 +388,7 @@ async def test_http_endpoints_errors_and_readiness(
         await _register(ControlPlaneClient(js, timeout=10), "erp-agent", tmp_path / "erp")
 
         async def both_listed() -> bool:
-            doc = (await get("/status", headers=auth)).json()
+            doc = (await get("/status?agents=all", headers=auth)).json()
             return {a["name"] for a in doc["agents"]} == {"crm-agent", "erp-agent"}
 
         await _until(both_listed, 10, 0.1)
@@ -519,7 +519,7 @@ class _CpProcess:
 
     def status(self) -> dict[str, Any] | None:
         try:
-            r = httpx.get(f"http://127.0.0.1:{self.port}/status", timeout=1)
+            r = httpx.get(f"http://127.0.0.1:{self.port}/status?agents=all", timeout=1)
         except httpx.HTTPError:
             return None
         return r.json() if r.status_code == 200 else None  # type: ignore[no-any-return]
