@@ -739,10 +739,18 @@ class ControlPlane:
                     self.dlq_depths = await self._dlq_depths()
                 with anyio.move_on_after(2):
                     self.dlq_info = await self._dlq_details(self.dlq_depths)
+            began = anyio.current_time()
             await self._observe()
+            took = anyio.current_time() - began
             with anyio.move_on_after(self.settings.sweep_interval):
                 await self._wake_sweep.wait()
             self._wake_sweep = anyio.Event()
+            # Woken by changes (a registration storm): rest at least twice what a sweep took
+            # (and 0.25 s), so sweeps never take more than a third of the loop.
+            interval = self.settings.sweep_interval
+            gap = max(min(0.25, interval), 2 * took) - (anyio.current_time() - began - took)
+            if gap > 0:
+                await anyio.sleep(min(gap, interval))
 
     async def _observe(self) -> None:
         """One sweep: health transitions, series, metrics, and the cached ``/status`` report,
