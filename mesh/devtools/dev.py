@@ -399,7 +399,8 @@ def _health(url: str) -> str:
     except (OSError, ValueError):
         return "control plane not answering"
     counts = doc.get("counts", {})
-    return f"agents healthy {counts.get('healthy', 0)}/{len(doc.get('agents', []))}"
+    # /status is a summary by default: the counts hold every agent, "agents" only some.
+    return f"agents healthy {counts.get('healthy', 0)}/{sum(counts.values())}"
 
 
 def _count(db: Path, table: str) -> int:
