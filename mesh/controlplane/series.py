@@ -252,10 +252,13 @@ class SeriesStore:
             if now - self._seen_at[name] > horizon:
                 self._drop(name)
         flows = set(self._seen_at)
-        while len(flows) > self.max_flows:
-            oldest = min(flows, key=lambda n: self._seen_at[n])
-            flows.discard(oldest)
-            self._drop(oldest)
+        if len(flows) > self.max_flows:
+            # The least recently seen go, found with one sort (a min() per dropped flow was
+            # quadratic: a third of the control plane's CPU at 5,000 flows).
+            by_age = sorted(flows, key=self._seen_at.__getitem__)
+            for oldest in by_age[: len(flows) - self.max_flows]:
+                flows.discard(oldest)
+                self._drop(oldest)
         for name in flows:
             tot = self._pending.pop(name, None) or FlowTotals()
             per_bucket = tot.buckets
