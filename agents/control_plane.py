@@ -121,9 +121,6 @@ log = logging.getLogger(__name__)
 _CONCURRENCY = 64
 _STEP = 250
 """Items handled between two yields to the event loop in a sweep."""
-STATUS_MAX_AGE = 2.0
-"""Seconds a sweep-built status report is served before a request rebuilds it (the sweep
-rebuilds it every ``sweep_interval``; this bounds staleness when the sweep is slow)."""
 SYNC_REBUILD_AGENTS = 500
 """Up to this many agents every status request builds a fresh report (a few ms: as fresh as
 the mirror); above, requests get the one the sweep built, and a registry or flow change makes
@@ -185,6 +182,7 @@ class ControlPlane:
         self._stopping = False
         self._status: tuple[float, StatusReport] | None = None
         self._wake_sweep = anyio.Event()
+        self._version = mesh_version()
         self.conditions = Readiness(("nats", "kv", "handlers"))
         """Met as the parts come up (the process runner adds "signals"); see :meth:`readiness`."""
 
@@ -216,7 +214,7 @@ class ControlPlane:
             leader=self.lease.leader if self.lease else None,
             is_leader=self.is_leader,
             nats_connected=self.js.is_connected,
-            version=mesh_version(),
+            version=self._version,
         )
 
     def _transactions(self) -> TransactionsView | None:
@@ -236,21 +234,16 @@ class ControlPlane:
 
     def status(self) -> StatusReport:
         """The status document. Up to :data:`SYNC_REBUILD_AGENTS` agents: built now. Above:
-        the one the last sweep built (at most ``sweep_interval`` old, so a request over
-        thousands of agents costs no rebuild), or a fresh one when that is older than
-        :data:`STATUS_MAX_AGE` seconds, a registry or flow change happened since (see
-        :meth:`invalidate_status`), or the control plane, leader or NATS link changed. The
-        same object is returned until it is rebuilt (the HTTP layer caches its encodings and
-        ETags by it)."""
+        the one the last sweep built (every ``sweep_interval``, and at once after a registry or
+        flow change, see :meth:`invalidate_status`; its ``generated_at`` says when), so a
+        request over thousands of agents never waits for a rebuild, not even when the machine
+        is too busy for the sweep to keep its pace; built now only when there is none yet or
+        this replica's role or NATS link changed. The same object is returned until it is
+        rebuilt (the HTTP layer caches its encodings and ETags by it)."""
         info = self._info()
         cached = self._status
         small = len(cached[1].agents if cached else ()) <= SYNC_REBUILD_AGENTS
-        if (
-            cached is not None
-            and not small
-            and anyio.current_time() - cached[0] <= STATUS_MAX_AGE
-            and cached[1].control_plane == info
-        ):
+        if cached is not None and not small and cached[1].control_plane == info:
             return cached[1]
         if self.builder is None:
             return StatusReport(
