@@ -1,10 +1,8 @@
 """The lean agent process entry: ``mesh-agent --config FILE`` / ``python -m agents``.
 
 It imports only the agent runtime (no typer, no operator commands), so an agent process starts
-smaller than ``meshctl``; ``meshctl agent run`` delegates here and behaves the same way. Before
-any thread exists it caps glibc's malloc arenas (``MALLOC_ARENA_MAX``, default 2 here): the
-SQLite stores run on worker threads and each thread would otherwise get its own arena, which
-only ever grows the peak RSS. An operator-set ``MALLOC_ARENA_MAX`` is left to glibc.
+smaller than ``meshctl`` (peak RSS during a ``meshctl bench`` drain: see ``bin/bench-rss``);
+``meshctl agent run`` delegates here and behaves the same way.
 
 Exit codes: 0 stopped cleanly; 2 bad arguments or config, or a failure the operator can fix,
 printed as one line ``error: ...`` on stderr (never a traceback); 130 interrupted before start.
@@ -12,29 +10,13 @@ printed as one line ``error: ...`` on stderr (never a traceback); 130 interrupte
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["cap_malloc_arenas", "main", "run_agent"]
+__all__ = ["main", "run_agent"]
 
 _BAD_INPUT = 2
-_M_ARENA_MAX = -8  # glibc malloc.h
-
-
-def cap_malloc_arenas(arenas: int = 2) -> bool:
-    """Limit glibc malloc to ``arenas`` arenas unless ``MALLOC_ARENA_MAX`` is set; call before
-    starting threads. True if the limit was applied; False elsewhere (not glibc, env set)."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
 
 
 def _error(message: object) -> None:
@@ -103,7 +85,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "mesh-agent") -> None:
         "0 picks a free port, written to <state_dir>/endpoint.json).",
     )
     args = parser.parse_args(argv)
-    cap_malloc_arenas()
     try:
         code = run_agent(args.config, args.metrics_port)
     except KeyboardInterrupt:

@@ -145,9 +145,8 @@ def _agent_run(
     ] = None,
 ) -> None:
     """Run a connector agent until SIGTERM or Ctrl-C (ready: GET /readyz, sd_notify READY=1)."""
-    from agents.entry import cap_malloc_arenas, run_agent
+    from agents.entry import run_agent
 
-    cap_malloc_arenas()
     code = run_agent(config, metrics_port)
     if code:
         raise typer.Exit(code)
