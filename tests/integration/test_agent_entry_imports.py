@@ -33,7 +33,8 @@ def test_agent_entry_does_not_import_the_cli(tmp_path: Path, argv: list[str], ru
         [sys.executable, "-c", _PROBE.format(argv=argv, run=run)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2, proc.stderr
-    assert "error: cannot read config" in proc.stderr
+    assert proc.stderr.startswith("error: ")
+    assert "missing.toml: cannot read config" in proc.stderr
     assert proc.stdout.strip() == "[]"
 
 
