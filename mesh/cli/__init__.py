@@ -11,6 +11,7 @@ the runtime; ``app`` (the typer application) is imported on first use.
 from __future__ import annotations
 
 import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,3 +38,17 @@ def __getattr__(name: str) -> Any:
 
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Keeps ``mesh.cli.main`` the entry function (as when this package imported it eagerly):
+    importing the submodule :mod:`mesh.cli.main` later must not rebind the name to the module
+    (it stays in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "main" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
