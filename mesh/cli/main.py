@@ -145,26 +145,11 @@ def _agent_run(
     ] = None,
 ) -> None:
     """Run a connector agent until SIGTERM or Ctrl-C (ready: GET /readyz, sd_notify READY=1)."""
-    import msgspec
+    from agents.entry import run_agent
 
-    from agents.runner import run_agent_process
-    from mesh.config import load_agent_config
-    from mesh.logs import setup_logging
-
-    try:
-        cfg = load_agent_config(config)
-    except ConfigError as exc:
-        _fail(exc)
-        return
-    if metrics_port is not None:
-        cfg = msgspec.structs.replace(
-            cfg, agent=msgspec.structs.replace(cfg.agent, metrics_port=metrics_port)
-        )
-    setup_logging(cfg.log_level, fmt=cfg.log_format)
-    try:
-        run_agent_process(cfg)
-    except MeshError as exc:
-        _fail(exc)
+    code = run_agent(config, metrics_port)
+    if code:
+        raise typer.Exit(code)
 
 
 @config_app.command("check")
