@@ -92,6 +92,7 @@ class SqliteSink(Sink):
         self._schema: int | None = None
         self._upserts: dict[tuple[Any, ...], str] = {}
         self._lookups: dict[int, str] = {}
+        self._plans: dict[tuple[Any, ...], tuple[str | None, list[int]]] = {}
         self._applied = self._stale = self._rejected = 0
 
     def __repr__(self) -> str:
@@ -152,6 +153,7 @@ class SqliteSink(Sink):
         """
         (version,) = conn.execute("PRAGMA schema_version").fetchone()
         if version != self._schema:
+            self._plans.clear()
             self._target = self._read_target(conn)
             self._schema = version
         return self._target
@@ -202,8 +204,9 @@ class SqliteSink(Sink):
     ) -> list[Applied | Exception]:
         """The whole batch, in the worker thread: ``BEGIN IMMEDIATE`` ... ``COMMIT``.
 
-        First without a savepoint per record (two statements less per record); when a record
-        fails, the batch is rolled back and applied again with one savepoint per record, so the
+        First without a savepoint per record, consecutive upserts of the same columns as one
+        ``executemany`` each (and their guard versions as another); when a record fails, the
+        batch is rolled back and applied again record by record with one savepoint each, so the
         failing record alone is refused.
         """
         try:
@@ -219,9 +222,12 @@ class SqliteSink(Sink):
             target = self._shape(conn)
             versions = self._stored_versions(conn, records)
             outcomes: list[Applied | Exception] = []
-            for record in records:
-                outcome, target = self._apply_one(conn, record, target, versions, savepoints)
-                outcomes.append(outcome)
+            if savepoints:
+                for record in records:
+                    outcome, target = self._apply_one(conn, record, target, versions, savepoints)
+                    outcomes.append(outcome)
+            else:
+                outcomes = self._apply_runs(conn, records, target, versions)
             # Cancelled while the batch ran: roll it back rather than commit behind the back of
             # a caller that will not see the outcomes.
             anyio.from_thread.check_cancelled()
@@ -232,6 +238,101 @@ class SqliteSink(Sink):
                 conn.execute("ROLLBACK")
             raise
         return outcomes
+
+    def _apply_runs(
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[SinkRecord],
+        target: _Target | None,
+        versions: dict[str, int],
+    ) -> list[Applied | Exception]:
+        """The batch without savepoints: consecutive upserts of the same columns into an
+        existing table go as one ``executemany`` (a "run"); deletes, creations, key-only rows
+        and ``create = false`` updates one by one, in order.
+
+        Raises:
+            _RecordFailed: a record failed (the caller applies the batch again with savepoints).
+        """
+        table = self._config.table
+        outcomes: list[Applied | Exception | None] = [None] * len(records)
+        run: list[int] = []  # indexes of the records in the current run
+        run_sql = ""
+        run_params: list[list[Any]] = []
+        run_versions: list[tuple[str, str, int, int]] = []
+        run_values: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            if run:
+                self._apply_run(conn, target, run_sql, run_params, run_versions, run_values, run, outcomes)
+                run.clear()
+                run_params.clear()
+                run_versions.clear()
+                run_values.clear()
+
+        for i, record in enumerate(records):
+            if record.deleted or not record.create or target is None or record.version not in _INT64:
+                flush()
+                outcomes[i], target = self._apply_one(conn, record, target, versions, False)
+                continue
+            guard = _guard_key(record)
+            stored = versions.get(guard)
+            if stored is not None and stored >= record.version:
+                outcomes[i] = Applied.STALE
+                continue
+            try:
+                values = _row_values(record.row, self._config.key)
+            except RejectedRecord as exc:
+                outcomes[i] = RejectedRecord(f"{table} key {record.key!r}: {exc}")
+                continue
+            planned = self._upsert_statement(target, values)
+            if planned is None:  # key only
+                flush()
+                outcomes[i], target = self._apply_one(conn, record, target, versions, False)
+                continue
+            sql, params = planned
+            if sql != run_sql:
+                flush()
+                run_sql = sql
+            run.append(i)
+            run_params.append(params)
+            run_values.append(values)
+            run_versions.append((table, guard, record.version, 0))
+            versions[guard] = record.version  # a later record of this key sees this version
+        flush()
+        return outcomes  # type: ignore[return-value]  # every slot is filled
+
+    def _apply_run(
+        self,
+        conn: sqlite3.Connection,
+        target: _Target | None,
+        sql: str,
+        params: list[list[Any]],
+        guards: list[tuple[str, str, int, int]],
+        values: list[dict[str, Any]],
+        indexes: list[int],
+        outcomes: list[Applied | Exception | None],
+    ) -> None:
+        """One run of same-shaped upserts: one ``executemany``. When some row was left
+        unchanged (it held these values already), the run is rolled back to its savepoint and
+        written row by row to tell which (two-way sync echoes; rare on a plain drain)."""
+        assert target is not None
+        try:
+            conn.execute("SAVEPOINT mesh_run")
+            written = conn.executemany(sql, params).rowcount
+            if written == len(indexes):
+                for i in indexes:
+                    outcomes[i] = Applied.APPLIED
+            else:
+                conn.execute("ROLLBACK TO mesh_run")
+                for i, row in zip(indexes, values, strict=True):
+                    changed = self._upsert(conn, target, row, create=True)
+                    outcomes[i] = Applied.APPLIED if changed else Applied.UNCHANGED
+            conn.executemany(_STORE_VERSION, guards)
+            conn.execute("RELEASE mesh_run")
+        except sqlite3.Error as exc:
+            if not is_record_error(exc):
+                raise  # the whole batch rolls back
+            raise _RecordFailed from exc  # the batch again, with a savepoint per record
 
     def _stored_versions(self, conn: sqlite3.Connection, records: Sequence[SinkRecord]) -> dict[str, int]:
         """The guard's stored version of every (key, scope) in the batch that has one."""
@@ -312,6 +413,35 @@ class SqliteSink(Sink):
             return refused(f"{table} key {record.key!r}: {exc}"), target
         versions[guard] = record.version  # a later record of this key sees this version
         return outcome, target
+
+    def _upsert_statement(self, target: _Target, values: dict[str, Any]) -> tuple[str, list[Any]] | None:
+        """The upsert ``_upsert`` would run for ``values`` (``create`` true) and its parameters;
+        None when the row has only the key. Planned once per field list and table shape."""
+        shape = (id(target), tuple(values))  # the plans are cleared when the shape is re-read
+        plan = self._plans.get(shape)
+        if plan is None:
+            names: list[str] = []
+            picks: list[int] = []
+            for j, name in enumerate(values):
+                column = target.columns.get(name.lower())
+                if column is not None:
+                    names.append(column)
+                    picks.append(j)
+            others = [n for n in names if n != target.key]
+            sql = None if not others else self._sql(("upsert", target.key, *names), lambda: (
+                f"INSERT INTO {quote(self._config.table)} ({', '.join(map(quote, names))}) "
+                f"VALUES ({', '.join('?' * len(names))}) ON CONFLICT ({quote(target.key)}) DO UPDATE SET "
+                + ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in others)
+                + " WHERE " + " OR ".join(f"{quote(n)} IS NOT excluded.{quote(n)}" for n in others)
+            ))  # fmt: skip
+            if len(self._plans) > 256:
+                self._plans.clear()
+            plan = self._plans[shape] = (sql, picks)
+        sql, picks = plan
+        if sql is None:
+            return None
+        row = list(values.values())
+        return sql, [row[j] for j in picks]
 
     def _upsert(
         self, conn: sqlite3.Connection, target: _Target, values: dict[str, Any], *, create: bool
