@@ -6,6 +6,7 @@ Public through :mod:`adapters.sql.sqlite`.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -38,6 +39,17 @@ _VERSIONS_DDL = (
 _STORE_VERSION = (
     f"INSERT INTO {VERSIONS_TABLE} (tbl, key, version, deleted) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, deleted = excluded.deleted"
+)
+INBOX_TABLE = "_mesh_inbox"
+_INBOX_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {INBOX_TABLE} (id TEXT PRIMARY KEY, flow TEXT NOT NULL, "
+    "key TEXT NOT NULL, version INTEGER NOT NULL, outcome TEXT NOT NULL, applied_at INTEGER NOT NULL) "
+    "WITHOUT ROWID"
+)
+_INBOX_INDEX = f"CREATE INDEX IF NOT EXISTS {INBOX_TABLE}_applied_at ON {INBOX_TABLE} (applied_at)"
+_RECORD_HANDLED = (
+    f"INSERT INTO {INBOX_TABLE} (id, flow, key, version, outcome, applied_at) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO NOTHING"
 )
 _CHUNK = 500  # keys per version look-up (well under SQLite's bound-parameter limit)
 _INT64 = range(-(2**63), 2**63)
@@ -140,6 +152,8 @@ class SqliteSink(Sink):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(_VERSIONS_DDL)
+            conn.execute(_INBOX_DDL)
+            conn.execute(_INBOX_INDEX)
         except BaseException:
             conn.close()
             raise
@@ -199,8 +213,77 @@ class SqliteSink(Sink):
         self._rejected += sum(1 for o in outcomes if isinstance(o, Exception))
         return outcomes
 
+    keeps_inbox = True
+
+    async def apply_recording(
+        self, records: Sequence[SinkRecord], flow: str, skipped: Sequence[tuple[str, str, str, int, str]]
+    ) -> list[Applied | Exception]:
+        """:meth:`apply`, and in its transaction the handled ids in ``_mesh_inbox`` (same
+        database): ``skipped`` and every record that did not fail.
+
+        Raises:
+            SystemUnavailable, ConfigError: as :meth:`apply`; nothing was applied nor recorded.
+        """
+        if not records and not skipped:
+            return []
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} is not open")
+        try:
+            outcomes = await self._in_thread(self._apply_batch, self._conn, records, (flow, skipped))
+        except sqlite3.Error as exc:
+            raise translate(exc, self._config.path) from exc
+        self._applied += sum(1 for o in outcomes if o is Applied.APPLIED)
+        self._stale += sum(1 for o in outcomes if o is Applied.STALE)
+        self._rejected += sum(1 for o in outcomes if isinstance(o, Exception))
+        return outcomes
+
+    async def handled(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` :meth:`apply_recording` recorded.
+
+        Raises:
+            SystemUnavailable: the database is locked or failed.
+        """
+        if not ids:
+            return set()
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} is not open")
+        try:
+            return await self._in_thread(self._handled, self._conn, ids)
+        except sqlite3.Error as exc:
+            raise translate(exc, self._config.path) from exc
+
+    def _handled(self, conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), _CHUNK):
+            part = list(ids[start : start + _CHUNK])
+            marks = ",".join("?" * len(part))
+            rows = conn.execute(f"SELECT id FROM {INBOX_TABLE} WHERE id IN ({marks})", part).fetchall()
+            found.update(r[0] for r in rows)
+        return found
+
+    async def forget_handled(self, older_than: float) -> int:
+        """Forget handled ids recorded more than ``older_than`` seconds ago; returns how many.
+
+        Raises:
+            SystemUnavailable: the database is locked or failed.
+        """
+        if self._conn is None:
+            return 0
+        cutoff = int((time.time() - older_than) * 1000)
+        try:
+            return await self._in_thread(self._forget, self._conn, cutoff)
+        except sqlite3.Error as exc:
+            raise translate(exc, self._config.path) from exc
+
+    @staticmethod
+    def _forget(conn: sqlite3.Connection, cutoff: int) -> int:
+        return int(conn.execute(f"DELETE FROM {INBOX_TABLE} WHERE applied_at < ?", (cutoff,)).rowcount)
+
     def _apply_batch(
-        self, conn: sqlite3.Connection, records: Sequence[SinkRecord]
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[SinkRecord],
+        inbox: tuple[str, Sequence[tuple[str, str, str, int, str]]] | None = None,
     ) -> list[Applied | Exception]:
         """The whole batch, in the worker thread: ``BEGIN IMMEDIATE`` ... ``COMMIT``.
 
@@ -210,12 +293,17 @@ class SqliteSink(Sink):
         failing record alone is refused.
         """
         try:
-            return self._apply_tx(conn, records, savepoints=False)
+            return self._apply_tx(conn, records, inbox, savepoints=False)
         except _RecordFailed:
-            return self._apply_tx(conn, records, savepoints=True)
+            return self._apply_tx(conn, records, inbox, savepoints=True)
 
     def _apply_tx(
-        self, conn: sqlite3.Connection, records: Sequence[SinkRecord], *, savepoints: bool
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[SinkRecord],
+        inbox: tuple[str, Sequence[tuple[str, str, str, int, str]]] | None,
+        *,
+        savepoints: bool,
     ) -> list[Applied | Exception]:
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -228,6 +316,16 @@ class SqliteSink(Sink):
                     outcomes.append(outcome)
             else:
                 outcomes = self._apply_runs(conn, records, target, versions)
+            if inbox is not None:  # the handled ids commit with the writes and their guard
+                flow, skipped = inbox
+                now = time.time_ns() // 1_000_000
+                rows = [(*h, now) for h in skipped]
+                rows += [
+                    (r.id, flow, r.key, r.version, o.value, now)
+                    for r, o in zip(records, outcomes, strict=True)
+                    if not isinstance(o, Exception)
+                ]
+                conn.executemany(_RECORD_HANDLED, rows)
             # Cancelled while the batch ran: roll it back rather than commit behind the back of
             # a caller that will not see the outcomes.
             anyio.from_thread.check_cancelled()

@@ -668,3 +668,26 @@ async def test_batched_upserts_tell_applied_from_unchanged_rows_and_keep_order(t
         ("1", 2), ("2", 3), ("3", 2), ("4", 2), ("5", 2), ("6", 1), ("8", 1),
     ]  # fmt: skip
 
+
+
+async def test_apply_recording_commits_the_handled_ids_with_the_writes(tmp_path: Path) -> None:
+    """Every record that did not fail, and the skipped entries, are recorded in the target's
+    ``_mesh_inbox`` in the batch's transaction; a refused record is not; a batch that could not
+    run records nothing."""
+    db = tmp_path / "crm.db"
+    target(db)
+    async with SqliteSink(sink_config(db, busy_timeout=0.1)) as sink:
+        assert sink.keeps_inbox
+        await sink.apply([rec(3, 5, {"id": 3, "name": "kept"})])
+        skipped = [("echo-id", "customers", "9", 1, "echo")]
+        batch = [rec(1, 1, {"id": 1, "name": "a"}), rec(2, 1, {"id": 2, "name": None}), rec(3, 4, {"id": 3})]
+        out = await sink.apply_recording(batch, "customers", skipped)
+        assert isinstance(out[1], RejectedRecord)
+        assert [out[0], out[2]] == [Applied.APPLIED, Applied.STALE]
+        assert await sink.handled(["1@1", "2@1", "3@4", "echo-id"]) == {"1@1", "3@4", "echo-id"}
+        with write_lock(db), pytest.raises(SystemUnavailable):
+            await sink.apply_recording([rec(4, 1, {"id": 4, "name": "d"})], "customers", [])
+        assert await sink.handled(["4@1"]) == set()
+    assert rows(db, "SELECT id, outcome FROM _mesh_inbox ORDER BY id") == [
+        ("1@1", "applied"), ("3@4", "stale"), ("echo-id", "echo"),
+    ]  # fmt: skip
