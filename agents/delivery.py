@@ -12,7 +12,7 @@ Apply, per flow with a ``sink``::
 
     fetch ─► decode ─► check ─► Inbox.seen? ─► Sink.apply (version guard) ─► Inbox.record ─► ack
 
-A sink that keeps its own inbox (``Sink.keeps_inbox``: the SQLite sink) is asked instead
+A sink that keeps its own inbox (``Sink.keeps_inbox``: the SQL sinks) is asked instead
 (``Sink.handled``) and records the handled ids in the transaction of its writes
 (``Sink.apply_recording``): one commit per batch. A flow with ``after`` keeps the agent's inbox,
 whose database also holds the parent/child state.
