@@ -669,7 +669,6 @@ async def test_batched_upserts_tell_applied_from_unchanged_rows_and_keep_order(t
     ]  # fmt: skip
 
 
-
 async def test_apply_recording_commits_the_handled_ids_with_the_writes(tmp_path: Path) -> None:
     """Every record that did not fail, and the skipped entries, are recorded in the target's
     ``_mesh_inbox`` in the batch's transaction; a refused record is not; a batch that could not
