@@ -343,6 +343,7 @@ class ConnectorAgent:
                 plan, self.inbox, self.link.wait, self.metrics, lambda: open_sink(sink_cfg),
                 handle=h, inflight=self.inflight, consumers=self.consumers, streams=self.streams,
                 config_retry=self.config_retry, tally=self._tally_of(h.name),
+                inbox_retention=self.cfg.agent.inbox_retention,
             )  # fmt: skip
             actors.append((f"apply:{h.name}", apply.run))
         return actors

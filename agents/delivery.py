@@ -12,6 +12,11 @@ Apply, per flow with a ``sink``::
 
     fetch ─► decode ─► check ─► Inbox.seen? ─► Sink.apply (version guard) ─► Inbox.record ─► ack
 
+A sink that keeps its own inbox (``Sink.keeps_inbox``: the SQL sinks) is asked instead
+(``Sink.handled``) and records the handled ids in the transaction of its writes
+(``Sink.apply_recording``): one commit per batch. A flow with ``after`` keeps the agent's inbox,
+whose database also holds the parent/child state.
+
 A flow whose configuration turns out wrong at run time (a wrong password, a missing table or key
 column, a capture trigger not installed, an empty secret: a :class:`~mesh.errors.ConfigError`
 from its adapter or mapping) is marked ``failing`` with a one-line reason (in the log, the
@@ -483,9 +488,12 @@ class Apply:
         streams: StreamCheck | None = None,
         config_retry: Backoff | None = None,
         tally: RunTally | None = None,
+        inbox_retention: float = 14 * 24 * 3600.0,
     ) -> None:
         self.plan = plan
         self.tally = tally
+        self.inbox_retention = inbox_retention
+        """Seconds a sink that keeps its own inbox (``Sink.keeps_inbox``) remembers handled ids."""
         """Told the (run, envelope id, outcome) of envelopes of scheduled bulk runs (their
         ``Mesh-Run`` header) after the sink's write and before the inbox records them."""
         self.streams = streams
@@ -575,8 +583,16 @@ class Apply:
         ccfg = self.plan.consumer
         log.info("flow %s: consuming as %s", self.plan.name, self.plan.durable)
         verified = anyio.current_time()
+        next_forget = 0.0
         while True:
             await anyio.lowlevel.checkpoint()  # where a stop takes effect, between batches
+            if sink.keeps_inbox and anyio.current_time() >= next_forget:
+                with contextlib.suppress(RetryableError):  # tried again in an hour
+                    forgotten = await sink.forget_handled(self.inbox_retention)
+                    if forgotten:
+                        log.info("flow %s: sink forgot %d handled ids older than the retention",
+                                 self.plan.name, forgotten)  # fmt: skip
+                next_forget = anyio.current_time() + 3600
             # A fetch and the batch it returns are finished even if a stop begins meanwhile
             # (bounded by the grace period): messages the server handed us are never left
             # unacked. Whatever is still unsettled at the deadline is released (nak'ed), so
@@ -629,12 +645,25 @@ class Apply:
                 continue
             decoded.append((d, env))
 
-        seen = await inbox.seen([e.id for _, e in decoded])
+        hold = self.hold if self.hold.active else None
+        # A SQL sink records what it handled in the target's own transaction (one commit per
+        # batch); with ``after`` the agent's inbox database also holds the parent/child state.
+        fused = sink.keeps_inbox and hold is None
+        ids = [e.id for _, e in decoded]
+        if not fused:
+            seen = await inbox.seen(ids)
+        else:
+            try:
+                seen = await sink.handled(ids)
+            except RetryableError as exc:
+                log.warning("flow %s: sink unavailable (%s); %d messages wait", flow, exc, len(decoded))
+                for d, env in decoded:
+                    await self.fail(transport, batch, d, env, exc)
+                return
         todo: list[tuple[Delivery, Envelope, SinkRecord]] = []
         entries: list[InboxEntry] = []
         acks: list[Delivery] = []
         batch_ids: set[str] = set()
-        hold = self.hold if self.hold.active else None
         settled: list[Envelope] = []  # for the parent/child state (only with ``after``)
         for d, env in decoded:
             if env.id in seen or env.id in batch_ids:
@@ -673,9 +702,13 @@ class Apply:
             todo = [t for t in todo if t[1].id not in blocked]
         outcomes: Sequence[Applied | Exception] = []
         spans = telemetry.start_apply([t[1] for t in todo], plan.agent) if telemetry.ON and todo else None
-        if todo:
+        if todo or (fused and entries):
+            records = [t[2] for t in todo]
             try:
-                outcomes = await sink.apply([t[2] for t in todo])
+                if fused:  # ``entries`` (echoes, not owned) commit with the writes
+                    outcomes = await sink.apply_recording(records, flow, entries)
+                else:
+                    outcomes = await sink.apply(records)
             except RetryableError as exc:
                 log.warning("flow %s: sink unavailable (%s); %d messages wait", flow, exc, len(todo))
                 for d, env, _ in todo:
@@ -703,7 +736,8 @@ class Apply:
         crash_point("apply.after_sink")
         if hold is not None:
             await hold.record(settled)  # before the inbox: a crash between leaves it ahead
-        await inbox.record(entries)
+        if not fused:  # (fused: recorded in the sink's transaction)
+            await inbox.record(entries)
         crash_point("apply.after_inbox")
         for d in acks:
             await batch.ack(d)

@@ -18,7 +18,7 @@ import abc
 import enum
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import msgspec
 
@@ -170,6 +170,36 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release connections. Idempotent."""
+
+    keeps_inbox: ClassVar[bool] = False
+    """Whether the sink records handled envelope ids in the target itself, in the transaction of
+    the write (:meth:`apply_recording`, :meth:`handled`, :meth:`forget_handled`). The agent then
+    asks the sink, not its own inbox, what it already handled: one commit per batch, and a
+    redelivery after a crash between the commit and the ack is recognised from the target."""
+
+    async def apply_recording(
+        self, records: Sequence[SinkRecord], flow: str, skipped: Sequence[tuple[str, str, str, int, str]]
+    ) -> list[Applied | Exception]:
+        """:meth:`apply`, recording in the same transaction ``skipped`` and, for every record
+        whose outcome is not an exception, ``(record.id, flow, record.key,
+        record.version, outcome.value)`` (only when :attr:`keeps_inbox`).
+
+        Raises:
+            SystemUnavailable: nothing was applied nor recorded.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no inbox")
+
+    async def handled(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` :meth:`apply_recording` recorded (only when :attr:`keeps_inbox`).
+
+        Raises:
+            SystemUnavailable: the target cannot be read now.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no inbox")
+
+    async def forget_handled(self, older_than: float) -> int:
+        """Forget ids recorded more than ``older_than`` seconds ago; returns how many."""
+        return 0
 
 
 RunStatus = Literal["running", "complete", "failed", "duplicate"]

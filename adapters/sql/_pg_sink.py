@@ -4,6 +4,7 @@ per batch. Public through :mod:`adapters.sql.postgres`."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +42,8 @@ __all__ = ["VERSIONS_TABLE", "PostgresSink"]
 log = logging.getLogger(__name__)
 
 VERSIONS_TABLE = "_mesh_versions"
+INBOX_TABLE = "_mesh_inbox"
+_Handled = tuple[str, str, str, int, str]
 _INT64 = range(-(2**63), 2**63)
 _LOCK_CLASS = 0x6D657368  # 'mesh': our own advisory-lock key space (two-int form)
 # Keys are locked in buckets (a power of two): a batch takes at most this many advisory locks,
@@ -158,7 +161,11 @@ class PostgresSink(Sink):
 
     async def _ensure_versions_table(self, conn: psycopg.AsyncConnection[Any]) -> None:
         schema = self._config.schema
-        cur = await execute(conn, "SELECT to_regclass(%s) IS NOT NULL", [_regclass(schema, VERSIONS_TABLE)])
+        cur = await execute(
+            conn,
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+            [_regclass(schema, VERSIONS_TABLE), _regclass(schema, INBOX_TABLE)],
+        )
         row = await cur.fetchone()
         if row is not None and row[0]:
             return
@@ -174,6 +181,20 @@ class PostgresSink(Sink):
                     "deleted boolean NOT NULL DEFAULT false, updated_at timestamptz NOT NULL DEFAULT now(), "
                     'PRIMARY KEY (tbl, "key", scope))'
                 ).format(ident(schema, VERSIONS_TABLE)),
+            )
+            await execute(
+                conn,
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, flow text NOT NULL, "
+                    '"key" text NOT NULL, version bigint NOT NULL, outcome text NOT NULL, '
+                    "applied_at bigint NOT NULL)"
+                ).format(ident(schema, INBOX_TABLE)),
+            )
+            await execute(
+                conn,
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (applied_at)").format(
+                    sql.Identifier(f"{INBOX_TABLE}_applied_at"), ident(schema, INBOX_TABLE)
+                ),
             )
 
     async def _read_shape(self, conn: psycopg.AsyncConnection[Any]) -> Table | None:
@@ -201,6 +222,8 @@ class PostgresSink(Sink):
 
     # -- apply ------------------------------------------------------------------------------------
 
+    keeps_inbox = True
+
     async def apply(self, records: Sequence[SinkRecord]) -> list[Applied | Exception]:
         """Apply ``records`` in order in one transaction; one outcome per record.
 
@@ -212,14 +235,79 @@ class PostgresSink(Sink):
         """
         if not records:
             return []
+        return await self._apply_all(records, None)
+
+    async def apply_recording(
+        self, records: Sequence[SinkRecord], flow: str, skipped: Sequence[_Handled]
+    ) -> list[Applied | Exception]:
+        """:meth:`apply`, and in its transaction the handled ids in ``_mesh_inbox`` (the
+        target's schema): ``skipped`` and every record that did not fail.
+
+        Raises:
+            SystemUnavailable, ConfigError: as :meth:`apply`; nothing was applied nor recorded.
+        """
+        if not records and not skipped:
+            return []
+        return await self._apply_all(records, (flow, skipped))
+
+    async def handled(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` :meth:`apply_recording` recorded.
+
+        Raises:
+            SystemUnavailable: the server cannot be reached now.
+        """
+        if not ids:
+            return set()
+        return {str(r[0]) for r in await self._query(
+            sql.SQL("SELECT id FROM {} WHERE id = ANY(%s::text[])").format(
+                ident(self._config.schema, INBOX_TABLE)
+            ),
+            [list(ids)],
+        )}  # fmt: skip
+
+    async def forget_handled(self, older_than: float) -> int:
+        """Forget handled ids recorded more than ``older_than`` seconds ago; returns how many.
+
+        Raises:
+            SystemUnavailable: the server cannot be reached now.
+        """
+        cutoff = int((time.time() - older_than) * 1000)
+        rows = await self._query(
+            sql.SQL(
+                "WITH d AS (DELETE FROM {} WHERE applied_at < %s RETURNING 1) SELECT count(*) FROM d"
+            ).format(ident(self._config.schema, INBOX_TABLE)),
+            [cutoff],
+        )
+        return int(rows[0][0])
+
+    async def _query(self, statement: sql.Composed, params: list[Any]) -> list[tuple[Any, ...]]:
+        if not self._opened:
+            raise RuntimeError(f"{self!r} is not open")
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                cur = await execute(conn, statement, params)
+                return list(await cur.fetchall())
+        except psycopg.Error as exc:
+            if is_connection_error(exc) or conn.closed:
+                await self._discard(conn)
+            raise translate(exc, self._where) from None
+        except BaseException:
+            if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await self._discard(conn)
+            raise
+
+    async def _apply_all(
+        self, records: Sequence[SinkRecord], inbox: tuple[str, Sequence[_Handled]] | None
+    ) -> list[Applied | Exception]:
         if not self._opened:
             raise RuntimeError(f"{self!r} is not open")
         conn = await self._connection()
         try:
             try:
-                outcomes = await self._apply(conn, records, careful=False)
+                outcomes = await self._apply(conn, records, inbox, careful=False)
             except _Retry:
-                outcomes = await self._apply(conn, records, careful=True)
+                outcomes = await self._apply(conn, records, inbox, careful=True)
             except psycopg.Error as exc:
                 if exc.sqlstate not in _SHAPE_STATES:
                     raise
@@ -227,9 +315,9 @@ class PostgresSink(Sink):
                 # with the shape read afresh.
                 self._shape_valid = False
                 try:
-                    outcomes = await self._apply(conn, records, careful=False)
+                    outcomes = await self._apply(conn, records, inbox, careful=False)
                 except _Retry:
-                    outcomes = await self._apply(conn, records, careful=True)
+                    outcomes = await self._apply(conn, records, inbox, careful=True)
         except psycopg.Error as exc:
             if exc.sqlstate in _SHAPE_STATES:
                 self._shape_valid = False
@@ -251,11 +339,16 @@ class PostgresSink(Sink):
         return outcomes
 
     async def _apply(
-        self, conn: psycopg.AsyncConnection[Any], records: Sequence[SinkRecord], *, careful: bool
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        records: Sequence[SinkRecord],
+        inbox: tuple[str, Sequence[_Handled]] | None,
+        *,
+        careful: bool,
     ) -> list[Applied | Exception]:
         outcomes: list[Applied | Exception | None] = [None] * len(records)
         try:
-            await self._transaction(conn, records, outcomes, careful)
+            await self._transaction(conn, records, outcomes, careful, inbox)
         finally:
             if self._recheck_shape:
                 self._shape_valid = self._recheck_shape = False
@@ -268,6 +361,7 @@ class PostgresSink(Sink):
         records: Sequence[SinkRecord],
         outcomes: list[Applied | Exception | None],
         careful: bool,
+        inbox: tuple[str, Sequence[_Handled]] | None = None,
     ) -> None:
         cfg = self._config
         async with conn.transaction():
@@ -305,9 +399,41 @@ class PostgresSink(Sink):
                     seen.add(r.key)
                 shape = await self._round(conn, shape, this_round, versions, outcomes, careful)
                 pending = later
+            if inbox is not None:  # the handled ids commit with the writes and their guard
+                await self._record_handled(conn, records, outcomes, *inbox)
             # Cancelled while the batch ran: roll back rather than commit behind the back of a
             # caller that will not see the outcomes.
             await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def _record_handled(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        records: Sequence[SinkRecord],
+        outcomes: list[Applied | Exception | None],
+        flow: str,
+        skipped: Sequence[_Handled],
+    ) -> None:
+        rows = list(skipped) + [
+            (r.id, flow, r.key, r.version, o.value)
+            for r, o in zip(records, outcomes, strict=True)
+            if isinstance(o, Applied)
+        ]
+        if not rows:
+            return
+        await execute(
+            conn,
+            sql.SQL(
+                'INSERT INTO {} (id, flow, "key", version, outcome, applied_at) '
+                "SELECT u.i, u.f, u.k, u.v, u.o, %(now)s FROM unnest(%(i)s::text[], %(f)s::text[], "
+                "%(k)s::text[], %(v)s::bigint[], %(o)s::text[]) AS u(i, f, k, v, o) "
+                "ON CONFLICT (id) DO NOTHING"
+            ).format(ident(self._config.schema, INBOX_TABLE)),
+            {
+                "now": time.time_ns() // 1_000_000,
+                "i": [r[0] for r in rows], "f": [r[1] for r in rows], "k": [r[2] for r in rows],
+                "v": [r[3] for r in rows], "o": [r[4] for r in rows],
+            },
+        )  # fmt: skip
 
     async def _round(
         self,

@@ -6,6 +6,7 @@ Public through :mod:`adapters.sql.sqlite`.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -38,6 +39,17 @@ _VERSIONS_DDL = (
 _STORE_VERSION = (
     f"INSERT INTO {VERSIONS_TABLE} (tbl, key, version, deleted) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, deleted = excluded.deleted"
+)
+INBOX_TABLE = "_mesh_inbox"
+_INBOX_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {INBOX_TABLE} (id TEXT PRIMARY KEY, flow TEXT NOT NULL, "
+    "key TEXT NOT NULL, version INTEGER NOT NULL, outcome TEXT NOT NULL, applied_at INTEGER NOT NULL) "
+    "WITHOUT ROWID"
+)
+_INBOX_INDEX = f"CREATE INDEX IF NOT EXISTS {INBOX_TABLE}_applied_at ON {INBOX_TABLE} (applied_at)"
+_RECORD_HANDLED = (
+    f"INSERT INTO {INBOX_TABLE} (id, flow, key, version, outcome, applied_at) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO NOTHING"
 )
 _CHUNK = 500  # keys per version look-up (well under SQLite's bound-parameter limit)
 _INT64 = range(-(2**63), 2**63)
@@ -92,6 +104,7 @@ class SqliteSink(Sink):
         self._schema: int | None = None
         self._upserts: dict[tuple[Any, ...], str] = {}
         self._lookups: dict[int, str] = {}
+        self._plans: dict[tuple[Any, ...], tuple[str | None, list[int]]] = {}
         self._applied = self._stale = self._rejected = 0
 
     def __repr__(self) -> str:
@@ -139,6 +152,8 @@ class SqliteSink(Sink):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(_VERSIONS_DDL)
+            conn.execute(_INBOX_DDL)
+            conn.execute(_INBOX_INDEX)
         except BaseException:
             conn.close()
             raise
@@ -152,6 +167,7 @@ class SqliteSink(Sink):
         """
         (version,) = conn.execute("PRAGMA schema_version").fetchone()
         if version != self._schema:
+            self._plans.clear()
             self._target = self._read_target(conn)
             self._schema = version
         return self._target
@@ -197,31 +213,119 @@ class SqliteSink(Sink):
         self._rejected += sum(1 for o in outcomes if isinstance(o, Exception))
         return outcomes
 
+    keeps_inbox = True
+
+    async def apply_recording(
+        self, records: Sequence[SinkRecord], flow: str, skipped: Sequence[tuple[str, str, str, int, str]]
+    ) -> list[Applied | Exception]:
+        """:meth:`apply`, and in its transaction the handled ids in ``_mesh_inbox`` (same
+        database): ``skipped`` and every record that did not fail.
+
+        Raises:
+            SystemUnavailable, ConfigError: as :meth:`apply`; nothing was applied nor recorded.
+        """
+        if not records and not skipped:
+            return []
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} is not open")
+        try:
+            outcomes = await self._in_thread(self._apply_batch, self._conn, records, (flow, skipped))
+        except sqlite3.Error as exc:
+            raise translate(exc, self._config.path) from exc
+        self._applied += sum(1 for o in outcomes if o is Applied.APPLIED)
+        self._stale += sum(1 for o in outcomes if o is Applied.STALE)
+        self._rejected += sum(1 for o in outcomes if isinstance(o, Exception))
+        return outcomes
+
+    async def handled(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` :meth:`apply_recording` recorded.
+
+        Raises:
+            SystemUnavailable: the database is locked or failed.
+        """
+        if not ids:
+            return set()
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} is not open")
+        try:
+            return await self._in_thread(self._handled, self._conn, ids)
+        except sqlite3.Error as exc:
+            raise translate(exc, self._config.path) from exc
+
+    def _handled(self, conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), _CHUNK):
+            part = list(ids[start : start + _CHUNK])
+            marks = ",".join("?" * len(part))
+            rows = conn.execute(f"SELECT id FROM {INBOX_TABLE} WHERE id IN ({marks})", part).fetchall()
+            found.update(r[0] for r in rows)
+        return found
+
+    async def forget_handled(self, older_than: float) -> int:
+        """Forget handled ids recorded more than ``older_than`` seconds ago; returns how many.
+
+        Raises:
+            SystemUnavailable: the database is locked or failed.
+        """
+        if self._conn is None:
+            return 0
+        cutoff = int((time.time() - older_than) * 1000)
+        try:
+            return await self._in_thread(self._forget, self._conn, cutoff)
+        except sqlite3.Error as exc:
+            raise translate(exc, self._config.path) from exc
+
+    @staticmethod
+    def _forget(conn: sqlite3.Connection, cutoff: int) -> int:
+        return int(conn.execute(f"DELETE FROM {INBOX_TABLE} WHERE applied_at < ?", (cutoff,)).rowcount)
+
     def _apply_batch(
-        self, conn: sqlite3.Connection, records: Sequence[SinkRecord]
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[SinkRecord],
+        inbox: tuple[str, Sequence[tuple[str, str, str, int, str]]] | None = None,
     ) -> list[Applied | Exception]:
         """The whole batch, in the worker thread: ``BEGIN IMMEDIATE`` ... ``COMMIT``.
 
-        First without a savepoint per record (two statements less per record); when a record
-        fails, the batch is rolled back and applied again with one savepoint per record, so the
+        First without a savepoint per record, consecutive upserts of the same columns as one
+        ``executemany`` each (and their guard versions as another); when a record fails, the
+        batch is rolled back and applied again record by record with one savepoint each, so the
         failing record alone is refused.
         """
         try:
-            return self._apply_tx(conn, records, savepoints=False)
+            return self._apply_tx(conn, records, inbox, savepoints=False)
         except _RecordFailed:
-            return self._apply_tx(conn, records, savepoints=True)
+            return self._apply_tx(conn, records, inbox, savepoints=True)
 
     def _apply_tx(
-        self, conn: sqlite3.Connection, records: Sequence[SinkRecord], *, savepoints: bool
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[SinkRecord],
+        inbox: tuple[str, Sequence[tuple[str, str, str, int, str]]] | None,
+        *,
+        savepoints: bool,
     ) -> list[Applied | Exception]:
         try:
             conn.execute("BEGIN IMMEDIATE")
             target = self._shape(conn)
             versions = self._stored_versions(conn, records)
             outcomes: list[Applied | Exception] = []
-            for record in records:
-                outcome, target = self._apply_one(conn, record, target, versions, savepoints)
-                outcomes.append(outcome)
+            if savepoints:
+                for record in records:
+                    outcome, target = self._apply_one(conn, record, target, versions, savepoints)
+                    outcomes.append(outcome)
+            else:
+                outcomes = self._apply_runs(conn, records, target, versions)
+            if inbox is not None:  # the handled ids commit with the writes and their guard
+                flow, skipped = inbox
+                now = time.time_ns() // 1_000_000
+                rows = [(*h, now) for h in skipped]
+                rows += [
+                    (r.id, flow, r.key, r.version, o.value, now)
+                    for r, o in zip(records, outcomes, strict=True)
+                    if not isinstance(o, Exception)
+                ]
+                conn.executemany(_RECORD_HANDLED, rows)
             # Cancelled while the batch ran: roll it back rather than commit behind the back of
             # a caller that will not see the outcomes.
             anyio.from_thread.check_cancelled()
@@ -232,6 +336,101 @@ class SqliteSink(Sink):
                 conn.execute("ROLLBACK")
             raise
         return outcomes
+
+    def _apply_runs(
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[SinkRecord],
+        target: _Target | None,
+        versions: dict[str, int],
+    ) -> list[Applied | Exception]:
+        """The batch without savepoints: consecutive upserts of the same columns into an
+        existing table go as one ``executemany`` (a "run"); deletes, creations, key-only rows
+        and ``create = false`` updates one by one, in order.
+
+        Raises:
+            _RecordFailed: a record failed (the caller applies the batch again with savepoints).
+        """
+        table = self._config.table
+        outcomes: list[Applied | Exception | None] = [None] * len(records)
+        run: list[int] = []  # indexes of the records in the current run
+        run_sql = ""
+        run_params: list[list[Any]] = []
+        run_versions: list[tuple[str, str, int, int]] = []
+        run_values: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            if run:
+                self._apply_run(conn, target, run_sql, run_params, run_versions, run_values, run, outcomes)
+                run.clear()
+                run_params.clear()
+                run_versions.clear()
+                run_values.clear()
+
+        for i, record in enumerate(records):
+            if record.deleted or not record.create or target is None or record.version not in _INT64:
+                flush()
+                outcomes[i], target = self._apply_one(conn, record, target, versions, False)
+                continue
+            guard = _guard_key(record)
+            stored = versions.get(guard)
+            if stored is not None and stored >= record.version:
+                outcomes[i] = Applied.STALE
+                continue
+            try:
+                values = _row_values(record.row, self._config.key)
+            except RejectedRecord as exc:
+                outcomes[i] = RejectedRecord(f"{table} key {record.key!r}: {exc}")
+                continue
+            planned = self._upsert_statement(target, values)
+            if planned is None:  # key only
+                flush()
+                outcomes[i], target = self._apply_one(conn, record, target, versions, False)
+                continue
+            sql, params = planned
+            if sql != run_sql:
+                flush()
+                run_sql = sql
+            run.append(i)
+            run_params.append(params)
+            run_values.append(values)
+            run_versions.append((table, guard, record.version, 0))
+            versions[guard] = record.version  # a later record of this key sees this version
+        flush()
+        return outcomes  # type: ignore[return-value]  # every slot is filled
+
+    def _apply_run(
+        self,
+        conn: sqlite3.Connection,
+        target: _Target | None,
+        sql: str,
+        params: list[list[Any]],
+        guards: list[tuple[str, str, int, int]],
+        values: list[dict[str, Any]],
+        indexes: list[int],
+        outcomes: list[Applied | Exception | None],
+    ) -> None:
+        """One run of same-shaped upserts: one ``executemany``. When some row was left
+        unchanged (it held these values already), the run is rolled back to its savepoint and
+        written row by row to tell which (two-way sync echoes; rare on a plain drain)."""
+        assert target is not None
+        try:
+            conn.execute("SAVEPOINT mesh_run")
+            written = conn.executemany(sql, params).rowcount
+            if written == len(indexes):
+                for i in indexes:
+                    outcomes[i] = Applied.APPLIED
+            else:
+                conn.execute("ROLLBACK TO mesh_run")
+                for i, row in zip(indexes, values, strict=True):
+                    changed = self._upsert(conn, target, row, create=True)
+                    outcomes[i] = Applied.APPLIED if changed else Applied.UNCHANGED
+            conn.executemany(_STORE_VERSION, guards)
+            conn.execute("RELEASE mesh_run")
+        except sqlite3.Error as exc:
+            if not is_record_error(exc):
+                raise  # the whole batch rolls back
+            raise _RecordFailed from exc  # the batch again, with a savepoint per record
 
     def _stored_versions(self, conn: sqlite3.Connection, records: Sequence[SinkRecord]) -> dict[str, int]:
         """The guard's stored version of every (key, scope) in the batch that has one."""
@@ -312,6 +511,35 @@ class SqliteSink(Sink):
             return refused(f"{table} key {record.key!r}: {exc}"), target
         versions[guard] = record.version  # a later record of this key sees this version
         return outcome, target
+
+    def _upsert_statement(self, target: _Target, values: dict[str, Any]) -> tuple[str, list[Any]] | None:
+        """The upsert ``_upsert`` would run for ``values`` (``create`` true) and its parameters;
+        None when the row has only the key. Planned once per field list and table shape."""
+        shape = (id(target), tuple(values))  # the plans are cleared when the shape is re-read
+        plan = self._plans.get(shape)
+        if plan is None:
+            names: list[str] = []
+            picks: list[int] = []
+            for j, name in enumerate(values):
+                column = target.columns.get(name.lower())
+                if column is not None:
+                    names.append(column)
+                    picks.append(j)
+            others = [n for n in names if n != target.key]
+            sql = None if not others else self._sql(("upsert", target.key, *names), lambda: (
+                f"INSERT INTO {quote(self._config.table)} ({', '.join(map(quote, names))}) "
+                f"VALUES ({', '.join('?' * len(names))}) ON CONFLICT ({quote(target.key)}) DO UPDATE SET "
+                + ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in others)
+                + " WHERE " + " OR ".join(f"{quote(n)} IS NOT excluded.{quote(n)}" for n in others)
+            ))  # fmt: skip
+            if len(self._plans) > 256:
+                self._plans.clear()
+            plan = self._plans[shape] = (sql, picks)
+        sql, picks = plan
+        if sql is None:
+            return None
+        row = list(values.values())
+        return sql, [row[j] for j in picks]
 
     def _upsert(
         self, conn: sqlite3.Connection, target: _Target, values: dict[str, Any], *, create: bool

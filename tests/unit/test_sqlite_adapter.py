@@ -622,3 +622,71 @@ async def test_sink_scopes_versions_and_update_only_records(tmp_path: Path) -> N
     assert rows(db, "SELECT key, version FROM _mesh_versions ORDER BY key") == [
         ("1\x1fcrm", 7), ("1\x1ferp", 100), ("2\x1fcrm", 6),
     ]  # fmt: skip
+
+
+async def test_batched_upserts_tell_applied_from_unchanged_rows_and_keep_order(tmp_path: Path) -> None:
+    """Same-shaped upserts go as one statement; a run where some rows already held their values
+    is written again row by row (each outcome exact, triggers fire once per real write), and a
+    delete or a row of another shape splits the run without reordering anything."""
+    db = tmp_path / "crm.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        first = [rec(k, 1, {"id": k, "name": f"n{k}"}) for k in range(1, 6)]
+        assert await sink.apply(first) == [Applied.APPLIED] * 5
+        A, U, S = Applied.APPLIED, Applied.UNCHANGED, Applied.STALE
+        out = await sink.apply(
+            [
+                rec(1, 2, {"id": 1, "name": "n1"}),  # unchanged
+                rec(2, 2, {"id": 2, "name": "m2"}),
+                rec(2, 3, {"id": 2, "name": "m2"}),  # the same key again: unchanged now
+                rec(3, 2, deleted=True),  # splits the run
+                rec(3, 1, {"id": 3, "name": "back"}),  # stale: the tombstone holds
+                rec(4, 2, {"id": 4, "name": "m4", "balance": 2.0}),  # another shape
+                rec(6, 1, {"id": 6, "name": "n6", "balance": 1.0}),
+            ]
+        )
+        assert out == [U, A, U, A, S, A, A]
+        # a failing record sends the batch record by record: the rest still apply
+        out = await sink.apply(
+            [
+                rec(7, 1, {"id": 7, "balance": 3.0}),  # a new row without its NOT NULL name
+                rec(5, 2, {"id": 5, "balance": 4.0}),  # a partial row of an existing entity
+                rec(8, 1, {"id": 8, "balance": 5.0, "name": "n8"}),
+            ]
+        )
+        assert isinstance(out[0], RejectedRecord)
+        assert out[1:] == [A, A]
+    assert rows(db, "SELECT id, name, balance FROM customers ORDER BY id") == [
+        (1, "n1", None), (2, "m2", None), (4, "m4", 2.0), (5, "n5", 4.0), (6, "n6", 1.0),
+        (8, "n8", 5.0),
+    ]  # fmt: skip
+    assert rows(db, "SELECT op, id, name FROM write_log WHERE rowid > 5") == [
+        ("UPDATE", 2, "m2"), ("DELETE", 3, "n3"), ("UPDATE", 4, "m4"), ("INSERT", 6, "n6"),
+        ("UPDATE", 5, "n5"), ("INSERT", 8, "n8"),
+    ]  # fmt: skip
+    assert rows(db, "SELECT key, version FROM _mesh_versions ORDER BY key") == [
+        ("1", 2), ("2", 3), ("3", 2), ("4", 2), ("5", 2), ("6", 1), ("8", 1),
+    ]  # fmt: skip
+
+
+async def test_apply_recording_commits_the_handled_ids_with_the_writes(tmp_path: Path) -> None:
+    """Every record that did not fail, and the skipped entries, are recorded in the target's
+    ``_mesh_inbox`` in the batch's transaction; a refused record is not; a batch that could not
+    run records nothing."""
+    db = tmp_path / "crm.db"
+    target(db)
+    async with SqliteSink(sink_config(db, busy_timeout=0.1)) as sink:
+        assert sink.keeps_inbox
+        await sink.apply([rec(3, 5, {"id": 3, "name": "kept"})])
+        skipped = [("echo-id", "customers", "9", 1, "echo")]
+        batch = [rec(1, 1, {"id": 1, "name": "a"}), rec(2, 1, {"id": 2, "name": None}), rec(3, 4, {"id": 3})]
+        out = await sink.apply_recording(batch, "customers", skipped)
+        assert isinstance(out[1], RejectedRecord)
+        assert [out[0], out[2]] == [Applied.APPLIED, Applied.STALE]
+        assert await sink.handled(["1@1", "2@1", "3@4", "echo-id"]) == {"1@1", "3@4", "echo-id"}
+        with write_lock(db), pytest.raises(SystemUnavailable):
+            await sink.apply_recording([rec(4, 1, {"id": 4, "name": "d"})], "customers", [])
+        assert await sink.handled(["4@1"]) == set()
+    assert rows(db, "SELECT id, outcome FROM _mesh_inbox ORDER BY id") == [
+        ("1@1", "applied"), ("3@4", "stale"), ("echo-id", "echo"),
+    ]  # fmt: skip
