@@ -197,7 +197,7 @@ class LinkWatcher:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from mesh.cli.leafnode import app; app()", "link",
+                [sys.executable, "-m", "mesh", "leafnode", "link",
                  "--domain", EDGE, "--server", self.hub_url, "--wait", "0", "--watch",
                  "--creds", str(self.creds)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,

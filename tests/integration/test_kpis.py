@@ -81,8 +81,9 @@ def test_kpis_in_status_series_metrics_and_top(nats_server: SecuredNatsServer, t
         assert systems["crm"]["sites"] == ["cloud"]
 
         for replica in stack.replicas:  # the follower records the series too
+            wait_until(lambda r=replica: len(stack.get("/api/series?flow=customers&minutes=5", r)["t"]) >= 2,
+                       30, f"two series points on {replica}")  # fmt: skip
             series = stack.get("/api/series?flow=customers&minutes=5", replica)
-            assert len(series["t"]) >= 2, replica
             assert sum(v or 0 for v in series["applied_per_second"]) > 0, replica
             assert any(v is not None for v in series["latency_p99_seconds"]), replica
 

@@ -126,7 +126,7 @@ def plan() -> FlowPlan:
     return FlowPlan(cfg, agent="erp-agent", system="erp")
 
 
-async def until(check: Callable[[], Any], timeout: float = 10) -> None:
+async def until(check: Callable[[], Any], timeout: float = 30) -> None:
     with anyio.fail_after(timeout):
         while True:
             got = check()
