@@ -237,7 +237,7 @@ entity = "order"
         assert "flow customers: created (generation 1) on crm-agent, erp-agent" in out
         assert "unchanged" in _cli(cli_flow.app, "apply", str(flows), "--control-plane", url)
         load.insert(1500)
-        wait_until(lambda: len(rows(crm_db)) == 1500, 30, "the applied flow to sync 1,500 rows")
+        wait_until(lambda: len(rows(crm_db)) == 1500, 90, "the applied flow to sync 1,500 rows")
         wait_until(lambda: _flow_states(url) == {"erp-agent": "running", "crm-agent": "running"}, 10,
                    "both agents to report the flow running")  # fmt: skip
 
