@@ -28,6 +28,23 @@ Data path (how an event crosses):
    the source back if something replaced the stream config. Agents' ``ensure_streams`` keeps
    a stream's sources when it updates the stream.
 3. Cloud sink agents connect to the hub and consume from the hub's ``MESH_EVENTS`` as usual.
+4. Trace records (:mod:`mesh.trace`) take the same way: ``link`` also makes the hub's
+   ``MESH_TRACE`` source the leaf's ``MESH_TRACE`` (all of :data:`EDGE_STREAMS`; ``--watch``
+   keeps each source prompt; ``unlink`` removes them), so ``meshctl trace`` and the control
+   plane's transaction index at the hub see what happened on site (capture, publish, applies of
+   cloud changes, dead letters) next to the cloud's steps, once the link has carried them.
+   Sourced records keep their subject ``trace.<agent>.<kind>`` and their ``Nats-Msg-Id``: the
+   source resumes after the last record it stored, so none is stored twice. The check that a
+   record names the agent of its subject still holds: the leaf's server, which runs the same
+   operator and permission table, let only that agent publish there. Agents on both sides must
+   therefore have distinct names (the registry gives each one its own creds anyway).
+
+Dead letters stay on site: the hub does **not** source the leaf's ``MESH_DLQ``. A replay
+republishes into the ``MESH_EVENTS`` of the server it runs against; at the hub that would put a
+site's failed apply (or capture) into the cloud's stream instead of back to the site's sink, and
+a purge at the hub would not purge the site. ``meshctl dlq list`` at the hub instead names each
+linked site and how many dead letters its own ``MESH_DLQ`` holds (:func:`edge_dead_letters`,
+asked through ``$JS.<edge>.API``), and the hub's trace shows the ``dead_lettered`` records.
 
 Why not let the subjects cross the link: verified with nats-server 2.15, two streams in
 different JetStream domains that listen on the same subjects (``evt.>`` on both sides) do
@@ -69,10 +86,11 @@ import msgspec
 from mesh.broker import find_nats_server
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.errors import ConfigError, TransportError
-from mesh.transport import EVENTS_STREAM, JetStream, NoResponders
+from mesh.transport import DLQ_STREAM, EVENTS_STREAM, TRACE_STREAM, JetStream, NoResponders
 
 __all__ = [
     "DEFAULT_HUB_DOMAIN",
+    "EDGE_STREAMS",
     "LEAF_PORT",
     "MESH_SUBJECTS",
     "LeafnodeFiles",
@@ -80,11 +98,16 @@ __all__ = [
     "SourceStatus",
     "api_prefix",
     "check_nats_config",
+    "domain_stream_messages",
+    "edge_dead_letters",
     "edge_source_status",
     "edge_stream_ready",
     "ensure_domain_source",
     "ensure_edge_sourcing",
+    "linked_domains",
     "make_plan",
+    "remove_domain_source",
+    "remove_edge_sourcing",
     "render_agent_nats",
     "render_hub_conf",
     "render_instructions",
@@ -99,9 +122,12 @@ log = logging.getLogger(__name__)
 DEFAULT_HUB_DOMAIN = "hub"
 LEAF_PORT = 7422
 """nats-server's default leaf node port."""
+EDGE_STREAMS: tuple[str, ...] = (EVENTS_STREAM, TRACE_STREAM)
+"""The hub's streams that source the stream of the same name from each linked site."""
 MESH_SUBJECTS = ("evt.>", "cmd.>", "dlq.>", "audit.>", "trace.>")
 """Subjects of the mesh's streams; they must not cross the leaf link (see the module doc)."""
 
+_API_PREFIX = re.compile(r"^\$JS\.([A-Za-z0-9_-]{1,64})\.API\Z")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 _DURATION = re.compile(r"^(always|[0-9]+(ns|us|ms|s|m|h))$")
 _HUB_SCHEMES = ("nats-leaf", "nats", "tls")
@@ -569,6 +595,7 @@ class _ApiResponse(msgspec.Struct):
     error: _ApiError | None = None
     config: dict[str, Any] | None = None
     sources: list[dict[str, Any]] | None = None
+    state: dict[str, Any] | None = None
 
 
 _STREAM_NOT_FOUND = 10059
@@ -591,6 +618,10 @@ async def _api(
         return msgspec.json.decode(reply.data, type=_ApiResponse)
     except msgspec.DecodeError as exc:
         raise TransportError(f"{what}: unexpected answer: {exc}") from exc
+
+
+def _is_source(src: dict[str, Any], source_stream: str, prefix: str) -> bool:
+    return src.get("name") == source_stream and (src.get("external") or {}).get("api") == prefix
 
 
 def _source_key(src: dict[str, Any]) -> tuple[str, str, str]:
@@ -659,19 +690,119 @@ async def ensure_edge_sourcing(
     js_hub: JetStream,
     edge_domain: str,
     *,
-    stream: str = EVENTS_STREAM,
-    edge_stream: str = EVENTS_STREAM,
     filter_subject: str | None = None,
     streams: StreamsConfig | None = None,
+    edge_streams: tuple[str, ...] = EDGE_STREAMS,
 ) -> bool:
-    """Make the hub's ``MESH_EVENTS`` source the leaf's ``MESH_EVENTS`` in ``edge_domain``.
+    """Make each of the hub's :data:`EDGE_STREAMS` (``MESH_EVENTS``, ``MESH_TRACE``) source the
+    stream of the same name in ``edge_domain``; True when a stream config was changed.
 
-    ``js_hub`` is connected to the hub (its own domain). See :func:`ensure_domain_source`.
+    ``js_hub`` is connected to the hub (its own domain). ``filter_subject`` applies to the
+    events source only; trace records are sourced whole. A hub stream that does not exist is
+    created by ``js_hub.ensure_streams(streams)`` when ``streams`` is given (an existing one keeps
+    its retention and limits). See :func:`ensure_domain_source`.
+
+    Raises:
+        ConfigError: ``edge_domain`` is not a single token.
+        TransportError: as :func:`ensure_domain_source`.
     """
-    return await ensure_domain_source(
-        js_hub, edge_domain, stream=stream, source_stream=edge_stream, filter_subject=filter_subject,
-        streams=streams,
-    )  # fmt: skip
+    changed = False
+    for stream in edge_streams:
+        changed |= await ensure_domain_source(
+            js_hub, edge_domain, stream=stream, source_stream=stream,
+            filter_subject=filter_subject if stream == EVENTS_STREAM else None, streams=streams,
+        )  # fmt: skip
+    return changed
+
+
+async def remove_domain_source(
+    js: JetStream, domain: str, *, stream: str = EVENTS_STREAM, source_stream: str = EVENTS_STREAM
+) -> bool:
+    """Remove ``stream``'s source from ``source_stream`` of ``domain``; False when it had none
+    (or the stream does not exist). What was already sourced stays in ``stream``.
+
+    Raises:
+        ConfigError: ``domain`` is not a single token.
+        TransportError: JetStream unreachable or the update refused.
+    """
+    _check_token("domain", domain)
+    prefix = api_prefix(domain)
+    info = await _api(js, f"stream {stream}", f"STREAM.INFO.{stream}")
+    if info.error is not None and info.error.err_code == _STREAM_NOT_FOUND:
+        return False
+    if info.error is not None or info.config is None:
+        raise TransportError(f"stream {stream}: {info.error.description if info.error else 'no config'}")
+    sources = list(info.config.get("sources") or [])
+    kept = [s for s in sources if not _is_source(s, source_stream, prefix)]
+    if len(kept) == len(sources):
+        return False
+    res = await _api(
+        js, f"update stream {stream}", f"STREAM.UPDATE.{stream}", {**info.config, "sources": kept}
+    )
+    if res.error is not None:
+        raise TransportError(f"update stream {stream}: {res.error.description}")
+    return True
+
+
+async def remove_edge_sourcing(
+    js_hub: JetStream, edge_domain: str, *, edge_streams: tuple[str, ...] = EDGE_STREAMS
+) -> list[str]:
+    """Undo :func:`ensure_edge_sourcing` (``meshctl leafnode unlink``): the hub streams that no
+    longer source ``edge_domain`` (empty when none did). The site's streams are untouched.
+
+    Raises:
+        ConfigError: ``edge_domain`` is not a single token.
+        TransportError: JetStream unreachable or an update refused.
+    """
+    return [
+        stream
+        for stream in edge_streams
+        if await remove_domain_source(js_hub, edge_domain, stream=stream, source_stream=stream)
+    ]
+
+
+async def linked_domains(js: JetStream, *, stream: str = EVENTS_STREAM) -> list[str]:
+    """The JetStream domains whose streams ``stream`` sources (the sites linked to this hub).
+
+    Raises:
+        TransportError: JetStream unreachable (a missing stream: no domains).
+    """
+    info = await _api(js, f"stream {stream}", f"STREAM.INFO.{stream}")
+    if info.error is not None and info.error.err_code == _STREAM_NOT_FOUND:
+        return []
+    if info.error is not None or info.config is None:
+        raise TransportError(f"stream {stream}: {info.error.description if info.error else 'no config'}")
+    domains = []
+    for src in info.config.get("sources") or []:
+        m = _API_PREFIX.match(str((src.get("external") or {}).get("api", "")))
+        if m and m.group(1) not in domains:
+            domains.append(m.group(1))
+    return domains
+
+
+async def domain_stream_messages(js: JetStream, domain: str, stream: str) -> int | None:
+    """How many messages ``stream`` of JetStream ``domain`` holds, asked through ``js``; None
+    when it does not answer (link down, no such stream)."""
+    try:
+        res = await _api(js, f"stream {stream}", f"STREAM.INFO.{stream}", domain=domain)
+    except TransportError:
+        return None
+    if res.error is not None or res.state is None:
+        return None
+    return int(res.state.get("messages", 0))
+
+
+async def edge_dead_letters(js_hub: JetStream, *, stream: str = DLQ_STREAM) -> dict[str, int | None]:
+    """Per site linked to this hub (:func:`linked_domains`): how many dead letters its own
+    ``MESH_DLQ`` holds (None when the site does not answer: link down or no such stream).
+
+    Sites' dead letters are not sourced into the hub (see the module doc): this only says where
+    they are, for ``meshctl dlq list`` at the hub.
+
+    Raises:
+        TransportError: the hub's JetStream unreachable.
+    """
+    return {d: await domain_stream_messages(js_hub, d, stream) for d in await linked_domains(js_hub)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,7 +868,7 @@ async def restart_domain_source(
     prefix = api_prefix(domain)
 
     def ours(src: dict[str, Any]) -> bool:
-        return src.get("name") == source_stream and (src.get("external") or {}).get("api") == prefix
+        return _is_source(src, source_stream, prefix)
 
     info = await _api(js, f"stream {stream}", f"STREAM.INFO.{stream}")
     if info.error is not None or info.config is None:
@@ -767,37 +898,40 @@ async def watch_edge_sourcing(
     js_hub: JetStream,
     edge_domain: str,
     *,
-    stream: str = EVENTS_STREAM,
-    edge_stream: str = EVENTS_STREAM,
+    edge_streams: tuple[str, ...] = EDGE_STREAMS,
     interval: float = 2.0,
     stall_after: float = 5.0,
     min_restart_interval: float = 10.0,
     on_restart: Callable[[SourceStatus | None], None] | None = None,
 ) -> None:
-    """Keep the hub's source from ``edge_domain`` present and prompt; runs until cancelled.
+    """Keep the hub's sources from ``edge_domain`` (one per stream of ``edge_streams``) present
+    and prompt; runs until cancelled.
 
-    Every ``interval`` seconds: make sure the source exists (:func:`ensure_edge_sourcing`; an
-    agent or an operator may have replaced the stream config), and when it has been idle for more
+    Every ``interval`` seconds: make sure the sources exist (:func:`ensure_edge_sourcing`; an
+    agent or an operator may have replaced a stream config), and when one has been idle for more
     than ``stall_after`` seconds (or in error) while the site's stream answers, restart it
-    (:func:`restart_domain_source`), at most once per ``min_restart_interval``. Transport errors
-    are logged and retried; the connection reconnects by itself.
+    (:func:`restart_domain_source`), each at most once per ``min_restart_interval``. Transport
+    errors are logged and retried; the connection reconnects by itself.
     """
-    last_restart = -min_restart_interval
+    last_restart = dict.fromkeys(edge_streams, -min_restart_interval)
     while True:
         try:
-            await ensure_edge_sourcing(js_hub, edge_domain, stream=stream, edge_stream=edge_stream)
-            status = await edge_source_status(js_hub, edge_domain, stream=stream)
-            now = anyio.current_time()
-            if (
-                _stalled(status, stall_after)
-                and now - last_restart >= min_restart_interval
-                and await edge_stream_ready(js_hub, edge_domain, stream=edge_stream)
-            ):
-                log.info("source from domain %s is stalled (%s): restarting it", edge_domain, status)
-                await restart_domain_source(js_hub, edge_domain, stream=stream, source_stream=edge_stream)
-                last_restart = now
-                if on_restart is not None:
-                    on_restart(status)
+            await ensure_edge_sourcing(js_hub, edge_domain, edge_streams=edge_streams)
+            for stream in edge_streams:
+                status = await edge_source_status(js_hub, edge_domain, stream=stream)
+                now = anyio.current_time()
+                if (
+                    _stalled(status, stall_after)
+                    and now - last_restart[stream] >= min_restart_interval
+                    and await edge_stream_ready(js_hub, edge_domain, stream=stream)
+                ):
+                    log.info(
+                        "%s source from domain %s is stalled (%s): restarting it", stream, edge_domain, status
+                    )
+                    await restart_domain_source(js_hub, edge_domain, stream=stream, source_stream=stream)
+                    last_restart[stream] = now
+                    if on_restart is not None:
+                        on_restart(status)
         except TransportError as exc:
-            log.warning("watching the source from domain %s: %s", edge_domain, exc)
+            log.warning("watching the sources from domain %s: %s", edge_domain, exc)
         await anyio.sleep(interval)

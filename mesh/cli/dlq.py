@@ -1,7 +1,10 @@
 """``meshctl dlq``: list, show, replay and purge dead-lettered messages (stream ``MESH_DLQ``).
 
-Reading never consumes or acks anything. Errors the operator can fix (server down, no such
-entry, a bad time) print one line and exit 2; a replay in which some entries failed exits 1.
+Reading never consumes or acks anything. At a hub, ``list`` also names each linked leaf node
+site (``meshctl leafnode link``) and how many dead letters it keeps in its own ``MESH_DLQ``:
+those are not copied to the hub, so a replay always runs where the message failed.
+Errors the operator can fix (server down, no such entry, a bad time) print one line and
+exit 2; a replay in which some entries failed exits 1.
 """
 
 from __future__ import annotations
@@ -126,6 +129,16 @@ def _run(server: str, work: Callable[[DeadLetters], Awaitable[_T]]) -> _T:
         _fail(exc)
 
 
+async def _edge_dead_letters(dlq: DeadLetters) -> dict[str, int | None]:
+    """Sites linked to this hub and their own dead letter counts (``meshctl leafnode link``);
+    empty when the stream is not this hub's."""
+    from mesh.leafnode import edge_dead_letters
+
+    if not isinstance(dlq.js, JetStream) or dlq.stream != DLQ_STREAM:
+        return {}
+    return await edge_dead_letters(dlq.js)
+
+
 def _entries(n: int) -> str:
     return f"{n} entr{'y' if n == 1 else 'ies'}"
 
@@ -165,11 +178,18 @@ def _list(
     """List dead-lettered messages, oldest first (reads only; nothing is consumed)."""
     flt = _filter(flow, reason, error, since, until)
 
-    async def work(dlq: DeadLetters) -> tuple[bool, list[DlqEntry]]:
+    async def work(dlq: DeadLetters) -> tuple[bool, list[DlqEntry], dict[str, int | None]]:
         exists = await dlq.bounds() is not None
-        return exists, await dlq.select(flt, limit=limit)
+        return exists, await dlq.select(flt, limit=limit), await _edge_dead_letters(dlq)
 
-    exists, entries = _run(server, work)
+    exists, entries, edges = _run(server, work)
+    for domain, count in edges.items():
+        held = "does not answer now" if count is None else f"holds {_entries(count)}"
+        typer.secho(
+            f"note: JetStream domain {domain!r} (a leaf node site sourced by this server) keeps its own"
+            f" dead letters; its {DLQ_STREAM} {held}: run `meshctl dlq` against that site's server",
+            err=True, fg=typer.colors.YELLOW,
+        )  # fmt: skip
     if as_json:
         typer.echo(json.dumps([e.summary() for e in entries], indent=2, ensure_ascii=False))
         return

@@ -3,7 +3,8 @@ WAN is down (see :mod:`mesh.leafnode` for the topology and the data path).
 
 * ``config`` writes the leaf node's nats-server config, the hub side and the edge agents'
   ``[nats]`` section, checked by nats-server itself, and prints what to run where.
-* ``link`` makes the hub's MESH_EVENTS source a site's events (once, idempotent).
+* ``link`` makes the hub's MESH_EVENTS and MESH_TRACE source a site's (once, idempotent;
+  ``--watch`` keeps them prompt after outages); ``unlink`` removes those sources.
 
 Errors the operator can fix print one line and exit 2.
 """
@@ -128,12 +129,20 @@ def _link(
         ),
     ] = False,
 ) -> None:
-    """Make the hub's MESH_EVENTS source the site's MESH_EVENTS (idempotent; run against the hub).
+    """Make the hub's MESH_EVENTS and MESH_TRACE source the site's (idempotent; run against the hub).
 
-    Creates the hub's mesh streams with the default settings when they do not exist yet.
+    Creates the hub's mesh streams with the default settings when they do not exist yet (existing
+    ones keep their settings). The site's trace records then reach the hub too, so `meshctl
+    trace` and the control plane there show the steps that happened on site.
     """
     from mesh.config import StreamsConfig
-    from mesh.leafnode import SourceStatus, edge_source_status, ensure_edge_sourcing, watch_edge_sourcing
+    from mesh.leafnode import (
+        EDGE_STREAMS,
+        SourceStatus,
+        edge_source_status,
+        ensure_edge_sourcing,
+        watch_edge_sourcing,
+    )
     from mesh.transport import EVENTS_STREAM, JetStream
 
     async def run() -> None:
@@ -141,7 +150,8 @@ def _link(
         async with JetStream(cfg, name="meshctl-leafnode-link") as js:
             changed = await ensure_edge_sourcing(js, domain, streams=StreamsConfig())
             verb = "now sources" if changed else "already sources"
-            typer.echo(f"hub {EVENTS_STREAM} {verb} {EVENTS_STREAM} of domain {domain!r}")
+            names = " and ".join(EDGE_STREAMS)
+            typer.echo(f"hub {names} {verb} {names} of domain {domain!r}")
             deadline = time.monotonic() + wait
             status = await edge_source_status(js, domain)
             while time.monotonic() < deadline and (status is None or status.active is None or status.error):
@@ -155,12 +165,16 @@ def _link(
                     f"warning: source not active yet ({why}); the hub catches up once the leaf connects",
                     fg=typer.colors.YELLOW, err=True,
                 )  # fmt: skip
+            for stream in EDGE_STREAMS:
+                if stream != EVENTS_STREAM and (st := await edge_source_status(js, domain, stream=stream)):
+                    state = f"error: {st.error}" if st.error else f"lag {st.lag} message(s)"
+                    typer.echo(f"{stream} source: {state}")
             if watch:
 
                 def restarted(status: SourceStatus | None) -> None:
                     typer.echo(f"restarted the stalled source from domain {domain!r} ({status})")
 
-                typer.echo(f"watching the source from domain {domain!r} (Ctrl-C stops)")
+                typer.echo(f"watching the sources from domain {domain!r} (Ctrl-C stops)")
                 await watch_edge_sourcing(js, domain, on_restart=restarted)
 
     try:
@@ -169,3 +183,41 @@ def _link(
         _fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+@app.command("unlink")
+@talks_to_nats
+def _unlink(
+    domain: Annotated[
+        str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
+    ],
+    server: Annotated[
+        list[str], typer.Option(help="Hub URL (repeatable), e.g. nats://hub:4222.", show_default=False)
+    ],
+    user: Annotated[str | None, typer.Option(help="NATS user.", show_default=False)] = None,
+    password_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the password.", show_default=False)
+    ] = None,
+) -> None:
+    """Stop sourcing a site into the hub (undoes `link`; idempotent; run against the hub).
+
+    What the hub already holds stays; the site's streams are untouched. Stop a `link --watch`
+    for the site first, or it puts the sources back.
+    """
+    from mesh.leafnode import remove_edge_sourcing
+    from mesh.transport import JetStream
+
+    async def run() -> list[str]:
+        cfg = nats_config(server, user=user, password_env=password_env)
+        async with JetStream(cfg, name="meshctl-leafnode-unlink") as js:
+            return await remove_edge_sourcing(js, domain)
+
+    try:
+        removed = anyio.run(run)
+    except MeshError as exc:
+        _fail(exc)
+        return
+    if removed:
+        typer.echo(f"hub {' and '.join(removed)} no longer source(s) domain {domain!r}")
+    else:
+        typer.echo(f"the hub does not source domain {domain!r}: nothing to do")
