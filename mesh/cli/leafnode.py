@@ -151,7 +151,7 @@ def _link(
             changed = await ensure_edge_sourcing(js, domain, streams=StreamsConfig())
             verb = "now sources" if changed else "already sources"
             names = " and ".join(EDGE_STREAMS)
-            typer.echo(f"hub {names} {verb} {names} of domain {domain!r}")
+            typer.echo(f"hub {verb} {names} of domain {domain!r} (into its streams of the same names)")
             deadline = time.monotonic() + wait
             status = await edge_source_status(js, domain)
             while time.monotonic() < deadline and (status is None or status.active is None or status.error):
@@ -218,6 +218,6 @@ def _unlink(
         _fail(exc)
         return
     if removed:
-        typer.echo(f"hub {' and '.join(removed)} no longer source(s) domain {domain!r}")
+        typer.echo(f"hub no longer sources {' and '.join(removed)} of domain {domain!r}")
     else:
         typer.echo(f"the hub does not source domain {domain!r}: nothing to do")

@@ -19,6 +19,7 @@ from pathlib import Path
 import nats
 from typer.testing import CliRunner
 
+import mesh.cli.main  # noqa: F401  (builds the command tree: gives `link` and `unlink` --creds)
 from mesh.broker import NatsServer, free_port
 from mesh.cli.leafnode import app
 from mesh.cli.security import app as security_app

@@ -15,8 +15,16 @@ import pytest
 
 from mesh.config import NatsConfig, StreamsConfig
 from mesh.errors import ConfigError
-from mesh.leafnode import check_nats_config, edge_source_status, ensure_domain_source, ensure_edge_sourcing
-from mesh.transport import EVENTS_STREAM, JetStream, OutMessage
+from mesh.leafnode import (
+    check_nats_config,
+    edge_dead_letters,
+    edge_source_status,
+    ensure_domain_source,
+    ensure_edge_sourcing,
+    linked_domains,
+    remove_edge_sourcing,
+)
+from mesh.transport import EVENTS_STREAM, TRACE_STREAM, JetStream, OutMessage
 from tests._secure import SecuredNatsServer as NatsServer
 from tests._secure import create_layout, issue_agent_creds
 from tests.integration._harness import (
@@ -178,6 +186,47 @@ async def test_sourcing_is_idempotent_and_survives_ensure_streams(tmp_path: Path
             assert status is not None
             assert status.domain == "site-a"
             assert await edge_source_status(js, "nowhere") is None
+            # MESH_TRACE sources every site's records too (whole: the events filter is not its).
+            trace = await js.js.stream_info(TRACE_STREAM)
+            got = [
+                (s.name, s.external.api, s.filter_subject) for s in trace.config.sources or [] if s.external
+            ]
+            assert got == [(TRACE_STREAM, "$JS.site-a.API", None), (TRACE_STREAM, "$JS.site-b.API", None)]
+            assert await linked_domains(js) == ["site-a", "site-b"]
+            assert await edge_dead_letters(js) == {"site-a": None, "site-b": None}  # no such sites
+            # unlink removes both sources of one site and keeps the other site's (idempotent).
+            assert await remove_edge_sourcing(js, "site-a") == [EVENTS_STREAM, TRACE_STREAM]
+            assert await remove_edge_sourcing(js, "site-a") == []
+            assert await linked_domains(js) == ["site-b"]
+            assert await linked_domains(js, stream=TRACE_STREAM) == ["site-b"]
+    finally:
+        server.stop()
+
+
+def test_link_then_unlink_from_the_cli(tmp_path: Path, security_dir: Path) -> None:
+    """``link`` against a hub whose site is not there (yet) sources both streams; ``unlink``
+    removes them again, idempotently, and refuses a bad domain in one line."""
+    server = NatsServer(tmp_path / "nats", security_dir).start()
+    try:
+        access = ["--server", server.url, "--creds", str(server.admin_creds)]
+        code, out, err = meshctl_leafnode("link", "--domain", "site-b", "--wait", "0", *access)
+        assert code == 0, err
+        assert out.startswith("hub now sources MESH_EVENTS and MESH_TRACE of domain")
+        for stream in (EVENTS_STREAM, TRACE_STREAM):
+            config = stream_info(server.url, server.admin_creds, stream)["config"]
+            assert isinstance(config, dict)
+            assert [s["external"]["api"] for s in config["sources"]] == ["$JS.site-b.API"]
+        code, out, err = meshctl_leafnode("unlink", "--domain", "site-b", *access)
+        assert code == 0, err
+        assert out == "hub no longer sources MESH_EVENTS and MESH_TRACE of domain 'site-b'\n"
+        code, out, err = meshctl_leafnode("unlink", "--domain", "site-b", *access)
+        assert (code, out) == (0, "the hub does not source domain 'site-b': nothing to do\n")
+        code, out, err = meshctl_leafnode("unlink", "--domain", "a.b", *access)
+        assert code == 2
+        assert err.count("\n") == 1
+        assert "domain 'a.b': expected 1-64 letters" in err
+        for stream in (EVENTS_STREAM, TRACE_STREAM):
+            assert "sources" not in stream_info(server.url, server.admin_creds, stream)["config"]
     finally:
         server.stop()
 
