@@ -158,7 +158,7 @@ def _link(
                 await anyio.sleep(0.25)
                 status = await edge_source_status(js, domain)
             if status is not None and status.active is not None and not status.error:
-                typer.echo(f"source active: lag {status.lag} message(s)")
+                typer.echo(f"{EVENTS_STREAM} source active: lag {status.lag} message(s)")
             else:
                 why = status.error if status and status.error else "the leaf node is not connected yet"
                 typer.secho(
@@ -172,7 +172,8 @@ def _link(
             if watch:
 
                 def restarted(status: SourceStatus | None) -> None:
-                    typer.echo(f"restarted the stalled source from domain {domain!r} ({status})")
+                    which = status.stream if status is not None else "a"
+                    typer.echo(f"restarted the stalled source from domain {domain!r}: {which} ({status})")
 
                 typer.echo(f"watching the sources from domain {domain!r} (Ctrl-C stops)")
                 await watch_edge_sourcing(js, domain, on_restart=restarted)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.config import NatsConfig, StreamsConfig
+from mesh.config import NatsConfig, StreamsConfig, TraceRetention
 from mesh.errors import ConfigError
 from mesh.leafnode import (
     check_nats_config,
@@ -208,6 +208,8 @@ def test_link_then_unlink_from_the_cli(tmp_path: Path, security_dir: Path) -> No
     removes them again, idempotently, and refuses a bad domain in one line."""
     server = NatsServer(tmp_path / "nats", security_dir).start()
     try:
+        # The hub's streams exist with their own settings: link adds the sources and keeps them.
+        create_layout(server, StreamsConfig(trace=TraceRetention(max_age=3600, max_bytes=5_000_000)))
         access = ["--server", server.url, "--creds", str(server.admin_creds)]
         code, out, err = meshctl_leafnode("link", "--domain", "site-b", "--wait", "0", *access)
         assert code == 0, err
@@ -216,6 +218,9 @@ def test_link_then_unlink_from_the_cli(tmp_path: Path, security_dir: Path) -> No
             config = stream_info(server.url, server.admin_creds, stream)["config"]
             assert isinstance(config, dict)
             assert [s["external"]["api"] for s in config["sources"]] == ["$JS.site-b.API"]
+        trace = stream_info(server.url, server.admin_creds, TRACE_STREAM)["config"]
+        assert isinstance(trace, dict)
+        assert (trace["max_age"], trace["max_bytes"]) == (3600 * 10**9, 5_000_000)
         code, out, err = meshctl_leafnode("unlink", "--domain", "site-b", *access)
         assert code == 0, err
         assert out == "hub no longer sources MESH_EVENTS and MESH_TRACE of domain 'site-b'\n"
