@@ -126,9 +126,13 @@ def hub_tracker_view(url: str, creds: Path, keys: list[str]) -> tuple[dict[str, 
     return asyncio.run(run())
 
 
-def test_edge_trace_records_reach_the_hub_and_catch_up_after_a_wan_cut(
-    tmp_path: Path, security_dir: Path
+@pytest.mark.parametrize("outage", ["wan-cut", "hub-crash"])
+def test_edge_trace_records_reach_the_hub_and_catch_up_after_an_outage(
+    tmp_path: Path, security_dir: Path, outage: str
 ) -> None:
+    """``wan-cut``: the link drops while both servers stay up. ``hub-crash``: the hub is
+    SIGKILLed and restarted on the same port and store (its sources then wait for nats-server's
+    retry back-off, which ``link --watch`` cuts short)."""
     topo = make_topology(tmp_path, security_dir)
     admin = topo.admin_creds
     hub, leaf, link = topo.hub, topo.leaf, topo.link
@@ -187,26 +191,33 @@ def test_edge_trace_records_reach_the_hub_and_catch_up_after_a_wan_cut(
         edge = f"{EDGE_AGENT}/erp"
         assert kinds == [["captured", edge], ["published", edge], ["applied", "crm-agent/crm"]]
 
-        # --- the WAN is cut: the site keeps tracing into the leaf -------------------------------
-        link.cut()
-        wait_until(lambda: not leaf_connected(hub), 10, "the hub to see the leaf gone")
+        # --- the outage: the site keeps tracing into the leaf -------------------------------------
+        if outage == "wan-cut":
+            link.cut()
+            wait_until(lambda: not leaf_connected(hub), 10, "the hub to see the leaf gone")
+        else:
+            hub.kill()
         load.insert(20)
         wait_until(lambda: outbox_depth(edge_state) == 0, 20, "the edge outbox to drain into the leaf")
         at_site = {("captured", EDGE_AGENT), ("published", EDGE_AGENT)}
         wait_until(
             lambda: all_traced(leaf.url, admin, range(21, 41), at_site), 20, "the leaf to hold the trace"
         )
-        hub_index = trace_index(hub.url, admin)
-        assert all(not hub_index.find(f"customer:{i}") for i in range(21, 41))
-        # The site's dead letters stay on site; the hub says where they are (and that the site
-        # does not answer now).
-        dlq = meshctl("dlq", "list", "--server", hub.url, creds=admin)
-        assert dlq.returncode == 0, dlq.stderr
-        assert f"JetStream domain '{EDGE}'" in dlq.stderr
-        assert "does not answer now" in dlq.stderr
+        if outage == "wan-cut":
+            hub_index = trace_index(hub.url, admin)
+            assert all(not hub_index.find(f"customer:{i}") for i in range(21, 41))
+            # The site's dead letters stay on site; the hub says where they are (and that the
+            # site does not answer now).
+            dlq = meshctl("dlq", "list", "--server", hub.url, creds=admin)
+            assert dlq.returncode == 0, dlq.stderr
+            assert f"JetStream domain '{EDGE}'" in dlq.stderr
+            assert "does not answer now" in dlq.stderr
 
         # --- the link returns: the hub's trace catches up ----------------------------------------
-        link.restore()
+        if outage == "wan-cut":
+            link.restore()
+        else:
+            hub.start()
         wait_until(lambda: rows(erp) == rows(crm), 45, "the CRM to catch up")
         wait_until(lambda: all_traced(hub.url, admin, range(1, 41), FULL), 45, "the hub's trace to catch up")
 
