@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mesh.config import NatsConfig, StreamsConfig, TraceRetention
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, TransportError
 from mesh.leafnode import (
     check_nats_config,
     edge_dead_letters,
@@ -199,6 +199,21 @@ async def test_sourcing_is_idempotent_and_survives_ensure_streams(tmp_path: Path
             assert await remove_edge_sourcing(js, "site-a") == []
             assert await linked_domains(js) == ["site-b"]
             assert await linked_domains(js, stream=TRACE_STREAM) == ["site-b"]
+        # Only the operator (admin creds) may link or unlink: an agent's creds are refused.
+        cfg = tmp_path / "erp-agent.toml"
+        creds = tmp_path / "erp-agent.creds"
+        cfg.write_text(agent_toml(name="erp-agent", system="erp", state=tmp_path / "s", url=server.url,
+                                  source=tmp_path / "erp.db", creds=creds))  # fmt: skip
+        agent = NatsConfig(servers=[server.url], creds=str(issue_agent_creds(cfg, security_dir)),
+                           inbox_prefix="_INBOX.erp-agent", request_timeout=2.0)  # fmt: skip
+        async with JetStream(agent, name="erp-agent") as js:
+            update = r"^update stream MESH_EVENTS: permission denied: publish to \$JS\.API\.STREAM\.UPDATE\."
+            with pytest.raises(TransportError, match=update):
+                await remove_edge_sourcing(js, "site-b")
+            with pytest.raises(TransportError, match=update):
+                await ensure_edge_sourcing(js, "site-c")
+        async with JetStream(server.nats_config(request_timeout=2.0), name="t") as js:
+            assert await linked_domains(js) == ["site-b"]
     finally:
         server.stop()
 
