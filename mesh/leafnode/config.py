@@ -399,9 +399,9 @@ Wrote:
 In the cloud (hub):
   1. Run the hub with hub.conf, or merge its `jetstream.domain` and `leafnodes` blocks into the
      hub's config; allow TCP {p.leaf_port} from the site.
-  2. Make the hub's MESH_EVENTS source the site's events (idempotent, safe to repeat); with
-     --watch it keeps running and restarts the source promptly after each outage (run it as a
-     service next to the hub):
+  2. Make the hub's MESH_EVENTS and MESH_TRACE source the site's events and trace records
+     (idempotent, safe to repeat); with --watch it keeps running and restarts a source promptly
+     after each outage (run it as a service next to the hub):
        meshctl leafnode link --server nats://<hub>:{p.hub_port} --domain {p.domain} --watch
   3. Cloud sink agents use [nats] servers = ["nats://<hub>:{p.hub_port}"] as usual.
 
@@ -412,7 +412,9 @@ On site:
        meshctl agent run --config <agent.toml>
 
 While the WAN is down the edge agents keep capturing and publishing into the leaf's JetStream;
-when it returns the hub's MESH_EVENTS catches up by itself, in order, without duplicates.
+when it returns the hub's MESH_EVENTS (and MESH_TRACE: `meshctl trace` at the hub shows the
+site's steps) catches up by itself, in order, without duplicates. The site's dead letters stay
+in its own MESH_DLQ: run `meshctl dlq` against the leaf node.
 {secured}"""
 
 
