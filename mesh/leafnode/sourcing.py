@@ -372,17 +372,18 @@ async def watch_edge_sourcing(
     """Keep the hub's sources from ``edge_domain`` (one per stream of ``edge_streams``) present
     and prompt; runs until cancelled.
 
-    Every ``interval`` seconds: make sure the sources exist (:func:`ensure_edge_sourcing`; an
-    agent or an operator may have replaced a stream config), and when one has been idle for more
-    than ``stall_after`` seconds (or in error) while the site's stream answers, restart it
-    (:func:`restart_domain_source`), each at most once per ``min_restart_interval``. Transport
-    errors are logged and retried; the connection reconnects by itself.
+    Every ``interval`` seconds, for each stream: make sure the source exists
+    (:func:`ensure_domain_source`; an agent or an operator may have replaced the stream config),
+    and when it has been idle for more than ``stall_after`` seconds (or in error) while the site's
+    stream answers, restart it (:func:`restart_domain_source`), at most once per
+    ``min_restart_interval``. Transport errors (a hub stream missing included) are logged and
+    retried, each stream on its own; the connection reconnects by itself.
     """
     last_restart = dict.fromkeys(edge_streams, -min_restart_interval)
     while True:
-        try:
-            await ensure_edge_sourcing(js_hub, edge_domain, edge_streams=edge_streams)
-            for stream in edge_streams:
+        for stream in edge_streams:  # one stream's trouble (e.g. missing) does not stall another's
+            try:
+                await ensure_domain_source(js_hub, edge_domain, stream=stream, source_stream=stream)
                 status = await edge_source_status(js_hub, edge_domain, stream=stream)
                 now = anyio.current_time()
                 if (
@@ -397,6 +398,6 @@ async def watch_edge_sourcing(
                     last_restart[stream] = now
                     if on_restart is not None:
                         on_restart(status)
-        except TransportError as exc:
-            log.warning("watching the sources from domain %s: %s", edge_domain, exc)
+            except TransportError as exc:
+                log.warning("watching the %s source from domain %s: %s", stream, edge_domain, exc)
         await anyio.sleep(interval)

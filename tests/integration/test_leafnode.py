@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
+import anyio
 import pytest
 
 from mesh.config import NatsConfig, StreamsConfig, TraceRetention
@@ -22,7 +24,9 @@ from mesh.leafnode import (
     ensure_domain_source,
     ensure_edge_sourcing,
     linked_domains,
+    remove_domain_source,
     remove_edge_sourcing,
+    watch_edge_sourcing,
 )
 from mesh.transport import EVENTS_STREAM, TRACE_STREAM, JetStream, OutMessage
 from tests._secure import SecuredNatsServer as NatsServer
@@ -214,6 +218,27 @@ async def test_sourcing_is_idempotent_and_survives_ensure_streams(tmp_path: Path
                 await ensure_edge_sourcing(js, "site-c")
         async with JetStream(server.nats_config(request_timeout=2.0), name="t") as js:
             assert await linked_domains(js) == ["site-b"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_the_watcher_keeps_each_source_on_its_own(tmp_path: Path, security_dir: Path) -> None:
+    """``link --watch`` puts a removed source back even while another hub stream is missing."""
+    server = NatsServer(tmp_path / "nats", security_dir).start()
+    try:
+        async with JetStream(server.nats_config(request_timeout=2.0), name="t") as js:
+            await ensure_edge_sourcing(js, "site-a", streams=StreamsConfig())
+            await js.js.delete_stream(EVENTS_STREAM)
+            assert await remove_domain_source(js, "site-a", stream=TRACE_STREAM, source_stream=TRACE_STREAM)
+            assert await linked_domains(js, stream=TRACE_STREAM) == []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(watch_edge_sourcing, js, "site-a", interval=0.1))
+                with anyio.fail_after(10):
+                    while await linked_domains(js, stream=TRACE_STREAM) != ["site-a"]:
+                        await anyio.sleep(0.1)
+                tg.cancel_scope.cancel()
+            assert await linked_domains(js) == []  # MESH_EVENTS is still missing: nothing made up
     finally:
         server.stop()
 
