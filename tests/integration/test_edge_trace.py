@@ -226,12 +226,12 @@ def test_edge_trace_records_reach_the_hub_and_catch_up_after_an_outage(
         hub_ids, hub_records = edge_messages(hub.url, admin)
         assert len(hub_ids) == len(set(hub_ids)), "a trace message was stored twice at the hub"
         assert sorted(hub_ids) == sorted(leaf_ids)
-        assert Counter(msgspec_key(r) for r in hub_records) == Counter(msgspec_key(r) for r in leaf_records)
+        assert Counter(record_key(r) for r in hub_records) == Counter(record_key(r) for r in leaf_records)
         assert sum(r.kind == "captured" for r in hub_records) == 40
 
         # The site's server refuses a record under another agent's subject; a record that claims
         # another agent on its own subject is sourced, and the hub's tracker refuses it.
-        forge_at_site(leaf.url, tmp_path / f"{EDGE_AGENT}.toml")
+        forge_at_site(tmp_path / f"{EDGE_AGENT}.toml")
         wait_until(lambda: forged_sourced(hub.url, admin), 30, "the forged record to be sourced")
 
         # The control plane's transaction index at the hub (control plane creds).
@@ -259,11 +259,12 @@ def test_edge_trace_records_reach_the_hub_and_catch_up_after_an_outage(
     assert_effect_once(crm)
 
 
-def msgspec_key(r: TraceRecord) -> tuple[object, ...]:
+def record_key(r: TraceRecord) -> tuple[object, ...]:
     return (r.kind, r.at, r.agent, r.envelope_id, r.correlation_id, r.flow, r.outcome)
 
 
-def forge_at_site(leaf_url: str, config: Path) -> None:
+def forge_at_site(config: Path) -> None:
+    """Publish with the edge agent's own creds, to the leaf (its config's server)."""
     from agents.connector import agent_nats_config
 
     cfg = load_agent_config(config)
