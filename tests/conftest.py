@@ -24,6 +24,7 @@ SLOW = (
     "integration/test_crash.py",  # SIGKILL at every crash point and during syncs
     "integration/test_rest_flow.py",  # a REST target misbehaving for a while
     "integration/test_leafnode.py",  # WAN cuts and hub crashes between two brokers
+    "integration/test_edge_trace.py",  # trace records across a WAN cut and a hub crash
     "integration/test_cluster.py",  # leader kills in a three-node JetStream cluster under load
 )
 """Paths under tests/ whose tests are marked ``slow``: a directory (ending in ``/``) covers every
