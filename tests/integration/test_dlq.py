@@ -19,6 +19,7 @@ import pytest
 from typer import Typer
 from typer.testing import CliRunner, Result
 
+import mesh.cli.main  # noqa: F401  (builds the command tree: gives the groups their --creds option)
 from agents.connector import ConnectorAgent
 from mesh.broker import free_port
 from mesh.cli.dlq import app as dlq_app
