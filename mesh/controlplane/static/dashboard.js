@@ -187,7 +187,7 @@
     if (page) {
       var first = page.total ? page.offset + 1 : 0, last = page.offset + doc.agents.length;
       $("agent-page").textContent = (page.mode === "summary" ? "needing attention: " : "agents: ") + first +
-        "–" + last + " of " + page.total + " · " + page.sites + " site(s)";
+        "-" + last + " of " + page.total + " · " + page.sites + " site(s)";
       $("agent-prev").disabled = page.offset <= 0;
       $("agent-next").disabled = last >= page.total;
     }
