@@ -10,9 +10,13 @@ such as vLLM use).
 
 Routes (GET and HEAD only)::
 
-    /               HTML dashboard: agents by site, systems, flows with KPIs, charts of the last
-                    hour per flow, dead letters with top reasons; server-rendered, then updated
-                    in place by static/dashboard.js every 5 s (no page reload)
+    /               HTML dashboard (mesh.controlplane._dashboard): replica identity,
+                    transactions (a failed one opens its trace), bulk runs, agents needing
+                    attention (every agent paged on demand), systems, flows with KPIs, charts of
+                    the last hour per flow, dead letters; updated in place by
+                    static/dashboard.js every 5 s (no page reload). Without a token it is
+                    server-rendered from the /status summary; with one it is a shell with no
+                    data, and the script asks for the token
     /static/<file>  the page's script and style and the vendored chart library (uPlot, MIT)
     /api/series     per-flow time series JSON (``?flow=<name>&minutes=<1..1440>``; without
                     ``flow``: every flow), uPlot's layout: parallel arrays over ``t``
@@ -39,8 +43,11 @@ Guarantees: every error is a small JSON body ``{"error": ..., "status": ...}`` (
 413, 431, 500); a path with a trailing slash is 404, never a redirect (Starlette builds those from
 the Host header); slow clients are cut off (see :class:`HttpServer`); a failing handler is
 logged with its traceback but the response never contains one.
-With a bearer token configured, every route but ``/healthz`` and ``/readyz`` (probes) requires
+With a bearer token configured, every route but the probes (``/healthz``, ``/readyz``), the
+page shell ``/`` and ``/static/<file>`` (no data in either, see :func:`is_public`) requires
 ``Authorization: Bearer <token>``; the token is compared in constant time and never echoed.
+The page keeps the token in the tab's ``sessionStorage`` and sends it as that header (never in
+a URL or a cookie, so no CSRF surface).
 """
 
 from __future__ import annotations

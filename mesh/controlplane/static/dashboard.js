@@ -333,10 +333,14 @@
     document.body.classList.add("is-stale");
   }
 
+  var generation = 0;  // a refresh started later (the view changed) wins over one in flight
+
   function refresh() {
     clearTimeout(timer);
     if (waitingForToken) return;
+    var mine = ++generation;
     Promise.all([get(statusPath(), true), get("api/series?minutes=60", false)]).then(function (res) {
+      if (mine !== generation) return;
       renderStatus(res[0]);
       renderSeries(res[1].flows);
       lastGood = new Date();
@@ -353,6 +357,7 @@
       document.body.dataset.updated = String(Date.now());
       schedule(REFRESH_MS);
     }).catch(function (err) {
+      if (mine !== generation) return;
       stats.failures += 1;
       if (err instanceof AuthError) {
         if (err.sent) setToken(null);
