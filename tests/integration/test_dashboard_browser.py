@@ -30,16 +30,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from mesh.broker import free_port
 from mesh.controlplane.client import ControlPlaneClient, register_agent
-from mesh.controlplane.models import Manifest
+from mesh.controlplane.http import HttpServer, create_app
+from mesh.controlplane.models import AgentView, ControlPlaneInfo, Manifest, StatusReport
 from mesh.readiness import wait_ready
 from mesh.runs.records import BulkRun, run_key
 from mesh.runs.report import RUNS_BUCKET, RunEntry
@@ -389,3 +393,98 @@ def test_dashboard_with_a_bearer_token(nats_server: SecuredNatsServer, tmp_path:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+class _FixedSource:
+    """A status source whose report changes only when the test says so (the control plane's
+    HTTP app, really served; only the document is fixed), so its ETag holds between polls."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.report = self.build(nats_connected=True)
+
+    @staticmethod
+    def build(*, nats_connected: bool) -> StatusReport:
+        now = time.time()
+        agents = [
+            AgentView(name=f"agent-{i:03d}", agent_id=f"id-{i}", site=f"site-{i % 4}", host="h", version="1",
+                      state="active", health="healthy" if i % 10 else "lost", reason="" if i % 10 else "gone",
+                      registered_at=now - 600, last_heartbeat=now - 1, heartbeat_age_seconds=1.0)
+            for i in range(200)
+        ]  # fmt: skip
+        counts = {"healthy": 180, "degraded": 0, "stale": 0, "lost": 20}
+        return StatusReport(
+            schema_version="mesh-cp-status/1", generated_at=now,
+            control_plane=ControlPlaneInfo(replica="cp-b", leader="cp-a", is_leader=False,
+                                           nats_connected=nats_connected, version="1"),
+            agents=agents, flows=[], counts=counts,
+        )  # fmt: skip
+
+    def status(self) -> StatusReport:
+        return self.report
+
+    async def readiness(self) -> str | None:
+        return None
+
+
+@contextmanager
+def _serve(source: _FixedSource) -> Iterator[str]:
+    """The control plane's HTTP app for ``source`` on a free loopback port, in a thread."""
+    server = HttpServer(create_app(source), "127.0.0.1", 0, grace=1)
+    started = threading.Event()
+    stop = threading.Event()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+            started.set()
+            await anyio.to_thread.run_sync(stop.wait)
+            tg.cancel_scope.cancel()
+
+    thread = threading.Thread(target=anyio.run, args=(main,), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10), "the HTTP server did not start"
+        yield server.url
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_dashboard_revalidates_status_with_etag_and_flags_a_replica_without_nats() -> None:
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    source = _FixedSource()
+    statuses: list[int] = []
+    errors: list[str] = []
+    with _serve(source) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("response", lambda r: statuses.append(r.status) if "/status?" in r.url else None)
+            page.goto(base + "/")
+            # the unchanged document is revalidated: 304s, no body, the page keeps showing it
+            page.wait_for_function("() => window.meshStats.notModified >= 1", timeout=20_000)
+            assert statuses[0] == 200
+            assert 304 in statuses
+            assert page.evaluate("() => window.meshStats.refreshes") >= 2
+            assert (
+                "replica cp-b (follower) · leader cp-a · NATS connected"
+                in page.locator("#summary").inner_text()
+            )
+            assert page.locator("#agent-page").inner_text() == "needing attention: 1-20 of 20 · 4 site(s)"
+            assert "agent-010" in page.locator("#agents").inner_text()
+            assert "agent-011" not in page.locator("#agents").inner_text()  # healthy: counted, not listed
+            assert page.locator("#stale").is_hidden()
+            # the replica loses NATS: its data is flagged even though HTTP still answers
+            source.report = source.build(nats_connected=False)
+            stale = page.locator("#stale")
+            stale.wait_for(state="visible", timeout=15_000)
+            assert "Replica cp-b has lost its NATS connection" in stale.inner_text()
+            assert "NATS DISCONNECTED" in page.locator("#summary").inner_text()
+        finally:
+            browser.close()
+    assert errors == []
