@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import time
+from urllib.parse import quote
 
 from mesh.controlplane.models import HEALTH_STATES, StatusReport
 
@@ -83,7 +84,7 @@ def _data_sections(report: StatusReport) -> dict[str, str]:
         txns = "<p>no transaction traced yet</p>"
     else:
         failed = "".join(
-            f'<tr><td><a href="#trace={e(t.correlation_id)}">{e(t.correlation_id)}</a></td>'
+            f'<tr><td><a href="#trace={e(quote(t.correlation_id, safe=""))}">{e(t.correlation_id)}</a></td>'
             f"<td>{e(', '.join(t.business_keys[:3]))}</td><td>{e(', '.join(t.systems))}</td>"
             f"<td>{_when(t.updated / 1000)}</td><td>{e(t.reason)}</td></tr>"
             for t in tx.recent_failed

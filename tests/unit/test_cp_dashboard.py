@@ -176,7 +176,25 @@ def test_shell_without_report_and_escaping() -> None:
     hostile = msgspec.structs.replace(
         report(), agents=[agent("<img src=x onerror=alert(1)>", "s<b>", "lost")]
     )
+    txns = hostile.transactions
+    assert txns is not None
+    bad = msgspec.structs.replace(
+        txns.recent_failed[0], correlation_id='x"><script>1</script>', reason="<b>r</b>"
+    )
+    hostile = msgspec.structs.replace(
+        hostile,
+        transactions=msgspec.structs.replace(txns, recent_failed=[bad]),
+        runs=[msgspec.structs.replace(hostile.runs[0], run="<i>run</i>", checksum="<u>")],
+    )
     page = render_dashboard(hostile)
+    assert "<script>" not in page
+    assert (
+        '<a href="#trace=x%22%3E%3Cscript%3E1%3C%2Fscript%3E">x&quot;&gt;&lt;script&gt;1&lt;/script&gt;</a>'
+        in page
+    )
+    for raw in ("<b>r</b>", "<i>run</i>", "<u>"):
+        assert raw not in page
+    assert "&lt;i&gt;run&lt;/i&gt;" in page
     assert "<img src=x" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "site s&lt;b&gt;" in page

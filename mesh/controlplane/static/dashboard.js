@@ -276,7 +276,8 @@
   /* ---- the trace panel: #trace=<correlation id, envelope id or entity:key> ---- */
   function traceTarget() {
     var m = /^#trace=(.+)$/.exec(location.hash);
-    return m ? decodeURIComponent(m[1]) : null;
+    if (!m) return null;
+    try { return decodeURIComponent(m[1]); } catch (e) { return m[1]; }
   }
 
   function loadTrace() {
