@@ -6,13 +6,25 @@ Re-exported as :func:`mesh.controlplane.http.render_dashboard`.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import time
+from importlib import resources
 from urllib.parse import quote
 
 from mesh.controlplane.models import HEALTH_STATES, StatusReport
 
 __all__ = ["render_dashboard"]
+
+_STATIC = resources.files("mesh.controlplane").joinpath("static")
+_V = hashlib.blake2b(
+    b"".join(
+        _STATIC.joinpath(n).read_bytes() for n in ("dashboard.js", "dashboard.css", "uPlot.iife.min.js")
+    ),
+    digest_size=6,
+).hexdigest()
+"""The static files' version, in their URLs (``?v=``): a new release's page never runs with the
+previous release's script from the browser's cache (static files are cached 5 minutes)."""
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -158,10 +170,18 @@ def render_dashboard(report: StatusReport | None) -> str:
     data = _data_sections(report) if report is not None else {}
     d = lambda key: data.get(key, loading)  # noqa: E731
     auth = "none" if report is not None else "token"
+    # links a browser can follow only without a token (a link cannot carry the header)
+    raw = (
+        '<a href="status">status JSON</a> · <a href="api/series">series JSON</a> · '
+        '<a href="status/schema">schema</a> · <a href="metrics">metrics</a> · '
+        if report is not None
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>connector mesh · control plane</title><link rel="icon" href="data:,">
-<link rel="stylesheet" href="static/uPlot.min.css"><link rel="stylesheet" href="static/dashboard.css">
+<link rel="stylesheet" href="static/uPlot.min.css?v={_V}">
+<link rel="stylesheet" href="static/dashboard.css?v={_V}">
 </head>
 <body data-auth="{auth}"><header><h1>Connector mesh</h1>
 <p id="summary">{data.get("summary", "control plane")}</p>
@@ -196,9 +216,7 @@ kept in this browser tab only and sent as an <code>Authorization</code> header.<
 <h2>Charts (last hour)</h2><div id="charts"><p>charts need JavaScript</p></div>
 <h2>Dead letters</h2><div id="dlq">{d("dlq")}</div>
 <p id="error" class="error"></p>
-<p><a href="status">status JSON</a> · <a href="api/series">series JSON</a> ·
-<a href="status/schema">schema</a> · <a href="metrics">metrics</a> ·
-charts by <a href="static/uPlot.LICENSE">uPlot</a> (MIT)</p>
-<script src="static/uPlot.iife.min.js"></script><script src="static/dashboard.js"></script>
+<p>{raw}charts by <a href="static/uPlot.LICENSE">uPlot</a> (MIT)</p>
+<script src="static/uPlot.iife.min.js?v={_V}"></script><script src="static/dashboard.js?v={_V}"></script>
 </body></html>
 """

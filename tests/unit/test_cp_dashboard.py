@@ -127,6 +127,8 @@ async def test_with_a_token_the_shell_and_static_files_are_public_and_carry_no_d
                      "flow-customers", "plant-9"):  # fmt: skip
             assert data not in page.text, data
         assert "<script>" not in page.text  # no inline script: the CSP would refuse it
+        assert 'href="status"' not in page.text  # a link cannot carry the token: none to data routes
+        assert 'href="metrics"' not in page.text
         for name in ("dashboard.js", "dashboard.css", "uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE"):
             r = await c.get(f"/static/{name}")
             assert r.status_code == 200, name
@@ -156,6 +158,7 @@ async def test_without_a_token_the_page_is_the_rendered_summary() -> None:
     async with client(None) as c:
         page = (await c.get("/")).text
     assert 'data-auth="none"' in page
+    assert '<a href="status">status JSON</a>' in page
     assert "cp-replica-2</b> (follower) · leader cp-replica-1" in page
     assert "2 agent(s): healthy 1 · degraded 0 · stale 0 · lost 1" in page
     assert "plant-agent-lost" in page

@@ -269,7 +269,7 @@ async def test_api_series_static_files_and_csp() -> None:
         page = await c.get("/")
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert "http-equiv" not in page.text  # updated by fetch, not by reloading the page
-        assert '<script src="static/dashboard.js">' in page.text
+        assert '<script src="static/dashboard.js?v=' in page.text
         assert "<script>" not in page.text
 
 
