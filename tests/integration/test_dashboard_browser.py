@@ -186,7 +186,7 @@ def test_dashboard_draws_charts_from_the_running_mesh(nats_server: SecuredNatsSe
                     summary = page.locator("#summary").inner_text()
                     assert "replica cp1 (leader) · leader cp1 · NATS connected" in summary
                     assert f"{IDLE + 2} agent(s): healthy 2" in page.locator("#counts").inner_text()
-                    _transactions_and_trace(page, cid)
+                    _transactions_and_trace(page, cid, tmp_path / "dashboard-trace.png")
                     _runs(page)
                     _agents(page)
                     assert "DecodeError" in page.locator("#dlq").inner_text()
@@ -209,12 +209,13 @@ def test_dashboard_draws_charts_from_the_running_mesh(nats_server: SecuredNatsSe
             if artifacts:
                 Path(artifacts).mkdir(parents=True, exist_ok=True)
                 shutil.copy(shot, Path(artifacts) / "dashboard.png")
+                shutil.copy(tmp_path / "dashboard-trace.png", Path(artifacts) / "dashboard-trace.png")
         finally:
             stop.set()
             worker.join(10)
 
 
-def _transactions_and_trace(page: Any, cid: str) -> None:
+def _transactions_and_trace(page: Any, cid: str, shot: Path) -> None:
     txns = page.locator("#transactions").inner_text()
     assert "failed" in txns
     assert cid in txns
@@ -230,6 +231,7 @@ def _transactions_and_trace(page: Any, cid: str) -> None:
         assert step in trace, step
     records = page.locator("#trace-body tr").count() - 1
     assert records >= 3  # captured, published, dead-lettered
+    page.locator("#trace").screenshot(path=str(shot))
     page.locator("#trace-close").click()
     page.wait_for_function("() => document.getElementById('trace').hidden", timeout=5_000)
 
