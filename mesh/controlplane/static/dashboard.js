@@ -9,7 +9,8 @@
  * - With a bearer token configured (body[data-auth=token], or any 401), the page asks for the
  *   token, keeps it in sessionStorage (this tab only; never in a URL or a cookie) and sends it as
  *   "Authorization: Bearer" on every fetch. A 401 shows that the token was refused.
- * - When a refresh fails, a banner says since when the data is stale.
+ * - When a refresh fails, a banner says since when the data is stale. A hidden tab stops polling
+ *   and refreshes as soon as it is shown again.
  * Charts: uPlot (static/uPlot.iife.min.js, MIT); chart objects in window.meshCharts[flow][kind]
  * (kind: throughput, latency, failures, retries, backlog). */
 (function () {
@@ -334,11 +335,13 @@
     document.body.classList.add("is-stale");
   }
 
+  var paused = false;
   var generation = 0;  // a refresh started later (the view changed) wins over one in flight
 
   function refresh() {
     clearTimeout(timer);
     if (waitingForToken) return;
+    if (document.hidden) { paused = true; return; }  // a background tab polls nothing
     var mine = ++generation;
     Promise.all([get(statusPath(), true), get("api/series?minutes=60", false)]).then(function (res) {
       if (mine !== generation) return;
@@ -413,6 +416,9 @@
     });
     $("trace-close").addEventListener("click", function () { history.replaceState(null, "", location.pathname); loadTrace(); });
     window.addEventListener("hashchange", loadTrace);
+    document.addEventListener("visibilitychange", function () {
+      if (!document.hidden && paused) { paused = false; refresh(); }
+    });
   }
 
   wire();
