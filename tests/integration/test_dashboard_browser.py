@@ -418,9 +418,10 @@ class _FixedSource:
     def build(*, nats_connected: bool) -> StatusReport:
         now = time.time()
         agents = [
-            AgentView(name=f"agent-{i:03d}", agent_id=f"id-{i}", site=f"site-{i % 4}", host="h", version="1",
-                      state="active", health="healthy" if i % 10 else "lost", reason="" if i % 10 else "gone",
-                      registered_at=now - 600, last_heartbeat=now - 1, heartbeat_age_seconds=1.0)
+            AgentView(name=f"agent-{i:03d}", agent_id=f"id-{i}", site=f"site-{i % 60:02d}", host="h",
+                      version="1", state="active", health="healthy" if i % 10 else "lost",
+                      reason="" if i % 10 else "gone", registered_at=now - 600, last_heartbeat=now - 1,
+                      heartbeat_age_seconds=1.0)
             for i in range(200)
         ]  # fmt: skip
         counts = {"healthy": 180, "degraded": 0, "stale": 0, "lost": 20}
@@ -486,10 +487,17 @@ def test_dashboard_revalidates_status_with_etag_and_flags_a_replica_without_nats
                 "replica cp-b (follower) · leader cp-a · NATS connected"
                 in page.locator("#summary").inner_text()
             )
-            assert page.locator("#agent-page").inner_text() == "needing attention: 1-20 of 20 · 4 site(s)"
+            assert page.locator("#agent-page").inner_text() == "needing attention: 1-20 of 20 · 60 site(s)"
             assert "agent-010" in page.locator("#agents").inner_text()
             assert "agent-011" not in page.locator("#agents").inner_text()  # healthy: counted, not listed
             assert page.locator("#stale").is_hidden()
+            # every agent: 60 sites, the table shows 50, the ones with agents needing attention first
+            page.select_option("#agent-mode", "all")
+            _page_text(page, "agents: 1-50 of 200 · 60 site(s)")
+            sites = page.locator("#sites tr td:first-child").all_inner_texts()
+            assert len(sites) == 50
+            assert sites[:6] == ["site-00", "site-10", "site-20", "site-30", "site-40", "site-50"]
+            assert "10 more site(s)" in page.locator("#sites").inner_text()
             # the replica loses NATS: its data is flagged even though HTTP still answers
             source.report = source.build(nats_connected=False)
             stale = page.locator("#stale")

@@ -18,6 +18,7 @@
   var REFRESH_MS = 5000;
   var TOKEN_KEY = "mesh.dashboard.token";
   var HEALTH = ["healthy", "degraded", "stale", "lost"];
+  var MAX_SITES = 50;
   var charts = {};
   var stats = { refreshes: 0, notModified: 0, failures: 0 };
   window.meshCharts = charts;
@@ -174,15 +175,21 @@
     }
     replace("agents", agents);
     // sites needing attention (summary) or every site (all): click one to list its agents
-    var sites = doc.sites || {}, names = Object.keys(sites);
+    // at most MAX_SITES rows, the sites with the most agents needing attention first
+    var sites = doc.sites || {};
+    var trouble = function (s) { return (sites[s].degraded || 0) + (sites[s].stale || 0) + (sites[s].lost || 0); };
+    var names = Object.keys(sites).sort(function (a, b) { return trouble(b) - trouble(a) || (a < b ? -1 : 1); });
     var siteBox = el("div");
     if (names.length) {
-      siteBox.appendChild(table(["site"].concat(HEALTH), names.map(function (s) {
+      siteBox.appendChild(table(["site"].concat(HEALTH), names.slice(0, MAX_SITES).map(function (s) {
         var b = el("button", s, "link");
         b.type = "button";
         b.dataset.site = s;
         return [b].concat(HEALTH.map(function (h) { return sites[s][h] || 0; }));
       })));
+      if (names.length > MAX_SITES) {
+        siteBox.appendChild(el("p", (names.length - MAX_SITES) + " more site(s): type a site's name to list its agents"));
+      }
     }
     replace("sites", siteBox);
     if (page) {
