@@ -705,9 +705,7 @@ def _resolve_paths(cfg: AgentConfig, base: Path, source: str) -> AgentConfig:
     if api is not None:
         ops = [msgspec.structs.replace(op, run=op.run.resolved(resolve)) for op in api.operations]
         api = msgspec.structs.replace(api, operations=ops)
-    return msgspec.structs.replace(
-        cfg, agent=agent, flows=flows, api=api, nats=_resolve_nats(cfg.nats, base)
-    )
+    return msgspec.structs.replace(cfg, agent=agent, flows=flows, api=api, nats=_resolve_nats(cfg.nats, base))
 
 
 def _resolve_nats(nats: NatsConfig, base: Path) -> NatsConfig:

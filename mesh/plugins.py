@@ -451,6 +451,7 @@ class AdapterRegistry:
         if plugin.bulk is None or plugin.source is None or type(cfg) is not plugin.source.config:
             return None
         return _resolve(plugin, "bulk", plugin.bulk)
+
     def reconcile_of(self, cfg: AdapterConfig) -> ReconcileAccess | None:
         """The reconcile capability of ``cfg``'s adapter, if it declares one."""
         plugin = self.plugin_of(cfg)

@@ -48,8 +48,8 @@ def secret_header_problem(name: str) -> str | None:
     if name.lower() in _SECRET_HEADERS or _SECRET_WORDS.search(name.replace("_", "-")):
         return (
             f"a static {name!r} header would keep a credential in the config (and in KV and "
-            f"`flow get`); reference it instead: headers_env = {{ {name!r} = \"ENV_VAR\" }} or "
-            f"headers_file = {{ {name!r} = \"/path/to/secret\" }}"
+            f'`flow get`); reference it instead: headers_env = {{ {name!r} = "ENV_VAR" }} or '
+            f'headers_file = {{ {name!r} = "/path/to/secret" }}'
         )
     return None
 

@@ -379,9 +379,9 @@ def _agent_command(op: FlowOp, help_text: str) -> None:
     @app.command(op, help=help_text + "\n\nWaits for the agent's answer; exit 1 if a flow failed.")
     def command(
         name: NameArg,
-        wait: Annotated[
-            float, typer.Option("--wait", help="Seconds the agent gets to carry it out.")
-        ] = 60.0 if op == "drain" else 30.0,
+        wait: Annotated[float, typer.Option("--wait", help="Seconds the agent gets to carry it out.")] = 60.0
+        if op == "drain"
+        else 30.0,
         as_json: JsonOpt = False,
         control_plane: ControlPlaneOpt = DEFAULT_URL,
         prefix: PrefixOpt = DEFAULT_PREFIX,
@@ -437,8 +437,7 @@ def _token_create(
         list[str] | None,
         typer.Option(
             "--system",
-            help="A system the agent may publish events of (repeat); its static flows run "
-            "only within these.",
+            help="A system the agent may publish events of (repeat); its static flows run only within these.",
             show_default=False,
         ),
     ] = None,

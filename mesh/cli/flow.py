@@ -336,9 +336,9 @@ def _command(op: FlowOp, help_text: str) -> None:
     def command(
         name: FlowNameArg,
         agent: AgentOpt = None,
-        wait: Annotated[
-            float, typer.Option("--wait", help="Seconds each agent gets to carry it out.")
-        ] = 60.0 if op == "drain" else 30.0,
+        wait: Annotated[float, typer.Option("--wait", help="Seconds each agent gets to carry it out.")] = 60.0
+        if op == "drain"
+        else 30.0,
         as_json: JsonOpt = False,
         control_plane: ControlPlaneOpt = DEFAULT_URL,
         prefix: PrefixOpt = DEFAULT_PREFIX,

@@ -10,9 +10,13 @@ such as vLLM use).
 
 Routes (GET and HEAD only)::
 
-    /               HTML dashboard: agents by site, systems, flows with KPIs, charts of the last
-                    hour per flow, dead letters with top reasons; server-rendered, then updated
-                    in place by static/dashboard.js every 5 s (no page reload)
+    /               HTML dashboard (mesh.controlplane._dashboard): replica identity,
+                    transactions (a failed one opens its trace), bulk runs, agents needing
+                    attention (every agent paged on demand), systems, flows with KPIs, charts of
+                    the last hour per flow, dead letters; updated in place by
+                    static/dashboard.js every 5 s (no page reload). Without a token it is
+                    server-rendered from the /status summary; with one it is a shell with no
+                    data, and the script asks for the token
     /static/<file>  the page's script and style and the vendored chart library (uPlot, MIT)
     /api/series     per-flow time series JSON (``?flow=<name>&minutes=<1..1440>``; without
                     ``flow``: every flow), uPlot's layout: parallel arrays over ``t``
@@ -39,8 +43,11 @@ Guarantees: every error is a small JSON body ``{"error": ..., "status": ...}`` (
 413, 431, 500); a path with a trailing slash is 404, never a redirect (Starlette builds those from
 the Host header); slow clients are cut off (see :class:`HttpServer`); a failing handler is
 logged with its traceback but the response never contains one.
-With a bearer token configured, every route but ``/healthz`` and ``/readyz`` (probes) requires
+With a bearer token configured, every route but the probes (``/healthz``, ``/readyz``), the
+page shell ``/`` and ``/static/<file>`` (no data in either, see :func:`is_public`) requires
 ``Authorization: Bearer <token>``; the token is compared in constant time and never echoed.
+The page keeps the token in the tab's ``sessionStorage`` and sends it as that header (never in
+a URL or a cookie, so no CSRF surface).
 """
 
 from __future__ import annotations
@@ -50,7 +57,6 @@ import functools
 import gzip
 import hashlib
 import hmac
-import html
 import logging
 import socket
 import ssl
@@ -73,6 +79,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mesh.controlplane._dashboard import render_dashboard
 from mesh.controlplane._httpguard import RequestLimits, guarded_h11, is_loopback
 from mesh.controlplane.models import HEALTH_STATES, AgentsPage, StatusReport, status_schema
 from mesh.controlplane.series import SeriesStore
@@ -85,6 +92,7 @@ __all__ = [
     "StatusQuery",
     "StatusSource",
     "create_app",
+    "is_public",
     "parse_status_query",
     "render_dashboard",
     "status_page",
@@ -92,7 +100,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_PUBLIC = frozenset({"/healthz", "/readyz"})
+_PUBLIC = frozenset({"/healthz", "/readyz", "/"})
+"""Routes served without the bearer token: the probes and the dashboard's page shell (which
+carries no data when a token is configured; see :func:`render_dashboard`)."""
+_PUBLIC_PREFIX = "/static/"
+"""The dashboard's script, style and chart library (package files, no data) are public too."""
+
+
+def is_public(path: str) -> bool:
+    """Whether ``path`` is served without the bearer token: ``/healthz``, ``/readyz``, the page
+    shell ``/`` and the package's static files ``/static/<name>`` (one path segment)."""
+    if path in _PUBLIC:
+        return True
+    name = path.removeprefix(_PUBLIC_PREFIX)
+    return name != path and bool(name) and "/" not in name
+
+
 _json = msgspec.json.Encoder()
 
 CSP = (
@@ -312,14 +335,15 @@ def _guarded(handler: Handler) -> Handler:
 
 
 class _BearerAuth:
-    """ASGI middleware: require ``Authorization: Bearer <token>`` outside the probe routes."""
+    """ASGI middleware: require ``Authorization: Bearer <token>`` outside the public routes
+    (:func:`is_public`)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _PUBLIC:
+        if scope["type"] != "http" or is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -342,7 +366,10 @@ def create_app(
     feeds ``/api/series`` (absent: it lists no flow)."""
 
     async def dashboard(request: Request) -> Response:
-        return HTMLResponse(render_dashboard(source.status()))
+        if token:  # the shell is public: no data in it, the script fetches it with the token
+            return HTMLResponse(render_dashboard(None), headers={"Cache-Control": "no-cache"})
+        summary = status_page(source.status(), StatusQuery())
+        return HTMLResponse(render_dashboard(summary), headers={"Cache-Control": "no-store"})
 
     async def healthz(request: Request) -> Response:
         return _json_response({"status": "alive"})
@@ -471,104 +498,6 @@ def create_app(
     # request's Host header (an open redirect to any host a client names): 404 instead.
     app.router.redirect_slashes = False
     return app
-
-
-def _ago(t: float | None, now: float) -> str:
-    return "never" if t is None else f"{max(0.0, now - t):.1f}s ago"
-
-
-def _num(x: float | None, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
-    return "-" if x is None else f"{x * scale:.{digits}f}{unit}"
-
-
-def render_dashboard(report: StatusReport) -> str:
-    """The dashboard page: agents by site, systems, flows with their KPIs and dead letters,
-    server-rendered (readable without scripts), with chart containers that
-    ``static/dashboard.js`` fills from ``/api/series`` and refreshes, with the tables, every 5 s
-    without reloading. Everything agents report is HTML-escaped; no inline script or style."""
-    e = html.escape
-    now = report.generated_at
-    cp = report.control_plane
-    sites: dict[str, list[str]] = {}
-    for a in report.agents:
-        sites.setdefault(a.site, []).append(
-            f"<tr><td>{e(a.name)}</td><td>{e(a.manifest.system or '-')}</td><td>{e(a.host)}</td>"
-            f"<td>{e(a.version)}</td>"
-            f'<td class="h-{e(a.health)}"><b>{e(a.health)}</b></td><td>{e(a.state)}</td>'
-            f"<td>{_ago(a.last_heartbeat, now)}</td><td>{a.outbox_depth}</td><td>{a.errors}</td>"
-            f"<td>{e(a.reason)}</td></tr>"
-        )
-    agents_html = "".join(
-        f"<h3>site {e(site)}</h3><table><tr><th>name</th><th>system</th><th>host</th><th>version</th>"
-        f"<th>health</th><th>state</th><th>last heartbeat</th><th>outbox</th><th>errors</th>"
-        f"<th>why</th></tr>{''.join(rows)}</table>"
-        for site, rows in sorted(sites.items())
-    )
-    system_rows = "".join(
-        f"<tr><td>{e(s.name)}</td><td>{e(', '.join(s.sites))}</td><td>{e(', '.join(s.agents))}</td>"
-        f'<td class="h-{e(s.health)}"><b>{e(s.health)}</b></td><td>{s.captured_per_second:.1f}</td>'
-        f"<td>{s.applied_per_second:.1f}</td><td>{s.failures_per_second:.2f}</td><td>{s.backlog}</td></tr>"
-        for s in report.systems
-    )
-    flow_rows = "".join(
-        f"<tr><td>{e(f.name)}</td><td>{e(f.state)}</td><td>{e(', '.join(f.agents))}</td>"
-        f"<td>{f.applied_per_second:.1f}</td><td>{_num(f.latency_p50_seconds, 1000, ' ms')}</td>"
-        f"<td>{_num(f.latency_p99_seconds, 1000, ' ms')}</td><td>{f.failures_per_second:.2f}</td>"
-        f"<td>{f.retries_per_second:.2f}</td><td>{f.backlog}</td><td>{f.consumer_pending}</td>"
-        f"<td>{f.dlq_depth}</td><td>{_num(f.freshness_seconds, 1, ' s')}</td>"
-        f"<td>{_num(f.slo_ratio, 100, ' %')}</td></tr>"
-        for f in report.flows
-    )
-    dead = [f for f in report.flows if f.dlq_depth]
-    dlq_rows = "".join(
-        f"<tr><td>{e(f.name)}</td><td>{f.dlq_depth}</td><td>{f.dlq_oldest_age_seconds:.0f} s</td><td>"
-        + "<br>".join(f"{r.count} x {e(r.error_class)}: {e(r.reason[:160])}" for r in f.dlq_top_reasons)
-        + "</td></tr>"
-        for f in dead
-    )
-    counts = " · ".join(f"{e(k)} {v}" for k, v in report.counts.items())
-    tx = report.transactions
-    txns = ""
-    if tx is not None:
-        failed = "".join(
-            f'<li><a href="trace/{e(t.correlation_id)}">{e(t.correlation_id)}</a> '
-            f"{e(', '.join(t.business_keys[:3]))}: {e(t.reason)}</li>"
-            for t in tx.recent_failed
-        )
-        txns = (
-            "<p>transactions: "
-            + " · ".join(f"{e(k)} {v}" for k, v in tx.counts.items())
-            + "</p>"
-            + (f"<ul>{failed}</ul>" if failed else "")
-        )
-    leader = e(cp.leader or "none")
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>connector mesh · control plane</title><link rel="icon" href="data:,">
-<link rel="stylesheet" href="static/uPlot.min.css"><link rel="stylesheet" href="static/dashboard.css">
-</head>
-<body><h1>Connector mesh</h1>
-<p id="summary">replica <b>{e(cp.replica)}</b> ({"leader" if cp.is_leader else "follower"}) ·
-leader {leader} · NATS {"connected" if cp.nats_connected else "<b>disconnected</b>"} · {stamp}</p>
-<p id="counts">{len(report.agents)} agent(s): {counts}</p>
-<div id="transactions">{txns}</div>
-<h2>Agents by site</h2><div id="agents">{agents_html or "<p>no agent registered</p>"}</div>
-<h2>Systems</h2><div id="systems"><table><tr><th>system</th><th>sites</th><th>agents</th><th>health</th>
-<th>captured/s</th><th>applied/s</th><th>failures/s</th><th>backlog</th></tr>{system_rows}</table></div>
-<h2>Flows</h2><div id="flows"><table><tr><th>name</th><th>state</th><th>agents</th><th>applied/s</th>
-<th>p50</th><th>p99</th><th>failures/s</th><th>retries/s</th><th>backlog</th><th>consumer pending</th>
-<th>dead letters</th><th>freshness</th><th>SLO</th></tr>{flow_rows}</table></div>
-<h2>Charts (last hour)</h2><div id="charts"><p>charts need JavaScript</p></div>
-<h2>Dead letters</h2><div id="dlq"><table><tr><th>flow</th><th>depth</th><th>oldest</th><th>top reasons</th>
-</tr>{dlq_rows}</table></div>
-<p id="error" class="error"></p>
-<p><a href="status">status JSON</a> · <a href="api/series">series JSON</a> ·
-<a href="status/schema">schema</a> · <a href="metrics">metrics</a> ·
-charts by <a href="static/uPlot.LICENSE">uPlot</a> (MIT)</p>
-<script src="static/uPlot.iife.min.js"></script><script src="static/dashboard.js"></script>
-</body></html>
-"""
 
 
 class _EmbeddedServer(uvicorn.Server):

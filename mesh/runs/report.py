@@ -108,6 +108,10 @@ class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
     failed: int = 0
     age_seconds: float = 0.0
     """Seconds since the run finished (or, while it runs, since it started)."""
+    resumed: int = 0
+    """How many times the run resumed after a stop or crash."""
+    checksum: str = ""
+    """The run's checksum over its extracted records (see :class:`~mesh.runs.records.BulkRun`)."""
 
 
 def latest_per_flow(views: Iterable[RunView], now: float) -> list[RunSummary]:
@@ -125,7 +129,7 @@ def latest_per_flow(views: Iterable[RunView], now: float) -> list[RunSummary]:
             flow=flow, run=r.id, agent=r.agent, adapter=r.adapter, state=r.state,
             started_at=r.started_at, finished_at=r.finished_at, read=r.read, published=r.published,
             applied=r.applied, skipped=r.skipped, failed=r.failed,
-            age_seconds=round(max(0.0, now - since), 3),
+            age_seconds=round(max(0.0, now - since), 3), resumed=r.resumed, checksum=r.checksum,
         ))  # fmt: skip
     return out
 

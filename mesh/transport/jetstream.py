@@ -454,9 +454,7 @@ class JetStream(Transport):
     def _password(self) -> str | None:
         if self.cfg.password_env is None and self.cfg.password_file is None:
             return None
-        return read_secret(
-            self.cfg.password_env, self.cfg.password_file, field="nats.password", what="NATS"
-        )
+        return read_secret(self.cfg.password_env, self.cfg.password_file, field="nats.password", what="NATS")
 
     def _tls_and_creds(self) -> tuple[ssl.SSLContext | None, str | None]:
         """The client SSL context (None: plaintext) and the creds file, both checked (files read
@@ -638,8 +636,11 @@ class JetStream(Transport):
             StreamConfig(name=DLQ_STREAM, subjects=["dlq.>"], **common),
             StreamConfig(name=AUDIT_STREAM, subjects=["audit.>"], **common),
             StreamConfig(
-                name=TRACE_STREAM, subjects=["trace.>"], max_age=cfg.trace.max_age or None,
-                max_bytes=cfg.trace.max_bytes, **common,
+                name=TRACE_STREAM,
+                subjects=["trace.>"],
+                max_age=cfg.trace.max_age or None,
+                max_bytes=cfg.trace.max_bytes,
+                **common,
             ),
         ]
         jsm = self.js

@@ -103,11 +103,12 @@ async def test_routes_and_error_shapes() -> None:
             assert "file.py" not in r.text
 
 
-async def test_bearer_token_guards_everything_but_probes() -> None:
+async def test_bearer_token_guards_everything_but_probes_and_the_page_shell() -> None:
     async with client(FakeSource(), token="tok-123") as c:
         assert (await c.get("/healthz")).status_code == 200
         assert (await c.get("/readyz")).status_code == 200
-        for path in ("/status", "/metrics", "/", "/status/schema", "/nope"):
+        assert (await c.get("/")).status_code == 200  # the shell, no data (test_cp_dashboard)
+        for path in ("/status", "/metrics", "/status/schema", "/nope", "/trace", "/api/series"):
             r = await c.get(path)
             assert r.status_code == 401, path
             assert r.headers["www-authenticate"].startswith("Bearer")

@@ -269,7 +269,7 @@ async def test_api_series_static_files_and_csp() -> None:
         page = await c.get("/")
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert "http-equiv" not in page.text  # updated by fetch, not by reloading the page
-        assert '<script src="static/dashboard.js">' in page.text
+        assert '<script src="static/dashboard.js?v=' in page.text
         assert "<script>" not in page.text
 
 
@@ -281,12 +281,15 @@ def test_dashboard_groups_agents_by_site_and_escapes() -> None:
 
 
 @pytest.mark.anyio
-async def test_series_and_static_files_need_the_bearer_token() -> None:
+async def test_series_needs_the_bearer_token_static_files_do_not() -> None:
     app = create_app(Source(), token="tok-9", series=SeriesStore())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cp") as c:
-        for path in ("/api/series", "/static/dashboard.js", "/static/uPlot.iife.min.js"):
+        r = await c.get("/api/series")
+        assert r.status_code == 401
+        assert r.headers["content-security-policy"] == CSP
+        for path in ("/static/dashboard.js", "/static/uPlot.iife.min.js"):  # package files, no data
             r = await c.get(path)
-            assert r.status_code == 401, path
+            assert r.status_code == 200, path
             assert r.headers["content-security-policy"] == CSP
         r = await c.get("/api/series", headers={"Authorization": "Bearer tok-9"})
         assert r.json() == {"flows": []}

@@ -157,7 +157,9 @@ def test_the_readme_example_is_a_valid_config() -> None:
 
 def test_the_quote_to_cash_example_is_a_valid_config_whose_compensations_name_the_error() -> None:
     path = Path(__file__).parents[2] / "examples" / "quote-to-cash" / "orchestrator.toml"
-    text = path.read_text(encoding="utf-8").replace("${metrics_port}", "0").replace("${nats_url}", "nats://x:1")
+    text = (
+        path.read_text(encoding="utf-8").replace("${metrics_port}", "0").replace("${nats_url}", "nats://x:1")
+    )
     cfg = parse_orchestrator_config(text, source=str(path))
     saga = cfg.sagas[0]
     assert (saga.name, saga.trigger.subject) == ("quote-to-cash", "evt.deal.upserted.crm")

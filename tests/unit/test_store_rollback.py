@@ -33,4 +33,3 @@ async def test_an_error_inside_the_transaction_still_rolls_back(tmp_path: Path) 
                 await db.execute("CREATE TABLE t (x INTEGER)")
                 raise RuntimeError("boom")
         assert await inbox.scalar("SELECT count(*) FROM sqlite_master WHERE name = 't'") == 0
-
