@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests invoke command groups (mesh.cli.dlq.app, ...) directly; meshctl's entry builds the whole
+# tree, which gives each command that talks to NATS its --creds/--tls-* options. Build it here so
+# a test file run alone sees the same commands as the suite and as meshctl.
+import mesh.cli.main  # noqa: F401
 from tests._pg import northwind_template, pg_cluster, pg_db  # noqa: F401 - PostgreSQL fixtures
 from tests._secure import SecuredNatsServer, init_test_security
 
