@@ -94,6 +94,10 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     last_due: float | None = None
     """The scheduled time of the last run started (None: never ran)."""
+    since: float | None = None
+    """Never ran on schedule: when the source began waiting for the first scheduled time (the
+    first run is due at the first scheduled time after it). Runs started by hand keep it, so the
+    scheduled time that passes while one is in progress is not lost."""
     run: str | None = None
     due: float = 0.0
     started_at: float = 0.0
@@ -309,14 +313,19 @@ class ScheduledSource(Source):
         self._last = cp
         if cp.run is None:
             c = self.cfg
+            # A flow that never ran counts from when it began waiting, not from whenever the
+            # source looks again: after a run by hand that ended past the first scheduled time,
+            # that time is missed (``missed``), not silently moved to the next one.
+            since = cp.since if cp.since is not None or cp.last_due is not None else self.now()
             due = self.schedule.first_due(
-                cp.last_due, missed=c.missed, deadline=c.starting_deadline, first_now=c.first_run == "now"
-            )
+                cp.last_due, missed=c.missed, deadline=c.starting_deadline, first_now=c.first_run == "now",
+                since=since,
+            )  # fmt: skip
             # The clock is injected (tests move it): looked at every ``tick``; cancellable.
             if await self.trigger.wait_due(due, self.now, self.tick):
-                now = self.now()  # a run now: the schedule (last_due) stays as it was
+                now = self.now()  # a run now: the schedule (last_due, since) stays as it was
                 run = self.trigger.manual_id(f"{run_id_for(self.flow, now)}-now")
-                cp = Checkpoint(last_due=cp.last_due, run=run, due=now, started_at=now)
+                cp = Checkpoint(last_due=cp.last_due, since=since, run=run, due=now, started_at=now)
             else:
                 cp = Checkpoint(last_due=due, run=run_id_for(self.flow, due), due=due, started_at=self.now())
             self._last = cp
@@ -336,7 +345,7 @@ class ScheduledSource(Source):
 
     def _batch(self, cp: Checkpoint, rows: list[BulkRow]) -> ChangeBatch:
         if not rows:
-            done = Checkpoint(last_due=cp.last_due)
+            done = Checkpoint(last_due=cp.last_due, since=cp.since)
             encoded = _CP_ENC.encode(done).decode()
             self._pending[encoded] = (done, self._record_of(cp, "completed", self.now()))
             self._last = done

@@ -64,6 +64,14 @@ def test_a_new_flow_waits_for_its_first_time_unless_first_run_is_now() -> None:
     s = Schedule("0 2 * * *", "UTC", now=clock)
     assert s.first_due(None) == ts(2026, 12, 4, 2)
     assert s.first_due(None, first_now=True) == clock.now
+    # Counting from when the source began waiting (15:30): once 02:00 has passed (a run by hand
+    # was in progress), it is a missed run like any other.
+    clock.now = ts(2026, 12, 4, 2, 5)
+    since = ts(2026, 12, 3, 15, 30)
+    assert s.first_due(None, since=since) == ts(2026, 12, 4, 2)
+    assert s.first_due(None, since=since, missed="skip") == ts(2026, 12, 5, 2)
+    assert s.first_due(None, since=since, missed="run_once", deadline=60) == ts(2026, 12, 5, 2)
+    assert s.first_due(None) == ts(2026, 12, 5, 2)  # counting from now
 
 
 def test_missed_runs_while_down_run_once_on_start_or_are_skipped() -> None:
