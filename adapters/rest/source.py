@@ -70,7 +70,8 @@ import msgspec
 
 from adapters.rest._auth import Credentials
 from adapters.rest._ratelimit import RequestGate
-from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
+from adapters.rest._retry import CircuitBreaker, backoff_delay
+from adapters.rest._send import send_with_retries
 from adapters.rest.config import (
     RestCursorPagination,
     RestLinkPagination,
@@ -91,7 +92,6 @@ _EXCERPT = 200
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _MS_DATE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
-_CREDENTIALS_REFUSED = frozenset({401, 403, 407})
 _MISSING: Any = object()
 
 
@@ -394,72 +394,39 @@ class RestSource(Source):
             ConfigError: a 3xx, or a 4xx that says the request is wrong.
         """
         client, credentials = self._require()
-        cfg = self._config
         what = f"GET {url}"
-        for attempt in range(1, cfg.max_attempts + 1):
-            wait = backoff_delay(
-                attempt, initial=cfg.backoff_initial, maximum=cfg.backoff_max, jitter=cfg.backoff_jitter
+
+        async def answered(response: httpx.Response) -> httpx.Response:
+            return response
+
+        def refused(what: str, response: httpx.Response) -> httpx.Response:
+            excerpt = credentials.redact(_excerpt(response.content))
+            raise ConfigError(
+                f"{what}: HTTP {response.status_code}: {excerpt} (check path, params, pagination and "
+                "incremental)",
+                path="source.path",
             )
-            probe = await self._breaker.acquire()
-            try:
-                await self._gate.acquire()
-                self._counts["requests"] += 1
-                try:
-                    with anyio.fail_after(cfg.timeout):
-                        response = await client.get(url, params=params, headers=headers)
-                except (TimeoutError, httpx.TimeoutException):
-                    self._failed_request()
-                    problem = f"no answer within {cfg.timeout:g}s"
-                except httpx.HTTPError as exc:
-                    self._failed_request()
-                    problem = f"{type(exc).__name__}: {credentials.redact(str(exc))}"[:_EXCERPT]
-                else:
-                    status = response.status_code
-                    if 200 <= status < 300 or status == 304:
-                        self._breaker.success()
-                        return response
-                    problem = f"HTTP {status}"
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    if status == 429:
-                        self._breaker.success()  # it answers: alive, only busy
-                    elif status == 408 or status >= 500:
-                        self._failed_request()
-                    elif status in _CREDENTIALS_REFUSED:
-                        self._breaker.success()
-                        raise _CredentialsRefused(
-                            f"{what}: HTTP {status}: the API refuses our credentials "
-                            "(check the source's auth and its secret)"
-                        )
-                    elif 300 <= status < 400:
-                        raise ConfigError(
-                            f"{what}: HTTP {status} redirect to {response.headers.get('Location')!r}: "
-                            "check base_url and path",
-                            path="source.base_url",
-                        )
-                    else:
-                        self._breaker.success()
-                        excerpt = credentials.redact(_excerpt(response.content))
-                        raise ConfigError(
-                            f"{what}: HTTP {status}: {excerpt} (check path, params, pagination and "
-                            "incremental)",
-                            path="source.path",
-                        )
-                    if retry_after is not None:
-                        self._gate.pause_until(anyio.current_time() + retry_after)
-                        if retry_after > cfg.retry_after_cap:
-                            raise SystemUnavailable(
-                                f"{what}: {problem} with Retry-After {retry_after:.0f}s "
-                                f"(over retry_after_cap {cfg.retry_after_cap:g}s)"
-                            )
-                        wait = max(wait, retry_after) if status != 429 else retry_after
-            finally:
-                self._breaker.release(probe)
-            if attempt == cfg.max_attempts:
-                raise SystemUnavailable(f"{what}: {problem} (tried {attempt} times)")
-            self._counts["retries"] += 1
-            log.info("%s: %s; try %d of %d in %.2fs", what, problem, attempt + 1, cfg.max_attempts, wait)
-            await anyio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def credentials_refused(what: str, status: int) -> Exception:
+            return _CredentialsRefused(
+                f"{what}: HTTP {status}: the API refuses our credentials "
+                "(check the source's auth and its secret)"
+            )
+
+        def redirected(what: str, response: httpx.Response) -> Exception:
+            return ConfigError(
+                f"{what}: HTTP {response.status_code} redirect to {response.headers.get('Location')!r}: "
+                "check base_url and path",
+                path="source.base_url",
+            )
+
+        return await send_with_retries(
+            lambda: what, lambda: client.get(url, params=params, headers=headers),
+            cfg=self._config, breaker=self._breaker, gate=self._gate, counts=self._counts,
+            redact=credentials.redact, final=lambda status: 200 <= status < 300 or status == 304,
+            answered=answered, refused=refused, credentials_refused=credentials_refused,
+            redirected=redirected, failed=self._failed_request, slot=False, wait_over_cap=True, log=log,
+        )  # fmt: skip
 
     def _failed_request(self) -> None:
         self._breaker.failure()
