@@ -25,7 +25,7 @@ How a run works, and what it guarantees:
 from __future__ import annotations
 
 import abc
-import contextlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -48,6 +48,7 @@ __all__ = [
     "ScheduledSource",
     "row_version",
     "run_id_for",
+    "timestamp_us",
 ]
 
 RUN_HEADER = "Mesh-Run"
@@ -115,14 +116,33 @@ def run_id_for(flow: str, due: float) -> str:
     return f"{flow}-{datetime.fromtimestamp(due, UTC):%Y%m%dT%H%M%SZ}"
 
 
-def row_version(value: Any, field: str) -> int:
-    """A row's version: an integer, or a timestamp (datetime, date or ISO-8601 text) in
-    microseconds since the epoch (naive = UTC).
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def timestamp_us(text: str) -> int | None:
+    """ISO-8601 text as integer microseconds since the epoch (naive = UTC); None if not one."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return _micros(moment)
+
+
+def _micros(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // datetime.resolution
+
+
+def row_version(value: Any, field: str, *, what: str = "version_field") -> int:
+    """A row's version: an integer (or integer text, or a float without fraction), or a
+    timestamp (datetime, date or ISO-8601 text) in microseconds since the epoch (naive = UTC).
+    The bulk runs and the SQL sources (cursor mode) read versions with it.
 
     Raises:
-        ConfigError: the value is neither (``field`` names where it came from).
+        ConfigError: the value is neither (``what`` and ``field`` name where it came from:
+            ``version_field 'updated_at'``, ``column 'updated_at'``).
     """
-    original = value
     if isinstance(value, bool):
         pass
     elif isinstance(value, int):
@@ -131,17 +151,17 @@ def row_version(value: Any, field: str) -> int:
         return int(value)
     elif isinstance(value, str):
         text = value.strip()
-        if text.lstrip("-").isdigit():
+        if _INT_TEXT.fullmatch(text):
             return int(text)
-        with contextlib.suppress(ValueError):
-            value = datetime.fromisoformat(text)
-    if isinstance(value, date) and not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return (moment - _EPOCH) // (datetime.resolution)
+        micros = timestamp_us(text)
+        if micros is not None:
+            return micros
+    elif isinstance(value, datetime):
+        return _micros(value)
+    elif isinstance(value, date):
+        return _micros(datetime(value.year, value.month, value.day))
     raise ConfigError(
-        f"version_field {field!r} holds {original!r}: a row's version must be an integer or a timestamp"
+        f"{what} {field!r} holds {value!r}: a version must be an integer or an ISO-8601 timestamp"
     )
 
 
