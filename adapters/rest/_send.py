@@ -18,6 +18,7 @@ import anyio
 import httpx
 
 from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
+from mesh.adapters import Applied
 from mesh.errors import SystemUnavailable
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "SINK_BUSY",
     "RetryConfig",
     "RetryGate",
+    "batch_outcomes",
     "send_with_retries",
     "sink_credentials_refused",
     "sink_redirected",
@@ -36,6 +38,29 @@ SINK_BUSY = frozenset({429, 409})
 _EXCERPT = 200  # characters of a transport error quoted in a message
 
 T = TypeVar("T")
+
+
+def batch_outcomes(
+    sink: object, outcomes: list[Applied | Exception | None], failure: Exception | None, log: logging.Logger
+) -> list[Applied | Exception]:
+    """A sink batch's answer: every record's outcome when all were tried (``failure`` None).
+    Otherwise ``failure`` is raised (the agent retries the whole batch), unless it is a
+    SystemUnavailable after some records took effect: then those are reported and the records
+    not tried carry ``failure`` (the agent retries them).
+
+    Raises:
+        Exception: ``failure``, as described.
+    """
+    if failure is None:
+        assert all(o is not None for o in outcomes)
+        return [o for o in outcomes if o is not None]
+    if not isinstance(failure, SystemUnavailable):
+        raise failure
+    log.warning("%r: giving the batch back: %s", sink, failure)
+    if not any(o is Applied.APPLIED for o in outcomes):
+        raise failure
+    # Some records took effect: report those, and let the agent retry the rest.
+    return [failure if o is None else o for o in outcomes]
 
 
 class RetryConfig(Protocol):

@@ -19,7 +19,13 @@ from adapters.rest._auth import Credentials
 from adapters.rest._paths import first
 from adapters.rest._ratelimit import RequestGate, SharedGate
 from adapters.rest._retry import CircuitBreaker
-from adapters.rest._send import SINK_BUSY, send_with_retries, sink_credentials_refused, sink_redirected
+from adapters.rest._send import (
+    SINK_BUSY,
+    batch_outcomes,
+    send_with_retries,
+    sink_credentials_refused,
+    sink_redirected,
+)
 from adapters.rest._state import VersionStore
 from adapters.rest._template import (
     body_of,
@@ -84,15 +90,7 @@ class TemplatedApply:
             except Exception as exc:  # SystemUnavailable, or a bug: re-raised unwrapped below
                 failure = exc
                 break
-        if failure is None:
-            assert all(o is not None for o in outcomes)
-            return [o for o in outcomes if o is not None]
-        if not isinstance(failure, SystemUnavailable):
-            raise failure
-        log.warning("%r: giving the batch back: %s", self, failure)
-        if not any(o is Applied.APPLIED for o in outcomes):
-            raise failure
-        return [failure if o is None else o for o in outcomes]
+        return batch_outcomes(self, outcomes, failure, log)
 
     async def _round(
         self,

@@ -76,14 +76,20 @@ import msgspec
 from adapters.rest._auth import Credentials
 from adapters.rest._ratelimit import gate_for
 from adapters.rest._retry import CircuitBreaker
-from adapters.rest._send import SINK_BUSY, send_with_retries, sink_credentials_refused, sink_redirected
+from adapters.rest._send import (
+    SINK_BUSY,
+    batch_outcomes,
+    send_with_retries,
+    sink_credentials_refused,
+    sink_redirected,
+)
 from adapters.rest._state import VersionStore, default_target
 from adapters.rest._template import guard_key, refusal, refusal_reason
 from adapters.rest._templated import TemplatedApply
 from adapters.rest.config import RestSinkConfig
 from mesh import telemetry
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.errors import ConfigError, IntegrityPending, RejectedRecord, SystemUnavailable
+from mesh.errors import ConfigError, IntegrityPending, RejectedRecord
 
 __all__ = ["RestSink"]
 
@@ -218,17 +224,7 @@ class RestSink(TemplatedApply, Sink):
             async with anyio.create_task_group() as tg:
                 for _ in range(min(self._config.concurrency, len(chains))):
                     tg.start_soon(worker)
-        if not failures:
-            assert all(o is not None for o in outcomes)
-            return [o for o in outcomes if o is not None]
-        failure = failures[0]
-        if not isinstance(failure, SystemUnavailable):
-            raise failure
-        log.warning("%r: giving the batch back: %s", self, failure)
-        if not any(o is Applied.APPLIED for o in outcomes):
-            raise failure
-        # Some records took effect: report those, and let the agent retry the rest.
-        return [failure if o is None else o for o in outcomes]
+        return batch_outcomes(self, outcomes, failures[0] if failures else None, log)
 
     def _request_for(self, record: SinkRecord) -> tuple[str, str, bytes | None]:
         """(method, path, body) for one record.

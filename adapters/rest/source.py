@@ -69,6 +69,7 @@ import httpx
 import msgspec
 
 from adapters.rest._auth import Credentials
+from adapters.rest._paths import MISSING, dotted
 from adapters.rest._ratelimit import RequestGate
 from adapters.rest._retry import CircuitBreaker, backoff_delay
 from adapters.rest._send import send_with_retries
@@ -92,7 +93,6 @@ _EXCERPT = 200
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _MS_DATE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
-_MISSING: Any = object()
 
 
 class _Mark(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -307,8 +307,8 @@ class RestSource(Source):
                 if mark.admits(change.key, change.version, self._lookback):
                     found.setdefault((change.key, change.version), change)
             if self._sync_path is not None:
-                token = _get(body, self._sync_path)
-                if token is not _MISSING and token is not None and token != "":
+                token = dotted(body, self._sync_path)
+                if token is not MISSING and token is not None and token != "":
                     sync = str(token)
             step = pager.next(response, body, len(records), what)
             if step is None:
@@ -335,11 +335,11 @@ class RestSource(Source):
                     path="source.records_path",
                 )
             return body
-        found = _get(body, self._records_path)
+        found = dotted(body, self._records_path)
         if found is None:
             return []  # some APIs send null for an empty page
         if not isinstance(found, list):
-            missing = "nothing" if found is _MISSING else _kind(found)
+            missing = "nothing" if found is MISSING else _kind(found)
             raise ConfigError(
                 f"{what}: records_path {self._config.records_path!r} holds {missing}, not a list",
                 path="source.records_path",
@@ -350,17 +350,17 @@ class RestSource(Source):
         cfg = self._config
         if not isinstance(record, dict):
             raise ConfigError(f"{what} is {_kind(record)}, not an object", path="source.records_path")
-        key = _get(record, self._key_path)
+        key = dotted(record, self._key_path)
         if isinstance(key, bool) or not isinstance(key, str | int) or key == "":
-            found = "nothing" if key is _MISSING else repr(key)
+            found = "nothing" if key is MISSING else repr(key)
             raise ConfigError(
                 f"{what}: key_field {cfg.key_field!r} holds {found} (expected a string or an integer)",
                 path="source.key_field",
             )
-        raw = _get(record, self._version_path)
+        raw = dotted(record, self._version_path)
         version = _version(raw, cfg.version_type)
         if version is None:
-            found = "nothing" if raw is _MISSING else repr(raw)
+            found = "nothing" if raw is MISSING else repr(raw)
             raise ConfigError(
                 f"{what} (key {key!r}): version_field {cfg.version_field!r} holds {found} "
                 f"(expected {_EXPECTED[cfg.version_type]})",
@@ -377,7 +377,7 @@ class RestSource(Source):
     def _is_deleted(self, record: dict[str, Any]) -> bool:
         if self._deleted_path is None:
             return False
-        value = _get(record, self._deleted_path)
+        value = dotted(record, self._deleted_path)
         values = self._config.deleted_values
         if values is None:
             return value is True or (isinstance(value, str) and value.lower() == "true")
@@ -489,8 +489,8 @@ class _Pager:
             self.position += count
             return path, {**self.params, **size, style.offset_param: str(self.position)}
         if isinstance(style, RestCursorPagination):
-            token = _get(body, _split(style.cursor_path))
-            if token is _MISSING or token is None or token == "":
+            token = dotted(body, _split(style.cursor_path))
+            if token is MISSING or token is None or token == "":
                 return None
             token = str(token)
             if token in self.cursors:
@@ -536,22 +536,8 @@ def _split(path: str) -> tuple[str, ...]:
     return tuple(path.split("."))
 
 
-def _get(doc: Any, path: tuple[str, ...]) -> Any:
-    """The value at a dotted path (list items by index), or ``_MISSING``."""
-    for part in path:
-        if isinstance(doc, dict):
-            doc = doc.get(part, _MISSING)
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            return _MISSING
-        if doc is _MISSING:
-            return _MISSING
-    return doc
-
-
 def _kind(value: Any) -> str:
-    if value is _MISSING:
+    if value is MISSING:
         return "nothing"
     return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
         type(value), f"a {type(value).__name__}"
