@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["check_path", "collect", "first", "parse"]
+__all__ = ["MISSING", "check_path", "collect", "dotted", "first", "parse"]
 
 _PART = re.compile(r"^(?P<name>[^.\[\]]*)(?P<index>(\[\d*\])*)$")
 _INDEX = re.compile(r"\[(\d*)\]")
@@ -72,3 +72,25 @@ def first(data: Any, path: str | tuple[Step, ...]) -> Any:
     """The first value at ``path``, or None."""
     found = collect(data, path)
     return found[0] if found else None
+
+
+MISSING: Any = object()
+"""What :func:`dotted` returns where nothing is (a JSON null is ``None``)."""
+
+
+def dotted(doc: Any, path: str | tuple[str, ...] | None) -> Any:
+    """The value at a dotted path of the REST source's fields (``data.items``, ``tags.0``: list
+    items by index), or :data:`MISSING`. ``None`` is the whole document; a string path is split
+    on ``.`` (pass it split, ``tuple(path.split("."))``, to do that once)."""
+    if path is None:
+        return doc
+    for part in path.split(".") if isinstance(path, str) else path:
+        if isinstance(doc, dict):
+            doc = doc.get(part, MISSING)
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return MISSING
+        if doc is MISSING:
+            return MISSING
+    return doc

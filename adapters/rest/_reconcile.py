@@ -14,6 +14,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 
 from adapters.rest._auth import Credentials
+from adapters.rest._paths import MISSING, dotted
 from adapters.rest.config import (
     RestCursorPagination,
     RestLinkPagination,
@@ -25,21 +26,7 @@ from mesh.errors import ConfigError, SystemUnavailable
 
 __all__ = ["REST"]
 
-_MISSING = object()
 _MAX_PAGES = 1_000_000
-
-
-def _get(doc: Any, path: str | None) -> Any:
-    if path is None:
-        return doc
-    for part in path.split("."):
-        if isinstance(doc, dict):
-            doc = doc.get(part, _MISSING)
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            return _MISSING
-    return doc
 
 
 class RestReconcile:
@@ -100,7 +87,7 @@ class RestReconcile:
                     body = response.json()
                 except ValueError:
                     raise SystemUnavailable(f"list endpoint {url}: the body is not JSON") from None
-                records = _get(body, cfg.list_records_path)
+                records = dotted(body, cfg.list_records_path)
                 if not isinstance(records, list):
                     raise ConfigError(
                         f"list endpoint {url}: no list of records at"
@@ -117,8 +104,8 @@ class RestReconcile:
                         return
                     page, offset = page + 1, offset + len(records)
                 elif isinstance(pg, RestCursorPagination):
-                    cursor = _get(body, pg.cursor_path)
-                    if cursor in (None, "", _MISSING) or not records:
+                    cursor = dotted(body, pg.cursor_path)
+                    if cursor in (None, "", MISSING) or not records:
                         return
                 elif isinstance(pg, RestLinkPagination):
                     nxt = response.links.get("next", {}).get("url")

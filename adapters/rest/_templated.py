@@ -18,7 +18,14 @@ import msgspec
 from adapters.rest._auth import Credentials
 from adapters.rest._paths import first
 from adapters.rest._ratelimit import RequestGate, SharedGate
-from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
+from adapters.rest._retry import CircuitBreaker
+from adapters.rest._send import (
+    SINK_BUSY,
+    batch_outcomes,
+    send_with_retries,
+    sink_credentials_refused,
+    sink_redirected,
+)
 from adapters.rest._state import VersionStore
 from adapters.rest._template import (
     body_of,
@@ -41,9 +48,7 @@ __all__ = ["TemplatedApply"]
 
 log = logging.getLogger("adapters.rest.sink")
 
-_EXCERPT = 200  # characters of a transport error quoted in a message
 _GONE = frozenset({404, 410})  # a delete that finds nothing has had its effect
-_CREDENTIALS_REFUSED = frozenset({401, 403, 407})
 
 
 class TemplatedApply:
@@ -85,15 +90,7 @@ class TemplatedApply:
             except Exception as exc:  # SystemUnavailable, or a bug: re-raised unwrapped below
                 failure = exc
                 break
-        if failure is None:
-            assert all(o is not None for o in outcomes)
-            return [o for o in outcomes if o is not None]
-        if not isinstance(failure, SystemUnavailable):
-            raise failure
-        log.warning("%r: giving the batch back: %s", self, failure)
-        if not any(o is Applied.APPLIED for o in outcomes):
-            raise failure
-        return [failure if o is None else o for o in outcomes]
+        return batch_outcomes(self, outcomes, failure, log)
 
     async def _round(
         self,
@@ -289,9 +286,12 @@ class TemplatedApply:
         client, credentials = self._require()
         cfg = self._config
         remaining = list(request)
-        for attempt in range(1, cfg.max_attempts + 1):
+
+        def what() -> str:
+            return f"{remaining[0].method} {remaining[0].path}"
+
+        async def send() -> httpx.Response:
             head = remaining[0]
-            what = f"{head.method} {head.path}"
             body = (
                 None
                 if head.item is None
@@ -304,108 +304,66 @@ class TemplatedApply:
             }
             if body is not None:
                 headers["Content-Type"] = "application/json"
-            wait = backoff_delay(
-                attempt, initial=cfg.backoff_initial, maximum=cfg.backoff_max, jitter=cfg.backoff_jitter
+            return await client.request(
+                head.method, head.path, params=head.params, content=body, headers=headers
             )
-            lost = False
-            probe = await self._breaker.acquire()
-            try:
-                await self._gate.acquire()
-                self._counts["requests"] += 1
-                try:
-                    async with self._gate.slot():  # the policy's concurrency share (mesh.policy)
-                        with anyio.fail_after(cfg.timeout):
-                            response = await client.request(
-                                head.method, head.path, params=head.params, content=body, headers=headers
-                            )
-                except (TimeoutError, httpx.TimeoutException):
-                    self._breaker.failure()
-                    problem, lost = f"no answer within {cfg.timeout:g}s", True
-                except httpx.HTTPError as exc:
-                    self._breaker.failure()
-                    problem = f"{type(exc).__name__}: {credentials.redact(str(exc))}"[:_EXCERPT]
-                    lost = not isinstance(exc, httpx.ConnectError)  # sent, maybe applied
-                else:
-                    status = response.status_code
-                    if 200 <= status < 300:
-                        self._breaker.success()
-                        await self._settle(what, status, remaining, response.content, outcomes, applied)
-                        return
-                    if status in cfg.integrity_statuses:  # a related record missing: the agent retries
-                        self._breaker.success()
-                        for op in remaining:
-                            outcomes[op.slot] = self._refuse(
-                                what, status, op, response.content, integrity=True
-                            )
-                        return
-                    problem = f"HTTP {status}"
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    if status in _GONE:
-                        self._breaker.success()
-                        for op in remaining:
-                            if op.kind == "delete" or not op.record.create:
-                                with anyio.CancelScope(shield=True):
-                                    await self._store.record(
-                                        op.guard, op.record.version, deleted=op.record.deleted
-                                    )
-                                applied[op.guard] = op.record.version
-                                outcomes[op.slot] = (
-                                    Applied.APPLIED if op.kind == "delete" else Applied.UNCHANGED
-                                )
-                            else:
-                                outcomes[op.slot] = self._refuse(what, status, op, response.content)
-                        return
-                    if status == 429 or status == 409:
-                        self._breaker.success()
-                    elif status == 408 or status >= 500:
-                        self._breaker.failure()
-                    elif status in _CREDENTIALS_REFUSED:
-                        raise SystemUnavailable(
-                            f"{what}: HTTP {status}: the target refuses our credentials "
-                            "(check the sink's auth and its secret)"
-                        )
-                    elif 300 <= status < 400:
-                        raise SystemUnavailable(f"{what}: HTTP {status} redirect: check base_url")
-                    else:
-                        self._breaker.success()
-                        for op in remaining:
-                            outcomes[op.slot] = self._refuse(what, status, op, response.content)
-                        return
-                    if retry_after is not None:
-                        if retry_after > cfg.retry_after_cap:
-                            raise SystemUnavailable(
-                                f"{what}: {problem} with Retry-After {retry_after:.0f}s "
-                                f"(over retry_after_cap {cfg.retry_after_cap:g}s)"
-                            )
-                        wait = max(wait, retry_after) if status != 429 else retry_after
-                        self._gate.pause_until(anyio.current_time() + retry_after)
-            finally:
-                self._breaker.release(probe)
-            if attempt == cfg.max_attempts:
-                raise SystemUnavailable(f"{what}: {problem} (tried {attempt} times)")
-            self._counts["retries"] += 1
-            log.info("%s: %s; try %d of %d in %.2fs", what, problem, attempt + 1, cfg.max_attempts, wait)
-            await anyio.sleep(wait)
-            if lost and cfg.lookup is not None:
-                # The request may have taken effect: never send a create again blindly.
-                still: list[_Op] = []
+
+        def final(status: int) -> bool:
+            return 200 <= status < 300 or status in cfg.integrity_statuses or status in _GONE
+
+        async def answered(response: httpx.Response) -> Literal[True]:
+            status, name = response.status_code, what()
+            if 200 <= status < 300:
+                await self._settle(name, status, remaining, response.content, outcomes, applied)
+            elif status in cfg.integrity_statuses:  # a related record missing: the agent retries
                 for op in remaining:
-                    found = await self._lookup(op.record) if op.kind == "create" else None
-                    if found is None:
-                        still.append(op)
-                        continue
-                    self._counts["found"] += 1
-                    with anyio.CancelScope(shield=True):
-                        await self._store.record_applied(
-                            op.record.key, op.record.version, guard=op.guard, target_id=found
-                        )
-                    applied[op.guard] = op.record.version
-                    outcomes[op.slot] = Applied.APPLIED
-                    self._counts["applied"] += 1
-                if not still:
-                    return
-                remaining = still
-        raise AssertionError("unreachable")  # pragma: no cover
+                    outcomes[op.slot] = self._refuse(name, status, op, response.content, integrity=True)
+            else:  # gone: a delete (or an update that is not ours to create) has nothing to do
+                for op in remaining:
+                    if op.kind == "delete" or not op.record.create:
+                        with anyio.CancelScope(shield=True):
+                            await self._store.record(op.guard, op.record.version, deleted=op.record.deleted)
+                        applied[op.guard] = op.record.version
+                        outcomes[op.slot] = Applied.APPLIED if op.kind == "delete" else Applied.UNCHANGED
+                    else:
+                        outcomes[op.slot] = self._refuse(name, status, op, response.content)
+            return True
+
+        def refused(name: str, response: httpx.Response) -> Literal[True]:
+            for op in remaining:
+                outcomes[op.slot] = self._refuse(name, response.status_code, op, response.content)
+            return True
+
+        async def between(lost: bool) -> Literal[True] | None:
+            nonlocal remaining
+            if not lost or cfg.lookup is None:
+                return None
+            # The request may have taken effect: never send a create again blindly.
+            still: list[_Op] = []
+            for op in remaining:
+                found = await self._lookup(op.record) if op.kind == "create" else None
+                if found is None:
+                    still.append(op)
+                    continue
+                self._counts["found"] += 1
+                with anyio.CancelScope(shield=True):
+                    await self._store.record_applied(
+                        op.record.key, op.record.version, guard=op.guard, target_id=found
+                    )
+                applied[op.guard] = op.record.version
+                outcomes[op.slot] = Applied.APPLIED
+                self._counts["applied"] += 1
+            if not still:
+                return True
+            remaining = still
+            return None
+
+        await send_with_retries(
+            what, send, cfg=cfg, breaker=self._breaker, gate=self._gate, counts=self._counts,
+            redact=credentials.redact, final=final, answered=answered, refused=refused,
+            credentials_refused=sink_credentials_refused, redirected=sink_redirected, busy=SINK_BUSY,
+            between=between, log=log,
+        )  # fmt: skip
 
     async def _settle(
         self,

@@ -75,23 +75,28 @@ import msgspec
 
 from adapters.rest._auth import Credentials
 from adapters.rest._ratelimit import gate_for
-from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
+from adapters.rest._retry import CircuitBreaker
+from adapters.rest._send import (
+    SINK_BUSY,
+    batch_outcomes,
+    send_with_retries,
+    sink_credentials_refused,
+    sink_redirected,
+)
 from adapters.rest._state import VersionStore, default_target
 from adapters.rest._template import guard_key, refusal, refusal_reason
 from adapters.rest._templated import TemplatedApply
 from adapters.rest.config import RestSinkConfig
 from mesh import telemetry
 from mesh.adapters import Applied, Sink, SinkRecord
-from mesh.errors import ConfigError, IntegrityPending, RejectedRecord, SystemUnavailable
+from mesh.errors import ConfigError, IntegrityPending, RejectedRecord
 
 __all__ = ["RestSink"]
 
 log = logging.getLogger(__name__)
 
 _JSON = msgspec.json.Encoder()
-_EXCERPT = 200  # characters of a transport error quoted in a message
 _GONE = frozenset({404, 410})  # a delete that finds nothing has had its effect
-_CREDENTIALS_REFUSED = frozenset({401, 403, 407})
 
 
 class RestSink(TemplatedApply, Sink):
@@ -219,17 +224,7 @@ class RestSink(TemplatedApply, Sink):
             async with anyio.create_task_group() as tg:
                 for _ in range(min(self._config.concurrency, len(chains))):
                     tg.start_soon(worker)
-        if not failures:
-            assert all(o is not None for o in outcomes)
-            return [o for o in outcomes if o is not None]
-        failure = failures[0]
-        if not isinstance(failure, SystemUnavailable):
-            raise failure
-        log.warning("%r: giving the batch back: %s", self, failure)
-        if not any(o is Applied.APPLIED for o in outcomes):
-            raise failure
-        # Some records took effect: report those, and let the agent retry the rest.
-        return [failure if o is None else o for o in outcomes]
+        return batch_outcomes(self, outcomes, failures[0] if failures else None, log)
 
     def _request_for(self, record: SinkRecord) -> tuple[str, str, bytes | None]:
         """(method, path, body) for one record.
@@ -287,82 +282,46 @@ class RestSink(TemplatedApply, Sink):
         if body is not None:
             headers["Content-Type"] = "application/json"
         what = f"{method} {path}"
-        for attempt in range(1, cfg.max_attempts + 1):
-            wait = backoff_delay(
-                attempt, initial=cfg.backoff_initial, maximum=cfg.backoff_max, jitter=cfg.backoff_jitter
-            )
-            probe = await self._breaker.acquire()
-            try:
-                await self._gate.acquire()
-                self._counts["requests"] += 1
-                try:
-                    async with self._gate.slot():  # the policy's concurrency share (mesh.policy)
-                        timed = anyio.fail_after(cfg.timeout)
-                        with timed, telemetry.api_call(record.id, method, path) as span:
-                            response = await client.request(method, path, content=body, headers=headers)
-                            telemetry.answered(span, response.status_code)
-                except (TimeoutError, httpx.TimeoutException):
-                    self._breaker.failure()
-                    problem = f"no answer within {cfg.timeout:g}s"
-                except httpx.HTTPError as exc:
-                    self._breaker.failure()
-                    problem = f"{type(exc).__name__}: {credentials.redact(str(exc))}"[:_EXCERPT]
-                else:
-                    status = response.status_code
-                    if not record.create and not record.deleted and status in _GONE:
-                        self._breaker.success()
-                        with anyio.CancelScope(shield=True):
-                            await self._store.record(guard_key(record), record.version, deleted=False)
-                        return Applied.UNCHANGED  # absent, and not ours to create
-                    if 200 <= status < 300 or (record.deleted and status in _GONE):
-                        self._breaker.success()
-                        with anyio.CancelScope(shield=True):  # the target has it: record it
-                            await self._store.record(
-                                guard_key(record), record.version, deleted=record.deleted
-                            )
-                        self._counts["applied"] += 1
-                        return Applied.APPLIED
-                    if status in cfg.integrity_statuses:  # a related record missing: the agent retries
-                        self._breaker.success()
-                        self._counts["rejected"] += 1
-                        reason = refusal_reason(cfg, response.content)
-                        return refusal(
-                            what, status, reason, body, response.content, credentials.redact, integrity=True
-                        )
-                    problem = f"HTTP {status}"
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    if status == 429 or status == 409:
-                        self._breaker.success()  # it answers: alive, only busy
-                    elif status == 408 or status >= 500:
-                        self._breaker.failure()
-                    elif status in _CREDENTIALS_REFUSED:
-                        raise SystemUnavailable(
-                            f"{what}: HTTP {status}: the target refuses our credentials "
-                            "(check the sink's auth and its secret)"
-                        )
-                    elif 300 <= status < 400:
-                        raise SystemUnavailable(f"{what}: HTTP {status} redirect: check base_url")
-                    else:
-                        self._breaker.success()
-                        self._counts["rejected"] += 1
-                        reason = refusal_reason(cfg, response.content)
-                        return refusal(what, status, reason, body, response.content, credentials.redact)
-                    if retry_after is not None:
-                        if retry_after > cfg.retry_after_cap:
-                            raise SystemUnavailable(
-                                f"{what}: {problem} with Retry-After {retry_after:.0f}s "
-                                f"(over retry_after_cap {cfg.retry_after_cap:g}s)"
-                            )
-                        wait = max(wait, retry_after) if status != 429 else retry_after
-                        self._gate.pause_until(anyio.current_time() + retry_after)
-            finally:
-                self._breaker.release(probe)
-            if attempt == cfg.max_attempts:
-                raise SystemUnavailable(f"{what}: {problem} (tried {attempt} times)")
-            self._counts["retries"] += 1
-            log.info("%s: %s; try %d of %d in %.2fs", what, problem, attempt + 1, cfg.max_attempts, wait)
-            await anyio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        async def send() -> httpx.Response:
+            with telemetry.api_call(record.id, method, path) as span:
+                response = await client.request(method, path, content=body, headers=headers)
+                telemetry.answered(span, response.status_code)
+            return response
+
+        def final(status: int) -> bool:
+            gone = status in _GONE and (record.deleted or not record.create)
+            return 200 <= status < 300 or gone or status in cfg.integrity_statuses
+
+        async def answered(response: httpx.Response) -> Applied | RejectedRecord | IntegrityPending:
+            status = response.status_code
+            if not record.create and not record.deleted and status in _GONE:
+                with anyio.CancelScope(shield=True):
+                    await self._store.record(guard_key(record), record.version, deleted=False)
+                return Applied.UNCHANGED  # absent, and not ours to create
+            if 200 <= status < 300 or (record.deleted and status in _GONE):
+                with anyio.CancelScope(shield=True):  # the target has it: record it
+                    await self._store.record(guard_key(record), record.version, deleted=record.deleted)
+                self._counts["applied"] += 1
+                return Applied.APPLIED
+            # integrity_statuses: a related record missing: the agent retries
+            return refused(what, response, integrity=True)
+
+        def refused(
+            what: str, response: httpx.Response, *, integrity: bool = False
+        ) -> RejectedRecord | IntegrityPending:
+            self._counts["rejected"] += 1
+            reason = refusal_reason(cfg, response.content)
+            return refusal(
+                what, response.status_code, reason, body, response.content, credentials.redact,
+                integrity=integrity,
+            )  # fmt: skip
+
+        return await send_with_retries(
+            lambda: what, send, cfg=cfg, breaker=self._breaker, gate=self._gate, counts=self._counts,
+            redact=credentials.redact, final=final, answered=answered, refused=refused,
+            credentials_refused=sink_credentials_refused, redirected=sink_redirected, busy=SINK_BUSY, log=log,
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         """Close the HTTP client (and the transport) and the version file. Idempotent."""

@@ -69,8 +69,10 @@ import httpx
 import msgspec
 
 from adapters.rest._auth import Credentials
+from adapters.rest._paths import MISSING, dotted
 from adapters.rest._ratelimit import RequestGate
-from adapters.rest._retry import CircuitBreaker, backoff_delay, parse_retry_after
+from adapters.rest._retry import CircuitBreaker, backoff_delay
+from adapters.rest._send import send_with_retries
 from adapters.rest.config import (
     RestCursorPagination,
     RestLinkPagination,
@@ -91,8 +93,6 @@ _EXCERPT = 200
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _MS_DATE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
-_CREDENTIALS_REFUSED = frozenset({401, 403, 407})
-_MISSING: Any = object()
 
 
 class _Mark(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -307,8 +307,8 @@ class RestSource(Source):
                 if mark.admits(change.key, change.version, self._lookback):
                     found.setdefault((change.key, change.version), change)
             if self._sync_path is not None:
-                token = _get(body, self._sync_path)
-                if token is not _MISSING and token is not None and token != "":
+                token = dotted(body, self._sync_path)
+                if token is not MISSING and token is not None and token != "":
                     sync = str(token)
             step = pager.next(response, body, len(records), what)
             if step is None:
@@ -335,11 +335,11 @@ class RestSource(Source):
                     path="source.records_path",
                 )
             return body
-        found = _get(body, self._records_path)
+        found = dotted(body, self._records_path)
         if found is None:
             return []  # some APIs send null for an empty page
         if not isinstance(found, list):
-            missing = "nothing" if found is _MISSING else _kind(found)
+            missing = "nothing" if found is MISSING else _kind(found)
             raise ConfigError(
                 f"{what}: records_path {self._config.records_path!r} holds {missing}, not a list",
                 path="source.records_path",
@@ -350,17 +350,17 @@ class RestSource(Source):
         cfg = self._config
         if not isinstance(record, dict):
             raise ConfigError(f"{what} is {_kind(record)}, not an object", path="source.records_path")
-        key = _get(record, self._key_path)
+        key = dotted(record, self._key_path)
         if isinstance(key, bool) or not isinstance(key, str | int) or key == "":
-            found = "nothing" if key is _MISSING else repr(key)
+            found = "nothing" if key is MISSING else repr(key)
             raise ConfigError(
                 f"{what}: key_field {cfg.key_field!r} holds {found} (expected a string or an integer)",
                 path="source.key_field",
             )
-        raw = _get(record, self._version_path)
+        raw = dotted(record, self._version_path)
         version = _version(raw, cfg.version_type)
         if version is None:
-            found = "nothing" if raw is _MISSING else repr(raw)
+            found = "nothing" if raw is MISSING else repr(raw)
             raise ConfigError(
                 f"{what} (key {key!r}): version_field {cfg.version_field!r} holds {found} "
                 f"(expected {_EXPECTED[cfg.version_type]})",
@@ -377,7 +377,7 @@ class RestSource(Source):
     def _is_deleted(self, record: dict[str, Any]) -> bool:
         if self._deleted_path is None:
             return False
-        value = _get(record, self._deleted_path)
+        value = dotted(record, self._deleted_path)
         values = self._config.deleted_values
         if values is None:
             return value is True or (isinstance(value, str) and value.lower() == "true")
@@ -394,72 +394,39 @@ class RestSource(Source):
             ConfigError: a 3xx, or a 4xx that says the request is wrong.
         """
         client, credentials = self._require()
-        cfg = self._config
         what = f"GET {url}"
-        for attempt in range(1, cfg.max_attempts + 1):
-            wait = backoff_delay(
-                attempt, initial=cfg.backoff_initial, maximum=cfg.backoff_max, jitter=cfg.backoff_jitter
+
+        async def answered(response: httpx.Response) -> httpx.Response:
+            return response
+
+        def refused(what: str, response: httpx.Response) -> httpx.Response:
+            excerpt = credentials.redact(_excerpt(response.content))
+            raise ConfigError(
+                f"{what}: HTTP {response.status_code}: {excerpt} (check path, params, pagination and "
+                "incremental)",
+                path="source.path",
             )
-            probe = await self._breaker.acquire()
-            try:
-                await self._gate.acquire()
-                self._counts["requests"] += 1
-                try:
-                    with anyio.fail_after(cfg.timeout):
-                        response = await client.get(url, params=params, headers=headers)
-                except (TimeoutError, httpx.TimeoutException):
-                    self._failed_request()
-                    problem = f"no answer within {cfg.timeout:g}s"
-                except httpx.HTTPError as exc:
-                    self._failed_request()
-                    problem = f"{type(exc).__name__}: {credentials.redact(str(exc))}"[:_EXCERPT]
-                else:
-                    status = response.status_code
-                    if 200 <= status < 300 or status == 304:
-                        self._breaker.success()
-                        return response
-                    problem = f"HTTP {status}"
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    if status == 429:
-                        self._breaker.success()  # it answers: alive, only busy
-                    elif status == 408 or status >= 500:
-                        self._failed_request()
-                    elif status in _CREDENTIALS_REFUSED:
-                        self._breaker.success()
-                        raise _CredentialsRefused(
-                            f"{what}: HTTP {status}: the API refuses our credentials "
-                            "(check the source's auth and its secret)"
-                        )
-                    elif 300 <= status < 400:
-                        raise ConfigError(
-                            f"{what}: HTTP {status} redirect to {response.headers.get('Location')!r}: "
-                            "check base_url and path",
-                            path="source.base_url",
-                        )
-                    else:
-                        self._breaker.success()
-                        excerpt = credentials.redact(_excerpt(response.content))
-                        raise ConfigError(
-                            f"{what}: HTTP {status}: {excerpt} (check path, params, pagination and "
-                            "incremental)",
-                            path="source.path",
-                        )
-                    if retry_after is not None:
-                        self._gate.pause_until(anyio.current_time() + retry_after)
-                        if retry_after > cfg.retry_after_cap:
-                            raise SystemUnavailable(
-                                f"{what}: {problem} with Retry-After {retry_after:.0f}s "
-                                f"(over retry_after_cap {cfg.retry_after_cap:g}s)"
-                            )
-                        wait = max(wait, retry_after) if status != 429 else retry_after
-            finally:
-                self._breaker.release(probe)
-            if attempt == cfg.max_attempts:
-                raise SystemUnavailable(f"{what}: {problem} (tried {attempt} times)")
-            self._counts["retries"] += 1
-            log.info("%s: %s; try %d of %d in %.2fs", what, problem, attempt + 1, cfg.max_attempts, wait)
-            await anyio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def credentials_refused(what: str, status: int) -> Exception:
+            return _CredentialsRefused(
+                f"{what}: HTTP {status}: the API refuses our credentials "
+                "(check the source's auth and its secret)"
+            )
+
+        def redirected(what: str, response: httpx.Response) -> Exception:
+            return ConfigError(
+                f"{what}: HTTP {response.status_code} redirect to {response.headers.get('Location')!r}: "
+                "check base_url and path",
+                path="source.base_url",
+            )
+
+        return await send_with_retries(
+            lambda: what, lambda: client.get(url, params=params, headers=headers),
+            cfg=self._config, breaker=self._breaker, gate=self._gate, counts=self._counts,
+            redact=credentials.redact, final=lambda status: 200 <= status < 300 or status == 304,
+            answered=answered, refused=refused, credentials_refused=credentials_refused,
+            redirected=redirected, failed=self._failed_request, slot=False, wait_over_cap=True, log=log,
+        )  # fmt: skip
 
     def _failed_request(self) -> None:
         self._breaker.failure()
@@ -522,8 +489,8 @@ class _Pager:
             self.position += count
             return path, {**self.params, **size, style.offset_param: str(self.position)}
         if isinstance(style, RestCursorPagination):
-            token = _get(body, _split(style.cursor_path))
-            if token is _MISSING or token is None or token == "":
+            token = dotted(body, _split(style.cursor_path))
+            if token is MISSING or token is None or token == "":
                 return None
             token = str(token)
             if token in self.cursors:
@@ -569,22 +536,8 @@ def _split(path: str) -> tuple[str, ...]:
     return tuple(path.split("."))
 
 
-def _get(doc: Any, path: tuple[str, ...]) -> Any:
-    """The value at a dotted path (list items by index), or ``_MISSING``."""
-    for part in path:
-        if isinstance(doc, dict):
-            doc = doc.get(part, _MISSING)
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            return _MISSING
-        if doc is _MISSING:
-            return _MISSING
-    return doc
-
-
 def _kind(value: Any) -> str:
-    if value is _MISSING:
+    if value is MISSING:
         return "nothing"
     return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
         type(value), f"a {type(value).__name__}"

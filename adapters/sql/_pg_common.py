@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
+import anyio
 import msgspec
 import psycopg
 from psycopg import sql
@@ -186,6 +187,50 @@ async def close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
     """Close ``conn``, ignoring errors (the connection may already be gone)."""
     with contextlib.suppress(psycopg.Error):
         await conn.close()
+
+
+class ConnectSettings(Protocol):
+    """What :func:`connect_prepared` reads of a PostgreSQL source or sink config."""
+
+    @property
+    def dsn(self) -> str: ...
+    @property
+    def password_env(self) -> str | None: ...
+    @property
+    def password_file(self) -> str | None: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def statement_timeout(self) -> float: ...
+
+
+async def connect_prepared(
+    cfg: ConnectSettings,
+    where: str,
+    prepare: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]],
+) -> psycopg.AsyncConnection[Any]:
+    """A new connection (:func:`connect` with ``cfg``'s settings) once ``prepare`` has checked
+    or set up what the adapter needs on it. Nothing is left open when it fails or is cancelled.
+
+    Raises:
+        ConfigError, SystemUnavailable: as :func:`connect`, or ``prepare``'s psycopg error
+            translated (:func:`translate`); whatever else ``prepare`` raises.
+    """
+    conn = await connect(
+        cfg.dsn, cfg.password_env, where=where, password_file=cfg.password_file,
+        connect_timeout=cfg.connect_timeout, statement_timeout=cfg.statement_timeout,
+    )  # fmt: skip
+    try:
+        await prepare(conn)
+    except psycopg.Error as exc:
+        with anyio.CancelScope(shield=True):
+            await close_quietly(conn)
+        raise translate(exc, where) from None
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await close_quietly(conn)
+        raise
+    return conn
 
 
 # -- table shape -------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import anyio
@@ -19,7 +18,7 @@ from adapters.sql._pg_common import (
     Text,
     cast_expr,
     close_quietly,
-    connect,
+    connect_prepared,
     decode_row,
     encode_key,
     ident,
@@ -36,14 +35,14 @@ from adapters.sql._pg_common import (
 from adapters.sql.config import PostgresSourceConfig
 from mesh.adapters import Change, ChangeBatch, Source
 from mesh.errors import ConfigError, RejectedRecord
+from mesh.runs.bulk import row_version
+from mesh.runs.bulk import timestamp_us as _timestamp_us
 
 __all__ = ["PostgresSource"]
 
 log = logging.getLogger(__name__)
 
 _MIN_SEQ = -(2**63)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 class _Cursor(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -147,23 +146,9 @@ class PostgresSource(Source):
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is not None and self._conn.closed:
             self._conn = None
-        if self._conn is not None:
-            return self._conn
-        cfg = self._config
-        conn = await connect(
-            cfg.dsn, cfg.password_env, where=self._where, password_file=cfg.password_file,
-            connect_timeout=cfg.connect_timeout, statement_timeout=cfg.statement_timeout,
-        )  # fmt: skip
-        try:
-            await self._prepare(conn)
-        except psycopg.Error as exc:
-            await self._discard(conn)
-            raise translate(exc, self._where) from None
-        except BaseException:
-            await self._discard(conn)
-            raise
-        self._conn = conn
-        return conn
+        if self._conn is None:
+            self._conn = await connect_prepared(self._config, self._where, self._prepare)
+        return self._conn
 
     async def _prepare(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cfg = self._config
@@ -458,28 +443,6 @@ class PostgresSource(Source):
                 await close_quietly(conn)
 
 
-def _timestamp_us(text: str) -> int | None:
-    """ISO-8601 text as integer microseconds since the epoch (naive = UTC); None if not one."""
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // _MICROSECOND
-
-
 def _version(value: Any, column: str) -> int:
-    """A cursor-mode version: an integer, integer text, or a timestamp in microseconds."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        micros = _timestamp_us(text)
-        if micros is not None:
-            return micros
-    raise ConfigError(f"column {column!r} holds {value!r}: a version must be an integer or a timestamp")
+    """A cursor-mode version (:func:`~mesh.runs.bulk.row_version`). Raises ConfigError."""
+    return row_version(value, column, what="column")

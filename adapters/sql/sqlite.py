@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosqlite
@@ -41,6 +40,8 @@ from adapters.sql._sqlite_sink import SqliteSink
 from adapters.sql.config import SqliteSourceConfig
 from mesh.adapters import Change, ChangeBatch, Source
 from mesh.errors import ConfigError
+from mesh.runs.bulk import row_version
+from mesh.runs.bulk import timestamp_us as _timestamp_us
 
 __all__ = ["SqliteSink", "SqliteSource", "install_change_capture", "remove_change_capture"]
 
@@ -48,8 +49,6 @@ _ROW_DECODER = msgspec.json.Decoder(dict[str, Any])
 _CURSOR_DECODER = msgspec.json.Decoder(list[Any])
 _CURSOR_ENCODER = msgspec.json.Encoder()
 _INT_RE = re.compile(r"[+-]?[0-9]+")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 class SqliteSource(Source):
@@ -289,30 +288,6 @@ class SqliteSource(Source):
             await close_quietly(conn)
 
 
-def _timestamp_us(text: str) -> int | None:
-    """ISO-8601 text as integer microseconds since the epoch (naive = UTC); None if not one."""
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // _MICROSECOND
-
-
 def _version(value: Any, column: str) -> int:
-    """A cursor-mode version: an integer, integer text, or a timestamp in microseconds."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if _INT_RE.fullmatch(text):
-            return int(text)
-        micros = _timestamp_us(text)
-        if micros is not None:
-            return micros
-    raise ConfigError(
-        f"column {column!r} holds {value!r}: a version must be an integer or an ISO-8601 timestamp"
-    )
+    """A cursor-mode version (:func:`~mesh.runs.bulk.row_version`). Raises ConfigError."""
+    return row_version(value, column, what="column")

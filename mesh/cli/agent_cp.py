@@ -40,6 +40,7 @@ from mesh.cli._common import (
     run_with_client,
     table,
 )
+from mesh.cli._output import command_group, echo_json
 from mesh.controlplane.client import ControlPlaneClient, register_agent
 from mesh.controlplane.identity import (
     CREDENTIALS_FILE,
@@ -47,7 +48,7 @@ from mesh.controlplane.identity import (
     remove_credentials,
     save_credentials,
 )
-from mesh.controlplane.models import AgentView, FlowOp, Manifest
+from mesh.controlplane.models import FlowOp, Manifest
 from mesh.errors import ConfigError
 from mesh.security.authority import EnrollmentToken, parse_enrollment_token, read_creds, write_creds
 from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
@@ -57,13 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "default_state_dir"]
 
-app = typer.Typer(
-    name="agent",
-    help="Register agents with the control plane and see their health.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = command_group("agent", "Register agents with the control plane and see their health.")
 
 NameArg = Annotated[str, typer.Argument(help="The agent's name.", show_default=False)]
 StateDirOpt = Annotated[
@@ -81,10 +76,6 @@ def default_state_dir(name: str) -> Path:
     """``$XDG_STATE_HOME/mesh/<name>`` (``~/.local/state/mesh/<name>``)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "mesh" / name
-
-
-def _views_json(views: list[AgentView]) -> None:
-    typer.echo(msgspec.json.format(msgspec.json.encode(views), indent=2).decode())
 
 
 @app.command("register")
@@ -322,7 +313,7 @@ def _list(
     """List registered agents with their health."""
     reply = run_with_client(control_plane, timeout, prefix, lambda c: c.agents())
     if as_json:
-        _views_json(reply.agents)
+        echo_json(reply.agents)
         return
     if not reply.agents:
         typer.echo("no agents registered")
@@ -363,7 +354,7 @@ def _health(
     reply = run_with_client(control_plane, timeout, prefix, lambda c: c.agents(name))
     views = reply.agents
     if as_json:
-        _views_json(views)
+        echo_json(views)
     elif not views:
         typer.echo("no agents registered")
     else:
@@ -403,12 +394,8 @@ _agent_command("drain", "Drain every flow of the agent (capture stops, backlog p
 _agent_command("restart", "Restart every flow of the agent (adapters reopened; the process keeps running).")
 
 
-token_app = typer.Typer(
-    name="token",
-    help="Enrollment tokens: one-time, expiring permission for one agent name to register.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+token_app = command_group(
+    "token", "Enrollment tokens: one-time, expiring permission for one agent name to register."
 )
 app.add_typer(token_app)
 
@@ -484,7 +471,7 @@ def _token_list(
     """List enrollment tokens (id, agent, systems, expiry, used; never the tokens themselves)."""
     reply = run_with_client(control_plane, timeout, prefix, lambda c: c.tokens())
     if as_json:
-        typer.echo(msgspec.json.format(msgspec.json.encode(reply.tokens), indent=2).decode())
+        echo_json(reply.tokens)
         return
     if not reply.tokens:
         typer.echo("no enrollment tokens")

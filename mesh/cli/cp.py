@@ -27,16 +27,13 @@ from mesh.cli._common import (
     run_with_client,
     table,
 )
+from mesh.cli._output import command_group, echo_json
 from mesh.errors import ConfigError, MeshError
 
 __all__ = ["app", "parse_http_address"]
 
-app = typer.Typer(
-    name="control-plane",
-    help="Run the control plane (registry, health, leader election, HTTP status endpoint).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = command_group(
+    "control-plane", "Run the control plane (registry, health, leader election, HTTP status endpoint)."
 )
 
 
@@ -179,7 +176,7 @@ def _status(
     """Ask a replica for the status document: leader, agents by health, flows."""
     report = run_with_client(control_plane, timeout, prefix, lambda c: c.status())
     if as_json:
-        typer.echo(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+        echo_json(report)
         return
     cp = report.control_plane
     typer.echo(f"answered by {cp.replica}; leader: {cp.leader or 'none'}; version {cp.version}")

@@ -20,7 +20,7 @@ import anyio
 import typer
 
 from mesh.cli._access import connection
-from mesh.cli._output import fail
+from mesh.cli._output import command_group, fail
 from mesh.dlq import (
     DEFAULT_NATS_URL,
     DLQ_HEADERS,
@@ -40,13 +40,7 @@ __all__ = ["app", "quiet_connection_logs"]
 
 _T = TypeVar("_T")
 
-app = typer.Typer(
-    name="dlq",
-    help="Inspect, replay and purge dead-lettered messages (stream MESH_DLQ).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = command_group("dlq", "Inspect, replay and purge dead-lettered messages (stream MESH_DLQ).")
 
 ServerOpt = Annotated[
     str,

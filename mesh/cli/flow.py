@@ -27,6 +27,7 @@ from mesh.cli._common import (
     run_with_client,
     table,
 )
+from mesh.cli._output import command_group, echo_json
 from mesh.cli.dlq import ServerOpt, quiet_connection_logs
 from mesh.controlplane.client import ControlPlaneClient
 from mesh.controlplane.models import (
@@ -44,13 +45,7 @@ from mesh.errors import MeshError
 
 __all__ = ["app", "print_result"]
 
-app = typer.Typer(
-    name="flow",
-    help="Operate flows on the broker.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = command_group("flow", "Operate flows on the broker.")
 
 
 @app.callback()
@@ -138,10 +133,6 @@ AgentOpt = Annotated[
 ]
 
 
-def _json(value: object) -> None:
-    typer.echo(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
-
-
 @app.command(
     "apply",
     help="Validate a flow file and store its flows; the agents named in it start, reconfigure or keep "
@@ -179,7 +170,7 @@ def _apply(
 
     reply, checked = run_with_client(control_plane, timeout, prefix, work)
     if as_json:
-        _json({"applied": reply, "preflight": checked} if connect else reply)
+        echo_json({"applied": reply, "preflight": checked} if connect else reply)
     else:
         verb = "would be" if reply.dry_run else ""
         for ch in reply.changes:
@@ -251,7 +242,7 @@ def _list(
 ) -> None:
     reply = run_with_client(control_plane, timeout, prefix, lambda c: c.flows())
     if as_json:
-        _json(reply.flows)
+        echo_json(reply.flows)
         return
     if not reply.flows:
         typer.echo("no flows applied, and no registered agent reports one from its config file")
@@ -281,7 +272,7 @@ def _get(
     reply = run_with_client(control_plane, timeout, prefix, lambda c: c.flows(name))
     view = reply.flows[0]
     if as_json:
-        _json(view)
+        echo_json(view)
         return
     spec = view.spec
     typer.echo(f"flow {spec.name}  entity {spec.entity}  generation {spec.generation}  "
@@ -290,7 +281,7 @@ def _get(
     for part in spec.parts:
         sides = [s for s in ("source", "sink") if part.config.get(s)]
         typer.echo(f"\n[{part.agent}] runs the {' and '.join(sides)}:")
-        typer.echo(msgspec.json.format(msgspec.json.encode(part.config), indent=2).decode())
+        echo_json(part.config)
     if view.reports:
         typer.echo("")
         table(
@@ -320,7 +311,7 @@ def _delete(
 def print_result(result: CommandResult, as_json: bool) -> None:
     """Print a command's result; exit 1 unless every agent carried it out."""
     if as_json:
-        _json(result)
+        echo_json(result)
     else:
         for o in result.outcomes:
             mark = "ok" if o.ok else "FAILED"

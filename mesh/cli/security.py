@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mesh.cli._output import fail
 from mesh.errors import MeshError
 from mesh.security.permissions import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from mesh.security.jwt import Permissions
 
 __all__ = ["app"]
 
@@ -64,18 +67,78 @@ def _init(
     )
 
 
+_Dir = Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")]
+_Out = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Where to write the .creds (default: the config's [nats] creds).",
+        show_default=False,
+    ),
+]
+
+
+def _creds_path(config: Path, out: Path | None, creds: str | None) -> Path:
+    """``--out``, else the config's ``[nats] creds``; exits 2 (one line) when neither is set."""
+    target = out if out is not None else (Path(creds) if creds else None)
+    if target is None:
+        fail(f"{config}: no [nats] creds path in the config: pass --out PATH or set [nats] creds")
+    return target
+
+
+def _write_user(directory: Path, target: Path, name: str, perms: Permissions) -> Path:
+    """Sign user ``name`` with ``perms`` by the authority in ``directory`` and write its .creds
+    to ``target`` (0600). The key a creds file at ``target`` already holds is kept (same identity,
+    new permissions); anything else there is replaced by a new key.
+
+    Raises:
+        MeshError: the security dir cannot be read. OSError: the file cannot be written.
+    """
+    from mesh.security.authority import Authority, read_creds, write_creds
+    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
+
+    authority = Authority.load(directory)
+    seed: bytes | str = new_seed("user")
+    if target.exists():
+        with contextlib.suppress(InvalidToken):
+            seed = read_creds(target).seed
+    jwt = authority.issue_user(name, public_key_of_seed(seed), perms)
+    return write_creds(target, jwt, seed)
+
+
+def _wrote(
+    config: Path,
+    kind: str,
+    name: str,
+    path: Path,
+    perms: Permissions,
+    configured: str | None,
+    *,
+    unset_ok: bool,
+) -> None:
+    """Warn when the config's ``[nats] inbox_prefix`` is not the one the creds allow (unset too,
+    unless ``unset_ok``), then say what was written."""
+    from mesh.security.permissions import inbox_prefix
+
+    wanted = inbox_prefix(name)
+    if configured != wanted and not (unset_ok and configured is None):
+        typer.secho(
+            f"warning: {config}: [nats] inbox_prefix is {configured!r}; these creds only"
+            f" receive replies on {wanted!r}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"wrote {path} for {kind} {name}: publishes {len(perms.pub.allow)} subjects,"
+        f" subscribes {len(perms.sub.allow)}"
+    )
+
+
 @app.command("issue-agent")
 def _issue_agent(
     config: Annotated[Path, typer.Option("--config", "-c", help="The agent's config file (TOML).")],
-    directory: Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Where to write the .creds (default: the config's [nats] creds).",
-            show_default=False,
-        ),
-    ] = None,
+    directory: _Dir,
+    out: _Out = None,
     prefix: Annotated[
         str,
         typer.Option(
@@ -92,44 +155,23 @@ def _issue_agent(
     Set ``[nats] inbox_prefix = "_INBOX.<agent name>"`` in the agent config.
     """
     from mesh.config import load_agent_config
-    from mesh.security.authority import Authority, read_creds, write_creds
-    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
-    from mesh.security.permissions import inbox_prefix, permissions_for_agent
+    from mesh.security.permissions import permissions_for_agent
 
     try:
         cfg = load_agent_config(config)
-        target = out if out is not None else (Path(cfg.nats.creds) if cfg.nats.creds else None)
-        if target is None:
-            fail(f"{config}: no [nats] creds path in the config: pass --out PATH or set [nats] creds")
-        authority = Authority.load(directory)
+        target = _creds_path(config, out, cfg.nats.creds)
         perms = permissions_for_agent(cfg, prefix)
-        seed: bytes | str = new_seed("user")
-        if target.exists():  # same identity, new permissions (not a creds file: a new key)
-            with contextlib.suppress(InvalidToken):
-                seed = read_creds(target).seed
-        jwt = authority.issue_user(cfg.agent.name, public_key_of_seed(seed), perms)
-        path = write_creds(target, jwt, seed)
+        path = _write_user(directory, target, cfg.agent.name, perms)
     except MeshError as exc:
         fail(exc)
     except OSError as exc:
         fail(f"cannot write the creds of agent {config}: {exc.strerror or exc}")
-    wanted = inbox_prefix(cfg.agent.name)
-    if cfg.nats.inbox_prefix not in (None, wanted):
-        typer.secho(
-            f"warning: {config}: [nats] inbox_prefix is {cfg.nats.inbox_prefix!r}; these creds only"
-            f" receive replies on {wanted!r}",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
-    typer.echo(
-        f"wrote {path} for agent {cfg.agent.name}: publishes {len(perms.pub.allow)} subjects,"
-        f" subscribes {len(perms.sub.allow)}"
-    )
+    _wrote(config, "agent", cfg.agent.name, path, perms, cfg.nats.inbox_prefix, unset_ok=True)
 
 
 @app.command("issue-leaf")
 def _issue_leaf(
-    directory: Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")],
+    directory: _Dir,
     domain: Annotated[
         str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
     ],
@@ -141,19 +183,11 @@ def _issue_leaf(
     (the stream subjects never cross: the leaf's remote denies them both ways; events reach the
     hub only by stream sourcing). Keep the file on the site, 0600.
     """
-    from mesh.security.authority import Authority, read_creds, write_creds
-    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
     from mesh.security.permissions import admin_permissions, validate_token
 
     try:
         name = f"leaf-{validate_token(domain, 'domain')}"
-        authority = Authority.load(directory)
-        seed: bytes | str = new_seed("user")
-        if out.exists():
-            with contextlib.suppress(InvalidToken):
-                seed = read_creds(out).seed
-        jwt = authority.issue_user(name, public_key_of_seed(seed), admin_permissions())
-        path = write_creds(out, jwt, seed)
+        path = _write_user(directory, out, name, admin_permissions())
     except MeshError as exc:
         fail(exc)
     except OSError as exc:
@@ -164,15 +198,8 @@ def _issue_leaf(
 @app.command("issue-orchestrator")
 def _issue_orchestrator(
     config: Annotated[Path, typer.Option("--config", "-c", help="The orchestrator config (TOML).")],
-    directory: Annotated[Path, typer.Option("--dir", help="The security dir (`meshctl security init`).")],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Where to write the .creds (default: the config's [nats] creds).",
-            show_default=False,
-        ),
-    ] = None,
+    directory: _Dir,
+    out: _Out = None,
 ) -> None:
     """Write the .creds of the orchestrator in --config, allowed exactly what its sagas need.
 
@@ -182,36 +209,15 @@ def _issue_orchestrator(
     adding a saga. Set ``[nats] inbox_prefix = "_INBOX.<orchestrator name>"`` in the config.
     """
     from mesh.saga.definition import load_orchestrator_config
-    from mesh.security.authority import Authority, read_creds, write_creds
-    from mesh.security.jwt import InvalidToken, new_seed, public_key_of_seed
-    from mesh.security.permissions import inbox_prefix, permissions_for_orchestrator
+    from mesh.security.permissions import permissions_for_orchestrator
 
     try:
         cfg = load_orchestrator_config(config)
-        target = out if out is not None else (Path(cfg.nats.creds) if cfg.nats.creds else None)
-        if target is None:
-            fail(f"{config}: no [nats] creds path in the config: pass --out PATH or set [nats] creds")
-        authority = Authority.load(directory)
+        target = _creds_path(config, out, cfg.nats.creds)
         perms = permissions_for_orchestrator(cfg)
-        seed: bytes | str = new_seed("user")
-        if target.exists():
-            with contextlib.suppress(InvalidToken):
-                seed = read_creds(target).seed
-        jwt = authority.issue_user(cfg.orchestrator.name, public_key_of_seed(seed), perms)
-        path = write_creds(target, jwt, seed)
+        path = _write_user(directory, target, cfg.orchestrator.name, perms)
     except MeshError as exc:
         fail(exc)
     except OSError as exc:
         fail(f"cannot write the creds of orchestrator {config}: {exc.strerror or exc}")
-    wanted = inbox_prefix(cfg.orchestrator.name)
-    if cfg.nats.inbox_prefix != wanted:
-        typer.secho(
-            f"warning: {config}: [nats] inbox_prefix is {cfg.nats.inbox_prefix!r}; these creds only"
-            f" receive replies on {wanted!r}",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
-    typer.echo(
-        f"wrote {path} for orchestrator {cfg.orchestrator.name}: publishes {len(perms.pub.allow)} subjects,"
-        f" subscribes {len(perms.sub.allow)}"
-    )
+    _wrote(config, "orchestrator", cfg.orchestrator.name, path, perms, cfg.nats.inbox_prefix, unset_ok=False)

@@ -25,7 +25,7 @@ How a run works, and what it guarantees:
 from __future__ import annotations
 
 import abc
-import contextlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -48,6 +48,7 @@ __all__ = [
     "ScheduledSource",
     "row_version",
     "run_id_for",
+    "timestamp_us",
 ]
 
 RUN_HEADER = "Mesh-Run"
@@ -94,6 +95,10 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     last_due: float | None = None
     """The scheduled time of the last run started (None: never ran)."""
+    since: float | None = None
+    """Never ran on schedule: when the source began waiting for the first scheduled time (the
+    first run is due at the first scheduled time after it). Runs started by hand keep it, so the
+    scheduled time that passes while one is in progress is not lost."""
     run: str | None = None
     due: float = 0.0
     started_at: float = 0.0
@@ -111,14 +116,33 @@ def run_id_for(flow: str, due: float) -> str:
     return f"{flow}-{datetime.fromtimestamp(due, UTC):%Y%m%dT%H%M%SZ}"
 
 
-def row_version(value: Any, field: str) -> int:
-    """A row's version: an integer, or a timestamp (datetime, date or ISO-8601 text) in
-    microseconds since the epoch (naive = UTC).
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def timestamp_us(text: str) -> int | None:
+    """ISO-8601 text as integer microseconds since the epoch (naive = UTC); None if not one."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return _micros(moment)
+
+
+def _micros(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // datetime.resolution
+
+
+def row_version(value: Any, field: str, *, what: str = "version_field") -> int:
+    """A row's version: an integer (or integer text, or a float without fraction), or a
+    timestamp (datetime, date or ISO-8601 text) in microseconds since the epoch (naive = UTC).
+    The bulk runs and the SQL sources (cursor mode) read versions with it.
 
     Raises:
-        ConfigError: the value is neither (``field`` names where it came from).
+        ConfigError: the value is neither (``what`` and ``field`` name where it came from:
+            ``version_field 'updated_at'``, ``column 'updated_at'``).
     """
-    original = value
     if isinstance(value, bool):
         pass
     elif isinstance(value, int):
@@ -127,17 +151,17 @@ def row_version(value: Any, field: str) -> int:
         return int(value)
     elif isinstance(value, str):
         text = value.strip()
-        if text.lstrip("-").isdigit():
+        if _INT_TEXT.fullmatch(text):
             return int(text)
-        with contextlib.suppress(ValueError):
-            value = datetime.fromisoformat(text)
-    if isinstance(value, date) and not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return (moment - _EPOCH) // (datetime.resolution)
+        micros = timestamp_us(text)
+        if micros is not None:
+            return micros
+    elif isinstance(value, datetime):
+        return _micros(value)
+    elif isinstance(value, date):
+        return _micros(datetime(value.year, value.month, value.day))
     raise ConfigError(
-        f"version_field {field!r} holds {original!r}: a row's version must be an integer or a timestamp"
+        f"{what} {field!r} holds {value!r}: a version must be an integer or an ISO-8601 timestamp"
     )
 
 
@@ -309,14 +333,19 @@ class ScheduledSource(Source):
         self._last = cp
         if cp.run is None:
             c = self.cfg
+            # A flow that never ran counts from when it began waiting, not from whenever the
+            # source looks again: after a run by hand that ended past the first scheduled time,
+            # that time is missed (``missed``), not silently moved to the next one.
+            since = cp.since if cp.since is not None or cp.last_due is not None else self.now()
             due = self.schedule.first_due(
-                cp.last_due, missed=c.missed, deadline=c.starting_deadline, first_now=c.first_run == "now"
-            )
+                cp.last_due, missed=c.missed, deadline=c.starting_deadline, first_now=c.first_run == "now",
+                since=since,
+            )  # fmt: skip
             # The clock is injected (tests move it): looked at every ``tick``; cancellable.
             if await self.trigger.wait_due(due, self.now, self.tick):
-                now = self.now()  # a run now: the schedule (last_due) stays as it was
+                now = self.now()  # a run now: the schedule (last_due, since) stays as it was
                 run = self.trigger.manual_id(f"{run_id_for(self.flow, now)}-now")
-                cp = Checkpoint(last_due=cp.last_due, run=run, due=now, started_at=now)
+                cp = Checkpoint(last_due=cp.last_due, since=since, run=run, due=now, started_at=now)
             else:
                 cp = Checkpoint(last_due=due, run=run_id_for(self.flow, due), due=due, started_at=self.now())
             self._last = cp
@@ -336,7 +365,7 @@ class ScheduledSource(Source):
 
     def _batch(self, cp: Checkpoint, rows: list[BulkRow]) -> ChangeBatch:
         if not rows:
-            done = Checkpoint(last_due=cp.last_due)
+            done = Checkpoint(last_due=cp.last_due, since=cp.since)
             encoded = _CP_ENC.encode(done).decode()
             self._pending[encoded] = (done, self._record_of(cp, "completed", self.now()))
             self._last = done

@@ -107,19 +107,23 @@ class Schedule:
         missed: MissedPolicy = "run_once",
         deadline: float = 0.0,
         first_now: bool = False,
+        since: float | None = None,
     ) -> float:
         """The time the next run is due, given the scheduled time of the last run started
         (``last_due``; None: never ran). A result at or before ``now()`` means: run now.
 
-        Never ran: the next scheduled time after now (a new flow does not run at once), or now
-        with ``first_now``.
-        Ran before: the next scheduled time after ``last_due``; if that passed while the agent
-        was down, ``run_once`` makes it due now (unless older than ``deadline`` seconds), and
+        Never ran: the next scheduled time after ``since`` (when the schedule began counting;
+        None: now), so a new flow does not run at once; or now with ``first_now``.
+        Ran before: the next scheduled time after ``last_due``.
+        Either way, if that time has passed (the agent was down, or a run started by hand was in
+        progress), ``run_once`` makes it due now (unless older than ``deadline`` seconds), and
         ``skip`` moves on to the next time after now.
         """
         now = self.now()
         if last_due is None:
-            return now if first_now else self.next_after(now)
+            if first_now:
+                return now
+            last_due = now if since is None else since
         nxt = self.next_after(last_due)
         if nxt > now:
             return nxt

@@ -50,15 +50,22 @@ async def test_a_run_started_now_runs_at_once_and_leaves_the_schedule_as_it_was(
             # Again within the same second: a run of its own (own id, own envelope ids).
             assert await trigger.run_now(10) == (True, "customers-20261203T150000Z-now-2")
             await until(lambda: _state(store, "customers-20261203T150000Z-now-2", "completed"))
+            # Runs started by hand leave the schedule as it was: no scheduled time marked as done.
+            manual = await outbox.cursor("customers")
+            assert manual is not None
+            assert msgspec.json.decode(manual, type=Checkpoint).last_due == Checkpoint().last_due
+            # The schedule's own run is still due at 02:00 tomorrow. (The clock may move before
+            # the source looks at it again after the run by hand: the run is not lost for that.)
+            clock.now = ts(2026, 12, 4, 2)
+            await until(lambda: _state(store, "customers-20261204T020000Z", "completed"))
             tg.cancel_scope.cancel()
         cursor = await outbox.cursor("customers")
     rows_run = await store.get(run_id)
     assert rows_run is not None
     assert (rows_run.read, rows_run.published, rows_run.scheduled_for) == (10, 10, ts(2026, 12, 3, 15))
-    assert len(await outbox_ids(tmp_path)) == 20  # two runs of 10 rows, none deduplicated away
+    assert len(await outbox_ids(tmp_path)) == 30  # three runs of 10 rows, none deduplicated away
     assert cursor is not None
-    # Runs started by hand leave the schedule as it was: no scheduled time marked as done.
-    assert msgspec.json.decode(cursor, type=Checkpoint).last_due == Checkpoint().last_due
+    assert msgspec.json.decode(cursor, type=Checkpoint).last_due == ts(2026, 12, 4, 2)  # the scheduled run's
 
 
 async def test_a_run_in_progress_is_not_started_again_and_an_idle_source_times_out() -> None:
@@ -130,3 +137,37 @@ async def test_a_run_killed_before_its_first_chunk_is_not_left_running(tmp_path:
         "the agent stopped before the run's first chunk was committed",
     )
     assert (reports[0].id, reports[0].state) == (lost.id, "interrupted")  # reported to mesh_runs too
+
+
+async def test_a_scheduled_time_that_passes_during_a_run_started_by_hand_still_runs(tmp_path: Path) -> None:
+    """The race behind a scheduled run that never came: a flow that never ran on schedule counts
+    its first scheduled time from when the source began waiting, not from whenever the source
+    next looks at the clock. A run started by hand at 01:50 that completes at 02:05 (or the clock
+    moving to 02:00 just before the source reads again) must not push tomorrow's 02:00 run to
+    the day after: the 02:00 run was due while the run by hand was in progress, so it runs once
+    (``missed = "run_once"``) when that run ends."""
+    db = tmp_path / "erp.db"
+    make_table(db, 3)
+    clock = Clock(ts(2026, 12, 4, 1, 50))  # a new flow: its first scheduled run is at 02:00
+    store = RunStore(tmp_path / "runs.db")
+    trigger = RunTrigger()
+    async with scheduled(db, store, clock) as src:
+        src.trigger = trigger
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(trigger.run_now, 10)
+            with anyio.fail_after(10):
+                batch = await src.read(None, 100)  # waits for 02:00, or a run by hand
+        assert (batch.run, len(batch.changes)) == ("customers-20261204T015000Z-now", 3)
+        await src.committed(batch.cursor)
+        clock.now = ts(2026, 12, 4, 2, 5)  # the run by hand ends after 02:00
+        with anyio.fail_after(10):
+            done = await src.read(batch.cursor, 100)
+        assert (done.run, done.changes) == ("customers-20261204T015000Z-now", [])
+        await src.committed(done.cursor)
+        assert msgspec.json.decode(done.cursor, type=Checkpoint).last_due is None  # schedule untouched
+        with anyio.fail_after(10):  # before the fix: waited for 2026-12-05 02:00
+            due = await src.read(done.cursor, 100)
+        assert (due.run, len(due.changes)) == ("customers-20261204T020000Z", 3)
+    run = await store.get("customers-20261204T020000Z")
+    assert run is not None
+    assert run.scheduled_for == ts(2026, 12, 4, 2)

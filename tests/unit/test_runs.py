@@ -64,6 +64,14 @@ def test_a_new_flow_waits_for_its_first_time_unless_first_run_is_now() -> None:
     s = Schedule("0 2 * * *", "UTC", now=clock)
     assert s.first_due(None) == ts(2026, 12, 4, 2)
     assert s.first_due(None, first_now=True) == clock.now
+    # Counting from when the source began waiting (15:30): once 02:00 has passed (a run by hand
+    # was in progress), it is a missed run like any other.
+    clock.now = ts(2026, 12, 4, 2, 5)
+    since = ts(2026, 12, 3, 15, 30)
+    assert s.first_due(None, since=since) == ts(2026, 12, 4, 2)
+    assert s.first_due(None, since=since, missed="skip") == ts(2026, 12, 5, 2)
+    assert s.first_due(None, since=since, missed="run_once", deadline=60) == ts(2026, 12, 5, 2)
+    assert s.first_due(None) == ts(2026, 12, 5, 2)  # counting from now
 
 
 def test_missed_runs_while_down_run_once_on_start_or_are_skipped() -> None:
@@ -101,6 +109,15 @@ def test_row_versions_are_the_rows_own() -> None:
     assert row_version("2026-12-03 02:00:00", "v") == int(ts(2026, 12, 3, 2)) * 1_000_000
     with pytest.raises(ConfigError, match="'v' holds 'soon'"):
         row_version("soon", "v")
+    # One reading for the bulk runs and the SQL sources' cursor mode (``what`` names the place).
+    assert row_version(" +42 ", "v") == row_version(42.0, "v") == 42
+    assert row_version("2026-12-03", "v") == int(ts(2026, 12, 3)) * 1_000_000
+    with pytest.raises(ConfigError, match=r"^column 'v' holds True: a version must be an integer or an ISO"):
+        row_version(True, "v", what="column")
+    with pytest.raises(ConfigError, match=r"holds 1\.5"):
+        row_version(1.5, "v")
+    with pytest.raises(ConfigError, match="holds '\u00b2'"):
+        row_version("\u00b2", "v")  # a digit to str.isdigit, not to int()
 
 
 # --- a bulk run through the capture actor --------------------------------------------------------
