@@ -767,7 +767,7 @@ class Apply:
         plan = self.plan
         bkey = f"{env.entity}:{env.key}"
         if plan.links is not None and outcome == Applied.APPLIED.value:
-            plan.links.remember(bkey, env.correlation_id or env.id, env.id, env.traceparent)
+            plan.links.remember(bkey, env.correlation_id or env.id, env.id, env.traceparent, env.entity)
         if plan.tracer is None:
             return
         now = now_ms() if now is None else now

@@ -417,3 +417,24 @@ def test_completed_waits_for_every_expected_sink() -> None:
     assert idx.counts()["in_progress"] == 1
     idx.add(fin)
     assert idx.counts()["completed"] == 1
+
+
+def test_cause_links_keep_only_watched_entities_within_the_window() -> None:
+    now = [0.0]
+    links = CauseLinks(window=60, max_entries=3, entities=set(), clock=lambda: now[0])
+    links.remember("customer:1", "c1", "e1", "tp1", "customer")
+    assert links.cause_of("customer:1") is None  # nothing captures customers here: not kept
+    links.watch("customer")
+    for i in range(1, 5):
+        now[0] = float(i)
+        links.remember(f"customer:{i}", f"c{i}", f"e{i}", f"tp{i}", "customer")
+    assert links.cause_of("customer:1") is None  # the oldest beyond max_entries
+    assert [links.cause_of(f"customer:{i}") is not None for i in (2, 3, 4)] == [True, True, True]
+    now[0] = 63.5  # customer:2 (at 2.0) and customer:3 (at 3.0) are now older than the window
+    links.remember("customer:9", "c9", "e9", "tp9", "customer")
+    assert repr(links) == "<CauseLinks window=60s entries=2>"
+    link = links.cause_of("customer:4")
+    assert link is not None
+    assert (link.correlation_id, link.envelope_id, link.traceparent) == ("c4", "e4", "tp4")
+    now[0] = 64.5
+    assert links.cause_of("customer:4") is None  # expired on lookup too
