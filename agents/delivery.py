@@ -301,6 +301,7 @@ class Capture:
                 captured.inc(len(items))
                 cursor = batch.cursor
                 await source.committed(cursor)
+                del batch, items, dead  # not held while the next batch is read (agent memory)
 
     def envelopes(self, batch: ChangeBatch) -> tuple[list[tuple[str, str, bytes]], dict[str, dict[str, str]]]:
         """The outbox rows (id, subject, bytes) of a batch, and the dead-letter headers of the
@@ -450,6 +451,7 @@ class Relay:
                 await anyio.sleep(delay)
             else:
                 failures = 0
+            del rows, messages, acked, done  # not held while the next batch is read (agent memory)
 
 
 def _trace_published_into(tracer: TraceRecorder, published: Sequence[OutboxRow], now: int) -> None:
