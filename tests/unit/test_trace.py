@@ -183,6 +183,24 @@ async def test_records_are_published_in_one_message_per_kind(transport: Transpor
     assert rec.published == 501
 
 
+async def test_a_fast_agent_s_records_go_out_in_messages_under_max_payload(transport: Transport) -> None:
+    # One message of 10,000 records (a 10,000 events/s drain) exceeded NATS's 1 MB max_payload:
+    # it was refused over and over while max_buffer filled and new records were dropped.
+    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=20_000))
+    long = "k" * 200
+    for n in range(10_001):
+        rec.record(
+            "applied", correlation_id=f"corr-{n}-{long}", envelope_id=f"env-{n}",
+            business_key=f"customer:{long}", detail="x" * 600, traceparent=new_traceparent(),
+        )  # fmt: skip
+    assert await rec.flush(transport) == 10_001
+    msgs = trace_messages(transport)
+    assert [len(decode_batch(m.data)) for m in msgs] == [500] * 20 + [1]
+    assert max(len(m.data) for m in msgs) < 1024 * 1024
+    assert [r.envelope_id for m in msgs for r in decode_batch(m.data)] == [f"env-{n}" for n in range(10_001)]
+    assert (rec.buffer, rec.published, rec.dropped) == ([], 10_001, 0)
+
+
 async def test_records_wait_in_memory_while_the_stream_is_missing() -> None:
     metrics = Metrics()
     rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=3), counter=metrics.trace_records)
