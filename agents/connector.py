@@ -202,7 +202,8 @@ class ConnectorAgent:
             counter=self.metrics.trace_records,
         )  # fmt: skip
         """Trace records of this agent (``mesh.trace.record`` in its tasks records here too)."""
-        self.links = CauseLinks(cfg.trace.link_window)
+        self.links = CauseLinks(cfg.trace.link_window, entities=set())
+        """Applied changes of the entities this agent captures (an echo's cause)."""
         self.consumers: dict[str, Consumer] = {}
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
@@ -333,6 +334,7 @@ class ConnectorAgent:
         self.metrics.track_flow(h.cfg.name, h.cfg.slo_seconds)
         actors: list[tuple[str, Actor]] = []
         if h.cfg.source is not None:
+            self.links.watch(h.cfg.entity)
             capture = Capture(
                 plan, self.outbox, self.metrics, self._source_maker(h.cfg),
                 outbox_max_bytes=a.outbox_max_bytes, handle=h, config_retry=self.config_retry,

@@ -301,6 +301,7 @@ class Capture:
                 captured.inc(len(items))
                 cursor = batch.cursor
                 await source.committed(cursor)
+                del batch, items, dead  # not held while the next batch is read (agent memory)
 
     def envelopes(self, batch: ChangeBatch) -> tuple[list[tuple[str, str, bytes]], dict[str, dict[str, str]]]:
         """The outbox rows (id, subject, bytes) of a batch, and the dead-letter headers of the
@@ -450,6 +451,7 @@ class Relay:
                 await anyio.sleep(delay)
             else:
                 failures = 0
+            del rows, messages, acked, done  # not held while the next batch is read (agent memory)
 
 
 def _trace_published_into(tracer: TraceRecorder, published: Sequence[OutboxRow], now: int) -> None:
@@ -767,7 +769,7 @@ class Apply:
         plan = self.plan
         bkey = f"{env.entity}:{env.key}"
         if plan.links is not None and outcome == Applied.APPLIED.value:
-            plan.links.remember(bkey, env.correlation_id or env.id, env.id, env.traceparent)
+            plan.links.remember(bkey, env.correlation_id or env.id, env.id, env.traceparent, env.entity)
         if plan.tracer is None:
             return
         now = now_ms() if now is None else now

@@ -18,6 +18,7 @@ import anyio.to_thread
 import msgspec
 
 from adapters.sql._sqlite_common import (
+    CACHE_KIB,
     Column,
     find_column,
     is_foreign_key_error,
@@ -144,6 +145,7 @@ class SqliteSink(Sink):
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {max(0, round(cfg.busy_timeout * 1000))}")
+            conn.execute(f"PRAGMA cache_size = {CACHE_KIB}")
             # The target's own foreign keys hold (SQLite enforces them per connection, off by
             # default): a child before its parent is IntegrityPending, not a dangling row.
             conn.execute("PRAGMA foreign_keys = ON")

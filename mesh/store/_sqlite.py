@@ -42,6 +42,10 @@ class SqliteStore:
 
     schema = ""
     synchronous = "FULL"
+    cache_size = -1024
+    """SQLite page cache per connection: negative is KiB (SQLite's default is 2,000 KiB). The
+    stores are queues, read at one end and written at the other, so a small cache costs no speed
+    and keeps an agent's memory flat whatever its backlog."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -82,6 +86,7 @@ class SqliteStore:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute(f"PRAGMA synchronous={self.synchronous}")
                 await db.execute("PRAGMA busy_timeout=10000")
+                await db.execute(f"PRAGMA cache_size={self.cache_size}")
                 await db.executescript(self.schema)
         except BaseException:
             with anyio.CancelScope(shield=True):

@@ -39,6 +39,12 @@ __all__ = ["TraceRecorder", "current_recorder", "record", "use_recorder"]
 
 log = logging.getLogger(__name__)
 
+_PER_MESSAGE = 500
+"""Records per trace message at most: a record encodes to under 1.2 KB (``detail`` is cut at 500
+characters), so a message stays under NATS's default ``max_payload`` (1 MB) however fast the
+agent records; one message of a whole flush was refused at 10,000 events/s, and the records
+then filled ``max_buffer`` and were dropped."""
+
 _current: contextvars.ContextVar[TraceRecorder | None] = contextvars.ContextVar(
     "mesh_trace_recorder", default=None
 )
@@ -128,7 +134,8 @@ class TraceRecorder:
         self._ready.set()
 
     async def flush(self, transport: Transport) -> int:
-        """Publish what is buffered, one message per kind; the number of records published.
+        """Publish what is buffered, one message per kind (500 records at most each); the
+        number of records published.
 
         Raises:
             TransportError: a publish was not acknowledged (its records stay buffered).
@@ -141,10 +148,12 @@ class TraceRecorder:
         done = 0
         try:
             for kind, batch in by_kind.items():
-                msg = OutMessage(trace_subject(self.agent, kind), encode_batch(batch), uuid.uuid4().hex, {})
-                await transport.publish(msg)
-                done += len(batch)
-                by_kind[kind] = []
+                while batch:  # in parts: one message of a fast agent's records would exceed max_payload
+                    part = batch[:_PER_MESSAGE]
+                    subject = trace_subject(self.agent, kind)
+                    await transport.publish(OutMessage(subject, encode_batch(part), uuid.uuid4().hex, {}))
+                    done += len(part)
+                    batch = by_kind[kind] = batch[len(part) :]
         finally:
             left = [r for batch in by_kind.values() for r in batch]
             if left:

@@ -44,3 +44,17 @@ def test_meshctl_agent_run_help_still_comes_from_the_cli() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--metrics-port" in proc.stdout
+
+
+def test_the_agent_runtime_does_not_load_test_only_modules() -> None:
+    # The in-memory transport is for tests; an agent process must not carry it (issue 16).
+    probe = (
+        "import sys\n"
+        "import agents.entry, agents.runner, agents.connector, mesh.transport.jetstream\n"
+        "print(sorted(m for m in ('mesh.transport.memory', 'typer', 'mesh.cli.main') if m in sys.modules))\n"
+        "from mesh.transport import MemoryTransport\n"
+        "print(MemoryTransport.__module__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]", "mesh.transport.memory"]  # still there when asked for

@@ -690,3 +690,15 @@ async def test_apply_recording_commits_the_handled_ids_with_the_writes(tmp_path:
     assert rows(db, "SELECT id, outcome FROM _mesh_inbox ORDER BY id") == [
         ("1@1", "applied"), ("3@4", "stale"), ("echo-id", "echo"),
     ]  # fmt: skip
+
+
+async def test_adapter_connections_keep_a_small_page_cache(tmp_path: Path) -> None:
+    # The agent holds these connections for its lifetime: 1 MiB of page cache each, not 2 MB.
+    db = tmp_path / "erp.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink, SqliteSource(source_config(db)) as source:
+        assert sink._conn is not None
+        assert source._conn is not None
+        assert sink._conn.execute("PRAGMA cache_size").fetchone() == (-1024,)
+        async with source._conn.execute("PRAGMA cache_size") as cur:
+            assert await cur.fetchone() == (-1024,)

@@ -79,3 +79,11 @@ async def test_inbox_seen_record_prune(tmp_path: Path) -> None:
         assert await ib.prune(older_than=3600) == 0
         assert await ib.prune(older_than=-1) == 700
         assert await ib.seen(ids) == set()
+
+
+async def test_stores_keep_a_small_page_cache(tmp_path: Path) -> None:
+    # Each connection keeps its page cache for the agent's lifetime: 1 MiB, not SQLite's 2 MB.
+    async with Outbox(tmp_path / "o.db") as ob, Inbox(tmp_path / "i.db") as ib:
+        assert await ob.scalar("PRAGMA cache_size") == -1024
+        assert await ib.scalar("PRAGMA cache_size") == -1024
+        assert await ob.scalar("PRAGMA journal_mode") == "wal"

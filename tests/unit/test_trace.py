@@ -183,6 +183,24 @@ async def test_records_are_published_in_one_message_per_kind(transport: Transpor
     assert rec.published == 501
 
 
+async def test_a_fast_agent_s_records_go_out_in_messages_under_max_payload(transport: Transport) -> None:
+    # One message of 10,000 records (a 10,000 events/s drain) exceeded NATS's 1 MB max_payload:
+    # it was refused over and over while max_buffer filled and new records were dropped.
+    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=20_000))
+    long = "k" * 200
+    for n in range(10_001):
+        rec.record(
+            "applied", correlation_id=f"corr-{n}-{long}", envelope_id=f"env-{n}",
+            business_key=f"customer:{long}", detail="x" * 600, traceparent=new_traceparent(),
+        )  # fmt: skip
+    assert await rec.flush(transport) == 10_001
+    msgs = trace_messages(transport)
+    assert [len(decode_batch(m.data)) for m in msgs] == [500] * 20 + [1]
+    assert max(len(m.data) for m in msgs) < 1024 * 1024
+    assert [r.envelope_id for m in msgs for r in decode_batch(m.data)] == [f"env-{n}" for n in range(10_001)]
+    assert (rec.buffer, rec.published, rec.dropped) == ([], 10_001, 0)
+
+
 async def test_records_wait_in_memory_while_the_stream_is_missing() -> None:
     metrics = Metrics()
     rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=3), counter=metrics.trace_records)
@@ -417,3 +435,24 @@ def test_completed_waits_for_every_expected_sink() -> None:
     assert idx.counts()["in_progress"] == 1
     idx.add(fin)
     assert idx.counts()["completed"] == 1
+
+
+def test_cause_links_keep_only_watched_entities_within_the_window() -> None:
+    now = [0.0]
+    links = CauseLinks(window=60, max_entries=3, entities=set(), clock=lambda: now[0])
+    links.remember("customer:1", "c1", "e1", "tp1", "customer")
+    assert links.cause_of("customer:1") is None  # nothing captures customers here: not kept
+    links.watch("customer")
+    for i in range(1, 5):
+        now[0] = float(i)
+        links.remember(f"customer:{i}", f"c{i}", f"e{i}", f"tp{i}", "customer")
+    assert links.cause_of("customer:1") is None  # the oldest beyond max_entries
+    assert [links.cause_of(f"customer:{i}") is not None for i in (2, 3, 4)] == [True, True, True]
+    now[0] = 63.5  # customer:2 (at 2.0) and customer:3 (at 3.0) are now older than the window
+    links.remember("customer:9", "c9", "e9", "tp9", "customer")
+    assert repr(links) == "<CauseLinks window=60s entries=2>"
+    link = links.cause_of("customer:4")
+    assert link is not None
+    assert (link.correlation_id, link.envelope_id, link.traceparent) == ("c4", "e4", "tp4")
+    now[0] = 64.5
+    assert links.cause_of("customer:4") is None  # expired on lookup too
