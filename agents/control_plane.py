@@ -324,7 +324,9 @@ class ControlPlane:
                 audit=append,
                 on_audit_failure=self.metrics.audit_failures.inc,
                 security=self.enrollment,
+                policy=s.health,
             )
+            self.builder.latest = self.agent_registry.latest  # the leader's views: as fresh as its heartbeats
             self.lease = LeaderLease(
                 self.buckets[LEADER_BUCKET],
                 self.name,
@@ -423,6 +425,8 @@ class ControlPlane:
                 await self.enrollment.aclose()
 
     def _on_role(self, leader: bool) -> None:
+        if self.agent_registry is not None:
+            self.agent_registry.role_changed()
         self.metrics.is_leader.set(1 if leader else 0)
         self.metrics.leader_changes.inc()
 

@@ -395,6 +395,37 @@ def _take_queued_without_waiting(psub: Any) -> None:
     sub.next_msg = next_msg
 
 
+class _QueuedFirst:
+    """The messages of a subscription, each one already received taken at once.
+
+    nats-py's ``messages`` iterator starts a task and an ``asyncio.wait`` for every message,
+    even a queued one: a served subject under load (thousands of heartbeats a second) spent
+    most of its loop time there, and a reply per loop turn meant a socket write per reply.
+    Queued messages are taken directly (the same bookkeeping as the iterator); an empty queue
+    waits through nats-py's iterator as before, which also ends the iteration on unsubscribe
+    or close. Uses the iterator alone if nats-py's subscription is not as expected.
+    """
+
+    def __init__(self, psub: Any) -> None:
+        self.sub = psub
+        self.messages = psub.messages
+        queue = getattr(psub, "_pending_queue", None)
+        ok = isinstance(queue, asyncio.Queue) and hasattr(psub, "_pending_size") and hasattr(psub, "_conn")
+        self.queue: asyncio.Queue[Msg] | None = queue if ok else None
+
+    def __aiter__(self) -> _QueuedFirst:
+        return self
+
+    async def __anext__(self) -> Msg:
+        queue = self.queue
+        if queue is not None and not queue.empty() and not self.sub._conn.is_closed:
+            msg: Msg = queue.get_nowait()
+            self.sub._pending_size -= len(msg.data)
+            queue.task_done()
+            return msg
+        return await self.messages.__anext__()  # type: ignore[no-any-return]
+
+
 class _PubAcks:
     """The reply subscription of windowed publishes: each PubAck resolves its waiting future
     (True for a stored or duplicate message, False for an error or a no-responders status)."""
@@ -1009,13 +1040,16 @@ class JetStream(Transport):
                     task_status.started()
                     slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
                     async with anyio.create_task_group() as tg:
-                        async for msg in sub.messages:
+                        async for msg in _QueuedFirst(sub):
                             if max_concurrent == 1:
                                 await self._answer(handler, msg)
                             elif slots is None:
                                 tg.start_soon(self._answer, handler, msg)
                             else:
-                                await slots.acquire()
+                                try:  # a free slot: no yield, so a burst's replies go out in one write
+                                    slots.acquire_nowait()
+                                except anyio.WouldBlock:
+                                    await slots.acquire()
                                 tg.start_soon(self._answer_released, handler, msg, slots)
                 pending.check()
                 raise TransportError(f"subscription {subject} ended")  # the connection was closed
