@@ -119,8 +119,6 @@ __all__ = ["ControlPlane", "run_control_plane_process"]
 log = logging.getLogger(__name__)
 
 _CONCURRENCY = 64
-_STEP = 250
-"""Items handled between two yields to the event loop in a sweep."""
 SYNC_REBUILD_AGENTS = 500
 """Up to this many agents every status request builds a fresh report (a few ms: as fresh as
 the mirror); above, requests get the one the sweep built, and a registry or flow change makes
@@ -174,10 +172,10 @@ class ControlPlane:
         res = settings.series_resolution
         self.series = SeriesStore(resolution=res, capacity=int(3600 / res) + 1)
         """The dashboard's time series, recorded from the heartbeats this replica mirrors."""
-        self._agent_series: set[tuple[str, str]] = set()
         self._dlq_read_depth: dict[str, int] = {}
         self._audit: AuditLog | None = None
         self._flow_series: set[str] = set()
+        self._flow_counters: dict[str, tuple[Any, Any, Any]] = {}
         self.supervisor: Supervisor | None = None
         self._stopping = False
         self._status: tuple[float, StatusReport] | None = None
@@ -498,8 +496,7 @@ class ControlPlane:
             outcome = "error"
         if outcome == "ok" and isinstance(reply, Refused):
             outcome = "refused"
-        self.metrics.requests.labels(kind, outcome).inc()
-        self.metrics.request_seconds.labels(kind).observe(time.perf_counter() - began)
+        self.metrics.served(kind, outcome, time.perf_counter() - began)
         return encode(reply)
 
     async def _dispatch(self, req: Request) -> Reply:
@@ -771,20 +768,13 @@ class ControlPlane:
         grown = self.series.observe(views)
         self.series.tick()
         for name, g in grown.items():
-            m.flow_applied.labels(name).inc(g.applied)
-            m.flow_failures.labels(name).inc(g.failures)
-            m.flow_retries.labels(name).inc(g.retries)
-        agent_series = set()
-        for i, v in enumerate(views, 1):
-            if i % _STEP == 0:
-                await anyio.lowlevel.checkpoint()
-            if v.last_heartbeat is not None:
-                agent_series.add((v.name, v.site))
-                m.agent_heartbeat_age.labels(v.name, v.site).set(max(0.0, now - v.last_heartbeat))
-        for was in self._agent_series - agent_series:
-            with contextlib.suppress(KeyError):
-                m.agent_heartbeat_age.remove(*was)
-        self._agent_series = agent_series
+            applied, failures, retries = self._flow_counter(name)
+            applied.inc(g.applied)
+            failures.inc(g.failures)
+            retries.inc(g.retries)
+        m.agent_heartbeat_age.replace(
+            {(v.name, v.site): v.last_heartbeat for v in views if v.last_heartbeat is not None}
+        )
         flows = await cooperatively(
             flow_views_steps(views, self.dlq_depths, specs, series=self.series, dlq=self.dlq_info, now=now)
         )
@@ -792,39 +782,31 @@ class ControlPlane:
             self._info(), views, flows, now, self._transactions(), series=self.series
         )
         self._cache_status(report)
-        gauges = (
-            m.flow_backlog, m.flow_pending, m.flow_lag, m.flow_dlq, m.flow_dlq_age, m.flow_freshness,
-            m.flow_slo_ratio, m.flow_applied, m.flow_failures, m.flow_retries,
-        )  # fmt: skip
-        # Keep the label children and set values; drop only flows that are gone (clearing and
-        # re-creating every series each sweep cost ~60% of a sweep at 1,000 agents).
-        for gone in self._flow_series - {f.name for f in flows}:
-            for gauge in gauges:
+        m.flows.replace(flows)  # the per-flow gauges, computed when scraped
+        # Counters: a child per flow from its first sweep on (so it shows 0), dropped when the
+        # flow is gone; looked up once per flow, not every sweep.
+        names = {f.name for f in flows}
+        for gone in self._flow_series - names:
+            self._flow_counters.pop(gone, None)
+            for counter in (m.flow_applied, m.flow_failures, m.flow_retries):
                 with contextlib.suppress(KeyError):
-                    gauge.remove(gone)
-            for q in ("0.5", "0.99"):
-                with contextlib.suppress(KeyError):
-                    m.flow_latency.remove(gone, q)
-        self._flow_series = {f.name for f in flows}
-        for i, f in enumerate(flows, 1):
-            if i % _STEP == 0:
-                await anyio.lowlevel.checkpoint()
-            m.flow_backlog.labels(f.name).set(f.backlog)
-            m.flow_pending.labels(f.name).set(f.consumer_pending)
-            m.flow_lag.labels(f.name).set(f.lag_seconds)
-            m.flow_dlq.labels(f.name).set(f.dlq_depth)
-            m.flow_dlq_age.labels(f.name).set(f.dlq_oldest_age_seconds)
-            m.flow_freshness.labels(f.name).set(f.freshness_seconds or 0.0)
-            m.flow_slo_ratio.labels(f.name).set(1.0 if f.slo_ratio is None else f.slo_ratio)
-            m.flow_applied.labels(f.name)
-            m.flow_failures.labels(f.name)
-            m.flow_retries.labels(f.name)
-            for q, value in (("0.5", f.latency_p50_seconds), ("0.99", f.latency_p99_seconds)):
-                if value is None:
-                    with contextlib.suppress(KeyError):
-                        m.flow_latency.remove(f.name, q)
-                else:
-                    m.flow_latency.set(f.name, q, value)
+                    counter.remove(gone)
+        for new in names - self._flow_series:
+            self._flow_counter(new)
+        self._flow_series = names
+
+    def _flow_counter(self, flow: str) -> tuple[Any, Any, Any]:
+        """The (applied, failures, retries) counter children of ``flow``."""
+        children = self._flow_counters.get(flow)
+        if children is None:
+            m = self.metrics
+            children = (
+                m.flow_applied.labels(flow),
+                m.flow_failures.labels(flow),
+                m.flow_retries.labels(flow),
+            )
+            self._flow_counters[flow] = children
+        return children
 
     async def _dlq_depths(self) -> dict[str, int]:
         """Messages per flow in MESH_DLQ (``dlq.<flow>``); the last known on failure."""
