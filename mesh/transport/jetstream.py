@@ -423,7 +423,7 @@ class _QueuedFirst:
             self.sub._pending_size -= len(msg.data)
             queue.task_done()
             return msg
-        return await self.messages.__anext__()  # type: ignore[no-any-return]
+        return await self.messages.__anext__()
 
 
 class _PubAcks:
