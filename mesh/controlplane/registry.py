@@ -103,12 +103,13 @@ class Registry:
         security: Enrollment | None = None,
         policy: HealthPolicy | None = None,
         store_every: float = STORE_EVERY,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``security``: security on (registration needs an enrollment token or the agent's
         known public key; deregistration and revocation revoke its key); None: off.
         ``policy``: the health timers (``max_outbox_age`` decides when an outbox's age
         matters); ``store_every``: see the module's guarantees (capped at a third of
-        ``policy.stale_after``)."""
+        ``policy.stale_after``); ``clock``: wall-clock time (``received_at``)."""
         self.security = security
         self.bucket = bucket
         self.replica = replica
@@ -121,6 +122,7 @@ class Registry:
         """Per agent: (heartbeat revision, agent id, error count) of the last heartbeat stored."""
         self.policy = policy or HealthPolicy()
         self.store_every = max(0.0, min(store_every, self.policy.stale_after / 3))
+        self.clock = clock
         self.latest: dict[str, HeartbeatRecord] = {}
         """The newest heartbeat this replica accepted per agent (stored or not)."""
         self._written: dict[str, HeartbeatRecord] = {}
@@ -402,7 +404,7 @@ class Registry:
             agent_id=req.agent_id,
             name=req.name,
             seq=req.seq,
-            received_at=time.time(),
+            received_at=self.clock(),
             sent_at=req.sent_at,
             interval=req.interval,
             version=req.version,
