@@ -444,10 +444,12 @@ class ControlPlane:
         async with anyio.create_task_group() as tg:
             for kind in kinds:
                 serial = kind in ("register", "deregister", "revoke")
+                quick = self._quick_heartbeat if kind == "heartbeat" else None
                 await tg.start(
                     functools.partial(
                         self.js.serve, f"{self.prefix}.{kind}.*", functools.partial(self._handle, kind),
                         queue=f"{self.prefix}.{group}", max_concurrent=1 if serial else _CONCURRENCY,
+                        quick=quick,
                     )
                 )  # fmt: skip
             task_status.started()
@@ -472,6 +474,28 @@ class ControlPlane:
                 await tg.start(PolicyCoordinator(audit=self._audit_policy).serve, self.js, self.prefix)
                 await self.lease.wait(leader=False)
                 tg.cancel_scope.cancel()
+
+    def _quick_heartbeat(self, msg: Message) -> bytes | None:
+        """A heartbeat answered in the serving loop itself, without a task: when it is refused
+        or needs no KV write (most of them, see :meth:`Registry.heartbeat_now`); None hands
+        it to :meth:`_handle` (which also answers what cannot be decoded)."""
+        registry = self.agent_registry
+        if registry is None:
+            return None
+        began = time.perf_counter()
+        try:
+            req = decode_request(msg.data)
+        except DecodeError:
+            return None
+        if not isinstance(req, Heartbeat) or req.name != msg.subject.rsplit(".", 1)[-1]:
+            return None
+        reply = registry.heartbeat_now(req)
+        if reply is None:
+            return None
+        self.metrics.served(
+            "heartbeat", "refused" if isinstance(reply, Refused) else "ok", time.perf_counter() - began
+        )
+        return encode(reply)
 
     async def _handle(self, kind: str, msg: Message) -> bytes:
         began = time.perf_counter()

@@ -367,13 +367,52 @@ class Registry:
         problem = await self.security.revoke_key(rec.public_key)
         return f" (NATS key revoked{'; ' + problem if problem else ''})"
 
+    def heartbeat_now(self, req: Heartbeat) -> HeartbeatAck | Refused | None:
+        """:meth:`heartbeat` when it needs no I/O: the refusal, or the ack of a heartbeat kept
+        in memory; None when the heartbeat must be stored now (or the agent's record is not in
+        the mirror): then :meth:`heartbeat` decides."""
+        current = self.mirror.get(agent_key(req.name)) if self.mirror is not None else None
+        if current is None:
+            return None
+        checked = self._check(req, current)
+        if checked is not None:
+            return checked
+        hb = self._record(req)
+        if self._due(hb):
+            return None
+        self._keep(hb)
+        return HeartbeatAck(seq=req.seq, leader=self.replica)
+
     async def heartbeat(self, req: Heartbeat) -> HeartbeatAck | Refused:
+        """Accept (or refuse) one heartbeat; store it when due (see the module's guarantees).
+
+        Raises:
+            TransportError: the KV store could not be read or written.
+        """
         current = await self._cached(agent_key(req.name))
         if current is None:
             return Refused(
                 code="unknown",
                 reason=f"agent {req.name!r} is not registered: register it (`meshctl agent register`)",
             )
+        checked = self._check(req, current)
+        if checked is not None:
+            return checked
+        hb = self._record(req)
+        if self._due(hb):
+            key, value = heartbeat_key(req.name), encode(hb)
+            revision = await self.bucket.put(key, value)
+            self._stored(key, value, revision)
+            self._written[req.name] = hb
+            self.writes += 1
+            if len(self._errors) > 4 * len(self._records) + 64:
+                self._errors.clear()  # agents deregistered long ago: start again (bounded memory)
+            self._errors[req.name] = (revision, req.agent_id, req.payload.errors)
+        self._keep(hb)
+        return HeartbeatAck(seq=req.seq, leader=self.replica)
+
+    def _check(self, req: Heartbeat, current: Entry) -> Refused | None:
+        """Why the heartbeat is refused (None: accepted), given the agent's stored record."""
         cached = self._records.get(req.name)
         if cached is not None and cached[0] == current.revision:
             rec = cached[1]
@@ -393,6 +432,10 @@ class Registry:
             return Refused(
                 code="unauthorized", reason=f"bad credential for agent {req.name!r}; register it again"
             )
+        return None
+
+    def _record(self, req: Heartbeat) -> HeartbeatRecord:
+        """The record of an accepted heartbeat (errors grown since the previous one)."""
         delta = 0
         mine = self.latest.get(req.name)
         previous = (
@@ -400,7 +443,7 @@ class Registry:
         )
         if previous is not None and previous[0] == req.agent_id:
             delta = max(0, req.payload.errors - previous[1])
-        hb = HeartbeatRecord(
+        return HeartbeatRecord(
             agent_id=req.agent_id,
             name=req.name,
             seq=req.seq,
@@ -411,22 +454,14 @@ class Registry:
             payload=req.payload,
             errors_delta=delta,
         )
-        if self._due(hb):
-            key, value = heartbeat_key(req.name), encode(hb)
-            revision = await self.bucket.put(key, value)
-            self._stored(key, value, revision)
-            self._written[req.name] = hb
-            self.writes += 1
-            if len(self._errors) > 4 * len(self._records) + 64:
-                self._errors.clear()  # agents deregistered long ago: start again (bounded memory)
-            self._errors[req.name] = (revision, req.agent_id, req.payload.errors)
-        self.latest[req.name] = hb
+
+    def _keep(self, hb: HeartbeatRecord) -> None:
+        self.latest[hb.name] = hb
         if len(self._records) > 100_000:
             self._records.clear()
         if len(self.latest) > 100_000:  # names of agents deregistered by other leaders
             self.latest.clear()
             self._written.clear()
-        return HeartbeatAck(seq=req.seq, leader=self.replica)
 
     def _due(self, hb: HeartbeatRecord) -> bool:
         """Whether ``hb`` must be stored now (see the module's guarantees)."""

@@ -23,6 +23,7 @@ from mesh.controlplane.models import (
     Heartbeat,
     HeartbeatAck,
     HeartbeatPayload,
+    Refused,
     Register,
     Registered,
 )
@@ -281,3 +282,25 @@ def test_a_subscription_not_as_expected_is_read_through_its_iterator() -> None:
         messages = object()
 
     assert _QueuedFirst(Other()).queue is None
+
+
+async def test_heartbeat_now_answers_without_io_unless_a_write_is_due() -> None:
+    bucket, clock = MemoryBucket(), Clock()
+    r, reg, _ = await registered(bucket, clock)
+    aid, tok = reg.agent_id, reg.credential
+    assert tok is not None
+    assert r.heartbeat_now(beat(aid, tok, 1)) is None  # the first one must be stored
+    assert isinstance(await r.heartbeat(beat(aid, tok, 1)), HeartbeatAck)
+    clock.now += 1
+    ack = r.heartbeat_now(beat(aid, tok, 2, outbox_depth=3))
+    assert isinstance(ack, HeartbeatAck)
+    assert ack.seq == 2
+    assert r.latest["erp"].payload.outbox_depth == 3
+    assert await stored_seq(bucket) == 1
+    assert r.heartbeat_now(beat(aid, tok, 3, health="failing")) is None  # a verdict changes: store
+    refused = r.heartbeat_now(beat(aid, "wrong", 4))
+    assert isinstance(refused, Refused)
+    assert refused.code == "unauthorized"
+    assert r.heartbeat_now(beat("other-id", tok, 5)) is not None  # refused at once too
+    nobody = Registry(MemoryBucket(), replica="cp", mirror=KvMirror(None, MemoryBucket()))  # type: ignore[arg-type]
+    assert nobody.heartbeat_now(beat(aid, tok, 1)) is None  # not in the mirror: read KV
