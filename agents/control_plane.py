@@ -754,8 +754,8 @@ class ControlPlane:
             if self.is_leader and store is not None and anyio.current_time() >= next_reconcile:
                 # Repairs drift: a leader that died between a flow write and its assignments.
                 # Its inputs are the agent records, the flows and the assignments: when none of
-                # them changed since the last complete run there is nothing to repair (at 5,000
-                # agents a run blocked the loop ~0.2 s); once a minute it runs anyway.
+                # them changed since the last complete run there is nothing to repair (a pass over
+                # every agent without a yield: ~4% of the loop at 5,000 agents); once a minute anyway.
                 next_reconcile = anyio.current_time() + max(5.0, self.settings.sweep_interval)
                 inputs = (
                     store.agents_mirror.version("agent"),
