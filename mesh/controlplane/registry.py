@@ -125,8 +125,9 @@ class Registry:
         self.clock = clock
         self.latest: dict[str, HeartbeatRecord] = {}
         """The newest heartbeat this replica accepted per agent (stored or not)."""
-        self._written: dict[str, HeartbeatRecord] = {}
-        """The last heartbeat this replica stored per agent (since its last change of role)."""
+        self._written: dict[str, tuple[HeartbeatRecord, tuple[object, ...]]] = {}
+        """The last heartbeat this replica stored per agent (since its last change of role),
+        with its :func:`material`."""
         self.writes = 0
         """Heartbeats stored in KV so far (the rest were kept in memory only)."""
 
@@ -403,7 +404,7 @@ class Registry:
             key, value = heartbeat_key(req.name), encode(hb)
             revision = await self.bucket.put(key, value)
             self._stored(key, value, revision)
-            self._written[req.name] = hb
+            self._written[req.name] = (hb, material(hb, self.policy))
             self.writes += 1
             if len(self._errors) > 4 * len(self._records) + 64:
                 self._errors.clear()  # agents deregistered long ago: start again (bounded memory)
@@ -465,12 +466,15 @@ class Registry:
 
     def _due(self, hb: HeartbeatRecord) -> bool:
         """Whether ``hb`` must be stored now (see the module's guarantees)."""
-        last = self._written.get(hb.name)
-        if last is None or last.agent_id != hb.agent_id:
+        written = self._written.get(hb.name)
+        if written is None:
+            return True
+        last, stored = written
+        if last.agent_id != hb.agent_id:
             return True
         if hb.received_at - last.received_at >= self.store_every or hb.received_at < last.received_at:
             return True
-        return material(hb, self.policy) != material(last, self.policy)
+        return material(hb, self.policy) != stored
 
     def role_changed(self) -> None:
         """This replica became or stopped being the leader: forget the heartbeats held in
