@@ -31,6 +31,7 @@ State lives in bucket ``mesh_agents``: ``agent.<name>`` holds the :class:`AgentR
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import secrets
@@ -39,6 +40,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import anyio
+import anyio.lowlevel
 import msgspec
 
 from mesh.controlplane.health import HealthPolicy
@@ -129,6 +132,7 @@ class Registry:
         """The last heartbeat this replica stored per agent (since its last change of role),
         with its :func:`material`."""
         self.writes = 0
+        self._batch: list[tuple[str, bytes, asyncio.Future[int | None]]] = []
         """Heartbeats stored in KV so far (the rest were kept in memory only)."""
 
     def __repr__(self) -> str:
@@ -402,7 +406,9 @@ class Registry:
         hb = self._record(req)
         if self._due(hb):
             key, value = heartbeat_key(req.name), encode(hb)
-            revision = await self.bucket.put(key, value)
+            revision = await self._put(key, value)
+            if revision is None:
+                raise TransportError(f"KV {self.bucket.name}: storing {key} was not acknowledged")
             self._stored(key, value, revision)
             self._written[req.name] = (hb, material(hb, self.policy))
             self.writes += 1
@@ -411,6 +417,28 @@ class Registry:
             self._errors[req.name] = (revision, req.agent_id, req.payload.errors)
         self._keep(hb)
         return HeartbeatAck(seq=req.seq, leader=self.replica)
+
+    async def _put(self, key: str, value: bytes) -> int | None:
+        """Store one heartbeat together with the others due in the same loop turn (one
+        :meth:`~mesh.transport.Bucket.put_many`: one write, no request each); its revision,
+        None when it was not stored."""
+        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._batch.append((key, value, done))
+        if len(self._batch) == 1:  # the first of this turn sends the turn's batch
+            with anyio.CancelScope(shield=True):  # bounded by the bucket's timeout
+                await anyio.lowlevel.checkpoint()  # the other handlers of this turn add theirs
+                batch, self._batch = self._batch, []
+                try:
+                    revisions = await self.bucket.put_many([(k, v) for k, v, _ in batch])
+                except Exception as exc:  # put_many reports per item; anything else: none stored
+                    log.warning(
+                        "KV %s: storing %d heartbeat(s) failed: %s", self.bucket.name, len(batch), exc
+                    )
+                    revisions = [None] * len(batch)
+                for (_, _, waiting), revision in zip(batch, revisions, strict=True):
+                    if not waiting.done():
+                        waiting.set_result(revision)
+        return await done
 
     def _check(self, req: Heartbeat, current: Entry) -> Refused | None:
         """Why the heartbeat is refused (None: accepted), given the agent's stored record."""

@@ -357,6 +357,20 @@ class Bucket(abc.ABC):
     async def put(self, key: str, value: bytes) -> int:
         """Store unconditionally; returns the revision."""
 
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[int | None]:
+        """Store several ``(key, value)`` unconditionally, sent together (JetStream: in one
+        write, acknowledged on one reply subscription, no request each); the revision of each,
+        None where it was not stored (not acknowledged within the timeout, or refused). Never
+        raises for one item; here: one :meth:`put` after the other."""
+        out: list[int | None] = []
+        for key, value in items:
+            try:
+                out.append(await self.put(key, value))
+            except TransportError as exc:
+                log.debug("KV %s: put %s: %s", self.name, key, exc)
+                out.append(None)
+        return out
+
     @abc.abstractmethod
     async def delete(self, key: str, revision: int | None = None) -> None:
         """Delete (only if still at ``revision`` when given, else RevisionConflict)."""

@@ -335,6 +335,7 @@ class NatsBucket(Bucket):
     def __init__(self, kv: KeyValue, name: str) -> None:
         self.kv = kv
         self.name = name
+        self._acks: _KvAcks | None = None
 
     async def get(self, key: str) -> Entry | None:
         with translate(f"KV {self.name}: get {key}"):
@@ -354,6 +355,42 @@ class NatsBucket(Bucket):
 
     async def put(self, key: str, value: bytes) -> int:
         return int(await translated(f"KV {self.name}: put {key}", self.kv.put(key, value)))
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[int | None]:
+        if not items:
+            return []
+        js = self.kv._js
+        nc: Client = js._nc
+        acks = self._acks
+        if acks is None or acks.nc is not nc:
+            acks = _KvAcks(nc)
+            await acks.start()
+            self._acks = acks
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[str, asyncio.Future[int | None]]] = []
+        try:
+            for key, value in items:
+                token = acks.token()
+                fut: asyncio.Future[int | None] = loop.create_future()
+                acks.waiting[token] = fut
+                sent.append((token, fut))
+                try:  # no yield: nats-py's flusher sends the whole batch in one write
+                    await nc.publish(self.kv._pre + key, value, reply=acks.prefix + token)
+                except NATS_ERRORS as exc:
+                    log.debug("KV %s: put %s not sent: %s", self.name, key, exc)
+                    fut.set_result(None)
+                    break
+            await asyncio.wait([f for _, f in sent], timeout=float(getattr(js, "_timeout", 5.0)))
+        finally:
+            for token, fut in sent:
+                if not fut.done():
+                    acks.waiting.pop(token, None)
+                    fut.cancel()
+        out: list[int | None] = [None] * len(items)
+        for i, (_, fut) in enumerate(sent):
+            if fut.done() and not fut.cancelled():
+                out[i] = fut.result()
+        return out
 
     async def delete(self, key: str, revision: int | None = None) -> None:
         await translated(f"KV {self.name}: delete {key}", self.kv.delete(key, last=revision))
@@ -430,6 +467,35 @@ class _QueuedFirst:
             queue.task_done()
             return msg
         return await self.messages.__anext__()
+
+
+class _KvAcks:
+    """The reply subscription of :meth:`NatsBucket.put_many`: each PubAck resolves its waiting
+    future with the stored message's sequence (the key's new revision), an error with None."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox() + "."
+        self.waiting: dict[str, asyncio.Future[int | None]] = {}
+        self._next = 0
+
+    async def start(self) -> None:
+        await translated("subscribe to KV put acks", self.nc.subscribe(self.prefix + "*", cb=self._on_ack))
+
+    def token(self) -> str:
+        self._next += 1
+        return format(self._next, "x")
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self.waiting.pop(msg.subject[len(self.prefix) :], None)
+        if fut is None or fut.done():
+            return
+        try:
+            ack = json.loads(msg.data) if msg.data else {}
+        except ValueError:
+            ack = {}
+        seq = ack.get("seq") if isinstance(ack, dict) and "error" not in ack else None
+        fut.set_result(seq if isinstance(seq, int) else None)
 
 
 class _PubAcks:

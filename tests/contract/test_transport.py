@@ -250,6 +250,25 @@ async def test_kv_compare_and_swap(transport: Transport) -> None:
     assert got.value == b"four"
 
 
+async def test_kv_put_many_stores_each_and_answers_its_revision(transport: Transport) -> None:
+    b = await transport.key_value("contract_many", history=1, memory=True)
+    first = await b.put("a", b"0")
+    revisions = await b.put_many([(f"k{i}", b"v%d" % i) for i in range(50)] + [("a", b"1")])
+    assert all(r is not None for r in revisions)
+    known = [r for r in revisions if r is not None]
+    assert known == sorted(known)
+    assert len(set(known)) == 51
+    assert known[0] > first
+    for i in (0, 49):
+        got = await b.get(f"k{i}")
+        assert got is not None
+        assert (got.value, got.revision) == (b"v%d" % i, revisions[i])
+    latest = await b.get("a")
+    assert latest is not None
+    assert (latest.value, latest.revision) == (b"1", revisions[-1])
+    assert await b.put_many([]) == []
+
+
 async def test_kv_missing_bucket_without_create_raises(transport: Transport) -> None:
     with pytest.raises(TransportError):
         await transport.key_value("contract_absent", create=False)

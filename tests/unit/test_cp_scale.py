@@ -6,8 +6,10 @@ subscriptions taking queued messages without a task each."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
@@ -304,3 +306,44 @@ async def test_heartbeat_now_answers_without_io_unless_a_write_is_due() -> None:
     assert r.heartbeat_now(beat("other-id", tok, 5)) is not None  # refused at once too
     nobody = Registry(MemoryBucket(), replica="cp", mirror=KvMirror(None, MemoryBucket()))  # type: ignore[arg-type]
     assert nobody.heartbeat_now(beat(aid, tok, 1)) is None  # not in the mirror: read KV
+
+
+class CountingBucket(MemoryBucket):
+    """The in-memory bucket, counting how the registry writes to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[int | None]:
+        self.batches.append(len(items))
+        return await super().put_many(items)
+
+
+async def test_heartbeats_due_in_the_same_loop_turn_are_stored_in_one_batch() -> None:
+    bucket = CountingBucket()
+    mirror = KvMirror(None, bucket)  # type: ignore[arg-type]
+    r = Registry(bucket, replica="cp", mirror=mirror)
+    agents = []
+    for i in range(20):
+        reg = await r.register(Register(name=f"a{i}", site="s", identity=f"{i:043d}", version="1", host="h"))
+        assert isinstance(reg, Registered)
+        assert reg.credential
+        agents.append(reg)
+    acks: list[object] = []
+
+    async def send(reg: Registered) -> None:
+        assert reg.credential
+        req = Heartbeat(agent_id=reg.agent_id, name=reg.name, credential=reg.credential, seq=1, sent_at=0,
+                        interval=1, version="1", payload=HeartbeatPayload())  # fmt: skip
+        acks.append(await r.heartbeat(req))
+
+    async with anyio.create_task_group() as tg:
+        for reg in agents:
+            tg.start_soon(send, reg)
+    assert all(isinstance(a, HeartbeatAck) for a in acks)
+    assert bucket.batches == [20]  # every first heartbeat is due: one batch, not 20 writes
+    for reg in agents:
+        entry = mirror.get(heartbeat_key(reg.name))
+        assert entry is not None  # read-your-writes with the revision put_many answered
+        assert entry == await bucket.get(heartbeat_key(reg.name))
