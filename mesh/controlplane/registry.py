@@ -27,6 +27,8 @@ State lives in bucket ``mesh_agents``: ``agent.<name>`` holds the :class:`AgentR
   follower may call an agent that stopped stale or lost up to ``store_every`` seconds earlier
   than the leader does. This cut the KV writes (and the watch deliveries to every replica) by
   ``store_every / interval``: at 5,000 agents beating every second, 5,000 writes/s became ~1,000.
+  The writes due in one loop turn are sent as one batch (:meth:`Bucket.put_many`), each reply
+  still after its own write is acknowledged.
 """
 
 from __future__ import annotations
