@@ -428,7 +428,11 @@ def create_app(
         return _json_response({"transactions": listed})
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(source.registry), media_type=CONTENT_TYPE_LATEST)
+        # In a worker thread: at 5,000 flows the exposition takes ~0.15 s of Python, which the
+        # interpreter then interleaves with the loop instead of blocking it (the collectors read
+        # lists and dicts the sweep replaces whole, never mutates).
+        body = await anyio.to_thread.run_sync(generate_latest, source.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def static(request: Request) -> Response:
         name = request.path_params["name"]

@@ -88,6 +88,19 @@ class KvMirror:
         self.synced = anyio.Event()
         self.resyncs = 0
         self._reload = False
+        self._epoch = 0
+        self._versions: dict[str, int] = {}
+
+    def version(self, prefix: str | None = None) -> tuple[int, int]:
+        """Changes so far to keys in ``<prefix>.*`` (``prefix``: the key's first token; None:
+        every key): equal values mean nothing there changed in between (a reload counts as a
+        change of everything)."""
+        return self._epoch, self._versions.get("" if prefix is None else prefix, 0)
+
+    def _touch(self, key: str) -> None:
+        prefix = key.partition(".")[0]
+        self._versions[prefix] = self._versions.get(prefix, 0) + 1
+        self._versions[""] = self._versions.get("", 0) + 1
 
     def __repr__(self) -> str:
         return f"<KvMirror {self.bucket.name} keys={len(self.entries)} resyncs={self.resyncs}>"
@@ -113,6 +126,7 @@ class KvMirror:
             return
         self.entries[entry.key] = entry
         self._gone.pop(entry.key, None)
+        self._touch(entry.key)
 
     def forget(self, key: str, revision: int) -> None:
         current = self.entries.get(key)
@@ -120,6 +134,7 @@ class KvMirror:
             return
         self.entries.pop(key, None)
         self._gone[key] = max(revision, self._gone.get(key, 0))
+        self._touch(key)
 
     async def run(self, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch the bucket forever; ``started`` once the first full copy is loaded.
@@ -154,6 +169,8 @@ class KvMirror:
                         if target_entries.get(update.key, Entry("", b"", 0)).revision <= rev:
                             target_entries.pop(update.key, None)
                             target_gone[update.key] = rev
+                            if loaded:
+                                self._touch(update.key)
                     elif loaded:
                         self.apply(Entry(update.key, update.value, rev))
                     else:
@@ -172,4 +189,5 @@ class KvMirror:
                 snapshot[key] = e
         self.entries = snapshot
         self._gone = gone
+        self._epoch += 1
         self.synced.set()

@@ -236,6 +236,11 @@ class HealingBucket(Bucket):
                 raise
             return await self.inner.put(key, value)
 
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[int | None]:
+        """The inner bucket's (items not stored are None; a missing bucket is re-created by
+        the keeper's periodic check, not here)."""
+        return await self.inner.put_many(items)
+
     async def delete(self, key: str, revision: int | None = None) -> None:
         try:
             await self.inner.delete(key, revision)

@@ -94,9 +94,15 @@ _heartbeat = msgspec.json.Decoder(HeartbeatRecord)
 class StatusBuilder:
     """Turns the ``mesh_agents`` mirror into :class:`AgentView` s and :class:`StatusReport` s."""
 
-    def __init__(self, mirror: KvMirror, policy: HealthPolicy) -> None:
+    def __init__(
+        self, mirror: KvMirror, policy: HealthPolicy, latest: Mapping[str, HeartbeatRecord] | None = None
+    ) -> None:
+        """``latest``: heartbeats fresher than the mirror's by agent name (the leader's
+        :attr:`~mesh.controlplane.registry.Registry.latest`); one of the agent's current
+        registration wins over the mirror's when it was received later."""
         self.mirror = mirror
         self.policy = policy
+        self.latest: Mapping[str, HeartbeatRecord] = latest if latest is not None else {}
         self._records: dict[str, tuple[int, AgentRecord]] = {}
         self._heartbeats: dict[str, tuple[int, HeartbeatRecord | None]] = {}
 
@@ -137,6 +143,7 @@ class StatusBuilder:
         now = time.time() if now is None else now
         records = self.mirror.with_prefix("agent.")
         beats = self.mirror.with_prefix("heartbeat.")
+        latest = self.latest
         for gone in set(self._records) - set(records):
             del self._records[gone]
         for gone in set(self._heartbeats) - set(beats):
@@ -151,6 +158,13 @@ class StatusBuilder:
             hb = self._decode_heartbeat(name, beats.get(name))
             if hb is not None and hb.agent_id != rec.agent_id:
                 hb = None
+            mine = latest.get(name)
+            if (
+                mine is not None
+                and mine.agent_id == rec.agent_id
+                and (hb is None or mine.received_at > hb.received_at)
+            ):
+                hb = mine
             verdict = assess(rec, hb, now, self.policy)
             p = hb.payload if hb is not None else None
             views.append(

@@ -665,11 +665,15 @@ def _print(res: dict[str, Any]) -> None:
           f"{lo['cpu_percent'].get('simulator', math.nan):.0f}% and this driver "
           f"{lo['cpu_percent']['driver']:.0f}%: they share the machine with the control plane)")  # fmt: skip
     lat = hb["latency_ms"]
+    if hb.get("rate"):  # what a shared, busy machine distorts least: CPU per heartbeat
+        per = 10.0 * (lo["cpu_percent"]["control_plane"] - b["cpu_percent"]["control_plane"]) / hb["rate"]
+        print(f"control plane CPU per heartbeat sent: {per:.3f} ms (sweep and /status polling included)")
     expected = n / res["interval"]
     accepted = 100.0 * hb["accepted"] / hb["sent"] if hb["sent"] else math.nan
+    answered = hb["accepted"] / hb["seconds"] if hb.get("seconds") else math.nan
     print(f"heartbeats: sent {hb['sent']} ({hb['rate']:.0f}/s, expected {expected:.0f}/s), accepted "
-          f"{hb['accepted']} ({accepted:.1f}%), refused {hb['refused']}, failed {hb['failed']}, "
-          f"late {hb['late']}; reply ms "
+          f"{hb['accepted']} ({accepted:.1f}%, {answered:.0f}/s within the timeout), "
+          f"refused {hb['refused']}, failed {hb['failed']}, late {hb['late']}; reply ms "
           f"p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} p99 {lat['p99']:.1f} max {lat['max']:.1f}")  # fmt: skip
     reg = res["registration"]
     print(f"registration: {reg['agents']} agents in {reg['seconds']:.1f}s "

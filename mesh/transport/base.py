@@ -24,6 +24,7 @@ Guarantees every implementation gives:
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,6 +54,7 @@ __all__ = [
     "NotSupported",
     "OutMessage",
     "PubAck",
+    "QuickHandler",
     "Refused",
     "RevisionConflict",
     "StoredMessage",
@@ -60,7 +62,10 @@ __all__ = [
     "StreamState",
     "Subscription",
     "Transport",
+    "quick_reply",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class NoResponders(TransportError):
@@ -160,6 +165,19 @@ class Message:
 
 Handler = Callable[[Message], Awaitable[bytes]]
 """Serves one request: returns the reply's body. An exception is logged and sends no reply."""
+QuickHandler = Callable[[Message], bytes | None]
+"""Answers one request at once, without waiting on anything (no I/O): the reply's body, or
+None to leave the request to the :data:`Handler`. An exception is logged and the request goes
+to the handler."""
+
+
+def quick_reply(quick: QuickHandler, msg: Message) -> bytes | None:
+    """``quick(msg)``; None (the handler answers) when it raises, which is logged."""
+    try:
+        return quick(msg)
+    except Exception:
+        log.exception("quick answer to %s failed; the handler answers", msg.subject)
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +356,20 @@ class Bucket(abc.ABC):
     @abc.abstractmethod
     async def put(self, key: str, value: bytes) -> int:
         """Store unconditionally; returns the revision."""
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[int | None]:
+        """Store several ``(key, value)`` unconditionally, sent together (JetStream: in one
+        write, acknowledged on one reply subscription, no request each); the revision of each,
+        None where it was not stored (not acknowledged within the timeout, or refused). Never
+        raises for one item; here: one :meth:`put` after the other."""
+        out: list[int | None] = []
+        for key, value in items:
+            try:
+                out.append(await self.put(key, value))
+            except TransportError as exc:
+                log.debug("KV %s: put %s: %s", self.name, key, exc)
+                out.append(None)
+        return out
 
     @abc.abstractmethod
     async def delete(self, key: str, revision: int | None = None) -> None:
@@ -589,6 +621,7 @@ class Transport(_Resource):
         *,
         queue: str = "",
         max_concurrent: int = 0,
+        quick: QuickHandler | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Answer requests on ``subject`` (wildcards allowed) until cancelled.
@@ -596,4 +629,9 @@ class Transport(_Resource):
         Up to ``max_concurrent`` requests are handled at once (0: no limit; 1: one at a time, in
         arrival order). ``task_status.started()`` once the broker routes requests here. Replicas
         sharing a ``queue`` share the requests. Raises Refused when the credentials may not
-        subscribe to ``subject``, TransportError when the subscription fails or ends."""
+        subscribe to ``subject``, TransportError when the subscription fails or ends.
+
+        ``quick`` (optional) is tried first for every request, outside the concurrency limit:
+        a request it answers costs no task, and the replies of a burst go out together
+        (JetStream: in one socket write, the serving loop yielding every few dozen answers so
+        other tasks keep their turns); the rest go to ``handler``."""

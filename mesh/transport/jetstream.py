@@ -81,12 +81,14 @@ from mesh.transport.base import (
     NotSupported,
     OutMessage,
     PubAck,
+    QuickHandler,
     Refused,
     StoredMessage,
     StreamReader,
     StreamState,
     Subscription,
     Transport,
+    quick_reply,
 )
 from mesh.transport.subjects import AUDIT_STREAM, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM, TRACE_STREAM
 
@@ -333,6 +335,7 @@ class NatsBucket(Bucket):
     def __init__(self, kv: KeyValue, name: str) -> None:
         self.kv = kv
         self.name = name
+        self._acks: _KvAcks | None = None
 
     async def get(self, key: str) -> Entry | None:
         with translate(f"KV {self.name}: get {key}"):
@@ -352,6 +355,42 @@ class NatsBucket(Bucket):
 
     async def put(self, key: str, value: bytes) -> int:
         return int(await translated(f"KV {self.name}: put {key}", self.kv.put(key, value)))
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[int | None]:
+        if not items:
+            return []
+        js = self.kv._js
+        nc: Client = js._nc
+        acks = self._acks
+        if acks is None or acks.nc is not nc:
+            acks = _KvAcks(nc)
+            await acks.start()
+            self._acks = acks
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[str, asyncio.Future[int | None]]] = []
+        try:
+            for key, value in items:
+                token = acks.token()
+                fut: asyncio.Future[int | None] = loop.create_future()
+                acks.waiting[token] = fut
+                sent.append((token, fut))
+                try:  # no yield: nats-py's flusher sends the whole batch in one write
+                    await nc.publish(self.kv._pre + key, value, reply=acks.prefix + token)
+                except NATS_ERRORS as exc:
+                    log.debug("KV %s: put %s not sent: %s", self.name, key, exc)
+                    fut.set_result(None)
+                    break
+            await asyncio.wait([f for _, f in sent], timeout=float(getattr(js, "_timeout", 5.0)))
+        finally:
+            for token, fut in sent:
+                if not fut.done():
+                    acks.waiting.pop(token, None)
+                    fut.cancel()
+        out: list[int | None] = [None] * len(items)
+        for i, (_, fut) in enumerate(sent):
+            if fut.done() and not fut.cancelled():
+                out[i] = fut.result()
+        return out
 
     async def delete(self, key: str, revision: int | None = None) -> None:
         await translated(f"KV {self.name}: delete {key}", self.kv.delete(key, last=revision))
@@ -393,6 +432,70 @@ def _take_queued_without_waiting(psub: Any) -> None:
         return msg
 
     sub.next_msg = next_msg
+
+
+_QUICK_TURN = 32
+"""Requests a serving loop answers quickly between two yields to the event loop (~1-2 ms)."""
+
+
+class _QueuedFirst:
+    """The messages of a subscription, each one already received taken at once.
+
+    nats-py's ``messages`` iterator starts a task and an ``asyncio.wait`` for every message,
+    even a queued one: a served subject under load (thousands of heartbeats a second) spent
+    most of its loop time there, and a reply per loop turn meant a socket write per reply.
+    Queued messages are taken directly (the same bookkeeping as the iterator); an empty queue
+    waits through nats-py's iterator as before, which also ends the iteration on unsubscribe
+    or close. Uses the iterator alone if nats-py's subscription is not as expected.
+    """
+
+    def __init__(self, psub: Any) -> None:
+        self.sub = psub
+        self.messages = psub.messages
+        queue = getattr(psub, "_pending_queue", None)
+        ok = isinstance(queue, asyncio.Queue) and hasattr(psub, "_pending_size") and hasattr(psub, "_conn")
+        self.queue: asyncio.Queue[Msg] | None = queue if ok else None
+
+    def __aiter__(self) -> _QueuedFirst:
+        return self
+
+    async def __anext__(self) -> Msg:
+        queue = self.queue
+        if queue is not None and not queue.empty() and not self.sub._conn.is_closed:
+            msg: Msg = queue.get_nowait()
+            self.sub._pending_size -= len(msg.data)
+            queue.task_done()
+            return msg
+        return await self.messages.__anext__()
+
+
+class _KvAcks:
+    """The reply subscription of :meth:`NatsBucket.put_many`: each PubAck resolves its waiting
+    future with the stored message's sequence (the key's new revision), an error with None."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox() + "."
+        self.waiting: dict[str, asyncio.Future[int | None]] = {}
+        self._next = 0
+
+    async def start(self) -> None:
+        await translated("subscribe to KV put acks", self.nc.subscribe(self.prefix + "*", cb=self._on_ack))
+
+    def token(self) -> str:
+        self._next += 1
+        return format(self._next, "x")
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self.waiting.pop(msg.subject[len(self.prefix) :], None)
+        if fut is None or fut.done():
+            return
+        try:
+            ack = json.loads(msg.data) if msg.data else {}
+        except ValueError:
+            ack = {}
+        seq = ack.get("seq") if isinstance(ack, dict) and "error" not in ack else None
+        fut.set_result(seq if isinstance(seq, int) else None)
 
 
 class _PubAcks:
@@ -992,6 +1095,7 @@ class JetStream(Transport):
         *,
         queue: str = "",
         max_concurrent: int = 0,
+        quick: QuickHandler | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         # No callback: nats-py would run it in a task of its own and swallow its errors.
@@ -1009,14 +1113,29 @@ class JetStream(Transport):
                 with pending.scope:
                     task_status.started()
                     slots = anyio.Semaphore(max_concurrent) if max_concurrent > 1 else None
+                    answered = 0
                     async with anyio.create_task_group() as tg:
-                        async for msg in sub.messages:
+                        async for msg in _QueuedFirst(sub):
+                            if quick is not None:
+                                request = Message(msg.subject, msg.data, dict(msg.headers or {}))
+                                reply = quick_reply(quick, request)
+                                if reply is not None:
+                                    if msg.reply:
+                                        with contextlib.suppress(*NATS_ERRORS):
+                                            await msg.respond(reply)  # queued: one write for the burst
+                                    answered += 1
+                                    if answered % _QUICK_TURN == 0:
+                                        await anyio.lowlevel.checkpoint()  # others get their turn
+                                    continue
                             if max_concurrent == 1:
                                 await self._answer(handler, msg)
                             elif slots is None:
                                 tg.start_soon(self._answer, handler, msg)
                             else:
-                                await slots.acquire()
+                                try:  # a free slot: no yield, so a burst's replies go out in one write
+                                    slots.acquire_nowait()
+                                except anyio.WouldBlock:
+                                    await slots.acquire()
                                 tg.start_soon(self._answer_released, handler, msg, slots)
                 pending.check()
                 raise TransportError(f"subscription {subject} ended")  # the connection was closed

@@ -41,12 +41,14 @@ from mesh.transport.base import (
     NotFound,
     OutMessage,
     PubAck,
+    QuickHandler,
     RevisionConflict,
     StoredMessage,
     StreamReader,
     StreamState,
     Subscription,
     Transport,
+    quick_reply,
 )
 from mesh.transport.subjects import EVENTS_STREAM, STREAM_SUBJECTS, subject_matches
 
@@ -717,6 +719,7 @@ class MemoryTransport(Transport):
         *,
         queue: str = "",
         max_concurrent: int = 0,
+        quick: QuickHandler | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         broker = self._live()
@@ -730,6 +733,14 @@ class MemoryTransport(Transport):
                     return await inner(m)
 
             handler = limited
+        if quick is not None:
+            answer, slow = quick, handler
+
+            async def quick_first(m: Message) -> bytes:
+                reply = quick_reply(answer, m)
+                return reply if reply is not None else await slow(m)
+
+            handler = quick_first
         broker.responders[key] = (subject, queue, handler)
         try:
             task_status.started()

@@ -9,11 +9,13 @@ consuming them, deleting and purging, consumer reset.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from mesh.config import StreamsConfig
@@ -248,6 +250,25 @@ async def test_kv_compare_and_swap(transport: Transport) -> None:
     assert got.value == b"four"
 
 
+async def test_kv_put_many_stores_each_and_answers_its_revision(transport: Transport) -> None:
+    b = await transport.key_value("contract_many", history=1, memory=True)
+    first = await b.put("a", b"0")
+    revisions = await b.put_many([(f"k{i}", b"v%d" % i) for i in range(50)] + [("a", b"1")])
+    assert all(r is not None for r in revisions)
+    known = [r for r in revisions if r is not None]
+    assert known == sorted(known)
+    assert len(set(known)) == 51
+    assert known[0] > first
+    for i in (0, 49):
+        got = await b.get(f"k{i}")
+        assert got is not None
+        assert (got.value, got.revision) == (b"v%d" % i, revisions[i])
+    latest = await b.get("a")
+    assert latest is not None
+    assert (latest.value, latest.revision) == (b"1", revisions[-1])
+    assert await b.put_many([]) == []
+
+
 async def test_kv_missing_bucket_without_create_raises(transport: Transport) -> None:
     with pytest.raises(TransportError):
         await transport.key_value("contract_absent", create=False)
@@ -349,6 +370,35 @@ async def test_request_reply_and_no_responders(transport: Transport) -> None:
         tg.cancel_scope.cancel()
     with pytest.raises(NoResponders):  # served only while the serving task runs
         await transport.request("svc.echo", b"x", timeout=2)
+
+
+async def test_quick_answers_first_and_hands_the_rest_to_the_handler(transport: Transport) -> None:
+    handled: list[bytes] = []
+
+    def quick(m: Message) -> bytes | None:
+        if m.data == b"boom":
+            raise ValueError("broken quick answer")  # logged; the handler answers instead
+        return b"quick:" + m.data if m.data.startswith(b"q") else None
+
+    async def slow(m: Message) -> bytes:
+        handled.append(m.data)
+        await anyio.lowlevel.checkpoint()
+        return b"slow:" + m.data
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(transport.serve, "qsvc.*", slow, max_concurrent=1, quick=quick))
+        replies: dict[bytes, bytes] = {}
+
+        async def ask(body: bytes) -> None:
+            replies[body] = (await transport.request("qsvc.x", body, timeout=5)).data
+
+        async with anyio.create_task_group() as burst:  # a burst, answered in any order
+            for body in [b"q%d" % i for i in range(100)] + [b"s1", b"boom", b"s2"]:
+                burst.start_soon(ask, body)
+        assert all(replies[b"q%d" % i] == b"quick:q%d" % i for i in range(100))
+        assert (replies[b"s1"], replies[b"boom"], replies[b"s2"]) == (b"slow:s1", b"slow:boom", b"slow:s2")
+        assert sorted(handled) == [b"boom", b"s1", b"s2"]  # only what quick left
+        tg.cancel_scope.cancel()
 
 
 # --- connection -----------------------------------------------------------------------------------
