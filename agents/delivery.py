@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -84,7 +85,7 @@ from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.runs.bulk import RUN_HEADER
 from mesh.store import AppliedKeys, Inbox, InboxEntry, Outbox, OutboxRow
-from mesh.trace import CauseLinks, TraceRecorder, child_traceparent, new_traceparent
+from mesh.trace import CauseLinks, TraceRecorder, child_traceparent
 from mesh.transport import (
     EVENTS_STREAM,
     Consumer,
@@ -312,7 +313,11 @@ class Capture:
         dead: dict[str, dict[str, str]] = {}
         id_flow = f"{flow}@{batch.run}" if batch.run else flow  # a bulk run's own ids (mesh.runs.bulk)
         tracer, links = plan.tracer, plan.links
-        for ch in batch.changes:
+        subjects = {e: event_subject(entity, e, system) for e in ("upserted", "deleted")}
+        # Random trace and span ids for the whole batch from one getrandom() call (48 hex digits
+        # a change; the same W3C traceparent as new_traceparent() makes, without two syscalls each).
+        fresh = os.urandom(24 * len(batch.changes)).hex()
+        for n, ch in enumerate(batch.changes):
             event = "deleted" if ch.deleted else "upserted"
             eid = envelope_id(id_flow, system, ch.key, ch.version)
             bkey = f"{entity}:{ch.key}"
@@ -325,9 +330,12 @@ class Capture:
                 corr, caused_by, parent = eid, ch.causation_id, ch.traceparent
             if telemetry.ON:  # an OpenTelemetry capture span continuing the caller's trace
                 traceparent = telemetry.capture(flow, ch, eid, now, parent)
+            elif parent:
+                traceparent = child_traceparent(parent)
             else:
-                traceparent = child_traceparent(parent) if parent else new_traceparent()
-            subject = event_subject(entity, event, system)
+                at = 48 * n
+                traceparent = f"00-{fresh[at : at + 32]}-{fresh[at + 32 : at + 48]}-01"
+            subject = subjects[event]
             schema, body = data.schema, ch.row
             if data.to_canonical is not None:
                 try:
