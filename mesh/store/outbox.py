@@ -145,8 +145,11 @@ class Outbox(SqliteStore):
         """Delete rows whose PubAck the caller holds."""
         if not rows:
             return
-        seqs = [r.seq for r in rows]
+        seqs = sorted(r.seq for r in rows)
         async with self.write() as db:
+            if seqs[-1] - seqs[0] + 1 == len(seqs) == len(set(seqs)):  # a run of seqs: one range
+                await db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (seqs[0], seqs[-1]))
+                seqs = []
             for i in range(0, len(seqs), _CHUNK):
                 part = seqs[i : i + _CHUNK]
                 await db.execute(f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(part))})", part)

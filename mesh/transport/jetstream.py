@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -431,17 +431,37 @@ class _PubAcks:
         self._next = 0
 
     async def start(self) -> None:
-        await translated("subscribe to publish acks", self.nc.subscribe(self.prefix + "*", cb=self._on_ack))
+        sub = await translated("subscribe to publish acks", self.nc.subscribe(self.prefix + "*"))
+        # Each ack is marked as nats-py's reader hands it over, instead of through the
+        # subscription's queue and a callback task (a task switch per publish).
+        sub._pending_queue = _InlineQueue(sub, self._on_ack)
 
     def token(self) -> str:
         self._next += 1
         return format(self._next, "x")
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, msg: Msg) -> None:
         slot = self.waiting.pop(msg.subject[len(self.prefix) :], None)
         if slot is not None:
             data = msg.data
             slot[0].acked(slot[1], b'"seq"' in data and b'"error"' not in data)
+
+
+class _InlineQueue(asyncio.Queue[Msg]):
+    """A subscription queue that hands each message to ``handle`` at once and stays empty
+    (``handle`` must not raise or block: it runs inside nats-py's read loop)."""
+
+    def __init__(self, sub: Any, handle: Callable[[Msg], None]) -> None:
+        super().__init__()
+        self._sub = sub
+        self._handle = handle
+
+    def put_nowait(self, item: Msg) -> None:
+        self._sub._pending_size -= len(item.data)  # nats-py counted it as queued
+        try:
+            self._handle(item)
+        except Exception:  # never into nats-py's reader
+            log.exception("publish ack not handled")
 
 
 # What nats-py's publish refuses in a subject (whitespace would let a subject inject protocol),
