@@ -107,9 +107,10 @@ class TraceRecorder:
         at: int | None = None,
     ) -> None:
         """Buffer one record (never blocks, never raises); ``system`` defaults to the agent's."""
-        if not self.sampled(correlation_id):
-            return
-        if len(self.buffer) >= self.cfg.max_buffer:
+        cfg = self.cfg
+        if not (cfg.enabled and cfg.sample >= 1.0) and not self.sampled(correlation_id):
+            return  # (everything is sampled at 1.0: skip the call, this runs per message)
+        if len(self.buffer) >= cfg.max_buffer:
             self.dropped += 1
             if self._dropped_count is not None:
                 self._dropped_count.inc()
@@ -125,7 +126,9 @@ class TraceRecorder:
                 latency_ms=max(0, latency_ms), outcome=outcome, detail=detail[:500], traceparent=traceparent,
             )
         )  # fmt: skip
-        self._ready.set()
+        ready = self._ready
+        if not ready.is_set():
+            ready.set()
 
     async def flush(self, transport: Transport) -> int:
         """Publish what is buffered, one message per kind; the number of records published.
