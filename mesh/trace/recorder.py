@@ -131,7 +131,8 @@ class TraceRecorder:
             ready.set()
 
     async def flush(self, transport: Transport) -> int:
-        """Publish what is buffered, one message per kind; the number of records published.
+        """Publish what is buffered, one message per kind (more when it would pass
+        ``_CHUNK_BYTES``); the number of records published.
 
         Raises:
             TransportError: a publish was not acknowledged (its records stay buffered).
@@ -144,10 +145,12 @@ class TraceRecorder:
         done = 0
         try:
             for kind, batch in by_kind.items():
-                msg = OutMessage(trace_subject(self.agent, kind), encode_batch(batch), uuid.uuid4().hex, {})
-                await transport.publish(msg)
-                done += len(batch)
-                by_kind[kind] = []
+                subject = trace_subject(self.agent, kind)
+                while batch:
+                    n, data = _first_chunk(batch)
+                    await transport.publish(OutMessage(subject, data, uuid.uuid4().hex, {}))
+                    done += n
+                    batch = by_kind[kind] = batch[n:]
         finally:
             left = [r for batch in by_kind.values() for r in batch]
             if left:
@@ -184,6 +187,23 @@ class TraceRecorder:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(TransportError):
                 if self.buffer:
                     await self.flush(transport)
+
+
+_CHUNK_BYTES = 256 * 1024
+"""Bound of one trace message: far below NATS's max_payload (1 MiB by default), which a busy
+agent's 0.2 s of records can pass (the whole buffer in one message was refused, and kept
+buffered, so every later record was dropped)."""
+
+
+def _first_chunk(batch: list[TraceRecord]) -> tuple[int, bytes]:
+    """How many records from the start of ``batch`` go in the next message, and its bytes
+    (at most ``_CHUNK_BYTES`` unless a single record is larger)."""
+    n = len(batch)
+    data = encode_batch(batch)
+    while len(data) > _CHUNK_BYTES and n > 1:
+        n = max(1, min(n // 2, n * _CHUNK_BYTES // len(data)))
+        data = encode_batch(batch[:n])
+    return n, data
 
 
 def current_recorder() -> TraceRecorder | None:
