@@ -466,7 +466,7 @@ class _InlineQueue(asyncio.Queue[Msg]):
 
 # What nats-py's publish refuses in a subject (whitespace would let a subject inject protocol),
 # and its header rules: RFC 7230 token keys, values trimmed with CR/LF turned into spaces.
-_SUBJECT_INVALID = re.compile(r"\s")
+_SUBJECT_INVALID = re.compile(r"[ \t\r\n]")
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 _FIXED_HEADERS = f"\r\nContent-Type: {CONTENT_TYPE}\r\n\r\n".encode()
