@@ -373,7 +373,7 @@ class Capture:
                 tracer.record(
                     "captured", correlation_id=corr, envelope_id=eid, causation_id=caused_by,
                     business_key=bkey, flow=flow, latency_ms=now - env.occurred_at, traceparent=traceparent,
-                    outcome="deleted" if ch.deleted else "",
+                    outcome="deleted" if ch.deleted else "", at=now,
                 )  # fmt: skip
                 if "Mesh-Reason" in dead.get(eid, {}):
                     tracer.record(
