@@ -40,6 +40,7 @@ plan, capture, relay and apply record what they did (``captured``, ``published``
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -419,6 +420,10 @@ class Relay:
         if self.streams is not None:
             for stream in self.streams.needed:
                 await self.streams.wait_present(stream)
+        # The agent is up (one relay per agent): what was built so far lives as long as the
+        # process. Keep it out of the cyclic GC's full collections, which otherwise walk the
+        # whole startup heap again and again while a backlog drains (as the control plane does).
+        gc.freeze()
         cfg, outbox, metrics = self.cfg, self.outbox, self.metrics
         backoff = Backoff(base=0.1, cap=5.0)
         failures = 0

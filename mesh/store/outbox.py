@@ -131,15 +131,15 @@ class Outbox(SqliteStore):
 
     async def peek(self, limit: int) -> list[OutboxRow]:
         """The oldest ``limit`` rows, in capture order."""
-        with store_errors(self.path):
-            async with self.db.execute(
+        with store_errors(self.path):  # one trip to the database thread (not execute, fetch, close)
+            rows = await self.db.execute_fetchall(
                 "SELECT seq, id, flow, subject, data, created_at, headers FROM outbox ORDER BY seq LIMIT ?",
                 (limit,),
-            ) as cur:
-                return [
-                    OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], msgspec.json.decode(r[6]) if r[6] else None)
-                    for r in await cur.fetchall()
-                ]
+            )
+        return [
+            OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], msgspec.json.decode(r[6]) if r[6] else None)
+            for r in rows
+        ]
 
     async def remove(self, rows: Sequence[OutboxRow]) -> None:
         """Delete rows whose PubAck the caller holds."""
