@@ -120,6 +120,8 @@ CONFIG_RETRY = Backoff(base=2.0, cap=300.0)
 to 5 minutes between attempts. The count starts again once the flow has worked for longer than
 the cap. ``meshctl flow restart`` (or resume) retries at once."""
 
+_FROZEN = False  # gc.freeze() done (Relay.run)
+
 _CONSUMER_CHECK_EVERY = 5.0
 """Seconds between checks, while idle, that the sink's consumer still exists."""
 
@@ -423,7 +425,11 @@ class Relay:
         # The agent is up (one relay per agent): what was built so far lives as long as the
         # process. Keep it out of the cyclic GC's full collections, which otherwise walk the
         # whole startup heap again and again while a backlog drains (as the control plane does).
-        gc.freeze()
+        # Once per process (a restarted relay has nothing new to freeze).
+        global _FROZEN
+        if not _FROZEN:
+            _FROZEN = True
+            gc.freeze()
         cfg, outbox, metrics = self.cfg, self.outbox, self.metrics
         backoff = Backoff(base=0.1, cap=5.0)
         failures = 0
