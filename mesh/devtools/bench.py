@@ -19,6 +19,13 @@ phase) and peak RSS. ``--repeat N`` interleaves the pipelines N times, each roun
 nats-server, and reports medians.
 
 It prints the figures and the ratios.
+
+Profiling hook (for developers): with ``MESH_BENCH_PROFILE=<dir>`` set, each mesh agent of a
+drain is sampled by ``py-spy record`` (200 Hz, collapsed stacks) into
+``<dir>/<phase>-<role>-<pid>.txt``, and the pids are printed; ``MESH_BENCH_PROFILE_ROLES``
+(default ``source,sink``) names the roles sampled, ``MESH_BENCH_PROFILE_ARGS`` adds py-spy
+options (e.g. ``--native``). py-spy must be on PATH (or next to the
+interpreter); the sampling costs CPU, so profiled runs are not measurements.
 """
 
 from __future__ import annotations
@@ -202,6 +209,24 @@ class _Mesh(_Procs):
             ))  # fmt: skip
             log.close()
             self.roles.append(role)
+            _profile(self.procs[-1].pid, role, self.root.name)
+
+
+def _profile(pid: int, role: str, phase: str) -> None:
+    """Sample ``pid`` with py-spy when ``MESH_BENCH_PROFILE`` asks for it (module docstring)."""
+    out = os.environ.get("MESH_BENCH_PROFILE")
+    if not out or role not in os.environ.get("MESH_BENCH_PROFILE_ROLES", "source,sink").split(","):
+        return
+    spy = Path(sys.executable).parent / "py-spy"
+    exe = str(spy) if spy.exists() else "py-spy"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    dest = Path(out) / f"{phase}-{role}-{pid}.txt"
+    print(f"profiling {role} pid {pid} into {dest}", flush=True)
+    subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "-r", "200", "-f", "raw", "-o", str(dest), "--nonblocking",
+         *os.environ.get("MESH_BENCH_PROFILE_ARGS", "").split()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def _insert(db: Path, first: int, n: int) -> None:

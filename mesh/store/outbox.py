@@ -131,22 +131,25 @@ class Outbox(SqliteStore):
 
     async def peek(self, limit: int) -> list[OutboxRow]:
         """The oldest ``limit`` rows, in capture order."""
-        with store_errors(self.path):
-            async with self.db.execute(
+        with store_errors(self.path):  # one trip to the database thread (not execute, fetch, close)
+            rows = await self.db.execute_fetchall(
                 "SELECT seq, id, flow, subject, data, created_at, headers FROM outbox ORDER BY seq LIMIT ?",
                 (limit,),
-            ) as cur:
-                return [
-                    OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], msgspec.json.decode(r[6]) if r[6] else None)
-                    for r in await cur.fetchall()
-                ]
+            )
+        return [
+            OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], msgspec.json.decode(r[6]) if r[6] else None)
+            for r in rows
+        ]
 
     async def remove(self, rows: Sequence[OutboxRow]) -> None:
         """Delete rows whose PubAck the caller holds."""
         if not rows:
             return
-        seqs = [r.seq for r in rows]
+        seqs = sorted(r.seq for r in rows)
         async with self.write() as db:
+            if seqs[-1] - seqs[0] + 1 == len(seqs) == len(set(seqs)):  # a run of seqs: one range
+                await db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (seqs[0], seqs[-1]))
+                seqs = []
             for i in range(0, len(seqs), _CHUNK):
                 part = seqs[i : i + _CHUNK]
                 await db.execute(f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(part))})", part)

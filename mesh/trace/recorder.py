@@ -39,11 +39,6 @@ __all__ = ["TraceRecorder", "current_recorder", "record", "use_recorder"]
 
 log = logging.getLogger(__name__)
 
-_PER_MESSAGE = 500
-"""Records per trace message at most: a record encodes to under 1.2 KB (``detail`` is cut at 500
-characters), so a message stays under NATS's default ``max_payload`` (1 MB) however fast the
-agent records; one message of a whole flush was refused at 10,000 events/s, and the records
-then filled ``max_buffer`` and were dropped."""
 
 _current: contextvars.ContextVar[TraceRecorder | None] = contextvars.ContextVar(
     "mesh_trace_recorder", default=None
@@ -113,9 +108,10 @@ class TraceRecorder:
         at: int | None = None,
     ) -> None:
         """Buffer one record (never blocks, never raises); ``system`` defaults to the agent's."""
-        if not self.sampled(correlation_id):
-            return
-        if len(self.buffer) >= self.cfg.max_buffer:
+        cfg = self.cfg
+        if not (cfg.enabled and cfg.sample >= 1.0) and not self.sampled(correlation_id):
+            return  # (everything is sampled at 1.0: skip the call, this runs per message)
+        if len(self.buffer) >= cfg.max_buffer:
             self.dropped += 1
             if self._dropped_count is not None:
                 self._dropped_count.inc()
@@ -131,11 +127,13 @@ class TraceRecorder:
                 latency_ms=max(0, latency_ms), outcome=outcome, detail=detail[:500], traceparent=traceparent,
             )
         )  # fmt: skip
-        self._ready.set()
+        ready = self._ready
+        if not ready.is_set():
+            ready.set()
 
     async def flush(self, transport: Transport) -> int:
-        """Publish what is buffered, one message per kind (500 records at most each); the
-        number of records published.
+        """Publish what is buffered, one message per kind (more when it would pass
+        ``_CHUNK_BYTES``); the number of records published.
 
         Raises:
             TransportError: a publish was not acknowledged (its records stay buffered).
@@ -148,12 +146,12 @@ class TraceRecorder:
         done = 0
         try:
             for kind, batch in by_kind.items():
-                while batch:  # in parts: one message of a fast agent's records would exceed max_payload
-                    part = batch[:_PER_MESSAGE]
-                    subject = trace_subject(self.agent, kind)
-                    await transport.publish(OutMessage(subject, encode_batch(part), uuid.uuid4().hex, {}))
-                    done += len(part)
-                    batch = by_kind[kind] = batch[len(part) :]
+                subject = trace_subject(self.agent, kind)
+                while batch:
+                    n, data = _first_chunk(batch)
+                    await transport.publish(OutMessage(subject, data, uuid.uuid4().hex, {}))
+                    done += n
+                    batch = by_kind[kind] = batch[n:]
         finally:
             left = [r for batch in by_kind.values() for r in batch]
             if left:
@@ -190,6 +188,23 @@ class TraceRecorder:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(TransportError):
                 if self.buffer:
                     await self.flush(transport)
+
+
+_CHUNK_BYTES = 256 * 1024
+"""Bound of one trace message: far below NATS's max_payload (1 MiB by default), which a busy
+agent's 0.2 s of records can pass (the whole buffer in one message was refused, and kept
+buffered, so every later record was dropped)."""
+
+
+def _first_chunk(batch: list[TraceRecord]) -> tuple[int, bytes]:
+    """How many records from the start of ``batch`` go in the next message, and its bytes
+    (at most ``_CHUNK_BYTES`` unless a single record is larger)."""
+    n = len(batch)
+    data = encode_batch(batch)
+    while len(data) > _CHUNK_BYTES and n > 1:
+        n = max(1, min(n // 2, n * _CHUNK_BYTES // len(data)))
+        data = encode_batch(batch[:n])
+    return n, data
 
 
 def current_recorder() -> TraceRecorder | None:

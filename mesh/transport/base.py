@@ -144,9 +144,12 @@ class ConsumerState:
     """The stream sequence up to which everything is settled."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutMessage:
-    """A message to publish to a stream; ``msg_id`` is its deduplication id (``Nats-Msg-Id``)."""
+    """A message to publish to a stream; ``msg_id`` is its deduplication id (``Nats-Msg-Id``).
+
+    Not frozen: the relay makes one per outbox row, and a frozen dataclass's ``__init__`` costs
+    three times as much. Treat it as read-only once handed to a transport."""
 
     subject: str
     data: bytes

@@ -26,8 +26,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -498,28 +499,117 @@ class _KvAcks:
         fut.set_result(seq if isinstance(seq, int) else None)
 
 
+class _Window:
+    """The acks of one :meth:`JetStream.publish_many` call: ``results[i]`` turns True when the
+    PubAck of message ``i`` says stored (or duplicate); ``room`` is set once at most
+    ``low_water`` are unacknowledged, ``idle`` once none is."""
+
+    __slots__ = ("idle", "inflight", "low_water", "results", "room")
+
+    def __init__(self, n: int, low_water: int) -> None:
+        self.results = [False] * n
+        self.inflight = 0
+        self.low_water = low_water
+        self.room = asyncio.Event()
+        self.idle = asyncio.Event()
+
+    def acked(self, i: int, ok: bool) -> None:
+        self.results[i] = ok
+        self.inflight -= 1
+        if self.inflight <= self.low_water:
+            self.room.set()
+            if self.inflight <= 0:
+                self.idle.set()
+
+
 class _PubAcks:
-    """The reply subscription of windowed publishes: each PubAck resolves its waiting future
-    (True for a stored or duplicate message, False for an error or a no-responders status)."""
+    """The reply subscription of windowed publishes: each PubAck marks its message in the
+    waiting :class:`_Window` (True for a stored or duplicate message, False for an error or a
+    no-responders status)."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.prefix = nc.new_inbox() + "."
-        self.waiting: dict[str, asyncio.Future[bool]] = {}
+        self.waiting: dict[str, tuple[_Window, int]] = {}
         self._next = 0
 
     async def start(self) -> None:
-        await translated("subscribe to publish acks", self.nc.subscribe(self.prefix + "*", cb=self._on_ack))
+        sub = await translated("subscribe to publish acks", self.nc.subscribe(self.prefix + "*"))
+        # Each ack is marked as nats-py's reader hands it over, instead of through the
+        # subscription's queue and a callback task (a task switch per publish).
+        sub._pending_queue = _InlineQueue(sub, self._on_ack)
 
     def token(self) -> str:
         self._next += 1
         return format(self._next, "x")
 
-    async def _on_ack(self, msg: Msg) -> None:
-        fut = self.waiting.pop(msg.subject[len(self.prefix) :], None)
-        if fut is not None and not fut.done():
+    def _on_ack(self, msg: Msg) -> None:
+        slot = self.waiting.pop(msg.subject[len(self.prefix) :], None)
+        if slot is not None:
             data = msg.data
-            fut.set_result(b'"seq"' in data and b'"error"' not in data)
+            slot[0].acked(slot[1], b'"seq"' in data and b'"error"' not in data)
+
+
+class _InlineQueue(asyncio.Queue[Msg]):
+    """A subscription queue that hands each message to ``handle`` at once and stays empty
+    (``handle`` must not raise or block: it runs inside nats-py's read loop)."""
+
+    def __init__(self, sub: Any, handle: Callable[[Msg], None]) -> None:
+        super().__init__()
+        self._sub = sub
+        self._handle = handle
+
+    def put_nowait(self, item: Msg) -> None:
+        self._sub._pending_size -= len(item.data)  # nats-py counted it as queued
+        try:
+            self._handle(item)
+        except Exception:  # never into nats-py's reader
+            log.exception("publish ack not handled")
+
+
+# What nats-py's publish refuses in a subject (whitespace would let a subject inject protocol),
+# and its header rules: RFC 7230 token keys, values trimmed with CR/LF turned into spaces.
+_SUBJECT_INVALID = re.compile(r"[ \t\r\n]")
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_FIXED_HEADERS = f"\r\nContent-Type: {CONTENT_TYPE}\r\n\r\n".encode()
+
+
+class _Unsendable(Exception):
+    """A message nats-py's own publish would refuse (bad subject or header, too large)."""
+
+
+def _hpub(m: OutMessage, reply: str, max_payload: int) -> bytes:
+    """The ``HPUB`` frame of one message, byte for byte what nats-py's ``publish`` writes for
+    ``headers={"Nats-Msg-Id": ..., "Content-Type": CONTENT_TYPE, **m.headers}``.
+
+    Raises:
+        _Unsendable: the subject or a header is malformed, or the payload is over the limit.
+    """
+    if not m.subject or _SUBJECT_INVALID.search(m.subject) or len(m.data) > max_payload:
+        raise _Unsendable(m.msg_id)
+    mid = m.msg_id
+    if not m.headers and "\r" not in mid and "\n" not in mid and mid == mid.strip():
+        hdr = b"NATS/1.0\r\nNats-Msg-Id: " + mid.encode() + _FIXED_HEADERS
+    else:
+        lines = [b"NATS/1.0\r\n"]
+        for k, v in {"Nats-Msg-Id": mid, "Content-Type": CONTENT_TYPE, **m.headers}.items():
+            key = k.strip()
+            if not key:
+                continue
+            if not _HEADER_KEY.fullmatch(key):
+                raise _Unsendable(m.msg_id)
+            lines.append(f"{key}: {v.strip().translate(_HEADER_NEWLINES)}\r\n".encode())
+        lines.append(b"\r\n")
+        hdr = b"".join(lines)
+    size = len(hdr)
+    return b"%b %d %d\r\n%b%b\r\n" % (
+        f"HPUB {m.subject} {reply}".encode(),
+        size,
+        size + len(m.data),
+        hdr,
+        m.data,
+    )
 
 
 class JetStream(Transport):
@@ -909,58 +999,75 @@ class JetStream(Transport):
         if not messages:
             return []
         acks = await self._pub_acks()
-        nc = self.nc
         timeout = self.cfg.request_timeout
         window = max(1, window)
-        low_water = window // 2
-        inflight = 0
-        room = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        sent: list[tuple[str, asyncio.Future[bool]]] = []
-
-        def release(_fut: asyncio.Future[bool]) -> None:
-            nonlocal inflight
-            inflight -= 1
-            if inflight <= low_water:
-                room.set()
-
+        acked = _Window(len(messages), low_water=window // 2)
+        tokens: list[str] = []
+        total = len(messages)
         try:
-            for m in messages:
-                if not self.is_connected:
-                    break
-                if inflight >= window:
+            while len(tokens) < total and self.is_connected:
+                if acked.inflight >= window:
                     # The window is full: wait until half of it is acked, so the next chunk goes
                     # out in one write again (a slot at a time would mean a write per message).
-                    room.clear()
+                    acked.room.clear()
                     with anyio.move_on_after(timeout) as stalled:
-                        await room.wait()
+                        await acked.room.wait()
                     if stalled.cancelled_caught:
-                        log.debug("publish %s not sent: window stalled %gs", m.msg_id, timeout)
+                        log.debug(
+                            "publish %s not sent: window stalled %gs", messages[len(tokens)].msg_id, timeout
+                        )
                         break
-                inflight += 1
-                token = acks.token()
-                fut: asyncio.Future[bool] = loop.create_future()
-                fut.add_done_callback(release)
-                acks.waiting[token] = fut
-                sent.append((token, fut))
-                headers = {"Nats-Msg-Id": m.msg_id, "Content-Type": CONTENT_TYPE, **m.headers}
-                try:
-                    await nc.publish(m.subject, m.data, reply=acks.prefix + token, headers=headers)
-                except NATS_ERRORS as exc:
-                    log.debug("publish %s not sent: %s", m.msg_id, exc)
+                if not await self._send_chunk(acks, messages, tokens, window - acked.inflight, acked):
                     break
-            pending = [fut for _, fut in sent if not fut.done()]
-            if pending:
-                await asyncio.wait(pending, timeout=timeout)
+            if acked.inflight > 0:
+                acked.idle.clear()
+                with anyio.move_on_after(timeout):
+                    await acked.idle.wait()
         finally:
-            for token, fut in sent:
-                if not fut.done():
-                    acks.waiting.pop(token, None)
-                    fut.cancel()
-        results = [False] * len(messages)
-        for i, (_, fut) in enumerate(sent):
-            results[i] = fut.done() and not fut.cancelled() and fut.result()
-        return results
+            for token in tokens:
+                acks.waiting.pop(token, None)  # a late ack no longer counts
+        return acked.results
+
+    async def _send_chunk(
+        self, acks: _PubAcks, messages: Sequence[OutMessage], tokens: list[str], room: int, acked: _Window
+    ) -> bool:
+        """Hand the next ``room`` messages to nats-py as one buffer (one write by its flusher);
+        False when one could not be sent (the rest of the call is then not sent either)."""
+        nc = self.nc
+        first = len(tokens)
+        frames: list[bytes] = []
+        ok = True
+        for i in range(first, min(len(messages), first + room)):
+            m = messages[i]
+            token = acks.token()
+            try:
+                frames.append(_hpub(m, acks.prefix + token, nc.max_payload))
+            except _Unsendable:
+                log.debug("publish %s not sent: bad subject or header, or too large", m.msg_id)
+                ok = False
+                break
+            acks.waiting[token] = (acked, i)
+            tokens.append(token)
+        if not frames:
+            return ok
+        acked.inflight += len(frames)
+        try:
+            if nc.is_closed or nc.is_draining_pubs:
+                raise nats.errors.ConnectionClosedError
+            nc.stats["out_msgs"] += len(frames)
+            nc.stats["out_bytes"] += sum(len(messages[i].data) for i in range(first, len(tokens)))
+            # nats-py's publish, for a whole chunk: queue the frames, wake its flusher.
+            await nc._send_command(b"".join(frames))
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()
+        except NATS_ERRORS as exc:
+            log.debug("publishes from %s not sent: %s", messages[first].msg_id, exc)
+            for token in tokens[first:]:
+                acks.waiting.pop(token, None)
+            acked.inflight -= len(tokens) - first
+            del tokens[first:]
+            return False
+        return ok
 
     async def _pub_acks(self) -> _PubAcks:
         acks = self._acks

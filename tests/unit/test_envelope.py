@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import uuid
+
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mesh.envelope import (
     CONTENT_TYPE,
@@ -60,6 +64,28 @@ def test_ids_are_deterministic_and_distinct() -> None:
         envelope_id("f", "erp", "1\x1f1", 1),
     }
     assert len(ids) == 6
+
+
+# Ids already in outboxes, streams and inboxes were made by uuid.uuid5: the fast path must give
+# exactly the same text for every input, or a re-captured change would not be a duplicate (I2).
+_NAMESPACE = uuid.UUID("6f1c2a47-3c1e-4a59-9d0e-8a6c0b7f5e21")
+
+
+def test_ids_are_the_uuid5_ids_of_earlier_releases() -> None:
+    expected = "9ed7eb12-0f66-51eb-8d61-e5467c3d097e"  # what releases before the fast path made
+    assert str(uuid.uuid5(_NAMESPACE, "customers\x1ferp\x1f42\x1f7")) == expected
+    assert envelope_id("customers", "erp", "42", 7) == expected
+
+
+@given(st.text(), st.text(), st.text(), st.integers())
+def test_ids_equal_uuid5_for_any_input(flow: str, origin: str, key: str, version: int) -> None:
+    try:
+        expected = str(uuid.uuid5(_NAMESPACE, f"{flow}\x1f{origin}\x1f{key}\x1f{version}"))
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            envelope_id(flow, origin, key, version)
+        return
+    assert envelope_id(flow, origin, key, version) == expected
 
 
 def test_wire_format_is_plain_msgpack_map() -> None:

@@ -68,6 +68,20 @@ async def test_remove_only_named_rows_and_wakeup(tmp_path: Path) -> None:
         assert got[0] < 4
 
 
+async def test_remove_a_run_of_rows_leaves_the_rows_around_it(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db") as ob:
+        await ob.capture("f", "1", [(str(i), "s", b"x") for i in range(10)])
+        rows = await ob.peek(10)
+        await ob.remove(list(reversed(rows[3:7])))  # a run of seqs, in any order: one range delete
+        assert [r.id for r in await ob.peek(10)] == ["0", "1", "2", "7", "8", "9"]
+        await ob.capture("f", "2", [("10", "s", b"x")])
+        left = await ob.peek(10)
+        # seqs 1-3 and 8-11 are waiting: a range over both would take more than was named
+        await ob.remove([left[2], left[3]])
+        assert [r.id for r in await ob.peek(10)] == ["0", "1", "8", "9", "10"]
+        assert ob.nbytes == 5
+
+
 async def test_inbox_seen_record_prune(tmp_path: Path) -> None:
     async with Inbox(tmp_path / "inbox.db") as ib:
         ids = [f"id-{i}" for i in range(1500)]

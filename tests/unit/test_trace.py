@@ -195,10 +195,27 @@ async def test_a_fast_agent_s_records_go_out_in_messages_under_max_payload(trans
         )  # fmt: skip
     assert await rec.flush(transport) == 10_001
     msgs = trace_messages(transport)
-    assert [len(decode_batch(m.data)) for m in msgs] == [500] * 20 + [1]
+    assert len(msgs) > 1
     assert max(len(m.data) for m in msgs) < 1024 * 1024
     assert [r.envelope_id for m in msgs for r in decode_batch(m.data)] == [f"env-{n}" for n in range(10_001)]
     assert (rec.buffer, rec.published, rec.dropped) == ([], 10_001, 0)
+
+
+async def test_a_busy_buffer_is_published_in_messages_under_the_broker_s_payload_limit(
+    transport: Transport,
+) -> None:
+    # 0.2 s of a draining agent's records: one message would pass NATS's 1 MiB max_payload, be
+    # refused for ever, and every later record would be dropped.
+    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=20_000))
+    for n in range(6000):
+        rec.record("captured", correlation_id=f"c{n}", envelope_id=f"e{n}", detail="x" * 200)
+    assert await rec.flush(transport) == 6000
+    msgs = trace_messages(transport)
+    assert len(msgs) > 1
+    assert all(len(m.data) <= 256 * 1024 for m in msgs)
+    got = [r.correlation_id for m in msgs for r in decode_batch(m.data)]
+    assert got == [f"c{n}" for n in range(6000)]
+    assert (rec.buffer, rec.published, rec.dropped) == ([], 6000, 0)
 
 
 async def test_records_wait_in_memory_while_the_stream_is_missing() -> None:
