@@ -607,7 +607,8 @@ async def test_values_are_bound_converted_or_refused_the_same_in_a_batch(tmp_pat
                 rec(8, 1, {"id": 8, "name": object()}),
             ]
         )
-    assert out[:3] == [Applied.APPLIED] * 3 and out[6] is Applied.APPLIED
+    assert out[:3] == [Applied.APPLIED] * 3
+    assert out[6] is Applied.APPLIED
     assert "integer 9223372036854775808 does not fit in 64 bits" in str(out[3])
     assert "key column 'id' is null" in str(out[4])
     assert "field 'ID' appears twice" in str(out[5])
