@@ -84,7 +84,7 @@ from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.runs.bulk import RUN_HEADER
 from mesh.store import AppliedKeys, Inbox, InboxEntry, Outbox, OutboxRow
-from mesh.trace import CauseLinks, TraceRecorder, child_traceparent, new_traceparent
+from mesh.trace import CauseLinks, TraceRecord, TraceRecorder, child_traceparent, new_traceparent
 from mesh.transport import (
     EVENTS_STREAM,
     Consumer,
@@ -733,6 +733,8 @@ class Apply:
         latencies: list[float] = []  # of the changes applied, for the KPIs (once per batch)
         newest = 0
         tracer = plan.tracer if plan.tracer is not None and plan.tracer.enabled else None
+        sampling = tracer is not None and tracer.cfg.sample < 1.0
+        traced: list[TraceRecord] = []
         links = plan.links if plan.links is not None and plan.links.window > 0 else None
         entity = plan.entity  # check() made sure every envelope is of the flow's entity
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):
@@ -756,12 +758,15 @@ class Apply:
             bkey = f"{entity}:{env.key}"
             if links is not None and outcome is Applied.APPLIED:
                 links.remember(bkey, corr, env.id, env.traceparent)
-            if tracer is not None:
-                tracer.record(
-                    "applied", correlation_id=corr, envelope_id=env.id, causation_id=env.causation_id,
-                    business_key=bkey, flow=flow, latency_ms=now - occurred, outcome=value,
+            if tracer is not None and (not sampling or tracer.sampled(corr)):
+                traced.append(TraceRecord(
+                    kind="applied", at=now, agent=tracer.agent, system=tracer.system, flow=flow,
+                    envelope_id=env.id, correlation_id=corr, causation_id=env.causation_id,
+                    business_key=bkey, latency_ms=max(0, now - occurred), outcome=value,
                     traceparent=env.traceparent,
-                )  # fmt: skip
+                ))  # fmt: skip
+        if tracer is not None:
+            tracer.extend(traced)
         self.metrics.applied_many(flow, newest / 1000, latencies, plan.cfg.slo_seconds)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
@@ -840,20 +845,23 @@ class Apply:
     def _record(self, env: Envelope) -> SinkRecord | None:
         """The sink's record for ``env``: ownership applied, mapped from the canonical entity.
         None when the origin may not make this change at all (a delete by a non-owner)."""
-        row = _row_of(env)
+        deleted = env.is_delete
+        row: dict[str, object] = (
+            {} if deleted and bytes(env.payload) in (b"", b"\xc0") else decode_payload(env)
+        )  # a delete may carry only its key columns, or nothing
         data = self.plan.data
         scope, create = "", True
         if data.ownership is not None:
-            decision = data.ownership.decide(self.plan.entity, env.origin, row, deleted=env.is_delete)
-            if env.is_delete and not decision.may_delete:
+            decision = data.ownership.decide(self.plan.entity, env.origin, row, deleted=deleted)
+            if deleted and not decision.may_delete:
                 return None
             if decision.dropped:
                 self.metrics.ownership_dropped.labels(self.plan.name, env.origin).inc(len(decision.dropped))
             row, scope, create = dict(decision.fields), env.origin, decision.may_create
-        if data.from_canonical is not None and not env.is_delete:
+        if data.from_canonical is not None and not deleted:
             row = data.from_canonical.map(row)
         return SinkRecord(
-            id=env.id, key=env.key, version=env.version, deleted=env.is_delete,
+            id=env.id, key=env.key, version=env.version, deleted=deleted,
             row=row, origin=env.origin, scope=scope, create=create,
         )  # fmt: skip
 
@@ -1005,13 +1013,6 @@ class _Once:
         inner, self.inner = self.inner, None
         if inner is not None:
             inner.started(value)
-
-
-def _row_of(env: Envelope) -> dict[str, object]:
-    """The row carried by an envelope; a delete may carry only its key columns, or nothing."""
-    if env.is_delete and bytes(env.payload) in (b"", b"\xc0"):
-        return {}
-    return decode_payload(env)
 
 
 class _Batch:
