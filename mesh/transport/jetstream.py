@@ -104,6 +104,25 @@ class _Client(Client):
         super().__init__()
         self.denials = Denials()
 
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        """nats-py's header parser (each received message with headers goes through it: every
+        delivery carries ``Nats-Msg-Id``), the same result without a generator per name: a
+        name with whitespace inside is skipped, an empty one kept, as nats-py does."""
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if key and key.split() != [key]:  # str.split() splits where str.isspace() is true
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
     async def request(
         self,
         subject: str,
