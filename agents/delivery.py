@@ -510,6 +510,8 @@ class Apply:
         """Where the bound consumer is published while it runs (for the pending gauges)."""
         self.hold = Hold(plan.name, plan.cfg.after, plan.is_parent, AppliedKeys(inbox))
         """Parent before child (``after``): which records wait, and what this flow applied."""
+        self._subjects: dict[str, tuple[str, str]] = {}
+        """Subjects :meth:`check` accepted -> the (kind, origin) they require (bounded)."""
 
     def __repr__(self) -> str:
         return f"<Apply {self.plan.name} as {self.plan.durable}>"
@@ -743,7 +745,8 @@ class Apply:
                 continue
             value = outcome.value
             counts[value] = counts.get(value, 0) + 1
-            entries.append(InboxEntry(env.id, flow, env.key, env.version, value))
+            if not fused:  # (fused: the sink recorded it with the write)
+                entries.append(InboxEntry(env.id, flow, env.key, env.version, value))
             acks.append(d)
             if hold is not None:
                 settled.append(env)
@@ -821,17 +824,23 @@ class Apply:
         Raises:
             InvalidEnvelope: the first check that fails, naming the field and both values.
         """
-        entity = self.plan.entity
-        parts = subject.split(".")
-        if len(parts) != 4 or parts[0] != "evt":
-            raise InvalidEnvelope("subject", subject, f"evt.{entity}.<upserted|deleted>.<origin>")
-        _, s_entity, s_event, s_origin = parts
-        if s_entity != entity:
-            raise InvalidEnvelope("subject entity", s_entity, f"{entity!r} (the flow's entity)")
-        if s_event not in _ROW_EVENTS:
-            raise InvalidEnvelope("subject event", s_event, "'upserted' or 'deleted'")
-        if env.kind != f"{entity}.{s_event}":
-            raise InvalidEnvelope("kind", env.kind, f"{entity}.{s_event} (from subject {subject})")
+        expected = self._subjects.get(subject)  # (kind, origin) of a subject that passed
+        if expected is None:
+            entity = self.plan.entity
+            parts = subject.split(".")
+            if len(parts) != 4 or parts[0] != "evt":
+                raise InvalidEnvelope("subject", subject, f"evt.{entity}.<upserted|deleted>.<origin>")
+            _, s_entity, s_event, s_origin = parts
+            if s_entity != entity:
+                raise InvalidEnvelope("subject entity", s_entity, f"{entity!r} (the flow's entity)")
+            if s_event not in _ROW_EVENTS:
+                raise InvalidEnvelope("subject event", s_event, "'upserted' or 'deleted'")
+            if len(self._subjects) >= 1024:
+                self._subjects.clear()
+            expected = self._subjects[subject] = (f"{entity}.{s_event}", s_origin)
+        kind, s_origin = expected
+        if env.kind != kind:
+            raise InvalidEnvelope("kind", env.kind, f"{kind} (from subject {subject})")
         if env.origin != s_origin:
             raise InvalidEnvelope("origin", env.origin, f"{s_origin!r} (from subject {subject})")
         if env.version < 1:
