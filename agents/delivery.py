@@ -86,7 +86,7 @@ from mesh.logs import bind, log_context
 from mesh.metrics import Metrics
 from mesh.runs.bulk import RUN_HEADER
 from mesh.store import AppliedKeys, Inbox, InboxEntry, Outbox, OutboxRow
-from mesh.trace import CauseLinks, TraceRecorder, child_traceparent
+from mesh.trace import CauseLinks, TraceRecord, TraceRecorder, child_traceparent
 from mesh.transport import (
     EVENTS_STREAM,
     Consumer,
@@ -531,6 +531,8 @@ class Apply:
         """Where the bound consumer is published while it runs (for the pending gauges)."""
         self.hold = Hold(plan.name, plan.cfg.after, plan.is_parent, AppliedKeys(inbox))
         """Parent before child (``after``): which records wait, and what this flow applied."""
+        self._subjects: dict[str, tuple[str, str]] = {}
+        """Subjects :meth:`check` accepted -> the (kind, origin) they require (bounded)."""
 
     def __repr__(self) -> str:
         return f"<Apply {self.plan.name} as {self.plan.durable}>"
@@ -621,7 +623,7 @@ class Apply:
             batch = _Batch([])
             try:
                 with self.inflight(self.plan.name):
-                    batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout))
+                    batch = _Batch(await consumer.fetch(ccfg.batch_size, ccfg.fetch_timeout), consumer)
                     if batch.deliveries:
                         await self.apply_batch(transport, sink, batch)
             finally:  # also when the sink failed: what it did not settle is redelivered at once
@@ -642,10 +644,21 @@ class Apply:
 
     async def apply_batch(self, transport: Transport, sink: Sink, batch: _Batch) -> None:
         """Apply one fetched batch: every delivery ends acked, nak'ed or dead-lettered and termed
-        (or, when interrupted, released by the caller)."""
+        (or, when interrupted, released by the caller). The batch's outcomes are counted once
+        per outcome, after it (also when it was interrupted)."""
+        counts: dict[str, int] = {}
+        try:
+            await self._apply_batch(transport, sink, batch, counts)
+        finally:
+            handled = self.metrics.handled
+            for outcome, n in counts.items():
+                handled.labels(self.plan.name, outcome).inc(n)
+
+    async def _apply_batch(
+        self, transport: Transport, sink: Sink, batch: _Batch, counts: dict[str, int]
+    ) -> None:
         plan = self.plan
         flow = plan.name
-        handled = self.metrics.handled
         inbox = self.inbox
         decoded: list[tuple[Delivery, Envelope]] = []
         max_version = time.time_ns() // 1000 + int(plan.consumer.max_version_skew * 1_000_000)
@@ -688,14 +701,14 @@ class Apply:
         settled: list[Envelope] = []  # for the parent/child state (only with ``after``)
         for d, env in decoded:
             if env.id in seen or env.id in batch_ids:
-                handled.labels(flow, "duplicate").inc()
+                counts["duplicate"] = counts.get("duplicate", 0) + 1
                 acks.append(d)
                 # traced too: after a crash the first apply's record may never have left memory
                 self._trace_applied(env, "duplicate")
                 continue
             batch_ids.add(env.id)
             if not plan.accepts(env.origin):
-                handled.labels(flow, "echo").inc()
+                counts["echo"] = counts.get("echo", 0) + 1
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "echo"))
                 acks.append(d)
                 if hold is not None:
@@ -709,7 +722,7 @@ class Apply:
                 await self.fail(transport, batch, d, env, exc)
                 continue
             if record is None:  # a delete (or create) its origin may not make
-                handled.labels(flow, "not_owner").inc()
+                counts["not_owner"] = counts.get("not_owner", 0) + 1
                 entries.append(InboxEntry(env.id, flow, env.key, env.version, "not_owner"))
                 acks.append(d)
                 self._trace_applied(env, "not_owner")
@@ -740,19 +753,45 @@ class Apply:
         if spans is not None:
             telemetry.applied(spans, outcomes, [t[1].id for t in todo])
         now = now_ms()
-        slo = plan.cfg.slo_seconds
+        latencies: list[float] = []  # of the changes applied, for the KPIs (once per batch)
+        newest = 0
+        tracer = plan.tracer if plan.tracer is not None and plan.tracer.enabled else None
+        sampling = tracer is not None and tracer.cfg.sample < 1.0
+        traced: list[TraceRecord] = []
+        links = plan.links if plan.links is not None and plan.links.window > 0 else None
+        entity = plan.entity  # check() made sure every envelope is of the flow's entity
         for (d, env, _), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 await self.fail(transport, batch, d, env, outcome)
                 continue
-            handled.labels(flow, outcome.value).inc()
-            entries.append(InboxEntry(env.id, flow, env.key, env.version, outcome.value))
+            value = outcome.value
+            counts[value] = counts.get(value, 0) + 1
+            if not fused:  # (fused: the sink recorded it with the write)
+                entries.append(InboxEntry(env.id, flow, env.key, env.version, value))
             acks.append(d)
             if hold is not None:
                 settled.append(env)
+            occurred = env.occurred_at
             if outcome is Applied.APPLIED:
-                self.metrics.applied(flow, env.occurred_at / 1000, max(0, now - env.occurred_at) / 1000, slo)
-            self._trace_applied(env, outcome.value, now)
+                latencies.append(max(0, now - occurred) / 1000)
+                newest = max(newest, occurred)
+            if links is None and tracer is None:
+                continue
+            # as _trace_applied, without its per-call look-ups
+            corr = env.correlation_id or env.id
+            bkey = f"{entity}:{env.key}"
+            if links is not None and outcome is Applied.APPLIED:
+                links.remember(bkey, corr, env.id, env.traceparent, entity)
+            if tracer is not None and (not sampling or tracer.sampled(corr)):
+                traced.append(TraceRecord(
+                    kind="applied", at=now, agent=tracer.agent, system=tracer.system, flow=flow,
+                    envelope_id=env.id, correlation_id=corr, causation_id=env.causation_id,
+                    business_key=bkey, latency_ms=max(0, now - occurred), outcome=value,
+                    traceparent=env.traceparent,
+                ))  # fmt: skip
+        if tracer is not None:
+            tracer.extend(traced)
+        self.metrics.applied_many(flow, newest / 1000, latencies, plan.cfg.slo_seconds)
         # The sink's writes are durable; record them, then ack (I4).
         crash_point("apply.after_sink")
         if hold is not None:
@@ -760,8 +799,7 @@ class Apply:
         if not fused:  # (fused: recorded in the sink's transaction)
             await inbox.record(entries)
         crash_point("apply.after_inbox")
-        for d in acks:
-            await batch.ack(d)
+        await batch.ack_many(acks)
 
     async def _tally(
         self, todo: Sequence[tuple[Delivery, Envelope, SinkRecord]], outcomes: Sequence[Applied | Exception]
@@ -807,17 +845,23 @@ class Apply:
         Raises:
             InvalidEnvelope: the first check that fails, naming the field and both values.
         """
-        entity = self.plan.entity
-        parts = subject.split(".")
-        if len(parts) != 4 or parts[0] != "evt":
-            raise InvalidEnvelope("subject", subject, f"evt.{entity}.<upserted|deleted>.<origin>")
-        _, s_entity, s_event, s_origin = parts
-        if s_entity != entity:
-            raise InvalidEnvelope("subject entity", s_entity, f"{entity!r} (the flow's entity)")
-        if s_event not in _ROW_EVENTS:
-            raise InvalidEnvelope("subject event", s_event, "'upserted' or 'deleted'")
-        if env.kind != f"{entity}.{s_event}":
-            raise InvalidEnvelope("kind", env.kind, f"{entity}.{s_event} (from subject {subject})")
+        expected = self._subjects.get(subject)  # (kind, origin) of a subject that passed
+        if expected is None:
+            entity = self.plan.entity
+            parts = subject.split(".")
+            if len(parts) != 4 or parts[0] != "evt":
+                raise InvalidEnvelope("subject", subject, f"evt.{entity}.<upserted|deleted>.<origin>")
+            _, s_entity, s_event, s_origin = parts
+            if s_entity != entity:
+                raise InvalidEnvelope("subject entity", s_entity, f"{entity!r} (the flow's entity)")
+            if s_event not in _ROW_EVENTS:
+                raise InvalidEnvelope("subject event", s_event, "'upserted' or 'deleted'")
+            if len(self._subjects) >= 1024:
+                self._subjects.clear()
+            expected = self._subjects[subject] = (f"{entity}.{s_event}", s_origin)
+        kind, s_origin = expected
+        if env.kind != kind:
+            raise InvalidEnvelope("kind", env.kind, f"{kind} (from subject {subject})")
         if env.origin != s_origin:
             raise InvalidEnvelope("origin", env.origin, f"{s_origin!r} (from subject {subject})")
         if env.version < 1:
@@ -831,20 +875,23 @@ class Apply:
     def _record(self, env: Envelope) -> SinkRecord | None:
         """The sink's record for ``env``: ownership applied, mapped from the canonical entity.
         None when the origin may not make this change at all (a delete by a non-owner)."""
-        row = _row_of(env)
+        deleted = env.is_delete
+        row: dict[str, object] = (
+            {} if deleted and bytes(env.payload) in (b"", b"\xc0") else decode_payload(env)
+        )  # a delete may carry only its key columns, or nothing
         data = self.plan.data
         scope, create = "", True
         if data.ownership is not None:
-            decision = data.ownership.decide(self.plan.entity, env.origin, row, deleted=env.is_delete)
-            if env.is_delete and not decision.may_delete:
+            decision = data.ownership.decide(self.plan.entity, env.origin, row, deleted=deleted)
+            if deleted and not decision.may_delete:
                 return None
             if decision.dropped:
                 self.metrics.ownership_dropped.labels(self.plan.name, env.origin).inc(len(decision.dropped))
             row, scope, create = dict(decision.fields), env.origin, decision.may_create
-        if data.from_canonical is not None and not env.is_delete:
+        if data.from_canonical is not None and not deleted:
             row = data.from_canonical.map(row)
         return SinkRecord(
-            id=env.id, key=env.key, version=env.version, deleted=env.is_delete,
+            id=env.id, key=env.key, version=env.version, deleted=deleted,
             row=row, origin=env.origin, scope=scope, create=create,
         )  # fmt: skip
 
@@ -998,23 +1045,28 @@ class _Once:
             inner.started(value)
 
 
-def _row_of(env: Envelope) -> dict[str, object]:
-    """The row carried by an envelope; a delete may carry only its key columns, or nothing."""
-    if env.is_delete and bytes(env.payload) in (b"", b"\xc0"):
-        return {}
-    return decode_payload(env)
-
-
 class _Batch:
     """The deliveries of one fetch and which of them are settled (acked, nak'ed or termed)."""
 
-    def __init__(self, deliveries: Sequence[Delivery]) -> None:
+    def __init__(self, deliveries: Sequence[Delivery], consumer: Consumer | None = None) -> None:
         self.deliveries = deliveries
+        self.consumer = consumer
+        """Whose :meth:`~mesh.transport.Consumer.ack_many` acks several at once (None: one by one)."""
         self._open = {id(d): d for d in deliveries}
 
     async def ack(self, d: Delivery) -> None:
         await d.ack()
         self._open.pop(id(d), None)
+
+    async def ack_many(self, ds: Sequence[Delivery]) -> None:
+        """Ack ``ds``: through the consumer, in one write where the transport can."""
+        if self.consumer is None:
+            for d in ds:
+                await self.ack(d)
+            return
+        await self.consumer.ack_many(ds)
+        for d in ds:
+            self._open.pop(id(d), None)
 
     async def nak(self, d: Delivery, delay: float | None = None) -> None:
         await d.nak(delay=delay)

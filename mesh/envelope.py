@@ -86,7 +86,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     @property
     def is_delete(self) -> bool:
-        return self.event == "deleted"
+        """Whether ``event`` is ``"deleted"``."""
+        kind = self.kind
+        return kind.endswith(".deleted") or kind == "deleted"
 
 
 RowPayload = dict[str, Any]

@@ -6,7 +6,10 @@ durations are seconds), so ``promtool check metrics`` accepts the exposition.
 
 from __future__ import annotations
 
+import bisect
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -205,6 +208,47 @@ class Metrics:
         if occurred_at > self.newest_applied.get(flow, 0.0):
             self.newest_applied[flow] = occurred_at
 
+    def applied_many(
+        self, flow: str, newest_occurred_at: float, latencies: Sequence[float], slo_seconds: float
+    ) -> None:
+        """:meth:`applied` for the changes of one batch at once (the same samples): ``latencies``
+        one per change (seconds, capture to effect), ``newest_occurred_at`` the newest capture
+        time among them (Unix seconds). Each series is looked up once per batch, not per change."""
+        if not latencies:
+            return
+        _observe_many(self.latency.labels(flow), latencies)
+        self.slo_changes.labels(flow).inc(len(latencies))
+        on_time = sum(1 for latency in latencies if latency <= slo_seconds)
+        if on_time:
+            self.slo_on_time.labels(flow).inc(on_time)
+        if newest_occurred_at > self.newest_applied.get(flow, 0.0):
+            self.newest_applied[flow] = newest_occurred_at
+
     def failed(self, flow: str, exc: BaseException) -> None:
         """Count one failed attempt of ``flow`` by :func:`error_class_of`."""
         self.failures.labels(flow, error_class_of(exc)).inc()
+
+
+def _observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every ``v`` (a labelled prometheus_client Histogram child):
+    each bucket and the sum are added to once, with the counts ``observe`` would have added one
+    by one (a value goes to the first bucket whose upper bound is >= it). Falls back to
+    ``observe`` per value if the client's histogram is not as expected."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if not isinstance(bounds, list) or not isinstance(buckets, list) or len(bounds) != len(buckets):
+        bounds = None
+    if bounds is None or buckets is None or total is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    histogram._raise_if_not_observable()
+    counts = [0] * len(bounds)
+    where = bisect.bisect_left
+    for value in values:
+        counts[where(bounds, value)] += 1
+    total.inc(sum(values))
+    for bucket, n in zip(buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)

@@ -23,7 +23,7 @@ import contextvars
 import logging
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import anyio
 from anyio.abc import TaskStatus
@@ -130,6 +130,26 @@ class TraceRecorder:
         ready = self._ready
         if not ready.is_set():
             ready.set()
+
+    def extend(self, records: Sequence[TraceRecord]) -> None:
+        """Buffer records the caller built (and sampled, see :meth:`sampled`), as :meth:`record`
+        does one at a time, for a batch's worth at once: never blocks, never raises; those
+        beyond ``max_buffer`` are dropped and counted."""
+        if not records:
+            return
+        room = max(0, self.cfg.max_buffer - len(self.buffer))
+        if room < len(records):
+            lost = len(records) - room
+            self.dropped += lost
+            if self._dropped_count is not None:
+                self._dropped_count.inc(lost)
+            if not self._warned:
+                self._warned = True
+                log.warning("trace: %d records buffered (max_buffer); dropping new ones", len(self.buffer))
+            records = records[:room]
+        if records:
+            self.buffer.extend(records)
+            self._ready.set()
 
     async def flush(self, transport: Transport) -> int:
         """Publish what is buffered, one message per kind (more when it would pass

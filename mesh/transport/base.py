@@ -282,6 +282,19 @@ class Consumer(_Resource):
             TransportError: the connection is down or the consumer is gone.
         """
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack each of ``deliveries`` (fetched from this consumer), as :meth:`Delivery.ack` does,
+        in as few writes as the transport can (this default: one by one). When it raises, the
+        caller treats all of them as unsettled: an ack that did go out makes a later nak or term
+        of the same delivery a no-op (or a TransportError), and one that did not means a
+        redelivery after ``ack_wait``, which the inbox absorbs (I4).
+
+        Raises:
+            TransportError: the connection is down.
+        """
+        for d in deliveries:
+            await d.ack()
+
     @abc.abstractmethod
     async def pending(self) -> int:
         """Messages not yet delivered plus delivered but unsettled (the consumer's backlog).

@@ -107,6 +107,25 @@ class _Client(Client):
         super().__init__()
         self.denials = Denials()
 
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        """nats-py's header parser (each received message with headers goes through it: every
+        delivery carries ``Nats-Msg-Id``), the same result without a generator per name: a
+        name with whitespace inside is skipped, an empty one kept, as nats-py does."""
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if key and key.split() != [key]:  # str.split() splits where str.isspace() is true
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
     async def request(
         self,
         subject: str,
@@ -230,6 +249,37 @@ class PullConsumer(Consumer):
                     raise TransportError(f"fetch from {self.name}: {type(exc).__name__}: {exc}") from exc
             pending.check()
         return [NatsDelivery(m) for m in msgs or []]
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """See :meth:`Consumer.ack_many`: the acks go to the connection's buffer as one command
+        (nats-py's ``Msg.ack`` publishes each alone, with its checks and a flush request each),
+        all or none. One by one instead while the connection is not up (nats-py's buffering and
+        errors then apply per ack) or if nats-py's client is not as expected.
+
+        Raises:
+            TransportError: the connection is closed or its buffer is full.
+        """
+        if not deliveries:
+            return
+        msgs = [d._msg for d in deliveries if type(d) is NatsDelivery]
+        nc = msgs[0]._client if msgs else None
+        send = getattr(nc, "_send_command", None)
+        flush = getattr(nc, "_flush_pending", None)
+        if (
+            nc is None or send is None or flush is None or len(msgs) != len(deliveries) or not nc.is_connected
+            or any(not m.reply or m._ackd for m in msgs)  # Msg.ack raises its own error for these
+        ):  # fmt: skip
+            await super().ack_many(deliveries)
+            return
+        command = b"".join([b"PUB " + m.reply.encode() + b" 0\r\n\r\n" for m in msgs])
+        await translated("ack", send(command))
+        for m in msgs:
+            m._ackd = True
+        with contextlib.suppress(AttributeError, KeyError):
+            nc.stats["out_msgs"] += len(msgs)
+        queue = getattr(nc, "_flush_queue", None)
+        if queue is not None and queue.empty():
+            await translated("ack", flush())
 
     async def pending(self) -> int:
         info = await translated(f"consumer info {self.name}", self._sub.consumer_info())

@@ -163,6 +163,21 @@ async def test_ack_nak_term_and_delivery_counts(transport: Transport) -> None:
     await eventually(lambda: c.pending(), 0)
 
 
+async def test_ack_many_settles_each_delivery_it_is_given(transport: Transport) -> None:
+    c = await consumer(transport, ack_wait=1)
+    assert await transport.publish_many([msg(i) for i in range(50)], window=64) == [True] * 50
+    got = await c.fetch(100, timeout=2)
+    assert len(got) == 50
+    await c.ack_many(got[:40])
+    await c.ack_many([])
+    await eventually(lambda: c.pending(), 10)  # acks are sent, not confirmed
+    again = await c.fetch(100, timeout=5)  # the ten not acked, back after ack_wait
+    assert [(d.data, d.num_delivered) for d in again] == [(f"m{i}".encode(), 2) for i in range(40, 50)]
+    await c.ack_many(again)
+    await eventually(lambda: c.pending(), 0)
+    assert await c.fetch(100, timeout=1.5) == []  # past ack_wait: nothing comes back
+
+
 async def test_unacked_message_is_redelivered_after_ack_wait(transport: Transport) -> None:
     c = await consumer(transport, ack_wait=0.5)
     await transport.publish(msg(0))

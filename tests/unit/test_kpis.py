@@ -70,6 +70,31 @@ def test_agent_metrics_feed_the_heartbeat_counters() -> None:
         assert name in names, name
 
 
+def test_a_batch_of_applied_changes_gives_the_samples_of_one_call_each() -> None:
+    # bounds themselves, just above and below them, 0, and beyond the last bound (+Inf)
+    latencies = [0.0, 0.001, 0.0049, 0.005, 0.0051, 0.25, 1.0, 7.5, 99.0, 1e6, *LATENCY_BUCKETS]
+    now = time.time()
+    one, many = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    for m in (one, many):
+        m.track_flow("customers", slo_seconds=0.5)
+    for latency in latencies:
+        one.applied("customers", now - latency, latency, 0.5)
+    many.applied_many("customers", now, latencies, 0.5)
+    many.applied_many("customers", now - 10, [], 0.5)  # nothing applied: nothing changes
+
+    def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in m.registry.collect() for s in fam.samples
+            if not s.name.endswith("_created") and "freshness" not in s.name
+        }  # fmt: skip
+
+    assert samples(many) == pytest.approx(samples(one))
+    assert many.newest_applied == one.newest_applied == {"customers": now}
+    k = flow_kpis(many, now=now)["customers"]
+    assert (k.slo_total, k.slo_on_time) == (len(latencies), sum(1 for x in latencies if x <= 0.5))
+
+
 def test_heartbeats_of_old_agents_still_decode() -> None:
     old = b'{"health":"ok","flows":[{"name":"customers","outbox_depth":3,"errors":1}]}'
     payload = msgspec.json.decode(old, type=HeartbeatPayload)

@@ -589,6 +589,36 @@ async def test_real_values_round_trip_exactly(tmp_path: Path) -> None:
     assert got[5] == "Infinity"
 
 
+async def test_values_are_bound_converted_or_refused_the_same_in_a_batch(tmp_path: Path) -> None:
+    """Plain values are bound as they are; others converted (bool, JSON, bytearray) or refused
+    in their slot, whatever the rows around them (one field list or several)."""
+    db = tmp_path / "erp.db"
+    target(db)
+    async with SqliteSink(sink_config(db)) as sink:
+        out = await sink.apply(
+            [
+                rec(1, 1, {"id": 1, "name": "plain", "balance": 1.5, "data": b"\x00\x01"}),
+                rec(2, 1, {"id": 2, "name": True, "balance": 2, "data": bytearray(b"ab")}),
+                rec(3, 1, {"id": 3, "name": {"a": [1, None]}, "balance": 0.0, "data": None}),
+                rec(4, 1, {"id": 4, "name": "too big", "balance": 2**63}),
+                rec(5, 1, {"id": None, "name": "null key"}),
+                rec(6, 1, {"id": 6, "ID": 6, "name": "twice"}),
+                rec(7, 1, {"id": 7, "name": "plain again", "balance": 7, "data": None}),
+                rec(8, 1, {"id": 8, "name": object()}),
+            ]
+        )
+    assert out[:3] == [Applied.APPLIED] * 3
+    assert out[6] is Applied.APPLIED
+    assert "integer 9223372036854775808 does not fit in 64 bits" in str(out[3])
+    assert "key column 'id' is null" in str(out[4])
+    assert "field 'ID' appears twice" in str(out[5])
+    assert "field 'name': cannot store a object" in str(out[7])
+    assert rows(db, "SELECT id, name, balance, data FROM customers ORDER BY id") == [
+        (1, "plain", 1.5, b"\x00\x01"), (2, "1", 2.0, b"ab"), (3, '{"a":[1,null]}', 0.0, None),
+        (7, "plain again", 7.0, None),
+    ]  # fmt: skip
+
+
 async def test_sink_writes_only_given_columns_and_skips_identical_rows(tmp_path: Path) -> None:
     """Partial rows leave other columns alone; a newer record with the values the row already
     holds writes nothing (no trigger fires: two-way sync falls silent) but moves the guard."""
@@ -693,12 +723,13 @@ async def test_apply_recording_commits_the_handled_ids_with_the_writes(tmp_path:
 
 
 async def test_adapter_connections_keep_a_small_page_cache(tmp_path: Path) -> None:
-    # The agent holds these connections for its lifetime: 1 MiB of page cache each, not 2 MB.
+    # The agent holds these connections for its lifetime: the source's 1 MiB of page cache, not
+    # 2 MB; the sink's target connection 8 MiB (its inbox and guard B-trees, see _sqlite_sink).
     db = tmp_path / "erp.db"
     target(db)
     async with SqliteSink(sink_config(db)) as sink, SqliteSource(source_config(db)) as source:
         assert sink._conn is not None
         assert source._conn is not None
-        assert sink._conn.execute("PRAGMA cache_size").fetchone() == (-1024,)
+        assert sink._conn.execute("PRAGMA cache_size").fetchone() == (-8192,)
         async with source._conn.execute("PRAGMA cache_size") as cur:
             assert await cur.fetchone() == (-1024,)

@@ -237,6 +237,19 @@ async def test_records_wait_in_memory_while_the_stream_is_missing() -> None:
     assert (count("published"), count("dropped")) == (3, 2)
 
 
+def test_records_added_a_batch_at_once_keep_the_buffer_bound() -> None:
+    metrics = Metrics()
+    rec = TraceRecorder("erp-agent", "erp", cfg=TraceConfig(max_buffer=5), counter=metrics.trace_records)
+    rec.record("captured", correlation_id="c0")
+    batch = [TraceRecord(kind="applied", at=n, agent="a", correlation_id=f"c{n}") for n in range(1, 7)]
+    rec.extend(batch[:2])
+    rec.extend([])
+    rec.extend(batch[2:])  # room for two of these four
+    assert [r.correlation_id for r in rec.buffer] == ["c0", "c1", "c2", "c3", "c4"]
+    assert rec.dropped == 2
+    assert metrics.registry.get_sample_value("mesh_trace_records_total", {"outcome": "dropped"}) == 2
+
+
 async def test_the_recorder_runs_in_the_background(transport: Transport) -> None:
     async def connected() -> Transport:
         return transport
