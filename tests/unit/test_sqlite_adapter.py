@@ -724,12 +724,12 @@ async def test_apply_recording_commits_the_handled_ids_with_the_writes(tmp_path:
 
 async def test_adapter_connections_keep_a_small_page_cache(tmp_path: Path) -> None:
     # The agent holds these connections for its lifetime: the source's 1 MiB of page cache, not
-    # 2 MB; the sink's target connection 8 MiB (its inbox and guard B-trees, see _sqlite_sink).
+    # 2 MB; the sink's target connection 4 MiB (its inbox and guard B-trees, see _sqlite_sink).
     db = tmp_path / "erp.db"
     target(db)
     async with SqliteSink(sink_config(db)) as sink, SqliteSource(source_config(db)) as source:
         assert sink._conn is not None
         assert source._conn is not None
-        assert sink._conn.execute("PRAGMA cache_size").fetchone() == (-8192,)
+        assert sink._conn.execute("PRAGMA cache_size").fetchone() == (-4096,)
         async with source._conn.execute("PRAGMA cache_size") as cur:
             assert await cur.fetchone() == (-1024,)
