@@ -811,7 +811,7 @@ class ControlPlane:
             m.agents.labels(h).set(sum(1 for v in views if v.health == h))
         m.revoked.set(sum(1 for v in views if v.state == "revoked"))
         specs = self.flow_store.specs() if self.flow_store is not None else None
-        grown = self.series.observe(views)
+        grown = await cooperatively(self.series.observe_steps(views))
         self.series.tick()
         for name, g in grown.items():
             applied, failures, retries = self._flow_counter(name)

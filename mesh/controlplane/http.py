@@ -337,7 +337,9 @@ class StatusEncodings:
         previous report's encodings keep serving until it returns."""
         if report is self.report and StatusQuery() in self.variants:
             return
-        body = _json.encode(status_page(report, StatusQuery()))
+        page = status_page(report, StatusQuery())
+        await anyio.lowlevel.checkpoint()  # the two are a few ms each with thousands of flows
+        body = _json.encode(page)
         if len(body) >= _GZIP_THREAD_MIN:
             etag, gzipped = await anyio.to_thread.run_sync(_hash_and_gzip, body)
         else:

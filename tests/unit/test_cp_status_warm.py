@@ -85,3 +85,34 @@ async def test_a_request_for_a_report_other_than_the_warmed_one_is_still_right()
         doc = (await c.get("/status")).json()
         assert doc["counts"]["healthy"] == 11
         assert enc.report is source.report
+
+
+def test_series_observe_in_steps_yields_and_takes_the_same_growth() -> None:
+    from mesh.controlplane.models import FlowKpis
+    from mesh.controlplane.series import SeriesStore
+    from tests.unit.test_kpis import agent as kpi_agent
+
+    def fleet_beating(n: int, beat: float, applied: int) -> list:
+        return [kpi_agent(f"a{i}", FlowKpis(applied=applied), beat, agent_id=f"id-{i}", depth=i % 3)
+                for i in range(n)]  # fmt: skip
+
+    at_once, stepped = SeriesStore(resolution=5), SeriesStore(resolution=5)
+    t = 1000.0
+    for beat, applied in ((t, 10), (t + 5, 15)):
+        agents = fleet_beating(1000, beat, applied)
+        want = at_once.observe(agents, now=beat)
+        steps = stepped.observe_steps(agents, now=beat)
+        yields = 0
+        while True:
+            try:
+                next(steps)
+                yields += 1
+            except StopIteration as done:
+                got = done.value
+                break
+        assert yields == 4  # every 250 agents
+        assert got == want
+        at_once.tick(now=beat)
+        stepped.tick(now=beat)
+    assert got["customers"].applied == 5000  # 1000 agents x 5 more
+    assert stepped.points("customers", now=t + 5) == at_once.points("customers", now=t + 5)
