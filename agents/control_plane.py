@@ -49,7 +49,7 @@ from mesh.controlplane.audit import AuditLog
 from mesh.controlplane.enroll import Enrollment
 from mesh.controlplane.flows import FlowStore
 from mesh.controlplane.health import HealthTracker
-from mesh.controlplane.http import HttpServer, create_app
+from mesh.controlplane.http import HttpServer, StatusEncodings, create_app
 from mesh.controlplane.kv import Bucket, KvMirror
 from mesh.controlplane.layout import LayoutKeeper
 from mesh.controlplane.lease import LeaderLease
@@ -146,6 +146,8 @@ class ControlPlane:
         self.registry = self.metrics.registry
         self.js: Transport = transport or JetStream(settings.nats, name=f"control-plane:{settings.name}")
         self.http: HttpServer | None = None
+        self.encodings = StatusEncodings()
+        """``/status``'s encodings, warmed by the sweep with each report it builds."""
         self.http_port: int | None = None
         self.buckets: dict[str, Bucket] = {}
         self.layout = LayoutKeeper(
@@ -221,9 +223,13 @@ class ControlPlane:
     def _transactions(self) -> TransactionsView | None:
         return self.txns.view() if self.txns.caught_up.is_set() else None
 
-    def _cache_status(self, report: StatusReport) -> StatusReport:
+    def _with_runs(self, report: StatusReport) -> StatusReport:
         if self.runs_view is not None:
             report = msgspec.structs.replace(report, runs=self.runs_view.latest(report.generated_at))
+        return report
+
+    def _cache_status(self, report: StatusReport) -> StatusReport:
+        report = self._with_runs(report)
         self._status = (anyio.current_time(), report)
         return report
 
@@ -296,7 +302,7 @@ class ControlPlane:
                 sup.cancel()
             if s.http_port is not None:
                 self.http = HttpServer(
-                    create_app(self, token=token, series=self.series),
+                    create_app(self, token=token, series=self.series, encodings=self.encodings),
                     s.http_host,
                     s.http_port,
                     tls_cert_file=s.http_tls_cert_file,
@@ -805,7 +811,7 @@ class ControlPlane:
             m.agents.labels(h).set(sum(1 for v in views if v.health == h))
         m.revoked.set(sum(1 for v in views if v.state == "revoked"))
         specs = self.flow_store.specs() if self.flow_store is not None else None
-        grown = self.series.observe(views)
+        grown = await cooperatively(self.series.observe_steps(views))
         self.series.tick()
         for name, g in grown.items():
             applied, failures, retries = self._flow_counter(name)
@@ -818,10 +824,13 @@ class ControlPlane:
         flows = await cooperatively(
             flow_views_steps(views, self.dlq_depths, specs, series=self.series, dlq=self.dlq_info, now=now)
         )
-        report = self.builder.assemble(
-            self._info(), views, flows, now, self._transactions(), series=self.series
+        report = self._with_runs(
+            self.builder.assemble(self._info(), views, flows, now, self._transactions(), series=self.series)
         )
-        self._cache_status(report)
+        if self.http is not None and len(views) > SYNC_REBUILD_AGENTS:
+            # encoded, hashed and compressed before it is published: no request pays for it
+            await self.encodings.warm(report)
+        self._status = (anyio.current_time(), report)
         m.flows.replace(flows)  # the per-flow gauges, computed when scraped
         # Counters: a child per flow from its first sweep on (so it shows 0), dropped when the
         # flow is gone; looked up once per flow, not every sweep.

@@ -313,6 +313,13 @@ def _digest(parts: list[FlowPart]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _forget(cache: dict[str, Any], present: Mapping[str, object]) -> None:
+    """Drop from ``cache`` the names no longer ``present`` (only when some are gone)."""
+    if len(cache) > len(present) or any(name not in present for name in cache):
+        for gone in [name for name in cache if name not in present]:
+            del cache[gone]
+
+
 class FlowStore:
     """Leader-side flow operations on ``mesh_flows`` and ``mesh_assign`` (with mirrors of both
     and of ``mesh_agents`` for reads)."""
@@ -337,6 +344,13 @@ class FlowStore:
         self.assign_mirror = assign_mirror
         self.agents_mirror = agents_mirror
         self._audit = audit
+        # Decoded entries and permission digests by KV revision: a registration runs reconcile()
+        # over every agent, which would otherwise decode every record and recompute every
+        # digest each time (quadratic in a registration storm).
+        self._specs: dict[str, tuple[int, FlowSpec]] = {}
+        self._records: dict[str, tuple[int, AgentRecord]] = {}
+        self._assignments: dict[str, tuple[int, Assignment | None]] = {}
+        self._grants: dict[str, tuple[int, bytes, str]] = {}
 
     def __repr__(self) -> str:
         return f"<FlowStore flows={len(self.specs())}>"
@@ -345,21 +359,62 @@ class FlowStore:
 
     def specs(self) -> dict[str, FlowSpec]:
         out = {}
-        for name, e in self.flows_mirror.with_prefix("flow.").items():
+        entries = self.flows_mirror.with_prefix("flow.")
+        _forget(self._specs, entries)
+        for name, e in entries.items():
+            cached = self._specs.get(name)
+            if cached is not None and cached[0] == e.revision:
+                out[name] = cached[1]
+                continue
             try:
-                out[name] = _spec.decode(e.value)
+                spec = _spec.decode(e.value)
             except msgspec.DecodeError:
                 log.error("mesh_flows: unreadable entry %s (revision %d)", e.key, e.revision)
+                continue
+            self._specs[name] = (e.revision, spec)
+            out[name] = spec
         return out
 
     def agents(self) -> dict[str, AgentRecord]:
         out = {}
-        for name, e in self.agents_mirror.with_prefix("agent.").items():
+        entries = self.agents_mirror.with_prefix("agent.")
+        _forget(self._records, entries)
+        for name, e in entries.items():
+            cached = self._records.get(name)
+            if cached is not None and cached[0] == e.revision:
+                out[name] = cached[1]
+                continue
             try:
-                out[name] = _record.decode(e.value)
+                rec = _record.decode(e.value)
             except msgspec.DecodeError:
                 continue
+            self._records[name] = (e.revision, rec)
+            out[name] = rec
         return out
+
+    def _assignment(self, agent: str, entry: Entry) -> Assignment | None:
+        cached = self._assignments.get(agent)
+        if cached is not None and cached[0] == entry.revision:
+            return cached[1]
+        try:
+            found: Assignment | None = _assignment.decode(entry.value)
+        except msgspec.DecodeError:
+            found = None
+        self._assignments[agent] = (entry.revision, found)
+        return found
+
+    def _grant(self, rec: AgentRecord, flows: list[AssignedFlow]) -> str:
+        """``security.wanted_digest(rec, flows)``, recomputed only when the agent's record (its
+        revision) or its flows changed."""
+        assert self.security is not None
+        revision = self._records[rec.name][0] if rec.name in self._records else -1
+        wanted = msgspec.json.encode(flows)
+        cached = self._grants.get(rec.name)
+        if cached is not None and revision >= 0 and cached[0] == revision and cached[1] == wanted:
+            return cached[2]
+        digest = self.security.wanted_digest(rec, flows)
+        self._grants[rec.name] = (revision, wanted, digest)
+        return digest
 
     # --- writes (leader) -----------------------------------------------------------------------
 
@@ -527,6 +582,8 @@ class FlowStore:
                     )
                 )
         current = {name: e for name, e in self.assign_mirror.with_prefix("agent.").items()}
+        _forget(self._assignments, current)
+        _forget(self._grants, agents)
         changed = 0
         for agent, flows in wanted.items():
             flows.sort(key=lambda f: f.name)
@@ -534,13 +591,10 @@ class FlowStore:
             rec = agents[agent]
             grant = ""
             if self.security is not None and rec.public_key:
-                grant = self.security.wanted_digest(rec, flows)
+                grant = self._grant(rec, flows)
             old: Assignment | None = None
             if entry is not None:
-                try:
-                    old = _assignment.decode(entry.value)
-                except msgspec.DecodeError:
-                    old = None
+                old = self._assignment(agent, entry)
                 if old is not None and old.flows == flows and old.credentials_for == grant:
                     continue
             jwt = ""

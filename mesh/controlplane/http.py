@@ -89,6 +89,7 @@ from mesh.trace import STATUSES
 __all__ = [
     "SUMMARY_LIMIT",
     "HttpServer",
+    "StatusEncodings",
     "StatusQuery",
     "StatusSource",
     "create_app",
@@ -269,18 +270,19 @@ def status_page(report: StatusReport, query: StatusQuery) -> StatusReport:
 
 
 class _Encoded:
-    """One ``/status`` variant, encoded once per report: body, ETag, gzip form (lazily)."""
+    """One ``/status`` variant, encoded once per report: body, ETag, gzip form (lazily, or
+    ahead of time by :meth:`StatusEncodings.warm`)."""
 
     __slots__ = ("body", "etag", "gzipped")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, etag: str | None = None, gzipped: bytes | None = None) -> None:
         self.body = body
-        self.etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
-        self.gzipped: bytes | None = None
+        self.etag = _etag(body) if etag is None else etag
+        self.gzipped = gzipped
 
     async def gzip(self) -> bytes:
         if self.gzipped is None:
-            squeeze = functools.partial(gzip.compress, self.body, 5, mtime=0)
+            squeeze = functools.partial(_gzip, self.body)
             if len(self.body) >= _GZIP_THREAD_MIN:
                 self.gzipped = await anyio.to_thread.run_sync(squeeze)
             else:
@@ -288,17 +290,35 @@ class _Encoded:
         return self.gzipped
 
 
-class _StatusCache:
-    """Encodings of the current report's variants, by query; dropped when the source hands
-    out another report object (sources such as the control plane return the same object
-    until they rebuild it, so a poll between rebuilds costs a dict lookup)."""
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def _gzip(body: bytes) -> bytes:
+    return gzip.compress(body, 5, mtime=0)
+
+
+def _hash_and_gzip(body: bytes) -> tuple[str, bytes | None]:
+    return _etag(body), _gzip(body) if len(body) >= _GZIP_MIN else None
+
+
+class StatusEncodings:
+    """The encodings (body, ETag, gzip form) of the current report's ``/status`` variants, by
+    query, each built at most once per report. They are dropped when the source hands out
+    another report object (sources such as the control plane return the same object until they
+    rebuild it, so a poll between rebuilds costs a dict lookup). At most ``size`` variants are
+    kept per report (the oldest goes first)."""
 
     def __init__(self, size: int = 32) -> None:
         self.report: StatusReport | None = None
         self.size = size
         self.variants: dict[StatusQuery, _Encoded] = {}
 
+    def __repr__(self) -> str:
+        return f"<StatusEncodings variants={len(self.variants)}>"
+
     def get(self, report: StatusReport, query: StatusQuery) -> _Encoded:
+        """The encoding of ``query``'s variant of ``report`` (built now unless cached)."""
         if report is not self.report:
             self.report = report
             self.variants = {}
@@ -308,6 +328,26 @@ class _StatusCache:
                 self.variants.pop(next(iter(self.variants)))
             found = self.variants[query] = _Encoded(_json.encode(status_page(report, query)))
         return found
+
+    async def warm(self, report: StatusReport) -> None:
+        """Build the default summary's encoding of ``report`` ahead of any request and make
+        ``report`` the current one: encoded on the loop, hashed and gzip-compressed in a worker
+        thread when large (both release the GIL), so the request that first asks for it after
+        the report is published pays only a lookup. Call it before publishing ``report``; the
+        previous report's encodings keep serving until it returns."""
+        if report is self.report and StatusQuery() in self.variants:
+            return
+        page = status_page(report, StatusQuery())
+        await anyio.lowlevel.checkpoint()  # the two are a few ms each with thousands of flows
+        body = _json.encode(page)
+        if len(body) >= _GZIP_THREAD_MIN:
+            etag, gzipped = await anyio.to_thread.run_sync(_hash_and_gzip, body)
+        else:
+            etag, gzipped = _hash_and_gzip(body)
+        if report is not self.report:
+            self.report = report
+            self.variants = {}
+        self.variants[StatusQuery()] = _Encoded(body, etag, gzipped)
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -360,10 +400,15 @@ class _BearerAuth:
 
 
 def create_app(
-    source: StatusSource, *, token: str | None = None, series: SeriesStore | None = None
+    source: StatusSource,
+    *,
+    token: str | None = None,
+    series: SeriesStore | None = None,
+    encodings: StatusEncodings | None = None,
 ) -> Starlette:
     """The ASGI application for ``source`` (optionally behind a bearer token); ``series``
-    feeds ``/api/series`` (absent: it lists no flow)."""
+    feeds ``/api/series`` (absent: it lists no flow); ``encodings`` caches ``/status``'s
+    encodings (give one to warm it with each new report, see :meth:`StatusEncodings.warm`)."""
 
     async def dashboard(request: Request) -> Response:
         if token:  # the shell is public: no data in it, the script fetches it with the token
@@ -380,7 +425,7 @@ def create_app(
             return _json_response({"ready": True})
         return _json_response({"ready": False, "reason": reason}, 503)
 
-    cache = _StatusCache()
+    cache = encodings if encodings is not None else StatusEncodings()
 
     async def status(request: Request) -> Response:
         query = parse_status_query(request.query_params)

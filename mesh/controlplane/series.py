@@ -26,13 +26,16 @@ import math
 import time
 from array import array
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass, field
 
 from mesh.controlplane.models import AgentView, FlowKpis
 from mesh.metrics import LATENCY_BUCKETS
 
 __all__ = ["FlowTotals", "Point", "SeriesStore", "quantile"]
+
+_STEP = 250
+"""Agents :meth:`SeriesStore.observe_steps` takes between two yields (a few ms at most)."""
 
 
 def quantile(q: float, counts: Sequence[int], bounds: Sequence[float] = LATENCY_BUCKETS) -> float | None:
@@ -195,11 +198,27 @@ class SeriesStore:
         """Take the growth of every flow's counters from heartbeats not seen before (an agent's
         heartbeat is new when its ``last_heartbeat`` changed), and the current backlogs.
         Returns the growth taken now, per flow (for monotonic counters)."""
+        steps = self.observe_steps(agents, now)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def observe_steps(
+        self, agents: Iterable[AgentView], now: float | None = None
+    ) -> Generator[None, None, dict[str, FlowTotals]]:
+        """:meth:`observe` in steps: yields every :data:`_STEP` agents so an event loop can
+        serve in between (see :func:`mesh.controlplane.status.cooperatively`). The backlogs and
+        the agents forgotten are those of the whole pass, applied at its end; readers in between
+        see the growth taken so far, which :meth:`tick` closes as usual. Do not run two at once."""
         grown: dict[str, FlowTotals] = {}
         now = time.time() if now is None else now
         backlog: dict[str, int] = {}
         listed: set[tuple[str, str]] = set()
-        for a in agents:
+        for i, a in enumerate(agents, 1):
+            if i % _STEP == 0:
+                yield
             for f in a.flows:
                 listed.add((a.agent_id, f.name))
                 backlog[f.name] = backlog.get(f.name, 0) + (f.outbox_depth or 0) + (f.consumer_pending or 0)

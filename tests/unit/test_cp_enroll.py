@@ -164,3 +164,30 @@ def test_static_flows_are_granted_only_within_the_tokens_systems() -> None:
     assert agent_grants(outside, []) == (["erp"], [], [])
     assigned = AssignedFlow(name="f", generation=1, desired="running", config={"sink": {"adapter": "x"}})
     assert agent_grants(outside, [assigned]) == (["erp"], ["f-crm"], ["f"])
+
+
+async def test_cached_records_and_digests_follow_each_revision(tmp_path: Path) -> None:
+    """reconcile() keeps decoded records, assignments and permission digests by KV revision:
+    a record rewritten (a new key, a new system) is read again and gets a new JWT; the others
+    are left alone."""
+    w = World(tmp_path)
+    for name in ("erp", "crm"):
+        assert isinstance(await w.register(name, name, _pk(), await w.token(name, [name])), Registered)
+    assert not isinstance(await w.store.apply(ApplyFlows(text=FILE, source="f.toml", actor="admin")), Refused)
+    assert await w.store.reconcile() == 0
+    before = {a: w.assignment(a).credentials_jwt for a in ("erp", "crm")}
+    pk = _pk()
+    assert isinstance(await w.register("crm", "crm", pk, await w.token("crm", ["crm"])), Registered)
+    assert await w.store.reconcile() == 1  # crm only: its record changed
+    after = w.assignment("crm")
+    assert after.credentials_jwt != before["crm"]
+    claims = decode(after.credentials_jwt, kind=UserClaims)
+    assert claims.sub == pk
+    assert w.assignment("erp").credentials_jwt == before["erp"]
+    assert await w.store.reconcile() == 0
+    # a record that vanishes takes its assignment (and its cached entries) with it
+    del w.agents.data["agent.erp"]
+    w.mirror.forget("agent.erp", w.mirror.get("agent.erp").revision)  # type: ignore[union-attr]
+    assert await w.store.reconcile() == 1
+    assert "agent.erp" not in w.assign.data
+    assert set(w.store.agents()) == {"crm"}
