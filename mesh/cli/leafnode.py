@@ -106,19 +106,26 @@ def _config(
     typer.echo(render_instructions(plan, files), nl=False)
 
 
+# The options `link` and `unlink` share (the site to source, and how to reach the hub).
+_SiteDomain = Annotated[
+    str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
+]
+_HubServers = Annotated[
+    list[str], typer.Option(help="Hub URL (repeatable), e.g. nats://hub:4222.", show_default=False)
+]
+_User = Annotated[str | None, typer.Option(help="NATS user.", show_default=False)]
+_PasswordEnv = Annotated[
+    str | None, typer.Option(help="Environment variable holding the password.", show_default=False)
+]
+
+
 @app.command("link")
 @talks_to_nats
 def _link(
-    domain: Annotated[
-        str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
-    ],
-    server: Annotated[
-        list[str], typer.Option(help="Hub URL (repeatable), e.g. nats://hub:4222.", show_default=False)
-    ],
-    user: Annotated[str | None, typer.Option(help="NATS user.", show_default=False)] = None,
-    password_env: Annotated[
-        str | None, typer.Option(help="Environment variable holding the password.", show_default=False)
-    ] = None,
+    domain: _SiteDomain,
+    server: _HubServers,
+    user: _User = None,
+    password_env: _PasswordEnv = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the source to become active.")] = 10.0,
     watch: Annotated[
         bool,
@@ -189,16 +196,10 @@ def _link(
 @app.command("unlink")
 @talks_to_nats
 def _unlink(
-    domain: Annotated[
-        str, typer.Option(help="JetStream domain of the site's leaf node.", show_default=False)
-    ],
-    server: Annotated[
-        list[str], typer.Option(help="Hub URL (repeatable), e.g. nats://hub:4222.", show_default=False)
-    ],
-    user: Annotated[str | None, typer.Option(help="NATS user.", show_default=False)] = None,
-    password_env: Annotated[
-        str | None, typer.Option(help="Environment variable holding the password.", show_default=False)
-    ] = None,
+    domain: _SiteDomain,
+    server: _HubServers,
+    user: _User = None,
+    password_env: _PasswordEnv = None,
 ) -> None:
     """Stop sourcing a site into the hub (undoes `link`; idempotent; run against the hub).
 
