@@ -193,7 +193,8 @@ def test_csv_import_survives_sigkill_mid_file(tmp_path: Path, security_dir: Path
             return (import_run(tmp_path) or killed).status
 
         # 2. then at random right after an outbox commit (before the source hears of it)
-        importer.start(env={"MESH_CRASH_POINTS": "capture.after_commit:0.15"})
+        # (not waiting for ready: the crash point may fire before /readyz says so)
+        importer.start(env={"MESH_CRASH_POINTS": "capture.after_commit:0.15"}, wait=False)
         wait_until(
             lambda: not importer.alive or status() == "complete",
             60, "the importer to crash or finish",
